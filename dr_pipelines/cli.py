@@ -1,0 +1,184 @@
+"""The `dr-pipelines` command.
+
+Imports are deferred into each command: `wal-push` / `wal-fetch` run once per WAL segment and must
+not pay for dagster, boto3 or pandas they don't use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"dr-pipelines: error: {msg}", file=sys.stderr)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config(args):
+    from dr_pipelines.core.config import load_config
+
+    return load_config(args.config)
+
+
+def _locations(config, only: str | None = None):
+    from dr_pipelines.core.storage import open_locations
+
+    return open_locations(config, only)
+
+
+# --------------------------------------------------------------------------- backup
+
+
+def cmd_backup(args) -> int:
+    config = _config(args)
+    config.database(args.db)
+    if args.kind != "logical":
+        _err(f"--kind {args.kind} is not available yet; only logical backups are implemented")
+        return EXIT_USAGE
+    if os.environ.get("DAGSTER_HOME"):
+        # Recorded in the Dagster instance, so the backup shows in the UI like a scheduled one.
+        from dr_pipelines.defs.runner import materialize_logical_backup
+
+        manifest = materialize_logical_backup(config, args.db, args.config)
+    else:
+        from dr_pipelines.core.logical_backup import run_logical_backup
+        from dr_pipelines.core.sandbox import ensure_sandbox_running
+
+        if config.sandbox:
+            ensure_sandbox_running(config, log=_log)
+        manifest = run_logical_backup(config, args.db, _locations(config), log=_log).manifest
+    print(manifest.id)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- backups list / verify
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_backups_list(args) -> int:
+    from dr_pipelines.core.repository import load_catalog
+
+    config = _config(args)
+    if args.db:
+        config.database(args.db)
+    catalog = load_catalog(_locations(config, args.location).values(), args.db)
+    if args.json:
+        out = [{**e.manifest.model_dump(mode="json"), "locations": e.locations,
+                "size_bytes": e.manifest.size_bytes} for e in catalog.entries]
+        print(json.dumps({"backups": out, "problems": catalog.problems}, indent=2))
+    else:
+        if not catalog.entries:
+            print("no backups found")
+        else:
+            print(f"{'DATABASE':<14} {'KIND':<8} {'BACKUP ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10}  LOCATIONS")
+            for e in catalog.entries:
+                m = e.manifest
+                print(f"{m.database:<14} {m.kind:<8} {m.id:<24} {m.created_at:%Y-%m-%d %H:%M:%S}  "
+                      f"{_human(m.size_bytes):>10}  {','.join(e.locations)}")
+        for p in catalog.problems:
+            _err(f"warning: {p}")
+    return EXIT_FAILED if catalog.problems and not catalog.entries else EXIT_OK
+
+
+def cmd_backups_verify(args) -> int:
+    from dr_pipelines.core.repository import load_catalog, verify_backup
+
+    config = _config(args)
+    config.database(args.db)
+    locations = _locations(config, args.location)
+    catalog = load_catalog(locations.values(), args.db)
+    entry = catalog.find(args.db, args.backup_id) if args.backup_id else catalog.latest(args.db)
+    ok = True
+    for name in entry.locations:
+        report = verify_backup(locations[name], entry.manifest)
+        print(report.summary())
+        ok &= report.ok
+    for name in set(locations) - set(entry.locations):
+        print(f"{entry.id} on {name}: FAILED: no manifest there (backup missing on this location)")
+        ok = False
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    from dr_pipelines.demo import run_demo
+
+    return run_demo(serve_ui=not args.no_ui, port=args.port)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dr-pipelines",
+        description="Disaster recovery for PostgreSQL: backups, verification and restores.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config (default: $DR_PIPELINES_CONFIG, else the embedded sandbox)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("backup", help="take a backup now; prints the new backup id")
+    b.add_argument("db", metavar="DB")
+    b.add_argument("--kind", choices=["logical", "base"], default="logical")
+    b.set_defaults(func=cmd_backup)
+
+    bs = sub.add_parser("backups", help="list or verify backups in the repository")
+    bsub = bs.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
+    bl = bsub.add_parser("list", help="list backups (newest first) from every location")
+    bl.add_argument("db", nargs="?", metavar="DB")
+    bl.add_argument("--location", metavar="NAME", help="read only this location")
+    bl.add_argument("--json", action="store_true")
+    bl.set_defaults(func=cmd_backups_list)
+    bv = bsub.add_parser("verify", help="read a backup back and check every object's SHA-256")
+    bv.add_argument("db", metavar="DB")
+    g = bv.add_mutually_exclusive_group()
+    g.add_argument("backup_id", nargs="?", metavar="BACKUP_ID")
+    g.add_argument("--latest", action="store_true", help="the newest backup (the default)")
+    bv.add_argument("--location", metavar="NAME", help="verify only the copy on this location")
+    bv.set_defaults(func=cmd_backups_verify)
+
+    d = sub.add_parser("demo", help="the sandbox: backup, then the Dagster UI on 127.0.0.1")
+    d.add_argument("--no-ui", action="store_true", help="stop after the backup (no web UI)")
+    d.add_argument("--port", type=int, default=3000)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dr_pipelines.core.errors import exit_code_for, user_message
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as e:  # every failure is loud, with what happened and what to do
+        code = exit_code_for(e)
+        if code is None:
+            raise
+        _err(user_message(e))
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The configuration contract: one YAML file declares databases, locations, encryption, retention,
+objectives, alerts and schedules.
+
+Secrets are named by environment variable (``*_env`` keys), never written in the file. Unknown keys
+and bad values are errors that name the key (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "DR_PIPELINES_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says what to do."""
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'15m', '1h', '30s', '7d', '2w', or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 15m, 1h, 7d")
+
+
+Duration = Annotated[timedelta, Field(json_schema_extra={"format": "duration"})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_env(var: str, what: str) -> str:
+    value = os.environ.get(var)
+    if value is None or value == "":
+        raise ConfigError(f"{what}: environment variable {var} is not set; export it before running")
+    return value
+
+
+class Objectives(_Model):
+    rpo: Duration = Field(default=timedelta(minutes=15), description="Recovery point objective")
+    rto: Duration = Field(default=timedelta(hours=1), description="Recovery time objective")
+    alert_after: Duration | None = Field(
+        default=None,
+        description="Alert when the newest backup is older than this (SongNodes: 8h); default 2x RPO",
+    )
+
+    @field_validator("rpo", "rto", "alert_after", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta | None:
+        return None if v is None else parse_duration(v)
+
+
+class BackupSchedule(_Model):
+    enabled: bool = True
+    schedule: str = Field(description="cron expression, UTC")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a 5-field cron expression (e.g. '0 */6 * * *')")
+        return v
+
+
+class DatabaseConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=5432, ge=1, le=65535)
+    user: str = "postgres"
+    password_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the password"
+    )
+    dbname: str
+    objectives: Objectives = Objectives()
+    logical_backup: BackupSchedule = BackupSchedule(schedule="0 */6 * * *")
+    base_backup: BackupSchedule = BackupSchedule(schedule="0 2 * * *")
+    pgdata: str | None = None
+    pg_bin_dir: str | None = Field(
+        default=None, description="Directory of pg_dump/pg_restore; default: PATH, then /usr/lib/postgresql/15/bin"
+    )
+    sslmode: str | None = None
+
+    def password(self, name: str) -> str | None:
+        if self.password_env is None:
+            return None
+        return _read_env(self.password_env, f"databases.{name}.password_env")
+
+    def libpq_env(self, name: str) -> dict[str, str]:
+        """Connection settings as libpq environment variables: the password stays out of argv."""
+        env = {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGUSER": self.user,
+            "PGDATABASE": self.dbname,
+        }
+        password = self.password(name)
+        if password is not None:
+            env["PGPASSWORD"] = password
+        if self.sslmode:
+            env["PGSSLMODE"] = self.sslmode
+        return env
+
+    def conninfo(self, name: str, dbname: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for psycopg.connect."""
+        kw: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "dbname": dbname or self.dbname,
+            "connect_timeout": 10,
+            "application_name": "dr_pipelines",
+        }
+        password = self.password(name)
+        if password is not None:
+            kw["password"] = password
+        if self.sslmode:
+            kw["sslmode"] = self.sslmode
+        return kw
+
+
+class LocalLocationConfig(_Model):
+    type: Literal["local"]
+    path: str
+
+    def resolved_path(self, base_dir: Path) -> Path:
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+
+class S3LocationConfig(_Model):
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    storage_class: str = "STANDARD"
+    sse: Literal["AES256", "aws:kms", "none"] | None = "AES256"
+    sse_kms_key_id: str | None = None
+    access_key_id_env: str | None = Field(default=None, description="Variable holding the access key id")
+    secret_access_key_env: str | None = Field(default=None, description="Variable holding the secret key")
+    multipart_chunk_mb: int = Field(default=16, ge=5, le=5120)
+
+    def credentials(self, name: str) -> dict[str, str]:
+        if not self.access_key_id_env and not self.secret_access_key_env:
+            return {}  # boto3's default chain (env, profile, instance role)
+        if not (self.access_key_id_env and self.secret_access_key_env):
+            raise ConfigError(
+                f"locations.{name}: set both access_key_id_env and secret_access_key_env, or neither"
+            )
+        return {
+            "aws_access_key_id": _read_env(self.access_key_id_env, f"locations.{name}.access_key_id_env"),
+            "aws_secret_access_key": _read_env(
+                self.secret_access_key_env, f"locations.{name}.secret_access_key_env"
+            ),
+        }
+
+
+class GCSLocationConfig(_Model):
+    type: Literal["gcs"]
+    bucket: str
+    prefix: str = ""
+    project: str | None = None
+    storage_class: str | None = None
+    chunk_mb: int = Field(default=16, ge=1, le=1024)
+
+
+LocationConfig = Annotated[
+    Union[LocalLocationConfig, S3LocationConfig, GCSLocationConfig], Field(discriminator="type")
+]
+
+
+class EncryptionConfig(_Model):
+    method: Literal["age", "none"] = "none"
+    recipients: list[str] = Field(default_factory=list, description="age public keys (age1...)")
+    identity_file_env: str | None = Field(
+        default=None, description="Variable naming the age identity file; needed only to restore"
+    )
+    identity_file: str | None = Field(
+        default=None, description="Path of the age identity file (alternative to identity_file_env)"
+    )
+
+    @model_validator(mode="after")
+    def _recipients(self) -> "EncryptionConfig":
+        if self.method == "age":
+            if not self.recipients:
+                raise ValueError("method age needs at least one recipient (age1...) in recipients")
+            for r in self.recipients:
+                if not r.startswith("age1"):
+                    raise ValueError(
+                        f"recipient {r[:12]!r}... is not an age public key (age1...); "
+                        "never put an identity (AGE-SECRET-KEY-...) in the config"
+                    )
+        return self
+
+    def identity_path(self) -> Path | None:
+        if self.identity_file_env and os.environ.get(self.identity_file_env):
+            return Path(os.environ[self.identity_file_env])
+        if self.identity_file:
+            return Path(self.identity_file).expanduser()
+        return None
+
+
+class CompressionConfig(_Model):
+    method: Literal["zstd", "gzip", "none"] = "zstd"
+    level: int = Field(default=3, ge=1, le=19)
+    threads: int = Field(default=0, ge=0, description="zstd worker threads; 0 = one per core")
+
+    @model_validator(mode="after")
+    def _level(self) -> "CompressionConfig":
+        if self.method == "gzip" and self.level > 9:
+            raise ValueError("gzip level must be 1..9")
+        return self
+
+
+class RetentionConfig(_Model):
+    daily_days: int = Field(default=30, ge=0)
+    weekly_days: int = Field(default=90, ge=0)
+    monthly_days: int = Field(default=365, ge=0)
+    min_keep: int = Field(default=3, ge=1)
+    wal_days: int = Field(default=30, ge=0)
+
+
+class WebhookAlertConfig(_Model):
+    type: Literal["webhook"]
+    url_env: str = Field(description="Variable holding the webhook URL (it usually embeds a token)")
+    format: Literal["slack", "discord", "generic"] = "slack"
+
+
+class PagerDutyAlertConfig(_Model):
+    type: Literal["pagerduty"]
+    routing_key_env: str
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+
+
+AlertConfig = Annotated[Union[WebhookAlertConfig, PagerDutyAlertConfig], Field(discriminator="type")]
+
+
+class SchedulesConfig(_Model):
+    running: bool | None = Field(
+        default=None, description="Start schedules and sensors RUNNING; default: yes outside the sandbox"
+    )
+    restore_test: str = "0 4 * * *"
+    retention: str = "30 3 * * *"
+    report: str = "0 6 * * 1"
+
+
+class DrConfig(_Model):
+    databases: dict[str, DatabaseConfig]
+    locations: dict[str, LocationConfig]
+    encryption: EncryptionConfig = EncryptionConfig()
+    compression: CompressionConfig = CompressionConfig()
+    retention: RetentionConfig = RetentionConfig()
+    alerts: dict[str, AlertConfig] = Field(default_factory=dict)
+    schedules: SchedulesConfig = SchedulesConfig()
+    webserver_url: str = "http://127.0.0.1:3000"
+
+    # Not from the file: where relative paths resolve, and whether this is the embedded sandbox.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+    sandbox: bool = Field(default=False, exclude=True)
+
+    @field_validator("databases", "locations")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("declare at least one")
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"name {name!r} must start with a letter and hold only letters, digits and _"
+                )
+        return v
+
+    def database(self, name: str) -> DatabaseConfig:
+        try:
+            return self.databases[name]
+        except KeyError:
+            raise ConfigError(
+                f"no database named {name!r} in the config; configured: {', '.join(self.databases)}"
+            ) from None
+
+    def location_names(self, only: str | None = None) -> list[str]:
+        if only is None:
+            return list(self.locations)
+        if only not in self.locations:
+            raise ConfigError(
+                f"no location named {only!r} in the config; configured: {', '.join(self.locations)}"
+            )
+        return [only]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if len(loc) > 2 and loc[0] in ("locations", "alerts") and e["type"] != "union_tag_invalid":
+            del loc[2]  # pydantic puts the union's tag (the `type`) in the path; YAML has no such level
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {'.'.join(loc) or '(top level)'}: {msg}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None, sandbox: bool = False) -> DrConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        cfg = DrConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return cfg.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve(), "sandbox": sandbox})
+
+
+def load_config(path: str | os.PathLike | None = None) -> DrConfig:
+    """``--config FILE``, else ``$DR_PIPELINES_CONFIG``, else the embedded sandbox."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        from dr_pipelines.core.sandbox import sandbox_config
+
+        return sandbox_config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    return parse_config(data, source=str(p), base_dir=p.resolve().parent)
