@@ -317,8 +317,19 @@ class _GCSUpload:
             raise LocationError(self._loc.name, f"cannot finish {self._loc.url(self._key)}: {_describe(e)}") from e
 
     def abort(self) -> None:
-        # Not closing the writer leaves the resumable session unfinalized: no object appears.
-        self._writer = None
+        # A dropped BlobWriter finalizes itself when garbage-collected (io objects close in
+        # __del__), so an abandoned upload would appear: finish it, then delete what it made.
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception:
+            pass  # GCS is unreachable: the unfinished session expires on its own
+        try:
+            self._loc.bucket.blob(self._key).delete()
+        except Exception:
+            pass
 
 
 class GCSLocation:
