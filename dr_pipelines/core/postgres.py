@@ -58,10 +58,10 @@ def connect(db: DatabaseConfig, name: str, dbname: str | None = None, **kw: Any)
     try:
         return psycopg.connect(**info, **kw)
     except psycopg.OperationalError as e:
-        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        detail = " ".join(str(e).split()) or type(e).__name__
         raise DatabaseUnreachable(
             f"database {name!r} ({db.user}@{db.host}:{db.port}/{info['dbname']}) is unreachable: "
-            f"{detail}. Check that the server is running and the host, port, user and password are right."
+            f"{detail.rstrip('.')}. Check that the server is running and the host, port, user and password are right."
         ) from None
 
 

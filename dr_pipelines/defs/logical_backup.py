@@ -6,6 +6,7 @@ import dagster as dg
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.logical_backup import PartialBackup, run_logical_backup
 from dr_pipelines.core.sandbox import ensure_sandbox_running
+from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
 
@@ -62,18 +63,22 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         pool=f"pg_{db}",
     )
     def logical_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        run_config = context.resources.dr.load()
-        if run_config.sandbox:
-            ensure_sandbox_running(run_config, log=context.log.info)
-        locations = locations_from_context(context, run_config)
         try:
-            result = run_logical_backup(run_config, db, locations, log=context.log.info)
-        except PartialBackup as e:
-            raise dg.Failure(
-                description=str(e),
-                metadata={"backup_id": e.manifest.id, "stored_on": ", ".join(e.committed),
-                          "failed_on": ", ".join(e.failed)},
-            ) from None
+            with domain_failures():
+                run_config = context.resources.dr.load()
+                if run_config.sandbox:
+                    ensure_sandbox_running(run_config, log=context.log.info)
+                locations = locations_from_context(context, run_config)
+                result = run_logical_backup(run_config, db, locations, log=context.log.info)
+        except dg.Failure as failure:
+            partial = failure.__cause__
+            if isinstance(partial, PartialBackup):  # say which copies exist and which don't
+                failure.metadata.update({
+                    "backup_id": dg.MetadataValue.text(partial.manifest.id),
+                    "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
+                    "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
+                })
+            raise
         return dg.MaterializeResult(
             metadata=backup_metadata(result.manifest, result.locations, result.compression_ratio),
             data_version=dg.DataVersion(result.manifest.id),

@@ -55,5 +55,7 @@ def locations_from_context(context: dg.OpExecutionContext, config: DrConfig,
     for name, cfg in config.locations.items():
         key = client_resource_key(name, cfg)
         if key is not None and (only is None or only == name):
-            clients[name] = getattr(context.resources, key).get_client()
+            resource = getattr(context.resources, key)
+            # S3Resource resolves to the boto3 client itself; GCSResource to a resource object
+            clients[name] = resource.get_client() if hasattr(resource, "get_client") else resource
     return open_locations(config, only, clients)

@@ -1,0 +1,167 @@
+"""Benchmarks: our pipelines against the bare tools, in the same run, on the same data.
+
+    ./dev bench                      # logical backup at 1x (~1.2 GB) and 4x, 3 rounds each
+    ./dev bench --scales 1 --rounds 5
+
+Data is pgbench (compresses ~50:1) plus a table of random base64 text (barely compresses), so the
+compressor does real work. Results: a table on stdout and JSON in bench/results/.
+
+Logical backup: `dr-pipelines backup` (pg_dump -Fc -Z0 -> zstd -3 -> age -> SHA-256 -> local
+location) vs `pg_dump -Fc -Z0 | zstd -T0 -3 > file`. Budget: <= 1.10x wall time; our peak RSS
+flat from 1x to 4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import pyrage
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres  # noqa: E402
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+VENV_BIN = Path(sys.executable).parent
+DATA_DIR = ROOT / "bench" / ".data"
+RESULTS = ROOT / "bench" / "results"
+PORT = 54399
+
+
+def sh(cmd: str, **kw) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, **kw)
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and the peak RSS (KiB) of the command's process tree, via wait4."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}")
+    return elapsed, usage.ru_maxrss
+
+
+def prepare_cluster(scale: int) -> LocalCluster:
+    """A cluster holding db `bench`: pgbench -s 30*scale + 700 MB*scale of random text."""
+    data = DATA_DIR / f"pg-x{scale}"
+    cluster = LocalCluster(data, PORT)
+    marker = DATA_DIR / f"pg-x{scale}.ready"
+    if marker.exists():
+        cluster.start()
+        return cluster
+    cluster.remove()  # a load that was interrupted: start over
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    chown_to_postgres(DATA_DIR)
+    cluster.initdb({"fsync": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'",
+                    "synchronous_commit": "off"})
+    cluster.start()
+    print(f"loading data for {scale}x (once; kept in {DATA_DIR})", flush=True)
+    with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE bench")
+    sh(f"{PG_BIN}/pgbench -i -q -s {30 * scale} -h 127.0.0.1 -p {PORT} -U postgres bench >/dev/null 2>&1")
+    with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench", autocommit=True) as c:
+        c.execute("CREATE EXTENSION pgcrypto")
+        c.execute("CREATE TABLE random_text (id bigint PRIMARY KEY, body text NOT NULL)")
+        rows_per_batch = 50_000  # 2 KB of base64 a row, ~100 MB a batch
+        for batch in range(7 * scale):
+            c.execute("INSERT INTO random_text SELECT g, encode(gen_random_bytes(1024), 'base64') || encode(gen_random_bytes(476), 'base64') "
+                      "FROM generate_series(%s, %s) g", (batch * rows_per_batch, (batch + 1) * rows_per_batch - 1))
+        c.execute("VACUUM ANALYZE")
+        size = c.execute("SELECT pg_size_pretty(pg_database_size('bench'))").fetchone()[0]
+    print(f"  database bench at {scale}x: {size}", flush=True)
+    marker.touch()
+    return cluster
+
+
+def bench_logical(scale: int, rounds: int, work: Path) -> dict:
+    cluster = prepare_cluster(scale)
+    try:
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench") as c:
+            db_bytes = c.execute("SELECT pg_database_size('bench')").fetchone()[0]
+        ident = pyrage.x25519.Identity.generate()
+        config = work / "bench.yaml"
+        repo = work / "repo"
+        config.write_text(yaml.safe_dump({
+            "databases": {"bench": {"host": "127.0.0.1", "port": PORT, "user": "postgres", "dbname": "bench"}},
+            "locations": {"local": {"type": "local", "path": str(repo)}},
+            "encryption": {"method": "age", "recipients": [str(ident.to_public())]},
+            "compression": {"method": "zstd", "level": 3},
+        }))
+        env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "DR_PIPELINES_CONFIG")}
+        bare_out = work / "bare.pgdump.zst"
+        bare = ["bash", "-o", "pipefail", "-c",
+                f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}"]
+        ours = [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"]
+        timed(bare, env)  # warm the page cache once
+        bare_s, ours_s, ours_rss = [], [], []
+        for i in range(rounds):
+            for name in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):  # alternate the order
+                if name == "bare":
+                    bare_s.append(timed(bare, env)[0])
+                else:
+                    secs, rss = timed(ours, env)
+                    ours_s.append(secs)
+                    ours_rss.append(rss)
+                    shutil.rmtree(repo)  # keep the disk from filling; each round writes anew
+        result = {
+            "scale": scale,
+            "db_bytes": db_bytes,
+            "bare_s": bare_s,
+            "ours_s": ours_s,
+            "bare_median_s": statistics.median(bare_s),
+            "ours_median_s": statistics.median(ours_s),
+            "ratio": statistics.median(ours_s) / statistics.median(bare_s),
+            "ours_peak_rss_mb": max(ours_rss) / 1024,
+            "bare_output_bytes": bare_out.stat().st_size,
+        }
+        bare_out.unlink()
+        return result
+    finally:
+        cluster.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="1,4", help="data sizes, in multiples of ~1.2 GB (default 1,4)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="dr-bench-", dir="/var/tmp"))
+    results = []
+    try:
+        for scale in scales:
+            r = bench_logical(scale, args.rounds, work)
+            results.append(r)
+            print(f"logical backup {scale}x ({r['db_bytes'] / 1e9:.2f} GB): ours {r['ours_median_s']:.1f}s, "
+                  f"pg_dump|zstd {r['bare_median_s']:.1f}s, ratio {r['ratio']:.2f} (budget 1.10), "
+                  f"our peak RSS {r['ours_peak_rss_mb']:.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if len(results) > 1:
+        growth = results[-1]["ours_peak_rss_mb"] / results[0]["ours_peak_rss_mb"]
+        print(f"peak RSS {results[-1]['scale']}x / {results[0]['scale']}x: {growth:.2f} (flat is ~1.0)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"logical_backup-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

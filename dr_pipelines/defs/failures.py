@@ -1,0 +1,20 @@
+"""Domain errors become `dg.Failure` with the domain's own message, so the UI and alerts show
+what happened and what to do rather than a wrapped stack trace."""
+
+from contextlib import contextmanager
+
+import dagster as dg
+
+from dr_pipelines.core.errors import exit_code_for
+
+
+@contextmanager
+def domain_failures(metadata: dict | None = None):
+    try:
+        yield
+    except dg.Failure:
+        raise
+    except Exception as e:
+        if exit_code_for(e) is None:
+            raise  # a bug, not an operational failure: keep Dagster's full stack trace
+        raise dg.Failure(description=str(e), metadata=metadata or {}) from e

@@ -1,0 +1,87 @@
+"""The Dagster layer: definitions load, the asset materializes with stable metadata, failures fail."""
+
+import dagster as dg
+import pytest
+
+from dr_pipelines.core.repository import load_catalog
+from dr_pipelines.core.storage import open_locations
+from dr_pipelines.defs.definitions import build_definitions, logical_backup_job_name
+from dr_pipelines_tests.conftest import BUCKET, config_from, local_location, s3_location, start_moto
+
+STABLE_KEYS = {"backup_id", "size_bytes", "duration_s", "compression_ratio", "sha256", "locations",
+               "uncompressed_bytes", "tables", "rows", "created_at"}
+
+
+def test_sandbox_definitions_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(tmp_path / "sb"))
+    from dr_pipelines.core.config import load_config
+
+    cfg = load_config(None)
+    defs = build_definitions(cfg)
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    backup = dg.AssetKey(["soundhash", "logical_backup"])
+    assert dg.AssetKey(["soundhash", "database"]) in graph.get(backup).parent_keys
+    schedule = defs.resolve_schedule_def("soundhash__logical_backup_schedule")
+    assert schedule.cron_schedule == "0 */6 * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # the sandbox starts quiet
+
+
+def test_materialize_to_every_location(pg, three_locations, write_config, age_key):
+    path = write_config(pg, three_locations, {"method": "age", "recipients": [age_key.recipient]},
+                        database={"logical_backup": {"schedule": "15 */4 * * *"}})
+    cfg = config_from(path)
+    defs = build_definitions(cfg, str(path))
+    dg.Definitions.validate_loadable(defs)
+    schedule = defs.resolve_schedule_def("app__logical_backup_schedule")
+    assert schedule.cron_schedule == "15 */4 * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def(logical_backup_job_name("app")).execute_in_process(instance=instance)
+    assert result.success
+    [mat] = result.asset_materializations_for_node("app__logical_backup")
+    md = {k: v.value for k, v in mat.metadata.items()}
+    assert STABLE_KEYS <= md.keys()
+    catalog = load_catalog(open_locations(cfg).values(), "app")
+    m = catalog.latest("app").manifest
+    assert md["backup_id"] == m.id and md["size_bytes"] == m.size_bytes and md["sha256"] == m.objects[0].sha256
+    assert md["locations"] == "local, s3, gcs"
+    assert md["rows"] == sum(pg.row_counts("app").values())
+    assert md["compression_ratio"] > 1
+
+
+def test_location_down_fails_the_run_naming_it(pg, write_config, tmp_path):
+    doomed = start_moto()
+    import boto3
+
+    boto3.client("s3", endpoint_url=doomed.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    doomed.stop()
+    path = write_config(pg, {"local": local_location(tmp_path / "b"), "offsite": s3_location(doomed)})
+    defs = build_definitions(config_from(path), str(path))
+    result = defs.resolve_job_def(logical_backup_job_name("app")).execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.message
+    assert "FAILED on offsite" in message and "location 'offsite'" in message
+    # the local copy is complete and listed
+    assert load_catalog(open_locations(config_from(path), "local").values(), "app").latest("app")
+
+
+def test_unreachable_database_fails_the_run(make_pg, write_config, tmp_path):
+    server = make_pg()
+    path = write_config(server, {"local": local_location(tmp_path / "b")})
+    server.cluster.stop("immediate")
+    defs = build_definitions(config_from(path), str(path))
+    result = defs.resolve_job_def(logical_backup_job_name("app")).execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "is unreachable" in failure.step_failure_data.error.message
+
+
+@pytest.mark.parametrize("running,expected", [(True, "RUNNING"), (False, "STOPPED")])
+def test_schedule_status_from_config(pg, write_config, tmp_path, running, expected):
+    path = write_config(pg, {"local": local_location(tmp_path / "b")}, schedules={"running": running})
+    defs = build_definitions(config_from(path), str(path))
+    assert defs.resolve_schedule_def("app__logical_backup_schedule").default_status.value == expected
