@@ -115,6 +115,56 @@ def cmd_backups_verify(args) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+# --------------------------------------------------------------------------- restore
+
+
+def cmd_restore(args) -> int:
+    config = _config(args)
+    config.database(args.db)
+    from dr_pipelines.core.sandbox import ensure_sandbox_running
+    from dr_pipelines.defs.runner import restore_database
+
+    if config.sandbox:
+        ensure_sandbox_running(config, log=_log)
+    target = args.into or config.databases[args.db].dbname
+    options = {
+        "database": args.db,
+        "backup": os.path.abspath(args.file) if args.file else (args.backup or "latest"),
+        "location": args.location,
+        "target_database": args.into,
+        "clean": args.clean,
+        "confirm": target if args.yes else None,
+        "schema_only": args.schema_only,
+        "data_only": args.data_only,
+        "jobs": args.jobs,
+        "no_owner": args.no_owner,
+    }
+    if args.clean and not args.yes:
+        _err(f"--clean replaces database {target!r}: add --yes to confirm")
+        return EXIT_USAGE
+    report = restore_database(config, args.config, options)
+    if report.fallback:
+        _log(f"WARNING: FELL BACK to an older backup: {'; '.join(report.fallback_reasons)}")
+    print(f"restored {report.backup_id or options['backup']} into {report.target} "
+          f"(RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s)"
+          + (f"; previous database kept as {report.previous_database}" if report.previous_database else ""))
+    return EXIT_OK
+
+
+def cmd_test_restore(args) -> int:
+    config = _config(args)
+    config.database(args.db)
+    from dr_pipelines.defs.runner import restore_test
+
+    md = restore_test(config, args.config, args.db, args.backup or "latest", args.no_cleanup)
+    print(f"restore test of {md['backup_id']}: {'PASSED' if md['passed'] else 'FAILED'}, "
+          f"{md['tables']} tables, {md['rows']} rows, RTO {md['rto_s']:.1f}s"
+          + (f"; scratch database kept: {md['scratch_database']}" if args.no_cleanup else ""))
+    if md.get("failure"):
+        _err(md["failure"])
+    return EXIT_OK if md["passed"] else EXIT_FAILED
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -155,6 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latest", action="store_true", help="the newest backup (the default)")
     bv.add_argument("--location", metavar="NAME", help="verify only the copy on this location")
     bv.set_defaults(func=cmd_backups_verify)
+
+    r = sub.add_parser("restore", help="restore a logical backup (runs the restore_database job)")
+    r.add_argument("db", metavar="DB")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true", help="the newest valid backup (falls back if it is bad)")
+    which.add_argument("--backup", metavar="ID", help="this backup id (fails if it is unusable)")
+    which.add_argument("--file", metavar="PATH", help="a backup object or pg_dump -Fc file on this host")
+    r.add_argument("--location", metavar="NAME", help="read only this location")
+    r.add_argument("--into", metavar="DBNAME", help="target database (default: the configured one)")
+    r.add_argument("--clean", action="store_true", help="replace an existing target (kept, renamed); needs --yes")
+    r.add_argument("--yes", action="store_true", help="confirm --clean without a prompt")
+    only = r.add_mutually_exclusive_group()
+    only.add_argument("--schema-only", action="store_true")
+    only.add_argument("--data-only", action="store_true")
+    r.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel pg_restore jobs (default 2)")
+    r.add_argument("--no-owner", action="store_true")
+    r.set_defaults(func=cmd_restore)
+
+    t = sub.add_parser("test-restore", help="restore into a scratch database, validate, measure RTO, drop it")
+    t.add_argument("db", metavar="DB")
+    t.add_argument("--backup", metavar="ID")
+    t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
+    t.set_defaults(func=cmd_test_restore)
 
     d = sub.add_parser("demo", help="the sandbox: backup, then the Dagster UI on 127.0.0.1")
     d.add_argument("--no-ui", action="store_true", help="stop after the backup (no web UI)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -96,6 +97,11 @@ class LocalCluster:
         return proc.returncode == 0
 
     def start(self, timeout: float = 60) -> None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise ClusterError(
+                    f"cannot start PostgreSQL in {self.data_dir}: port {self.port} on 127.0.0.1 is already in use "
+                    "(another cluster or sandbox?); stop it or choose another port")
         proc = run_as_postgres(
             [self.tool("pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
              "-l", str(self.log_file), "-o", f"-p {self.port}"],

@@ -80,6 +80,71 @@ class BackupSchedule(_Model):
         return v
 
 
+class CommandHook(_Model):
+    command: list[str] = Field(description="argv, run without a shell")
+
+
+class HttpHook(_Model):
+    url: str
+    method: Literal["GET", "POST", "PUT"] = "GET"
+    expect_status: int = 200
+
+
+class TcpHook(_Model):
+    tcp: str = Field(description="host:port that must accept a connection")
+
+
+Hook = Union[CommandHook, HttpHook, TcpHook]
+
+
+class ApplicationHooks(_Model):
+    """How to stop, start and health-check the application around a restore (SongNodes: containers)."""
+
+    stop: list[Hook] = Field(default_factory=list)
+    start: list[Hook] = Field(default_factory=list)
+    health_checks: list[Hook] = Field(default_factory=list)
+    timeout: Duration = timedelta(seconds=120)
+    health_retries: int = Field(default=30, ge=1)
+    health_interval: Duration = timedelta(seconds=2)
+
+    @field_validator("timeout", "health_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta:
+        return parse_duration(v)
+
+
+class MigrationsCheck(_Model):
+    table: str = Field(description="e.g. alembic_version or schema_migrations")
+    column: str = "version_num"
+    expected: str | None = Field(default=None, description="fail unless the latest version is this")
+
+
+class ValidationConfig(_Model):
+    """Checks a restored database must pass, beyond row counts and schema against the manifest."""
+
+    required_tables: list[str] = Field(default_factory=list, description="schema.table or table (public)")
+    zero_row_queries: dict[str, str] = Field(
+        default_factory=dict, description="name -> SELECT that must return no rows (orphans, NULLs)")
+    migrations: MigrationsCheck | None = None
+    amcheck: bool = Field(default=True, description="bt_index_check every B-tree index when amcheck exists")
+
+
+class RestoreTestConfig(_Model):
+    host: str | None = Field(default=None, description="test server; default: the database's own server")
+    port: int | None = None
+    user: str | None = None
+    password_env: str | None = None
+    schedule: str = "0 4 * * *"
+    max_age: Duration = Field(default=timedelta(days=7), description="the restore test must be this recent")
+    jobs: int = Field(default=2, ge=1)
+    keep: bool = False
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta:
+        return parse_duration(v)
+
+
 class DatabaseConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=5432, ge=1, le=65535)
@@ -96,6 +161,19 @@ class DatabaseConfig(_Model):
         default=None, description="Directory of pg_dump/pg_restore; default: PATH, then /usr/lib/postgresql/15/bin"
     )
     sslmode: str | None = None
+    validation: ValidationConfig = ValidationConfig()
+    application: ApplicationHooks = ApplicationHooks()
+    restore_test: RestoreTestConfig = RestoreTestConfig()
+    scratch_dir: str | None = Field(
+        default=None, description="where a restore's private plaintext directory goes (default /var/tmp)")
+
+    def test_server(self) -> "DatabaseConfig":
+        """The server restore tests run on: the database's own unless restore_test names another."""
+        t = self.restore_test
+        return self.model_copy(update={
+            "host": t.host or self.host, "port": t.port or self.port, "user": t.user or self.user,
+            "password_env": t.password_env if t.host else (t.password_env or self.password_env),
+        })
 
     def password(self, name: str) -> str | None:
         if self.password_env is None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class RunFailed(RuntimeError):
+    """A job run from the shell failed; the message is the failing step's own."""
+
+
 def _known() -> dict[type, int]:
     from dr_pipelines.core.cluster import ClusterError
     from dr_pipelines.core.config import ConfigError
@@ -10,6 +14,8 @@ def _known() -> dict[type, int]:
     from dr_pipelines.core.postgres import DatabaseUnreachable, ToolMissing
     from dr_pipelines.core.repository import BackupNotFound
     from dr_pipelines.core.storage import LocationError
+    from dr_pipelines.core.app_hooks import HookFailed
+    from dr_pipelines.core.logical_restore import RestoreError
     from dr_pipelines.core.streams import AllTargetsFailed
 
     return {
@@ -22,6 +28,9 @@ def _known() -> dict[type, int]:
         BackupNotFound: 1,
         LocationError: 1,
         AllTargetsFailed: 1,
+        RestoreError: 1,
+        HookFailed: 1,
+        RunFailed: 1,
     }
 
 

@@ -71,13 +71,12 @@ def server_facts(conn: psycopg.Connection) -> dict[str, Any]:
         cur.execute("SELECT current_setting('server_version'), current_setting('server_version_num')::int")
         facts["server_version"], num = cur.fetchone()
         facts["server_major"] = num // 10000
-        try:
-            cur.execute("SAVEPOINT sysid")
+    try:
+        with conn.transaction(), conn.cursor() as cur:  # a savepoint, or a transaction in autocommit
             cur.execute("SELECT system_identifier::text FROM pg_control_system()")
             facts["system_identifier"] = cur.fetchone()[0]
-        except psycopg.Error:
-            cur.execute("ROLLBACK TO SAVEPOINT sysid")  # not allowed for this role: recorded as unknown
-            facts["system_identifier"] = None
+    except psycopg.Error:
+        facts["system_identifier"] = None  # not allowed for this role: recorded as unknown
     return facts
 
 
@@ -174,7 +173,8 @@ ORDER BY line COLLATE "C"
 
 
 def schema_lines(conn: psycopg.Connection) -> list[str]:
-    with conn.cursor() as cur:
+    # conn.transaction(): SET LOCAL needs a transaction block, which autocommit connections lack
+    with conn.transaction(), conn.cursor() as cur:
         cur.execute("SET LOCAL search_path = ''")
         cur.execute(_SCHEMA_LINES_SQL)
         return [row[0] for row in cur.fetchall()]

@@ -1,36 +1,76 @@
-"""Run the same Dagster jobs the UI launches from the command line, in the DAGSTER_HOME instance."""
+"""Run the same Dagster jobs the UI launches from the command line: in the DAGSTER_HOME instance
+when it is set (so the run shows in the UI), else in an ephemeral one."""
 
+import os
+from contextlib import contextmanager
 
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.errors import RunFailed
+from dr_pipelines.core.logical_restore import RestoreReport
 from dr_pipelines.core.repository import Manifest
-from dr_pipelines.defs.definitions import build_definitions, logical_backup_job_name
+from dr_pipelines.defs.definitions import build_definitions, logical_backup_job_name, restore_test_job_name
 from dr_pipelines.defs.logical_backup import logical_backup_key
+from dr_pipelines.defs.restore_test import restore_test_key
 
 
-def _raise_failure(result: dg.ExecuteInProcessResult) -> None:
-    from dr_pipelines.core.logical_backup import BackupFailed
+@contextmanager
+def _instance():
+    if os.environ.get("DAGSTER_HOME"):
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+    else:
+        yield dg.DagsterInstance.ephemeral()
 
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_step_failure:
-            err = event.step_failure_data.error
-            message = err.message.strip() if err else "step failed"
-            # dg.Failure's description is the useful part; drop Dagster's class-name prefix
-            raise BackupFailed(message.split(": ", 1)[1] if message.startswith(("dagster.", "Failure")) else message)
-    raise BackupFailed(f"run {result.run_id} failed")
+            data = event.step_failure_data
+            if data.user_failure_data is not None and data.user_failure_data.description:
+                return data.user_failure_data.description  # a dg.Failure: the domain's own message
+            return data.error.message.strip() if data.error else f"step {event.step_key} failed"
+    return f"run {result.run_id} failed"
+
+
+def run_job(config: DrConfig, config_file: str | None, job_name: str, run_config: dict | None = None,
+            allow_failure: bool = False):
+    defs = build_definitions(config, config_file)
+    job = defs.resolve_job_def(job_name)
+    with _instance() as instance:
+        result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        if not result.success and not allow_failure:
+            raise RunFailed(_failure_message(result))
+        return result
 
 
 def materialize_logical_backup(config: DrConfig, db: str, config_file: str | None) -> Manifest:
-    defs = build_definitions(config, config_file)
-    job = defs.resolve_job_def(logical_backup_job_name(db))
-    with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
-    if not result.success:
-        _raise_failure(result)
+    result = run_job(config, config_file, logical_backup_job_name(db))
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = mat[0].metadata["backup_id"].value
     from dr_pipelines.core.repository import load_catalog
     from dr_pipelines.core.storage import open_locations
 
     return load_catalog(open_locations(config).values(), db).find(db, backup_id).manifest
+
+
+def restore_database(config: DrConfig, config_file: str | None, options: dict) -> RestoreReport:
+    result = run_job(config, config_file, "restore_database", {"ops": {"choose_backup": {"config": options}}})
+    return result.output_for_node("restore_report")["report"]
+
+
+def restore_test(config: DrConfig, config_file: str | None, db: str, backup: str, keep: bool) -> dict:
+    node = restore_test_key(db).to_python_identifier()
+    result = run_job(config, config_file, restore_test_job_name(db),
+                     {"ops": {node: {"config": {"backup": backup, "keep": keep}}}}, allow_failure=True)
+    mats = result.asset_materializations_for_node(node)
+    if not mats:  # failed before a verdict (no usable backup, server down): the step's message says why
+        raise RunFailed(_failure_message(result))
+    md = {k: v.value for k, v in mats[0].metadata.items()}
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed:
+            md["failure"] = evaluation.description
+            if "table_diff" in evaluation.metadata:
+                md["failure"] += "\n" + evaluation.metadata["table_diff"].value
+    return md

@@ -1,0 +1,569 @@
+"""Restoring logical backups: choose, fetch + verify + decode, pg_restore into staging, validate, swap.
+
+A restore never writes into the target directly: it restores into a staging database on the same
+server, validates it there, and only then swaps it in (the old database is renamed and kept). A
+failed fetch, decryption, pg_restore or validation therefore leaves the target as it was.
+
+Plaintext touches disk only on the restoring host (`pg_restore -j` needs a seekable file), in a
+private 0700 directory that the caller removes, even on failure (`scratch_directory`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psycopg
+import pyrage
+import zstandard
+from psycopg import sql
+
+from dr_pipelines.core.config import ConfigError, DatabaseConfig, DrConfig
+from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
+from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, load_catalog
+from dr_pipelines.core.storage import Location, LocationError
+from dr_pipelines.core.streams import CHUNK, HashingReader, recipient_fingerprints
+from dr_pipelines.core.validation import ValidationResult, validate_database
+
+Log = Callable[[str], None]
+_NAME_MAX = 63  # PostgreSQL identifiers
+
+
+class RestoreError(RuntimeError):
+    pass
+
+
+class UnsafeRestore(RestoreError):
+    """A destructive step was not confirmed; nothing was touched."""
+
+
+class BackupUnusable(RestoreError):
+    """Every copy of a backup failed: missing, checksum mismatch, or cannot be decrypted."""
+
+
+class ValidationFailed(RestoreError):
+    def __init__(self, result: ValidationResult):
+        super().__init__(result.summary())
+        self.result = result
+
+
+@dataclass
+class RestoreRequest:
+    database: str
+    backup: str = "latest"  # "latest", a backup id, or a file path (see `from_file`)
+    from_file: bool = False
+    location: str | None = None
+    target: str | None = None  # database name; default: the configured one
+    clean: bool = False
+    confirm: str | None = None  # the target's name, repeated
+    schema_only: bool = False
+    data_only: bool = False
+    jobs: int = 2
+    no_owner: bool = False
+    no_privileges: bool = False
+    keep_previous: bool = True
+
+    def check(self) -> None:
+        if self.schema_only and self.data_only:
+            raise ConfigError("schema_only and data_only are mutually exclusive: choose one (or neither for both)")
+        if self.jobs < 1:
+            raise ConfigError("jobs must be at least 1")
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def load_identities(config: DrConfig) -> list:
+    enc = config.encryption
+    path = enc.identity_path()
+    if path is None:
+        var = enc.identity_file_env or "DR_AGE_IDENTITY_FILE"
+        raise ConfigError(
+            f"this backup is encrypted with age; set {var} to the identity file (encryption.identity_file_env) "
+            f"whose public key has fingerprint {', '.join(recipient_fingerprints(enc)) or '(see the manifest)'}")
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+    except OSError as e:
+        raise ConfigError(f"cannot read the age identity file {path}: {e.strerror}") from None
+    keys = [ln for ln in lines if ln.startswith("AGE-SECRET-KEY-")]
+    if not keys:
+        raise ConfigError(f"{path} holds no age identity (AGE-SECRET-KEY-... line)")
+    try:
+        return [pyrage.x25519.Identity.from_str(k) for k in keys]
+    except Exception:
+        raise ConfigError(f"{path}: not a valid age identity") from None
+
+
+def identity_fingerprints(identities: list) -> list[str]:
+    return [hashlib.sha256(str(i.to_public()).encode()).hexdigest()[:16] for i in identities]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _ZstdSink:
+    def __init__(self, out):
+        self._w = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+
+    def write(self, data) -> int:
+        self._w.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._w.flush()
+
+
+class _GzipSink:
+    def __init__(self, out):
+        self._out = out
+        self._z = zlib.decompressobj(wbits=31)
+
+    def write(self, data) -> int:
+        self._out.write(self._z.decompress(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._out.write(self._z.flush())
+        if not self._z.eof:
+            raise zlib.error("gzip stream is truncated")
+
+
+class _PlainSink:
+    def __init__(self, out):
+        self._out = out
+
+    def write(self, data) -> int:
+        self._out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _sink(method: str, out):
+    return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
+
+
+def decode_stream(src, dest: Path, compression: str, encrypted: bool, identities: list | None) -> None:
+    """src (stored bytes) -> decrypt -> decompress -> dest file (0600)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb", buffering=CHUNK) as out:
+        sink = _sink(compression, out)
+        if encrypted:
+            pyrage.decrypt_io(src, sink, identities)
+        else:
+            while chunk := src.read(CHUNK):
+                sink.write(chunk)
+        sink.close()
+
+
+@dataclass
+class Fetched:
+    manifest: Manifest | None
+    location: str | None
+    path: Path
+    fallback_reasons: list[str] = field(default_factory=list)
+    location_failures: list[str] = field(default_factory=list)
+
+
+def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, dest: Path, log: Log) -> None:
+    m = entry.manifest
+    obj = m.objects[0]
+    encrypted = m.encryption.get("method") == "age"
+    identities = None
+    if encrypted:
+        identities = load_identities(config)
+    t0 = time.monotonic()
+    with location.open_read(m.object_key(obj.name)) as raw:
+        src = HashingReader(raw)
+        try:
+            decode_stream(src, dest, m.compression["method"], encrypted, identities)
+        except pyrage.DecryptError as e:
+            # A flipped bit fails age's authentication too; the checksum tells which it was.
+            while src.read(CHUNK):
+                pass
+            if src.sha256.hexdigest() != obj.sha256:
+                raise BackupUnusable(f"{location.name}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
+                                     f"manifest says {obj.sha256[:16]}...)") from None
+            raise BackupUnusable(
+                f"{location.name}: cannot decrypt ({e}); the backup is for recipient fingerprint(s) "
+                f"{', '.join(m.encryption.get('recipients', []))}, the identity given has "
+                f"{', '.join(identity_fingerprints(identities))}") from None
+        except (zstandard.ZstdError, zlib.error) as e:
+            raise BackupUnusable(f"{location.name}: cannot decompress ({e})") from None
+        while src.read(CHUNK):  # the tail after the encrypted payload, if any
+            pass
+    if src.size != obj.size or src.sha256.hexdigest() != obj.sha256:
+        raise BackupUnusable(f"{location.name}: checksum mismatch (size {src.size}, SHA-256 "
+                             f"{src.sha256.hexdigest()[:16]}...; manifest says {obj.size}, {obj.sha256[:16]}...)")
+    log(f"fetched {m.id} from {location.name}: {src.size} bytes verified (SHA-256) and decoded "
+        f"in {time.monotonic() - t0:.1f}s")
+
+
+def candidates(catalog: Catalog, request: RestoreRequest) -> list[CatalogEntry]:
+    if request.backup == "latest":
+        entries = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "logical"]
+        if not entries:
+            catalog.latest(request.database)  # raises BackupNotFound with the reasons
+        return entries
+    return [catalog.find(request.database, request.backup)]
+
+
+def fetch_backup(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, workdir: Path,
+                 log: Log) -> Fetched:
+    """The first valid copy of the chosen backup, decoded into `workdir`. For "latest", a backup
+    whose every copy fails falls back to the previous one, and says so."""
+    dest = workdir / "restore.pgdump"
+    if request.from_file:
+        return _fetch_file(config, Path(request.backup), dest, log)
+    catalog = load_catalog(locations.values(), request.database, "logical")
+    for p in catalog.problems:
+        log(f"warning: {p}")
+    reasons: list[str] = []
+    failures: list[str] = []
+    for entry in candidates(catalog, request):
+        errors = []
+        for name in [n for n in locations if n in entry.locations]:
+            try:
+                _fetch_one(config, entry, locations[name], dest, log)
+                if reasons:
+                    log(f"WARNING: FELL BACK to backup {entry.id} because: {'; '.join(reasons)}")
+                return Fetched(entry.manifest, name, dest, reasons, failures + errors)
+            except (BackupUnusable, LocationError) as e:
+                errors.append(str(e))
+                log(f"copy of {entry.id} on {name} is unusable: {e}")
+        failures += errors
+        if request.backup != "latest":
+            raise BackupUnusable(f"backup {entry.id} cannot be used: {'; '.join(errors)}. "
+                                 "Ask for another backup id, or `latest` to fall back automatically.")
+        reasons.append(f"{entry.id}: {'; '.join(errors)}")
+    raise BackupUnusable("no usable backup: " + " | ".join(reasons))
+
+
+def _fetch_file(config: DrConfig, path: Path, dest: Path, log: Log) -> Fetched:
+    """A backup object or plain pg_dump -Fc file on local disk; its manifest, if beside it, is used."""
+    if not path.is_file():
+        raise RestoreError(f"--file {path}: no such file")
+    manifest = None
+    if (path.parent / "manifest.json").is_file():
+        manifest = Manifest.model_validate_json((path.parent / "manifest.json").read_text())
+    suffixes = path.suffixes
+    encrypted = suffixes[-1:] == [".age"]
+    rest = suffixes[:-1] if encrypted else suffixes
+    compression = {".zst": "zstd", ".gz": "gzip"}.get(rest[-1] if rest else "", "none")
+    identities = load_identities(config) if encrypted else None
+    with open(path, "rb") as raw:
+        src = HashingReader(raw)
+        try:
+            decode_stream(src, dest, compression, encrypted, identities)
+        except pyrage.DecryptError as e:
+            raise BackupUnusable(f"{path}: cannot decrypt ({e})") from None
+        except (zstandard.ZstdError, zlib.error) as e:
+            raise BackupUnusable(f"{path}: cannot decompress ({e})") from None
+    if manifest is not None:
+        obj = manifest.objects[0]
+        if src.sha256.hexdigest() != obj.sha256:
+            raise BackupUnusable(f"{path}: checksum mismatch with {path.parent / 'manifest.json'}")
+    else:
+        log(f"warning: no manifest beside {path}: row counts and schema cannot be compared")
+    log(f"decoded {path} ({src.size} bytes)")
+    return Fetched(manifest, None, dest)
+
+
+@contextmanager
+def scratch_directory(config: DrConfig, database: str, name: str | None = None) -> Iterator[Path]:
+    """A private 0700 directory for plaintext, removed afterwards even on failure."""
+    path = scratch_path(config, database, name)
+    path.mkdir(mode=0o700, parents=False, exist_ok=False)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def scratch_path(config: DrConfig, database: str, name: str | None = None) -> Path:
+    base = Path(config.databases[database].scratch_dir or tempfile.gettempdir())
+    return base / f"dr-restore-{name or secrets.token_hex(6)}"
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def _db_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def _user_object_count(server: DatabaseConfig, db_name: str, dbname: str) -> int:
+    with connect(server, db_name, dbname=dbname, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' "
+            "AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')").fetchone()[0]
+
+
+def _terminate(conn: psycopg.Connection, dbname: str) -> None:
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                 (dbname,))
+
+
+def drop_database(server: DatabaseConfig, db_name: str, dbname: str) -> None:
+    with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+def staging_name(target: str) -> str:
+    return f"{target[:_NAME_MAX - 19]}__restoring_{secrets.token_hex(3)}"
+
+
+@dataclass
+class TargetPlan:
+    """Where the restore goes, decided (and confirmed) before anything is touched."""
+
+    target: str
+    exists: bool
+    staging: str | None  # None: data_only restores straight into the existing target
+    is_source: bool
+
+
+def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfig | None = None) -> TargetPlan:
+    request.check()
+    db = config.database(request.database)
+    server = server or db
+    target = request.target or db.dbname
+    if len(target) > _NAME_MAX:
+        raise ConfigError(f"target database name {target!r} is longer than {_NAME_MAX} characters")
+    is_source = target == db.dbname and server.host == db.host and server.port == db.port
+    with connect(server, request.database, dbname="postgres", autocommit=True) as conn:
+        exists = _db_exists(conn, target)
+    confirmed = request.clean and request.confirm == target
+    if request.data_only:
+        if not exists:
+            raise ConfigError(f"data_only restores into an existing schema, but database {target!r} does not exist")
+        if not confirmed:
+            raise UnsafeRestore(f"data_only loads rows into the existing database {target!r}: set clean: true and "
+                                f"confirm: {target!r} (shell: --clean --yes) to go ahead")
+        return TargetPlan(target, True, None, is_source)
+    if is_source and not confirmed:
+        raise UnsafeRestore(
+            f"{target!r} is the source database {request.database!r} itself: restoring over it needs clean: true "
+            f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere with target/--into. Nothing was touched.")
+    if exists and not confirmed and _user_object_count(server, request.database, target):
+        raise UnsafeRestore(
+            f"database {target!r} exists and is not empty: set clean: true and confirm: {target!r} "
+            f"(shell: --clean --yes) to replace it (the old one is kept, renamed), or choose another target. "
+            "Nothing was touched.")
+    return TargetPlan(target, exists, staging_name(target), is_source)
+
+
+def run_pg_restore(server: DatabaseConfig, db_name: str, dbname: str, dump: Path, request: RestoreRequest,
+                   log: Log, create: bool = True) -> float:
+    """pg_restore into `dbname` (created first unless it exists); any error fails the restore."""
+    t0 = time.monotonic()
+    with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
+        major = server_facts(conn)["server_major"]
+        if create:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+    cmd = [pg_tool("pg_restore", server, major), "--exit-on-error", "--no-password", f"--jobs={request.jobs}",
+           "--verbose", f"--dbname={dbname}"]
+    if request.no_owner:
+        cmd.append("--no-owner")
+    if request.no_privileges:
+        cmd.append("--no-privileges")
+    if request.schema_only:
+        cmd.append("--schema-only")
+    if request.data_only:
+        cmd += ["--data-only", "--disable-triggers"]
+    cmd.append(str(dump))
+    env = libpq_env(server, db_name)
+    env.pop("PGDATABASE", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    errors: list[str] = []
+    progress = {"items": 0}
+
+    def read_stderr():
+        for line in proc.stderr:
+            line = line.rstrip()
+            if "processing item" in line or "processing data for table" in line or "creating " in line:
+                progress["items"] += 1
+            elif line and not line.startswith("pg_restore: launching") and "finished item" not in line:
+                errors.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    last = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if time.monotonic() - last >= 10:
+            log(f"pg_restore into {dbname}: {progress['items']} items so far, {time.monotonic() - t0:.0f}s")
+            last = time.monotonic()
+    reader.join(timeout=10)
+    if proc.returncode != 0:
+        detail = " | ".join([e for e in errors if "error" in e.lower()][-5:] or errors[-5:])
+        raise RestoreError(f"pg_restore into {dbname!r} failed (exit {proc.returncode}): {detail}")
+    took = time.monotonic() - t0
+    log(f"pg_restore into {dbname} finished in {took:.1f}s ({request.jobs} jobs)")
+    return took
+
+
+def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previous: bool, log: Log) -> str | None:
+    """Put the validated staging database in the target's place; returns the kept previous name."""
+    previous = None
+    with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
+        if plan.exists:
+            previous = f"{plan.target[:_NAME_MAX - 28]}__pre_restore_{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+            _terminate(conn, plan.target)
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(plan.target), sql.Identifier(previous)))
+        _terminate(conn, plan.staging)
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(plan.staging), sql.Identifier(plan.target)))
+        if previous and not keep_previous:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(previous)))
+            previous = None
+    log(f"database {plan.target!r} now holds the restored data"
+        + (f"; the previous one is kept as {previous!r}" if previous else ""))
+    return previous
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class RestoreReport:
+    kind: str  # "restore" or "restore_test"
+    database: str
+    target: str
+    started_at: str
+    finished_at: str | None = None
+    backup_id: str | None = None
+    backup_created_at: str | None = None
+    location: str | None = None
+    fallback: bool = False
+    fallback_reasons: list[str] = field(default_factory=list)
+    location_failures: list[str] = field(default_factory=list)
+    previous_database: str | None = None
+    rto_s: float | None = None
+    data_loss_window_s: float | None = None
+    steps_s: dict[str, float] = field(default_factory=dict)
+    validation: dict | None = None
+    passed: bool = False
+    error: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+
+def data_loss_window(manifest: Manifest | None, started: datetime) -> float | None:
+    return None if manifest is None else round((started - manifest.created_at).total_seconds(), 3)
+
+
+def store_report(locations: dict[str, Location], report: RestoreReport, log: Log) -> list[str]:
+    """Reports live in the repository too, so history survives the loss of the Dagster instance."""
+    key = f"{report.database}/reports/{report.kind}/{report.started_at.replace(':', '')}.json"
+    stored = []
+    for name, loc in locations.items():
+        try:
+            loc.put_bytes(key, report.to_json())
+            stored.append(name)
+        except LocationError as e:
+            log(f"warning: could not store the report on {name}: {e}")
+    return stored
+
+
+def load_reports(locations: dict[str, Location], database: str, kind: str) -> list[dict]:
+    """Reports of one kind, newest first, merged across locations."""
+    seen: dict[str, dict] = {}
+    for loc in locations.values():
+        try:
+            for obj in loc.list(f"{database}/reports/{kind}/"):
+                if obj.key not in seen and obj.key.endswith(".json"):
+                    seen[obj.key] = json.loads(loc.get_bytes(obj.key))
+        except (LocationError, ValueError):
+            continue
+    return sorted(seen.values(), key=lambda r: r["started_at"], reverse=True)
+
+
+# --------------------------------------------------------------------------- restore test
+
+
+def restore_test_name(database: str) -> str:
+    return f"dr_restore_test_{database[:24]}_{datetime.now(timezone.utc):%Y%m%d%H%M%S}_{secrets.token_hex(2)}"
+
+
+def run_restore_test(config: DrConfig, database: str, locations: dict[str, Location], backup: str = "latest",
+                     keep: bool = False, log: Log = lambda m: None) -> RestoreReport:
+    """Restore a backup into a scratch database on the test server, validate it against the
+    manifest, measure the RTO, and drop it (unless `keep`). A validation failure is reported with
+    passed=False; a backup that cannot be fetched at all raises."""
+    db = config.database(database)
+    server = db.test_server()
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    scratch = restore_test_name(database)
+    report = RestoreReport(kind="restore_test", database=database, target=scratch, started_at=started.isoformat())
+    request = RestoreRequest(database, backup=backup, jobs=db.restore_test.jobs, no_owner=True, no_privileges=True)
+    created = False
+    try:
+        with scratch_directory(config, database) as work:
+            fetched = fetch_backup(config, locations, request, work, log)
+            report.steps_s["fetch"] = round(time.monotonic() - t0, 3)
+            _describe_backup(report, fetched, started)
+            created = True
+            report.steps_s["pg_restore"] = round(run_pg_restore(server, database, scratch, fetched.path, request, log), 3)
+        t1 = time.monotonic()
+        with connect(server, database, dbname=scratch, autocommit=True) as conn:
+            result = validate_database(conn, fetched.manifest, db.validation)
+        report.steps_s["validate"] = round(time.monotonic() - t1, 3)
+        report.validation = result.to_dict()
+        report.passed = result.passed
+        report.rto_s = round(time.monotonic() - t0, 3)
+        log(f"restore test of {report.backup_id}: {result.summary()}; RTO {report.rto_s:.1f}s")
+        if not result.passed:
+            report.error = result.summary()
+    except Exception as e:
+        report.error = str(e)
+        raise
+    finally:
+        report.finished_at = datetime.now(timezone.utc).isoformat()
+        if created and not keep:
+            try:
+                drop_database(server, database, scratch)
+            except Exception as e:  # reported, never hides the test's own outcome
+                log(f"warning: could not drop scratch database {scratch!r}: {e}")
+        elif created:
+            log(f"scratch database {scratch!r} kept on {server.host}:{server.port}")
+        store_report(locations, report, log)
+    return report
+
+
+def _describe_backup(report: RestoreReport, fetched: Fetched, started: datetime) -> None:
+    m = fetched.manifest
+    report.backup_id = m.id if m else None
+    report.backup_created_at = m.created_at.isoformat() if m else None
+    report.location = fetched.location
+    report.fallback = bool(fetched.fallback_reasons)
+    report.fallback_reasons = fetched.fallback_reasons
+    report.location_failures = fetched.location_failures
+    report.data_loss_window_s = data_loss_window(m, started)

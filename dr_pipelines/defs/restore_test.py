@@ -1,0 +1,111 @@
+"""`DB/restore_test`: every new backup restored into a scratch database and proven against its manifest."""
+
+import time
+from datetime import timedelta
+
+import dagster as dg
+from pydantic import Field
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.logical_restore import run_restore_test
+from dr_pipelines.core.sandbox import ensure_sandbox_running
+from dr_pipelines.core.validation import TableDiff, diff_table
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.logical_backup import logical_backup_key
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+
+PASSED = "restore_test_passed"
+RECENT = "restore_test_recent"
+RTO = "rto_within_objective"
+
+
+def restore_test_key(db: str) -> dg.AssetKey:
+    return dg.AssetKey([db, "restore_test"])
+
+
+class RestoreTestRunConfig(dg.Config):
+    backup: str = Field(default="latest", description="`latest` or a backup id.")
+    keep: bool = Field(default=False, description="Keep the scratch database for inspection.")
+
+
+def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
+    key = restore_test_key(db)
+    cfg = config.databases[db]
+
+    @dg.asset(
+        key=key,
+        deps=[logical_backup_key(db)],
+        group_name=db,
+        kinds={"postgres"},
+        description=f"Restores the latest logical backup of `{cfg.dbname}` into a scratch database on the test "
+                    "server, compares row counts and schema with the manifest, runs the validation queries and "
+                    "amcheck, measures the RTO and drops the scratch database.",
+        automation_condition=dg.AutomationCondition.eager(),  # after every new backup
+        # Blocking: a backup that cannot be proven restorable must fail the run and alert.
+        check_specs=[dg.AssetCheckSpec(PASSED, asset=key, blocking=True,
+                                       description="The restored database matched the manifest and passed every check.")],
+        required_resource_keys={"dr", *storage_resource_keys(config)},
+        pool=f"pg_{db}",
+    )
+    def restore_test(context: dg.AssetExecutionContext, config: RestoreTestRunConfig) -> dg.MaterializeResult:
+        with domain_failures():
+            run_config = context.resources.dr.load()
+            if run_config.sandbox:
+                ensure_sandbox_running(run_config, log=context.log.info)
+            report = run_restore_test(run_config, db, locations_from_context(context, run_config),
+                                      backup=config.backup, keep=config.keep, log=context.log.info)
+        validation = report.validation or {}
+        metadata = {
+            "backup_id": report.backup_id,
+            "passed": report.passed,
+            "rto_s": report.rto_s,
+            "data_loss_window_s": report.data_loss_window_s,
+            "tables": validation.get("tables", 0),
+            "rows": validation.get("rows", 0),
+            "fallback": report.fallback,
+            "scratch_database": report.target,
+        }
+        check_md = {"checks": dg.MetadataValue.json(validation.get("checks", {}))}
+        diffs = [TableDiff(**d) for d in validation.get("table_diffs", [])]
+        if diffs:
+            check_md["table_diff"] = dg.MetadataValue.md(diff_table(diffs))
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[dg.AssetCheckResult(check_name=PASSED, passed=report.passed, metadata=check_md,
+                                               description=report.error or "restored and validated")],
+        )
+
+    return restore_test
+
+
+def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey):
+    event = instance.get_latest_materialization_event(key)
+    if event is None:
+        return None, {}
+    return event.timestamp, {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def build_restore_test_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition]:
+    key = restore_test_key(db)
+    cfg = config.databases[db]
+    max_age = cfg.restore_test.max_age
+    rto = cfg.objectives.rto
+
+    @dg.asset_check(asset=key, name=RECENT, description=f"A restore test ran within the last {max_age}.")
+    def recent(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        ts, md = _latest_metadata(context.instance, key)
+        if ts is None:
+            return dg.AssetCheckResult(passed=False, description="no restore test has ever run")
+        age = timedelta(seconds=time.time() - ts)
+        return dg.AssetCheckResult(passed=age <= max_age, metadata={"age_hours": round(age.total_seconds() / 3600, 2)},
+                                   description=f"last restore test {age} ago (limit {max_age})")
+
+    @dg.asset_check(asset=key, name=RTO, description=f"The measured restore time is within the RTO ({rto}).")
+    def rto_within(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        _, md = _latest_metadata(context.instance, key)
+        if md.get("rto_s") is None:
+            return dg.AssetCheckResult(passed=False, description="no measured RTO yet")
+        return dg.AssetCheckResult(passed=md["rto_s"] <= rto.total_seconds(),
+                                   metadata={"rto_s": md["rto_s"], "objective_s": rto.total_seconds()})
+
+    return [recent, rto_within]
