@@ -200,13 +200,16 @@ def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, dest: 
         src = HashingReader(raw)
         try:
             decode_stream(src, dest, m.compression["method"], encrypted, identities)
-        except pyrage.DecryptError as e:
-            # A flipped bit fails age's authentication too; the checksum tells which it was.
+        except (pyrage.DecryptError, OSError) as e:
+            # A flipped bit fails age's authentication mid-stream (pyrage: OSError "decryption
+            # error"); the checksum tells corruption from a wrong key or a local I/O error.
             while src.read(CHUNK):
                 pass
             if src.sha256.hexdigest() != obj.sha256:
                 raise BackupUnusable(f"{location.name}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
                                      f"manifest says {obj.sha256[:16]}...)") from None
+            if not isinstance(e, pyrage.DecryptError):
+                raise
             raise BackupUnusable(
                 f"{location.name}: cannot decrypt ({e}); the backup is for recipient fingerprint(s) "
                 f"{', '.join(m.encryption.get('recipients', []))}, the identity given has "

@@ -140,7 +140,7 @@ def _amcheck(conn: psycopg.Connection, result: ValidationResult) -> None:
         indexes = conn.execute(
             "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "JOIN pg_am am ON am.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE am.amname = 'btree' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "WHERE am.amname = 'btree' AND c.relkind = 'i' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
             "AND n.nspname NOT LIKE 'pg_toast%' AND i.indisvalid").fetchall()
         bad = []
         for (index,) in indexes:
