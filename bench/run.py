@@ -89,21 +89,72 @@ def prepare_cluster(scale: int) -> LocalCluster:
     return cluster
 
 
+def write_config(work: Path) -> tuple[Path, Path]:
+    ident = pyrage.x25519.Identity.generate()
+    identity = work / "identity.txt"
+    identity.write_text(f"{ident}\n")
+    identity.chmod(0o600)
+    config = work / "bench.yaml"
+    repo = work / "repo"
+    config.write_text(yaml.safe_dump({
+        "databases": {"bench": {"host": "127.0.0.1", "port": PORT, "user": "postgres", "dbname": "bench",
+                                "scratch_dir": str(work)}},
+        "locations": {"local": {"type": "local", "path": str(repo)}},
+        "encryption": {"method": "age", "recipients": [str(ident.to_public())], "identity_file": str(identity)},
+        "compression": {"method": "zstd", "level": 3},
+    }))
+    return config, repo
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "DR_PIPELINES_CONFIG")}
+
+
+def psql(sql_text: str) -> None:
+    sh(f"{PG_BIN}/psql -q -h 127.0.0.1 -p {PORT} -U postgres -d postgres -c \"{sql_text}\"")
+
+
+def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
+    """Our restore job (fetch + verify + decrypt + decompress + pg_restore -j2 into staging + validation
+    + swap) vs `pg_restore -j 2` of the same dump from a local plain file."""
+    cluster = prepare_cluster(scale)
+    try:
+        config, repo = write_config(work)
+        env = clean_env()
+        subprocess.run([str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"], check=True,
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        plain = work / "plain.pgdump"
+        sh(f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench > {plain}")
+        bare = ["bash", "-o", "pipefail", "-c",
+                f"{PG_BIN}/createdb -h 127.0.0.1 -p {PORT} -U postgres bare_target && "
+                f"{PG_BIN}/pg_restore -j 2 --exit-on-error -h 127.0.0.1 -p {PORT} -U postgres -d bare_target {plain}"]
+        ours = [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "restore", "bench", "--latest",
+                "--into", "ours_target", "--jobs", "2"]
+        bare_s, ours_s = [], []
+        for i in range(rounds):
+            for name in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):
+                if name == "bare":
+                    bare_s.append(timed(bare, env)[0])
+                    psql("DROP DATABASE bare_target")
+                else:
+                    ours_s.append(timed(ours, env)[0])
+                    psql("DROP DATABASE ours_target")
+        leftovers = [p.name for p in work.iterdir() if p.name.startswith("dr-restore-")]
+        return {"benchmark": "logical_restore", "scale": scale, "bare_s": bare_s, "ours_s": ours_s,
+                "bare_median_s": statistics.median(bare_s), "ours_median_s": statistics.median(ours_s),
+                "ratio": statistics.median(ours_s) / statistics.median(bare_s),
+                "plaintext_left_behind": leftovers}
+    finally:
+        cluster.stop()
+
+
 def bench_logical(scale: int, rounds: int, work: Path) -> dict:
     cluster = prepare_cluster(scale)
     try:
         with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench") as c:
             db_bytes = c.execute("SELECT pg_database_size('bench')").fetchone()[0]
-        ident = pyrage.x25519.Identity.generate()
-        config = work / "bench.yaml"
-        repo = work / "repo"
-        config.write_text(yaml.safe_dump({
-            "databases": {"bench": {"host": "127.0.0.1", "port": PORT, "user": "postgres", "dbname": "bench"}},
-            "locations": {"local": {"type": "local", "path": str(repo)}},
-            "encryption": {"method": "age", "recipients": [str(ident.to_public())]},
-            "compression": {"method": "zstd", "level": 3},
-        }))
-        env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "DR_PIPELINES_CONFIG")}
+        config, repo = write_config(work)
+        env = clean_env()
         bare_out = work / "bare.pgdump.zst"
         bare = ["bash", "-o", "pipefail", "-c",
                 f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}"]
@@ -120,6 +171,7 @@ def bench_logical(scale: int, rounds: int, work: Path) -> dict:
                     ours_rss.append(rss)
                     shutil.rmtree(repo)  # keep the disk from filling; each round writes anew
         result = {
+            "benchmark": "logical_backup",
             "scale": scale,
             "db_bytes": db_bytes,
             "bare_s": bare_s,
@@ -140,24 +192,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,4", help="data sizes, in multiples of ~1.2 GB (default 1,4)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="backup,restore", help="which benchmarks: backup, restore (default both)")
     args = ap.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="dr-bench-", dir="/var/tmp"))
+    only = set(args.only.split(","))
     results = []
-    try:
-        for scale in scales:
-            r = bench_logical(scale, args.rounds, work)
-            results.append(r)
-            print(f"logical backup {scale}x ({r['db_bytes'] / 1e9:.2f} GB): ours {r['ours_median_s']:.1f}s, "
-                  f"pg_dump|zstd {r['bare_median_s']:.1f}s, ratio {r['ratio']:.2f} (budget 1.10), "
-                  f"our peak RSS {r['ours_peak_rss_mb']:.0f} MB", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if len(results) > 1:
-        growth = results[-1]["ours_peak_rss_mb"] / results[0]["ours_peak_rss_mb"]
-        print(f"peak RSS {results[-1]['scale']}x / {results[0]['scale']}x: {growth:.2f} (flat is ~1.0)")
+    backups = []
+    for scale in scales:
+        work = Path(tempfile.mkdtemp(prefix="dr-bench-", dir="/var/tmp"))
+        try:
+            if "backup" in only:
+                r = bench_logical(scale, args.rounds, work)
+                results.append(r)
+                backups.append(r)
+                print(f"logical backup {scale}x ({r['db_bytes'] / 1e9:.2f} GB): ours {r['ours_median_s']:.1f}s, "
+                      f"pg_dump|zstd {r['bare_median_s']:.1f}s, ratio {r['ratio']:.2f} (budget 1.10), "
+                      f"our peak RSS {r['ours_peak_rss_mb']:.0f} MB", flush=True)
+            if "restore" in only and scale == scales[0]:
+                r = bench_logical_restore(scale, args.rounds, work)
+                results.append(r)
+                print(f"logical restore {scale}x: ours {r['ours_median_s']:.1f}s, pg_restore -j2 {r['bare_median_s']:.1f}s, "
+                      f"ratio {r['ratio']:.2f} (budget 1.15); plaintext left behind: {r['plaintext_left_behind'] or 'none'}",
+                      flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if len(backups) > 1:
+        growth = backups[-1]["ours_peak_rss_mb"] / backups[0]["ours_peak_rss_mb"]
+        print(f"peak RSS {backups[-1]['scale']}x / {backups[0]['scale']}x: {growth:.2f} (flat is ~1.0)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"logical_backup-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out = RESULTS / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
     return 0

@@ -49,8 +49,15 @@ list and verify backups:
   dr-pipelines backups list {db}
   dr-pipelines backups verify {db} --latest
 """, flush=True)
+    from dr_pipelines.defs.runner import restore_test
+
+    print(f"== restore test: restoring {manifest.id} into a scratch database and checking it against the manifest",
+          flush=True)
+    md = restore_test(config, None, db, manifest.id, keep=False)
+    print(f"restore test {'PASSED' if md['passed'] else 'FAILED'}: {md['tables']} tables, {md['rows']} rows, "
+          f"measured RTO {md['rto_s']:.1f}s (objective {config.databases[db].objectives.rto})\n", flush=True)
     if not serve_ui:
-        return 0
+        return 0 if md["passed"] else 1
     print(f"== Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port),

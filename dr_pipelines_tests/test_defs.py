@@ -5,7 +5,7 @@ import pytest
 
 from dr_pipelines.core.repository import load_catalog
 from dr_pipelines.core.storage import open_locations
-from dr_pipelines.defs.definitions import build_definitions, logical_backup_job_name
+from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
 from dr_pipelines_tests.conftest import BUCKET, config_from, local_location, s3_location, start_moto
 
 STABLE_KEYS = {"backup_id", "size_bytes", "duration_s", "compression_ratio", "sha256", "locations",

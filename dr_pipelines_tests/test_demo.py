@@ -45,6 +45,7 @@ def test_demo_backup_visible_in_ui():
         labels = {e["label"] for e in materializations[0]["metadataEntries"]}
         assert {"backup_id", "size_bytes", "duration_s"} <= labels
         assert "backup id:" in output and "age -d -i" in output and "pg_restore" in output
+        assert "restore test PASSED" in output and "measured RTO" in output
     finally:
         stop_process(proc)
         from dr_pipelines.core.cluster import LocalCluster

@@ -257,7 +257,7 @@ def test_restore_from_a_file(pg, setup, tmp_path):
 def test_restore_test_asset_after_backup(pg, setup):
     import dagster as dg
 
-    from dr_pipelines.defs.definitions import build_definitions, restore_test_job_name
+    from dr_pipelines.defs.build import build_definitions, restore_test_job_name
 
     path, cfg, manifest = setup()
     defs = build_definitions(cfg, str(path))

@@ -33,7 +33,7 @@ from psycopg import sql
 
 from dr_pipelines.core.config import ConfigError, DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
-from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, load_catalog
+from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog
 from dr_pipelines.core.storage import Location, LocationError
 from dr_pipelines.core.streams import CHUNK, HashingReader, recipient_fingerprints
 from dr_pipelines.core.validation import ValidationResult, validate_database
@@ -166,17 +166,127 @@ def _sink(method: str, out):
     return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
 
 
-def decode_stream(src, dest: Path, compression: str, encrypted: bool, identities: list | None) -> None:
-    """src (stored bytes) -> decrypt -> decompress -> dest file (0600)."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb", buffering=CHUNK) as out:
-        sink = _sink(compression, out)
-        if encrypted:
-            pyrage.decrypt_io(src, sink, identities)
-        else:
-            while chunk := src.read(CHUNK):
-                sink.write(chunk)
-        sink.close()
+def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+    """src (stored bytes) -> decrypt -> decompress -> out.write()."""
+    sink = _sink(compression, out)
+    if encrypted:
+        pyrage.decrypt_io(src, sink, identities)
+    else:
+        while chunk := src.read(CHUNK):
+            sink.write(chunk)
+    sink.close()
+
+
+def _sections(request: RestoreRequest) -> list[str]:
+    """What the streaming pg_restore loads; post-data (indexes, constraints) follows in parallel."""
+    if request.data_only:
+        return ["--data-only", "--disable-triggers"]
+    if request.schema_only:
+        return ["--section=pre-data"]
+    return ["--section=pre-data", "--section=data"]
+
+
+def _pg_restore_cmd(server: DatabaseConfig, major: int, dbname: str, request: RestoreRequest) -> list[str]:
+    cmd = [pg_tool("pg_restore", server, major), "--exit-on-error", "--no-password", "--verbose", f"--dbname={dbname}"]
+    if request.no_owner:
+        cmd.append("--no-owner")
+    if request.no_privileges:
+        cmd.append("--no-privileges")
+    return cmd
+
+
+class _PgRestore:
+    """A pg_restore process whose errors are collected and whose progress is counted."""
+
+    def __init__(self, cmd: list[str], server: DatabaseConfig, db_name: str, stdin=None):
+        env = libpq_env(server, db_name)
+        env.pop("PGDATABASE", None)
+        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.errors: list[str] = []
+        self.items = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            if "processing item" in line or "processing data for table" in line or "creating " in line:
+                self.items += 1
+            elif line and not line.startswith("pg_restore: launching") and "finished item" not in line:
+                self.errors.append(line)
+
+    def failure(self, dbname: str) -> str:
+        self._reader.join(timeout=10)
+        detail = " | ".join([e for e in self.errors if "error" in e.lower()][-5:] or self.errors[-5:])
+        return f"pg_restore into {dbname!r} failed (exit {self.proc.returncode}): {detail}"
+
+    def wait(self, dbname: str, log: Log, t0: float) -> None:
+        last = time.monotonic()
+        while self.proc.poll() is None:
+            time.sleep(0.1)
+            if time.monotonic() - last >= 10:
+                log(f"pg_restore into {dbname}: {self.items} items so far, {time.monotonic() - t0:.0f}s")
+                last = time.monotonic()
+        self._reader.join(timeout=10)
+        if self.proc.returncode != 0:
+            raise RestoreError(self.failure(dbname))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class RestoreSink:
+    """Where decoded bytes go while they stream: pg_restore's stdin (schema and data, loading as the
+    bytes arrive) and the private plaintext file the parallel post-data step reads afterwards."""
+
+    def __init__(self, server: DatabaseConfig, db_name: str, dbname: str, request: RestoreRequest,
+                 plaintext: Path, create: bool):
+        self.server, self.db_name, self.dbname, self.plaintext = server, db_name, dbname, plaintext
+        self.t0 = time.monotonic()
+        with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
+            major = server_facts(conn)["server_major"]
+            if create:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        self.created = create
+        self.major = major
+        self.pg_restore = _PgRestore(_pg_restore_cmd(server, major, dbname, request) + _sections(request),
+                                     server, db_name, stdin=subprocess.PIPE)
+        fd = os.open(plaintext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "wb", buffering=CHUNK)
+
+    def write(self, data) -> int:
+        self.file.write(data)
+        try:
+            self.pg_restore.proc.stdin.write(data)
+        except (BrokenPipeError, ValueError):
+            self.pg_restore.proc.wait()
+            raise RestoreError(self.pg_restore.failure(self.dbname)) from None
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, log: Log) -> None:
+        """The stream was verified: let pg_restore finish, and fail loudly if it did not succeed."""
+        self.file.close()
+        try:
+            self.pg_restore.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self.pg_restore.wait(self.dbname, log, self.t0)
+        except RestoreError:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.pg_restore.kill()
+        self.file.close()
+        self.plaintext.unlink(missing_ok=True)
+        if self.created:
+            drop_database(self.server, self.db_name, self.dbname)
 
 
 @dataclass
@@ -188,40 +298,54 @@ class Fetched:
     location_failures: list[str] = field(default_factory=list)
 
 
-def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, dest: Path, log: Log) -> None:
+def _stream_object(src: HashingReader, expected: ManifestObject | None, where: str, sink: RestoreSink,
+                   compression: str, encrypted: bool, identities: list | None, log: Log) -> None:
+    """Decode `src` into `sink`; commit the sink only if the object matches its checksum."""
+    try:
+        decode_into(src, sink, compression, encrypted, identities)
+        while src.read(CHUNK):  # anything after the encrypted payload still counts
+            pass
+    except BaseException as e:
+        if not isinstance(e, LocationError):
+            try:  # read to the end: the checksum tells a corrupt object from other failures
+                while src.read(CHUNK):
+                    pass
+            except Exception:
+                pass
+        sink.abort()
+        if expected is not None and not isinstance(e, LocationError) and src.sha256.hexdigest() != expected.sha256:
+            raise BackupUnusable(f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
+                                 f"manifest says {expected.sha256[:16]}...)") from None
+        if isinstance(e, pyrage.DecryptError):
+            raise BackupUnusable(f"{where}: cannot decrypt ({e})") from None
+        if isinstance(e, (zstandard.ZstdError, zlib.error)):
+            raise BackupUnusable(f"{where}: cannot decompress ({e})") from None
+        raise
+    if expected is not None and (src.size != expected.size or src.sha256.hexdigest() != expected.sha256):
+        sink.abort()
+        raise BackupUnusable(f"{where}: checksum mismatch (size {src.size}, SHA-256 {src.sha256.hexdigest()[:16]}...;"
+                             f" manifest says {expected.size}, {expected.sha256[:16]}...)")
+    sink.finish(log)
+
+
+def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: Callable[[], RestoreSink],
+               log: Log) -> None:
     m = entry.manifest
     obj = m.objects[0]
     encrypted = m.encryption.get("method") == "age"
-    identities = None
-    if encrypted:
-        identities = load_identities(config)
+    identities = load_identities(config) if encrypted else None
     t0 = time.monotonic()
     with location.open_read(m.object_key(obj.name)) as raw:
         src = HashingReader(raw)
         try:
-            decode_stream(src, dest, m.compression["method"], encrypted, identities)
-        except (pyrage.DecryptError, OSError) as e:
-            # A flipped bit fails age's authentication mid-stream (pyrage: OSError "decryption
-            # error"); the checksum tells corruption from a wrong key or a local I/O error.
-            while src.read(CHUNK):
-                pass
-            if src.sha256.hexdigest() != obj.sha256:
-                raise BackupUnusable(f"{location.name}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
-                                     f"manifest says {obj.sha256[:16]}...)") from None
-            if not isinstance(e, pyrage.DecryptError):
-                raise
-            raise BackupUnusable(
-                f"{location.name}: cannot decrypt ({e}); the backup is for recipient fingerprint(s) "
-                f"{', '.join(m.encryption.get('recipients', []))}, the identity given has "
-                f"{', '.join(identity_fingerprints(identities))}") from None
-        except (zstandard.ZstdError, zlib.error) as e:
-            raise BackupUnusable(f"{location.name}: cannot decompress ({e})") from None
-        while src.read(CHUNK):  # the tail after the encrypted payload, if any
-            pass
-    if src.size != obj.size or src.sha256.hexdigest() != obj.sha256:
-        raise BackupUnusable(f"{location.name}: checksum mismatch (size {src.size}, SHA-256 "
-                             f"{src.sha256.hexdigest()[:16]}...; manifest says {obj.size}, {obj.sha256[:16]}...)")
-    log(f"fetched {m.id} from {location.name}: {src.size} bytes verified (SHA-256) and decoded "
+            _stream_object(src, obj, location.name, make_sink(), m.compression["method"], encrypted, identities, log)
+        except BackupUnusable as e:
+            if "cannot decrypt" in str(e):
+                raise BackupUnusable(
+                    f"{e}; the backup is for recipient fingerprint(s) {', '.join(m.encryption.get('recipients', []))}, "
+                    f"the identity given has {', '.join(identity_fingerprints(identities))}") from None
+            raise
+    log(f"streamed {m.id} from {location.name}: {src.size} bytes, SHA-256 verified, schema and data loaded "
         f"in {time.monotonic() - t0:.1f}s")
 
 
@@ -234,13 +358,13 @@ def candidates(catalog: Catalog, request: RestoreRequest) -> list[CatalogEntry]:
     return [catalog.find(request.database, request.backup)]
 
 
-def fetch_backup(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, workdir: Path,
-                 log: Log) -> Fetched:
-    """The first valid copy of the chosen backup, decoded into `workdir`. For "latest", a backup
-    whose every copy fails falls back to the previous one, and says so."""
-    dest = workdir / "restore.pgdump"
+def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: RestoreRequest,
+                   make_sink: Callable[[], RestoreSink], log: Log) -> Fetched:
+    """Stream the first valid copy of the chosen backup into `make_sink()` (pg_restore + plaintext
+    file). For "latest", a backup whose every copy fails falls back to the previous one, and says so.
+    A pg_restore error is not the backup's fault: it fails at once."""
     if request.from_file:
-        return _fetch_file(config, Path(request.backup), dest, log)
+        return _load_file(config, Path(request.backup), make_sink, log)
     catalog = load_catalog(locations.values(), request.database, "logical")
     for p in catalog.problems:
         log(f"warning: {p}")
@@ -250,10 +374,10 @@ def fetch_backup(config: DrConfig, locations: dict[str, Location], request: Rest
         errors = []
         for name in [n for n in locations if n in entry.locations]:
             try:
-                _fetch_one(config, entry, locations[name], dest, log)
+                _fetch_one(config, entry, locations[name], make_sink, log)
                 if reasons:
                     log(f"WARNING: FELL BACK to backup {entry.id} because: {'; '.join(reasons)}")
-                return Fetched(entry.manifest, name, dest, reasons, failures + errors)
+                return Fetched(entry.manifest, name, Path(), reasons, failures + errors)
             except (BackupUnusable, LocationError) as e:
                 errors.append(str(e))
                 log(f"copy of {entry.id} on {name} is unusable: {e}")
@@ -265,7 +389,7 @@ def fetch_backup(config: DrConfig, locations: dict[str, Location], request: Rest
     raise BackupUnusable("no usable backup: " + " | ".join(reasons))
 
 
-def _fetch_file(config: DrConfig, path: Path, dest: Path, log: Log) -> Fetched:
+def _load_file(config: DrConfig, path: Path, make_sink: Callable[[], RestoreSink], log: Log) -> Fetched:
     """A backup object or plain pg_dump -Fc file on local disk; its manifest, if beside it, is used."""
     if not path.is_file():
         raise RestoreError(f"--file {path}: no such file")
@@ -279,20 +403,12 @@ def _fetch_file(config: DrConfig, path: Path, dest: Path, log: Log) -> Fetched:
     identities = load_identities(config) if encrypted else None
     with open(path, "rb") as raw:
         src = HashingReader(raw)
-        try:
-            decode_stream(src, dest, compression, encrypted, identities)
-        except pyrage.DecryptError as e:
-            raise BackupUnusable(f"{path}: cannot decrypt ({e})") from None
-        except (zstandard.ZstdError, zlib.error) as e:
-            raise BackupUnusable(f"{path}: cannot decompress ({e})") from None
-    if manifest is not None:
-        obj = manifest.objects[0]
-        if src.sha256.hexdigest() != obj.sha256:
-            raise BackupUnusable(f"{path}: checksum mismatch with {path.parent / 'manifest.json'}")
-    else:
+        _stream_object(src, manifest.objects[0] if manifest else None, str(path), make_sink(), compression,
+                       encrypted, identities, log)
+    if manifest is None:
         log(f"warning: no manifest beside {path}: row counts and schema cannot be compared")
-    log(f"decoded {path} ({src.size} bytes)")
-    return Fetched(manifest, None, dest)
+    log(f"streamed {path} ({src.size} bytes)")
+    return Fetched(manifest, None, Path())
 
 
 @contextmanager
@@ -380,54 +496,44 @@ def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfi
     return TargetPlan(target, exists, staging_name(target), is_source)
 
 
-def run_pg_restore(server: DatabaseConfig, db_name: str, dbname: str, dump: Path, request: RestoreRequest,
-                   log: Log, create: bool = True) -> float:
-    """pg_restore into `dbname` (created first unless it exists); any error fails the restore."""
-    t0 = time.monotonic()
-    with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
-        major = server_facts(conn)["server_major"]
-        if create:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
-    cmd = [pg_tool("pg_restore", server, major), "--exit-on-error", "--no-password", f"--jobs={request.jobs}",
-           "--verbose", f"--dbname={dbname}"]
-    if request.no_owner:
-        cmd.append("--no-owner")
-    if request.no_privileges:
-        cmd.append("--no-privileges")
-    if request.schema_only:
-        cmd.append("--schema-only")
+def run_post_data(server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest,
+                  major: int, log: Log) -> float:
+    """Indexes, constraints and triggers, in parallel (`pg_restore -j` needs the seekable file)."""
     if request.data_only:
-        cmd += ["--data-only", "--disable-triggers"]
-    cmd.append(str(dump))
-    env = libpq_env(server, db_name)
-    env.pop("PGDATABASE", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    errors: list[str] = []
-    progress = {"items": 0}
-
-    def read_stderr():
-        for line in proc.stderr:
-            line = line.rstrip()
-            if "processing item" in line or "processing data for table" in line or "creating " in line:
-                progress["items"] += 1
-            elif line and not line.startswith("pg_restore: launching") and "finished item" not in line:
-                errors.append(line)
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    last = time.monotonic()
-    while proc.poll() is None:
-        time.sleep(0.2)
-        if time.monotonic() - last >= 10:
-            log(f"pg_restore into {dbname}: {progress['items']} items so far, {time.monotonic() - t0:.0f}s")
-            last = time.monotonic()
-    reader.join(timeout=10)
-    if proc.returncode != 0:
-        detail = " | ".join([e for e in errors if "error" in e.lower()][-5:] or errors[-5:])
-        raise RestoreError(f"pg_restore into {dbname!r} failed (exit {proc.returncode}): {detail}")
+        return 0.0
+    t0 = time.monotonic()
+    cmd = _pg_restore_cmd(server, major, dbname, request) + ["--section=post-data", f"--jobs={request.jobs}",
+                                                             str(plaintext)]
+    _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
     took = time.monotonic() - t0
-    log(f"pg_restore into {dbname} finished in {took:.1f}s ({request.jobs} jobs)")
+    log(f"indexes and constraints of {dbname} built in {took:.1f}s ({request.jobs} jobs)")
     return took
+
+
+def restore_into(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, server: DatabaseConfig,
+                 dbname: str, workdir: Path, create: bool, log: Log) -> tuple[Fetched, dict[str, float]]:
+    """Stream the backup into `dbname` (schema + data), then build its indexes and constraints."""
+    t0 = time.monotonic()
+    plaintext = workdir / "restore.pgdump"
+    sinks: list[RestoreSink] = []
+
+    def make_sink() -> RestoreSink:
+        sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create))
+        return sinks[-1]
+
+    fetched = fetch_and_load(config, locations, request, make_sink, log)
+    fetched.path = plaintext
+    steps = {"fetch_and_load": round(time.monotonic() - t0, 3)}
+    try:
+        steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
+                                                 sinks[-1].major, log), 3)
+    except RestoreError:
+        if create:
+            drop_database(server, request.database, dbname)
+        raise
+    finally:
+        plaintext.unlink(missing_ok=True)
+    return fetched, steps
 
 
 def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previous: bool, log: Log) -> str | None:
@@ -530,11 +636,10 @@ def run_restore_test(config: DrConfig, database: str, locations: dict[str, Locat
     created = False
     try:
         with scratch_directory(config, database) as work:
-            fetched = fetch_backup(config, locations, request, work, log)
-            report.steps_s["fetch"] = round(time.monotonic() - t0, 3)
-            _describe_backup(report, fetched, started)
             created = True
-            report.steps_s["pg_restore"] = round(run_pg_restore(server, database, scratch, fetched.path, request, log), 3)
+            fetched, steps = restore_into(config, locations, request, server, scratch, work, True, log)
+            report.steps_s.update(steps)
+            _describe_backup(report, fetched, started)
         t1 = time.monotonic()
         with connect(server, database, dbname=scratch, autocommit=True) as conn:
             result = validate_database(conn, fetched.manifest, db.validation)

@@ -4,8 +4,6 @@
 from typing import Any, Optional
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp.gcs import GCSResource
 
 from dr_pipelines.core.config import DrConfig, GCSLocationConfig, S3LocationConfig, load_config
 from dr_pipelines.core.storage import Location, open_locations
@@ -29,17 +27,24 @@ def client_resource_key(location_name: str, cfg: Any) -> Optional[str]:
 
 
 def storage_resources(config: DrConfig) -> dict[str, dg.ConfigurableResource]:
-    """One S3Resource / GCSResource per remote location; credentials stay in env vars (EnvVar)."""
+    """One S3Resource / GCSResource per remote location; credentials stay in env vars (EnvVar).
+
+    dagster-aws and dagster-gcp are imported only when such a location exists: together they take
+    ~3 s to import (dagster-gcp pulls in BigQuery), which every shell restore would otherwise pay."""
     out: dict[str, dg.ConfigurableResource] = {}
     for name, cfg in config.locations.items():
         key = client_resource_key(name, cfg)
         if isinstance(cfg, S3LocationConfig):
+            from dagster_aws.s3 import S3Resource
+
             creds = {}
             if cfg.access_key_id_env and cfg.secret_access_key_env:
                 creds = {"aws_access_key_id": dg.EnvVar(cfg.access_key_id_env),
                          "aws_secret_access_key": dg.EnvVar(cfg.secret_access_key_env)}
             out[key] = S3Resource(region_name=cfg.region, endpoint_url=cfg.endpoint_url, max_attempts=5, **creds)
         elif isinstance(cfg, GCSLocationConfig):
+            from dagster_gcp.gcs import GCSResource
+
             out[key] = GCSResource(project=cfg.project)
     return out
 

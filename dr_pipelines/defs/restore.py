@@ -1,8 +1,9 @@
 """`restore_database`: the full database restore scenario (SoundHash "Database corruption",
 SongNodes "Complete database loss"), as a job of ops the operator launches from the Launchpad.
 
-choose_backup -> fetch_and_verify -> restore_to_staging -> validate_restore -> stop_application
--> swap_database -> start_application -> health_checks -> restore_report
+choose_backup -> restore_to_staging (fetch, verify, decrypt, decompress and pg_restore in one
+stream, then indexes in parallel) -> validate_restore -> stop_application -> swap_database
+-> start_application -> health_checks -> restore_report
 
 The restore goes into a staging database and is validated there, so the application is stopped
 only for the swap, and a failure anywhere before the swap leaves the target untouched.
@@ -21,15 +22,14 @@ from pydantic import Field
 from dr_pipelines.core.app_hooks import run_hooks, wait_healthy
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.logical_restore import (
+    drop_database,
     RestoreReport,
     RestoreRequest,
     TargetPlan,
     ValidationFailed,
     _describe_backup,
-    drop_database,
-    fetch_backup,
     plan_target,
-    run_pg_restore,
+    restore_into,
     scratch_path,
     store_report,
     swap_in,
@@ -112,47 +112,34 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         return {"request": request, "plan": plan, "started": started, "t0": time.time()}
 
     @dg.op(required_resource_keys=resource_keys,
-           description="Fetch the backup, verify its SHA-256, decrypt and decompress it, in one streamed pass "
-                       "into a private 0700 directory; fall back to the previous backup for `latest`.")
-    def fetch_and_verify(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        request: RestoreRequest = state["request"]
-        workdir = _plaintext_dir(cfg, request.database, context.run_id)
-        workdir.mkdir(mode=0o700)
-        with domain_failures():
-            fetched = fetch_backup(cfg, locations_from_context(context, cfg, request.location), request, workdir,
-                                   _log(context))
-        if fetched.fallback_reasons:
-            context.log.warning(f"FALLBACK: the newest backup could not be used ({'; '.join(fetched.fallback_reasons)}); "
-                                f"restoring {fetched.manifest.id} instead")
-        context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else str(fetched.path),
-                                     "fallback": bool(fetched.fallback_reasons)})
-        return {**state, "fetched": fetched, "fetch_s": round(time.time() - state["t0"], 3)}
-
-    @dg.op(required_resource_keys=resource_keys, description="pg_restore into a staging database (data_only: "
-           "into the target itself, after stopping the application). The plaintext is removed afterwards.")
+           description="One streamed pass: fetch the backup, verify its SHA-256, decrypt, decompress and load schema "
+                       "and data with pg_restore into a staging database (data_only: into the target, after "
+                       "stopping the application); then build indexes and constraints with pg_restore -j. For "
+                       "`latest`, an unusable backup falls back to the previous one. The private plaintext file "
+                       "is removed afterwards, even on failure.")
     def restore_to_staging(context: dg.OpExecutionContext, state: dict) -> dict:
         cfg = _config(context)
         request: RestoreRequest = state["request"]
         plan: TargetPlan = state["plan"]
         db = cfg.database(request.database)
+        workdir = _plaintext_dir(cfg, request.database, context.run_id)
+        workdir.mkdir(mode=0o700)
         stopped = []
-        t = time.time()
         try:
             with domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
                     stopped = run_hooks(db.application.stop, db.application, "stop application", _log(context))
-                    run_pg_restore(db, request.database, plan.target, state["fetched"].path, request, _log(context),
-                                   create=False)
-                else:
-                    try:
-                        run_pg_restore(db, request.database, plan.staging, state["fetched"].path, request, _log(context))
-                    except Exception:
-                        drop_database(db, request.database, plan.staging)
-                        raise
+                fetched, steps = restore_into(cfg, locations_from_context(context, cfg, request.location), request, db,
+                                              plan.staging or plan.target, workdir, plan.staging is not None,
+                                              _log(context))
         finally:
-            shutil.rmtree(state["fetched"].path.parent, ignore_errors=True)
-        return {**state, "stopped": stopped, "pg_restore_s": round(time.time() - t, 3)}
+            shutil.rmtree(workdir, ignore_errors=True)
+        if fetched.fallback_reasons:
+            context.log.warning(f"FALLBACK: the newest backup could not be used ({'; '.join(fetched.fallback_reasons)}); "
+                                f"restored {fetched.manifest.id} instead")
+        context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else request.backup,
+                                     "fallback": bool(fetched.fallback_reasons), **steps})
+        return {**state, "fetched": fetched, "stopped": stopped, "steps": steps}
 
     @dg.op(required_resource_keys={"dr"}, description="Row counts and schema against the manifest, the "
            "database's own validation queries, and amcheck on indexes. A failure leaves the target untouched.")
@@ -229,8 +216,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         _describe_backup(report, state["fetched"], started)
         report.previous_database = state.get("previous")
         report.validation = state["validation"].to_dict()
-        report.steps_s = {"fetch": state["fetch_s"], "pg_restore": state["pg_restore_s"],
-                          "validate": state["validate_s"]}
+        report.steps_s = {**state["steps"], "validate": state["validate_s"]}
         report.rto_s = round(time.time() - state["t0"], 3)
         report.passed = True
         stored = store_report(locations_from_context(context, cfg), report, _log(context))
@@ -257,14 +243,15 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
 
     @dg.job(
         name="restore_database",
-        description="Full database restore from a logical backup: choose -> fetch + verify + decode -> pg_restore "
-                    "into staging -> validate -> stop app -> swap -> start app -> health checks -> report.",
+        description="Full database restore from a logical backup: choose -> fetch + verify + decrypt + decompress + "
+                    "pg_restore into staging (streamed) -> validate -> stop app -> swap -> start app -> health "
+                    "checks -> report.",
         executor_def=dg.in_process_executor,
         hooks={remove_plaintext_on_failure},
         tags={"dr/operation": "restore"},
     )
     def restore_database():
         restore_report(health_checks(start_application(swap_database(stop_application(
-            validate_restore(restore_to_staging(fetch_and_verify(choose_backup()))))))))
+            validate_restore(restore_to_staging(choose_backup())))))))
 
     return restore_database

@@ -10,7 +10,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.logical_restore import RestoreReport
 from dr_pipelines.core.repository import Manifest
-from dr_pipelines.defs.definitions import build_definitions, logical_backup_job_name, restore_test_job_name
+from dr_pipelines.defs.build import build_definitions, logical_backup_job_name, restore_test_job_name
 from dr_pipelines.defs.logical_backup import logical_backup_key
 from dr_pipelines.defs.restore_test import restore_test_key
 
@@ -38,6 +38,8 @@ def run_job(config: DrConfig, config_file: str | None, job_name: str, run_config
             allow_failure: bool = False):
     defs = build_definitions(config, config_file)
     job = defs.resolve_job_def(job_name)
+    # INFO on the console: the shell user reads progress, not Dagster's DEBUG event stream
+    run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with _instance() as instance:
         result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
         if not result.success and not allow_failure:
