@@ -48,7 +48,7 @@ def sh(cmd: str, **kw) -> None:
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and the peak RSS (KiB) of the command's process tree, via wait4."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -123,8 +123,10 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
         env = clean_env()
         subprocess.run([str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"], check=True,
                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # "the same dump from a local plain file": our backup, decoded by hand with age and zstd
         plain = work / "plain.pgdump"
-        sh(f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench > {plain}")
+        [obj] = [p for p in repo.rglob("dump.pgdump*")]
+        sh(f"age -d -i {work / 'identity.txt'} {obj} | zstd -q -d > {plain}")
         bare = ["bash", "-o", "pipefail", "-c",
                 f"{PG_BIN}/createdb -h 127.0.0.1 -p {PORT} -U postgres bare_target && "
                 f"{PG_BIN}/pg_restore -j 2 --exit-on-error -h 127.0.0.1 -p {PORT} -U postgres -d bare_target {plain}"]

@@ -443,8 +443,10 @@ def _user_object_count(server: DatabaseConfig, db_name: str, dbname: str) -> int
 
 
 def _terminate(conn: psycopg.Connection, dbname: str) -> None:
-    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                 (dbname,))
+    """End every session on `dbname`, waiting (up to 10 s each) until they are gone: a terminated
+    backend that has not exited yet still blocks ALTER DATABASE ... RENAME."""
+    conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                 "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
 
 
 def drop_database(server: DatabaseConfig, db_name: str, dbname: str) -> None:
@@ -539,15 +541,23 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
 def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previous: bool, log: Log) -> str | None:
     """Put the validated staging database in the target's place; returns the kept previous name."""
     previous = None
+    stamp = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}_{secrets.token_hex(2)}"
     with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
-        if plan.exists:
-            previous = f"{plan.target[:_NAME_MAX - 28]}__pre_restore_{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
-            _terminate(conn, plan.target)
+        try:
+            if plan.exists:
+                previous = f"{plan.target[:_NAME_MAX - 33]}__pre_restore_{stamp}"
+                _terminate(conn, plan.target)
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(plan.target), sql.Identifier(previous)))
+            _terminate(conn, plan.staging)
             conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(plan.target), sql.Identifier(previous)))
-        _terminate(conn, plan.staging)
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-            sql.Identifier(plan.staging), sql.Identifier(plan.target)))
+                sql.Identifier(plan.staging), sql.Identifier(plan.target)))
+        except psycopg.Error as e:
+            where = f"the old database is now {previous!r}" if previous and _db_exists(conn, previous) \
+                else f"{plan.target!r} is unchanged"
+            raise RestoreError(f"could not swap the restored database into place ({str(e).strip()}); the validated "
+                               f"restore is in {plan.staging!r} and {where}. Rename by hand or run the restore again.") \
+                from None
         if previous and not keep_previous:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(previous)))
             previous = None
