@@ -63,6 +63,8 @@ def test_full_restore_over_a_corrupted_database(pg, setup):
     [stored] = load_reports(open_locations(cfg), "app", "restore")
     assert stored["backup_id"] == manifest.id and stored["rto_s"] == report.rto_s
     assert list(setup.scratch.iterdir()) == []  # no plaintext left behind
+    # only the archive's head (its table of contents) touched disk, never the table data
+    assert 0 < report.steps_s["plaintext_bytes_on_disk"] <= 1 << 20 < manifest.uncompressed_bytes
 
 
 def test_restore_into_new_database_from_the_shell(pg, setup, tmp_path):

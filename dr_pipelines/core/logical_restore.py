@@ -204,11 +204,13 @@ class _PgRestore:
         self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self.errors: list[str] = []
         self.items = 0
+        self.lines = 0  # any output at all means the archive's TOC has been read
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for raw in self.proc.stderr:
+            self.lines += 1
             line = raw.decode(errors="replace").rstrip()
             if "processing item" in line or "processing data for table" in line or "creating " in line:
                 self.items += 1
@@ -239,7 +241,9 @@ class _PgRestore:
 
 class RestoreSink:
     """Where decoded bytes go while they stream: pg_restore's stdin (schema and data, loading as the
-    bytes arrive) and the private plaintext file the parallel post-data step reads afterwards."""
+    bytes arrive), and the head of the archive (header + TOC) into the private file that the
+    parallel post-data step reads afterwards. pg_restore reads the whole TOC before it prints
+    anything, so the file stops at its first line of output: table data never touches disk."""
 
     def __init__(self, server: DatabaseConfig, db_name: str, dbname: str, request: RestoreRequest,
                  plaintext: Path, create: bool):
@@ -257,7 +261,11 @@ class RestoreSink:
         self.file = os.fdopen(fd, "wb", buffering=CHUNK)
 
     def write(self, data) -> int:
-        self.file.write(data)
+        if self.file is not None:
+            self.file.write(data)
+            if self.pg_restore.lines:
+                self.file.close()
+                self.file = None
         try:
             self.pg_restore.proc.stdin.write(data)
         except (BrokenPipeError, ValueError):
@@ -270,7 +278,8 @@ class RestoreSink:
 
     def finish(self, log: Log) -> None:
         """The stream was verified: let pg_restore finish, and fail loudly if it did not succeed."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         try:
             self.pg_restore.proc.stdin.close()
         except BrokenPipeError:
@@ -283,7 +292,8 @@ class RestoreSink:
 
     def abort(self) -> None:
         self.pg_restore.kill()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.plaintext.unlink(missing_ok=True)
         if self.created:
             drop_database(self.server, self.db_name, self.dbname)
@@ -500,7 +510,7 @@ def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfi
 
 def run_post_data(server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest,
                   major: int, log: Log) -> float:
-    """Indexes, constraints and triggers, in parallel (`pg_restore -j` needs the seekable file)."""
+    """Indexes, constraints and triggers, in parallel, from the archive's head (they need only the TOC)."""
     if request.data_only:
         return 0.0
     t0 = time.monotonic()
@@ -525,7 +535,8 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
 
     fetched = fetch_and_load(config, locations, request, make_sink, log)
     fetched.path = plaintext
-    steps = {"fetch_and_load": round(time.monotonic() - t0, 3)}
+    steps = {"fetch_and_load": round(time.monotonic() - t0, 3),
+             "plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
     try:
         steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
                                                  sinks[-1].major, log), 3)
