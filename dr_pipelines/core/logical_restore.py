@@ -1,11 +1,13 @@
-"""Restoring logical backups: choose, fetch + verify + decode, pg_restore into staging, validate, swap.
+"""Restoring logical backups: choose, then one streamed pass (fetch -> SHA-256 -> decrypt ->
+decompress -> pg_restore), parallel index builds, validation, swap.
 
 A restore never writes into the target directly: it restores into a staging database on the same
 server, validates it there, and only then swaps it in (the old database is renamed and kept). A
 failed fetch, decryption, pg_restore or validation therefore leaves the target as it was.
 
-Plaintext touches disk only on the restoring host (`pg_restore -j` needs a seekable file), in a
-private 0700 directory that the caller removes, even on failure (`scratch_directory`).
+Plaintext: only the archive's head (header + table of contents, which the parallel post-data step
+needs) is written, in a private 0700 directory removed afterwards even on failure; table data goes
+straight from the stream into pg_restore.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
 from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog
 from dr_pipelines.core.storage import Location, LocationError
 from dr_pipelines.core.streams import CHUNK, HashingReader, recipient_fingerprints
-from dr_pipelines.core.validation import ValidationResult, validate_database
+from dr_pipelines.core.validation import ValidationResult
 
 Log = Callable[[str], None]
 _NAME_MAX = 63  # PostgreSQL identifiers
@@ -635,59 +637,7 @@ def load_reports(locations: dict[str, Location], database: str, kind: str) -> li
     return sorted(seen.values(), key=lambda r: r["started_at"], reverse=True)
 
 
-# --------------------------------------------------------------------------- restore test
-
-
-def restore_test_name(database: str) -> str:
-    return f"dr_restore_test_{database[:24]}_{datetime.now(timezone.utc):%Y%m%d%H%M%S}_{secrets.token_hex(2)}"
-
-
-def run_restore_test(config: DrConfig, database: str, locations: dict[str, Location], backup: str = "latest",
-                     keep: bool = False, log: Log = lambda m: None) -> RestoreReport:
-    """Restore a backup into a scratch database on the test server, validate it against the
-    manifest, measure the RTO, and drop it (unless `keep`). A validation failure is reported with
-    passed=False; a backup that cannot be fetched at all raises."""
-    db = config.database(database)
-    server = db.test_server()
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
-    scratch = restore_test_name(database)
-    report = RestoreReport(kind="restore_test", database=database, target=scratch, started_at=started.isoformat())
-    request = RestoreRequest(database, backup=backup, jobs=db.restore_test.jobs, no_owner=True, no_privileges=True)
-    created = False
-    try:
-        with scratch_directory(config, database) as work:
-            created = True
-            fetched, steps = restore_into(config, locations, request, server, scratch, work, True, log)
-            report.steps_s.update(steps)
-            _describe_backup(report, fetched, started)
-        t1 = time.monotonic()
-        with connect(server, database, dbname=scratch, autocommit=True) as conn:
-            result = validate_database(conn, fetched.manifest, db.validation)
-        report.steps_s["validate"] = round(time.monotonic() - t1, 3)
-        report.validation = result.to_dict()
-        report.passed = result.passed
-        report.rto_s = round(time.monotonic() - t0, 3)
-        log(f"restore test of {report.backup_id}: {result.summary()}; RTO {report.rto_s:.1f}s")
-        if not result.passed:
-            report.error = result.summary()
-    except Exception as e:
-        report.error = str(e)
-        raise
-    finally:
-        report.finished_at = datetime.now(timezone.utc).isoformat()
-        if created and not keep:
-            try:
-                drop_database(server, database, scratch)
-            except Exception as e:  # reported, never hides the test's own outcome
-                log(f"warning: could not drop scratch database {scratch!r}: {e}")
-        elif created:
-            log(f"scratch database {scratch!r} kept on {server.host}:{server.port}")
-        store_report(locations, report, log)
-    return report
-
-
-def _describe_backup(report: RestoreReport, fetched: Fetched, started: datetime) -> None:
+def describe_backup(report: RestoreReport, fetched: Fetched, started: datetime) -> None:
     m = fetched.manifest
     report.backup_id = m.id if m else None
     report.backup_created_at = m.created_at.isoformat() if m else None

@@ -20,14 +20,14 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.app_hooks import run_hooks, wait_healthy
-from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.config import DatabaseConfig, DrConfig
 from dr_pipelines.core.logical_restore import (
     drop_database,
     RestoreReport,
     RestoreRequest,
     TargetPlan,
     ValidationFailed,
-    _describe_backup,
+    describe_backup,
     plan_target,
     restore_into,
     scratch_path,
@@ -79,6 +79,13 @@ def _config(context) -> DrConfig:
     return context.resources.dr.load()
 
 
+def _unpack(context, state: dict) -> tuple[DrConfig, RestoreRequest, TargetPlan, DatabaseConfig]:
+    """The DR config, the request, the target plan and the database's config, for an op."""
+    cfg = _config(context)
+    request: RestoreRequest = state["request"]
+    return cfg, request, state["plan"], cfg.database(request.database)
+
+
 def _plaintext_dir(config: DrConfig, database: str, run_id: str) -> Path:
     return scratch_path(config, database, run_id)
 
@@ -118,17 +125,13 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                        "`latest`, an unusable backup falls back to the previous one. The private plaintext file "
                        "is removed afterwards, even on failure.")
     def restore_to_staging(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        request: RestoreRequest = state["request"]
-        plan: TargetPlan = state["plan"]
-        db = cfg.database(request.database)
+        cfg, request, plan, db = _unpack(context, state)
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
         workdir.mkdir(mode=0o700)
-        stopped = []
         try:
             with domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
-                    stopped = run_hooks(db.application.stop, db.application, "stop application", _log(context))
+                    run_hooks(db.application.stop, db.application, "stop application", _log(context))
                 fetched, steps = restore_into(cfg, locations_from_context(context, cfg, request.location), request, db,
                                               plan.staging or plan.target, workdir, plan.staging is not None,
                                               _log(context))
@@ -139,15 +142,12 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                                 f"restored {fetched.manifest.id} instead")
         context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else request.backup,
                                      "fallback": bool(fetched.fallback_reasons), **steps})
-        return {**state, "fetched": fetched, "stopped": stopped, "steps": steps}
+        return {**state, "fetched": fetched, "steps": steps}
 
     @dg.op(required_resource_keys={"dr"}, description="Row counts and schema against the manifest, the "
            "database's own validation queries, and amcheck on indexes. A failure leaves the target untouched.")
     def validate_restore(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        request: RestoreRequest = state["request"]
-        plan: TargetPlan = state["plan"]
-        db = cfg.database(request.database)
+        cfg, request, plan, db = _unpack(context, state)
         into = plan.staging or plan.target
         t = time.time()
         with domain_failures():
@@ -168,39 +168,33 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
 
     @dg.op(required_resource_keys={"dr"}, description="Run the configured stop hooks (commands / HTTP calls).")
     def stop_application(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        db = cfg.database(state["request"].database)
-        if state["plan"].staging is None:
+        _, _, plan, db = _unpack(context, state)
+        if plan.staging is None:
             return state  # data_only stopped it before loading rows
         with domain_failures():
-            stopped = run_hooks(db.application.stop, db.application, "stop application", _log(context))
-        return {**state, "stopped": stopped}
+            run_hooks(db.application.stop, db.application, "stop application", _log(context))
+        return state
 
     @dg.op(required_resource_keys={"dr"}, description="Swap the validated staging database into the target's "
            "place; the replaced database is kept, renamed, unless keep_previous is false.")
     def swap_database(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        request: RestoreRequest = state["request"]
-        plan: TargetPlan = state["plan"]
+        _, request, plan, db = _unpack(context, state)
         previous = None
         if plan.staging is not None:
             with domain_failures():
-                previous = swap_in(cfg.database(request.database), request.database, plan, request.keep_previous,
-                                   _log(context))
+                previous = swap_in(db, request.database, plan, request.keep_previous, _log(context))
         return {**state, "previous": previous}
 
     @dg.op(required_resource_keys={"dr"}, description="Run the configured start hooks.")
     def start_application(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        db = cfg.database(state["request"].database)
+        _, _, _, db = _unpack(context, state)
         with domain_failures():
             run_hooks(db.application.start, db.application, "start application", _log(context))
         return state
 
     @dg.op(required_resource_keys={"dr"}, description="The configured health checks, retried until they pass.")
     def health_checks(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        db = cfg.database(state["request"].database)
+        _, _, _, db = _unpack(context, state)
         with domain_failures():
             wait_healthy(db.application, _log(context))
         return state
@@ -213,7 +207,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         started: datetime = state["started"]
         report = RestoreReport(kind="restore", database=request.database, target=state["plan"].target,
                                started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())
-        _describe_backup(report, state["fetched"], started)
+        describe_backup(report, state["fetched"], started)
         report.previous_database = state.get("previous")
         report.validation = state["validation"].to_dict()
         report.steps_s = {**state["steps"], "validate": state["validate_s"]}

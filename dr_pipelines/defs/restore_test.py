@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.logical_restore import run_restore_test
+from dr_pipelines.core.restore_test import run_restore_test
 from dr_pipelines.core.sandbox import ensure_sandbox_running
 from dr_pipelines.core.validation import TableDiff, diff_table
 from dr_pipelines.defs.failures import domain_failures
