@@ -248,9 +248,11 @@ class RestoreSink:
     anything, so the file stops at its first line of output: table data never touches disk."""
 
     def __init__(self, server: DatabaseConfig, db_name: str, dbname: str, request: RestoreRequest,
-                 plaintext: Path, create: bool):
+                 plaintext: Path, create: bool, log: Log = lambda m: None):
         self.server, self.db_name, self.dbname, self.plaintext = server, db_name, dbname, plaintext
-        self.t0 = time.monotonic()
+        self.t0 = self._last_progress = time.monotonic()
+        self.log = log
+        self.bytes = 0
         with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
             major = server_facts(conn)["server_major"]
             if create:
@@ -263,6 +265,11 @@ class RestoreSink:
         self.file = os.fdopen(fd, "wb", buffering=CHUNK)
 
     def write(self, data) -> int:
+        self.bytes += len(data)
+        if time.monotonic() - self._last_progress >= 10:  # progress on long restores, not every chunk
+            self._last_progress = time.monotonic()
+            self.log(f"restoring into {self.dbname}: {self.bytes / 1e6:.0f} MB of dump loaded, "
+                     f"{self.pg_restore.items} items, {self._last_progress - self.t0:.0f}s")
         if self.file is not None:
             self.file.write(data)
             if self.pg_restore.lines:
@@ -532,7 +539,7 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
     sinks: list[RestoreSink] = []
 
     def make_sink() -> RestoreSink:
-        sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create))
+        sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
         return sinks[-1]
 
     fetched = fetch_and_load(config, locations, request, make_sink, log)
