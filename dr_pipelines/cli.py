@@ -164,6 +164,47 @@ def cmd_test_restore(args) -> int:
     return EXIT_OK if md["passed"] else EXIT_FAILED
 
 
+# --------------------------------------------------------------------------- retention
+
+
+def cmd_retention(args) -> int:
+    from datetime import datetime, timezone
+
+    from dr_pipelines.core.retention import apply_retention, build_plan, plan_json, plan_table
+
+    config = _config(args)
+    locations = _locations(config)
+    plan = build_plan(config, locations, datetime.now(timezone.utc))
+    for p in plan.problems:
+        _err(f"warning: {p}")
+    if args.action == "plan" or args.dry_run:
+        if args.json:
+            print(json.dumps(plan_json(plan.decisions), indent=2))
+        else:
+            print(plan_table(plan.decisions))
+            print(f"\n{len(plan.removed)} of {len(plan.decisions)} backups would be removed"
+                  + (" (dry run)" if args.dry_run else ""))
+        return EXIT_OK
+    removals = apply_retention(locations, plan.entries, plan.decisions, log=_log)
+    failed = [r for r in removals if r.error]
+    print(f"removed {len(plan.removed)} backups ({len(removals) - len(failed)} copies)"
+          + (f"; {len(failed)} copies could not be removed" if failed else ""))
+    return EXIT_FAILED if failed or plan.problems else EXIT_OK
+
+
+def cmd_pin(args) -> int:
+    from dr_pipelines.core.repository import load_catalog
+    from dr_pipelines.core.retention import set_pin
+
+    config = _config(args)
+    locations = _locations(config)
+    entry = load_catalog(locations.values(), args.db).find(args.db, args.backup_id)
+    pinned = args.backups_command == "pin"
+    done = set_pin(locations.values(), entry, pinned, args.reason or "")
+    print(f"{'pinned' if pinned else 'unpinned'} {entry.id} on {', '.join(done)}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -204,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latest", action="store_true", help="the newest backup (the default)")
     bv.add_argument("--location", metavar="NAME", help="verify only the copy on this location")
     bv.set_defaults(func=cmd_backups_verify)
+
+    for action, text in (("pin", "never remove this backup (retention skips it)"), ("unpin", "undo pin")):
+        bp = bsub.add_parser(action, help=text)
+        bp.add_argument("db", metavar="DB")
+        bp.add_argument("backup_id", metavar="BACKUP_ID")
+        if action == "pin":
+            bp.add_argument("--reason", help="why it is kept (recorded beside the manifest)")
+        else:
+            bp.set_defaults(reason=None)
+        bp.set_defaults(func=cmd_pin)
+
+    rt = sub.add_parser("retention", help="plan or apply the retention policy on every location")
+    rt.add_argument("action", choices=["plan", "apply"])
+    rt.add_argument("--dry-run", action="store_true", help="with apply: print the plan, remove nothing")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=cmd_retention)
 
     r = sub.add_parser("restore", help="restore a logical backup (runs the restore_database job)")
     r.add_argument("db", metavar="DB")

@@ -10,6 +10,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.defs.logical_backup import build_logical_backup_asset, database_spec, logical_backup_key
 from dr_pipelines.defs.resources import DrConfigResource, storage_resources
 from dr_pipelines.defs.restore import build_restore_job
+from dr_pipelines.defs.retention import build_retention_job
 from dr_pipelines.defs.restore_test import build_restore_test_asset, build_restore_test_checks, restore_test_key
 
 
@@ -31,9 +32,13 @@ def _schedule_status(config: DrConfig) -> dg.DefaultScheduleStatus:
 def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.Definitions:
     assets: list = []
     checks: list = []
-    jobs: list = [build_restore_job(config)]
-    schedules: list = []
+    retention = build_retention_job(config)
+    jobs: list = [build_restore_job(config), retention]
     status = _schedule_status(config)
+    schedules: list = [dg.ScheduleDefinition(
+        name="apply_retention_schedule", cron_schedule=config.schedules.retention, target=retention,
+        execution_timezone="UTC", default_status=status,
+        description=f"Retention on every location ({config.schedules.retention} UTC).")]
     for db, cfg in config.databases.items():
         assets += [database_spec(config, db), build_logical_backup_asset(config, db),
                    build_restore_test_asset(config, db)]

@@ -1,0 +1,200 @@
+"""Retention: one dependency-aware, conservative planner applied to every location.
+
+Grandfather-father-son, per database and backup kind:
+  - daily tier:   every backup younger than `daily_days` is kept;
+  - weekly tier:  the newest backup of each ISO week younger than `weekly_days`;
+  - monthly tier: the newest backup of each calendar month younger than `monthly_days`;
+  - `min_keep`:   the newest `min_keep` backups are always kept (a floor, never a cap);
+  - pinned backups are never removed (a `pin.json` object beside the manifest);
+  - the newest backup proven by a passing restore test is never removed.
+Everything else is removed: the manifest first (the backup vanishes atomically), then its objects.
+The plan is printable before anything is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable, Iterable
+
+from dr_pipelines.core.config import RetentionConfig
+from dr_pipelines.core.repository import MANIFEST, CatalogEntry
+from dr_pipelines.core.storage import Location, LocationError
+
+PIN = "pin.json"
+
+
+@dataclass(frozen=True)
+class BackupFacts:
+    """What the planner needs to know of one backup."""
+
+    id: str
+    database: str
+    kind: str
+    created_at: datetime
+    pinned: bool = False
+
+
+@dataclass
+class Decision:
+    backup: BackupFacts
+    keep: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def plan_retention(backups: Iterable[BackupFacts], policy: RetentionConfig, now: datetime,
+                   verified: dict[tuple[str, str], str] | None = None) -> list[Decision]:
+    """Decide, for every backup, keep or remove, and why. `verified` maps (database, kind) to the
+    id of the newest backup that passed a restore test. Newest first within each group."""
+    verified = verified or {}
+    groups: dict[tuple[str, str], list[BackupFacts]] = {}
+    for b in backups:
+        groups.setdefault((b.database, b.kind), []).append(b)
+    decisions: list[Decision] = []
+    for key, group in sorted(groups.items()):
+        group.sort(key=lambda b: (b.created_at, b.id), reverse=True)
+        reasons: dict[str, list[str]] = {b.id: [] for b in group}
+        for i, b in enumerate(group):
+            if i < policy.min_keep:
+                reasons[b.id].append(f"among the newest {policy.min_keep} (min_keep)")
+            if b.pinned:
+                reasons[b.id].append("pinned")
+            if verified.get(key) == b.id:
+                reasons[b.id].append("newest backup proven by a restore test")
+            if now - b.created_at <= timedelta(days=policy.daily_days):
+                reasons[b.id].append(f"daily tier (< {policy.daily_days} days)")
+        _newest_per_period(group, now, policy.weekly_days, lambda d: d.isocalendar()[:2], "weekly", reasons)
+        _newest_per_period(group, now, policy.monthly_days, lambda d: (d.year, d.month), "monthly", reasons)
+        decisions += [Decision(b, bool(reasons[b.id]), reasons[b.id] or ["older than every tier"]) for b in group]
+    return decisions
+
+
+def _newest_per_period(group: list[BackupFacts], now: datetime, days: int, period: Callable, tier: str,
+                       reasons: dict[str, list[str]]) -> None:
+    seen = set()
+    for b in group:  # newest first: the first of each period is its newest
+        if now - b.created_at > timedelta(days=days):
+            continue
+        p = period(b.created_at)
+        if p not in seen:
+            seen.add(p)
+            reasons[b.id].append(f"{tier} tier (newest of its {'week' if tier == 'weekly' else 'month'}, "
+                                 f"< {days} days)")
+
+
+def facts_from_catalog(entries: Iterable[CatalogEntry], pinned: set[str]) -> list[BackupFacts]:
+    return [BackupFacts(e.id, e.manifest.database, e.manifest.kind, e.manifest.created_at, e.id in pinned)
+            for e in entries]
+
+
+def pinned_ids(locations: Iterable[Location], entries: Iterable[CatalogEntry]) -> set[str]:
+    """A backup is pinned if any location holds a pin.json beside its manifest."""
+    entries = list(entries)
+    pinned = set()
+    for loc in locations:
+        try:
+            keys = {o.key for o in loc.list()}
+        except LocationError:
+            continue
+        pinned |= {e.id for e in entries if f"{e.manifest.prefix}/{PIN}" in keys}
+    return pinned
+
+
+def set_pin(locations: Iterable[Location], entry: CatalogEntry, pinned: bool, reason: str = "") -> list[str]:
+    done = []
+    for loc in locations:
+        if loc.name not in entry.locations:
+            continue
+        key = f"{entry.manifest.prefix}/{PIN}"
+        if pinned:
+            loc.put_bytes(key, json.dumps({"reason": reason}).encode())
+        else:
+            loc.delete(key)
+        done.append(loc.name)
+    return done
+
+
+@dataclass
+class Removal:
+    backup_id: str
+    location: str
+    error: str | None = None
+
+
+def apply_retention(locations: dict[str, Location], entries: dict[str, CatalogEntry], decisions: list[Decision],
+                    log: Callable[[str], None] = lambda m: None) -> list[Removal]:
+    """Remove what the plan removes, on every location: the manifest first, so the backup is gone
+    as a whole at once; then its objects (leftovers of a failure are invisible and retried)."""
+    removals = []
+    for d in decisions:
+        if d.keep:
+            continue
+        entry = entries[d.backup.id]
+        for name in entry.locations:
+            loc = locations[name]
+            try:
+                loc.delete(f"{entry.manifest.prefix}/{MANIFEST}")
+                for obj in entry.manifest.objects:
+                    loc.delete(entry.manifest.object_key(obj.name))
+                removals.append(Removal(d.backup.id, name))
+                log(f"removed {d.backup.id} from {name}")
+            except LocationError as e:
+                removals.append(Removal(d.backup.id, name, str(e)))
+                log(f"could not remove {d.backup.id} from {name}: {e}")
+    return removals
+
+
+def plan_table(decisions: list[Decision]) -> str:
+    rows = ["| database | kind | backup | created (UTC) | action | why |", "|---|---|---|---|---|---|"]
+    for d in decisions:
+        b = d.backup
+        rows.append(f"| {b.database} | {b.kind} | {b.id} | {b.created_at:%Y-%m-%d %H:%M} | "
+                    f"{'keep' if d.keep else 'REMOVE'} | {'; '.join(d.reasons)} |")
+    return "\n".join(rows)
+
+
+def plan_json(decisions: list[Decision]) -> list[dict]:
+    return [{**asdict(d.backup), "created_at": d.backup.created_at.isoformat(), "keep": d.keep, "reasons": d.reasons}
+            for d in decisions]
+
+
+def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
+    """(database, "logical") -> the id of the newest backup whose restore test passed."""
+    from dr_pipelines.core.logical_restore import load_reports
+
+    verified = {}
+    for db in databases:
+        for report in load_reports(locations, db, "restore_test"):  # newest first
+            if report.get("passed") and report.get("backup_id"):
+                verified[(db, "logical")] = report["backup_id"]
+                break
+    return verified
+
+
+@dataclass
+class RetentionPlan:
+    decisions: list[Decision]
+    entries: dict[str, CatalogEntry]
+    problems: list[str]
+
+    @property
+    def removed(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.keep]
+
+
+def build_plan(config, locations: dict[str, Location], now: datetime) -> RetentionPlan:
+    """The plan over every location's catalog. A location that cannot be read makes the plan
+    refuse to remove anything: what it holds is unknown."""
+    from dr_pipelines.core.repository import load_catalog
+
+    catalog = load_catalog(locations.values())
+    entries = {e.id: e for e in catalog.entries}
+    facts = facts_from_catalog(catalog.entries, pinned_ids(locations.values(), catalog.entries))
+    decisions = plan_retention(facts, config.retention, now, newest_verified(locations, config.databases))
+    if catalog.problems:
+        for d in decisions:
+            if not d.keep:
+                d.keep = True
+                d.reasons = ["kept: a location could not be read, so the plan removes nothing"]
+    return RetentionPlan(decisions, entries, catalog.problems)

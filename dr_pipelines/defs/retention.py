@@ -1,0 +1,49 @@
+"""`apply_retention`: the retention plan (a table in the run's metadata), then the removals."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+from pydantic import Field
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.retention import apply_retention, build_plan, plan_table
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+
+
+class RetentionRunConfig(dg.Config):
+    dry_run: bool = Field(default=False, description="Only print the plan; remove nothing.")
+
+
+def build_retention_job(config: DrConfig) -> dg.JobDefinition:
+    @dg.op(required_resource_keys={"dr", *storage_resource_keys(config)},
+           description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
+                       "newest restore-tested backup kept), then remove the rest: manifest first, then objects.")
+    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig) -> None:
+        with domain_failures():
+            cfg = context.resources.dr.load()
+            locations = locations_from_context(context, cfg)
+            plan = build_plan(cfg, locations, datetime.now(timezone.utc))
+        for p in plan.problems:
+            context.log.warning(p)
+        context.add_output_metadata({
+            "plan": dg.MetadataValue.md(plan_table(plan.decisions)),
+            "backups": len(plan.decisions),
+            "removed": 0 if config.dry_run else len(plan.removed),
+            "would_remove": len(plan.removed),
+            "dry_run": config.dry_run,
+        })
+        if config.dry_run:
+            return
+        removals = apply_retention(locations, plan.entries, plan.decisions, log=context.log.info)
+        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals if r.error]
+        if failed or plan.problems:
+            raise dg.Failure(description="retention incomplete: " + "; ".join(failed + plan.problems)
+                             + ". Fix the location and run apply_retention again; nothing kept was touched.")
+
+    @dg.job(name="apply_retention", description="Apply the retention policy to every location (dry_run to preview).",
+            tags={"dr/operation": "retention"})
+    def apply_retention_job():
+        plan_and_apply_retention()
+
+    return apply_retention_job
