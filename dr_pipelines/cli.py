@@ -205,6 +205,62 @@ def cmd_pin(args) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- monitoring
+
+
+def _health(args, integrity: bool = False):
+    from datetime import datetime, timezone
+
+    from dr_pipelines.core.health import evaluate
+
+    config = _config(args)
+    locations = _locations(config)
+    return config, locations, evaluate(config, locations, datetime.now(timezone.utc), integrity=integrity)
+
+
+def cmd_status(args) -> int:
+    _, _, h = _health(args, integrity=args.verify)
+    if args.json:
+        print(json.dumps({"status": h.worst, "checked_at": h.now.isoformat(),
+                          "checks": [o.to_dict() for o in h.outcomes]}, indent=2, default=str))
+    else:
+        for o in h.outcomes:
+            print(f"{o.status.upper():8} {o.database:12} {o.check:32} {o.description}")
+        print(f"\n{h.worst.upper()}")
+    return h.exit_code
+
+
+def cmd_report(args) -> int:
+    from dr_pipelines.core.report import build_report, store_report
+
+    config, locations, h = _health(args)
+    report = build_report(config, h, args.days)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.to_markdown())
+    if args.store:
+        stored = store_report(locations, report)
+        for key, where in stored.items():
+            _log(f"stored {key} on {', '.join(where) or 'no location'}")
+    return EXIT_OK
+
+
+def cmd_metrics(args) -> int:
+    from prometheus_client import generate_latest
+
+    from dr_pipelines.core.metrics import build_registry, export
+
+    config, _, h = _health(args)
+    reg = build_registry(config, h)
+    done = export(config, reg, args.textfile, args.push)
+    for where in done:
+        _log(f"metrics written to {where}")
+    if not done:
+        sys.stdout.write(generate_latest(reg).decode())
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -284,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backup", metavar="ID")
     t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
     t.set_defaults(func=cmd_test_restore)
+
+    st = sub.add_parser("status", help="health monitor: exit 0 healthy, 1 warning, 2 error")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--verify", action="store_true",
+                    help="also read the newest backups back from every location (integrity)")
+    st.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="compliance report: success rate, RPO/RTO achieved, storage")
+    rp.add_argument("--days", type=int, default=30, metavar="N")
+    rp.add_argument("--json", action="store_true")
+    rp.add_argument("--store", action="store_true", help="also store JSON/HTML/Markdown copies in the repository")
+    rp.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("metrics", help="Prometheus metrics: print, write a textfile, or push to a Pushgateway")
+    m.add_argument("--textfile", metavar="PATH", help="node-exporter textfile (default: metrics.textfile)")
+    m.add_argument("--push", metavar="URL", help="Pushgateway URL (default: metrics.pushgateway_url)")
+    m.set_defaults(func=cmd_metrics)
 
     d = sub.add_parser("demo", help="the sandbox: backup, then the Dagster UI on 127.0.0.1")
     d.add_argument("--no-ui", action="store_true", help="stop after the backup (no web UI)")

@@ -295,3 +295,75 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     full_env.pop("DAGSTER_HOME", None) if env is None or "DAGSTER_HOME" not in env else None
     return subprocess.run([str(VENV_BIN / "dr-pipelines"), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- alert receiver
+
+
+class AlertReceiver:
+    """A real HTTP server on 127.0.0.1 that records the JSON posted to it; can be stopped and
+    started again on the same port (a receiver that is down, then back)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[tuple[str, dict]] = []
+        self.status = 200
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "AlertReceiver":
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.status < 300:
+                    receiver.received.append((self.path, json.loads(body)))
+                self.send_response(receiver.status)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def bodies(self, path: str) -> list[dict]:
+        return [b for p, b in self.received if p == path]
+
+
+@pytest.fixture
+def receiver() -> Iterator[AlertReceiver]:
+    r = AlertReceiver()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def pushgateway() -> Iterator[HttpServer]:
+    exe = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+    if not Path(exe).exists():
+        pytest.fail("prometheus-pushgateway is not installed; run ./dev setup (it installs it)")
+    port = free_port()
+    proc = subprocess.Popen([exe, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port(port)
+    server = HttpServer(proc, port)
+    yield server
+    server.stop()

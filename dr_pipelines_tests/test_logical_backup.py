@@ -129,10 +129,14 @@ def test_killed_pg_dump_leaves_no_backup(pg, three_locations, write_config, tmp_
     t.join()
     assert killed.is_set()
     for name, loc in open_locations(cfg).items():
-        assert list(loc.list()) == [], f"{name} holds leftovers"
+        keys = [o.key for o in loc.list()]
+        # only the failed attempt's record (for the success rate), no backup object
+        assert len(keys) == 1 and keys[0].startswith("app/reports/backup_attempt/"), f"{name} holds leftovers: {keys}"
+        record = json.loads(loc.get_bytes(keys[0]))
+        assert record["succeeded"] is False and "pg_dump of database 'app' failed" in record["error"]
     s3 = boto3.client("s3", endpoint_url=three_locations["s3"]["endpoint_url"], region_name="us-east-1")
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
-    assert list((tmp_path / "backups").rglob("*")) == [] or all(p.is_dir() for p in (tmp_path / "backups").rglob("*"))
+    assert [p.name for p in (tmp_path / "backups").rglob("*") if p.is_file()] == [keys[0].rsplit("/", 1)[1]]
 
 
 def test_one_location_down_keeps_the_others(pg, gcs, write_config, age_key, tmp_path):
@@ -198,7 +202,9 @@ def test_unreachable_database_is_named(make_pg, write_config, tmp_path):
         run_logical_backup(config_from(path), "app", open_locations(config_from(path)))
     r = run_cli("--config", str(path), "backup", "app")
     assert r.returncode == 1 and "is unreachable" in r.stderr and "Traceback" not in r.stderr
-    assert list((tmp_path / "b").rglob("*.json")) == []
+    assert list((tmp_path / "b").rglob("manifest.json")) == []  # no backup, only the two failed attempts:
+    attempts = [json.loads(p.read_text()) for p in (tmp_path / "b").rglob("*.json")]
+    assert [a["succeeded"] for a in attempts] == [False, False] and "is unreachable" in attempts[0]["error"]
 
 
 def test_bad_config_through_the_cli(write_config, pg, tmp_path, monkeypatch):

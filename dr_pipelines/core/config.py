@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -40,6 +40,23 @@ def parse_duration(value: Any) -> timedelta:
     raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 15m, 1h, 7d")
 
 
+def check_cron(v: str) -> str:
+    from croniter import croniter
+
+    if len(v.split()) != 5 or not croniter.is_valid(v):
+        raise ValueError(f"{v!r} is not a 5-field cron expression (e.g. '0 */6 * * *')")
+    return v
+
+
+def cron_interval(expr: str, now: datetime) -> timedelta:
+    """The time between the two most recent ticks of a cron expression (UTC)."""
+    from croniter import croniter
+
+    it = croniter(expr, now)
+    last = it.get_prev(datetime)
+    return last - it.get_prev(datetime)
+
+
 Duration = Annotated[timedelta, Field(json_schema_extra={"format": "duration"})]
 
 
@@ -59,7 +76,8 @@ class Objectives(_Model):
     rto: Duration = Field(default=timedelta(hours=1), description="Recovery time objective")
     alert_after: Duration | None = Field(
         default=None,
-        description="Alert when the newest backup is older than this (SongNodes: 8h); default 2x RPO",
+        description="Alert when the newest backup is older than this; default: the backup schedule's "
+                    "interval plus 2h (6-hourly backups: 8h, SongNodes' alert)",
     )
 
     @field_validator("rpo", "rto", "alert_after", mode="before")
@@ -75,9 +93,7 @@ class BackupSchedule(_Model):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
-        if len(v.split()) != 5:
-            raise ValueError(f"{v!r} is not a 5-field cron expression (e.g. '0 */6 * * *')")
-        return v
+        return check_cron(v)
 
 
 class CommandHook(_Model):
@@ -139,6 +155,11 @@ class RestoreTestConfig(_Model):
     jobs: int = Field(default=2, ge=1)
     keep: bool = False
 
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v)
+
     @field_validator("max_age", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> timedelta:
@@ -166,6 +187,12 @@ class DatabaseConfig(_Model):
     restore_test: RestoreTestConfig = RestoreTestConfig()
     scratch_dir: str | None = Field(
         default=None, description="where a restore's private plaintext directory goes (default /var/tmp)")
+
+    def freshness_limit(self, now: datetime) -> timedelta:
+        """How old the newest backup may be before it is an incident."""
+        if self.objectives.alert_after is not None:
+            return self.objectives.alert_after
+        return cron_interval(self.logical_backup.schedule, now) + timedelta(hours=2)
 
     def test_server(self) -> "DatabaseConfig":
         """The server restore tests run on: the database's own unless restore_test names another."""
@@ -315,6 +342,19 @@ class RetentionConfig(_Model):
     wal_days: int = Field(default=30, ge=0)
 
 
+class ChecksConfig(_Model):
+    size_tolerance: float = Field(default=0.5, gt=0, description="size anomaly: allowed deviation from the "
+                                  "rolling mean of recent good backups (0.5 = +/-50%)")
+    size_window: int = Field(default=10, ge=2, description="how many recent good backups the mean covers")
+    size_min_history: int = Field(default=3, ge=1, description="no size verdict before this many backups")
+
+
+class MetricsConfig(_Model):
+    textfile: str | None = Field(default=None, description="node-exporter textfile path (*.prom)")
+    pushgateway_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:9091")
+    job: str = "dr_pipelines"
+
+
 class WebhookAlertConfig(_Model):
     type: Literal["webhook"]
     url_env: str = Field(description="Variable holding the webhook URL (it usually embeds a token)")
@@ -337,6 +377,15 @@ class SchedulesConfig(_Model):
     restore_test: str = "0 4 * * *"
     retention: str = "30 3 * * *"
     report: str = "0 6 * * 1"
+    health_checks: str = Field(default="*/15 * * * *", description="freshness, size, replication, restore-test checks")
+    integrity: str = Field(default="0 5 * * *", description="read every object of the newest backups back")
+    metrics: str = Field(default="*/5 * * * *", description="Prometheus textfile / Pushgateway export")
+    sensor_interval_s: int = Field(default=60, ge=10, description="how often the alert sensors look")
+
+    @field_validator("restore_test", "retention", "report", "health_checks", "integrity", "metrics")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v)
 
 
 class DrConfig(_Model):
@@ -346,6 +395,8 @@ class DrConfig(_Model):
     compression: CompressionConfig = CompressionConfig()
     retention: RetentionConfig = RetentionConfig()
     alerts: dict[str, AlertConfig] = Field(default_factory=dict)
+    checks: ChecksConfig = ChecksConfig()
+    metrics: MetricsConfig = MetricsConfig()
     schedules: SchedulesConfig = SchedulesConfig()
     webserver_url: str = "http://127.0.0.1:3000"
 

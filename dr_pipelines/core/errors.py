@@ -17,6 +17,7 @@ def _known() -> dict[type, int]:
     from dr_pipelines.core.app_hooks import HookFailed
     from dr_pipelines.core.logical_restore import RestoreError
     from dr_pipelines.core.streams import AllTargetsFailed
+    from dr_pipelines.core.metrics import MetricsError
 
     return {
         ConfigError: 2,
@@ -31,6 +32,7 @@ def _known() -> dict[type, int]:
         RestoreError: 1,
         HookFailed: 1,
         RunFailed: 1,
+        MetricsError: 1,
     }
 
 

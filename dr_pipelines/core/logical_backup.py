@@ -8,6 +8,7 @@ If a location fails, the others keep their complete backups and the error names 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -26,7 +27,7 @@ from dr_pipelines.core.postgres import (
     table_row_counts,
     tool_version,
 )
-from dr_pipelines.core.repository import Manifest, ManifestObject, new_backup_id, write_manifest
+from dr_pipelines.core.repository import Manifest, ManifestObject, new_backup_id, store_record, write_manifest
 from dr_pipelines.core.storage import Location
 from dr_pipelines.core.streams import CountingReader, object_suffix, recipient_fingerprints, stream_to_locations
 
@@ -73,14 +74,38 @@ def _tail_stderr(proc: subprocess.Popen, lines: deque) -> threading.Thread:
     return t
 
 
+ATTEMPTS = "backup_attempt"
+
+
 def run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location],
                        log: Log = lambda msg: None) -> BackupResult:
-    db = config.database(database)
+    """Take the backup, and record the attempt (success or failure) in the repository: the
+    compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
+    config.database(database)
     if not locations:
         raise BackupFailed("no location to write to")
     started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
     backup_id = new_backup_id(started)
+    record = {"kind": "logical", "database": database, "started_at": started.isoformat(), "backup_id": backup_id}
+    try:
+        result = _run_logical_backup(config, database, locations, log, started, backup_id)
+    except BaseException as e:
+        stored_on = e.committed if isinstance(e, PartialBackup) else []
+        record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
+        raise
+    else:
+        record.update(succeeded=True, error=None, stored_on=result.locations, size_bytes=result.manifest.size_bytes)
+        return result
+    finally:
+        record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        store_record(locations, database, ATTEMPTS, record["started_at"],
+                     json.dumps(record, sort_keys=True).encode(), log)
+
+
+def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location], log: Log,
+                        started: datetime, backup_id: str) -> BackupResult:
+    db = config.database(database)
+    t0 = time.monotonic()
 
     session = SnapshotSession(db, database)  # raises DatabaseUnreachable with a clear message
     try:

@@ -35,7 +35,8 @@ from psycopg import sql
 
 from dr_pipelines.core.config import ConfigError, DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
-from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog
+from dr_pipelines.core.repository import (Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog,
+                                         load_reports, store_record)
 from dr_pipelines.core.storage import Location, LocationError
 from dr_pipelines.core.streams import CHUNK, HashingReader, recipient_fingerprints
 from dr_pipelines.core.validation import ValidationResult
@@ -620,28 +621,7 @@ def data_loss_window(manifest: Manifest | None, started: datetime) -> float | No
 
 def store_report(locations: dict[str, Location], report: RestoreReport, log: Log) -> list[str]:
     """Reports live in the repository too, so history survives the loss of the Dagster instance."""
-    key = f"{report.database}/reports/{report.kind}/{report.started_at.replace(':', '')}.json"
-    stored = []
-    for name, loc in locations.items():
-        try:
-            loc.put_bytes(key, report.to_json())
-            stored.append(name)
-        except LocationError as e:
-            log(f"warning: could not store the report on {name}: {e}")
-    return stored
-
-
-def load_reports(locations: dict[str, Location], database: str, kind: str) -> list[dict]:
-    """Reports of one kind, newest first, merged across locations."""
-    seen: dict[str, dict] = {}
-    for loc in locations.values():
-        try:
-            for obj in loc.list(f"{database}/reports/{kind}/"):
-                if obj.key not in seen and obj.key.endswith(".json"):
-                    seen[obj.key] = json.loads(loc.get_bytes(obj.key))
-        except (LocationError, ValueError):
-            continue
-    return sorted(seen.values(), key=lambda r: r["started_at"], reverse=True)
+    return store_record(locations, report.database, report.kind, report.started_at, report.to_json(), log)
 
 
 def describe_backup(report: RestoreReport, fetched: Fetched, started: datetime) -> None:

@@ -161,7 +161,7 @@ def plan_json(decisions: list[Decision]) -> list[dict]:
 
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
     """(database, "logical") -> the id of the newest backup whose restore test passed."""
-    from dr_pipelines.core.logical_restore import load_reports
+    from dr_pipelines.core.repository import load_reports
 
     verified = {}
     for db in databases:

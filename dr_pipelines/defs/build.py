@@ -11,7 +11,12 @@ from dr_pipelines.defs.logical_backup import build_logical_backup_asset, databas
 from dr_pipelines.defs.resources import DrConfigResource, storage_resources
 from dr_pipelines.defs.restore import build_restore_job
 from dr_pipelines.defs.retention import build_retention_job
-from dr_pipelines.defs.restore_test import build_restore_test_asset, build_restore_test_checks, restore_test_key
+from dr_pipelines.defs.restore_test import (RECENT, RTO, build_restore_test_asset, build_restore_test_checks,
+                                            restore_test_key)
+from dr_pipelines.defs.alerts import build_alert_sensors
+from dr_pipelines.defs.health import build_backup_checks, check_selection
+from dr_pipelines.defs.monitoring import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
+from dr_pipelines.core.health import INTEGRITY
 
 
 def logical_backup_job_name(db: str) -> str:
@@ -32,17 +37,36 @@ def _schedule_status(config: DrConfig) -> dg.DefaultScheduleStatus:
 def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.Definitions:
     assets: list = []
     checks: list = []
-    retention = build_retention_job(config)
-    jobs: list = [build_restore_job(config), retention]
     status = _schedule_status(config)
-    schedules: list = [dg.ScheduleDefinition(
-        name="apply_retention_schedule", cron_schedule=config.schedules.retention, target=retention,
-        execution_timezone="UTC", default_status=status,
-        description=f"Retention on every location ({config.schedules.retention} UTC).")]
+    sensor_status = (dg.DefaultSensorStatus.RUNNING if status == dg.DefaultScheduleStatus.RUNNING
+                     else dg.DefaultSensorStatus.STOPPED)
+    sch = config.schedules
+    retention = build_retention_job(config)
+    metrics = build_metrics_job(config)
+    restore_test_checks = [dg.AssetCheckKey(restore_test_key(db), name) for db in config.databases
+                           for name in (RECENT, RTO)]
+    health_job = dg.define_asset_job(
+        "dr_health_checks", selection=check_selection(config, lambda n: n != INTEGRITY)
+        | dg.AssetSelection.checks(*restore_test_checks),
+        description="Freshness, size, replication, last attempt and restore-test checks of every database.")
+    integrity_job = dg.define_asset_job(
+        "dr_integrity_checks", selection=check_selection(config, lambda n: n == INTEGRITY),
+        description="Read every object of each database's newest backup back from every location.")
+    report_job = dg.define_asset_job("compliance_report_job", selection=dg.AssetSelection.assets(COMPLIANCE_REPORT),
+                                     description="Build the compliance report.")
+    jobs: list = [build_restore_job(config), retention, metrics, health_job, integrity_job, report_job]
+    schedules: list = [
+        dg.ScheduleDefinition(name=f"{job.name}_schedule", cron_schedule=cron, target=job, execution_timezone="UTC",
+                              default_status=status, description=f"{what} ({cron} UTC).")
+        for job, cron, what in [(retention, sch.retention, "Retention on every location"),
+                                (metrics, sch.metrics, "Prometheus export"),
+                                (health_job, sch.health_checks, "Health checks"),
+                                (integrity_job, sch.integrity, "Integrity read-back of the newest backups"),
+                                (report_job, sch.report, "Compliance report")]]
     for db, cfg in config.databases.items():
         assets += [database_spec(config, db), build_logical_backup_asset(config, db),
                    build_restore_test_asset(config, db)]
-        checks += build_restore_test_checks(config, db)
+        checks += build_restore_test_checks(config, db) + build_backup_checks(config, db)
         test_job = dg.define_asset_job(restore_test_job_name(db), selection=dg.AssetSelection.assets(restore_test_key(db)),
                                        description=f"Restore the latest backup of {db} into a scratch database and validate it.")
         jobs.append(test_job)
@@ -59,16 +83,16 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
                 target=job, execution_timezone="UTC", default_status=status,
                 description=f"Logical backup of {db} ({cfg.logical_backup.schedule} UTC).",
             ))
+    assets.append(build_report_asset(config, [restore_test_key(db) for db in config.databases]))
     automation = dg.AutomationConditionSensorDefinition(
-        "dr_automation", target=dg.AssetSelection.all(), default_status=(
-            dg.DefaultSensorStatus.RUNNING if status == dg.DefaultScheduleStatus.RUNNING else dg.DefaultSensorStatus.STOPPED),
+        "dr_automation", target=dg.AssetSelection.all(), default_status=sensor_status,
         description="Runs each restore test after its backup materializes (automation conditions).")
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
-        sensors=[automation],
+        sensors=[automation, *build_alert_sensors(config, sensor_status)],
         resources={"dr": DrConfigResource(config_file=config_file), **storage_resources(config)},
     )
 

@@ -1,6 +1,8 @@
 """`DB/logical_backup`: pg_dump streamed to every location, one asset per configured database."""
 
 
+from datetime import datetime, timedelta, timezone
+
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
@@ -61,6 +63,10 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         ),
         required_resource_keys={"dr", *storage_resource_keys(config)},
         pool=f"pg_{db}",
+        # Dagster's own freshness (its daemon, from materializations); the `backup_fresh` check
+        # reads the repository, so it also sees backups taken from the shell.
+        freshness_policy=dg.FreshnessPolicy.time_window(  # Dagster's floor is one minute
+            fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))),
     )
     def logical_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         try:
