@@ -170,7 +170,7 @@ def cmd_test_restore(args) -> int:
 def cmd_retention(args) -> int:
     from datetime import datetime, timezone
 
-    from dr_pipelines.core.retention import apply_retention, build_plan, plan_json, plan_table
+    from dr_pipelines.core.retention import apply_retention, apply_tiering, build_plan, plan_json, plan_table
 
     config = _config(args)
     locations = _locations(config)
@@ -186,9 +186,11 @@ def cmd_retention(args) -> int:
                   + (" (dry run)" if args.dry_run else ""))
         return EXIT_OK
     removals = apply_retention(locations, plan.entries, plan.decisions, log=_log)
-    failed = [r for r in removals if r.error]
-    print(f"removed {len(plan.removed)} backups ({len(removals) - len(failed)} copies)"
-          + (f"; {len(failed)} copies could not be removed" if failed else ""))
+    moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=_log)
+    failed = [r for r in removals if r.error] + [m for m in moves if m.error]
+    print(f"removed {len(plan.removed)} backups ({len([r for r in removals if not r.error])} copies); "
+          f"moved {len([m for m in moves if not m.error])} copies to a colder storage class"
+          + (f"; {len(failed)} operations failed" if failed else ""))
     return EXIT_FAILED if failed or plan.problems else EXIT_OK
 
 

@@ -261,6 +261,10 @@ class S3LocationConfig(_Model):
     access_key_id_env: str | None = Field(default=None, description="Variable holding the access key id")
     secret_access_key_env: str | None = Field(default=None, description="Variable holding the secret key")
     multipart_chunk_mb: int = Field(default=16, ge=5, le=5120)
+    weekly_storage_class: str | None = Field(
+        default=None, description="retention moves weekly keepers here (e.g. STANDARD_IA); objects in "
+                                  "GLACIER/DEEP_ARCHIVE need an S3 restore before they can be read")
+    monthly_storage_class: str | None = Field(default=None, description="monthly keepers (e.g. GLACIER_IR)")
 
     def credentials(self, name: str) -> dict[str, str]:
         if not self.access_key_id_env and not self.secret_access_key_env:
@@ -284,6 +288,8 @@ class GCSLocationConfig(_Model):
     project: str | None = None
     storage_class: str | None = None
     chunk_mb: int = Field(default=16, ge=1, le=1024)
+    weekly_storage_class: str | None = Field(default=None, description="retention moves weekly keepers here (NEARLINE)")
+    monthly_storage_class: str | None = Field(default=None, description="monthly keepers (COLDLINE or ARCHIVE)")
 
 
 LocationConfig = Annotated[

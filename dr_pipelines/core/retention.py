@@ -145,18 +145,72 @@ def apply_retention(locations: dict[str, Location], entries: dict[str, CatalogEn
     return removals
 
 
+HOT_REASONS = ("daily tier", "among the newest", "pinned", "newest backup proven")
+
+
+def cold_tier(d: Decision) -> str | None:
+    """"weekly" or "monthly" when only that tier keeps the backup (it may go to a colder class);
+    None for what is removed, recent, pinned, in the min_keep floor or the proven restore point."""
+    if not d.keep or any(r.startswith(HOT_REASONS) for r in d.reasons):
+        return None
+    if any(r.startswith("weekly tier") for r in d.reasons):
+        return "weekly"
+    return "monthly" if any(r.startswith("monthly tier") for r in d.reasons) else None
+
+
+@dataclass
+class Move:
+    backup_id: str
+    location: str
+    storage_class: str
+    objects: int
+    error: str | None = None
+
+
+def apply_tiering(config, locations: dict[str, Location], entries: dict[str, CatalogEntry],
+                  decisions: list[Decision], log: Callable[[str], None] = lambda m: None) -> list[Move]:
+    """Move weekly and monthly keepers' objects (never the manifest, which listing reads) to the
+    colder class their location names; locations without one (local disk) are left alone."""
+    moves = []
+    for d in decisions:
+        tier = cold_tier(d)
+        if tier is None:
+            continue
+        entry = entries[d.backup.id]
+        for name in entry.locations:
+            target = getattr(config.locations[name], f"{tier}_storage_class", None)
+            if not target:
+                continue
+            loc, moved = locations[name], 0
+            try:
+                for obj in entry.manifest.objects:
+                    key = entry.manifest.object_key(obj.name)
+                    if loc.get_storage_class(key) != target:
+                        loc.set_storage_class(key, target)
+                        moved += 1
+                if moved:
+                    log(f"moved {d.backup.id} on {name} to {target} ({tier} keeper)")
+                    moves.append(Move(d.backup.id, name, target, moved))
+            except LocationError as e:
+                moves.append(Move(d.backup.id, name, target, moved, str(e)))
+                log(f"could not move {d.backup.id} on {name} to {target}: {e}")
+    return moves
+
+
 def plan_table(decisions: list[Decision]) -> str:
     rows = ["| database | kind | backup | created (UTC) | action | why |", "|---|---|---|---|---|---|"]
     for d in decisions:
         b = d.backup
+        tier = cold_tier(d)
+        action = "REMOVE" if not d.keep else f"keep ({tier} class)" if tier else "keep"
         rows.append(f"| {b.database} | {b.kind} | {b.id} | {b.created_at:%Y-%m-%d %H:%M} | "
-                    f"{'keep' if d.keep else 'REMOVE'} | {'; '.join(d.reasons)} |")
+                    f"{action} | {'; '.join(d.reasons)} |")
     return "\n".join(rows)
 
 
 def plan_json(decisions: list[Decision]) -> list[dict]:
-    return [{**asdict(d.backup), "created_at": d.backup.created_at.isoformat(), "keep": d.keep, "reasons": d.reasons}
-            for d in decisions]
+    return [{**asdict(d.backup), "created_at": d.backup.created_at.isoformat(), "keep": d.keep,
+             "cold_tier": cold_tier(d), "reasons": d.reasons} for d in decisions]
 
 
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:

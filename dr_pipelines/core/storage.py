@@ -281,6 +281,17 @@ class S3Location:
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
 
+    def get_storage_class(self, key: str) -> str:
+        resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)
+        return resp.get("StorageClass", "STANDARD")
+
+    def set_storage_class(self, key: str, storage_class: str) -> None:
+        """Copy the object onto itself in the new class (boto3's managed copy: multipart when large)."""
+        extra = {**self.put_args, "StorageClass": storage_class, "MetadataDirective": "COPY"}
+        self._call("change the storage class of", key, self.client.copy,
+                   CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
+                   Bucket=self.bucket, Key=self.prefix + key, ExtraArgs=extra)
+
 
 def _s3_not_found(exc: Exception) -> bool:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code")
@@ -403,6 +414,21 @@ class GCSLocation:
             err = self._err("delete", key, e)
             if not isinstance(err, ObjectNotFound):
                 raise err from e
+
+    def get_storage_class(self, key: str) -> str:
+        try:
+            blob = self.bucket.get_blob(self.prefix + key)
+        except Exception as e:
+            raise self._err("inspect", key, e) from e
+        if blob is None:
+            raise ObjectNotFound(self.name, f"{self.url(key)} not found")
+        return blob.storage_class or "STANDARD"
+
+    def set_storage_class(self, key: str, storage_class: str) -> None:
+        try:
+            self.bucket.blob(self.prefix + key).update_storage_class(storage_class)
+        except Exception as e:
+            raise self._err("change the storage class of", key, e) from e
 
 
 # --------------------------------------------------------------------------- clients from config

@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.retention import apply_retention, build_plan, plan_table
+from dr_pipelines.core.retention import apply_retention, apply_tiering, build_plan, plan_table
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
@@ -26,17 +26,20 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
             plan = build_plan(cfg, locations, datetime.now(timezone.utc))
         for p in plan.problems:
             context.log.warning(p)
-        context.add_output_metadata({
+        metadata = {
             "plan": dg.MetadataValue.md(plan_table(plan.decisions)),
             "backups": len(plan.decisions),
             "removed": 0 if config.dry_run else len(plan.removed),
             "would_remove": len(plan.removed),
             "dry_run": config.dry_run,
-        })
+        }
         if config.dry_run:
+            context.add_output_metadata(metadata)
             return
         removals = apply_retention(locations, plan.entries, plan.decisions, log=context.log.info)
-        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals if r.error]
+        moves = apply_tiering(cfg, locations, plan.entries, plan.decisions, log=context.log.info)
+        context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in moves if not m.error])})
+        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals + moves if r.error]
         if failed or plan.problems:
             raise dg.Failure(description="retention incomplete: " + "; ".join(failed + plan.problems)
                              + ". Fix the location and run apply_retention again; nothing kept was touched.")
