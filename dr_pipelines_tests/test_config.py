@@ -112,3 +112,20 @@ def test_sandbox_default(tmp_path, monkeypatch):
     assert identity.stat().st_mode & 0o777 == 0o600
     # the same key is reused on the next load
     assert load_config(None).encryption.recipients == cfg.encryption.recipients
+
+
+def test_readme_config_example_is_valid():
+    """The README's configuration block is the contract users copy: it must parse as written."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from dr_pipelines.core.config import parse_config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    data = yaml.safe_load(block.replace("[age1...]", "[age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq]"))
+    cfg = parse_config(data, "README.md")
+    assert set(cfg.alerts) == {"chat", "pager"} and cfg.checks.size_tolerance == 0.5
+    assert cfg.schedules.health_checks == "*/15 * * * *" and cfg.metrics.pushgateway_url
