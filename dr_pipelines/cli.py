@@ -207,6 +207,87 @@ def cmd_pin(args) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- WAL archive
+
+
+def _wal_database(config, db: str | None) -> str:
+    from dr_pipelines.core.config import ConfigError
+
+    if db:
+        config.database(db)
+        return db
+    if len(config.databases) == 1:
+        return next(iter(config.databases))
+    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one with --db")
+
+
+def cmd_wal_push(args) -> int:
+    from dr_pipelines.core.wal import wal_push
+
+    config = _config(args)
+    wal_push(config, _wal_database(config, args.db), args.path, _locations(config))
+    return EXIT_OK
+
+
+WAL_FETCH_ABORT = 255  # > 125: PostgreSQL aborts recovery instead of reading it as "not found"
+
+
+def cmd_wal_fetch(args) -> int:
+    from dr_pipelines.core.wal import WalFetchAborted, WalNotFound, wal_fetch
+
+    try:
+        config = _config(args)
+        db = _wal_database(config, args.db)
+        identities = None
+        if config.encryption.method == "age":
+            from dr_pipelines.core.streams import load_identities
+
+            identities = load_identities(config)
+        wal_fetch(config, db, args.name, args.dest, _locations(config), identities, retries=config.wal.fetch_retries,
+                  backoff_s=config.wal.fetch_backoff.total_seconds(), log=_log)
+    except WalNotFound as e:
+        _err(str(e))
+        return EXIT_FAILED
+    except Exception as e:  # anything else is not "not found": recovery must stop, not end early
+        _err(f"{e}" if isinstance(e, WalFetchAborted) else f"{type(e).__name__}: {e}; aborting recovery")
+        return WAL_FETCH_ABORT
+    return EXIT_OK
+
+
+def cmd_wal_list(args) -> int:
+    from dr_pipelines.core.wal import list_archive
+
+    config = _config(args)
+    db = _wal_database(config, args.db)
+    archive = list_archive(_locations(config), db)
+    for p in archive.problems:
+        _err(f"warning: {p}")
+    out = {"database": db, "segment_size": archive.segment_size, "timelines": [
+        {"timeline": tli, "segments": len(names), "first": names[0], "last": names[-1],
+         "gaps": [{"from": a, "to": b} for a, b in archive.gaps(tli)]}
+        for tli, names in sorted(archive.segments.items())], "history_files": archive.histories}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    if not out["timelines"]:
+        print(f"no WAL archived for {db}")
+    for t in out["timelines"]:
+        gaps = ", ".join(f"{g['from']}..{g['to']}" for g in t["gaps"]) or "none"
+        print(f"timeline {t['timeline']}: {t['segments']} segments {t['first']} .. {t['last']}; gaps: {gaps}")
+    if archive.histories:
+        print("history files: " + ", ".join(archive.histories))
+    return EXIT_FAILED if any(t["gaps"] for t in out["timelines"]) else EXIT_OK
+
+
+def cmd_pg_config(args) -> int:
+    from dr_pipelines.core.wal import postgresql_conf_lines
+
+    config = _config(args)
+    config.database(args.db)
+    print("\n".join(postgresql_conf_lines(config, args.db, args.config)))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- monitoring
 
 
@@ -342,6 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backup", metavar="ID")
     t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
     t.set_defaults(func=cmd_test_restore)
+
+    wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
+    wp.add_argument("path", metavar="PATH")
+    wp.add_argument("--db", metavar="DB", help="the configured database (needed only when there are several)")
+    wp.set_defaults(func=cmd_wal_push)
+    wf = sub.add_parser("wal-fetch", help="restore one WAL file (restore_command: ... wal-fetch %%f %%p); "
+                                          "exit 1 only if it exists nowhere")
+    wf.add_argument("name", metavar="NAME")
+    wf.add_argument("dest", metavar="DEST")
+    wf.add_argument("--db", metavar="DB")
+    wf.set_defaults(func=cmd_wal_fetch)
+    wl = sub.add_parser("wal", help="the WAL archive")
+    wl.add_argument("wal_command", choices=["list"])
+    wl.add_argument("--db", metavar="DB")
+    wl.add_argument("--json", action="store_true")
+    wl.set_defaults(func=cmd_wal_list)
+    pc = sub.add_parser("pg-config", help="print the postgresql.conf lines that archive WAL here")
+    pc.add_argument("db", metavar="DB")
+    pc.set_defaults(func=cmd_pg_config)
 
     st = sub.add_parser("status", help="health monitor: exit 0 healthy, 1 warning, 2 error")
     st.add_argument("--json", action="store_true")

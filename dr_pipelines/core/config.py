@@ -376,6 +376,18 @@ class PagerDutyAlertConfig(_Model):
 AlertConfig = Annotated[Union[WebhookAlertConfig, PagerDutyAlertConfig], Field(discriminator="type")]
 
 
+class WalConfig(_Model):
+    fetch_retries: int = Field(default=3, ge=0, description="wal-fetch retries a transient error this often, then aborts recovery")
+    fetch_backoff: Duration = Field(default=timedelta(seconds=1), description="first retry delay (doubles)")
+    archive_wait: Duration = Field(default=timedelta(minutes=5), description="how long a base backup waits "
+                                   "for its WAL to be archived before it fails")
+
+    @field_validator("fetch_backoff", "archive_wait", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta:
+        return parse_duration(v)
+
+
 class SchedulesConfig(_Model):
     running: bool | None = Field(
         default=None, description="Start schedules and sensors RUNNING; default: yes outside the sandbox"
@@ -402,6 +414,7 @@ class DrConfig(_Model):
     retention: RetentionConfig = RetentionConfig()
     alerts: dict[str, AlertConfig] = Field(default_factory=dict)
     checks: ChecksConfig = ChecksConfig()
+    wal: WalConfig = WalConfig()
     metrics: MetricsConfig = MetricsConfig()
     schedules: SchedulesConfig = SchedulesConfig()
     webserver_url: str = "http://127.0.0.1:3000"

@@ -18,6 +18,7 @@ def _known() -> dict[type, int]:
     from dr_pipelines.core.logical_restore import RestoreError
     from dr_pipelines.core.streams import AllTargetsFailed
     from dr_pipelines.core.metrics import MetricsError
+    from dr_pipelines.core.wal import WalError, WalNotFound
 
     return {
         ConfigError: 2,
@@ -33,6 +34,8 @@ def _known() -> dict[type, int]:
         HookFailed: 1,
         RunFailed: 1,
         MetricsError: 1,
+        WalError: 1,
+        WalNotFound: 1,
     }
 
 

@@ -38,7 +38,7 @@ from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
 from dr_pipelines.core.repository import (Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog,
                                          load_reports, store_record)
 from dr_pipelines.core.storage import Location, LocationError
-from dr_pipelines.core.streams import CHUNK, HashingReader, recipient_fingerprints
+from dr_pipelines.core.streams import CHUNK, HashingReader, load_identities, recipient_fingerprints  # noqa: F401
 from dr_pipelines.core.validation import ValidationResult
 
 Log = Callable[[str], None]
@@ -87,27 +87,6 @@ class RestoreRequest:
 
 
 # --------------------------------------------------------------------------- identities
-
-
-def load_identities(config: DrConfig) -> list:
-    enc = config.encryption
-    path = enc.identity_path()
-    if path is None:
-        var = enc.identity_file_env or "DR_AGE_IDENTITY_FILE"
-        raise ConfigError(
-            f"this backup is encrypted with age; set {var} to the identity file (encryption.identity_file_env) "
-            f"whose public key has fingerprint {', '.join(recipient_fingerprints(enc)) or '(see the manifest)'}")
-    try:
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-    except OSError as e:
-        raise ConfigError(f"cannot read the age identity file {path}: {e.strerror}") from None
-    keys = [ln for ln in lines if ln.startswith("AGE-SECRET-KEY-")]
-    if not keys:
-        raise ConfigError(f"{path} holds no age identity (AGE-SECRET-KEY-... line)")
-    try:
-        return [pyrage.x25519.Identity.from_str(k) for k in keys]
-    except Exception:
-        raise ConfigError(f"{path}: not a valid age identity") from None
 
 
 def identity_fingerprints(identities: list) -> list[str]:

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable
 import pyrage
 import zstandard
 
-from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
+from dr_pipelines.core.config import CompressionConfig, ConfigError, EncryptionConfig
 from dr_pipelines.core.storage import Location, LocationError, Upload
 
 CHUNK = 1 << 20
@@ -295,3 +295,25 @@ def hash_object(location: Location, key: str) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+def load_identities(config) -> list:
+    """The age identities that decrypt this repository (only restores need them)."""
+    enc = config.encryption
+    path = enc.identity_path()
+    if path is None:
+        var = enc.identity_file_env or "DR_AGE_IDENTITY_FILE"
+        raise ConfigError(
+            f"this backup is encrypted with age; set {var} to the identity file (encryption.identity_file_env) "
+            f"whose public key has fingerprint {', '.join(recipient_fingerprints(enc)) or '(see the manifest)'}")
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+    except OSError as e:
+        raise ConfigError(f"cannot read the age identity file {path}: {e.strerror}") from None
+    keys = [ln for ln in lines if ln.startswith("AGE-SECRET-KEY-")]
+    if not keys:
+        raise ConfigError(f"{path} holds no age identity (AGE-SECRET-KEY-... line)")
+    try:
+        return [pyrage.x25519.Identity.from_str(k) for k in keys]
+    except Exception:
+        raise ConfigError(f"{path}: not a valid age identity") from None

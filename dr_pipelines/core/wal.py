@@ -1,0 +1,386 @@
+"""The WAL archive: `wal-push` (PostgreSQL's archive_command) and `wal-fetch` (its restore_command).
+
+Layout on every location (the sidecar is written after the object: it is the commit marker)::
+
+    <database>/wal/<timeline>/<file name><.zst><.age>     the file, compressed and encrypted
+    <database>/wal/<timeline>/<file name>.json           its size and SHA-256 (plain and stored),
+                                                          the cluster's system identifier
+    <database>/wal/cluster.json                           the system identifier this archive belongs to
+
+The rules PostgreSQL needs (docs, and pgBackRest's behaviour):
+  - push exits 0 only when the file is durable on every location; the same name pushed again with
+    the same content succeeds, with different content fails (never overwrite archived WAL);
+  - a segment whose header names another cluster is refused;
+  - fetch exits 1 only when the file exists nowhere; a transient error is retried and then aborts
+    recovery (exit > 125), because PostgreSQL reads exit 1..125 as "not found" and would end
+    recovery early; a corrupt copy is skipped for a good one, and if none is good recovery aborts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import zstandard
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.storage import Location, LocationError, ObjectNotFound, fsync_dir
+
+SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
+BACKUP_LABEL = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
+PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")
+CLUSTER = "cluster.json"
+XLP_LONG_HEADER = 0x0002
+
+Log = Callable[[str], None]
+
+
+class WalError(RuntimeError):
+    """wal-push failed: PostgreSQL keeps the file and retries; nothing archived was changed."""
+
+
+class WalRefused(WalError):
+    """The file must not be archived here (another cluster, or different content under a known name)."""
+
+
+class WalNotFound(LookupError):
+    """The file exists on no location: the only case restore_command may exit 1."""
+
+
+class WalFetchAborted(RuntimeError):
+    """Transient errors or only corrupt copies: recovery must stop rather than end early."""
+
+
+def wal_prefix(database: str) -> str:
+    return f"{database}/wal"
+
+
+def timeline_of(name: str) -> str:
+    return name[:8]
+
+
+def _classify(name: str) -> str:
+    for kind, rx in (("segment", SEGMENT), ("history", HISTORY), ("backup", BACKUP_LABEL), ("partial", PARTIAL)):
+        if rx.match(name):
+            return kind
+    raise WalRefused(f"{name!r} is not a WAL segment, .history, .backup or .partial file name; "
+                     "archive_command must pass %p")
+
+
+def segment_header(data: bytes) -> dict:
+    """The long page header at the start of every segment: timeline, system id, segment size."""
+    if len(data) < 40:
+        raise WalRefused(f"segment is {len(data)} bytes: too short to be WAL")
+    magic, info, tli, pageaddr = struct.unpack_from("<HHIQ", data, 0)
+    if not info & XLP_LONG_HEADER:
+        raise WalRefused("segment does not start with a long page header: not a WAL segment")
+    sysid, seg_size, blcksz = struct.unpack_from("<QII", data, 24)
+    return {"timeline": tli, "system_identifier": str(sysid), "segment_size": seg_size, "magic": magic}
+
+
+def object_name(name: str, config: DrConfig) -> str:
+    suffix = {"zstd": ".zst", "gzip": ".gz", "none": ""}[config.compression.method]
+    return name + suffix + (".age" if config.encryption.method == "age" else "")
+
+
+def encode(data: bytes, config: DrConfig) -> bytes:
+    c = config.compression
+    if c.method == "zstd":
+        data = zstandard.ZstdCompressor(level=c.level).compress(data)
+    elif c.method == "gzip":
+        data = gzip.compress(data, compresslevel=c.level, mtime=0)
+    if config.encryption.method == "age":
+        import pyrage
+
+        from dr_pipelines.core.streams import age_recipients
+
+        data = pyrage.encrypt(data, age_recipients(config.encryption))
+    return data
+
+
+def decode(data: bytes, side: dict, identities: list | None) -> bytes:
+    if side["encryption"] == "age":
+        import pyrage
+
+        if not identities:
+            raise WalFetchAborted("the WAL archive is age-encrypted and no identity is configured "
+                                  "(encryption.identity_file or identity_file_env)")
+        data = pyrage.decrypt(data, identities)
+    if side["compression"] == "zstd":
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
+    elif side["compression"] == "gzip":
+        data = gzip.decompress(data)
+    return data
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_json(loc: Location, key: str) -> dict | None:
+    try:
+        return json.loads(loc.get_bytes(key))
+    except ObjectNotFound:
+        return None
+
+
+def archive_cluster(locations: dict[str, Location], database: str) -> dict | None:
+    """The cluster the archive belongs to, from the first location that records it."""
+    for loc in locations.values():
+        try:
+            record = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}")
+        except LocationError:
+            continue
+        if record:
+            return record
+    return None
+
+
+@dataclass
+class PushResult:
+    name: str
+    stored: list[str] = field(default_factory=list)  # newly written
+    already: list[str] = field(default_factory=list)  # identical copy was there
+
+
+def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location],
+             log: Log = lambda m: None) -> PushResult:
+    path = Path(path)
+    name = path.name
+    kind = _classify(name)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WalError(f"cannot read {path}: {e.strerror}") from None
+    side = {"name": name, "kind": kind, "size": len(data), "sha256": _sha(data),
+            "compression": config.compression.method, "encryption": config.encryption.method,
+            "pushed_at": datetime.now(timezone.utc).isoformat()}
+    known = archive_cluster(locations, database)
+    if kind == "segment":
+        header = segment_header(data)
+        side.update(system_identifier=header["system_identifier"], segment_size=header["segment_size"])
+        if known and known["system_identifier"] != header["system_identifier"]:
+            raise WalRefused(
+                f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
+                f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
+                "replaced the old one on purpose, archive it under another database name")
+    stored_obj = encode(data, config)
+    side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": _sha(stored_obj)}
+    prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+    result, failures = PushResult(name), []
+    for loc_name, loc in locations.items():
+        try:
+            existing = _read_json(loc, f"{prefix}/{name}.json")
+            if existing is not None:
+                if existing["sha256"] != side["sha256"]:
+                    raise WalRefused(
+                        f"{name} is already archived on {loc_name} with different content "
+                        f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
+                        "overwrite archived WAL. Two clusters may be archiving to the same place")
+                result.already.append(loc_name)
+                continue
+            if kind == "segment" and known is None:
+                loc.put_bytes(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(
+                    {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}).encode())
+            loc.put_bytes(f"{prefix}/{side['object']['name']}", stored_obj)
+            loc.put_bytes(f"{prefix}/{name}.json", json.dumps(side, sort_keys=True).encode())
+            result.stored.append(loc_name)
+        except LocationError as e:
+            failures.append(str(e))
+    if failures:
+        raise WalError(f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
+                       "retries; nothing is lost once the location is back")
+    log(f"{name}: stored on {', '.join(result.stored) or '-'}"
+        + (f"; identical copy already on {', '.join(result.already)}" if result.already else ""))
+    return result
+
+
+def _write_atomically(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str, Location],
+                identities: list | None, log: Log) -> tuple[bytes, str] | None:
+    """One pass over the locations: (plain bytes, location), or None if no location has it.
+    Raises WalFetchAborted when some location errored or every copy found is corrupt."""
+    prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+    problems = []
+    for loc_name, loc in locations.items():
+        try:
+            side = _read_json(loc, f"{prefix}/{name}.json")
+            if side is None:
+                continue
+            blob = loc.get_bytes(f"{prefix}/{side['object']['name']}")
+        except LocationError as e:  # includes an object missing under its sidecar
+            problems.append(str(e))
+            continue
+        if _sha(blob) != side["object"]["sha256"]:
+            problems.append(f"{loc_name}: stored {name} fails its checksum (corrupt object)")
+            continue
+        try:
+            data = decode(blob, side, identities)
+        except WalFetchAborted:
+            raise
+        except Exception as e:
+            problems.append(f"{loc_name}: cannot decode {name}: {e}")
+            continue
+        if _sha(data) != side["sha256"]:
+            problems.append(f"{loc_name}: {name} decodes to different bytes than were archived")
+            continue
+        for p in problems:
+            log(f"warning: {p}; used the copy on {loc_name}")
+        return data, loc_name
+    if problems:
+        raise WalFetchAborted("; ".join(problems))
+    return None
+
+
+def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, locations: dict[str, Location],
+              identities: list | None = None, retries: int = 3, backoff_s: float = 1.0,
+              log: Log = lambda m: None) -> str:
+    dest = Path(dest)
+    last_error = None
+    for attempt in range(retries + 1):
+        try:
+            found = fetch_bytes(config, database, name, locations, identities, log)
+        except WalFetchAborted as e:
+            last_error = e
+            log(f"{name}: attempt {attempt + 1} failed: {e}")
+            time.sleep(backoff_s * (2 ** attempt))
+            continue
+        if found is None:
+            raise WalNotFound(f"{name} is not in the WAL archive of {database!r} on any location")
+        data, loc_name = found
+        _write_atomically(dest, data)
+        return loc_name
+    raise WalFetchAborted(f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
+                          "aborted rather than ended early; fix the location and start the server again")
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def parse_segment(name: str, segment_size: int) -> tuple[int, int]:
+    """(timeline, absolute segment number)."""
+    per_log = 0x100000000 // segment_size
+    return int(name[:8], 16), int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, number: int, segment_size: int) -> str:
+    per_log = 0x100000000 // segment_size
+    return f"{timeline:08X}{number // per_log:08X}{number % per_log:08X}"
+
+
+def lsn_to_segment(lsn: str, timeline: int, segment_size: int) -> str:
+    hi, lo = (int(x, 16) for x in lsn.split("/"))
+    return segment_name(timeline, ((hi << 32) | lo) // segment_size, segment_size)
+
+
+@dataclass
+class WalArchive:
+    segments: dict[int, list[str]]  # timeline -> segment names, sorted
+    histories: list[str]
+    backups: list[str]
+    sidecars: dict[str, dict]
+    segment_size: int | None
+    problems: list[str]
+
+    def gaps(self, timeline: int) -> list[tuple[str, str]]:
+        """Missing runs (first missing, last missing) between the first and last segment."""
+        names = self.segments.get(timeline, [])
+        if not names or not self.segment_size:
+            return []
+        nums = [parse_segment(n, self.segment_size)[1] for n in names]
+        out = []
+        for a, b in zip(nums, nums[1:]):
+            if b > a + 1:
+                out.append((segment_name(timeline, a + 1, self.segment_size),
+                            segment_name(timeline, b - 1, self.segment_size)))
+        return out
+
+    def newest(self) -> dict | None:
+        sides = [s for s in self.sidecars.values() if s["kind"] == "segment"]
+        return max(sides, key=lambda s: s["name"][8:] + s["name"][:8]) if sides else None
+
+
+def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
+    """Merged across locations: a file counts if any location holds its sidecar."""
+    sidecars: dict[str, dict] = {}
+    problems = []
+    for loc in locations.values():
+        try:
+            for obj in loc.list(f"{wal_prefix(database)}/"):
+                if obj.key.endswith(".json") and not obj.key.endswith("/" + CLUSTER):
+                    name = obj.key.rsplit("/", 1)[1][:-5]
+                    if name not in sidecars:
+                        sidecars[name] = json.loads(loc.get_bytes(obj.key))
+        except LocationError as e:
+            problems.append(str(e))
+    segments: dict[int, list[str]] = {}
+    for name, side in sidecars.items():
+        if side["kind"] == "segment":
+            segments.setdefault(int(name[:8], 16), []).append(name)
+    for names in segments.values():
+        names.sort()
+    size = next((s.get("segment_size") for s in sidecars.values() if s.get("segment_size")), None)
+    return WalArchive(segments, sorted(n for n, s in sidecars.items() if s["kind"] == "history"),
+                      sorted(n for n, s in sidecars.items() if s["kind"] == "backup"), sidecars, size, problems)
+
+
+# --------------------------------------------------------------------------- postgresql.conf
+
+
+def dr_pipelines_command(config_file: str | None) -> list[str]:
+    """This installation's command, absolute (PostgreSQL runs it from its data directory)."""
+    import sys
+
+    exe = str(Path(sys.executable).parent / "dr-pipelines")
+    return [exe] + (["--config", str(Path(config_file).resolve())] if config_file else [])
+
+
+def _shell(args: list[str]) -> str:
+    import shlex
+
+    return " ".join(a if a in ("%p", "%f") else shlex.quote(a) for a in args)
+
+
+def pg_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def archive_timeout_s(config: DrConfig, database: str) -> int:
+    """Half the RPO (a segment switch plus a retried push still land within it), at least 60 s."""
+    return max(60, int(config.database(database).objectives.rpo.total_seconds() // 2))
+
+
+def restore_command(config_file: str | None, database: str) -> str:
+    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, "%f", "%p"])
+
+
+def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:
+    push = _shell(dr_pipelines_command(config_file) + ["wal-push", "--db", database, "%p"])
+    return [
+        f"# dr_pipelines: WAL archiving for database {database!r} (RPO "
+        f"{config.database(database).objectives.rpo}); needs a restart for wal_level/archive_mode",
+        "wal_level = replica",
+        "archive_mode = on",
+        f"archive_command = {pg_quote(push)}",
+        f"archive_timeout = {archive_timeout_s(config, database)}s",
+        f"# recovery (written by `dr-pipelines pitr`): restore_command = {pg_quote(restore_command(config_file, database))}",
+    ]

@@ -1,0 +1,219 @@
+"""The WAL archive: PostgreSQL's own archiver runs `dr-pipelines wal-push`; `wal-fetch` returns the
+same bytes; the failure paths PostgreSQL depends on (exit codes, refusals) hold."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import boto3
+import pyrage
+import pytest
+import yaml
+
+from dr_pipelines.core.cluster import chown_to_postgres
+from dr_pipelines.core.wal import list_archive, postgresql_conf_lines
+from dr_pipelines.core.storage import open_locations
+from dr_pipelines_tests.conftest import BUCKET, config_from, reachable_tmpdir, run_cli, s3_location, start_moto
+
+
+class WalSetup:
+    """A cluster archiving through our command into a local location the postgres user can write."""
+
+    def __init__(self, server, extra_locations: dict | None = None, encrypted: bool = True):
+        self.server = server
+        self.root = reachable_tmpdir("drpt-wal-")
+        self.repo = self.root / "repo"
+        self.repo.mkdir()
+        ident = pyrage.x25519.Identity.generate()
+        self.identity = self.root / "identity.txt"
+        self.identity.write_text(f"{ident}\n")
+        self.identity.chmod(0o600)
+        for p in (self.root, self.repo, self.identity):
+            chown_to_postgres(p)
+        self.config_path = self.root / "dr.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "databases": {"app": {"host": "127.0.0.1", "port": server.port, "user": "postgres", "dbname": "app",
+                                  "objectives": {"rpo": "2m"}}},
+            "locations": {"local": {"type": "local", "path": str(self.repo)}, **(extra_locations or {})},
+            "encryption": ({"method": "age", "recipients": [str(ident.to_public())],
+                            "identity_file": str(self.identity)} if encrypted else {"method": "none"}),
+            "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s"},
+        }))
+        self.config_path.chmod(0o644)
+        self.config = config_from(self.config_path)
+
+    def enable_archiving(self) -> None:
+        lines = [ln for ln in postgresql_conf_lines(self.config, "app", str(self.config_path)) if not ln.startswith("#")]
+        settings = dict(ln.split(" = ", 1) for ln in lines)
+        settings["wal_keep_size"] = "'256MB'"  # keep archived segments in pg_wal to compare bytes
+        self.server.cluster.write_settings(settings)
+        self.server.cluster.stop("fast")
+        self.server.cluster.start()
+
+    def switch_and_wait(self, timeout: float = 30) -> str:
+        with self.server.connect() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS t (x int)")
+            conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+            # the segment the switch completes (a boundary LSN names the segment before it)
+            wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                last, failed = conn.execute(
+                    "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
+                if last and last >= wal:
+                    return wal
+                time.sleep(0.1)
+        raise AssertionError(f"{wal} not archived in {timeout}s (last failed: {failed}); "
+                             f"log: {self.server.cluster.log_file.read_text()[-2000:]}")
+
+    def cli(self, *args):
+        return run_cli("--config", str(self.config_path), *args)
+
+    def cleanup(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def wal_setup(pg):
+    setup = WalSetup(pg)
+    yield setup
+    setup.cleanup()
+
+
+def test_postgres_archives_through_wal_push_and_fetch_returns_the_bytes(wal_setup, tmp_path):
+    wal_setup.enable_archiving()
+    names = [wal_setup.switch_and_wait() for _ in range(3)]
+    archive = list_archive(open_locations(wal_setup.config), "app")
+    assert set(names) <= set(archive.segments[1]) and archive.gaps(1) == []
+    listed = wal_setup.cli("wal", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [tl] = json.loads(listed.stdout)["timelines"]
+    assert tl["timeline"] == 1 and tl["gaps"] == [] and tl["last"] >= names[-1]
+    # stored compressed and encrypted, not in the clear
+    stored = next((wal_setup.repo / "app/wal/00000001").glob(f"{names[0]}.zst.age"))
+    original = (wal_setup.server.cluster.data_dir / "pg_wal" / names[0]).read_bytes()
+    assert original[:64] not in stored.read_bytes()
+
+    dest = tmp_path / "RECOVERYXLOG"
+    r = wal_setup.cli("wal-fetch", names[0], str(dest))
+    assert r.returncode == 0, r.stderr
+    assert dest.read_bytes() == original
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp file left
+
+    # PostgreSQL asks for files that never existed: exit 1, "not found", nothing written
+    missing = wal_setup.cli("wal-fetch", "00000002.history", str(tmp_path / "h"))
+    assert missing.returncode == 1 and "not in the WAL archive" in missing.stderr
+    assert not (tmp_path / "h").exists()
+
+
+def test_push_refuses_different_content_and_another_cluster(wal_setup, tmp_path):
+    wal_setup.enable_archiving()
+    name = wal_setup.switch_and_wait()
+    segment = wal_setup.server.cluster.data_dir / "pg_wal" / name
+    copy = tmp_path / name
+    shutil.copy(segment, copy)
+    again = wal_setup.cli("wal-push", str(copy))  # PostgreSQL re-archiving after a crash: same bytes
+    assert again.returncode == 0, again.stderr
+
+    data = bytearray(copy.read_bytes())
+    data[5000] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    differs = wal_setup.cli("wal-push", str(copy))
+    assert differs.returncode == 1 and "already archived on local with different content" in differs.stderr
+
+    # a segment from another cluster (the test clusters share one initdb, so give this copy
+    # another system identifier in its long page header, as a different initdb would have)
+    foreign = bytearray(segment.read_bytes())
+    foreign[24:32] = (int.from_bytes(foreign[24:32], "little") + 1).to_bytes(8, "little")
+    foreign_copy = tmp_path / "foreign" / "0000000100000000000000F0"
+    foreign_copy.parent.mkdir()
+    foreign_copy.write_bytes(bytes(foreign))
+    refused = wal_setup.cli("wal-push", str(foreign_copy))
+    assert refused.returncode == 1 and "comes from cluster" in refused.stderr and "refusing to mix" in refused.stderr
+    assert not list(wal_setup.repo.rglob("0000000100000000000000F0*"))
+
+    junk = tmp_path / "notwal"
+    junk.write_bytes(b"x" * 100)
+    assert wal_setup.cli("wal-push", str(junk)).returncode == 1
+
+
+def test_location_down_during_push_then_back(pg, tmp_path):
+    """A location down: non-zero exit (PostgreSQL retries), nothing lost once it is back."""
+    doomed = start_moto()
+    s3 = boto3.client("s3", endpoint_url=doomed.url, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    setup = WalSetup(pg, {"s3": s3_location(doomed)})
+    try:
+        setup.enable_archiving()
+        name = setup.switch_and_wait()
+        segment = tmp_path / name
+        shutil.copy(pg.cluster.data_dir / "pg_wal" / name, segment)
+        port = doomed.port
+        doomed.stop()
+        with pg.connect() as conn:
+            conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+            pending = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0] == 0:
+                assert time.monotonic() < deadline, "the archiver never reported a failure"
+                time.sleep(0.2)
+            stats = conn.execute("SELECT * FROM pg_stat_archiver").fetchone()
+            assert stats[0] > 0 and stats[1] < pending, f"{stats} {pending} {pg.cluster.log_file.read_text()[-3000:]}"
+        ready = pg.cluster.data_dir / "pg_wal" / "archive_status" / f"{pending}.ready"
+        assert ready.exists()  # PostgreSQL keeps it and will retry
+
+        # the S3 server comes back (same port, empty: a new bucket); the archiver catches up
+        import subprocess
+        import sys
+
+        from dr_pipelines_tests.conftest import HttpServer, wait_for_port
+
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        back = HttpServer(proc, port)
+        try:
+            wait_for_port(port)
+            boto3.client("s3", endpoint_url=back.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+            with pg.connect() as conn:
+                deadline = time.monotonic() + 60
+                while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < pending:
+                    assert time.monotonic() < deadline, "the archiver did not catch up"
+                    time.sleep(0.2)
+            s3_keys = [o["Key"] for o in boto3.client("s3", endpoint_url=back.url, region_name="us-east-1")
+                       .list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+            assert any(k.endswith(f"{pending}.json") for k in s3_keys)
+            # a segment archived while S3 was down is fetched from S3 alone, byte for byte
+            s3_only = open_locations(setup.config, "s3")
+            from dr_pipelines.core.streams import load_identities
+            from dr_pipelines.core.wal import wal_fetch
+
+            wal_fetch(setup.config, "app", pending, tmp_path / "fetched", s3_only, load_identities(setup.config))
+            assert (tmp_path / "fetched").read_bytes() == (pg.cluster.data_dir / "pg_wal" / pending).read_bytes()
+        finally:
+            back.stop()
+    finally:
+        setup.cleanup()
+
+
+def test_fetch_corrupt_copy_and_unreachable_location(wal_setup, tmp_path):
+    wal_setup.enable_archiving()
+    name = wal_setup.switch_and_wait()
+    obj = next((wal_setup.repo / "app/wal/00000001").glob(f"{name}.zst.age"))
+    good = obj.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    obj.write_bytes(bytes(bad))
+    r = wal_setup.cli("wal-fetch", name, str(tmp_path / "x"))
+    # corrupt is not "not found": recovery must abort (exit > 125), never end early
+    assert r.returncode > 125 and "fails its checksum" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+    # the location unreachable (its directory unreadable): also an abort, after the retries
+    obj.write_bytes(good)
+    os.rename(wal_setup.repo, wal_setup.root / "moved")
+    (wal_setup.repo).write_text("not a directory")
+    r = wal_setup.cli("wal-fetch", name, str(tmp_path / "y"))
+    assert r.returncode > 125, r.stderr
+    assert "attempt 2 failed" in r.stderr
