@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("report", help="compliance report: success rate, RPO/RTO achieved, storage")
-    rp.add_argument("--days", type=int, default=30, metavar="N")
+    rp.add_argument("--days", type=lambda v: max(1, int(v)), default=30, metavar="N", help="at least 1 (default 30)")
     rp.add_argument("--json", action="store_true")
     rp.add_argument("--store", action="store_true", help="also store JSON/HTML/Markdown copies in the repository")
     rp.set_defaults(func=cmd_report)

@@ -17,7 +17,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from dr_pipelines.core.config import DrConfig, PagerDutyAlertConfig, WebhookAlertConfig, _read_env
+from dr_pipelines.core.config import ConfigError, DrConfig, PagerDutyAlertConfig, WebhookAlertConfig, _read_env
 
 TRIGGER = "trigger"
 RESOLVE = "resolve"
@@ -76,8 +76,8 @@ class WebhookChannel:
     name: str
     url: str
     format: str = "slack"
-    retries: int = 3
-    timeout: float = 10
+    retries: int = 2
+    timeout: float = 5
 
     def payload(self, action: str, alert: Alert) -> dict:
         text = message_text(action, alert)
@@ -98,8 +98,8 @@ class PagerDutyChannel:
     name: str
     routing_key: str
     url: str
-    retries: int = 3
-    timeout: float = 10
+    retries: int = 2
+    timeout: float = 5
 
     def payload(self, action: str, alert: Alert) -> dict:
         body = {"routing_key": self.routing_key, "event_action": action, "dedup_key": f"dr_pipelines:{alert.key}"}
@@ -114,15 +114,20 @@ class PagerDutyChannel:
         _post(self.name, self.url, self.payload(action, alert), self.retries, self.timeout)
 
 
-def channels_from_config(config: DrConfig) -> list[Channel]:
-    """Secrets (the webhook URL, the routing key) come from environment variables."""
+def channels_from_config(config: DrConfig) -> tuple[list[Channel], list[str]]:
+    """The usable channels, and why the others are not (secrets come from environment variables;
+    one missing variable must not silence the other channels)."""
     out: list[Channel] = []
+    broken: list[str] = []
     for name, a in config.alerts.items():
-        if isinstance(a, WebhookAlertConfig):
-            out.append(WebhookChannel(name, _read_env(a.url_env, f"alerts.{name}.url_env"), a.format))
-        elif isinstance(a, PagerDutyAlertConfig):
-            out.append(PagerDutyChannel(name, _read_env(a.routing_key_env, f"alerts.{name}.routing_key_env"), a.url))
-    return out
+        try:
+            if isinstance(a, WebhookAlertConfig):
+                out.append(WebhookChannel(name, _read_env(a.url_env, f"alerts.{name}.url_env"), a.format))
+            elif isinstance(a, PagerDutyAlertConfig):
+                out.append(PagerDutyChannel(name, _read_env(a.routing_key_env, f"alerts.{name}.routing_key_env"), a.url))
+        except ConfigError as e:
+            broken.append(str(e))
+    return out, broken
 
 
 def now_iso() -> str:
@@ -154,8 +159,12 @@ class IncidentBook:
     def open_keys(self) -> set[str]:
         return {k for k, v in self.incidents.items() if v["open"]}
 
-    def deliver(self, channels: list[Channel], log: Callable[[str], None] = lambda m: None) -> list[str]:
-        """Send what each channel still lacks; returns delivery errors (left pending for the next tick)."""
+    def deliver(self, channels: list[Channel], log: Callable[[str], None] = lambda m: None,
+                expected: list[str] | None = None) -> list[str]:
+        """Send what each channel still lacks; returns delivery errors (left pending for the next tick).
+        A cleared incident is forgotten only when every `expected` channel (default: those given)
+        has delivered its resolve, so an unusable channel still hears of it later."""
+        expected = [ch.name for ch in channels] if expected is None else expected
         errors = []
         down: set[str] = set()  # a channel that failed this tick is not tried again until the next
         for key, inc in list(self.incidents.items()):
@@ -178,6 +187,6 @@ class IncidentBook:
                         break
                     inc["sent"][ch.name] = action
                     log(f"alert {action} sent to {ch.name}: {alert.title}")
-            if not inc["open"] and all(inc["sent"].get(ch.name) == RESOLVE for ch in channels):
+            if not inc["open"] and all(inc["sent"].get(name) == RESOLVE for name in expected):
                 del self.incidents[key]
         return errors

@@ -58,19 +58,23 @@ def _of(entries: list[CatalogEntry], database: str, kind: str) -> list[CatalogEn
 
 def check_freshness(config: DrConfig, database: str, catalog: Catalog, now: datetime,
                     kind: str = "logical") -> Outcome:
+    """ERROR past the alert limit (backups stopped arriving); WARNING past the RPO only (the
+    schedule cannot meet the objective: logical backups alone rarely can)."""
     cfg = config.database(database)
-    limit = cfg.freshness_limit(now)
+    limit, rpo = cfg.freshness_limit(now), cfg.objectives.rpo
     backups = _of(catalog.entries, database, kind)
-    md = {"limit_hours": _hours(limit), "rpo_hours": _hours(cfg.objectives.rpo)}
+    md = {"age_hours": -1.0, "limit_hours": _hours(limit), "rpo_hours": _hours(rpo), "newest_backup": ""}
     if not backups:
         return Outcome(database, FRESHNESS, False, ERROR, f"no {kind} backup of {database} exists", md)
     newest = backups[0].manifest
     age = now - newest.created_at
     md.update(age_hours=_hours(age), newest_backup=newest.id)
-    ok = age <= limit
-    return Outcome(database, FRESHNESS, ok, ERROR,
-                   f"newest {kind} backup {newest.id} is {_hours(age)} h old (limit {_hours(limit)} h)"
-                   + ("" if ok else "; backups have stopped arriving"), md)
+    text = f"newest {kind} backup {newest.id} is {_hours(age)} h old (alert limit {_hours(limit)} h, RPO {_hours(rpo)} h)"
+    if age > limit:
+        return Outcome(database, FRESHNESS, False, ERROR, text + "; backups have stopped arriving", md)
+    if age > rpo:
+        return Outcome(database, FRESHNESS, False, WARNING, text + "; older than the RPO", md)
+    return Outcome(database, FRESHNESS, True, ERROR, text, md)
 
 
 def size_history(backups: list[CatalogEntry], window: int) -> pd.DataFrame:
@@ -90,15 +94,16 @@ def check_size(config: DrConfig, database: str, catalog: Catalog, bad_ids: set[s
     if not backups:
         return Outcome(database, SIZE, True, WARNING, "no backup yet", {})
     newest, good = backups[0], [e for e in backups[1:] if e.id not in bad_ids]
-    if len(good) < c.size_min_history:
+    if len(good) < c.size_min_history:  # same metadata keys as a verdict, so the UI plots one series
         return Outcome(database, SIZE, True, WARNING,
                        f"{len(good)} earlier backups; no verdict before {c.size_min_history}",
-                       {"size_bytes": newest.manifest.size_bytes, "history": len(good)})
+                       {"size_bytes": newest.manifest.size_bytes, "mean_bytes": 0, "deviation_pct": 0.0,
+                        "tolerance_pct": round(100 * c.size_tolerance, 1), "history": len(good)})
     df = size_history([newest] + good[: c.size_window], c.size_window)
     mean = float(df["mean_before"].iloc[-1])
     size = newest.manifest.size_bytes
     deviation = (size - mean) / mean if mean else 0.0
-    ok = abs(deviation) <= c.size_tolerance
+    ok = abs(deviation) < c.size_tolerance  # exactly half (or double) the usual size is already outside
     md = {"size_bytes": size, "mean_bytes": round(mean), "deviation_pct": round(100 * deviation, 1),
           "tolerance_pct": round(100 * c.size_tolerance, 1), "history": len(df) - 1,
           "history_table": df.assign(created_at=df["created_at"].dt.strftime("%Y-%m-%d %H:%M"))

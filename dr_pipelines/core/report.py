@@ -62,6 +62,8 @@ def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | Non
 
 
 def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
+    if days < 1:
+        raise ValueError("the report covers at least 1 day (--days N, N >= 1)")
     now = h.now
     start = now - timedelta(days=days)
     rows, recs = [], []
@@ -70,7 +72,10 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
         rpo, rto = cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds()
         kind = "logical"
         backups = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == kind]
-        points = [e.manifest.created_at for e in backups]
+        # recovery points: every successful attempt (records survive retention, which thins the
+        # backups themselves) and every backup still held
+        points = sorted({e.manifest.created_at for e in backups} | {
+            datetime.fromisoformat(a["started_at"]) for a in h.attempts.get(db, []) if a.get("succeeded")})
         attempts = pd.DataFrame([a for a in h.attempts.get(db, [])
                                  if datetime.fromisoformat(a["started_at"]) >= start],
                                 columns=["started_at", "succeeded"])
@@ -79,7 +84,7 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
                              columns=["started_at", "passed", "rto_s"])
         attempted = len(attempts)
         succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0
-        in_window = sum(p >= start for p in points)
+        in_window = sum(e.manifest.created_at >= start for e in backups)
         if attempted == 0:  # backups taken before attempts were recorded still count as successes
             attempted = succeeded = in_window
         rpo_achieved = _gaps(points, start, now)

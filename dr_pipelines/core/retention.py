@@ -88,14 +88,18 @@ def facts_from_catalog(entries: Iterable[CatalogEntry], pinned: set[str]) -> lis
             for e in entries]
 
 
-def pinned_ids(locations: Iterable[Location], entries: Iterable[CatalogEntry]) -> set[str]:
-    """A backup is pinned if any location holds a pin.json beside its manifest."""
+def pinned_ids(locations: Iterable[Location], entries: Iterable[CatalogEntry],
+               problems: list[str] | None = None) -> set[str]:
+    """A backup is pinned if any location holds a pin.json beside its manifest. A location that
+    cannot be listed is a problem (a pin there would be missed), so the plan then removes nothing."""
     entries = list(entries)
     pinned = set()
     for loc in locations:
         try:
             keys = {o.key for o in loc.list()}
-        except LocationError:
+        except LocationError as e:
+            if problems is not None:
+                problems.append(str(e))
             continue
         pinned |= {e.id for e in entries if f"{e.manifest.prefix}/{PIN}" in keys}
     return pinned
@@ -219,10 +223,10 @@ def newest_verified(locations: dict[str, Location], databases: Iterable[str]) ->
 
     verified = {}
     for db in databases:
-        for report in load_reports(locations, db, "restore_test"):  # newest first
-            if report.get("passed") and report.get("backup_id"):
-                verified[(db, "logical")] = report["backup_id"]
-                break
+        passed = [r for r in load_reports(locations, db, "restore_test") if r.get("passed") and r.get("backup_id")]
+        if passed:  # the newest *backup* proven, not the most recent test (which may test an old one)
+            newest = max(passed, key=lambda r: (r.get("backup_created_at") or "", r["backup_id"]))
+            verified[(db, "logical")] = newest["backup_id"]
     return verified
 
 
@@ -244,7 +248,7 @@ def build_plan(config, locations: dict[str, Location], now: datetime) -> Retenti
 
     catalog = load_catalog(locations.values())
     entries = {e.id: e for e in catalog.entries}
-    facts = facts_from_catalog(catalog.entries, pinned_ids(locations.values(), catalog.entries))
+    facts = facts_from_catalog(catalog.entries, pinned_ids(locations.values(), catalog.entries, catalog.problems))
     decisions = plan_retention(facts, config.retention, now, newest_verified(locations, config.databases))
     if catalog.problems:
         for d in decisions:

@@ -10,15 +10,23 @@ from urllib.parse import quote
 import dagster as dg
 
 from dr_pipelines.core.alerts import Alert, IncidentBook, channels_from_config
-from dr_pipelines.core.config import ConfigError, DrConfig
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core import health
 from dr_pipelines.core.health import check_freshness
 from dr_pipelines.core.repository import load_catalog
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.restore_test import PASSED as RESTORE_TEST_PASSED
 
 RUN_FAILURES = "dr_run_failure_alerts"
 CHECK_FAILURES = "dr_check_failure_alerts"
 STALENESS = "dr_staleness_alerts"
-FIRST_LOOK_BACK = timedelta(days=1)  # a new sensor reports failures of the last day, not all history
+FIRST_LOOK_BACK = timedelta(days=1)
+# One alert per incident: these checks' failures already alert through another sensor.
+ALERTED_ELSEWHERE = {
+    health.FRESHNESS: "the staleness sensor",
+    health.INTEGRITY: "the run-failure sensor (blocking: its failure fails the run)",
+    RESTORE_TEST_PASSED: "the run-failure sensor (blocking)",
+}  # a new sensor reports failures of the last day, not all history
 
 
 def _iso(ts: float) -> str:
@@ -31,12 +39,10 @@ def ui_url(config: DrConfig, path: str) -> str:
 
 def _finish(context, config: DrConfig, book: IncidentBook) -> dg.SensorResult:
     """Deliver what is pending; a channel that is down never crashes the sensor (retried next tick)."""
-    try:
-        channels = channels_from_config(config)
-    except ConfigError as e:
-        context.log.error(f"alerts not sent: {e}")
-        channels = []
-    errors = book.deliver(channels, context.log.info)
+    channels, broken = channels_from_config(config)
+    for problem in broken:  # e.g. its env var is missing: the other channels still deliver
+        context.log.error(f"alert channel not usable: {problem}")
+    errors = book.deliver(channels, context.log.info, expected=list(config.alerts)) + broken
     open_now = sorted(book.open_keys())
     skip = None if not errors else "delivery failed, will retry: " + "; ".join(errors)
     if not errors:
@@ -45,7 +51,9 @@ def _finish(context, config: DrConfig, book: IncidentBook) -> dg.SensorResult:
 
 
 def _run_subject(run: dg.DagsterRun) -> str:
-    if run.job_name.startswith("__") and run.asset_selection:  # ad-hoc materialization from the UI
+    """Runs that materialize assets are keyed by their assets, so a failed automatic restore test
+    is resolved by a later success of the same assets, whichever job ran them."""
+    if run.asset_selection:
         return "assets " + ", ".join(sorted(k.to_user_string() for k in run.asset_selection))
     return f"job {run.job_name}"
 
@@ -98,9 +106,9 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
         keys = list(context.repository_def.asset_graph.asset_check_keys)
         latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
         for check_key, record in latest.items():
+            if record.status.value not in ("SUCCEEDED", "FAILED") or check_key.name in ALERTED_ELSEWHERE:
+                continue  # planned but not evaluated (its run failed or is running): the run sensor's
             evaluation = record.evaluation
-            if evaluation is None:  # planned, not evaluated: the run-failure sensor covers it
-                continue
             asset = check_key.asset_key.to_user_string()
             key = f"check:{asset}:{check_key.name}"
             if evaluation.passed:
@@ -126,9 +134,10 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
             outcome = check_freshness(cfg, db, catalog, now)
             key = f"stale:{db}"
             newest = outcome.metadata.get("newest_backup")
-            since = now if newest is None else catalog.find(db, newest).manifest.created_at + timedelta(
+            since = now if not newest else catalog.find(db, newest).manifest.created_at + timedelta(
                 hours=outcome.metadata["limit_hours"])
-            book.observe(key, None if outcome.passed else Alert(
+            stale = not outcome.passed and outcome.severity == health.ERROR  # past alert_after, not just the RPO
+            book.observe(key, None if not stale else Alert(
                 key=key, title=f"backups of {db} have stopped arriving", detail=outcome.description,
                 source=f"database {db}" + (f" (newest {newest})" if newest else ""),
                 since=since.isoformat(timespec="seconds"),

@@ -17,7 +17,7 @@ COMPLIANCE_REPORT = dg.AssetKey(["dr", "compliance_report"])
 
 
 class ReportConfig(dg.Config):
-    days: int = Field(default=30, description="How many days the report covers.")
+    days: int = Field(default=30, ge=1, description="How many days the report covers.")
 
 
 def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
