@@ -288,6 +288,52 @@ def cmd_pg_config(args) -> int:
     return EXIT_OK
 
 
+def cmd_base_backup(args) -> int:
+    from dr_pipelines.core.base_backup import run_base_backup
+
+    config = _config(args)
+    result = run_base_backup(config, args.db, _locations(config), log=_log)
+    print(result.manifest.id)
+    return EXIT_OK
+
+
+def _target_time(text: str):
+    from datetime import datetime
+
+    from dr_pipelines.core.config import ConfigError
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--time {text!r} is not an ISO 8601 time (e.g. 2026-11-23T10:15:00+00:00)") from None
+    if t.tzinfo is None:
+        raise ConfigError(f"--time {text!r} has no time zone; add one (e.g. +00:00 or Z)")
+    return t
+
+
+def cmd_pitr(args) -> int:
+    from pathlib import Path
+
+    from dr_pipelines.core.config import ConfigError
+    from dr_pipelines.core.pitr import PitrFailed, PitrRequest, run_pitr
+
+    config = _config(args)
+    if args.overwrite and args.yes != str(Path(args.data_dir).resolve()):
+        raise ConfigError("--overwrite replaces the directory's contents: confirm with --yes "
+                          f"{Path(args.data_dir).resolve()}")
+    request = PitrRequest(args.db, Path(args.data_dir).resolve(), args.port,
+                          target_time=_target_time(args.time) if args.time else None, target_lsn=args.lsn,
+                          target_xid=args.xid, target_name=args.name, overwrite=args.overwrite,
+                          archive=args.archive, timeout_s=args.timeout, backup_id=args.backup)
+    try:
+        report = run_pitr(config, args.config, request, _locations(config), log=_log)
+    except PitrFailed as e:
+        print(json.dumps(e.report.to_dict(), indent=2))
+        raise
+    print(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- monitoring
 
 
@@ -423,6 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backup", metavar="ID")
     t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
     t.set_defaults(func=cmd_test_restore)
+
+    bb = sub.add_parser("base-backup", help="take a physical base backup now (needs WAL archiving on)")
+    bb.add_argument("db", metavar="DB")
+    bb.set_defaults(func=cmd_base_backup)
+
+    pt = sub.add_parser("pitr", help="point-in-time recovery into a new data directory and port")
+    pt.add_argument("db", metavar="DB")
+    pt.add_argument("--data-dir", required=True, metavar="DIR", help="a new directory (never a running cluster's)")
+    pt.add_argument("--port", type=int, required=True)
+    target = pt.add_mutually_exclusive_group(required=True)
+    target.add_argument("--time", metavar="ISO8601", help="e.g. 2026-11-23T10:15:00+00:00 (time zone required)")
+    target.add_argument("--lsn", metavar="LSN")
+    target.add_argument("--xid", metavar="XID")
+    target.add_argument("--name", metavar="RESTORE_POINT")
+    target.add_argument("--latest", action="store_true", help="replay all archived WAL")
+    pt.add_argument("--backup", metavar="ID", help="this base backup (default: the newest before the target)")
+    pt.add_argument("--overwrite", action="store_true", help="replace a non-empty --data-dir; needs --yes DIR")
+    pt.add_argument("--yes", metavar="DIR", help="the --data-dir again, to confirm --overwrite")
+    pt.add_argument("--archive", action="store_true", help="keep archiving WAL from the restored cluster")
+    pt.add_argument("--timeout", type=float, default=600, metavar="S", help="replay timeout (default 600 s)")
+    pt.set_defaults(func=cmd_pitr)
 
     wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
     wp.add_argument("path", metavar="PATH")

@@ -30,7 +30,9 @@ class WalSetup:
         self.identity = self.root / "identity.txt"
         self.identity.write_text(f"{ident}\n")
         self.identity.chmod(0o600)
-        for p in (self.root, self.repo, self.identity):
+        # the WAL tree is written by PostgreSQL's archiver (the postgres user), the rest by us (root)
+        (self.repo / "app" / "wal").mkdir(parents=True)
+        for p in (self.root, self.repo, self.repo / "app", self.repo / "app" / "wal", self.identity):
             chown_to_postgres(p)
         self.config_path = self.root / "dr.yaml"
         self.config_path.write_text(yaml.safe_dump({
@@ -39,7 +41,7 @@ class WalSetup:
             "locations": {"local": {"type": "local", "path": str(self.repo)}, **(extra_locations or {})},
             "encryption": ({"method": "age", "recipients": [str(ident.to_public())],
                             "identity_file": str(self.identity)} if encrypted else {"method": "none"}),
-            "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s"},
+            "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s", "archive_wait": "30s"},
         }))
         self.config_path.chmod(0o644)
         self.config = config_from(self.config_path)

@@ -19,6 +19,7 @@ def _known() -> dict[type, int]:
     from dr_pipelines.core.streams import AllTargetsFailed
     from dr_pipelines.core.metrics import MetricsError
     from dr_pipelines.core.wal import WalError, WalNotFound
+    from dr_pipelines.core.pitr import PitrError
 
     return {
         ConfigError: 2,
@@ -36,6 +37,7 @@ def _known() -> dict[type, int]:
         MetricsError: 1,
         WalError: 1,
         WalNotFound: 1,
+        PitrError: 1,
     }
 
 

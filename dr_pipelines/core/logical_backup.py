@@ -79,6 +79,11 @@ ATTEMPTS = "backup_attempt"
 
 def run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location],
                        log: Log = lambda msg: None) -> BackupResult:
+    return record_attempt("logical", config, database, locations, log, _run_logical_backup)
+
+
+def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[str, Location], log: Log,
+                   run: Callable[..., "BackupResult"]) -> "BackupResult":
     """Take the backup, and record the attempt (success or failure) in the repository: the
     compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
     config.database(database)
@@ -86,9 +91,9 @@ def run_logical_backup(config: DrConfig, database: str, locations: dict[str, Loc
         raise BackupFailed("no location to write to")
     started = datetime.now(timezone.utc)
     backup_id = new_backup_id(started)
-    record = {"kind": "logical", "database": database, "started_at": started.isoformat(), "backup_id": backup_id}
+    record = {"kind": kind, "database": database, "started_at": started.isoformat(), "backup_id": backup_id}
     try:
-        result = _run_logical_backup(config, database, locations, log, started, backup_id)
+        result = run(config, database, locations, log, started, backup_id)
     except BaseException as e:
         stored_on = e.committed if isinstance(e, PartialBackup) else []
         record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
@@ -100,6 +105,27 @@ def run_logical_backup(config: DrConfig, database: str, locations: dict[str, Loc
         record["finished_at"] = datetime.now(timezone.utc).isoformat()
         store_record(locations, database, ATTEMPTS, record["started_at"],
                      json.dumps(record, sort_keys=True).encode(), log)
+
+
+def commit_manifest(manifest: Manifest, locations: dict[str, Location], stored: list[str],
+                    failed: dict[str, str], log: Log) -> BackupResult:
+    """Write the manifest (the commit marker) where the objects committed; fail loudly otherwise."""
+    committed: list[str] = []
+    failed = dict(failed)
+    for loc_name in stored:
+        try:
+            write_manifest(locations[loc_name], manifest)
+            committed.append(loc_name)
+        except Exception as e:
+            failed[loc_name] = str(e)
+    if not committed:
+        raise BackupFailed(f"{manifest.kind} backup {manifest.id} failed on every location: "
+                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    log(f"{manifest.kind} backup {manifest.id}: {manifest.size_bytes} bytes stored on {', '.join(committed)} "
+        f"in {manifest.duration_s:.1f}s")
+    if failed:
+        raise PartialBackup(manifest, committed, failed)
+    return BackupResult(manifest, committed)
 
 
 def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location], log: Log,
@@ -183,19 +209,4 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
         schema_fingerprint=facts_box["schema_fingerprint"],
     )
     # The manifest goes last, and only where the object committed: it is the commit marker.
-    committed: list[str] = []
-    failed = dict(result.failed)
-    for loc_name in result.committed:
-        try:
-            write_manifest(locations[loc_name], manifest)
-            committed.append(loc_name)
-        except Exception as e:
-            failed[loc_name] = str(e)
-    if not committed:
-        raise BackupFailed(f"backup {backup_id} failed on every location: "
-                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    log(f"backup {backup_id}: {manifest.size_bytes} bytes stored on {', '.join(committed)} "
-        f"in {manifest.duration_s:.1f}s")
-    if failed:
-        raise PartialBackup(manifest, committed, failed)
-    return BackupResult(manifest, committed)
+    return commit_manifest(manifest, locations, result.committed, result.failed, log)

@@ -1,0 +1,222 @@
+"""Physical base backup: `pg_basebackup -Ft -D -` streamed through compress / encrypt / hash to every
+location, PostgreSQL's own `backup_manifest` kept inside the tar.
+
+The start and stop LSN and timeline come from that manifest's WAL-Ranges (read from the stream as it
+passes, no copy on disk). The backup is complete only when every WAL segment from start to stop is
+in the archive: we wait for it (wal.archive_wait), then write our manifest, the commit marker. If the
+WAL never arrives the run fails loudly and the backup stays invisible (its objects are removed).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Callable
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.logical_backup import BackupFailed, BackupResult, commit_manifest, record_attempt
+from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts, tool_version
+from dr_pipelines.core.repository import Manifest, ManifestObject
+from dr_pipelines.core.storage import Location, LocationError
+from dr_pipelines.core.streams import CountingReader, object_suffix, recipient_fingerprints, stream_to_locations
+from dr_pipelines.core.wal import list_archive, lsn_to_segment, parse_segment
+
+Log = Callable[[str], None]
+BLOCK = 512
+
+
+class TarWatcher:
+    """Reads a tar stream passing through and keeps the few small members we need (ustar headers,
+    as pg_basebackup writes them)."""
+
+    def __init__(self, src, wanted: set[str]):
+        self._src = src
+        self._wanted = wanted
+        self._buf = bytearray()
+        self._skip = 0  # content bytes (padded) still to pass before the next header
+        self._capture: tuple[str, int] | None = None
+        self.members: dict[str, bytes] = {}
+        self.last_data = time.monotonic()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._src.read(size)
+        self._feed(data)
+        return data
+
+    def readinto(self, b) -> int:
+        n = self._src.readinto(b)
+        if n:
+            self._feed(bytes(memoryview(b)[:n]))
+        return n
+
+    def _feed(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
+        self._buf += data
+        while True:
+            if self._skip:
+                take = min(self._skip, len(self._buf))
+                if self._capture:
+                    name, size = self._capture
+                    have = len(self.members.get(name, b""))
+                    keep = max(0, min(take, size - have))
+                    self.members[name] = self.members.get(name, b"") + bytes(self._buf[:keep])
+                del self._buf[:take]
+                self._skip -= take
+                if self._skip:
+                    return
+                self._capture = None
+            if len(self._buf) < BLOCK:
+                return
+            header = bytes(self._buf[:BLOCK])
+            del self._buf[:BLOCK]
+            if header == b"\0" * BLOCK:
+                continue
+            name = header[:100].rstrip(b"\0").decode(errors="replace")
+            prefix = header[345:500].rstrip(b"\0").decode(errors="replace")
+            if prefix:
+                name = f"{prefix}/{name}"
+            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+            self._skip = (size + BLOCK - 1) // BLOCK * BLOCK
+            if name in self._wanted:
+                self._capture = (name, size)
+                self.members[name] = b""
+
+
+def wal_range(backup_manifest: bytes) -> dict:
+    ranges = json.loads(backup_manifest)["WAL-Ranges"]
+    if len(ranges) != 1:  # a timeline switch during the backup: still restorable, we record the last
+        ranges = [ranges[-1]]
+    r = ranges[0]
+    return {"timeline": r["Timeline"], "start_lsn": r["Start-LSN"], "stop_lsn": r["End-LSN"]}
+
+
+def missing_wal(locations: dict[str, Location], database: str, timeline: int, first: str, last: str) -> list[str]:
+    archive = list_archive(locations, database)
+    size = archive.segment_size
+    have = set(archive.segments.get(timeline, []))
+    if size is None:
+        return [first] if first not in have else []
+    from dr_pipelines.core.wal import segment_name
+
+    lo, hi = parse_segment(first, size)[1], parse_segment(last, size)[1]
+    return [n for n in (segment_name(timeline, i, size) for i in range(lo, hi + 1)) if n not in have]
+
+
+def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location], rng: dict, segment_size: int,
+                 log: Log) -> None:
+    first = lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size)
+    last = lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size)
+    deadline = time.monotonic() + config.wal.archive_wait.total_seconds()
+    while True:
+        missing = missing_wal(locations, database, rng["timeline"], first, last)
+        if not missing:
+            log(f"WAL {first} .. {last} is archived: the base backup is consistent")
+            return
+        if time.monotonic() > deadline:
+            raise BackupFailed(
+                f"base backup of {database!r} is not usable: WAL {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''} was not archived within {config.wal.archive_wait}. "
+                f"Is archiving on? Run `dr-pipelines pg-config {database}` and check pg_stat_archiver")
+        time.sleep(0.5)
+
+
+def run_base_backup(config: DrConfig, database: str, locations: dict[str, Location],
+                    log: Log = lambda msg: None) -> BackupResult:
+    return record_attempt("base", config, database, locations, log, _run)
+
+
+def _run(config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime,
+         backup_id: str) -> BackupResult:
+    db = config.database(database)
+    t0 = time.monotonic()
+    with connect(db, database) as conn:
+        facts = server_facts(conn)
+        segment_size = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0])
+        archiving = conn.execute("SELECT current_setting('archive_mode')").fetchone()[0]
+    if archiving == "off":
+        raise BackupFailed(f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
+                           f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL")
+    tool = pg_tool("pg_basebackup", db, facts["server_major"])
+    name = "base.tar" + object_suffix(config.compression, config.encryption)
+    key = f"{database}/base/{backup_id}/{name}"
+    log(f"base backup {backup_id}: pg_basebackup of {db.host}:{db.port} -> "
+        + ", ".join(loc.url(key) for loc in locations.values()))
+    cmd = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--manifest-checksums=SHA256",
+           "--no-password", "--label", f"dr_pipelines {backup_id}"]
+    env = libpq_env(db, database)
+    env.pop("PGDATABASE", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+    stderr: deque = deque(maxlen=20)
+    reader = threading.Thread(target=lambda: [stderr.append(ln.decode(errors="replace").rstrip())
+                                              for ln in proc.stderr], daemon=True)
+    reader.start()
+    watcher = TarWatcher(proc.stdout, {"backup_manifest", "backup_label"})
+    source = CountingReader(watcher)
+    # With -X none the server ends the backup only once its last WAL segment is archived; if
+    # archiving is broken the stream stalls there. A stall longer than wal.archive_wait ends it.
+    stalled = threading.Event()
+
+    def watchdog():
+        limit = config.wal.archive_wait.total_seconds()
+        while proc.poll() is None:
+            if time.monotonic() - watcher.last_data > limit:
+                stalled.set()
+                proc.kill()
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
+    def check_tool():
+        rc = proc.wait()
+        reader.join(timeout=5)
+        if stalled.is_set():
+            raise BackupFailed(
+                f"base backup of {database!r} is not usable: PostgreSQL waited more than {config.wal.archive_wait} "
+                f"for its WAL to be archived (archive_command failing?). Run `dr-pipelines pg-config {database}` "
+                f"and check pg_stat_archiver. pg_basebackup said: {' | '.join(ln for ln in stderr if ln) or '-'}")
+        if rc != 0:
+            raise BackupFailed(f"pg_basebackup of {database!r} failed (exit {rc}); nothing was stored. "
+                               f"It said: {' | '.join(ln for ln in stderr if ln) or '(nothing)'}")
+        if "backup_manifest" not in watcher.members:
+            raise BackupFailed("pg_basebackup wrote no backup_manifest into the tar stream")
+
+    try:
+        result = stream_to_locations(source, list(locations.values()), key, config.compression, config.encryption,
+                                     before_commit=check_tool)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stopped = datetime.now(timezone.utc)
+    rng = wal_range(watcher.members["backup_manifest"])
+    try:
+        wait_for_wal(config, database, locations, rng, segment_size, log)
+    except BackupFailed:
+        for loc_name in result.committed:  # not a backup: leave nothing that looks like one
+            try:
+                locations[loc_name].delete(key)
+            except LocationError:
+                pass
+        raise
+    manifest = Manifest(
+        id=backup_id, kind="base", database=database, dbname=db.dbname, created_at=started,
+        finished_at=datetime.now(timezone.utc), duration_s=round(time.monotonic() - t0, 3),
+        server_version=facts["server_version"], system_identifier=facts["system_identifier"],
+        tool="pg_basebackup", tool_version=tool_version(tool), dump_format="tar",
+        compression={"method": config.compression.method, "level": config.compression.level},
+        encryption={"method": config.encryption.method, "recipients": recipient_fingerprints(config.encryption)},
+        objects=[ManifestObject(name=name, size=result.size, sha256=result.sha256)],
+        uncompressed_bytes=source.bytes,
+        extra={**rng, "stopped_at": stopped.isoformat(), "segment_size": segment_size,
+               "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
+               "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size),
+               "backup_label": watcher.members.get("backup_label", b"").decode(errors="replace")},
+    )
+    log(f"base backup {backup_id}: WAL {manifest.extra['wal_start']} .. {manifest.extra['wal_stop']} "
+        f"on timeline {rng['timeline']}")
+    return commit_manifest(manifest, locations, result.committed, result.failed, log)

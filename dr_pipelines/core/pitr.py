@@ -1,0 +1,308 @@
+"""Point-in-time recovery: a base backup plus archived WAL, replayed into a new data directory.
+
+Never over a running cluster: the target is a new directory and port (an existing non-empty
+directory needs explicit confirmation, and one with a live postmaster is always refused). The
+restored cluster gets our `restore_command`, the recovery target, `recovery_target_action =
+promote`, `recovery_target_timeline = latest` and `recovery.signal`; its inherited port, socket
+and archive settings are overridden (it must not archive into the source's archive unless asked).
+We follow replay with a timeout and report the point actually reached, the data-loss window and
+the RTO. A missing WAL segment is reported with the last reachable point, never hidden.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from dr_pipelines.core.cluster import LocalCluster, _postgres_ids, chown_to_postgres, run_as_postgres
+from dr_pipelines.core.config import ConfigError, DrConfig
+from dr_pipelines.core.logical_restore import decode_into
+from dr_pipelines.core.repository import BackupNotFound, CatalogEntry, load_catalog
+from dr_pipelines.core.storage import Location, LocationError
+from dr_pipelines.core.streams import HashingReader, load_identities
+from dr_pipelines.core.wal import list_archive, pg_quote, restore_command
+
+Log = Callable[[str], None]
+
+
+class PitrError(RuntimeError):
+    pass
+
+
+@dataclass
+class PitrRequest:
+    database: str
+    data_dir: Path
+    port: int
+    target_time: datetime | None = None
+    target_lsn: str | None = None
+    target_xid: str | None = None
+    target_name: str | None = None  # a restore point made with pg_create_restore_point()
+    overwrite: bool = False  # replace a non-empty data_dir (never one with a running server)
+    archive: bool = False  # keep archiving from the restored cluster (it becomes the new primary)
+    timeout_s: float = 600
+    backup_id: str | None = None
+
+    def __post_init__(self):
+        targets = [t for t in (self.target_time, self.target_lsn, self.target_xid, self.target_name) if t]
+        if len(targets) > 1:
+            raise ConfigError("choose one recovery target: time, lsn, xid or restore point name (or none for latest)")
+        if self.target_time is not None and self.target_time.tzinfo is None:
+            raise ConfigError("the target time needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+
+    @property
+    def target_text(self) -> str:
+        if self.target_time:
+            return f"time {self.target_time.isoformat()}"
+        if self.target_lsn:
+            return f"LSN {self.target_lsn}"
+        if self.target_xid:
+            return f"xid {self.target_xid}"
+        if self.target_name:
+            return f"restore point {self.target_name!r}"
+        return "latest"
+
+
+@dataclass
+class PitrReport:
+    database: str
+    target: str
+    data_dir: str
+    port: int
+    started_at: str
+    backup_id: str | None = None
+    location: str | None = None
+    reached_time: str | None = None
+    reached_lsn: str | None = None
+    stop_reason: str | None = None
+    timeline: int | None = None
+    data_loss_window_s: float | None = None
+    rto_s: float | None = None
+    promoted: bool = False
+    gaps: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lsn_int(lsn: str) -> int:
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: datetime) -> CatalogEntry:
+    """The newest base backup that ends before the target."""
+    bases = [e for e in entries if e.manifest.database == request.database and e.manifest.kind == "base"]
+    if request.backup_id:
+        for e in bases:
+            if e.id == request.backup_id:
+                return e
+        raise BackupNotFound(f"base backup {request.backup_id!r} of {request.database!r} not found")
+    if not bases:
+        raise BackupNotFound(f"no base backup of {request.database!r}: point-in-time recovery needs one "
+                             f"(take it with `dr-pipelines base-backup {request.database}`)")
+    if request.target_time:
+        if request.target_time > now:
+            raise PitrError(f"target {request.target_time.isoformat()} is in the future (now {now.isoformat()})")
+        ok = [e for e in bases if datetime.fromisoformat(e.manifest.extra["stopped_at"]) <= request.target_time]
+        if not ok:
+            oldest = min(datetime.fromisoformat(e.manifest.extra["stopped_at"]) for e in bases)
+            raise PitrError(f"target {request.target_time.isoformat()} is before the oldest base backup "
+                            f"(consistent from {oldest.isoformat()}); nothing can be recovered to that point")
+        return ok[0]
+    if request.target_lsn:
+        ok = [e for e in bases if lsn_int(e.manifest.extra["stop_lsn"]) <= lsn_int(request.target_lsn)]
+        if not ok:
+            raise PitrError(f"target LSN {request.target_lsn} is before the oldest base backup's end")
+        return ok[0]
+    return bases[0]
+
+
+def prepare_data_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if (path / "postmaster.pid").exists() and LocalCluster(path, 0).is_running():
+            raise PitrError(f"{path} belongs to a running PostgreSQL server; never restoring over it")
+        if not overwrite:
+            raise PitrError(f"{path} exists and is not empty; choose a new directory, or confirm overwriting it")
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    chown_to_postgres(path)
+
+
+def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location], data_dir: Path,
+            identities: list | None, log: Log) -> str:
+    """Stream the tar into the directory (tar runs as postgres), verifying the checksum; the first
+    location with a good copy wins."""
+    m = entry.manifest
+    obj = m.objects[0]
+    problems = []
+    uid, gid = _postgres_ids()
+    for name in entry.locations:
+        loc = locations.get(name)
+        if loc is None:
+            continue
+        tar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", str(data_dir)], stdin=subprocess.PIPE,
+                               stderr=subprocess.PIPE, user=uid, group=gid, extra_groups=[], cwd="/")
+        try:
+            with loc.open_read(m.object_key(obj.name)) as f:
+                src = HashingReader(f)
+                decode_into(src, tar.stdin, m.compression["method"], m.encryption["method"] == "age", identities)
+            tar.stdin.close()
+            rc = tar.wait()
+        except (LocationError, OSError, ValueError) as e:
+            tar.kill()
+            tar.wait()
+            problems.append(f"{name}: {e}")
+        else:
+            if src.sha256.hexdigest() != obj.sha256:
+                problems.append(f"{name}: {obj.name} fails its checksum")
+            elif rc != 0:
+                problems.append(f"{name}: tar failed: {tar.stderr.read().decode(errors='replace').strip()}")
+            else:
+                log(f"base backup {m.id} restored from {name} into {data_dir}")
+                return name
+        for child in data_dir.iterdir():  # start clean for the next location
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    raise PitrError(f"no usable copy of base backup {m.id}: {'; '.join(problems)}")
+
+
+def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
+    s = {
+        "restore_command": pg_quote(restore_command(config_file, request.database)),
+        "recovery_target_action": "'promote'",
+        "recovery_target_timeline": "'latest'",
+        "port": str(request.port),
+        "listen_addresses": "'127.0.0.1'",
+        "unix_socket_directories": "''",
+        "hot_standby": "on",
+        "archive_mode": "on" if request.archive else "off",
+    }
+    if request.target_time:
+        s["recovery_target_time"] = pg_quote(request.target_time.isoformat())
+    elif request.target_lsn:
+        s["recovery_target_lsn"] = pg_quote(request.target_lsn)
+    elif request.target_xid:
+        s["recovery_target_xid"] = pg_quote(request.target_xid)
+    elif request.target_name:
+        s["recovery_target_name"] = pg_quote(request.target_name)
+    return s
+
+
+_STOPPING = re.compile(r"recovery stopping (before|after) (.*?)(?:, time (\S+ \S+(?: \S+)?))?$", re.M)
+_LAST_XACT = re.compile(r"last completed transaction was at log time (\S+ \S+(?: \S+)?)", re.M)
+_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)", re.M)
+_TIMELINE = re.compile(r"selected new timeline ID: (\d+)", re.M)
+
+
+def _pg_time(text: str) -> datetime:
+    t = datetime.fromisoformat(text.replace(" UTC", "+00:00").replace(" ", "T", 1))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def read_outcome(log_text: str, report: PitrReport) -> None:
+    # "stopping before commit of X, time T": T is the first commit NOT applied; the point reached is
+    # the last completed transaction PostgreSQL reports at the end of recovery.
+    if m := _STOPPING.search(log_text):
+        report.stop_reason = f"recovery stopping {m.group(1)} {m.group(2)}"
+        if m.group(1) == "after" and m.group(3):
+            report.reached_time = _pg_time(m.group(3)).isoformat()
+    if m := _LAST_XACT.findall(log_text):
+        report.reached_time = _pg_time(m[-1]).isoformat()
+    if m := _REDO_DONE.findall(log_text):
+        report.reached_lsn = m[-1]
+    if m := _TIMELINE.findall(log_text):
+        report.timeline = int(m[-1])
+
+
+def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[str]:
+    """Missing segments after the base backup's first segment, on its timeline and later ones."""
+    archive = list_archive(locations, entry.manifest.database)
+    start = entry.manifest.extra["wal_start"]
+    out = []
+    for tli, names in archive.segments.items():
+        for a, b in archive.gaps(tli):
+            if b >= start or tli > int(start[:8], 16):
+                out.append(f"{a}..{b}" if a != b else a)
+    return out
+
+
+def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, locations: dict[str, Location],
+             log: Log = lambda m: None) -> PitrReport:
+    t0 = time.monotonic()
+    now = datetime.now(timezone.utc)
+    report = PitrReport(request.database, request.target_text, str(request.data_dir), request.port, now.isoformat())
+    config.database(request.database)
+    if config_file and run_as_postgres(["test", "-r", str(Path(config_file).resolve())]).returncode != 0:
+        raise PitrError(f"the postgres user cannot read {config_file}; restore_command runs as postgres. "
+                        "Move the config (and the age identity) where postgres can read them")
+    catalog = load_catalog(locations.values(), request.database, "base")
+    entry = choose_base_backup(catalog.entries, request, now)
+    report.backup_id = entry.id
+    report.gaps = archive_gaps(locations, entry)
+    if report.gaps and not (request.target_time or request.target_lsn or request.target_xid or request.target_name):
+        raise PitrError(f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
+                        "Recovery to 'latest' would stop at the gap and promote early; choose a target before "
+                        "the gap (the last reachable point is the end of the segment before it)")
+    identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
+    prepare_data_dir(request.data_dir, request.overwrite)
+    report.location = extract(config, entry, locations, request.data_dir, identities, log)
+    for stale in ("postmaster.pid", "standby.signal"):
+        (request.data_dir / stale).unlink(missing_ok=True)
+    cluster = LocalCluster(request.data_dir, request.port)
+    cluster.write_settings(recovery_settings(config_file, request))
+    (request.data_dir / "recovery.signal").touch()
+    chown_to_postgres(request.data_dir / "recovery.signal")
+    log(f"replaying WAL to {request.target_text} on port {request.port} ...")
+    try:
+        cluster.start(timeout=request.timeout_s)
+    except Exception:
+        pass  # it may have stopped already (recovery ended before the target): the log says why
+    deadline = time.monotonic() + request.timeout_s
+    while True:
+        log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+        if not cluster.is_running():
+            read_outcome(log_text, report)
+            fatal = [ln for ln in log_text.splitlines() if "FATAL" in ln or "PANIC" in ln]
+            report.error = (f"recovery stopped without reaching {request.target_text}: "
+                            f"{fatal[-1] if fatal else 'the server exited'}; last reachable point: "
+                            f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
+                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
+            raise PitrFailed(report)
+        try:
+            with psycopg.connect(host="127.0.0.1", port=request.port, user="postgres", dbname="postgres",
+                                 connect_timeout=3, autocommit=True) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    break
+        except psycopg.OperationalError:
+            pass
+        if time.monotonic() > deadline:
+            cluster.stop("fast")
+            read_outcome(log_text, report)
+            report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
+            raise PitrFailed(report)
+        time.sleep(0.3)
+    report.promoted = True
+    report.rto_s = round(time.monotonic() - t0, 3)
+    read_outcome(cluster.log_file.read_text(errors="replace"), report)
+    if report.reached_time:  # what the restored cluster lacks compared with the moment we started
+        report.data_loss_window_s = round(max(0.0, (now - datetime.fromisoformat(report.reached_time))
+                                              .total_seconds()), 3)
+    log(f"promoted on timeline {report.timeline} at {report.reached_time} (LSN {report.reached_lsn}); "
+        f"RTO {report.rto_s:.1f}s")
+    return report
+
+
+class PitrFailed(PitrError):
+    def __init__(self, report: PitrReport):
+        super().__init__(report.error)
+        self.report = report

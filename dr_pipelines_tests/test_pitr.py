@@ -1,0 +1,218 @@
+"""Point-in-time recovery for real: a base backup and WAL archived by PostgreSQL through our command
+while pgbench runs, then recovery to a moment during the load into a new directory and port."""
+
+import shutil
+import subprocess
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from dr_pipelines.core.base_backup import run_base_backup
+from dr_pipelines.core.cluster import LocalCluster
+from dr_pipelines.core.logical_backup import BackupFailed
+from dr_pipelines.core.pitr import PitrError, PitrFailed, PitrRequest, run_pitr
+from dr_pipelines.core.postgres import DEFAULT_PG_BIN
+from dr_pipelines.core.storage import open_locations
+from dr_pipelines_tests.conftest import free_port, reachable_tmpdir
+from dr_pipelines_tests.test_wal import WalSetup
+
+
+@pytest.fixture
+def archived(pg):
+    setup = WalSetup(pg)
+    setup.enable_archiving()
+    yield setup
+    setup.cleanup()
+
+
+@pytest.fixture
+def restored_dirs():
+    made = []
+
+    def make():
+        root = reachable_tmpdir("drpt-pitr-")
+        made.append(root)
+        return root / "data"
+
+    yield make
+    for root in made:
+        LocalCluster(root / "data", 0).stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _pgbench(port: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(DEFAULT_PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                             *args, "app"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _archive_everything(setup: WalSetup) -> None:
+    setup.switch_and_wait(timeout=60)
+
+
+def _connect(port: int) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app", autocommit=True)
+
+
+def test_pitr_to_a_moment_during_pgbench_load(archived, restored_dirs):
+    setup, port = archived, archived.server.port
+    assert _pgbench(port, "-i", "-s", "2", "-q").wait() == 0
+    with _connect(port) as conn:
+        conn.execute("CREATE TABLE marks (id int PRIMARY KEY, at timestamptz NOT NULL)")
+    load = _pgbench(port, "-n", "-c", "4", "-T", "12")
+
+    marks: list[tuple[int, datetime, datetime]] = []  # id, stored time, when the commit returned
+    stop = threading.Event()
+
+    def mark():
+        with _connect(port) as conn:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                at = conn.execute("INSERT INTO marks VALUES (%s, clock_timestamp()) RETURNING at", (i,)).fetchone()[0]
+                marks.append((i, at, datetime.now(timezone.utc)))
+                time.sleep(0.02)
+
+    marker = threading.Thread(target=mark)
+    marker.start()
+    try:
+        time.sleep(1)
+        base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest  # under load
+        time.sleep(2)
+        target = datetime.now(timezone.utc)
+        time.sleep(2)
+    finally:
+        stop.set()
+        marker.join()
+    assert load.wait() == 0, load.stderr.read()
+    _archive_everything(setup)
+
+    data_dir, new_port = restored_dirs(), free_port()
+    report = run_pitr(setup.config, str(setup.config_path),
+                      PitrRequest("app", data_dir, new_port, target_time=target), open_locations(setup.config))
+    assert report.promoted and report.backup_id == base.id and report.timeline == 2
+    assert datetime.fromisoformat(report.reached_time) <= target
+    assert report.rto_s > 0 and report.data_loss_window_s >= (datetime.now(timezone.utc) - target).total_seconds() - 60
+
+    with _connect(new_port) as conn:
+        # pgbench's invariants: every balance equals the sum of its history deltas
+        assert conn.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
+                            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)").fetchone()[0]
+        for table, col, key in (("pgbench_tellers", "tbalance", "tid"), ("pgbench_branches", "bbalance", "bid")):
+            bad = conn.execute(f"SELECT count(*) FROM {table} t LEFT JOIN (SELECT {key}, sum(delta) s FROM "
+                               f"pgbench_history GROUP BY {key}) h USING ({key}) "
+                               f"WHERE t.{col} <> coalesce(h.s, 0)").fetchone()[0]
+            assert bad == 0, f"{table} disagrees with pgbench_history"
+        assert conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0] > 0
+        present = {r[0] for r in conn.execute("SELECT id FROM marks")}
+    committed_before = {i for i, _, returned in marks if returned < target}
+    after = {i for i, at, _ in marks if at > target}
+    assert committed_before and committed_before <= present  # every commit before the target is there
+    assert after and not (after & present)  # and nothing after it
+
+
+def test_second_pitr_follows_the_new_timeline(archived, restored_dirs):
+    setup = archived
+    base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
+    with setup.server.connect("app") as conn:
+        conn.execute("CREATE TABLE events (n int)")
+        conn.execute("INSERT INTO events VALUES (1)")
+    _archive_everything(setup)
+    setup.server.cluster.stop("fast")  # the old primary is gone
+
+    first_dir, first_port = restored_dirs(), free_port()
+    first = run_pitr(setup.config, str(setup.config_path),
+                     PitrRequest("app", first_dir, first_port, archive=True), open_locations(setup.config))
+    assert first.promoted and first.timeline == 2
+    with _connect(first_port) as conn:  # the new primary writes and archives on timeline 2
+        conn.execute("INSERT INTO events VALUES (2)")
+        seg = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        deadline = time.monotonic() + 60
+        while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < seg:
+            assert time.monotonic() < deadline, "timeline 2 WAL was not archived"
+            time.sleep(0.2)
+    assert (setup.repo / "app/wal/00000002/00000002.history.json").exists()
+    LocalCluster(first_dir, first_port).stop("fast")
+
+    second_dir, second_port = restored_dirs(), free_port()
+    second = run_pitr(setup.config, str(setup.config_path),
+                      PitrRequest("app", second_dir, second_port, backup_id=base.id), open_locations(setup.config))
+    assert second.promoted and second.timeline == 3  # it fetched 00000002.history and followed it
+    with _connect(second_port) as conn:
+        assert [r[0] for r in conn.execute("SELECT n FROM events ORDER BY n")] == [1, 2]
+
+
+def test_missing_segment_is_reported_not_hidden(archived, restored_dirs):
+    setup = archived
+    base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
+    with setup.server.connect("app") as conn:
+        conn.execute("CREATE TABLE events (n int)")
+    names = []
+    for i in range(3):
+        with setup.server.connect("app") as conn:
+            conn.execute("INSERT INTO events VALUES (%s)", (i,))
+        names.append(setup.switch_and_wait())
+    target = datetime.now(timezone.utc)
+    _archive_everything(setup)
+    hole = names[1]  # a segment in the middle, after the base backup
+    for p in (setup.repo / "app/wal/00000001").glob(f"{hole}*"):
+        p.unlink()
+
+    with pytest.raises(PitrError, match=f"gap after base backup {base.id}: missing {hole}"):
+        run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port()),
+                 open_locations(setup.config))  # latest: refused before anything starts
+    with pytest.raises(PitrFailed) as failed:
+        run_pitr(setup.config, str(setup.config_path),
+                 PitrRequest("app", restored_dirs(), free_port(), target_time=target, timeout_s=120),
+                 open_locations(setup.config))
+    report = failed.value.report
+    assert not report.promoted and hole in str(failed.value) and "last reachable point" in str(failed.value)
+    assert "recovery ended before configured recovery target was reached" in str(failed.value)
+
+
+def test_targets_outside_the_backups_and_unsafe_directories(archived, restored_dirs):
+    setup = archived
+    before = datetime.now(timezone.utc) - timedelta(hours=1)
+    run_base_backup(setup.config, "app", open_locations(setup.config))
+    locs = open_locations(setup.config)
+    with pytest.raises(PitrError, match="before the oldest base backup"):
+        run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port(),
+                                                                   target_time=before), locs)
+    with pytest.raises(PitrError, match="in the future"):
+        run_pitr(setup.config, str(setup.config_path),
+                 PitrRequest("app", restored_dirs(), free_port(),
+                             target_time=datetime.now(timezone.utc) + timedelta(hours=1)), locs)
+    # never over a running cluster, and a non-empty directory only with confirmation
+    with pytest.raises(PitrError, match="running PostgreSQL server"):
+        run_pitr(setup.config, str(setup.config_path),
+                 PitrRequest("app", setup.server.cluster.data_dir, free_port(), overwrite=True), locs)
+    busy = restored_dirs()
+    busy.mkdir(parents=True)
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(PitrError, match="exists and is not empty"):
+        run_pitr(setup.config, str(setup.config_path), PitrRequest("app", busy, free_port()), locs)
+    assert (busy / "keep.txt").exists()
+    r = setup.cli("pitr", "app", "--data-dir", str(busy), "--port", str(free_port()), "--latest", "--overwrite")
+    assert r.returncode == 2 and "confirm with --yes" in r.stderr
+    r = setup.cli("pitr", "app", "--data-dir", str(restored_dirs()), "--port", "5", "--time", "2026-11-23T10:00:00")
+    assert r.returncode == 2 and "has no time zone" in r.stderr
+
+
+def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
+    setup = WalSetup(pg)
+    try:
+        with pytest.raises(BackupFailed, match="archive_mode is off"):
+            run_base_backup(setup.config, "app", open_locations(setup.config))
+        # archiving on but broken: the WAL never arrives, the backup fails and leaves nothing visible
+        pg.cluster.write_settings({"archive_mode": "on", "archive_command": "'false'"})
+        pg.cluster.stop("fast")
+        pg.cluster.start()
+        cfg = setup.config.model_copy(update={"wal": setup.config.wal.model_copy(
+            update={"archive_wait": timedelta(seconds=3)})})
+        with pytest.raises(BackupFailed, match="waited more than 0:00:03 for its WAL to be archived"):
+            run_base_backup(cfg, "app", open_locations(cfg))
+        assert not list(setup.repo.rglob("base.tar*")) and not list(setup.repo.rglob("manifest.json"))
+    finally:
+        setup.cleanup()
