@@ -40,9 +40,8 @@ def _locations(config, only: str | None = None):
 def cmd_backup(args) -> int:
     config = _config(args)
     config.database(args.db)
-    if args.kind != "logical":
-        _err(f"--kind {args.kind} is not available yet; only logical backups are implemented")
-        return EXIT_USAGE
+    if args.kind == "base":
+        return cmd_base_backup(args, config)
     if os.environ.get("DAGSTER_HOME"):
         # Recorded in the Dagster instance, so the backup shows in the UI like a scheduled one.
         from dr_pipelines.defs.runner import materialize_logical_backup
@@ -218,7 +217,7 @@ def _wal_database(config, db: str | None) -> str:
         return db
     if len(config.databases) == 1:
         return next(iter(config.databases))
-    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one with --db")
+    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one")
 
 
 def cmd_wal_push(args) -> int:
@@ -288,50 +287,64 @@ def cmd_pg_config(args) -> int:
     return EXIT_OK
 
 
-def cmd_base_backup(args) -> int:
-    from dr_pipelines.core.base_backup import run_base_backup
+def cmd_base_backup(args, config) -> int:
+    if os.environ.get("DAGSTER_HOME"):  # recorded in the instance, as from the UI
+        from dr_pipelines.defs.runner import materialize_base_backup
 
-    config = _config(args)
-    result = run_base_backup(config, args.db, _locations(config), log=_log)
-    print(result.manifest.id)
+        backup_id = materialize_base_backup(config, args.db, args.config)
+    else:
+        from dr_pipelines.core.base_backup import run_base_backup
+
+        backup_id = run_base_backup(config, args.db, _locations(config), log=_log).manifest.id
+    print(backup_id)
     return EXIT_OK
 
 
-def _target_time(text: str):
+def _target_time(text: str) -> str:
     from datetime import datetime
 
     from dr_pipelines.core.config import ConfigError
 
     try:
-        t = datetime.fromisoformat(text)
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"--time {text!r} is not an ISO 8601 time (e.g. 2026-11-23T10:15:00+00:00)") from None
+        raise ConfigError(f"--target-time {text!r} is not an ISO 8601 time (e.g. 2026-11-23T10:15:00+00:00)") from None
     if t.tzinfo is None:
-        raise ConfigError(f"--time {text!r} has no time zone; add one (e.g. +00:00 or Z)")
-    return t
+        raise ConfigError(f"--target-time {text!r} has no time zone; add one (e.g. +00:00 or Z)")
+    return t.isoformat()
 
 
 def cmd_pitr(args) -> int:
     from pathlib import Path
 
+    from dr_pipelines.defs.runner import point_in_time_recovery
+
     from dr_pipelines.core.config import ConfigError
-    from dr_pipelines.core.pitr import PitrFailed, PitrRequest, run_pitr
 
     config = _config(args)
-    if args.overwrite and args.yes != str(Path(args.data_dir).resolve()):
-        raise ConfigError("--overwrite replaces the directory's contents: confirm with --yes "
-                          f"{Path(args.data_dir).resolve()}")
-    request = PitrRequest(args.db, Path(args.data_dir).resolve(), args.port,
-                          target_time=_target_time(args.time) if args.time else None, target_lsn=args.lsn,
-                          target_xid=args.xid, target_name=args.name, overwrite=args.overwrite,
-                          archive=args.archive, timeout_s=args.timeout, backup_id=args.backup)
-    try:
-        report = run_pitr(config, args.config, request, _locations(config), log=_log)
-    except PitrFailed as e:
-        print(json.dumps(e.report.to_dict(), indent=2))
-        raise
-    print(json.dumps(report.to_dict(), indent=2))
+    config.database(args.db)
+    data_dir = str(Path(args.data_dir).resolve())
+    if args.overwrite and args.yes != data_dir:
+        raise ConfigError(f"--overwrite replaces the contents of {data_dir}: confirm with --yes {data_dir}")
+    options = {"database": args.db, "data_dir": data_dir, "port": args.port or _free_port(),
+               "target_time": _target_time(args.target_time) if args.target_time else None,
+               "target_lsn": args.target_lsn, "target_xid": args.target_xid, "target_name": args.target_name,
+               "overwrite": args.overwrite, "confirm": args.yes, "archive": args.archive, "timeout_s": args.timeout,
+               "backup_id": args.backup}
+    report = point_in_time_recovery(config, args.config, options)
+    print(json.dumps(report, indent=2))
+    _log(f"recovered {args.db} to {report['reached_time']} (LSN {report['reached_lsn']}, timeline "
+         f"{report['timeline']}) in {report['rto_s']:.1f}s; the cluster runs on 127.0.0.1:{report['port']} "
+         f"from {report['data_dir']}")
     return EXIT_OK
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -470,24 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
     t.set_defaults(func=cmd_test_restore)
 
-    bb = sub.add_parser("base-backup", help="take a physical base backup now (needs WAL archiving on)")
-    bb.add_argument("db", metavar="DB")
-    bb.set_defaults(func=cmd_base_backup)
-
-    pt = sub.add_parser("pitr", help="point-in-time recovery into a new data directory and port")
+    pt = sub.add_parser("pitr", help="point-in-time recovery into a new data directory (runs point_in_time_recovery)")
     pt.add_argument("db", metavar="DB")
-    pt.add_argument("--data-dir", required=True, metavar="DIR", help="a new directory (never a running cluster's)")
-    pt.add_argument("--port", type=int, required=True)
     target = pt.add_mutually_exclusive_group(required=True)
-    target.add_argument("--time", metavar="ISO8601", help="e.g. 2026-11-23T10:15:00+00:00 (time zone required)")
-    target.add_argument("--lsn", metavar="LSN")
-    target.add_argument("--xid", metavar="XID")
-    target.add_argument("--name", metavar="RESTORE_POINT")
+    target.add_argument("--target-time", metavar="TS", help="ISO 8601 with a time zone, e.g. 2026-11-23T10:15:00+00:00")
+    target.add_argument("--target-lsn", metavar="LSN")
+    target.add_argument("--target-xid", metavar="XID")
+    target.add_argument("--target-name", metavar="NAME", help="a restore point (pg_create_restore_point)")
     target.add_argument("--latest", action="store_true", help="replay all archived WAL")
+    pt.add_argument("--data-dir", required=True, metavar="DIR", help="a new directory (never a running cluster's)")
+    pt.add_argument("--port", type=int, metavar="N", help="default: a free port")
     pt.add_argument("--backup", metavar="ID", help="this base backup (default: the newest before the target)")
     pt.add_argument("--overwrite", action="store_true", help="replace a non-empty --data-dir; needs --yes DIR")
     pt.add_argument("--yes", metavar="DIR", help="the --data-dir again, to confirm --overwrite")
-    pt.add_argument("--archive", action="store_true", help="keep archiving WAL from the restored cluster")
+    pt.add_argument("--archive", action="store_true", help="keep archiving WAL from the recovered cluster")
     pt.add_argument("--timeout", type=float, default=600, metavar="S", help="replay timeout (default 600 s)")
     pt.set_defaults(func=cmd_pitr)
 
@@ -503,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     wf.set_defaults(func=cmd_wal_fetch)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])
-    wl.add_argument("--db", metavar="DB")
+    wl.add_argument("db", nargs="?", metavar="DB", help="needed only when several databases are configured")
     wl.add_argument("--json", action="store_true")
     wl.set_defaults(func=cmd_wal_list)
     pc = sub.add_parser("pg-config", help="print the postgresql.conf lines that archive WAL here")

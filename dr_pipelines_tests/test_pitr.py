@@ -196,7 +196,7 @@ def test_targets_outside_the_backups_and_unsafe_directories(archived, restored_d
     assert (busy / "keep.txt").exists()
     r = setup.cli("pitr", "app", "--data-dir", str(busy), "--port", str(free_port()), "--latest", "--overwrite")
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
-    r = setup.cli("pitr", "app", "--data-dir", str(restored_dirs()), "--port", "5", "--time", "2026-11-23T10:00:00")
+    r = setup.cli("pitr", "app", "--data-dir", str(restored_dirs()), "--port", "5", "--target-time", "2026-11-23T10:00:00")
     assert r.returncode == 2 and "has no time zone" in r.stderr
 
 
@@ -216,3 +216,52 @@ def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
         assert not list(setup.repo.rglob("base.tar*")) and not list(setup.repo.rglob("manifest.json"))
     finally:
         setup.cleanup()
+
+
+def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, restored_dirs):
+    import dagster as dg
+
+    from dr_pipelines.defs.alerts import RUN_FAILURES  # noqa: F401  (the sensors load with the rest)
+    from dr_pipelines.defs.build import build_definitions
+    from dr_pipelines.defs.physical import PITR_PASSED, WAL_CONTINUOUS, WAL_LAG, WAL_OBSERVER, wal_archive_key
+
+    setup = archived
+    defs = build_definitions(setup.config, str(setup.config_path))
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("app__base_backup_job").execute_in_process(instance=instance)
+    assert result.success
+    [mat] = result.asset_materializations_for_node("app__base_backup")
+    md = {k: v.value for k, v in mat.metadata.items()}
+    assert md["timeline"] == 1 and md["wal_start"] <= md["wal_stop"] and md["size_bytes"] > 0
+    with setup.server.connect("app") as conn:
+        conn.execute("CREATE TABLE after_base (n int)")
+        conn.execute("INSERT INTO after_base VALUES (42)")
+    setup.switch_and_wait()
+
+    # the observer records the archive on the asset; the checks pass
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources) as ctx:
+        tick = defs.resolve_sensor_def(WAL_OBSERVER).evaluate_tick(ctx)
+    [obs] = tick.asset_events
+    assert obs.asset_key == wal_archive_key("app") and obs.metadata["gaps"].value == 0
+    checks = defs.resolve_job_def("dr_health_checks").execute_in_process(instance=instance, raise_on_error=False)
+    evals = {(e.asset_key, e.check_name): e for e in checks.get_asset_check_evaluations()}
+    assert evals[(wal_archive_key("app"), WAL_CONTINUOUS)].passed
+    assert evals[(wal_archive_key("app"), WAL_LAG)].passed
+
+    # the drill: latest base backup + WAL into a scratch directory, measured, removed
+    drill = defs.resolve_job_def("__ASSET_JOB").get_subset(asset_selection={dg.AssetKey(["app", "pitr_test"])})
+    result = drill.execute_in_process(instance=instance, raise_on_error=False)
+    [ev] = [e for e in result.get_asset_check_evaluations() if e.check_name == PITR_PASSED]
+    assert ev.passed, ev.description
+    [mat] = result.asset_materializations_for_node("app__pitr_test")
+    assert mat.metadata["rto_s"].value > 0 and mat.metadata["achievable_rpo_s"].value >= 0
+
+    # the operator's job, from the shell, as the UI would run it
+    data_dir = restored_dirs()
+    r = setup.cli("pitr", "app", "--latest", "--data-dir", str(data_dir))
+    assert r.returncode == 0, r.stderr
+    import json as _json
+
+    report = _json.loads(r.stdout)
+    with _connect(report["port"]) as conn:
+        assert conn.execute("SELECT n FROM after_base").fetchone()[0] == 42

@@ -384,3 +384,57 @@ def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | No
         f"archive_timeout = {archive_timeout_s(config, database)}s",
         f"# recovery (written by `dr-pipelines pitr`): restore_command = {pg_quote(restore_command(config_file, database))}",
     ]
+
+
+# --------------------------------------------------------------------------- health
+
+
+@dataclass
+class WalStatus:
+    database: str
+    newest_segment: str | None
+    newest_pushed_at: str | None
+    segments: int
+    gaps: list[str]  # "FIRST..LAST" runs missing after the oldest base backup's start
+    archive_lag_s: float | None  # how long archived WAL has been behind the server (0: caught up)
+    failed_count: int | None
+    last_failed_wal: str | None
+    server_error: str | None
+    oldest_base_start: str | None
+
+
+def wal_status(config: DrConfig, database: str, locations: dict[str, Location], now: datetime,
+               base_starts: list[str]) -> WalStatus:
+    """The archive as the repository shows it, and the lag as the server shows it (pg_stat_archiver);
+    if the server can't be reached, the lag is the age of the newest archived segment."""
+    archive = list_archive(locations, database)
+    newest = archive.newest()
+    start = min(base_starts) if base_starts else None
+    gaps = []
+    for tli, names in archive.segments.items():
+        for a, b in archive.gaps(tli):
+            if start is None or b >= start or tli > int(start[:8], 16):
+                gaps.append(a if a == b else f"{a}..{b}")
+    if start and archive.segment_size and start not in set(archive.segments.get(int(start[:8], 16), [])):
+        gaps.insert(0, f"{start} (the oldest base backup's first segment)")
+    lag = failed = last_failed = server_error = None
+    try:
+        from dr_pipelines.core.postgres import connect
+
+        with connect(config.database(database), database) as conn:
+            row = conn.execute(
+                "SELECT last_archived_wal, last_archived_time, failed_count, last_failed_wal, "
+                "pg_walfile_name(pg_current_wal_lsn()), "
+                "(SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_stat_archiver").fetchone()
+        last, last_time, failed, last_failed, current, size = row
+        tli, number = parse_segment(current, size)
+        previous = segment_name(tli, number - 1, size)  # the newest segment that is complete
+        caught_up = last is not None and last >= previous
+        lag = 0.0 if caught_up else (now - last_time).total_seconds() if last_time else None
+    except Exception as e:  # unreachable server: the repository still answers
+        server_error = str(e).splitlines()[0]
+        if newest:
+            lag = (now - datetime.fromisoformat(newest["pushed_at"])).total_seconds()
+    return WalStatus(database, newest["name"] if newest else None, newest["pushed_at"] if newest else None,
+                     sum(len(v) for v in archive.segments.values()), gaps, lag, failed, last_failed,
+                     server_error, start)

@@ -17,6 +17,9 @@ from dr_pipelines.defs.alerts import build_alert_sensors
 from dr_pipelines.defs.health import build_backup_checks, check_selection
 from dr_pipelines.defs.monitoring import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
 from dr_pipelines.core.health import INTEGRITY
+from dr_pipelines.defs.physical import (WAL_CONTINUOUS, WAL_LAG, base_backup_key, build_base_backup_asset,
+                                        build_pitr_job, build_pitr_test_asset, build_wal_checks, build_wal_observer,
+                                        wal_archive_key, wal_archive_spec)
 
 
 def logical_backup_job_name(db: str) -> str:
@@ -44,7 +47,8 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
     retention = build_retention_job(config)
     metrics = build_metrics_job(config)
     restore_test_checks = [dg.AssetCheckKey(restore_test_key(db), name) for db in config.databases
-                           for name in (RECENT, RTO)]
+                           for name in (RECENT, RTO)] + [dg.AssetCheckKey(wal_archive_key(db), name)
+                                                         for db in config.databases for name in (WAL_CONTINUOUS, WAL_LAG)]
     health_job = dg.define_asset_job(
         "dr_health_checks", selection=check_selection(config, lambda n: n != INTEGRITY)
         | dg.AssetSelection.checks(*restore_test_checks),
@@ -54,7 +58,8 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
         description="Read every object of each database's newest backup back from every location.")
     report_job = dg.define_asset_job("compliance_report_job", selection=dg.AssetSelection.assets(COMPLIANCE_REPORT),
                                      description="Build the compliance report.")
-    jobs: list = [build_restore_job(config), retention, metrics, health_job, integrity_job, report_job]
+    jobs: list = [build_restore_job(config), build_pitr_job(config), retention, metrics, health_job, integrity_job,
+                  report_job]
     schedules: list = [
         dg.ScheduleDefinition(name=f"{job.name}_schedule", cron_schedule=cron, target=job, execution_timezone="UTC",
                               default_status=status, description=f"{what} ({cron} UTC).")
@@ -66,7 +71,16 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
     for db, cfg in config.databases.items():
         assets += [database_spec(config, db), build_logical_backup_asset(config, db),
                    build_restore_test_asset(config, db)]
-        checks += build_restore_test_checks(config, db) + build_backup_checks(config, db)
+        checks += build_restore_test_checks(config, db) + build_backup_checks(config, db) + build_wal_checks(config, db)
+        assets += [build_base_backup_asset(config, db), wal_archive_spec(config, db), build_pitr_test_asset(config, db)]
+        base_job = dg.define_asset_job(f"{db}__base_backup_job", selection=dg.AssetSelection.assets(base_backup_key(db)),
+                                       description=f"Take a physical base backup of {db} now.")
+        jobs.append(base_job)
+        if cfg.base_backup.enabled:
+            schedules.append(dg.ScheduleDefinition(
+                name=f"{db}__base_backup_schedule", cron_schedule=cfg.base_backup.schedule, target=base_job,
+                execution_timezone="UTC", default_status=status,
+                description=f"Base backup of {db} ({cfg.base_backup.schedule} UTC)."))
         test_job = dg.define_asset_job(restore_test_job_name(db), selection=dg.AssetSelection.assets(restore_test_key(db)),
                                        description=f"Restore the latest backup of {db} into a scratch database and validate it.")
         jobs.append(test_job)
@@ -92,7 +106,7 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
-        sensors=[automation, *build_alert_sensors(config, sensor_status)],
+        sensors=[automation, *build_alert_sensors(config, sensor_status), build_wal_observer(config, sensor_status)],
         resources={"dr": DrConfigResource(config_file=config_file), **storage_resources(config)},
     )
 

@@ -76,3 +76,15 @@ def restore_test(config: DrConfig, config_file: str | None, db: str, backup: str
             if "table_diff" in evaluation.metadata:
                 md["failure"] += "\n" + evaluation.metadata["table_diff"].value
     return md
+
+
+def materialize_base_backup(config: DrConfig, db: str, config_file: str | None) -> str:
+    from dr_pipelines.defs.physical import base_backup_key
+
+    result = run_job(config, config_file, f"{db}__base_backup_job")
+    return result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0].metadata["backup_id"].value
+
+
+def point_in_time_recovery(config: DrConfig, config_file: str | None, options: dict) -> dict:
+    result = run_job(config, config_file, "point_in_time_recovery", {"ops": {"recover_to_point": {"config": options}}})
+    return result.output_for_node("validate_recovered")
