@@ -169,7 +169,8 @@ def cmd_test_restore(args) -> int:
 def cmd_retention(args) -> int:
     from datetime import datetime, timezone
 
-    from dr_pipelines.core.retention import apply_retention, apply_tiering, build_plan, plan_json, plan_table
+    from dr_pipelines.core.retention import (apply_retention, apply_tiering, apply_wal_retention, build_plan,
+                                             plan_json, plan_table)
 
     config = _config(args)
     locations = _locations(config)
@@ -178,17 +179,22 @@ def cmd_retention(args) -> int:
         _err(f"warning: {p}")
     if args.action == "plan" or args.dry_run:
         if args.json:
-            print(json.dumps(plan_json(plan.decisions), indent=2))
+            print(json.dumps({"backups": plan_json(plan.decisions),
+                              "wal": [{"database": w.database, "name": w.name, "reason": w.reason} for w in plan.wal]},
+                             indent=2))
         else:
             print(plan_table(plan.decisions))
             print(f"\n{len(plan.removed)} of {len(plan.decisions)} backups would be removed"
-                  + (" (dry run)" if args.dry_run else ""))
+                  + (f"; {len(plan.wal)} WAL files ({plan.wal[0].name} .. {plan.wal[-1].name}): {plan.wal[0].reason}"
+                     if plan.wal else "; no WAL file") + (" (dry run)" if args.dry_run else ""))
         return EXIT_OK
     removals = apply_retention(locations, plan.entries, plan.decisions, log=_log)
     moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=_log)
-    failed = [r for r in removals if r.error] + [m for m in moves if m.error]
+    wal_errors = apply_wal_retention(locations, plan.wal, log=_log)
+    failed = [r for r in removals if r.error] + [m for m in moves if m.error] + wal_errors
     print(f"removed {len(plan.removed)} backups ({len([r for r in removals if not r.error])} copies); "
-          f"moved {len([m for m in moves if not m.error])} copies to a colder storage class"
+          f"moved {len([m for m in moves if not m.error])} copies to a colder storage class; "
+          f"removed {len(plan.wal)} WAL files"
           + (f"; {len(failed)} operations failed" if failed else ""))
     return EXIT_FAILED if failed or plan.problems else EXIT_OK
 

@@ -265,3 +265,50 @@ def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, resto
     report = _json.loads(r.stdout)
     with _connect(report["port"]) as conn:
         assert conn.execute("SELECT n FROM after_base").fetchone()[0] == 42
+
+
+def test_retention_keeps_the_wal_of_kept_base_backups(archived, restored_dirs):
+    """Old base backups and the WAL only they need go; what the kept one needs stays, and PITR from
+    it still works afterwards."""
+    import json as _json
+
+    from dr_pipelines.core.repository import MANIFEST
+    from dr_pipelines.core.wal import list_archive
+
+    setup = archived
+    locs = open_locations(setup.config)
+    old = run_base_backup(setup.config, "app", locs).manifest
+    for _ in range(2):
+        setup.switch_and_wait()
+    kept = run_base_backup(setup.config, "app", locs).manifest
+    setup.switch_and_wait()
+    # age the old backup and every WAL sidecar past the windows
+    long_ago = (datetime.now(timezone.utc) - timedelta(days=400)).isoformat()
+    key = old.object_key(MANIFEST)
+    data = _json.loads(locs["local"].get_bytes(key))
+    data["created_at"] = long_ago
+    locs["local"].put_bytes(key, _json.dumps(data).encode())
+    for side in (setup.repo / "app/wal").rglob("*.json"):
+        if side.name != "cluster.json":
+            d = _json.loads(side.read_text())
+            d["pushed_at"] = long_ago
+            side.write_text(_json.dumps(d))
+    cfg_path = setup.config_path
+    import yaml as _yaml
+
+    raw = _yaml.safe_load(cfg_path.read_text())
+    raw["retention"] = {"daily_days": 30, "weekly_days": 30, "monthly_days": 30, "min_keep": 1, "wal_days": 7}
+    cfg_path.write_text(_yaml.safe_dump(raw))
+    plan = setup.cli("retention", "plan", "--json")
+    assert plan.returncode == 0, plan.stderr
+    planned = _json.loads(plan.stdout)
+    assert {b["id"] for b in planned["backups"] if not b["keep"]} == {old.id}
+    assert planned["wal"] and all(w["name"][8:] < kept.extra["wal_start"][8:] for w in planned["wal"])
+    before = set(list_archive(locs, "app").segments[1])
+    r = setup.cli("retention", "apply")
+    assert r.returncode == 0, r.stderr
+    after = set(list_archive(locs, "app").segments[1])
+    assert old.extra["wal_start"] in before and old.extra["wal_start"] not in after
+    assert {n for n in before if n >= kept.extra["wal_start"]} <= after  # nothing the kept backup needs
+    report = run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port()), locs)
+    assert report.promoted and report.backup_id == kept.id

@@ -93,7 +93,7 @@ def test_apply_on_every_location(pg, s3, write_config, tmp_path):
     assert pin.returncode == 0, pin.stderr
 
     dry = run_cli("--config", str(path), "retention", "apply", "--dry-run")
-    assert dry.returncode == 0 and "2 of 4 backups would be removed (dry run)" in dry.stdout
+    assert dry.returncode == 0 and "2 of 4 backups would be removed; no WAL file (dry run)" in dry.stdout
     assert len(load_catalog(locations.values(), "app").entries) == 4  # the dry run removed nothing
 
     r = run_cli("--config", str(path), "retention", "apply")

@@ -218,15 +218,17 @@ def plan_json(decisions: list[Decision]) -> list[dict]:
 
 
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
-    """(database, "logical") -> the id of the newest backup whose restore test passed."""
+    """(database, kind) -> the id of the newest backup whose restore test (logical) or PITR drill
+    (base) passed."""
     from dr_pipelines.core.repository import load_reports
 
     verified = {}
     for db in databases:
-        passed = [r for r in load_reports(locations, db, "restore_test") if r.get("passed") and r.get("backup_id")]
-        if passed:  # the newest *backup* proven, not the most recent test (which may test an old one)
-            newest = max(passed, key=lambda r: (r.get("backup_created_at") or "", r["backup_id"]))
-            verified[(db, "logical")] = newest["backup_id"]
+        for kind, drill in (("logical", "restore_test"), ("base", "pitr_test")):
+            passed = [r for r in load_reports(locations, db, drill) if r.get("passed") and r.get("backup_id")]
+            if passed:  # the newest *backup* proven, not the most recent test (which may test an old one)
+                newest = max(passed, key=lambda r: (r.get("backup_created_at") or "", r["backup_id"]))
+                verified[(db, kind)] = newest["backup_id"]
     return verified
 
 
@@ -235,6 +237,7 @@ class RetentionPlan:
     decisions: list[Decision]
     entries: dict[str, CatalogEntry]
     problems: list[str]
+    wal: list["WalRemoval"] = field(default_factory=list)
 
     @property
     def removed(self) -> list[Decision]:
@@ -255,4 +258,57 @@ def build_plan(config, locations: dict[str, Location], now: datetime) -> Retenti
             if not d.keep:
                 d.keep = True
                 d.reasons = ["kept: a location could not be read, so the plan removes nothing"]
-    return RetentionPlan(decisions, entries, catalog.problems)
+    wal = [] if catalog.problems else plan_wal_retention(config, locations, decisions, entries, now, catalog.problems)
+    return RetentionPlan(decisions, entries, catalog.problems, wal)
+
+
+@dataclass
+class WalRemoval:
+    database: str
+    name: str
+    keys: list[str]  # sidecar first (the commit marker), then the object
+    reason: str
+
+
+def plan_wal_retention(config, locations: dict[str, Location], decisions: list[Decision],
+                       entries: dict[str, CatalogEntry], now: datetime, problems: list[str]) -> list[WalRemoval]:
+    """WAL goes only when it is both before the start of the oldest retained base backup (no kept
+    backup can replay it) and older than `wal_days`. History files always stay: they are tiny, and
+    a timeline switch anywhere in the kept range needs them. No base backup kept: `wal_days` alone."""
+    from dr_pipelines.core.wal import list_archive, timeline_of, wal_prefix
+
+    out = []
+    cutoff = now - timedelta(days=config.retention.wal_days)
+    for db in config.databases:
+        archive = list_archive(locations, db)
+        if archive.problems:
+            problems += archive.problems
+            return []
+        starts = [entries[d.backup.id].manifest.extra["wal_start"] for d in decisions
+                  if d.keep and d.backup.database == db and d.backup.kind == "base"]
+        keep_from = min((s[8:] for s in starts), default=None)  # position in WAL, across timelines
+        for name, side in archive.sidecars.items():
+            if side["kind"] == "history" or datetime.fromisoformat(side["pushed_at"]) >= cutoff:
+                continue
+            if keep_from is not None and name[8:24] >= keep_from:
+                continue
+            why = (f"before the oldest kept base backup's WAL ({keep_from}) and older than {config.retention.wal_days} days"
+                   if keep_from else f"older than {config.retention.wal_days} days and no base backup is kept")
+            prefix = f"{wal_prefix(db)}/{timeline_of(name)}"
+            out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{side['object']['name']}"], why))
+    return out
+
+
+def apply_wal_retention(locations: dict[str, Location], removals: list[WalRemoval],
+                        log: Callable[[str], None] = lambda m: None) -> list[str]:
+    errors = []
+    for r in removals:
+        for name, loc in locations.items():
+            try:
+                for key in r.keys:
+                    loc.delete(key)
+            except LocationError as e:
+                errors.append(f"{r.name} on {name}: {e}")
+    if removals:
+        log(f"removed {len(removals)} WAL files ({removals[0].name} .. {removals[-1].name})")
+    return errors

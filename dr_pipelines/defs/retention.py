@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.retention import apply_retention, apply_tiering, build_plan, plan_table
+from dr_pipelines.core.retention import apply_retention, apply_tiering, apply_wal_retention, build_plan, plan_table
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
@@ -32,14 +32,16 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
             "removed": 0 if config.dry_run else len(plan.removed),
             "would_remove": len(plan.removed),
             "dry_run": config.dry_run,
+            "wal_files_to_remove": len(plan.wal),
         }
         if config.dry_run:
             context.add_output_metadata(metadata)
             return
         removals = apply_retention(locations, plan.entries, plan.decisions, log=context.log.info)
         moves = apply_tiering(cfg, locations, plan.entries, plan.decisions, log=context.log.info)
+        wal_errors = apply_wal_retention(locations, plan.wal, log=context.log.info)
         context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in moves if not m.error])})
-        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals + moves if r.error]
+        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals + moves if r.error] + wal_errors
         if failed or plan.problems:
             raise dg.Failure(description="retention incomplete: " + "; ".join(failed + plan.problems)
                              + ". Fix the location and run apply_retention again; nothing kept was touched.")
