@@ -274,7 +274,7 @@ def test_report_and_status(make_pg, write_config, tmp_path):
     assert row["rto_min_s"] == row["rto_max_s"] > 0 and row["rto_met"] is True
     [storage] = data["storage"]
     assert storage == {"location": "local", "backups": 2, "bytes": first.size_bytes + second.size_bytes}
-    assert any("1 of 3 backup attempts failed" in r for r in data["recommendations"])
+    assert any("1 of 3 logical backup attempts failed" in r for r in data["recommendations"])
     stored = sorted(p.suffix for p in (tmp_path / "backups" / "compliance").iterdir())
     assert stored == [".html", ".json", ".md"]
     html = next((tmp_path / "backups" / "compliance").glob("*.html")).read_text()

@@ -312,3 +312,41 @@ def test_retention_keeps_the_wal_of_kept_base_backups(archived, restored_dirs):
     assert {n for n in before if n >= kept.extra["wal_start"]} <= after  # nothing the kept backup needs
     report = run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port()), locs)
     assert report.promoted and report.backup_id == kept.id
+
+
+def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored_dirs):
+    import json as _json
+
+    from prometheus_client import generate_latest
+
+    from dr_pipelines.core.health import evaluate
+    from dr_pipelines.core.metrics import build_registry
+    from dr_pipelines.defs.physical import run_pitr_drill
+
+    setup = archived
+    locs = open_locations(setup.config)
+    base = run_base_backup(setup.config, "app", locs).manifest
+    setup.switch_and_wait()
+    drill = run_pitr_drill(setup.config, str(setup.config_path), "app", locs, lambda m: None)
+    assert drill["promoted"] and drill["achievable_rpo_s"] >= 0
+
+    h = evaluate(setup.config, locs, datetime.now(timezone.utc))
+    by_check = {o.check: o for o in h.outcomes}
+    assert by_check["wal_continuous"].passed and by_check["wal_archive_lag_within_rpo"].passed
+    assert by_check["base_backup_fresh"].passed and by_check["base_backup_replicated"].passed
+    text = generate_latest(build_registry(setup.config, h)).decode()
+    assert 'wal_archive_gaps{database="app"} 0.0' in text
+    from dr_pipelines_tests.test_monitoring import _metric
+
+    assert _metric(text, "backup_size_bytes", database="app", kind="base") == base.size_bytes
+
+    report = _json.loads(setup.cli("report", "--days", "1", "--json").stdout)
+    [row] = [r for r in report["summary"] if r["kind"] == "base+wal"]
+    assert row["backups"] == 1 and row["rpo_met"] and row["rpo_achieved_s"] <= 120
+
+    # a gap in the archive: status is an error naming it
+    victim = next((setup.repo / "app/wal/00000001").glob(f"{base.extra['wal_stop']}.json"))
+    victim.unlink()
+    setup.switch_and_wait()
+    status = setup.cli("status")
+    assert status.returncode == 2 and "wal_continuous" in status.stdout and base.extra["wal_stop"] in status.stdout

@@ -188,8 +188,10 @@ class DatabaseConfig(_Model):
     scratch_dir: str | None = Field(
         default=None, description="where a restore's private plaintext directory goes (default /var/tmp)")
 
-    def freshness_limit(self, now: datetime) -> timedelta:
-        """How old the newest backup may be before it is an incident."""
+    def freshness_limit(self, now: datetime, kind: str = "logical") -> timedelta:
+        """How old the newest backup of a kind may be before it is an incident."""
+        if kind == "base":
+            return cron_interval(self.base_backup.schedule, now) + timedelta(hours=2)
         if self.objectives.alert_after is not None:
             return self.objectives.alert_after
         return cron_interval(self.logical_backup.schedule, now) + timedelta(hours=2)

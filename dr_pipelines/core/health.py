@@ -57,24 +57,25 @@ def _of(entries: list[CatalogEntry], database: str, kind: str) -> list[CatalogEn
 
 
 def check_freshness(config: DrConfig, database: str, catalog: Catalog, now: datetime,
-                    kind: str = "logical") -> Outcome:
-    """ERROR past the alert limit (backups stopped arriving); WARNING past the RPO only (the
-    schedule cannot meet the objective: logical backups alone rarely can)."""
+                    kind: str = "logical", rpo_met_by_wal: bool = False) -> Outcome:
+    """ERROR past the alert limit (backups stopped arriving); WARNING past the RPO, unless archived
+    WAL meets the RPO (logical backups alone rarely can)."""
     cfg = config.database(database)
-    limit, rpo = cfg.freshness_limit(now), cfg.objectives.rpo
+    limit, rpo = cfg.freshness_limit(now, kind), cfg.objectives.rpo
+    name = FRESHNESS if kind == "logical" else f"{kind}_{FRESHNESS}"
     backups = _of(catalog.entries, database, kind)
     md = {"age_hours": -1.0, "limit_hours": _hours(limit), "rpo_hours": _hours(rpo), "newest_backup": ""}
     if not backups:
-        return Outcome(database, FRESHNESS, False, ERROR, f"no {kind} backup of {database} exists", md)
+        return Outcome(database, name, False, ERROR, f"no {kind} backup of {database} exists", md)
     newest = backups[0].manifest
     age = now - newest.created_at
     md.update(age_hours=_hours(age), newest_backup=newest.id)
     text = f"newest {kind} backup {newest.id} is {_hours(age)} h old (alert limit {_hours(limit)} h, RPO {_hours(rpo)} h)"
     if age > limit:
-        return Outcome(database, FRESHNESS, False, ERROR, text + "; backups have stopped arriving", md)
-    if age > rpo:
-        return Outcome(database, FRESHNESS, False, WARNING, text + "; older than the RPO", md)
-    return Outcome(database, FRESHNESS, True, ERROR, text, md)
+        return Outcome(database, name, False, ERROR, text + "; backups have stopped arriving", md)
+    if age > rpo and not rpo_met_by_wal:
+        return Outcome(database, name, False, WARNING, text + "; older than the RPO", md)
+    return Outcome(database, name, True, ERROR, text + ("; the RPO is met by archived WAL" if age > rpo else ""), md)
 
 
 def size_history(backups: list[CatalogEntry], window: int) -> pd.DataFrame:
@@ -114,17 +115,18 @@ def check_size(config: DrConfig, database: str, catalog: Catalog, bad_ids: set[s
 
 
 def check_replication(config: DrConfig, database: str, catalog: Catalog, kind: str = "logical") -> Outcome:
+    name = health_name(REPLICATION, kind)
     backups = _of(catalog.entries, database, kind)
     if not backups:
-        return Outcome(database, REPLICATION, False, ERROR, f"no {kind} backup of {database} exists", {})
+        return Outcome(database, name, False, ERROR, f"no {kind} backup of {database} exists", {})
     newest = backups[0]
     missing = [n for n in config.locations if n not in newest.locations]
     md = {"locations": len(config.locations), "holding": len(newest.locations), "missing": ", ".join(missing)}
     if missing:
-        return Outcome(database, REPLICATION, False, ERROR,
+        return Outcome(database, name, False, ERROR,
                        f"newest backup {newest.id} is missing on {', '.join(missing)} "
                        f"(present on {', '.join(newest.locations)})", md)
-    return Outcome(database, REPLICATION, True, ERROR,
+    return Outcome(database, name, True, ERROR,
                    f"newest backup {newest.id} is on every location ({', '.join(newest.locations)})", md)
 
 
@@ -185,6 +187,40 @@ def check_restore_tests(config: DrConfig, database: str, tests: list[dict], now:
     return out
 
 
+def health_name(check: str, kind: str) -> str:
+    return check if kind == "logical" else f"{kind}_{check}"
+
+
+WAL_CONTINUOUS = "wal_continuous"
+WAL_LAG = "wal_archive_lag_within_rpo"
+PITR_TEST = "pitr_test_passed"
+
+
+def check_wal(config: DrConfig, status) -> list[Outcome]:
+    db = status.database
+    rpo = config.database(db).objectives.rpo.total_seconds()
+    md = {"segments": status.segments, "gaps": len(status.gaps), "newest_segment": status.newest_segment or "",
+          "archive_lag_s": -1.0 if status.archive_lag_s is None else round(status.archive_lag_s, 1)}
+    lag_ok = status.archive_lag_s is not None and status.archive_lag_s <= rpo
+    lag_text = f"archive lag {md['archive_lag_s']} s (RPO {rpo:.0f} s)" + (
+        f"; archive_command failed {status.failed_count} times (last {status.last_failed_wal})"
+        if status.failed_count else "") + (f"; server: {status.server_error}" if status.server_error else "")
+    return [Outcome(db, WAL_CONTINUOUS, not status.gaps, ERROR,
+                    f"missing WAL: {', '.join(status.gaps)}" if status.gaps else
+                    f"{status.segments} segments archived, no gap since {status.oldest_base_start or 'the first'}", md),
+            Outcome(db, WAL_LAG, lag_ok, ERROR, lag_text, md)]
+
+
+def check_pitr_tests(database: str, drills: list[dict]) -> Outcome:
+    if not drills:
+        return Outcome(database, PITR_TEST, False, WARNING, "no PITR drill has run yet", {"rto_s": -1.0})
+    last = drills[0]
+    return Outcome(database, PITR_TEST, bool(last.get("passed")), ERROR,
+                   f"PITR drill of {last.get('backup_id')} " + ("passed" if last.get("passed") else
+                                                                f"FAILED: {last.get('error')}"),
+                   {"rto_s": last.get("rto_s") or -1.0, "achievable_rpo_s": last.get("achievable_rpo_s") or -1.0})
+
+
 @dataclass
 class Health:
     """Everything `status`, the metrics and the report need, read once."""
@@ -194,6 +230,8 @@ class Health:
     attempts: dict[str, list[dict]]
     restore_tests: dict[str, list[dict]]
     outcomes: list[Outcome]
+    wal: dict = field(default_factory=dict)  # database -> WalStatus, where a WAL archive exists
+    pitr_tests: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def worst(self) -> str:
@@ -214,13 +252,26 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
     catalog = load_catalog(locations.values())
     attempts = {db: load_reports(locations, db, ATTEMPTS) for db in config.databases}
     tests = {db: load_reports(locations, db, "restore_test") for db in config.databases}
+    from dr_pipelines.core.wal import archive_cluster, wal_status
+
     outcomes = [Outcome("*", REPOSITORY, False, ERROR, p) for p in catalog.problems]
+    wal, drills = {}, {}
     for db in config.databases:
-        outcomes += [check_freshness(config, db, catalog, now),
-                     check_last_attempt(db, attempts[db]),
+        bases = _of(catalog.entries, db, "base")
+        if bases or archive_cluster(locations, db):  # this database is physically backed up
+            wal[db] = wal_status(config, db, locations, now, [e.manifest.extra["wal_start"] for e in bases])
+            drills[db] = load_reports(locations, db, "pitr_test")
+        wal_ok = db in wal and not wal[db].gaps and wal[db].archive_lag_s is not None and \
+            wal[db].archive_lag_s <= config.database(db).objectives.rpo.total_seconds()
+        outcomes += [check_freshness(config, db, catalog, now, rpo_met_by_wal=wal_ok),
+                     check_last_attempt(db, [a for a in attempts[db] if a.get("kind", "logical") == "logical"]),
                      check_size(config, db, catalog, failed_restore_tests(tests[db])),
                      check_replication(config, db, catalog)]
         if integrity:
             outcomes.append(check_integrity(config, db, catalog, locations))
         outcomes += check_restore_tests(config, db, tests[db], now)
-    return Health(now, catalog, attempts, tests, outcomes)
+        if db in wal:
+            outcomes += [check_freshness(config, db, catalog, now, kind="base", rpo_met_by_wal=True),
+                         check_replication(config, db, catalog, kind="base"),
+                         *check_wal(config, wal[db]), check_pitr_tests(db, drills[db])]
+    return Health(now, catalog, attempts, tests, outcomes, wal, drills)

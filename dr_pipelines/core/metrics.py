@@ -32,16 +32,33 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     rt_ok = Gauge("restore_test_success", "1 if the last restore test passed, else 0", ["database"], registry=reg)
     rt_ts = Gauge("restore_test_timestamp", "Start of the last restore test, Unix seconds", ["database"], registry=reg)
     status = Gauge("dr_check_ok", "1 if the health check passes, else 0", ["database", "check"], registry=reg)
+    wal_lag = Gauge("wal_archive_lag_seconds", "How far archived WAL is behind the server", ["database"], registry=reg)
+    wal_segments = Gauge("wal_archive_segments", "WAL segments in the archive", ["database"], registry=reg)
+    wal_gaps = Gauge("wal_archive_gaps", "Missing WAL runs after the oldest base backup", ["database"], registry=reg)
+    pitr_rto = Gauge("pitr_test_rto_seconds", "Recovery time measured by the last PITR drill", ["database"], registry=reg)
+    pitr_ok = Gauge("pitr_test_success", "1 if the last PITR drill passed, else 0", ["database"], registry=reg)
+    for db, w in h.wal.items():
+        if w.archive_lag_s is not None:
+            wal_lag.labels(db).set(w.archive_lag_s)
+        wal_segments.labels(db).set(w.segments)
+        wal_gaps.labels(db).set(len(w.gaps))
+    for db, drills in h.pitr_tests.items():
+        if drills:
+            pitr_ok.labels(db).set(1 if drills[0].get("passed") else 0)
+            if drills[0].get("rto_s") is not None:
+                pitr_rto.labels(db).set(drills[0]["rto_s"])
     for db in config.databases:
-        for kind in ("logical",):
+        for kind in ("logical", "base"):
             backups = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == kind]
+            if kind == "base" and not backups and db not in h.wal:
+                continue  # not physically backed up: no base-backup series at all
             count.labels(db, kind).set(len(backups))
             if backups:
                 m = backups[0].manifest
                 age.labels(db, kind).set((h.now - m.created_at).total_seconds() / 3600)
                 size.labels(db, kind).set(m.size_bytes)
                 last.labels(db, kind).set(m.created_at.timestamp())
-            attempts = [a for a in h.attempts.get(db, []) if a.get("kind", kind) == kind]
+            attempts = [a for a in h.attempts.get(db, []) if a.get("kind", "logical") == kind]
             if attempts or backups:
                 success.labels(db, kind).set(1 if (attempts[0]["succeeded"] if attempts else True) else 0)
         tests = h.restore_tests.get(db, [])

@@ -401,6 +401,7 @@ class WalStatus:
     last_failed_wal: str | None
     server_error: str | None
     oldest_base_start: str | None
+    push_times: list[datetime] = field(default_factory=list)  # of every archived segment: recovery points
 
 
 def wal_status(config: DrConfig, database: str, locations: dict[str, Location], now: datetime,
@@ -435,6 +436,8 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
         server_error = str(e).splitlines()[0]
         if newest:
             lag = (now - datetime.fromisoformat(newest["pushed_at"])).total_seconds()
+    push_times = sorted(datetime.fromisoformat(side["pushed_at"]) for side in archive.sidecars.values()
+                        if side["kind"] == "segment")
     return WalStatus(database, newest["name"] if newest else None, newest["pushed_at"] if newest else None,
                      sum(len(v) for v in archive.segments.values()), gaps, lag, failed, last_failed,
-                     server_error, start)
+                     server_error, start, push_times)

@@ -15,14 +15,14 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.cluster import LocalCluster
 from dr_pipelines.core.pitr import PitrFailed, PitrRequest, run_pitr
 from dr_pipelines.core.repository import load_catalog, store_record
+from dr_pipelines.core.health import PITR_TEST, WAL_CONTINUOUS, WAL_LAG, check_wal
 from dr_pipelines.core.wal import WalStatus, wal_status
 from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.health import check_result
 from dr_pipelines.defs.logical_backup import database_key
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
-WAL_CONTINUOUS = "wal_continuous"
-WAL_LAG = "wal_archive_lag_within_rpo"
-PITR_PASSED = "pitr_test_passed"
+PITR_PASSED = PITR_TEST
 WAL_OBSERVER = "dr_wal_archive_observer"
 
 
@@ -86,35 +86,22 @@ def wal_metadata(s: WalStatus) -> dict:
 
 
 def build_wal_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition]:
-    rpo = config.database(db).objectives.rpo.total_seconds()
+    """Continuity and lag, computed by core.health (the same verdict as `status` and the metrics)."""
     keys = {"dr", *storage_resource_keys(config)}
 
-    @dg.asset_check(asset=wal_archive_key(db), name=WAL_CONTINUOUS, required_resource_keys=keys,
-                    description="Every WAL segment from the oldest retained base backup's start to the newest is archived.")
-    def continuous(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with domain_failures():
-            cfg = context.resources.dr.load()
-            s = current_wal_status(cfg, db, locations_from_context(context, cfg))
-        ok = not s.gaps and s.segments > 0
-        return dg.AssetCheckResult(passed=ok, metadata=wal_metadata(s), description=(
-            f"missing: {', '.join(s.gaps)}; point-in-time recovery cannot cross them" if s.gaps else
-            "no WAL archived yet" if not s.segments else f"{s.segments} segments, no gap since {s.oldest_base_start}"))
+    def make(name: str, description: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=wal_archive_key(db), name=name, required_resource_keys=keys, description=description)
+        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            with domain_failures():
+                cfg = context.resources.dr.load()
+                outcomes = check_wal(cfg, current_wal_status(cfg, db, locations_from_context(context, cfg)))
+            return check_result(next(o for o in outcomes if o.check == name))
 
-    @dg.asset_check(asset=wal_archive_key(db), name=WAL_LAG, required_resource_keys=keys,
-                    description=f"WAL is archived within the RPO ({rpo:.0f} s).")
-    def lag(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with domain_failures():
-            cfg = context.resources.dr.load()
-            s = current_wal_status(cfg, db, locations_from_context(context, cfg))
-        ok = s.archive_lag_s is not None and s.archive_lag_s <= rpo
-        why = f"archive lag {s.archive_lag_s} s (RPO {rpo:.0f} s)"
-        if s.failed_count:
-            why += f"; archive_command failed {s.failed_count} times (last: {s.last_failed_wal})"
-        if s.server_error:
-            why += f"; server unreachable ({s.server_error}), lag from the repository"
-        return dg.AssetCheckResult(passed=ok, metadata=wal_metadata(s), description=why)
+        return _check
 
-    return [continuous, lag]
+    rpo = config.database(db).objectives.rpo.total_seconds()
+    return [make(WAL_CONTINUOUS, "Every WAL segment from the oldest retained base backup's start to the newest is archived."),
+            make(WAL_LAG, f"WAL is archived within the RPO ({rpo:.0f} s).")]
 
 
 def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
