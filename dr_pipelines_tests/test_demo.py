@@ -29,7 +29,7 @@ def test_demo_backup_visible_in_ui():
     proc = subprocess.Popen([str(VENV_BIN / "dr-pipelines"), "demo", "--port", str(ui_port)], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(sandbox))
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         materializations = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -46,6 +46,7 @@ def test_demo_backup_visible_in_ui():
         assert {"backup_id", "size_bytes", "duration_s"} <= labels
         assert "backup id:" in output and "age -d -i" in output and "pg_restore" in output
         assert "restore test PASSED" in output and "measured RTO" in output
+        assert "point-in-time recovery PASSED" in output, output
     finally:
         stop_process(proc)
         from dr_pipelines.core.cluster import LocalCluster

@@ -37,6 +37,13 @@ def parse_duration(value: Any) -> timedelta:
         m = _DURATION.match(value)
         if m:
             return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+        if value.strip().upper().startswith("P"):  # ISO 8601 (PT6H), as pydantic writes durations
+            from pydantic import TypeAdapter
+
+            try:
+                return TypeAdapter(timedelta).validate_python(value.strip())
+            except ValidationError:
+                pass
     raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 15m, 1h, 7d")
 
 

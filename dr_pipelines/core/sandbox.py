@@ -162,7 +162,7 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
         log(f"creating the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
         cluster.data_dir.parent.mkdir(parents=True, exist_ok=True)
         chown_to_postgres(cluster.data_dir.parent)
-        cluster.initdb({"fsync": "off", "shared_buffers": "'128MB'"})
+        cluster.initdb({"fsync": "off", "shared_buffers": "'128MB'", **archive_settings(config or sandbox_config(), log)})
         cluster.start()
         with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres",
                              autocommit=True) as conn:
@@ -177,3 +177,40 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
         log(f"starting the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
         cluster.start()
     return cluster
+
+
+def sandbox_config_file(config: DrConfig) -> Path:
+    """The sandbox's config as a file PostgreSQL's archive_command and restore_command (run as the
+    postgres user) can read; the same settings the embedded sandbox uses."""
+    import yaml
+
+    base = sandbox_dir()
+    path = base / "sandbox.yaml"
+    data = config.model_dump(mode="json", exclude={"base_dir", "sandbox"}, exclude_defaults=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.chmod(0o644)
+    return path
+
+
+def archive_settings(config: DrConfig, log=print) -> dict[str, str]:
+    """WAL archiving through our command, when the postgres user can run it and reach the sandbox;
+    otherwise none (the demo then skips point-in-time recovery and says why)."""
+    import sys
+
+    from dr_pipelines.core.wal import postgresql_conf_lines, wal_prefix
+
+    base = sandbox_dir()
+    location = Path(config.locations["local"].path)
+    exe = Path(sys.executable).parent / "dr-pipelines"
+    if not (postgres_can_reach(base) and postgres_can_reach(exe.parent)):
+        log(f"note: the postgres user cannot reach {base} or {exe.parent}; the sandbox will not archive WAL "
+            "(point-in-time recovery is skipped)")
+        return {}
+    wal_dir = location / wal_prefix(DATABASE)
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    for p in (location, location / DATABASE, wal_dir):
+        chown_to_postgres(p)
+    identity = _identity_file(base)
+    chown_to_postgres(identity)  # restore_command decrypts WAL as the postgres user (root still reads it)
+    lines = postgresql_conf_lines(config, DATABASE, str(sandbox_config_file(config)))
+    return dict(ln.split(" = ", 1) for ln in lines if not ln.startswith("#"))
