@@ -195,11 +195,59 @@ def bench_logical(scale: int, rounds: int, work: Path) -> dict:
         cluster.stop()
 
 
+def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[dict]:
+    import socket
+
+    from bench.physical import Setup, bench_backlog, bench_base_backup, bench_pitr, bench_wal_push
+
+    if not shutil.which("pgbackrest"):
+        raise SystemExit("the physical benchmarks compare with pgBackRest: apt-get install -y pgbackrest")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    cluster = prepare_cluster(scale)
+    write_config(work)
+    setup = Setup(cluster, PORT, work, VENV_BIN / "dr-pipelines", clean_env())
+    out = []
+    try:
+        setup.enable()
+        if "base" in only or "pitr" in only:
+            r = bench_base_backup(setup, rounds)
+            out.append(r)
+            print(f"base backup {scale}x: ours {r['ours_median_s']:.1f}s, pg_basebackup --compress=client-zstd "
+                  f"{r['bare_median_s']:.1f}s (ratio {r['ratio_vs_pg_basebackup']:.2f}, budget 1.20), pgbackrest "
+                  f"{r['pgbackrest_median_s']:.1f}s (ratio {r['ratio_vs_pgbackrest']:.2f}, target < 1)", flush=True)
+        if "walpush" in only:
+            r = bench_wal_push(setup, 10)
+            out.append(r)
+            print(f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
+                  f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f})", flush=True)
+        if "pitr" in only:
+            r = bench_pitr(setup, free_port)
+            out.append(r)
+            print(f"PITR to a time during load: `dr-pipelines pitr` {r['ours_s']:.1f}s, pgbackrest restore --type=time "
+                  f"+ start + promote {r['pgbackrest_s']:.1f}s (ratio {r['ratio']:.2f})", flush=True)
+        if "backlog" in only:
+            r = bench_backlog(setup)
+            out.append(r)
+            print(f"archive backlog, pgbench flat out {r['seconds']}s ({r['wal_mb_per_s']:.0f} MB/s of WAL): at most "
+                  f"{r['max_ready']} segments waiting (median {r['median_ready']}); drained "
+                  f"{r['drain_after_load_s']:.1f}s after the load", flush=True)
+    finally:
+        setup.disable()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,4", help="data sizes, in multiples of ~1.2 GB (default 1,4)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="backup,restore", help="which benchmarks: backup, restore (default both)")
+    ap.add_argument("--only", default="backup,restore,base,walpush,pitr,backlog",
+                    help="which benchmarks: backup, restore (logical); base, walpush, pitr, backlog (physical, "
+                         "against pg_basebackup and pgBackRest; needs the pgbackrest package). Default: all")
     args = ap.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     only = set(args.only.split(","))
@@ -222,6 +270,8 @@ def main() -> int:
                       f"{statistics.median(r['job_rto_s']):.1f}s), pg_restore -j2 {r['bare_median_s']:.1f}s: ratio "
                       f"{r['ratio']:.2f} (job {r['job_rto_ratio']:.2f}; budget 1.15); plaintext left behind: "
                       f"{r['plaintext_left_behind'] or 'none'}", flush=True)
+            if only & {"base", "walpush", "pitr", "backlog"} and scale == scales[0]:
+                results += bench_physical(scale, args.rounds, work, only)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if len(backups) > 1:

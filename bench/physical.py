@@ -1,0 +1,217 @@
+"""Physical benchmarks (issue 4), on the same cluster and data, in the same run, as ratios:
+
+- base backup: `dr-pipelines backup --kind base` (pg_basebackup tar -> zstd -3 -> age -> SHA-256 -> local)
+  vs `pg_basebackup -Ft --compress=client-zstd` (budget <= 1.20x) and vs `pgbackrest backup --type=full`
+  (posix repo, zst level 3, process-max 2, aes-256-cbc: target faster);
+- wal-push per 16 MB segment vs `pgbackrest archive-push` (both as the postgres user, as archive_command);
+- PITR to a time during load: `dr-pipelines pitr` (Dagster job, into a new directory, until promoted) vs
+  `pgbackrest restore --type=time` + start + promotion;
+- archive backlog while pgbench runs flat out with our archive_command: the most .ready segments seen.
+
+The archive_command pushes every segment to both our repository and pgBackRest's during the run, so
+each tool restores from its own archive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import yaml
+
+from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres, run_as_postgres
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = run_as_postgres(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def _timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+class Setup:
+    def __init__(self, cluster: LocalCluster, port: int, work: Path, ours_bin: Path, env: dict):
+        self.cluster, self.port, self.work, self.ours_bin, self.env = cluster, port, work, ours_bin, env
+        work.chmod(0o755)
+        chown_to_postgres(work)
+        self.sock = work / "sock"
+        self.pgbr_repo = work / "pgbr-repo"
+        for d in (self.sock, self.pgbr_repo, work / "pgbr-log", work / "pgbr-lock", work / "repo" / "bench" / "wal"):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (work / "repo", work / "repo" / "bench", work / "repo" / "bench" / "wal", self.sock, self.pgbr_repo,
+                  work / "pgbr-log", work / "pgbr-lock"):
+            chown_to_postgres(d)
+        self.pgbr_conf = work / "pgbackrest.conf"
+        self.pgbr_conf.write_text(
+            "[global]\n"
+            f"repo1-path={self.pgbr_repo}\nrepo1-retention-full=1\ncompress-type=zst\ncompress-level=3\n"
+            "process-max=2\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase\n"
+            f"log-path={work / 'pgbr-log'}\nlock-path={work / 'pgbr-lock'}\nlog-level-console=warn\nstart-fast=y\n"
+            f"[bench]\npg1-path={cluster.data_dir}\npg1-port={port}\npg1-socket-path={self.sock}\n")
+        self.pgbr_conf.chmod(0o644)
+        self.pgbr = ["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench"]
+        identity = work / "identity.txt"
+        chown_to_postgres(identity)
+        self.config = work / "bench.yaml"
+        self.config.chmod(0o644)
+        raw = yaml.safe_load(self.config.read_text())
+        raw["databases"]["bench"]["objectives"] = {"rpo": "5m"}
+        self.config.write_text(yaml.safe_dump(raw))
+        self.ours = [str(ours_bin), "--config", str(self.config)]
+
+    def archive_command(self, both: bool = True) -> str:
+        ours = " ".join(self.ours + ["wal-push", "--db", "bench", "%p"])
+        return ours + (" && " + " ".join(self.pgbr + ["archive-push", "%p"]) if both else "")
+
+    def enable(self) -> None:
+        self.cluster.write_settings({"archive_mode": "on", "wal_level": "replica",
+                                     "archive_command": "'" + self.archive_command().replace("'", "''") + "'",
+                                     "unix_socket_directories": f"'{self.sock}'"})
+        self.cluster.stop("fast")
+        self.cluster.start()
+        _as_postgres(self.pgbr + ["stanza-create"])
+
+    def disable(self) -> None:
+        """The cached benchmark cluster goes back to how the logical benchmarks expect it."""
+        self.cluster.write_settings({"archive_mode": "off", "archive_command": "''", "unix_socket_directories": "''"})
+        self.cluster.stop("fast")
+
+    def connect(self, port: int | None = None) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=port or self.port, user="postgres", dbname="bench",
+                               autocommit=True)
+
+    def switch_and_wait(self, timeout: float = 300) -> None:
+        with self.connect() as c:
+            seg = c.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            deadline = time.monotonic() + timeout
+            while (c.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < seg:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{seg} not archived in {timeout}s")
+                time.sleep(0.2)
+
+
+def bench_base_backup(s: Setup, rounds: int) -> dict:
+    bare_dir = s.work / "bare-base"
+    bare = [str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-D", str(bare_dir),
+            "-Ft", "-X", "none", "--compress=client-zstd", "--checkpoint=fast"]
+    ours = s.ours + ["backup", "bench", "--kind", "base"]
+    times: dict[str, list[float]] = {"bare": [], "ours": [], "pgbackrest": []}
+    order = ["bare", "ours", "pgbackrest"]
+    for i in range(rounds):
+        for name in order[i % 3:] + order[:i % 3]:
+            if name == "bare":
+                shutil.rmtree(bare_dir, ignore_errors=True)
+                times["bare"].append(_timed(bare, s.env))
+                shutil.rmtree(bare_dir, ignore_errors=True)
+            elif name == "ours":
+                times["ours"].append(_timed(ours, s.env))
+                for old in sorted((s.work / "repo" / "bench" / "base").iterdir())[:-1]:
+                    shutil.rmtree(old)  # keep the newest only (the PITR benchmark uses it)
+            else:
+                times["pgbackrest"].append(_as_postgres(s.pgbr + ["backup", "--type=full"]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"benchmark": "base_backup", **{f"{k}_s": v for k, v in times.items()},
+            **{f"{k}_median_s": v for k, v in med.items()},
+            "ratio_vs_pg_basebackup": med["ours"] / med["bare"], "ratio_vs_pgbackrest": med["ours"] / med["pgbackrest"]}
+
+
+def bench_wal_push(s: Setup, count: int) -> dict:
+    with s.connect() as c:
+        name = c.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+    src = s.cluster.data_dir / "pg_wal" / name
+    seg_dir = s.work / "segments"
+    seg_dir.mkdir(exist_ok=True)
+    chown_to_postgres(seg_dir)
+    ours_s, pgbr_s = [], []
+    for i in range(count):
+        for tool, out in (("ours", ours_s), ("pgbackrest", pgbr_s)):
+            fake = seg_dir / f"00000001000000FF{(0x10 * (tool == 'ours')) + i:08X}"  # names no cluster will use
+            shutil.copy(src, fake)
+            chown_to_postgres(fake)
+            cmd = (s.ours + ["wal-push", "--db", "bench", str(fake)] if tool == "ours"
+                   else s.pgbr + ["archive-push", str(fake)])
+            out.append(_as_postgres(cmd))
+            fake.unlink()
+    return {"benchmark": "wal_push", "ours_s": ours_s, "pgbackrest_s": pgbr_s,
+            "ours_median_s": statistics.median(ours_s), "pgbackrest_median_s": statistics.median(pgbr_s),
+            "ratio": statistics.median(ours_s) / statistics.median(pgbr_s)}
+
+
+def bench_pitr(s: Setup, free_port) -> dict:
+    load = subprocess.Popen([str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-n",
+                             "-c", "4", "-T", "10", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)
+    target = datetime.now(timezone.utc)
+    load.wait()
+    s.switch_and_wait()
+    ours_dir, pgbr_dir = s.work / "pitr-ours" / "data", s.work / "pitr-pgbr" / "data"
+    for d in (ours_dir.parent, pgbr_dir.parent):
+        d.mkdir()
+        chown_to_postgres(d)
+    ours_port, pgbr_port = free_port(), free_port()
+    ours_s = _timed(s.ours + ["pitr", "bench", "--target-time", target.isoformat(), "--data-dir", str(ours_dir),
+                              "--port", str(ours_port)], s.env)
+    LocalCluster(ours_dir, ours_port).stop("fast")
+    shutil.rmtree(ours_dir.parent)
+    t0 = time.perf_counter()
+    pgbr_dir.mkdir(mode=0o700)
+    chown_to_postgres(pgbr_dir)
+    _as_postgres(s.pgbr + ["restore", "--type=time", f"--target={target:%Y-%m-%d %H:%M:%S.%f}"[:-3] + "+00",
+                           "--target-action=promote",
+                           f"--pg1-path={pgbr_dir}"])
+    restored = LocalCluster(pgbr_dir, pgbr_port)
+    restored.write_settings({"archive_mode": "off", "unix_socket_directories": "''", "port": str(pgbr_port)})
+    restored.start(timeout=600)
+    while True:
+        try:
+            with s.connect(pgbr_port) as c:
+                if not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    break
+        except psycopg.OperationalError:
+            pass
+        time.sleep(0.2)
+    pgbr_s = time.perf_counter() - t0
+    restored.stop("fast")
+    shutil.rmtree(pgbr_dir.parent)
+    return {"benchmark": "pitr", "ours_s": ours_s, "pgbackrest_s": pgbr_s, "ratio": ours_s / pgbr_s}
+
+
+def bench_backlog(s: Setup, seconds: int = 30) -> dict:
+    """pgbench flat out with our archive_command alone: the most segments waiting (.ready) at once."""
+    with s.connect() as c:
+        c.execute(f"ALTER SYSTEM SET archive_command = '{s.archive_command(both=False)}'")
+        c.execute("SELECT pg_reload_conf()")
+        wal0 = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    status = s.cluster.data_dir / "pg_wal" / "archive_status"
+    load = subprocess.Popen([str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-n",
+                             "-c", "8", "-j", "4", "-T", str(seconds), "bench"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    samples = []
+    while load.poll() is None:
+        samples.append(sum(1 for p in status.iterdir() if p.suffix == ".ready"))
+        time.sleep(0.5)
+    with s.connect() as c:
+        wal_bytes = c.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (wal0,)).fetchone()[0]
+        c.execute(f"ALTER SYSTEM SET archive_command = '{s.archive_command()}'")
+        c.execute("SELECT pg_reload_conf()")
+    t0 = time.perf_counter()
+    s.switch_and_wait()
+    return {"benchmark": "archive_backlog", "seconds": seconds, "wal_mb": float(wal_bytes) / 1e6,
+            "wal_mb_per_s": float(wal_bytes) / 1e6 / seconds, "max_ready": max(samples or [0]),
+            "median_ready": statistics.median(samples or [0]), "drain_after_load_s": time.perf_counter() - t0}
