@@ -249,7 +249,7 @@ def cmd_wal_fetch(args) -> int:
 
             identities = load_identities(config)
         wal_fetch(config, db, args.name, args.dest, _locations(config), identities, retries=config.wal.fetch_retries,
-                  backoff_s=config.wal.fetch_backoff.total_seconds(), log=_log)
+                  backoff_s=config.wal.fetch_backoff.total_seconds(), log=_log, prefetch=config.wal.prefetch)
     except WalNotFound as e:
         _err(str(e))
         return EXIT_FAILED
@@ -550,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dr_pipelines.core.wal_spool import fetch_args, take_prefetched
+
+    fetch = fetch_args(sys.argv[1:] if argv is None else argv)
+    if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
+        return EXIT_OK
     args = build_parser().parse_args(argv)
     from dr_pipelines.core.errors import exit_code_for, user_message
 

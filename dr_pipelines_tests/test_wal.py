@@ -103,6 +103,12 @@ def test_postgres_archives_through_wal_push_and_fetch_returns_the_bytes(wal_setu
     assert r.returncode == 0, r.stderr
     assert dest.read_bytes() == original
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp file left
+    # the following segments were fetched ahead (verified); the next request is a rename
+    spool = tmp_path / ".dr_pipelines_prefetch"
+    assert {names[1], names[2]} <= {p.name for p in spool.iterdir()}
+    r = wal_setup.cli("wal-fetch", names[1], str(tmp_path / "NEXT"))
+    assert r.returncode == 0 and not (spool / names[1]).exists()
+    assert (tmp_path / "NEXT").read_bytes() == (wal_setup.server.cluster.data_dir / "pg_wal" / names[1]).read_bytes()
 
     # PostgreSQL asks for files that never existed: exit 1, "not found", nothing written
     missing = wal_setup.cli("wal-fetch", "00000002.history", str(tmp_path / "h"))

@@ -388,6 +388,8 @@ AlertConfig = Annotated[Union[WebhookAlertConfig, PagerDutyAlertConfig], Field(d
 class WalConfig(_Model):
     fetch_retries: int = Field(default=3, ge=0, description="wal-fetch retries a transient error this often, then aborts recovery")
     fetch_backoff: Duration = Field(default=timedelta(seconds=1), description="first retry delay (doubles)")
+    prefetch: int = Field(default=16, ge=0, le=256, description="wal-fetch fetches this many following segments "
+                          "ahead, in parallel, during recovery (0: off)")
     archive_wait: Duration = Field(default=timedelta(minutes=5), description="how long a base backup waits "
                                    "for its WAL to be archived before it fails")
 

@@ -293,6 +293,9 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
         time.sleep(0.3)
     report.promoted = True
     report.rto_s = round(time.monotonic() - t0, 3)
+    from dr_pipelines.core.wal_spool import SPOOL
+
+    shutil.rmtree(request.data_dir / "pg_wal" / SPOOL, ignore_errors=True)  # prefetched, never replayed
     read_outcome(cluster.log_file.read_text(errors="replace"), report)
     if report.reached_time:  # what the restored cluster lacks compared with the moment we started
         report.data_loss_window_s = round(max(0.0, (now - datetime.fromisoformat(report.reached_time))

@@ -253,7 +253,7 @@ def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str,
 
 def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, locations: dict[str, Location],
               identities: list | None = None, retries: int = 3, backoff_s: float = 1.0,
-              log: Log = lambda m: None) -> str:
+              log: Log = lambda m: None, prefetch: int = 0) -> str:
     dest = Path(dest)
     last_error = None
     for attempt in range(retries + 1):
@@ -268,9 +268,39 @@ def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, loca
             raise WalNotFound(f"{name} is not in the WAL archive of {database!r} on any location")
         data, loc_name = found
         _write_atomically(dest, data)
+        if prefetch and SEGMENT.match(name):
+            prefetch_after(config, database, name, len(data), dest, locations, identities, prefetch, log)
         return loc_name
     raise WalFetchAborted(f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
                           "aborted rather than ended early; fix the location and start the server again")
+
+
+def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int, dest: Path,
+                   locations: dict[str, Location], identities: list | None, count: int, log: Log) -> int:
+    """Fetch the next `count` segments of the timeline into the spool, in parallel. Best effort:
+    a segment that is missing or fails here is simply fetched normally when PostgreSQL asks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dr_pipelines.core.wal_spool import spool_dir
+
+    spool = spool_dir(dest)
+    spool.mkdir(exist_ok=True)
+    tli, number = parse_segment(name, segment_size)
+    wanted = [n for n in (segment_name(tli, number + i, segment_size) for i in range(1, count + 1))
+              if not (spool / n).exists()]
+
+    def one(n: str) -> bool:
+        try:
+            found = fetch_bytes(config, database, n, locations, identities, log)
+        except Exception:
+            return False
+        if found is None:
+            return False
+        _write_atomically(spool / n, found[0])
+        return True
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return sum(pool.map(one, wanted))
 
 
 # --------------------------------------------------------------------------- listing
