@@ -157,15 +157,15 @@ class RestoreTestConfig(_Model):
     port: int | None = None
     user: str | None = None
     password_env: str | None = None
-    schedule: str = "0 4 * * *"
+    schedule: str | None = Field(default=None, description="cron, UTC; default: schedules.restore_test")
     max_age: Duration = Field(default=timedelta(days=7), description="the restore test must be this recent")
     jobs: int = Field(default=2, ge=1)
     keep: bool = False
 
     @field_validator("schedule")
     @classmethod
-    def _cron(cls, v: str) -> str:
-        return check_cron(v)
+    def _cron(cls, v: str | None) -> str | None:
+        return None if v is None else check_cron(v)
 
     @field_validator("max_age", mode="before")
     @classmethod

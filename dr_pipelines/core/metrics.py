@@ -6,6 +6,7 @@ Names follow the SongNodes monitoring section (`backup_age_hours`, `backup_size_
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -93,10 +94,11 @@ def export(config: DrConfig, reg: CollectorRegistry, textfile: str | None = None
                                "check metrics.textfile and the directory's permissions") from None
         done.append(str(path))
     if pushgateway_url:
+        shown = re.sub(r"//[^@/]*@", "//", pushgateway_url)  # never print credentials in the URL
         try:
             push_to_gateway(pushgateway_url, job=config.metrics.job, registry=reg, timeout=10)
         except OSError as e:
-            raise MetricsError(f"cannot push metrics to the Pushgateway at {pushgateway_url}: {e}; "
+            raise MetricsError(f"cannot push metrics to the Pushgateway at {shown}: {str(e).replace(pushgateway_url, shown)}; "
                                "is it running? (metrics.pushgateway_url)") from None
-        done.append(pushgateway_url)
+        done.append(shown)
     return done

@@ -81,13 +81,14 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
                 name=f"{db}__base_backup_schedule", cron_schedule=cfg.base_backup.schedule, target=base_job,
                 execution_timezone="UTC", default_status=status,
                 description=f"Base backup of {db} ({cfg.base_backup.schedule} UTC)."))
+        restore_cron = cfg.restore_test.schedule or config.schedules.restore_test
         test_job = dg.define_asset_job(restore_test_job_name(db), selection=dg.AssetSelection.assets(restore_test_key(db)),
                                        description=f"Restore the latest backup of {db} into a scratch database and validate it.")
         jobs.append(test_job)
         schedules.append(dg.ScheduleDefinition(
-            name=f"{db}__restore_test_schedule", cron_schedule=cfg.restore_test.schedule, target=test_job,
+            name=f"{db}__restore_test_schedule", cron_schedule=restore_cron, target=test_job,
             execution_timezone="UTC", default_status=status,
-            description=f"Restore test of {db} ({cfg.restore_test.schedule} UTC), besides the one after each backup."))
+            description=f"Restore test of {db} ({restore_cron} UTC), besides the one after each backup."))
         job = dg.define_asset_job(logical_backup_job_name(db), selection=dg.AssetSelection.assets(logical_backup_key(db)),
                                   description=f"Take a logical backup of {db} now.")
         jobs.append(job)
