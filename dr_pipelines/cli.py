@@ -553,8 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     from dr_pipelines.core.wal_spool import fetch_args, take_prefetched
 
     fetch = fetch_args(sys.argv[1:] if argv is None else argv)
-    if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
-        return EXIT_OK
+    try:
+        if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
+            return EXIT_OK
+    except OSError:
+        pass  # fetch it the normal way
+
     args = build_parser().parse_args(argv)
     from dr_pipelines.core.errors import exit_code_for, user_message
 

@@ -350,3 +350,36 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
     setup.switch_and_wait()
     status = setup.cli("status")
     assert status.returncode == 2 and "wal_continuous" in status.stdout and base.extra["wal_stop"] in status.stdout
+
+
+def test_lsn_and_restore_point_targets(archived, restored_dirs):
+    setup = archived
+    run_base_backup(setup.config, "app", open_locations(setup.config))
+    with setup.server.connect("app") as conn:
+        conn.execute("CREATE TABLE steps (n int)")
+        conn.execute("INSERT INTO steps VALUES (1)")
+        lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+        conn.execute("INSERT INTO steps VALUES (2)")
+        conn.execute("SELECT pg_create_restore_point('before_three')")
+        conn.execute("INSERT INTO steps VALUES (3)")
+    setup.switch_and_wait()
+    locs = open_locations(setup.config)
+
+    by_lsn_dir, by_lsn_port = restored_dirs(), free_port()
+    report = run_pitr(setup.config, str(setup.config_path),
+                      PitrRequest("app", by_lsn_dir, by_lsn_port, target_lsn=str(lsn)), locs)
+    assert report.promoted
+    with _connect(by_lsn_port) as conn:
+        assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1]
+    # the targets do not stay behind in the promoted cluster's settings (nor in backups taken of it)
+    auto = (by_lsn_dir / "postgresql.auto.conf").read_text()
+    assert "recovery_target_lsn" not in auto and "recovery_target_action" not in auto
+    LocalCluster(by_lsn_dir, by_lsn_port).stop("fast")
+
+    by_name_dir, by_name_port = restored_dirs(), free_port()
+    report = run_pitr(setup.config, str(setup.config_path),
+                      PitrRequest("app", by_name_dir, by_name_port, target_name="before_three"), locs)
+    assert report.promoted and "before_three" in (report.stop_reason or "")
+    with _connect(by_name_port) as conn:
+        assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]
+    assert "recovery_target_name" not in (by_name_dir / "postgresql.auto.conf").read_text()

@@ -225,3 +225,25 @@ def test_fetch_corrupt_copy_and_unreachable_location(wal_setup, tmp_path):
     r = wal_setup.cli("wal-fetch", name, str(tmp_path / "y"))
     assert r.returncode > 125, r.stderr
     assert "attempt 2 failed" in r.stderr
+
+
+def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
+    """A segment already archived with other bytes on one location: refused before the new bytes
+    reach any other location (never two different copies of one segment)."""
+    from dr_pipelines.core.wal import wal_push
+
+    second = tmp_path / "second"
+    cfg = wal_setup.config.model_copy(update={"locations": {
+        "second": wal_setup.config.locations["local"].model_copy(update={"path": str(second)}),
+        "local": wal_setup.config.locations["local"]}})
+    wal_setup.enable_archiving()
+    name = wal_setup.switch_and_wait()  # archived on `local` only
+    copy = tmp_path / name
+    data = bytearray((wal_setup.server.cluster.data_dir / "pg_wal" / name).read_bytes())
+    data[9000] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    from dr_pipelines.core.wal import WalRefused
+
+    with pytest.raises(WalRefused, match="different content"):
+        wal_push(cfg, "app", copy, open_locations(cfg))
+    assert not list(second.rglob(f"{name}*"))  # `second` comes first and still got nothing

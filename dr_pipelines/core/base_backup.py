@@ -109,7 +109,7 @@ def missing_wal(locations: dict[str, Location], database: str, timeline: int, fi
 def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location], rng: dict, segment_size: int,
                  log: Log) -> None:
     first = lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size)
-    last = lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size)
+    last = lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True)
     deadline = time.monotonic() + config.wal.archive_wait.total_seconds()
     while True:
         missing = missing_wal(locations, database, rng["timeline"], first, last)
@@ -214,7 +214,7 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
         uncompressed_bytes=source.bytes,
         extra={**rng, "stopped_at": stopped.isoformat(), "segment_size": segment_size,
                "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
-               "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size),
+               "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True),
                "backup_label": watcher.members.get("backup_label", b"").decode(errors="replace")},
     )
     log(f"base backup {backup_id}: WAL {manifest.extra['wal_start']} .. {manifest.extra['wal_stop']} "

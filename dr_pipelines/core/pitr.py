@@ -20,9 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import psycopg
-
 from dr_pipelines.core.cluster import LocalCluster, _postgres_ids, chown_to_postgres, run_as_postgres
+from dr_pipelines.core.postgres import DEFAULT_PG_BIN
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.logical_restore import decode_into
 from dr_pipelines.core.repository import BackupNotFound, CatalogEntry, load_catalog
@@ -88,6 +87,7 @@ class PitrReport:
     rto_s: float | None = None
     promoted: bool = False
     gaps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -159,10 +159,10 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
                 decode_into(src, tar.stdin, m.compression["method"], m.encryption["method"] == "age", identities)
             tar.stdin.close()
             rc = tar.wait()
-        except (LocationError, OSError, ValueError) as e:
+        except Exception as e:  # unreadable, corrupt (zstd/age errors), tar gone: try the next copy
             tar.kill()
             tar.wait()
-            problems.append(f"{name}: {e}")
+            problems.append(f"{name}: {type(e).__name__}: {e}")
         else:
             if src.sha256.hexdigest() != obj.sha256:
                 problems.append(f"{name}: {obj.name} fails its checksum")
@@ -176,6 +176,10 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
     raise PitrError(f"no usable copy of base backup {m.id}: {'; '.join(problems)}")
 
 
+RECOVERY_TARGETS = ("recovery_target_time", "recovery_target_lsn", "recovery_target_xid", "recovery_target_name",
+                    "recovery_target")
+
+
 def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
     s = {
         "restore_command": pg_quote(restore_command(config_file, request.database)),
@@ -183,7 +187,8 @@ def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str
         "recovery_target_timeline": "'latest'",
         "port": str(request.port),
         "listen_addresses": "'127.0.0.1'",
-        "unix_socket_directories": "''",
+        # our own socket, reached as the postgres OS user (peer auth), whatever pg_hba says of TCP
+        "unix_socket_directories": pg_quote(str(request.data_dir)),
         "hot_standby": "on",
         "archive_mode": "on" if request.archive else "off",
     }
@@ -198,7 +203,7 @@ def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str
     return s
 
 
-_STOPPING = re.compile(r"recovery stopping (before|after) (.*?)(?:, time (\S+ \S+(?: \S+)?))?$", re.M)
+_STOPPING = re.compile(r"recovery stopping (before|after|at) (.*?)(?:, time (\S+ \S+(?: \S+)?))?$", re.M)
 _LAST_XACT = re.compile(r"last completed transaction was at log time (\S+ \S+(?: \S+)?)", re.M)
 _REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)", re.M)
 _TIMELINE = re.compile(r"selected new timeline ID: (\d+)", re.M)
@@ -214,7 +219,7 @@ def read_outcome(log_text: str, report: PitrReport) -> None:
     # the last completed transaction PostgreSQL reports at the end of recovery.
     if m := _STOPPING.search(log_text):
         report.stop_reason = f"recovery stopping {m.group(1)} {m.group(2)}"
-        if m.group(1) == "after" and m.group(3):
+        if m.group(1) in ("after", "at") and m.group(3):
             report.reached_time = _pg_time(m.group(3)).isoformat()
     if m := _LAST_XACT.findall(log_text):
         report.reached_time = _pg_time(m[-1]).isoformat()
@@ -222,6 +227,60 @@ def read_outcome(log_text: str, report: PitrReport) -> None:
         report.reached_lsn = m[-1]
     if m := _TIMELINE.findall(log_text):
         report.timeline = int(m[-1])
+
+
+def query_as_postgres(data_dir: Path, port: int, sql: str, dbname: str = "postgres") -> str | None:
+    """One value from the recovered cluster through its private socket, as the postgres OS user."""
+    proc = run_as_postgres([str(DEFAULT_PG_BIN / "psql"), "-h", str(data_dir), "-p", str(port), "-U", "postgres",
+                            "-d", dbname, "-X", "-A", "-t", "-c", sql], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def drop_inherited_targets(data_dir: Path) -> None:
+    """A backup of a cluster that was itself recovered may carry old recovery targets in
+    postgresql.auto.conf. PostgreSQL refuses two target kinds even if one is set to '', so the old
+    lines are removed rather than overridden."""
+    auto = data_dir / "postgresql.auto.conf"
+    if auto.exists():
+        lines = auto.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if not ln.strip().startswith("recovery_target")]
+        if len(kept) != len(lines):
+            auto.write_text("".join(kept))
+
+
+def ensure_server_files(data_dir: Path) -> None:
+    """A data directory from a Debian-style cluster (configuration in /etc) has neither
+    postgresql.conf nor pg_hba.conf; give it minimal ones (local peer for postgres only)."""
+    for name, text in (("postgresql.conf", "# written by dr_pipelines pitr: settings are in postgresql.auto.conf\n"),
+                       ("pg_hba.conf", "# written by dr_pipelines pitr\nlocal all postgres peer\n")):
+        path = data_dir / name
+        if not path.exists():
+            path.write_text(text)
+            chown_to_postgres(path)
+
+
+def finish_recovery(data_dir: Path, port: int) -> None:
+    """After promotion the targets must not stay behind in postgresql.auto.conf: the new primary,
+    and every backup taken of it, would carry them into the next recovery."""
+    for t in (*RECOVERY_TARGETS, "recovery_target_action"):
+        query_as_postgres(data_dir, port, f"ALTER SYSTEM RESET {t}")
+    query_as_postgres(data_dir, port, "SELECT pg_reload_conf()")
+
+
+def end_of_archive_check(locations: dict[str, Location], database: str, report: PitrReport) -> str | None:
+    """For `latest`: did replay reach the newest archived segment? (It can stop early only on a
+    gap, which is refused before starting, or on a segment PostgreSQL rejected.)"""
+    archive = list_archive(locations, database)
+    newest = archive.newest()
+    if not newest or not report.reached_lsn or not archive.segment_size:
+        return None
+    from dr_pipelines.core.wal import lsn_to_segment
+
+    reached = lsn_to_segment(report.reached_lsn, int(newest["name"][:8], 16), archive.segment_size)
+    if reached[8:] < newest["name"][8:]:
+        return (f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
+                f"{newest['name']}: recovery ended before the end of the archive")
+    return None
 
 
 def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[str]:
@@ -259,6 +318,8 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
     for stale in ("postmaster.pid", "standby.signal"):
         (request.data_dir / stale).unlink(missing_ok=True)
     cluster = LocalCluster(request.data_dir, request.port)
+    ensure_server_files(request.data_dir)
+    drop_inherited_targets(request.data_dir)
     cluster.write_settings(recovery_settings(config_file, request))
     (request.data_dir / "recovery.signal").touch()
     chown_to_postgres(request.data_dir / "recovery.signal")
@@ -278,13 +339,8 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
                             f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
                             + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
             raise PitrFailed(report)
-        try:
-            with psycopg.connect(host="127.0.0.1", port=request.port, user="postgres", dbname="postgres",
-                                 connect_timeout=3, autocommit=True) as conn:
-                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                    break
-        except psycopg.OperationalError:
-            pass
+        if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
+            break
         if time.monotonic() > deadline:
             cluster.stop("fast")
             read_outcome(log_text, report)
@@ -293,6 +349,12 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
         time.sleep(0.3)
     report.promoted = True
     report.rto_s = round(time.monotonic() - t0, 3)
+    finish_recovery(request.data_dir, request.port)
+    if request.target_text == "latest":
+        behind = end_of_archive_check(locations, request.database, report)
+        if behind:
+            report.warnings.append(behind)
+            log(f"WARNING: {behind}")
     from dr_pipelines.core.wal_spool import SPOOL
 
     shutil.rmtree(request.data_dir / "pg_wal" / SPOOL, ignore_errors=True)  # prefetched, never replayed

@@ -75,6 +75,8 @@ class _LocalUpload:
     def __init__(self, location: "LocalLocation", path: Path):
         self._location = location
         self._path = path
+        # directories made here must themselves be durable: fsync each one's parent at commit
+        self._new_dirs = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         self._file = open(self._tmp, "xb")
@@ -89,6 +91,8 @@ class _LocalUpload:
             self._file.close()
             os.rename(self._tmp, self._path)
             fsync_dir(self._path.parent)
+            for d in self._new_dirs:
+                fsync_dir(d.parent)
         except OSError as e:
             self.abort()
             raise LocationError(self._location.name, f"cannot write {self._path}: {e}") from e

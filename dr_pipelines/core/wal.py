@@ -178,17 +178,27 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
     side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": _sha(stored_obj)}
     prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
     result, failures = PushResult(name), []
+    # Look everywhere before writing anywhere: a conflict on one location must not leave the new
+    # bytes on another (two different copies of one segment).
+    missing: list[str] = []
     for loc_name, loc in locations.items():
         try:
             existing = _read_json(loc, f"{prefix}/{name}.json")
-            if existing is not None:
-                if existing["sha256"] != side["sha256"]:
-                    raise WalRefused(
-                        f"{name} is already archived on {loc_name} with different content "
-                        f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
-                        "overwrite archived WAL. Two clusters may be archiving to the same place")
-                result.already.append(loc_name)
-                continue
+        except (LocationError, ValueError) as e:
+            failures.append(f"{loc_name}: {e}")
+            continue
+        if existing is None:
+            missing.append(loc_name)
+        elif existing["sha256"] != side["sha256"]:
+            raise WalRefused(
+                f"{name} is already archived on {loc_name} with different content "
+                f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
+                "overwrite archived WAL. Two clusters may be archiving to the same place")
+        else:
+            result.already.append(loc_name)
+    for loc_name in missing:
+        loc = locations[loc_name]
+        try:
             if kind == "segment" and known is None:
                 loc.put_bytes(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(
                     {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}).encode())
@@ -269,7 +279,10 @@ def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, loca
         data, loc_name = found
         _write_atomically(dest, data)
         if prefetch and SEGMENT.match(name):
-            prefetch_after(config, database, name, len(data), dest, locations, identities, prefetch, log)
+            try:  # best effort: the requested file is in place; a prefetch problem must not fail it
+                prefetch_after(config, database, name, len(data), dest, locations, identities, prefetch, log)
+            except Exception as e:
+                log(f"warning: prefetch after {name} stopped: {e}")
         return loc_name
     raise WalFetchAborted(f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
                           "aborted rather than ended early; fix the location and start the server again")
@@ -292,12 +305,12 @@ def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int
     def one(n: str) -> bool:
         try:
             found = fetch_bytes(config, database, n, locations, identities, log)
-        except Exception:
+            if found is None:
+                return False
+            _write_atomically(spool / n, found[0])
+            return True
+        except Exception:  # fetched normally when PostgreSQL asks
             return False
-        if found is None:
-            return False
-        _write_atomically(spool / n, found[0])
-        return True
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return sum(pool.map(one, wanted))
@@ -317,9 +330,14 @@ def segment_name(timeline: int, number: int, segment_size: int) -> str:
     return f"{timeline:08X}{number // per_log:08X}{number % per_log:08X}"
 
 
-def lsn_to_segment(lsn: str, timeline: int, segment_size: int) -> str:
+def lsn_to_segment(lsn: str, timeline: int, segment_size: int, end: bool = False) -> str:
+    """The segment holding `lsn`; for an end position exactly on a boundary, the segment before it
+    (as PostgreSQL's XLByteToPrevSeg: the record ends there, nothing of it is in the next one)."""
     hi, lo = (int(x, 16) for x in lsn.split("/"))
-    return segment_name(timeline, ((hi << 32) | lo) // segment_size, segment_size)
+    value = (hi << 32) | lo
+    if end and value % segment_size == 0:
+        value -= 1
+    return segment_name(timeline, value // segment_size, segment_size)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pydantic import Field
 from dr_pipelines.core.base_backup import run_base_backup
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.cluster import LocalCluster
-from dr_pipelines.core.pitr import PitrFailed, PitrRequest, run_pitr
+from dr_pipelines.core.pitr import PitrFailed, PitrRequest, query_as_postgres, run_pitr
 from dr_pipelines.core.repository import load_catalog, store_record
 from dr_pipelines.core.health import PITR_TEST, WAL_CONTINUOUS, WAL_LAG, check_wal
 from dr_pipelines.core.wal import WalStatus, wal_status
@@ -174,17 +174,16 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
             "port": report.port, "data_dir": report.data_dir})
         return report.to_dict()
 
-    @dg.op(description="The recovered cluster answers queries and is out of recovery.")
+    @dg.op(description="The recovered cluster answers queries through its own socket and is out of recovery.")
     def validate_recovered(context: dg.OpExecutionContext, report: dict) -> dict:
-        import psycopg
-
-        with psycopg.connect(host="127.0.0.1", port=report["port"], user="postgres", dbname="postgres",
-                             autocommit=True, connect_timeout=10) as conn:
-            in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-            dbs = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")]
-        if in_recovery:
-            raise dg.Failure(description="the recovered cluster is still in recovery")
-        context.add_output_metadata({"databases": ", ".join(dbs)})
+        data_dir, port = Path(report["data_dir"]), report["port"]
+        in_recovery = query_as_postgres(data_dir, port, "SELECT pg_is_in_recovery()")
+        dbs = (query_as_postgres(data_dir, port, "SELECT string_agg(datname, ',') FROM pg_database "
+                                                 "WHERE NOT datistemplate") or "").split(",")
+        if in_recovery != "f":
+            raise dg.Failure(description=f"the recovered cluster on port {port} is not a promoted primary "
+                                         f"(pg_is_in_recovery: {in_recovery!r})")
+        context.add_output_metadata({"databases": ", ".join(dbs), "warnings": "; ".join(report.get("warnings") or [])})
         return report
 
     @dg.job(name="point_in_time_recovery", tags={"dr/operation": "pitr"},
