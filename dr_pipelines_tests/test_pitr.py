@@ -383,3 +383,40 @@ def test_lsn_and_restore_point_targets(archived, restored_dirs):
     with _connect(by_name_port) as conn:
         assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]
     assert "recovery_target_name" not in (by_name_dir / "postgresql.auto.conf").read_text()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512, 1 << 20])
+def test_tar_watcher_keeps_the_manifest_whatever_the_read_sizes(chunk):
+    """The base backup reads start/stop LSN from the backup_manifest as the tar stream passes."""
+    import io
+    import tarfile
+
+    from dr_pipelines.core.base_backup import TarWatcher, wal_range
+
+    manifest = b'{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}'
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in (("base/1/1259", b"\x00" * 8193), ("backup_label", b"START WAL LOCATION: 0/2000028"),
+                           ("global/pg_control", b"c" * 513), ("backup_manifest", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    watcher = TarWatcher(io.BytesIO(raw), {"backup_manifest", "backup_label"})
+    passed = b""
+    while data := watcher.read(chunk):
+        passed += data
+    assert passed == raw  # the stream itself is untouched
+    assert watcher.members["backup_manifest"] == manifest
+    assert watcher.members["backup_label"].startswith(b"START WAL LOCATION")
+    assert wal_range(manifest) == {"timeline": 1, "start_lsn": "0/2000028", "stop_lsn": "0/2000100",
+                                   "ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}
+
+
+def test_stop_lsn_on_a_segment_boundary_names_the_segment_before():
+    from dr_pipelines.core.wal import lsn_to_segment
+
+    size = 16 << 20
+    assert lsn_to_segment("0/3000000", 1, size) == "000000010000000000000003"
+    assert lsn_to_segment("0/3000000", 1, size, end=True) == "000000010000000000000002"
+    assert lsn_to_segment("0/3000100", 1, size, end=True) == "000000010000000000000003"

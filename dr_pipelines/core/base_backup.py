@@ -79,7 +79,11 @@ class TarWatcher:
             prefix = header[345:500].rstrip(b"\0").decode(errors="replace")
             if prefix:
                 name = f"{prefix}/{name}"
-            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+            field = header[124:136]
+            if field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
+                size = int.from_bytes(field[1:], "big")
+            else:
+                size = int(field.rstrip(b"\0 ").decode() or "0", 8)
             self._skip = (size + BLOCK - 1) // BLOCK * BLOCK
             if name in self._wanted:
                 self._capture = (name, size)
@@ -87,11 +91,12 @@ class TarWatcher:
 
 
 def wal_range(backup_manifest: bytes) -> dict:
+    """Start on the first range's timeline, stop on the last's (several ranges: the timeline
+    switched during the backup, on a standby being promoted; the wait then checks the last range)."""
     ranges = json.loads(backup_manifest)["WAL-Ranges"]
-    if len(ranges) != 1:  # a timeline switch during the backup: still restorable, we record the last
-        ranges = [ranges[-1]]
-    r = ranges[0]
-    return {"timeline": r["Timeline"], "start_lsn": r["Start-LSN"], "stop_lsn": r["End-LSN"]}
+    first, last = ranges[0], ranges[-1]
+    return {"timeline": last["Timeline"], "start_lsn": first["Start-LSN"] if len(ranges) == 1 else last["Start-LSN"],
+            "stop_lsn": last["End-LSN"], "ranges": ranges}
 
 
 def missing_wal(locations: dict[str, Location], database: str, timeline: int, first: str, last: str) -> list[str]:
