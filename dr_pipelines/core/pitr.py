@@ -332,6 +332,8 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
     while True:
         log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
         if not cluster.is_running():
+            time.sleep(0.2)  # the log written just before the exit, read after it
+            log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
             read_outcome(log_text, report)
             fatal = [ln for ln in log_text.splitlines() if "FATAL" in ln or "PANIC" in ln]
             report.error = (f"recovery stopped without reaching {request.target_text}: "
