@@ -55,11 +55,23 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+_REACHABLE_DIRS: list[Path] = []
+
+
 def reachable_tmpdir(prefix: str) -> Path:
-    """A directory the postgres user can reach (pytest's tmp_path is 0700 under root's tree)."""
+    """A directory the postgres user can reach (pytest's tmp_path is 0700 under root's tree);
+    removed at the end of the session if the test did not remove it."""
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     d.chmod(0o755)
+    _REACHABLE_DIRS.append(d)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_reachable_dirs() -> Iterator[None]:
+    yield
+    for d in _REACHABLE_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
