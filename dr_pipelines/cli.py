@@ -323,6 +323,7 @@ def _target_time(text: str) -> str:
 def cmd_pitr(args) -> int:
     from pathlib import Path
 
+    from dr_pipelines.core.cluster import free_port
     from dr_pipelines.defs.runner import point_in_time_recovery
 
     from dr_pipelines.core.config import ConfigError
@@ -332,7 +333,7 @@ def cmd_pitr(args) -> int:
     data_dir = str(Path(args.data_dir).resolve())
     if args.overwrite and args.yes != data_dir:
         raise ConfigError(f"--overwrite replaces the contents of {data_dir}: confirm with --yes {data_dir}")
-    options = {"database": args.db, "data_dir": data_dir, "port": args.port or _free_port(),
+    options = {"database": args.db, "data_dir": data_dir, "port": args.port or free_port(),
                "target_time": _target_time(args.target_time) if args.target_time else None,
                "target_lsn": args.target_lsn, "target_xid": args.target_xid, "target_name": args.target_name,
                "overwrite": args.overwrite, "confirm": args.yes, "archive": args.archive, "timeout_s": args.timeout,
@@ -343,14 +344,6 @@ def cmd_pitr(args) -> int:
          f"{report['timeline']}) in {report['rto_s']:.1f}s; the cluster runs on 127.0.0.1:{report['port']} "
          f"from {report['data_dir']}")
     return EXIT_OK
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- monitoring

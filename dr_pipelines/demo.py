@@ -88,13 +88,12 @@ def _wait_archived(conn, segment: str, timeout: float = 60) -> None:
 
 def demo_pitr(config, db: str) -> bool | None:
     """SoundHash scenario 2, "Accidental data deletion": base backup, a DELETE, recovery to just before it."""
-    import socket
     import time
     from datetime import datetime, timezone
 
     import psycopg
 
-    from dr_pipelines.core.cluster import LocalCluster
+    from dr_pipelines.core.cluster import LocalCluster, free_port
     from dr_pipelines.defs.runner import materialize_base_backup, point_in_time_recovery
 
     port = config.databases[db].port
@@ -120,9 +119,7 @@ def demo_pitr(config, db: str) -> bool | None:
     print(f"base backup {backup_id}; then at {target:%H:%M:%S} UTC someone deleted {deleted} processing_jobs rows",
           flush=True)
     data_dir = sandbox_dir() / "pitr-demo" / "data"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        new_port = s.getsockname()[1]
+    new_port = free_port()
     options = {"database": db, "data_dir": str(data_dir), "port": new_port, "target_time": target.isoformat(),
                "overwrite": True, "confirm": str(data_dir)}
     report = point_in_time_recovery(config, str(sandbox_config_file(config)), options)

@@ -21,17 +21,11 @@ import pyrage
 import pytest
 import yaml
 
-from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres
+from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres, free_port  # noqa: F401 (tests import it from here)
 from dr_pipelines.core.config import load_config
 from dr_pipelines.core.sandbox import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 20) -> None:

@@ -214,6 +214,14 @@ def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
         with pytest.raises(BackupFailed, match="waited more than 0:00:03 for its WAL to be archived"):
             run_base_backup(cfg, "app", open_locations(cfg))
         assert not list(setup.repo.rglob("base.tar*")) and not list(setup.repo.rglob("manifest.json"))
+        # an archive_command that lies ('true'): PostgreSQL is satisfied, our archive is not; the
+        # stored object is removed and no backup appears
+        pg.cluster.write_settings({"archive_command": "'true'"})
+        pg.cluster.stop("fast")
+        pg.cluster.start()
+        with pytest.raises(BackupFailed, match="was not archived within 0:00:03"):
+            run_base_backup(cfg, "app", open_locations(cfg))
+        assert not list(setup.repo.rglob("base.tar*")) and not list(setup.repo.rglob("manifest.json"))
     finally:
         setup.cleanup()
 

@@ -23,7 +23,7 @@ from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
 from dr_pipelines.core.repository import Manifest, ManifestObject
 from dr_pipelines.core.storage import Location, LocationError
 from dr_pipelines.core.streams import CountingReader, object_suffix, recipient_fingerprints, stream_to_locations
-from dr_pipelines.core.wal import list_archive, lsn_to_segment, parse_segment
+from dr_pipelines.core.wal import lsn_to_segment, parse_segment, segment_name
 
 Log = Callable[[str], None]
 BLOCK = 512
@@ -31,63 +31,67 @@ BLOCK = 512
 
 class TarWatcher:
     """Reads a tar stream passing through and keeps the few small members we need (ustar headers,
-    as pg_basebackup writes them)."""
+    as pg_basebackup writes them). Content bytes are stepped over, never copied: only headers
+    (512 bytes) are buffered, and only the wanted members are kept."""
 
     def __init__(self, src, wanted: set[str]):
         self._src = src
         self._wanted = wanted
-        self._buf = bytearray()
+        self._header = bytearray()  # a header split across reads
         self._skip = 0  # content bytes (padded) still to pass before the next header
         self._capture: tuple[str, int] | None = None
-        self.members: dict[str, bytes] = {}
+        self.members: dict[str, bytearray] = {}
         self.last_data = time.monotonic()
 
     def read(self, size: int = -1) -> bytes:
         data = self._src.read(size)
-        self._feed(data)
+        self._feed(memoryview(data))
         return data
 
     def readinto(self, b) -> int:
         n = self._src.readinto(b)
         if n:
-            self._feed(bytes(memoryview(b)[:n]))
+            self._feed(memoryview(b)[:n])
         return n
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, view: memoryview) -> None:
         self.last_data = time.monotonic()
-        self._buf += data
-        while True:
+        pos, end = 0, len(view)
+        while pos < end:
             if self._skip:
-                take = min(self._skip, len(self._buf))
+                take = min(self._skip, end - pos)
                 if self._capture:
                     name, size = self._capture
-                    have = len(self.members.get(name, b""))
-                    keep = max(0, min(take, size - have))
-                    self.members[name] = self.members.get(name, b"") + bytes(self._buf[:keep])
-                del self._buf[:take]
+                    keep = max(0, min(take, size - len(self.members[name])))
+                    self.members[name] += view[pos:pos + keep]
+                pos += take
                 self._skip -= take
-                if self._skip:
-                    return
-                self._capture = None
-            if len(self._buf) < BLOCK:
-                return
-            header = bytes(self._buf[:BLOCK])
-            del self._buf[:BLOCK]
-            if header == b"\0" * BLOCK:
+                if not self._skip:
+                    self._capture = None
                 continue
-            name = header[:100].rstrip(b"\0").decode(errors="replace")
-            prefix = header[345:500].rstrip(b"\0").decode(errors="replace")
-            if prefix:
-                name = f"{prefix}/{name}"
-            field = header[124:136]
-            if field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
-                size = int.from_bytes(field[1:], "big")
-            else:
-                size = int(field.rstrip(b"\0 ").decode() or "0", 8)
-            self._skip = (size + BLOCK - 1) // BLOCK * BLOCK
-            if name in self._wanted:
-                self._capture = (name, size)
-                self.members[name] = b""
+            take = min(BLOCK - len(self._header), end - pos)
+            self._header += view[pos:pos + take]
+            pos += take
+            if len(self._header) == BLOCK:
+                self._start_member(bytes(self._header))
+                self._header.clear()
+
+    def _start_member(self, header: bytes) -> None:
+        if header == b"\0" * BLOCK:
+            return
+        name = header[:100].rstrip(b"\0").decode(errors="replace")
+        prefix = header[345:500].rstrip(b"\0").decode(errors="replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+        field = header[124:136]
+        if field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
+            size = int.from_bytes(field[1:], "big")
+        else:
+            size = int(field.rstrip(b"\0 ").decode() or "0", 8)
+        self._skip = (size + BLOCK - 1) // BLOCK * BLOCK
+        self._capture = (name, size) if name in self._wanted else None
+        if self._capture:
+            self.members[name] = bytearray()
 
 
 def wal_range(backup_manifest: bytes) -> dict:
@@ -99,25 +103,33 @@ def wal_range(backup_manifest: bytes) -> dict:
             "stop_lsn": last["End-LSN"], "ranges": ranges}
 
 
-def missing_wal(locations: dict[str, Location], database: str, timeline: int, first: str, last: str) -> list[str]:
-    archive = list_archive(locations, database)
-    size = archive.segment_size
-    have = set(archive.segments.get(timeline, []))
-    if size is None:
-        return [first] if first not in have else []
-    from dr_pipelines.core.wal import segment_name
+def missing_wal(locations: dict[str, Location], database: str, names: list[str]) -> list[str]:
+    """The segments no location holds yet (by their sidecar, the commit marker). Asks for exactly
+    these objects: listing and reading the whole archive on every poll would not scale."""
+    from dr_pipelines.core.wal import timeline_of, wal_prefix
 
-    lo, hi = parse_segment(first, size)[1], parse_segment(last, size)[1]
-    return [n for n in (segment_name(timeline, i, size) for i in range(lo, hi + 1)) if n not in have]
+    def archived(name: str) -> bool:
+        key = f"{wal_prefix(database)}/{timeline_of(name)}/{name}.json"
+        for loc in locations.values():
+            try:
+                if loc.size(key) is not None:
+                    return True
+            except LocationError:
+                continue
+        return False
+
+    return [n for n in names if not archived(n)]
 
 
 def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location], rng: dict, segment_size: int,
                  log: Log) -> None:
     first = lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size)
     last = lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True)
+    lo, hi = parse_segment(first, segment_size)[1], parse_segment(last, segment_size)[1]
+    missing = [segment_name(rng["timeline"], i, segment_size) for i in range(lo, hi + 1)]
     deadline = time.monotonic() + config.wal.archive_wait.total_seconds()
     while True:
-        missing = missing_wal(locations, database, rng["timeline"], first, last)
+        missing = missing_wal(locations, database, missing)  # what was found stays found
         if not missing:
             log(f"WAL {first} .. {last} is archived: the base backup is consistent")
             return
@@ -220,7 +232,7 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
         extra={**rng, "stopped_at": stopped.isoformat(), "segment_size": segment_size,
                "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
                "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True),
-               "backup_label": watcher.members.get("backup_label", b"").decode(errors="replace")},
+               "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace")},
     )
     log(f"base backup {backup_id}: WAL {manifest.extra['wal_start']} .. {manifest.extra['wal_stop']} "
         f"on timeline {rng['timeline']}")

@@ -57,6 +57,13 @@ def postgres_can_reach(path: Path) -> bool:
     return probe.returncode == 0
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (for a restored or scratch cluster)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalCluster:
     def __init__(self, data_dir: Path, port: int, bin_dir: Path = DEFAULT_PG_BIN):
         self.data_dir = Path(data_dir)

@@ -174,8 +174,6 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
                 f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
                 f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
                 "replaced the old one on purpose, archive it under another database name")
-    stored_obj = encode(data, config)
-    side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": _sha(stored_obj)}
     prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
     result, failures = PushResult(name), []
     # Look everywhere before writing anywhere: a conflict on one location must not leave the new
@@ -196,6 +194,9 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
                 "overwrite archived WAL. Two clusters may be archiving to the same place")
         else:
             result.already.append(loc_name)
+    if missing:  # compress and encrypt only when some location lacks the file (not on a re-push)
+        stored_obj = encode(data, config)
+        side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": _sha(stored_obj)}
     for loc_name in missing:
         loc = locations[loc_name]
         try:

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from dr_pipelines.core.base_backup import run_base_backup
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.cluster import LocalCluster
+from dr_pipelines.core.cluster import LocalCluster, free_port
 from dr_pipelines.core.pitr import PitrFailed, PitrRequest, query_as_postgres, run_pitr
 from dr_pipelines.core.repository import load_catalog, store_record
 from dr_pipelines.core.health import PITR_TEST, WAL_CONTINUOUS, WAL_LAG, check_wal
@@ -36,14 +36,6 @@ def wal_archive_key(db: str) -> dg.AssetKey:
 
 def pitr_test_key(db: str) -> dg.AssetKey:
     return dg.AssetKey([db, "pitr_test"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
@@ -200,7 +192,7 @@ def run_pitr_drill(cfg: DrConfig, config_file: Optional[str], db: str, locations
     root.chmod(0o755)
     data_dir = root / "data"
     try:
-        report = run_pitr(cfg, config_file, PitrRequest(db, data_dir, _free_port()), locations, log=log)
+        report = run_pitr(cfg, config_file, PitrRequest(db, data_dir, free_port()), locations, log=log)
         reached = datetime.fromisoformat(report.reached_time) if report.reached_time else None
         achievable_rpo = (datetime.now(timezone.utc) - reached).total_seconds() if reached else None
         return {**report.to_dict(), "achievable_rpo_s": achievable_rpo}
