@@ -134,6 +134,7 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
     t0 = time.monotonic()
 
     session = SnapshotSession(db, database)  # raises DatabaseUnreachable with a clear message
+    describer = None
     try:
         facts = server_facts(session.conn)
         pg_dump = pg_tool("pg_dump", db, facts["server_major"])
@@ -184,6 +185,10 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
                 proc.kill()
                 proc.wait()
     finally:
+        # The describer may still be inside a transaction on the session's connection (the dump
+        # failed first); closing under it would race, so let it finish.
+        if describer is not None:
+            describer.join()
         session.close()
 
     finished = datetime.now(timezone.utc)
