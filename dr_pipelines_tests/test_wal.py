@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -247,3 +248,33 @@ def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
     with pytest.raises(WalRefused, match="different content"):
         wal_push(cfg, "app", copy, open_locations(cfg))
     assert not list(second.rglob(f"{name}*"))  # `second` comes first and still got nothing
+
+
+def test_archive_listing_reads_no_objects_and_agrees_on_every_location(wal_setup, three_locations, tmp_path):
+    """`list_archive` works from each location's listing alone (push times included); a sidecar
+    whose object is gone counts as missing there, and says so."""
+    from dr_pipelines.core.wal import wal_push
+
+    wal_setup.enable_archiving()
+    names = [wal_setup.switch_and_wait() for _ in range(3)]
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["locations"] = three_locations
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config_from(tmp_path / "three.yaml")
+    locs = open_locations(cfg)
+    before = datetime.now(timezone.utc)
+    for name in names:
+        wal_push(cfg, "app", wal_setup.server.cluster.data_dir / "pg_wal" / name, locs)
+    for loc_name in locs:
+        archive = list_archive({loc_name: locs[loc_name]}, "app")
+        assert archive.segments == {1: names} and archive.problems == [], loc_name
+        assert archive.segment_size == 1 << 20  # the test clusters use 1 MB segments
+        newest = archive.newest()
+        assert newest.name == names[-1] and newest.object_name == f"{names[-1]}.zst.age"
+        assert before - timedelta(seconds=5) <= newest.pushed_at <= datetime.now(timezone.utc) + timedelta(seconds=5)
+    # the middle segment's object is lost on S3, its sidecar is not
+    locs["s3"].delete(f"app/wal/00000001/{names[1]}.zst.age")
+    on_s3 = list_archive({"s3": locs["s3"]}, "app")
+    assert on_s3.gaps(1) == [(names[1], names[1])]
+    assert "sidecar without its object" in on_s3.problems[0] and names[1] in on_s3.problems[0]
+    assert list_archive(locs, "app").gaps(1) == []  # the other locations still hold it

@@ -276,10 +276,10 @@ def end_of_archive_check(locations: dict[str, Location], database: str, report: 
         return None
     from dr_pipelines.core.wal import lsn_to_segment
 
-    reached = lsn_to_segment(report.reached_lsn, int(newest["name"][:8], 16), archive.segment_size)
-    if reached[8:] < newest["name"][8:]:
+    reached = lsn_to_segment(report.reached_lsn, int(newest.name[:8], 16), archive.segment_size)
+    if reached[8:] < newest.name[8:]:
         return (f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
-                f"{newest['name']}: recovery ended before the end of the archive")
+                f"{newest.name}: recovery ended before the end of the archive")
     return None
 
 

@@ -287,15 +287,15 @@ def plan_wal_retention(config, locations: dict[str, Location], decisions: list[D
         starts = [entries[d.backup.id].manifest.extra["wal_start"] for d in decisions
                   if d.keep and d.backup.database == db and d.backup.kind == "base"]
         keep_from = min((s[8:] for s in starts), default=None)  # position in WAL, across timelines
-        for name, side in archive.sidecars.items():
-            if side["kind"] == "history" or datetime.fromisoformat(side["pushed_at"]) >= cutoff:
+        for name, f in archive.files.items():
+            if f.kind == "history" or f.pushed_at >= cutoff:
                 continue
             if keep_from is not None and name[8:24] >= keep_from:
                 continue
             why = (f"before the oldest kept base backup's WAL ({keep_from}) and older than {config.retention.wal_days} days"
                    if keep_from else f"older than {config.retention.wal_days} days and no base backup is kept")
             prefix = f"{wal_prefix(db)}/{timeline_of(name)}"
-            out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{side['object']['name']}"], why))
+            out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{f.object_name}"], why))
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Protocol
 
@@ -34,6 +35,7 @@ class ObjectNotFound(LocationError):
 class ObjectInfo:
     key: str
     size: int
+    modified: datetime | None = None  # when the object was written (UTC), as the listing reports it
 
 
 class Upload(Protocol):
@@ -164,7 +166,8 @@ class LocalLocation:
                 key = p.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     try:
-                        yield ObjectInfo(key, p.stat().st_size)
+                        st = p.stat()
+                        yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
                     except FileNotFoundError:
                         continue
 
@@ -278,7 +281,7 @@ class S3Location:
                 Bucket=self.bucket, Prefix=self.prefix + prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"])
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj.get("LastModified"))
         except Exception as e:
             raise LocationError(self.name, f"cannot list {self.url(prefix)}: {_describe(e)}") from e
 
@@ -407,7 +410,7 @@ class GCSLocation:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:
             for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix + prefix):
-                yield ObjectInfo(blob.name[len(self.prefix):], blob.size)
+                yield ObjectInfo(blob.name[len(self.prefix):], blob.size, blob.updated)
         except Exception as e:
             raise self._err("list", prefix, e) from e
 

@@ -341,12 +341,20 @@ def lsn_to_segment(lsn: str, timeline: int, segment_size: int, end: bool = False
     return segment_name(timeline, value // segment_size, segment_size)
 
 
+@dataclass(frozen=True)
+class ArchivedFile:
+    name: str  # the WAL file name PostgreSQL asks for
+    kind: str  # segment, history, backup or partial
+    pushed_at: datetime  # when its sidecar (the commit marker) was written
+    object_name: str  # the stored object beside the sidecar (name + compression/encryption suffixes)
+
+
 @dataclass
 class WalArchive:
     segments: dict[int, list[str]]  # timeline -> segment names, sorted
     histories: list[str]
     backups: list[str]
-    sidecars: dict[str, dict]
+    files: dict[str, ArchivedFile]
     segment_size: int | None
     problems: list[str]
 
@@ -363,33 +371,63 @@ class WalArchive:
                             segment_name(timeline, b - 1, self.segment_size)))
         return out
 
-    def newest(self) -> dict | None:
-        sides = [s for s in self.sidecars.values() if s["kind"] == "segment"]
-        return max(sides, key=lambda s: s["name"][8:] + s["name"][:8]) if sides else None
+    def newest(self) -> ArchivedFile | None:
+        segments = [f for f in self.files.values() if f.kind == "segment"]
+        return max(segments, key=lambda f: f.name[8:] + f.name[:8]) if segments else None
+
+
+def _stored_wal_name(basename: str) -> str:
+    """The WAL name inside a stored object's name: "X.zst.age" -> "X"."""
+    for suffix in (".age", ".zst", ".gz"):
+        basename = basename.removesuffix(suffix)
+    return basename
 
 
 def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
-    """Merged across locations: a file counts if any location holds its sidecar."""
-    sidecars: dict[str, dict] = {}
+    """Merged across locations, from the listings alone: no object is read, because an archive
+    holds thousands of files and the observer lists it on every tick (one GET per sidecar would
+    make that slow and costly on S3). A file counts where both its object and its sidecar, written
+    after the object, are listed; a sidecar without its object is reported as a problem."""
+    files: dict[str, ArchivedFile] = {}
     problems = []
     for loc in locations.values():
         try:
-            for obj in loc.list(f"{wal_prefix(database)}/"):
-                if obj.key.endswith(".json") and not obj.key.endswith("/" + CLUSTER):
-                    name = obj.key.rsplit("/", 1)[1][:-5]
-                    if name not in sidecars:
-                        sidecars[name] = json.loads(loc.get_bytes(obj.key))
+            listed = list(loc.list(f"{wal_prefix(database)}/"))
         except LocationError as e:
             problems.append(str(e))
+            continue
+        sidecars, stored = {}, {}
+        for obj in listed:
+            base = obj.key.rsplit("/", 1)[-1]
+            if base == CLUSTER or base.startswith("."):
+                continue
+            if base.endswith(".json"):
+                sidecars[base[:-5]] = obj
+            else:
+                stored[_stored_wal_name(base)] = base
+        for name, side in sidecars.items():
+            if name in files:
+                continue
+            try:
+                kind = _classify(name)
+            except WalRefused:
+                problems.append(f"{loc.url(side.key)}: not a WAL file name; ignored")
+                continue
+            if name not in stored:
+                problems.append(f"{loc.url(side.key)}: sidecar without its object (deleted or lost); "
+                                f"the file counts as missing on {loc.name}")
+                continue
+            pushed = side.modified or datetime.fromisoformat(json.loads(loc.get_bytes(side.key))["pushed_at"])
+            files[name] = ArchivedFile(name, kind, pushed, stored[name])
     segments: dict[int, list[str]] = {}
-    for name, side in sidecars.items():
-        if side["kind"] == "segment":
-            segments.setdefault(int(name[:8], 16), []).append(name)
+    for f in files.values():
+        if f.kind == "segment":
+            segments.setdefault(int(f.name[:8], 16), []).append(f.name)
     for names in segments.values():
         names.sort()
-    size = next((s.get("segment_size") for s in sidecars.values() if s.get("segment_size")), None)
-    return WalArchive(segments, sorted(n for n, s in sidecars.items() if s["kind"] == "history"),
-                      sorted(n for n, s in sidecars.items() if s["kind"] == "backup"), sidecars, size, problems)
+    size = (archive_cluster(locations, database) or {}).get("segment_size") if segments else None
+    return WalArchive(segments, sorted(n for n, f in files.items() if f.kind == "history"),
+                      sorted(n for n, f in files.items() if f.kind == "backup"), files, size, problems)
 
 
 # --------------------------------------------------------------------------- postgresql.conf
@@ -484,9 +522,8 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
     except Exception as e:  # unreachable server: the repository still answers
         server_error = str(e).splitlines()[0]
         if newest:
-            lag = (now - datetime.fromisoformat(newest["pushed_at"])).total_seconds()
-    push_times = sorted(datetime.fromisoformat(side["pushed_at"]) for side in archive.sidecars.values()
-                        if side["kind"] == "segment")
-    return WalStatus(database, newest["name"] if newest else None, newest["pushed_at"] if newest else None,
+            lag = (now - newest.pushed_at).total_seconds()
+    push_times = sorted(f.pushed_at for f in archive.files.values() if f.kind == "segment")
+    return WalStatus(database, newest.name if newest else None, newest.pushed_at.isoformat() if newest else None,
                      sum(len(v) for v in archive.segments.values()), gaps, lag, failed, last_failed,
                      server_error, start, push_times)
