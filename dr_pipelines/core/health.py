@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.logical_backup import ATTEMPTS
 from dr_pipelines.core.repository import Catalog, CatalogEntry, load_catalog, load_reports, verify_backup
 from dr_pipelines.core.storage import Location
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ERROR = "error"
 WARNING = "warning"
@@ -80,6 +81,8 @@ def check_freshness(config: DrConfig, database: str, catalog: Catalog, now: date
 
 def size_history(backups: list[CatalogEntry], window: int) -> pd.DataFrame:
     """Oldest first: each backup's size and the rolling mean of the `window` good backups before it."""
+    import pandas as pd  # here, not at the top: ~1 s of import for every command that loads the checks
+
     df = pd.DataFrame({"backup_id": [e.id for e in reversed(backups)],
                        "created_at": [e.manifest.created_at for e in reversed(backups)],
                        "size_bytes": [e.manifest.size_bytes for e in reversed(backups)]})

@@ -9,7 +9,6 @@ from pydantic import Field
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.health import evaluate
 from dr_pipelines.core.metrics import build_registry, export
-from dr_pipelines.core.report import build_report, store_report
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
@@ -30,6 +29,8 @@ def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.Asse
         with domain_failures():
             cfg = context.resources.dr.load()
             locations = locations_from_context(context, cfg)
+            from dr_pipelines.core.report import build_report, store_report  # pandas: loaded only here
+
             report = build_report(cfg, evaluate(cfg, locations, datetime.now(timezone.utc)), config.days)
             stored = store_report(locations, report)
         s = report.summary
