@@ -98,7 +98,7 @@ def write_config(work: Path) -> tuple[Path, Path]:
     repo = work / "repo"
     config.write_text(yaml.safe_dump({
         "databases": {"bench": {"host": "127.0.0.1", "port": PORT, "user": "postgres", "dbname": "bench",
-                                "scratch_dir": str(work)}},
+                                "scratch_dir": os.environ.get("BENCH_SCRATCH_DIR", str(work))}},
         "locations": {"local": {"type": "local", "path": str(repo)}},
         "encryption": {"method": "age", "recipients": [str(ident.to_public())], "identity_file": str(identity)},
         "compression": {"method": "zstd", "level": 3},
@@ -135,7 +135,7 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
         from dr_pipelines.core.logical_restore import load_reports
         from dr_pipelines.core.storage import LocalLocation
 
-        bare_s, ours_s, rto_s = [], [], []
+        bare_s, ours_s, rto_s, steps = [], [], [], []
         for i in range(rounds):
             for name in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):
                 if name == "bare":
@@ -143,14 +143,16 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
                     psql("DROP DATABASE bare_target")
                 else:
                     ours_s.append(timed(ours, env)[0])
-                    rto_s.append(load_reports({"local": LocalLocation("local", repo)}, "bench", "restore")[0]["rto_s"])
+                    report = load_reports({"local": LocalLocation("local", repo)}, "bench", "restore")[0]
+                    rto_s.append(report["rto_s"])
+                    steps.append(report["steps_s"])
                     psql("DROP DATABASE ours_target")
         leftovers = [p.name for p in work.iterdir() if p.name.startswith("dr-restore-")]
         return {"benchmark": "logical_restore", "scale": scale, "bare_s": bare_s, "ours_s": ours_s,
                 "bare_median_s": statistics.median(bare_s), "ours_median_s": statistics.median(ours_s),
                 "ratio": statistics.median(ours_s) / statistics.median(bare_s),
                 "job_rto_s": rto_s, "job_rto_ratio": statistics.median(rto_s) / statistics.median(bare_s),
-                "plaintext_left_behind": leftovers}
+                "job_steps_s": steps, "plaintext_left_behind": leftovers}
     finally:
         cluster.stop()
 

@@ -63,8 +63,32 @@ def test_full_restore_over_a_corrupted_database(pg, setup):
     [stored] = load_reports(open_locations(cfg), "app", "restore")
     assert stored["backup_id"] == manifest.id and stored["rto_s"] == report.rto_s
     assert list(setup.scratch.iterdir()) == []  # no plaintext left behind
-    # only the archive's head (its table of contents) touched disk, never the table data
+    # spooled: the whole verified dump was decoded, then loaded by pg_restore -j
+    assert report.steps_s["plaintext_bytes_on_disk"] == manifest.uncompressed_bytes
+    assert report.steps_s["pg_restore"] > 0
+
+
+def test_streamed_restore_keeps_table_data_off_disk(pg, setup):
+    """restore_spool off: one stream feeds pg_restore; only the archive's head touches disk."""
+    path, cfg, manifest = setup(restore_spool=False)
+    with pg.connect("app") as conn:
+        conn.execute("DELETE FROM fingerprints")
+    report = restore(cfg, path, clean=True, confirm="app")
+    assert pg.row_counts("app") == manifest.tables
     assert 0 < report.steps_s["plaintext_bytes_on_disk"] <= 1 << 20 < manifest.uncompressed_bytes
+    assert report.steps_s["post_data"] > 0 and "pg_restore" not in report.steps_s
+    assert list(setup.scratch.iterdir()) == []
+
+
+def test_spool_falls_back_to_streaming_when_the_disk_is_short(setup, tmp_path):
+    from dr_pipelines.core.logical_restore import spool_fits
+
+    _, cfg, manifest = setup()
+    messages = []
+    assert spool_fits(cfg.database("app"), tmp_path, manifest, messages.append)
+    huge = manifest.model_copy(update={"uncompressed_bytes": 1 << 60})
+    assert not spool_fits(cfg.database("app"), tmp_path, huge, messages.append)
+    assert "streaming instead" in messages[-1] and "scratch_dir" in messages[-1]
 
 
 def test_restore_into_new_database_from_the_shell(pg, setup, tmp_path):
@@ -363,3 +387,42 @@ def test_fidelity_of_many_object_types(pg, write_config, age_key, tmp_path):
         for q in probes:
             assert dst.execute(q).fetchall() == src.execute(q).fetchall(), q
         assert dst.execute("SELECT last_value FROM ticket_seq").fetchone()[0] == 1000 + 7 * 499
+
+
+@pytest.mark.parametrize("tools", [True, False], ids=["age-and-zstd-processes", "in-process"])
+def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
+    """The same bytes come back whether age and zstd are installed or not; a wrong key and a
+    corrupt stream are DecodeFailed, named by stage, either way."""
+    import io
+
+    import pyrage
+    import zstandard
+
+    from dr_pipelines.core.logical_restore import DecodeFailed, decode_into
+
+    if not tools:
+        monkeypatch.setenv("PATH", str(tmp_path))  # neither age nor zstd to be found
+    key = pyrage.x25519.Identity.generate()
+    plain = b"".join(b"row %d\t%s\n" % (i, bytes(str(i * 7919), "ascii") * 20) for i in range(200_000))
+    compressed = zstandard.ZstdCompressor(level=3).compress(plain)
+    stored = pyrage.encrypt(compressed, [key.to_public()])
+
+    class Collect(io.RawIOBase):  # no fileno: the decoded bytes come back through write()
+        def __init__(self):
+            self.parts = []
+
+        def write(self, b):
+            self.parts.append(bytes(b))
+            return len(b)
+
+    out = Collect()
+    decode_into(io.BytesIO(stored), out, "zstd", True, [key])
+    assert b"".join(out.parts) == plain
+    with open(tmp_path / "direct", "wb") as f:  # with a fileno
+        decode_into(io.BytesIO(stored), f, "zstd", True, [key])
+    assert (tmp_path / "direct").read_bytes() == plain
+    with pytest.raises(DecodeFailed, match="cannot decrypt"):
+        decode_into(io.BytesIO(stored), Collect(), "zstd", True, [pyrage.x25519.Identity.generate()])
+    corrupt_zstd = pyrage.encrypt(compressed[: len(compressed) // 2] + b"\xff" * 64, [key.to_public()])
+    with pytest.raises(DecodeFailed, match="cannot decompress"):
+        decode_into(io.BytesIO(corrupt_zstd), Collect(), "zstd", True, [key])

@@ -194,6 +194,10 @@ class DatabaseConfig(_Model):
     restore_test: RestoreTestConfig = RestoreTestConfig()
     scratch_dir: str | None = Field(
         default=None, description="where a restore's private plaintext directory goes (default /var/tmp)")
+    restore_spool: bool = Field(
+        default=True, description="decode a logical backup into the private scratch directory first, so pg_restore "
+        "loads tables and builds indexes in parallel (needs free space for the plain dump; streams when short). "
+        "false: table data never touches disk, and tables load one at a time")
 
     def freshness_limit(self, now: datetime, kind: str = "logical") -> timedelta:
         """How old the newest backup of a kind may be before it is an incident."""

@@ -5,9 +5,11 @@ A restore never writes into the target directly: it restores into a staging data
 server, validates it there, and only then swaps it in (the old database is renamed and kept). A
 failed fetch, decryption, pg_restore or validation therefore leaves the target as it was.
 
-Plaintext: only the archive's head (header + table of contents, which the parallel post-data step
-needs) is written, in a private 0700 directory removed afterwards even on failure; table data goes
-straight from the stream into pg_restore.
+Plaintext touches disk only in a private 0700 directory on the restoring host, removed afterwards
+even on failure. By default (`restore_spool`) the verified, decoded dump is spooled there and
+`pg_restore -j N` loads tables and builds indexes in parallel, as a DBA would by hand. Without the
+spool (disabled, or not enough free space) one stream feeds pg_restore and only the archive's head
+(header + table of contents, which the parallel post-data step needs) is written.
 """
 
 from __future__ import annotations
@@ -98,17 +100,19 @@ def identity_fingerprints(identities: list) -> list[str]:
 
 class _ZstdSink:
     def __init__(self, out):
-        self._w = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+        self._out = out
+        self._z = zstandard.ZstdDecompressor().decompressobj()
 
     def write(self, data) -> int:
-        self._w.write(data)
+        self._out.write(self._z.decompress(data))
         return len(data)
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        self._w.flush()
+        if not self._z.eof:
+            raise zstandard.ZstdError("zstd stream is truncated")
 
 
 class _GzipSink:
@@ -148,15 +152,126 @@ def _sink(method: str, out):
     return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
 
 
-def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
-    """src (stored bytes) -> decrypt -> decompress -> out.write()."""
-    sink = _sink(compression, out)
+class DecodeFailed(RuntimeError):
+    def __init__(self, stage: str, detail: str):
+        super().__init__(f"cannot {stage} ({detail})")
+        self.stage = stage
+
+
+def _decoder_commands(compression: str, encrypted: bool) -> list[list[str]] | None:
+    """age and zstd/gzip as processes, when installed; None: decode in-process instead."""
+    cmds = []
     if encrypted:
-        pyrage.decrypt_io(src, sink, identities)
-    else:
+        cmds.append(["age", "--decrypt", "--identity"])  # + the identity pipe, added by the caller
+    if compression == "zstd":
+        cmds.append(["zstd", "--decompress", "--quiet", "--stdout"])
+    elif compression == "gzip":
+        cmds.append(["gzip", "--decompress", "--stdout"])
+    for cmd in cmds:
+        found = shutil.which(cmd[0])
+        if found is None:
+            return None
+        cmd[0] = found
+    return cmds
+
+
+def _decode_in_process(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+    sink = _sink(compression, out)
+    try:
+        if encrypted:
+            pyrage.decrypt_io(src, sink, identities)
+        else:
+            while chunk := src.read(CHUNK):
+                sink.write(chunk)
+        sink.close()
+    except pyrage.DecryptError as e:
+        raise DecodeFailed("decrypt", str(e)) from None
+    except (zstandard.ZstdError, zlib.error) as e:
+        raise DecodeFailed("decompress", str(e)) from None
+
+
+def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None) -> None:
+    """src -> age -d -> zstd -d -> out, the tools running beside this process (in-process, the GIL
+    and one core made decoding 3x slower than the tools). `out` with a fileno is written by the
+    last tool directly."""
+    identity_read = None
+    if identities:
+        identity_read, identity_write = os.pipe()
+        os.write(identity_write, "".join(f"{i}\n" for i in identities).encode())
+        os.close(identity_write)
+        cmds[0] = cmds[0] + [f"/dev/fd/{identity_read}"]
+    try:
+        out_fd = out.fileno()
+        out.flush()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        out_fd = None
+    direct = out_fd is not None
+    procs: list[subprocess.Popen] = []
+    errors: list[BaseException] = []
+    try:
+        for i, cmd in enumerate(cmds):
+            last = i == len(cmds) - 1
+            procs.append(subprocess.Popen(
+                cmd, stdin=procs[-1].stdout if procs else subprocess.PIPE,
+                stdout=out_fd if last and direct else subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(identity_read,) if identity_read is not None and i == 0 else ()))
+            if i:
+                procs[-2].stdout.close()  # the next tool owns it now
+        pump = None
+        if not direct:
+            def copy_out() -> None:
+                try:
+                    while chunk := procs[-1].stdout.read1(CHUNK):  # what is there: no waiting for 1 MB
+                        out.write(chunk)
+                except BaseException as e:
+                    errors.append(e)
+                    for p in procs:
+                        p.kill()
+            pump = threading.Thread(target=copy_out, name="decode-output", daemon=True)
+            pump.start()
+        try:
+            while chunk := src.read(CHUNK):
+                procs[0].stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # a tool stopped: its exit status says why
+        finally:
+            try:
+                procs[0].stdin.close()
+            except BrokenPipeError:
+                pass
+        for p in procs:
+            p.wait()
+        if pump is not None:
+            pump.join()
+        if errors:
+            raise errors[0]
+        for cmd, p in zip(cmds, procs):
+            if p.returncode != 0:
+                said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
+                        if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
+                detail = "; ".join(said) or f"exit {p.returncode}"
+                raise DecodeFailed("decrypt" if Path(cmd[0]).name == "age" else "decompress", detail)
+    finally:
+        if identity_read is not None:
+            os.close(identity_read)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stderr.close()
+
+
+def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+    """src (stored bytes) -> decrypt -> decompress -> out.write(). Raises DecodeFailed for a copy
+    that cannot be decrypted or decompressed."""
+    cmds = _decoder_commands(compression, encrypted)
+    if cmds:
+        _decode_with_tools(src, out, cmds, identities)
+    elif cmds is None:
+        _decode_in_process(src, out, compression, encrypted, identities)
+    else:  # neither encrypted nor compressed
         while chunk := src.read(CHUNK):
-            sink.write(chunk)
-    sink.close()
+            out.write(chunk)
 
 
 def _sections(request: RestoreRequest) -> list[str]:
@@ -288,6 +403,76 @@ class RestoreSink:
             drop_database(self.server, self.db_name, self.dbname)
 
 
+class PlaintextSpool:
+    """Where decoded bytes go when the restore spools: the private plaintext file, which a parallel
+    pg_restore reads once the whole object has been verified (so a corrupt copy loads nothing)."""
+
+    def __init__(self, plaintext: Path):
+        self.plaintext = plaintext
+        fd = os.open(plaintext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "wb", buffering=CHUNK)
+
+    def write(self, data) -> int:
+        return self.file.write(data)
+
+    def fileno(self) -> int:  # the decoding tools write the file directly
+        return self.file.fileno()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def finish(self, log: Log) -> None:
+        self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.plaintext.unlink(missing_ok=True)
+
+
+def spool_fits(db: DatabaseConfig, workdir: Path, manifest: Manifest | None, log: Log) -> bool:
+    """Spool only when enabled and the decoded dump fits with room to spare; otherwise stream."""
+    if not db.restore_spool:
+        return False
+    if manifest is None:  # a file without its manifest: the decoded size is unknown
+        log("no manifest: the decoded size is unknown, so the restore streams (tables load one at a time)")
+        return False
+    need = manifest.uncompressed_bytes + max(manifest.uncompressed_bytes // 10, 256 << 20)
+    free = shutil.disk_usage(workdir).free
+    if need > free:
+        log(f"warning: {workdir} has {free / 1e9:.1f} GB free, the decoded dump needs {need / 1e9:.1f} GB: "
+            "streaming instead (tables load one at a time). Set scratch_dir to a larger disk for a parallel restore.")
+        return False
+    return True
+
+
+def create_database(server: DatabaseConfig, db_name: str, dbname: str, create: bool) -> int:
+    """Create the (staging) database if asked; returns the server's major version."""
+    with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
+        if create:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        return server_facts(conn)["server_major"]
+
+
+def _spooled_sections(request: RestoreRequest) -> list[str]:
+    if request.data_only:
+        return ["--data-only", "--disable-triggers"]
+    if request.schema_only:
+        return ["--schema-only"]
+    return []
+
+
+def load_spooled(server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest,
+                 major: int, log: Log) -> float:
+    """pg_restore -j N from the verified plaintext: tables load and indexes build in parallel."""
+    t0 = time.monotonic()
+    cmd = _pg_restore_cmd(server, major, dbname, request) + _spooled_sections(request) + [
+        f"--jobs={request.jobs}", str(plaintext)]
+    _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
+    took = time.monotonic() - t0
+    log(f"pg_restore -j {request.jobs} into {dbname}: schema, data and indexes in {took:.1f}s")
+    return took
+
+
 @dataclass
 class Fetched:
     manifest: Manifest | None
@@ -297,7 +482,7 @@ class Fetched:
     location_failures: list[str] = field(default_factory=list)
 
 
-def _stream_object(src: HashingReader, expected: ManifestObject | None, where: str, sink: RestoreSink,
+def _stream_object(src: HashingReader, expected: ManifestObject | None, where: str, sink: RestoreSink | PlaintextSpool,
                    compression: str, encrypted: bool, identities: list | None, log: Log) -> None:
     """Decode `src` into `sink`; commit the sink only if the object matches its checksum."""
     try:
@@ -315,10 +500,8 @@ def _stream_object(src: HashingReader, expected: ManifestObject | None, where: s
         if expected is not None and not isinstance(e, LocationError) and src.sha256.hexdigest() != expected.sha256:
             raise BackupUnusable(f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
                                  f"manifest says {expected.sha256[:16]}...)") from None
-        if isinstance(e, pyrage.DecryptError):
-            raise BackupUnusable(f"{where}: cannot decrypt ({e})") from None
-        if isinstance(e, (zstandard.ZstdError, zlib.error)):
-            raise BackupUnusable(f"{where}: cannot decompress ({e})") from None
+        if isinstance(e, DecodeFailed):
+            raise BackupUnusable(f"{where}: {e}") from None
         raise
     if expected is not None and (src.size != expected.size or src.sha256.hexdigest() != expected.sha256):
         sink.abort()
@@ -327,7 +510,10 @@ def _stream_object(src: HashingReader, expected: ManifestObject | None, where: s
     sink.finish(log)
 
 
-def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: Callable[[], RestoreSink],
+SinkFactory = Callable[[Manifest | None], "RestoreSink | PlaintextSpool"]
+
+
+def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: SinkFactory,
                log: Log) -> None:
     m = entry.manifest
     obj = m.objects[0]
@@ -337,15 +523,15 @@ def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_s
     with location.open_read(m.object_key(obj.name)) as raw:
         src = HashingReader(raw)
         try:
-            _stream_object(src, obj, location.name, make_sink(), m.compression["method"], encrypted, identities, log)
+            _stream_object(src, obj, location.name, make_sink(m), m.compression["method"], encrypted, identities,
+                           log)
         except BackupUnusable as e:
             if "cannot decrypt" in str(e):
                 raise BackupUnusable(
                     f"{e}; the backup is for recipient fingerprint(s) {', '.join(m.encryption.get('recipients', []))}, "
                     f"the identity given has {', '.join(identity_fingerprints(identities))}") from None
             raise
-    log(f"streamed {m.id} from {location.name}: {src.size} bytes, SHA-256 verified, schema and data loaded "
-        f"in {time.monotonic() - t0:.1f}s")
+    log(f"streamed {m.id} from {location.name}: {src.size} bytes, SHA-256 verified, in {time.monotonic() - t0:.1f}s")
 
 
 def candidates(catalog: Catalog, request: RestoreRequest) -> list[CatalogEntry]:
@@ -358,9 +544,9 @@ def candidates(catalog: Catalog, request: RestoreRequest) -> list[CatalogEntry]:
 
 
 def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: RestoreRequest,
-                   make_sink: Callable[[], RestoreSink], log: Log) -> Fetched:
-    """Stream the first valid copy of the chosen backup into `make_sink()` (pg_restore + plaintext
-    file). For "latest", a backup whose every copy fails falls back to the previous one, and says so.
+                   make_sink: SinkFactory, log: Log) -> Fetched:
+    """Stream the first valid copy of the chosen backup into `make_sink(manifest)` (the plaintext
+    spool, or pg_restore + the archive's head). For "latest", a backup whose every copy fails falls back to the previous one, and says so.
     A pg_restore error is not the backup's fault: it fails at once."""
     if request.from_file:
         return _load_file(config, Path(request.backup), make_sink, log)
@@ -388,7 +574,7 @@ def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: Re
     raise BackupUnusable("no usable backup: " + " | ".join(reasons))
 
 
-def _load_file(config: DrConfig, path: Path, make_sink: Callable[[], RestoreSink], log: Log) -> Fetched:
+def _load_file(config: DrConfig, path: Path, make_sink: SinkFactory, log: Log) -> Fetched:
     """A backup object or plain pg_dump -Fc file on local disk; its manifest, if beside it, is used."""
     if not path.is_file():
         raise RestoreError(f"--file {path}: no such file")
@@ -402,7 +588,7 @@ def _load_file(config: DrConfig, path: Path, make_sink: Callable[[], RestoreSink
     identities = load_identities(config) if encrypted else None
     with open(path, "rb") as raw:
         src = HashingReader(raw)
-        _stream_object(src, manifest.objects[0] if manifest else None, str(path), make_sink(), compression,
+        _stream_object(src, manifest.objects[0] if manifest else None, str(path), make_sink(manifest), compression,
                        encrypted, identities, log)
     if manifest is None:
         log(f"warning: no manifest beside {path}: row counts and schema cannot be compared")
@@ -513,24 +699,38 @@ def run_post_data(server: DatabaseConfig, db_name: str, dbname: str, plaintext: 
 
 def restore_into(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, server: DatabaseConfig,
                  dbname: str, workdir: Path, create: bool, log: Log) -> tuple[Fetched, dict[str, float]]:
-    """Stream the backup into `dbname` (schema + data), then build its indexes and constraints."""
+    """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
+    pg_restore and then indexes and constraints in parallel."""
     t0 = time.monotonic()
     plaintext = workdir / "restore.pgdump"
-    sinks: list[RestoreSink] = []
+    db = config.database(request.database)
+    sinks: list[RestoreSink | PlaintextSpool] = []
 
-    def make_sink() -> RestoreSink:
-        sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
+    def make_sink(manifest: Manifest | None) -> RestoreSink | PlaintextSpool:
+        if spool_fits(db, workdir, manifest, log):
+            sinks.append(PlaintextSpool(plaintext))
+        else:
+            sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
         return sinks[-1]
 
-    fetched = fetch_and_load(config, locations, request, make_sink, log)
-    fetched.path = plaintext
-    steps = {"fetch_and_load": round(time.monotonic() - t0, 3),
-             "plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
+    created = False
     try:
-        steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
-                                                 sinks[-1].major, log), 3)
+        fetched = fetch_and_load(config, locations, request, make_sink, log)
+        fetched.path = plaintext
+        sink = sinks[-1]
+        created = create
+        steps = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
+        if isinstance(sink, PlaintextSpool):
+            steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
+            major = create_database(server, request.database, dbname, create)
+            steps["pg_restore"] = round(load_spooled(server, request.database, dbname, plaintext, request, major,
+                                                     log), 3)
+        else:
+            steps["fetch_and_load"] = round(time.monotonic() - t0, 3)
+            steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
+                                                     sink.major, log), 3)
     except RestoreError:
-        if create:
+        if created:
             drop_database(server, request.database, dbname)
         raise
     finally:

@@ -119,11 +119,12 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         return {"request": request, "plan": plan, "started": started, "t0": time.time()}
 
     @dg.op(required_resource_keys=resource_keys,
-           description="One streamed pass: fetch the backup, verify its SHA-256, decrypt, decompress and load schema "
-                       "and data with pg_restore into a staging database (data_only: into the target, after "
-                       "stopping the application); then build indexes and constraints with pg_restore -j. For "
-                       "`latest`, an unusable backup falls back to the previous one. The private plaintext file "
-                       "is removed afterwards, even on failure.")
+           description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
+                       "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
+                       "after stopping the application). With restore_spool off, or too little free space, one "
+                       "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
+                       "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
+                       "on failure.")
     def restore_to_staging(context: dg.OpExecutionContext, state: dict) -> dict:
         cfg, request, plan, db = _unpack(context, state)
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
