@@ -358,16 +358,24 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
     assert status.returncode == 2 and "wal_continuous" in status.stdout and base.extra["wal_stop"] in status.stdout
 
 
-def test_lsn_and_restore_point_targets(archived, restored_dirs):
+def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
+    """An LSN picks its base backup; an xid or a restore point cannot be placed before replay, so
+    a newer base backup that lies after them is tried first, then the older one that works."""
     setup = archived
-    run_base_backup(setup.config, "app", open_locations(setup.config))
+    older = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
     with setup.server.connect("app") as conn:
         conn.execute("CREATE TABLE steps (n int)")
         conn.execute("INSERT INTO steps VALUES (1)")
         lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
-        conn.execute("INSERT INTO steps VALUES (2)")
+        with conn.transaction():
+            conn.execute("INSERT INTO steps VALUES (2)")
+            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
         conn.execute("SELECT pg_create_restore_point('before_three')")
         conn.execute("INSERT INTO steps VALUES (3)")
+    setup.switch_and_wait()
+    newer = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
+    with setup.server.connect("app") as conn:
+        conn.execute("INSERT INTO steps VALUES (4)")
     setup.switch_and_wait()
     locs = open_locations(setup.config)
 
@@ -386,9 +394,25 @@ def test_lsn_and_restore_point_targets(archived, restored_dirs):
     report = run_pitr(setup.config, str(setup.config_path),
                       PitrRequest("app", by_name_dir, by_name_port, target_name="before_three"), locs)
     assert report.promoted and "before_three" in (report.stop_reason or "")
+    assert report.backup_id == older.id and report.tried == [newer.id]
     with _connect(by_name_port) as conn:
         assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]
     assert "recovery_target_name" not in (by_name_dir / "postgresql.auto.conf").read_text()
+    LocalCluster(by_name_dir, by_name_port).stop("fast")
+
+    by_xid_dir, by_xid_port = restored_dirs(), free_port()
+    report = run_pitr(setup.config, str(setup.config_path),
+                      PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs)
+    assert report.promoted and report.backup_id == older.id and report.tried == [newer.id]
+    with _connect(by_xid_port) as conn:  # the target transaction included, nothing after it
+        assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]
+    LocalCluster(by_xid_dir, by_xid_port).stop("fast")
+
+    # a restore point that exists nowhere: every base backup is tried, then a clear failure
+    with pytest.raises(PitrFailed, match="recovery ended before configured recovery target was reached") as e:
+        run_pitr(setup.config, str(setup.config_path),
+                 PitrRequest("app", restored_dirs(), free_port(), target_name="never_made"), locs)
+    assert e.value.report.tried == [newer.id] and e.value.report.backup_id == older.id
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 512, 1 << 20])
@@ -426,3 +450,18 @@ def test_stop_lsn_on_a_segment_boundary_names_the_segment_before():
     assert lsn_to_segment("0/3000000", 1, size) == "000000010000000000000003"
     assert lsn_to_segment("0/3000000", 1, size, end=True) == "000000010000000000000002"
     assert lsn_to_segment("0/3000100", 1, size, end=True) == "000000010000000000000003"
+
+
+def test_without_a_base_backup_the_hint_is_a_command_that_exists(tmp_path):
+    import shlex
+
+    from dr_pipelines.cli import build_parser
+    from dr_pipelines.core.pitr import choose_base_backup
+    from dr_pipelines.core.repository import BackupNotFound
+
+    request = PitrRequest("app", tmp_path / "data", 5999)
+    with pytest.raises(BackupNotFound, match="no base backup of 'app'") as e:
+        choose_base_backup([], request, datetime.now(timezone.utc))
+    hint = str(e.value).split("`")[1]
+    args = build_parser().parse_args(shlex.split(hint)[1:])  # without the program name
+    assert (args.command, args.db, args.kind) == ("backup", "app", "base")

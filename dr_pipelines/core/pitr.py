@@ -88,6 +88,7 @@ class PitrReport:
     promoted: bool = False
     gaps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)  # newer base backups the xid / restore point was not after
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -109,7 +110,7 @@ def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: d
         raise BackupNotFound(f"base backup {request.backup_id!r} of {request.database!r} not found")
     if not bases:
         raise BackupNotFound(f"no base backup of {request.database!r}: point-in-time recovery needs one "
-                             f"(take it with `dr-pipelines base-backup {request.database}`)")
+                             f"(take it with `dr-pipelines backup {request.database} --kind base`)")
     if request.target_time:
         if request.target_time > now:
             raise PitrError(f"target {request.target_time.isoformat()} is in the future (now {now.isoformat()})")
@@ -295,6 +296,54 @@ def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[st
     return out
 
 
+TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, entry: CatalogEntry,
+            locations: dict[str, Location], report: PitrReport, log: Log, overwrite: bool) -> LocalCluster:
+    """Restore `entry` into the data directory and replay WAL until the server is promoted."""
+    identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
+    prepare_data_dir(request.data_dir, overwrite)
+    report.location = extract(config, entry, locations, request.data_dir, identities, log)
+    for stale in ("postmaster.pid", "standby.signal"):
+        (request.data_dir / stale).unlink(missing_ok=True)
+    cluster = LocalCluster(request.data_dir, request.port)
+    ensure_server_files(request.data_dir)
+    drop_inherited_targets(request.data_dir)
+    cluster.write_settings(recovery_settings(config_file, request))
+    (request.data_dir / "recovery.signal").touch()
+    chown_to_postgres(request.data_dir / "recovery.signal")
+    log(f"replaying WAL from base backup {entry.id} to {request.target_text} on port {request.port} ...")
+    try:
+        cluster.start(timeout=request.timeout_s)
+    except Exception:
+        pass  # it may have stopped already (recovery ended before the target): the log says why
+    deadline = time.monotonic() + request.timeout_s
+    while True:
+        log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+        if not cluster.is_running():
+            time.sleep(0.2)  # the log written just before the exit, read after it
+            log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+            read_outcome(log_text, report)
+            # the server's own reason, not a client turned away while it was starting ("the database
+            # system is starting up / in recovery mode"): those FATALs can come last
+            fatal = [ln for ln in log_text.splitlines()
+                     if ("FATAL" in ln or "PANIC" in ln) and "the database system is" not in ln]
+            report.error = (f"recovery stopped without reaching {request.target_text}: "
+                            f"{fatal[-1] if fatal else 'the server exited'}; last reachable point: "
+                            f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
+                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
+            raise PitrFailed(report)
+        if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
+            return cluster
+        if time.monotonic() > deadline:
+            cluster.stop("fast")
+            read_outcome(log_text, report)
+            report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
+            raise PitrFailed(report)
+        time.sleep(0.3)
+
+
 def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, locations: dict[str, Location],
              log: Log = lambda m: None) -> PitrReport:
     t0 = time.monotonic()
@@ -312,43 +361,25 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
         raise PitrError(f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
                         "Recovery to 'latest' would stop at the gap and promote early; choose a target before "
                         "the gap (the last reachable point is the end of the segment before it)")
-    identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
-    prepare_data_dir(request.data_dir, request.overwrite)
-    report.location = extract(config, entry, locations, request.data_dir, identities, log)
-    for stale in ("postmaster.pid", "standby.signal"):
-        (request.data_dir / stale).unlink(missing_ok=True)
-    cluster = LocalCluster(request.data_dir, request.port)
-    ensure_server_files(request.data_dir)
-    drop_inherited_targets(request.data_dir)
-    cluster.write_settings(recovery_settings(config_file, request))
-    (request.data_dir / "recovery.signal").touch()
-    chown_to_postgres(request.data_dir / "recovery.signal")
-    log(f"replaying WAL to {request.target_text} on port {request.port} ...")
-    try:
-        cluster.start(timeout=request.timeout_s)
-    except Exception:
-        pass  # it may have stopped already (recovery ended before the target): the log says why
-    deadline = time.monotonic() + request.timeout_s
-    while True:
-        log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
-        if not cluster.is_running():
-            time.sleep(0.2)  # the log written just before the exit, read after it
-            log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
-            read_outcome(log_text, report)
-            fatal = [ln for ln in log_text.splitlines() if "FATAL" in ln or "PANIC" in ln]
-            report.error = (f"recovery stopped without reaching {request.target_text}: "
-                            f"{fatal[-1] if fatal else 'the server exited'}; last reachable point: "
-                            f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
-                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
-            raise PitrFailed(report)
-        if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
+    # Where an xid or a restore point lies in WAL is unknown until replay meets it: start from the
+    # newest base backup and, if the target came before it, from the next older one, and so on.
+    candidates = [entry]
+    if (request.target_xid or request.target_name) and not request.backup_id:
+        bases = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "base"]
+        candidates += bases[bases.index(entry) + 1:]
+    for i, entry in enumerate(candidates):
+        report.backup_id, report.gaps = entry.id, archive_gaps(locations, entry)
+        try:
+            cluster = _replay(config, config_file, request, entry, locations, report, log,
+                              overwrite=request.overwrite or i > 0)
             break
-        if time.monotonic() > deadline:
-            cluster.stop("fast")
-            read_outcome(log_text, report)
-            report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
-            raise PitrFailed(report)
-        time.sleep(0.3)
+        except PitrFailed as e:
+            if i + 1 == len(candidates) or TARGET_NOT_REACHED not in (e.report.error or ""):
+                raise
+            report.tried.append(entry.id)
+            report.error = report.reached_time = report.reached_lsn = report.stop_reason = None
+            log(f"{request.target_text} was not found after base backup {entry.id} (it may lie before it): "
+                f"trying the older base backup {candidates[i + 1].id}")
     report.promoted = True
     report.rto_s = round(time.monotonic() - t0, 3)
     finish_recovery(request.data_dir, request.port)
