@@ -241,10 +241,12 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
             print(f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
                   f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f})", flush=True)
         if "pitr" in only:
-            r = bench_pitr(setup, free_port)
+            r = bench_pitr(setup, free_port, rounds)
             out.append(r)
-            print(f"PITR to a time during load: `dr-pipelines pitr` {r['ours_s']:.1f}s, pgbackrest restore --type=time "
-                  f"+ start + promote {r['pgbackrest_s']:.1f}s (ratio {r['ratio']:.2f})", flush=True)
+            print(f"PITR to a time during load: `dr-pipelines pitr` {r['ours_median_s']:.1f}s, pgbackrest restore "
+                  f"--type=time + start + promote {r['pgbackrest_median_s']:.1f}s (ratio {r['ratio']:.2f}); the job's "
+                  f"own RTO {statistics.median(r['job_rto_s']):.1f}s (ratio {r['job_rto_ratio']:.2f}; steps "
+                  f"{r['job_steps_s']})", flush=True)
         if "backlog" in only:
             r = bench_backlog(setup)
             out.append(r)

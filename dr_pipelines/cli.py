@@ -227,10 +227,12 @@ def _wal_database(config, db: str | None) -> str:
 
 
 def cmd_wal_push(args) -> int:
-    from dr_pipelines.core.wal import wal_push
+    from dr_pipelines.core.wal import push_ahead, wal_push
 
     config = _config(args)
-    wal_push(config, _wal_database(config, args.db), args.path, _locations(config))
+    db, locations = _wal_database(config, args.db), _locations(config)
+    wal_push(config, db, args.path, locations)
+    push_ahead(config, db, args.path, locations, log=_log)
     return EXIT_OK
 
 
@@ -543,14 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dr_pipelines.core.wal_spool import fetch_args, take_prefetched
+    from dr_pipelines.core.wal_spool import fetch_args, push_args, take_prefetched, take_pushed
 
-    fetch = fetch_args(sys.argv[1:] if argv is None else argv)
+    raw_args = sys.argv[1:] if argv is None else argv
+    fetch, push = fetch_args(raw_args), push_args(raw_args)
     try:
         if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
             return EXIT_OK
+        if push and take_pushed(push):  # archiving's fast path: an earlier call archived it ahead
+            return EXIT_OK
     except OSError:
-        pass  # fetch it the normal way
+        pass  # the normal way
 
     args = build_parser().parse_args(argv)
     from dr_pipelines.core.errors import exit_code_for, user_message

@@ -278,3 +278,43 @@ def test_archive_listing_reads_no_objects_and_agrees_on_every_location(wal_setup
     assert on_s3.gaps(1) == [(names[1], names[1])]
     assert "sidecar without its object" in on_s3.problems[0] and names[1] in on_s3.problems[0]
     assert list_archive(locs, "app").gaps(1) == []  # the other locations still hold it
+
+
+def test_push_ahead_archives_ready_segments_and_their_calls_return_at_once(wal_setup, tmp_path):
+    """wal-push also archives the later segments PostgreSQL marked ready; the calls for them take
+    the fast path, unless their marker does not match the file."""
+    wal_setup.enable_archiving()
+    names = [wal_setup.switch_and_wait() for _ in range(4)]
+    pg_wal = tmp_path / "pg_wal"  # a copy, archived into a fresh repository
+    (pg_wal / "archive_status").mkdir(parents=True)
+    for name in names:
+        shutil.copy(wal_setup.server.cluster.data_dir / "pg_wal" / name, pg_wal / name)
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["locations"] = {"local": {"type": "local", "path": str(tmp_path / "repo")}}
+    raw["wal"]["push_ahead"] = 2
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+
+    def push(name):
+        return run_cli("--config", str(config_path), "wal-push", str(pg_wal / name))
+
+    r = push(names[0])
+    assert r.returncode == 0, r.stderr
+    assert f"archived ahead: {names[1]}, {names[2]}" in r.stderr  # no more than push_ahead
+    locs = open_locations(config_from(config_path))
+    assert list_archive(locs, "app").segments == {1: names[:3]}
+    markers = pg_wal / ".dr_pipelines_pushed"
+    assert sorted(p.name for p in markers.iterdir()) == [names[1], names[2]]
+    (pg_wal / "archive_status" / f"{names[0]}.ready").rename(pg_wal / "archive_status" / f"{names[0]}.done")
+
+    r = push(names[1])  # the fast path: nothing loaded, nothing said
+    assert r.returncode == 0 and r.stderr == "" and not (markers / names[1]).exists()
+    (pg_wal / "archive_status" / f"{names[1]}.ready").rename(pg_wal / "archive_status" / f"{names[1]}.done")
+
+    (markers / names[2]).write_text("16777216 00")  # a marker that does not match the file
+    r = push(names[2])
+    assert r.returncode == 0, r.stderr
+    # the normal way (only it archives ahead); the stale marker is gone
+    assert f"archived ahead: {names[3]}" in r.stderr and not (markers / names[2]).exists()
+    assert list_archive(locs, "app").segments == {1: names}

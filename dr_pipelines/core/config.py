@@ -396,6 +396,9 @@ class WalConfig(_Model):
                           "ahead, in parallel, during recovery (0: off)")
     archive_wait: Duration = Field(default=timedelta(minutes=5), description="how long a base backup waits "
                                    "for its WAL to be archived before it fails")
+    push_ahead: int = Field(default=8, ge=0, le=64, description="wal-push also archives, in parallel, up to this "
+                            "many later segments PostgreSQL has marked ready, so its calls for them return at once "
+                            "and a burst of WAL does not queue behind one process start per segment (0: off)")
 
     @field_validator("fetch_backoff", "archive_wait", mode="before")
     @classmethod

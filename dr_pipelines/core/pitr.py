@@ -89,6 +89,7 @@ class PitrReport:
     gaps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)  # newer base backups the xid / restore point was not after
+    steps_s: dict[str, float] = field(default_factory=dict)  # extract (fetch, verify, decode, untar), replay
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -304,7 +305,9 @@ def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, ent
     """Restore `entry` into the data directory and replay WAL until the server is promoted."""
     identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
     prepare_data_dir(request.data_dir, overwrite)
+    t0 = time.monotonic()
     report.location = extract(config, entry, locations, request.data_dir, identities, log)
+    report.steps_s["extract"] = round(time.monotonic() - t0, 3)
     for stale in ("postmaster.pid", "standby.signal"):
         (request.data_dir / stale).unlink(missing_ok=True)
     cluster = LocalCluster(request.data_dir, request.port)
@@ -335,6 +338,7 @@ def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, ent
                             + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
             raise PitrFailed(report)
         if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
+            report.steps_s["replay"] = round(time.monotonic() - t0 - report.steps_s["extract"], 3)
             return cluster
         if time.monotonic() > deadline:
             cluster.stop("fast")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Protocol
 
 from dr_pipelines.core.config import GCSLocationConfig, LocalLocationConfig, S3LocationConfig
+from dr_pipelines.core.durable import fsync_dir
 
 
 class LocationError(RuntimeError):
@@ -63,14 +64,6 @@ def _describe(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- local
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _LocalUpload:

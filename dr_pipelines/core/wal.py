@@ -216,6 +216,53 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
     return result
 
 
+def ready_segments_after(path: Path, limit: int) -> list[Path]:
+    """Segments after `path` that PostgreSQL has marked ready to archive (pg_wal/archive_status)."""
+    if limit <= 0 or path.parent.name != "pg_wal":
+        return []
+    try:
+        ready = sorted(p.name[:-6] for p in (path.parent / "archive_status").iterdir() if p.name.endswith(".ready"))
+    except OSError:
+        return []
+    return [path.parent / n for n in ready if SEGMENT.match(n) and n > path.name][:limit]
+
+
+def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location],
+               log: Log = lambda m: None) -> list[str]:
+    """Archive the next ready segments now, in parallel, each marked once durable everywhere, so
+    PostgreSQL's calls for them take the fast path. Best effort: a segment that fails here is
+    pushed (and its error reported) when PostgreSQL asks for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dr_pipelines.core.wal_spool import PUSHED, mark_pushed
+
+    path = Path(path)
+    markers = path.parent / PUSHED
+    if markers.is_dir():  # PostgreSQL asks in order: a marker at or before this name is stale
+        for m in markers.iterdir():
+            if m.name <= path.name or not (path.parent / "archive_status" / f"{m.name}.ready").exists():
+                m.unlink(missing_ok=True)
+    todo = [p for p in ready_segments_after(path, config.wal.push_ahead) if not (markers / p.name).exists()]
+    if not todo:
+        return []
+
+    def push(segment: Path) -> str:
+        wal_push(config, database, segment, locations)
+        mark_pushed(segment)
+        return segment.name
+
+    done = []
+    with ThreadPoolExecutor(max_workers=min(len(todo), 4), thread_name_prefix="push-ahead") as pool:
+        for segment, future in [(s, pool.submit(push, s)) for s in todo]:
+            try:
+                done.append(future.result())
+            except Exception as e:
+                log(f"{segment.name}: not archived ahead ({e}); it will be when PostgreSQL asks for it")
+    if done:
+        log(f"archived ahead: {', '.join(done)}")
+    return done
+
+
 def _write_atomically(dest: Path, data: bytes) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

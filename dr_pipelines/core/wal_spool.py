@@ -1,14 +1,23 @@
-"""Prefetched WAL for restore_command: segments fetched ahead (checksums verified) wait in
-`pg_wal/.dr_pipelines_prefetch/` and are handed over by a rename, so replay does not pay for a
-process start, a download and a decryption per segment (pgBackRest's async archive-get does the same).
+"""The fast paths of archive_command and restore_command (pgBackRest's async archive-push and
+archive-get do the same):
 
-This module imports nothing heavy: it is the whole of `wal-fetch`'s fast path.
+- wal-fetch: segments fetched ahead (checksums verified) wait in `pg_wal/.dr_pipelines_prefetch/`
+  and are handed over by a rename, so replay does not pay for a process start, a download and a
+  decryption per segment.
+- wal-push: segments PostgreSQL had marked ready were archived ahead, in parallel, by an earlier
+  call; a marker in `pg_wal/.dr_pipelines_pushed/`, written once the segment was durable on every
+  location, lets the call for it return at once.
+
+This module imports nothing heavy: it is the whole of both fast paths.
 """
 
 import os
 from pathlib import Path
 
+from dr_pipelines.core.durable import fsync_dir
+
 SPOOL = ".dr_pipelines_prefetch"
+PUSHED = ".dr_pipelines_pushed"
 
 
 def spool_dir(dest: Path) -> Path:
@@ -22,11 +31,7 @@ def take_prefetched(name: str, dest: str) -> bool:
         os.rename(src, dest)
     except FileNotFoundError:
         return False
-    fd = os.open(Path(dest).parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(Path(dest).parent)
     return True
 
 
@@ -34,7 +39,12 @@ def fetch_args(argv: list[str]) -> tuple[str, str] | None:
     """NAME and DEST of a `wal-fetch` command line, without argparse (and its imports)."""
     if "wal-fetch" not in argv:
         return None
-    rest, positional, skip = argv[argv.index("wal-fetch") + 1:], [], False
+    positional = _command_positionals(argv, "wal-fetch")
+    return (positional[0], positional[1]) if len(positional) >= 2 else None
+
+
+def _command_positionals(argv: list[str], command: str) -> list[str]:
+    rest, positional, skip = argv[argv.index(command) + 1:], [], False
     for arg in rest:
         if skip:
             skip = False
@@ -42,4 +52,49 @@ def fetch_args(argv: list[str]) -> tuple[str, str] | None:
             skip = True
         elif not arg.startswith("-"):
             positional.append(arg)
-    return (positional[0], positional[1]) if len(positional) >= 2 else None
+    return positional
+
+
+def push_args(argv: list[str]) -> str | None:
+    """PATH of a `wal-push` command line, without argparse."""
+    if "wal-push" not in argv:
+        return None
+    positional = _command_positionals(argv, "wal-push")
+    return positional[0] if positional else None
+
+
+def pushed_marker(path: str | Path) -> Path:
+    return Path(path).parent / PUSHED / Path(path).name
+
+
+def segment_fingerprint(path: str | Path) -> str:
+    """Size and long page header (cluster, timeline and position): a marker left by another
+    cluster, or for other bytes under the same name, does not match."""
+    with open(path, "rb") as f:
+        head = f.read(40)
+        return f"{os.fstat(f.fileno()).st_size} {head.hex()}"
+
+
+def mark_pushed(path: str | Path) -> None:
+    """Record, durably, that `path` is archived on every location."""
+    marker = pushed_marker(path)
+    marker.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(segment_fingerprint(path))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, marker)
+    fsync_dir(marker.parent)
+
+
+def take_pushed(path: str) -> bool:
+    """True if `path` was archived ahead (the marker matches it); the marker is consumed."""
+    marker = pushed_marker(path)
+    try:
+        recorded = marker.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    matches = recorded == segment_fingerprint(path)
+    marker.unlink()
+    return matches
