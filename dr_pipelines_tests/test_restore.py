@@ -426,3 +426,28 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     corrupt_zstd = pyrage.encrypt(compressed[: len(compressed) // 2] + b"\xff" * 64, [key.to_public()])
     with pytest.raises(DecodeFailed, match="cannot decompress"):
         decode_into(io.BytesIO(corrupt_zstd), Collect(), "zstd", True, [key])
+
+
+def test_restore_test_checks_read_the_repository(pg, setup):
+    """A restore test run outside Dagster (an empty instance) counts for the recency and RTO checks,
+    as it does for `status`: both read the reports in the repository."""
+    import dagster as dg
+
+    from dr_pipelines.core.restore_test import run_restore_test
+    from dr_pipelines.defs.build import build_definitions
+
+    path, cfg, _ = setup()
+    defs = build_definitions(cfg, str(path))
+
+    def evaluations():
+        result = defs.resolve_job_def("dr_health_checks").execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        return {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()
+                if e.asset_check_key.asset_key.path[-1] == "restore_test"}
+
+    before = evaluations()
+    assert not before["restore_test_recent"].passed and "no restore test has ever run" in before["restore_test_recent"].description
+    report = run_restore_test(cfg, "app", open_locations(cfg))
+    after = evaluations()
+    assert after["restore_test_recent"].passed and after["rto_within_objective"].passed
+    assert after["rto_within_objective"].metadata["rto_s"].value == report.rto_s

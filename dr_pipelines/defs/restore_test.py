@@ -1,22 +1,24 @@
 """`DB/restore_test`: every new backup restored into a scratch database and proven against its manifest."""
 
-import time
-from datetime import timedelta
+from datetime import datetime, timezone
 
 import dagster as dg
 from pydantic import Field
 
+from dr_pipelines.core import health
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.repository import load_reports
 from dr_pipelines.core.restore_test import run_restore_test
 from dr_pipelines.core.sandbox import ensure_sandbox_running
 from dr_pipelines.core.validation import TableDiff, diff_table
 from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.health import check_result
 from dr_pipelines.defs.logical_backup import logical_backup_key
 from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
 
-PASSED = "restore_test_passed"
-RECENT = "restore_test_recent"
-RTO = "rto_within_objective"
+PASSED = health.RESTORE_TEST
+RECENT = health.RESTORE_TEST_RECENT
+RTO = health.RTO
 
 
 def restore_test_key(db: str) -> dg.AssetKey:
@@ -78,34 +80,23 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
     return restore_test
 
 
-def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey):
-    event = instance.get_latest_materialization_event(key)
-    if event is None:
-        return None, {}
-    return event.timestamp, {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
 def build_restore_test_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition]:
+    """Computed from the restore-test reports in the repository, by the same code as `status` and
+    the metrics, so a restore test run from the shell counts too and the verdicts never disagree."""
     key = restore_test_key(db)
     cfg = config.databases[db]
-    max_age = cfg.restore_test.max_age
-    rto = cfg.objectives.rto
 
-    @dg.asset_check(asset=key, name=RECENT, description=f"A restore test ran within the last {max_age}.")
-    def recent(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        ts, md = _latest_metadata(context.instance, key)
-        if ts is None:
-            return dg.AssetCheckResult(passed=False, description="no restore test has ever run")
-        age = timedelta(seconds=time.time() - ts)
-        return dg.AssetCheckResult(passed=age <= max_age, metadata={"age_hours": round(age.total_seconds() / 3600, 2)},
-                                   description=f"last restore test {age} ago (limit {max_age})")
+    def make(name: str, description: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=key, name=name, description=description,
+                        required_resource_keys={"dr", *storage_resource_keys(config)})
+        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            with domain_failures():
+                run_config = context.resources.dr.load()
+                tests = load_reports(locations_from_context(context, run_config), db, "restore_test")
+                outcomes = health.check_restore_tests(run_config, db, tests, datetime.now(timezone.utc))
+            return check_result(next(o for o in outcomes if o.check == name))
 
-    @dg.asset_check(asset=key, name=RTO, description=f"The measured restore time is within the RTO ({rto}).")
-    def rto_within(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        _, md = _latest_metadata(context.instance, key)
-        if md.get("rto_s") is None:
-            return dg.AssetCheckResult(passed=False, description="no measured RTO yet")
-        return dg.AssetCheckResult(passed=md["rto_s"] <= rto.total_seconds(),
-                                   metadata={"rto_s": md["rto_s"], "objective_s": rto.total_seconds()})
+        return _check
 
-    return [recent, rto_within]
+    return [make(RECENT, f"A restore test ran within the last {cfg.restore_test.max_age}."),
+            make(RTO, f"The measured restore time is within the RTO ({cfg.objectives.rto}).")]
