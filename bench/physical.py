@@ -138,19 +138,27 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     seg_dir = s.work / "segments"
     seg_dir.mkdir(exist_ok=True)
     chown_to_postgres(seg_dir)
-    ours_s, pgbr_s = [], []
+    from dr_pipelines.core.wal_spool import mark_pushed
+
+    ours_s, ahead_s, pgbr_s = [], [], []
     for i in range(count):
-        for tool, out in (("ours", ours_s), ("pgbackrest", pgbr_s)):
-            fake = seg_dir / f"00000001000000FF{(0x10 * (tool == 'ours')) + i:08X}"  # names no cluster will use
+        for tool, out in (("ours", ours_s), ("ahead", ahead_s), ("pgbackrest", pgbr_s)):
+            offset = {"ours": 0x10, "ahead": 0x20, "pgbackrest": 0}[tool]
+            fake = seg_dir / f"00000001000000FF{offset + i:08X}"  # names no cluster will use
             shutil.copy(src, fake)
             chown_to_postgres(fake)
-            cmd = (s.ours + ["wal-push", "--db", "bench", str(fake)] if tool == "ours"
-                   else s.pgbr + ["archive-push", str(fake)])
+            if tool == "ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
+                mark_pushed(fake)
+                chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
+            cmd = (s.pgbr + ["archive-push", str(fake)] if tool == "pgbackrest"
+                   else s.ours + ["wal-push", "--db", "bench", str(fake)])
             out.append(_as_postgres(cmd))
             fake.unlink()
-    return {"benchmark": "wal_push", "ours_s": ours_s, "pgbackrest_s": pgbr_s,
-            "ours_median_s": statistics.median(ours_s), "pgbackrest_median_s": statistics.median(pgbr_s),
-            "ratio": statistics.median(ours_s) / statistics.median(pgbr_s)}
+    return {"benchmark": "wal_push", "ours_s": ours_s, "ours_archived_ahead_s": ahead_s, "pgbackrest_s": pgbr_s,
+            "ours_median_s": statistics.median(ours_s), "ours_archived_ahead_median_s": statistics.median(ahead_s),
+            "pgbackrest_median_s": statistics.median(pgbr_s),
+            "ratio": statistics.median(ours_s) / statistics.median(pgbr_s),
+            "archived_ahead_ratio": statistics.median(ahead_s) / statistics.median(pgbr_s)}
 
 
 def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:

@@ -239,7 +239,9 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
             r = bench_wal_push(setup, 10)
             out.append(r)
             print(f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
-                  f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f})", flush=True)
+                  f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f}); a segment already archived "
+                  f"ahead: {1000 * r['ours_archived_ahead_median_s']:.0f} ms (ratio {r['archived_ahead_ratio']:.2f})",
+                  flush=True)
         if "pitr" in only:
             r = bench_pitr(setup, free_port, rounds)
             out.append(r)

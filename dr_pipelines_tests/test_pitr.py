@@ -465,3 +465,21 @@ def test_without_a_base_backup_the_hint_is_a_command_that_exists(tmp_path):
     hint = str(e.value).split("`")[1]
     args = build_parser().parse_args(shlex.split(hint)[1:])  # without the program name
     assert (args.command, args.db, args.kind) == ("backup", "app", "base")
+
+
+def test_base_backup_of_a_cluster_with_tablespaces_is_refused_clearly(archived):
+    from dr_pipelines.core.cluster import chown_to_postgres
+
+    setup = archived
+    location = reachable_tmpdir("drpt-tblspc-")
+    chown_to_postgres(location)
+    with setup.server.connect() as conn:
+        conn.execute(f"CREATE TABLESPACE fast_disk LOCATION '{location}'")
+    try:
+        with pytest.raises(BackupFailed, match=r"has tablespaces outside the data directory \(fast_disk\).*"
+                                               "nothing was stored"):
+            run_base_backup(setup.config, "app", open_locations(setup.config))
+        assert not (setup.repo / "app" / "base").exists() or not any((setup.repo / "app" / "base").rglob("*"))
+    finally:
+        with setup.server.connect() as conn:
+            conn.execute("DROP TABLESPACE fast_disk")

@@ -154,6 +154,12 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
         facts = server_facts(conn)
         segment_size = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0])
         archiving = conn.execute("SELECT current_setting('archive_mode')").fetchone()[0]
+        tablespaces = [r[0] for r in conn.execute(
+            "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")]
+    if tablespaces:  # pg_basebackup -D - streams the main data directory's tar only
+        raise BackupFailed(f"{db.host}:{db.port} has tablespaces outside the data directory "
+                           f"({', '.join(tablespaces)}): base backups of such clusters are not supported yet, "
+                           "nothing was stored. Logical backups of its databases still work")
     if archiving == "off":
         raise BackupFailed(f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
                            f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL")
