@@ -109,8 +109,9 @@ def test_restore_from_s3_when_local_is_lost(pg, setup, s3, tmp_path):
     assert pg.table_checksums("from_s3") == pg.table_checksums("app")
 
 
-def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path):
-    path, cfg, first = setup()
+@pytest.mark.parametrize("spool", [True, False], ids=["spooled", "streamed"])
+def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path, spool):
+    path, cfg, first = setup(restore_spool=spool)
     with pg.connect("app") as conn:
         conn.execute("INSERT INTO processing_jobs (job_type, status) VALUES ('x', 'pending')")
     second = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
@@ -126,6 +127,7 @@ def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path):
     with pytest.raises(RunFailed, match=f"backup {second.id} cannot be used: local: checksum mismatch"):
         restore(cfg, path, backup=second.id, target_database="not_this")
     assert "not_this" not in databases(pg)
+    assert not any("__restoring_" in d for d in databases(pg))  # the half-loaded staging copy is gone
 
 
 def test_backup_id_not_found_lists_nearest(pg, setup):
@@ -262,8 +264,9 @@ def test_application_hooks_around_the_swap(pg, setup, app_server, tmp_path):
         restore(cfg, path, clean=True, confirm="app")
 
 
-def test_failed_pg_restore_leaves_no_plaintext(pg, setup):
-    path, cfg, _ = setup()
+@pytest.mark.parametrize("spool", [True, False], ids=["spooled", "streamed"])
+def test_failed_pg_restore_leaves_no_plaintext(pg, setup, spool):
+    path, cfg, _ = setup(restore_spool=spool)
     pg.create_database("other_schema", sample_data=False)
     with pg.connect("other_schema") as conn:
         conn.execute("CREATE TABLE channels (id int)")  # data_only into a schema that does not fit
