@@ -138,7 +138,7 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     seg_dir = s.work / "segments"
     seg_dir.mkdir(exist_ok=True)
     chown_to_postgres(seg_dir)
-    from dr_pipelines.core.wal_spool import mark_pushed
+    from dr_pipelines.core.wal_spool import mark_pushed, push_context
 
     ours_s, ahead_s, pgbr_s = [], [], []
     for i in range(count):
@@ -148,7 +148,7 @@ def bench_wal_push(s: Setup, count: int) -> dict:
             shutil.copy(src, fake)
             chown_to_postgres(fake)
             if tool == "ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
-                mark_pushed(fake)
+                mark_pushed(fake, push_context(str(s.config), "bench"))
                 chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
             cmd = (s.pgbr + ["archive-push", str(fake)] if tool == "pgbackrest"
                    else s.ours + ["wal-push", "--db", "bench", str(fake)])

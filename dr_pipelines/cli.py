@@ -229,10 +229,15 @@ def _wal_database(config, db: str | None) -> str:
 def cmd_wal_push(args) -> int:
     from dr_pipelines.core.wal import push_ahead, wal_push
 
+    from dr_pipelines.core.wal_spool import push_context
+
     config = _config(args)
     db, locations = _wal_database(config, args.db), _locations(config)
     wal_push(config, db, args.path, locations)
-    push_ahead(config, db, args.path, locations, log=_log)
+    try:  # strictly best effort: this segment is archived, whatever happens to the ones after it
+        push_ahead(config, db, args.path, locations, push_context(args.config, args.db), log=_log)
+    except Exception as e:
+        _log(f"warning: archiving ahead failed ({type(e).__name__}: {e}); PostgreSQL's own calls will do it")
     return EXIT_OK
 
 
@@ -545,14 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dr_pipelines.core.wal_spool import fetch_args, push_args, take_prefetched, take_pushed
+    from dr_pipelines.core.wal_spool import fetch_args, push_args, push_context, push_options, take_prefetched, take_pushed
 
     raw_args = sys.argv[1:] if argv is None else argv
     fetch, push = fetch_args(raw_args), push_args(raw_args)
     try:
         if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
             return EXIT_OK
-        if push and take_pushed(push):  # archiving's fast path: an earlier call archived it ahead
+        if push and take_pushed(push, push_context(*push_options(raw_args))):  # archived ahead by an earlier call
             return EXIT_OK
     except OSError:
         pass  # the normal way

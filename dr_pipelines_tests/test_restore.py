@@ -401,7 +401,7 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     import pyrage
     import zstandard
 
-    from dr_pipelines.core.logical_restore import DecodeFailed, decode_into
+    from dr_pipelines.core.logical_restore import DecodeFailed, RestoreError, decode_into
 
     if not tools:
         monkeypatch.setenv("PATH", str(tmp_path))  # neither age nor zstd to be found
@@ -429,6 +429,9 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     corrupt_zstd = pyrage.encrypt(compressed[: len(compressed) // 2] + b"\xff" * 64, [key.to_public()])
     with pytest.raises(DecodeFailed, match="cannot decompress"):
         decode_into(io.BytesIO(corrupt_zstd), Collect(), "zstd", True, [key])
+    # a full disk is not the backup's fault: not DecodeFailed (which would fall back to an older backup)
+    with open("/dev/full", "wb") as full, pytest.raises((RestoreError, OSError), match="(?i)no space left"):
+        decode_into(io.BytesIO(stored), full, "zstd", True, [key])
 
 
 def test_restore_test_checks_read_the_repository(pg, setup):

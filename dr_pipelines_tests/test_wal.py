@@ -278,6 +278,10 @@ def test_archive_listing_reads_no_objects_and_agrees_on_every_location(wal_setup
     assert on_s3.gaps(1) == [(names[1], names[1])]
     assert "sidecar without its object" in on_s3.problems[0] and names[1] in on_s3.problems[0]
     assert list_archive(locs, "app").gaps(1) == []  # the other locations still hold it
+    # cluster.json lost: the segment size comes from a sidecar, so gaps are still computed
+    locs["s3"].delete("app/wal/cluster.json")
+    on_s3 = list_archive({"s3": locs["s3"]}, "app")
+    assert on_s3.segment_size == 1 << 20 and on_s3.gaps(1) == [(names[1], names[1])]
 
 
 def test_push_ahead_archives_ready_segments_and_their_calls_return_at_once(wal_setup, tmp_path):
@@ -318,3 +322,32 @@ def test_push_ahead_archives_ready_segments_and_their_calls_return_at_once(wal_s
     # the normal way (only it archives ahead); the stale marker is gone
     assert f"archived ahead: {names[3]}" in r.stderr and not (markers / names[2]).exists()
     assert list_archive(locs, "app").segments == {1: names}
+    (pg_wal / "archive_status" / f"{names[2]}.ready").rename(pg_wal / "archive_status" / f"{names[2]}.done")
+
+    # the config changed after names[3] was archived ahead (a location added): its marker no longer counts
+    raw["locations"]["second"] = {"type": "local", "path": str(tmp_path / "repo2")}
+    config_path.write_text(yaml.safe_dump(raw))
+    r = push(names[3])
+    assert r.returncode == 0 and not (markers / names[3]).exists()
+    assert list_archive(open_locations(config_from(config_path), "second"), "app").segments == {1: [names[3]]}
+
+
+def test_a_hole_postgres_has_not_archived_yet_is_not_a_gap(wal_setup, tmp_path):
+    """wal-push archives ahead in parallel, so N+2 can land before N+1: until PostgreSQL reports
+    N+1 archived, the hole is work in flight, not a gap; an old hole is a gap."""
+    from dr_pipelines.core.wal import parse_segment, segment_name, wal_push, wal_status
+
+    wal_setup.enable_archiving()
+    names = [wal_setup.switch_and_wait() for _ in range(3)]
+    locs = open_locations(wal_setup.config)
+    size = list_archive(locs, "app").segment_size
+    tli, last = parse_segment(names[-1], size)
+    ahead = tmp_path / segment_name(tli, last + 2, size)  # as if pushed ahead of last + 1
+    shutil.copy(wal_setup.server.cluster.data_dir / "pg_wal" / names[-1], ahead)
+    wal_push(wal_setup.config, "app", ahead, locs)
+    now = datetime.now(timezone.utc)
+    assert wal_status(wal_setup.config, "app", locs, now, []).gaps == []
+    # an old hole (PostgreSQL archived it, the copy is gone) is a gap
+    victim = next((wal_setup.repo / "app" / "wal" / "00000001").glob(f"{names[1]}.*.age"))
+    victim.unlink()
+    assert wal_status(wal_setup.config, "app", locs, now, []).gaps == [names[1]]

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -208,6 +209,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
     direct = out_fd is not None
     procs: list[subprocess.Popen] = []
     errors: list[BaseException] = []
+    pump: threading.Thread | None = None
     try:
         for i, cmd in enumerate(cmds):
             last = i == len(cmds) - 1
@@ -217,7 +219,6 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
                 pass_fds=(identity_read,) if identity_read is not None and i == 0 else ()))
             if i:
                 procs[-2].stdout.close()  # the next tool owns it now
-        pump = None
         if not direct:
             def copy_out() -> None:
                 try:
@@ -245,12 +246,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
             pump.join()
         if errors:
             raise errors[0]
-        for cmd, p in zip(cmds, procs):
-            if p.returncode != 0:
-                said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
-                        if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
-                detail = "; ".join(said) or f"exit {p.returncode}"
-                raise DecodeFailed("decrypt" if Path(cmd[0]).name == "age" else "decompress", detail)
+        _check_tools(cmds, procs)
     finally:
         if identity_read is not None:
             os.close(identity_read)
@@ -259,6 +255,38 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
                 p.kill()
                 p.wait()
             p.stderr.close()
+        if procs and not direct and procs[-1].stdout:
+            if pump is not None:  # after the kills above it reads to the end at once
+                pump.join(timeout=10)
+            procs[-1].stdout.close()
+
+
+_WRITE_FAILED = ("no space left", "write error", "cannot write", "failed to write", "disk quota")
+
+
+def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
+    """Say which tool failed, and whose fault it is. A failure to read spreads downstream (the next
+    tool sees a truncated input), a failure to write spreads upstream (the previous one dies of a
+    broken pipe): so a write failure (a full disk) is blamed first, and is not the backup's fault;
+    otherwise the most upstream real failure marks the copy unusable (cannot decrypt/decompress)."""
+    failures = []
+    for cmd, p in zip(cmds, procs):
+        if p.returncode == 0 or p.returncode == -signal.SIGPIPE:
+            continue
+        said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
+                if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
+        detail = "; ".join(said) or f"exit {p.returncode}"
+        if "broken pipe" not in detail.lower():
+            failures.append((Path(cmd[0]).name, detail))
+    for _, detail in failures:
+        if any(w in detail.lower() for w in _WRITE_FAILED):
+            raise RestoreError(f"cannot write the decoded backup ({detail}); the backup itself may be fine. "
+                               "Free space where it is written (scratch_dir, or the data directory) and retry")
+    if failures:
+        tool, detail = failures[0]
+        raise DecodeFailed("decrypt" if tool == "age" else "decompress", detail)
+    if any(p.returncode for p in procs):  # only broken pipes: whoever read the output stopped reading
+        raise RestoreError("the reader of the decoded backup stopped before the end (see its own error)")
 
 
 def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
@@ -321,11 +349,15 @@ class _PgRestore:
 
     def wait(self, dbname: str, log: Log, t0: float) -> None:
         last = time.monotonic()
-        while self.proc.poll() is None:
-            time.sleep(0.1)
-            if time.monotonic() - last >= 10:
-                log(f"pg_restore into {dbname}: {self.items} items so far, {time.monotonic() - t0:.0f}s")
-                last = time.monotonic()
+        try:
+            while self.proc.poll() is None:
+                time.sleep(0.1)
+                if time.monotonic() - last >= 10:
+                    log(f"pg_restore into {dbname}: {self.items} items so far, {time.monotonic() - t0:.0f}s")
+                    last = time.monotonic()
+        except BaseException:  # interrupted (run cancelled, Ctrl-C): pg_restore must not load on alone
+            self.kill()
+            raise
         self._reader.join(timeout=10)
         if self.proc.returncode != 0:
             raise RestoreError(self.failure(dbname))

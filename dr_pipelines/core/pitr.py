@@ -161,9 +161,13 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
                 decode_into(src, tar.stdin, m.compression["method"], m.encryption["method"] == "age", identities)
             tar.stdin.close()
             rc = tar.wait()
-        except Exception as e:  # unreadable, corrupt (zstd/age errors), tar gone: try the next copy
+        except Exception as e:  # unreadable or corrupt (age/zstd errors): try the next copy
+            tar_rc = tar.poll()
             tar.kill()
             tar.wait()
+            if tar_rc:  # tar itself failed (a full disk, permissions): no other copy will do better
+                said = tar.stderr.read().decode(errors="replace").strip()
+                raise PitrError(f"tar could not extract base backup {m.id} into {data_dir}: {said or tar_rc}") from None
             problems.append(f"{name}: {type(e).__name__}: {e}")
         else:
             if src.sha256.hexdigest() != obj.sha256:
@@ -289,6 +293,8 @@ def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[st
     """Missing segments after the base backup's first segment, on its timeline and later ones."""
     archive = list_archive(locations, entry.manifest.database)
     start = entry.manifest.extra["wal_start"]
+    if archive.segments and not archive.segment_size:
+        return ["unknown (the archive's segment size could not be read)"]
     out = []
     for tli, names in archive.segments.items():
         for a, b in archive.gaps(tli):
@@ -297,7 +303,8 @@ def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[st
     return out
 
 
-TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+TARGET_BEFORE_BACKUP = ("recovery ended before configured recovery target was reached",
+                        "requested recovery stop point is before consistent recovery point")
 
 
 def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, entry: CatalogEntry,
@@ -378,7 +385,9 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
                               overwrite=request.overwrite or i > 0)
             break
         except PitrFailed as e:
-            if i + 1 == len(candidates) or TARGET_NOT_REACHED not in (e.report.error or ""):
+            error = e.report.error or ""
+            # an older base backup helps only if the target lies before this one, not if WAL is missing
+            if i + 1 == len(candidates) or e.report.gaps or not any(m in error for m in TARGET_BEFORE_BACKUP):
                 raise
             report.tried.append(entry.id)
             report.error = report.reached_time = report.reached_lsn = report.stop_reason = None

@@ -227,7 +227,7 @@ def ready_segments_after(path: Path, limit: int) -> list[Path]:
     return [path.parent / n for n in ready if SEGMENT.match(n) and n > path.name][:limit]
 
 
-def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location],
+def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], context: str,
                log: Log = lambda m: None) -> list[str]:
     """Archive the next ready segments now, in parallel, each marked once durable everywhere, so
     PostgreSQL's calls for them take the fast path. Best effort: a segment that fails here is
@@ -248,11 +248,13 @@ def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dic
 
     def push(segment: Path) -> str:
         wal_push(config, database, segment, locations)
-        mark_pushed(segment)
+        mark_pushed(segment, context)
         return segment.name
 
+    # each worker holds a segment three times (plain, compressed, encrypted): bound it by size
+    workers = max(1, min(len(todo), 4, (256 << 20) // max(1, todo[0].stat().st_size)))
     done = []
-    with ThreadPoolExecutor(max_workers=min(len(todo), 4), thread_name_prefix="push-ahead") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="push-ahead") as pool:
         for segment, future in [(s, pool.submit(push, s)) for s in todo]:
             try:
                 done.append(future.result())
@@ -430,6 +432,21 @@ def _stored_wal_name(basename: str) -> str:
     return basename
 
 
+def _segment_size(locations: dict[str, Location], database: str, files: dict[str, ArchivedFile]) -> int | None:
+    """From cluster.json, else from one segment's sidecar (two reads at most per location)."""
+    size = (archive_cluster(locations, database) or {}).get("segment_size")
+    newest = max((f for f in files.values() if f.kind == "segment"), key=lambda f: f.name, default=None)
+    for loc in locations.values():
+        if size or newest is None:
+            break
+        try:
+            side = _read_json(loc, f"{wal_prefix(database)}/{timeline_of(newest.name)}/{newest.name}.json")
+        except (LocationError, ValueError):
+            continue
+        size = (side or {}).get("segment_size")
+    return size
+
+
 def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
     """Merged across locations, from the listings alone: no object is read, because an archive
     holds thousands of files and the observer lists it on every tick (one GET per sidecar would
@@ -472,7 +489,10 @@ def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
             segments.setdefault(int(f.name[:8], 16), []).append(f.name)
     for names in segments.values():
         names.sort()
-    size = (archive_cluster(locations, database) or {}).get("segment_size") if segments else None
+    size = _segment_size(locations, database, files) if segments else None
+    if segments and not size:
+        problems.append(f"the segment size of {database!r}'s WAL archive is unknown (cluster.json and the "
+                        "sidecars could not be read): gaps cannot be computed")
     return WalArchive(segments, sorted(n for n, f in files.items() if f.kind == "history"),
                       sorted(n for n, f in files.items() if f.kind == "backup"), files, size, problems)
 
@@ -545,14 +565,7 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
     archive = list_archive(locations, database)
     newest = archive.newest()
     start = min(base_starts) if base_starts else None
-    gaps = []
-    for tli, names in archive.segments.items():
-        for a, b in archive.gaps(tli):
-            if start is None or b >= start or tli > int(start[:8], 16):
-                gaps.append(a if a == b else f"{a}..{b}")
-    if start and archive.segment_size and start not in set(archive.segments.get(int(start[:8], 16), [])):
-        gaps.insert(0, f"{start} (the oldest base backup's first segment)")
-    lag = failed = last_failed = server_error = None
+    lag = failed = last_failed = server_error = last = None
     try:
         from dr_pipelines.core.postgres import connect
 
@@ -570,6 +583,17 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
         server_error = str(e).splitlines()[0]
         if newest:
             lag = (now - newest.pushed_at).total_seconds()
+    gaps = []
+    for tli, names in archive.segments.items():
+        for a, b in archive.gaps(tli):
+            if last is not None and a > last:
+                continue  # PostgreSQL has not archived it yet: wal-push archived later ones ahead of it
+            if start is None or b >= start or tli > int(start[:8], 16):
+                gaps.append(a if a == b else f"{a}..{b}")
+    if start and archive.segment_size and start not in set(archive.segments.get(int(start[:8], 16), [])):
+        gaps.insert(0, f"{start} (the oldest base backup's first segment)")
+    if archive.segments and not archive.segment_size:  # fail closed: no verdict is not "no gap"
+        gaps.insert(0, "unknown: the archive's segment size could not be read")
     push_times = sorted(f.pushed_at for f in archive.files.values() if f.kind == "segment")
     return WalStatus(database, newest.name if newest else None, newest.pushed_at.isoformat() if newest else None,
                      sum(len(v) for v in archive.segments.values()), gaps, lag, failed, last_failed,

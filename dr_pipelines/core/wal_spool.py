@@ -63,38 +63,63 @@ def push_args(argv: list[str]) -> str | None:
     return positional[0] if positional else None
 
 
+def push_options(argv: list[str]) -> tuple[str | None, str | None]:
+    """The --config and --db of a command line, without argparse."""
+    def value(flag: str) -> str | None:
+        for i, arg in enumerate(argv):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+        return None
+    return value("--config"), value("--db")
+
+
+def push_context(config_file: str | None, db: str | None) -> str:
+    """Where a segment was archived: the config (path, size and change time) and the database. A
+    marker written under another config, or before the config changed, does not count."""
+    config_file = config_file or os.environ.get("DR_PIPELINES_CONFIG")
+    if not config_file:
+        return f"sandbox|{db}"
+    try:
+        st = os.stat(config_file)
+    except OSError:
+        return f"{config_file}|unreadable|{db}"
+    return f"{os.path.abspath(config_file)}|{st.st_size}|{st.st_mtime_ns}|{db}"
+
+
 def pushed_marker(path: str | Path) -> Path:
     return Path(path).parent / PUSHED / Path(path).name
 
 
-def segment_fingerprint(path: str | Path) -> str:
-    """Size and long page header (cluster, timeline and position): a marker left by another
-    cluster, or for other bytes under the same name, does not match."""
+def segment_fingerprint(path: str | Path, context: str) -> str:
+    """Size and long page header (cluster, timeline and position) of the segment, and where it was
+    archived: a marker left by another cluster, or under another config, does not match."""
     with open(path, "rb") as f:
         head = f.read(40)
-        return f"{os.fstat(f.fileno()).st_size} {head.hex()}"
+        return f"{os.fstat(f.fileno()).st_size} {head.hex()} {context}"
 
 
-def mark_pushed(path: str | Path) -> None:
-    """Record, durably, that `path` is archived on every location."""
+def mark_pushed(path: str | Path, context: str) -> None:
+    """Record, durably, that `path` is archived on every location of `context`."""
     marker = pushed_marker(path)
     marker.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        f.write(segment_fingerprint(path))
+        f.write(segment_fingerprint(path, context))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, marker)
     fsync_dir(marker.parent)
 
 
-def take_pushed(path: str) -> bool:
+def take_pushed(path: str, context: str) -> bool:
     """True if `path` was archived ahead (the marker matches it); the marker is consumed."""
     marker = pushed_marker(path)
     try:
         recorded = marker.read_text()
     except (FileNotFoundError, NotADirectoryError):
         return False
-    matches = recorded == segment_fingerprint(path)
+    matches = recorded == segment_fingerprint(path, context)
     marker.unlink()
     return matches
