@@ -359,8 +359,9 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
 
 
 def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
-    """An LSN picks its base backup; an xid or a restore point cannot be placed before replay, so
-    a newer base backup that lies after them is tried first, then the older one that works."""
+    """An LSN picks its base backup, and so does an xid (each base backup records the next xid
+    after it ended); a restore point cannot be placed before replay, so a newer base backup that
+    lies after it is tried first, then the older one that works."""
     setup = archived
     older = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
     with setup.server.connect("app") as conn:
@@ -403,7 +404,9 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
     by_xid_dir, by_xid_port = restored_dirs(), free_port()
     report = run_pitr(setup.config, str(setup.config_path),
                       PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs)
-    assert report.promoted and report.backup_id == older.id and report.tried == [newer.id]
+    # the newer backup recorded the next xid after it ended: the xid is before it, so it is skipped
+    assert int(newer.extra["next_xid_after"]) > int(xid) >= int(older.extra["next_xid_after"])
+    assert report.promoted and report.backup_id == older.id and report.tried == []
     with _connect(by_xid_port) as conn:  # the target transaction included, nothing after it
         assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]
     LocalCluster(by_xid_dir, by_xid_port).stop("fast")
@@ -483,3 +486,14 @@ def test_base_backup_of_a_cluster_with_tablespaces_is_refused_clearly(archived):
     finally:
         with setup.server.connect() as conn:
             conn.execute("DROP TABLESPACE fast_disk")
+
+
+def test_xid_comparison_wraps_like_postgresql():
+    from dr_pipelines.core.pitr import xid_not_before
+
+    assert xid_not_before("1000", "900") and not xid_not_before("800", "900")
+    assert xid_not_before("800", None) is None  # manifests from before the xid was recorded
+    epoch1 = (1 << 32) + 100  # next xid 100 in epoch 1: a 32-bit xid is compared modulo 2^32
+    assert xid_not_before("150", str(epoch1)) and not xid_not_before("50", str(epoch1))
+    assert xid_not_before(str((1 << 32) - 5), str(3)) is False  # just before the wrap: older
+    assert xid_not_before(str((1 << 32) + 150), str(epoch1))  # a full 64-bit xid compares as is

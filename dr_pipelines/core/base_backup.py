@@ -141,6 +141,16 @@ def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location]
         time.sleep(0.5)
 
 
+def _next_xid(db, database: str) -> str | None:
+    """The next transaction id, read after the backup ended: a transaction with this id or later
+    commits after the backup is consistent, so PITR to it can start from this backup."""
+    try:
+        with connect(db, database) as conn:
+            return conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
+    except Exception:  # not worth failing a finished backup over: PITR to an xid then tries it anyway
+        return None
+
+
 def run_base_backup(config: DrConfig, database: str, locations: dict[str, Location],
                     log: Log = lambda msg: None) -> BackupResult:
     return record_attempt("base", config, database, locations, log, _run)
@@ -216,6 +226,7 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
             proc.kill()
             proc.wait()
     stopped = datetime.now(timezone.utc)
+    next_xid = _next_xid(db, database)
     rng = wal_range(watcher.members["backup_manifest"])
     try:
         wait_for_wal(config, database, locations, rng, segment_size, log)
@@ -238,7 +249,8 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
         extra={**rng, "stopped_at": stopped.isoformat(), "segment_size": segment_size,
                "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
                "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True),
-               "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace")},
+               "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace"),
+               "next_xid_after": next_xid},
     )
     log(f"base backup {backup_id}: WAL {manifest.extra['wal_start']} .. {manifest.extra['wal_stop']} "
         f"on timeline {rng['timeline']}")

@@ -126,7 +126,27 @@ def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: d
         if not ok:
             raise PitrError(f"target LSN {request.target_lsn} is before the oldest base backup's end")
         return ok[0]
+    if request.target_xid:
+        return xid_candidates(bases, request.target_xid)[0]
     return bases[0]
+
+
+def xid_not_before(xid: str, next_xid: str | None) -> bool | None:
+    """Was transaction `xid` assigned at or after `next_xid` (a 64-bit id)? None when unknown.
+    A 32-bit xid is compared as PostgreSQL does, within half the id space around it."""
+    if next_xid is None:
+        return None
+    x, n = int(xid), int(next_xid)
+    if x >= 1 << 32:
+        return x >= n
+    return (x - n) % (1 << 32) < 1 << 31
+
+
+def xid_candidates(bases: list[CatalogEntry], xid: str) -> list[CatalogEntry]:
+    """Base backups to recover to transaction `xid` from, newest first: those that ended before it
+    was assigned, and those whose manifests predate recording that; failing all, the oldest."""
+    ok = [e for e in bases if xid_not_before(xid, e.manifest.extra.get("next_xid_after")) is not False]
+    return ok or bases[-1:]
 
 
 def prepare_data_dir(path: Path, overwrite: bool) -> None:
@@ -377,6 +397,8 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
     candidates = [entry]
     if (request.target_xid or request.target_name) and not request.backup_id:
         bases = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "base"]
+        if request.target_xid:
+            bases = xid_candidates(bases, request.target_xid)
         candidates += bases[bases.index(entry) + 1:]
     for i, entry in enumerate(candidates):
         report.backup_id, report.gaps = entry.id, archive_gaps(locations, entry)
