@@ -401,7 +401,7 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     import pyrage
     import zstandard
 
-    from dr_pipelines.core.logical_restore import DecodeFailed, RestoreError, decode_into
+    from dr_pipelines.core.logical_restore import DecodeFailed, OutputFull, decode_into
 
     if not tools:
         monkeypatch.setenv("PATH", str(tmp_path))  # neither age nor zstd to be found
@@ -430,7 +430,7 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     with pytest.raises(DecodeFailed, match="cannot decompress"):
         decode_into(io.BytesIO(corrupt_zstd), Collect(), "zstd", True, [key])
     # a full disk is not the backup's fault: not DecodeFailed (which would fall back to an older backup)
-    with open("/dev/full", "wb") as full, pytest.raises((RestoreError, OSError), match="(?i)no space left"):
+    with open("/dev/full", "wb") as full, pytest.raises(OutputFull, match="(?i)no space left"):
         decode_into(io.BytesIO(stored), full, "zstd", True, [key])
 
 
@@ -457,3 +457,21 @@ def test_restore_test_checks_read_the_repository(pg, setup):
     after = evaluations()
     assert after["restore_test_recent"].passed and after["rto_within_objective"].passed
     assert after["rto_within_objective"].metadata["rto_s"].value == report.rto_s
+
+
+def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
+    """The disk fills while the dump is spooled (here the spool file is /dev/full): the restore
+    says so and streams instead, and the data is right; the backup is not blamed."""
+    from dr_pipelines.core.logical_restore import RestoreRequest, restore_into
+
+    path, cfg, manifest = setup()
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    (workdir / "restore.pgdump").symlink_to("/dev/full")
+    messages = []
+    fetched, steps = restore_into(cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"),
+                                  "after_full_disk", workdir, True, messages.append)
+    assert fetched.manifest.id == manifest.id and not fetched.fallback_reasons
+    assert any("No space left on device" in m and "Streaming instead" in m for m in messages), messages
+    assert "post_data" in steps and pg.table_checksums("after_full_disk") == pg.table_checksums("app")
+    assert list(workdir.iterdir()) == []

@@ -14,6 +14,7 @@ spool (disabled, or not enough free space) one stream feeds pg_restore and only 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,10 @@ _NAME_MAX = 63  # PostgreSQL identifiers
 
 class RestoreError(RuntimeError):
     pass
+
+
+class OutputFull(RestoreError):
+    """The decoded backup could not be written (a full disk): not the backup's fault."""
 
 
 class UnsafeRestore(RestoreError):
@@ -189,6 +194,14 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
         raise DecodeFailed("decrypt", str(e)) from None
     except (zstandard.ZstdError, zlib.error) as e:
         raise DecodeFailed("decompress", str(e)) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputFull(_OUTPUT_FULL.format(detail=e)) from None
+        raise
+
+
+_OUTPUT_FULL = ("cannot write the decoded backup ({detail}); the backup itself may be fine. Free space where it "
+                "is written (scratch_dir, or the data directory) and retry")
 
 
 def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None) -> None:
@@ -280,8 +293,7 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
             failures.append((Path(cmd[0]).name, detail))
     for _, detail in failures:
         if any(w in detail.lower() for w in _WRITE_FAILED):
-            raise RestoreError(f"cannot write the decoded backup ({detail}); the backup itself may be fine. "
-                               "Free space where it is written (scratch_dir, or the data directory) and retry")
+            raise OutputFull(_OUTPUT_FULL.format(detail=detail))
     if failures:
         tool, detail = failures[0]
         raise DecodeFailed("decrypt" if tool == "age" else "decompress", detail)
@@ -738,8 +750,10 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
     db = config.database(request.database)
     sinks: list[RestoreSink | PlaintextSpool] = []
 
+    streaming: list[bool] = []  # set once spooling has failed for lack of space
+
     def make_sink(manifest: Manifest | None) -> RestoreSink | PlaintextSpool:
-        if spool_fits(db, workdir, manifest, log):
+        if not streaming and spool_fits(db, workdir, manifest, log):
             sinks.append(PlaintextSpool(plaintext))
         else:
             sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
@@ -747,7 +761,15 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
 
     created = False
     try:
-        fetched = fetch_and_load(config, locations, request, make_sink, log)
+        try:
+            fetched = fetch_and_load(config, locations, request, make_sink, log)
+        except OutputFull as e:
+            if not isinstance(sinks[-1], PlaintextSpool):
+                raise
+            # the disk filled while spooling (another restore took the space): stream instead
+            log(f"warning: {e}. Streaming instead (tables load one at a time)")
+            streaming.append(True)
+            fetched = fetch_and_load(config, locations, request, make_sink, log)
         fetched.path = plaintext
         sink = sinks[-1]
         created = create
