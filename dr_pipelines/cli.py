@@ -231,11 +231,12 @@ def cmd_wal_push(args) -> int:
 
     from dr_pipelines.core.wal_spool import push_context
 
+    context = push_context(args.config, args.db)  # of the config as loaded here, not as it may be later
     config = _config(args)
     db, locations = _wal_database(config, args.db), _locations(config)
     wal_push(config, db, args.path, locations)
     try:  # strictly best effort: this segment is archived, whatever happens to the ones after it
-        push_ahead(config, db, args.path, locations, push_context(args.config, args.db), log=_log)
+        push_ahead(config, db, args.path, locations, context, log=_log)
     except Exception as e:
         _log(f"warning: archiving ahead failed ({type(e).__name__}: {e}); PostgreSQL's own calls will do it")
     return EXIT_OK

@@ -497,3 +497,12 @@ def test_xid_comparison_wraps_like_postgresql():
     assert xid_not_before("150", str(epoch1)) and not xid_not_before("50", str(epoch1))
     assert xid_not_before(str((1 << 32) - 5), str(3)) is False  # just before the wrap: older
     assert xid_not_before(str((1 << 32) + 150), str(epoch1))  # a full 64-bit xid compares as is
+
+
+def test_xid_target_is_read_like_postgresql_reads_it(tmp_path):
+    from dr_pipelines.core.config import ConfigError
+
+    assert PitrRequest("app", tmp_path, 5999, target_xid="0x1A").target_xid == "26"
+    assert PitrRequest("app", tmp_path, 5999, target_xid=" 745321 ").target_xid == "745321"
+    with pytest.raises(ConfigError, match="'abc' is not a transaction id"):
+        PitrRequest("app", tmp_path, 5999, target_xid="abc")

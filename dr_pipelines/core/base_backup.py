@@ -146,8 +146,10 @@ def _next_xid(db, database: str) -> str | None:
     commits after the backup is consistent, so PITR to it can start from this backup."""
     try:
         with connect(db, database) as conn:
-            return conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
-    except Exception:  # not worth failing a finished backup over: PITR to an xid then tries it anyway
+            # an id assigned now: every later transaction is assigned (and commits) after the backup
+            # ended. (pg_snapshot_xmax would not do: an xid whose commit is in WAL can still be running.)
+            return conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+    except Exception:  # a standby, or no connection: PITR to an xid then tries this backup anyway
         return None
 
 

@@ -195,7 +195,7 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
     except (zstandard.ZstdError, zlib.error) as e:
         raise DecodeFailed("decompress", str(e)) from None
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OutputFull(_OUTPUT_FULL.format(detail=e)) from None
         raise
 
@@ -274,7 +274,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
             procs[-1].stdout.close()
 
 
-_WRITE_FAILED = ("no space left", "write error", "cannot write", "failed to write", "disk quota")
+_WRITE_FAILED = ("no space left", "write error", "cannot write", "failed to write", "disk quota", "file too large")
 
 
 def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
@@ -286,6 +286,8 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
     for cmd, p in zip(cmds, procs):
         if p.returncode == 0 or p.returncode == -signal.SIGPIPE:
             continue
+        if p.returncode == -signal.SIGXFSZ:  # past the file-size limit: a write failure
+            raise OutputFull(_OUTPUT_FULL.format(detail=f"{Path(cmd[0]).name}: file size limit exceeded"))
         said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
                 if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
         detail = "; ".join(said) or f"exit {p.returncode}"
@@ -466,10 +468,19 @@ class PlaintextSpool:
         self.file.flush()
 
     def finish(self, log: Log) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # the last buffered write
+        except OSError as e:
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputFull(_OUTPUT_FULL.format(detail=e)) from None
+            raise
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the write that failed is why we are here
         self.plaintext.unlink(missing_ok=True)
 
 

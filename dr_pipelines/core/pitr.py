@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +57,12 @@ class PitrRequest:
             raise ConfigError("choose one recovery target: time, lsn, xid or restore point name (or none for latest)")
         if self.target_time is not None and self.target_time.tzinfo is None:
             raise ConfigError("the target time needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+        if self.target_xid:
+            try:  # decimal or 0x..., as PostgreSQL reads it; kept in decimal
+                self.target_xid = str(int(str(self.target_xid).strip(), 0))
+            except ValueError:
+                raise ConfigError(f"target xid {self.target_xid!r} is not a transaction id "
+                                  "(a number, e.g. 745321 as txid_current() shows it)") from None
 
     @property
     def target_text(self) -> str:
@@ -173,8 +180,15 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
         loc = locations.get(name)
         if loc is None:
             continue
+        said = tempfile.TemporaryFile()  # not a pipe: tar keeps going (and talking) on a full disk
         tar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", str(data_dir)], stdin=subprocess.PIPE,
-                               stderr=subprocess.PIPE, user=uid, group=gid, extra_groups=[], cwd="/")
+                               stderr=said, user=uid, group=gid, extra_groups=[], cwd="/")
+
+        def tar_failure() -> PitrError:
+            said.seek(0)
+            text = " | ".join(said.read().decode(errors="replace").strip().splitlines()[-5:])
+            return PitrError(f"tar could not extract base backup {m.id} into {data_dir} (exit {tar.returncode}): "
+                             f"{text or '-'}; no other copy would do better. Free space there and retry")
         try:
             with loc.open_read(m.object_key(obj.name)) as f:
                 src = HashingReader(f)
@@ -186,14 +200,13 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
             tar.kill()
             tar.wait()
             if tar_rc:  # tar itself failed (a full disk, permissions): no other copy will do better
-                said = tar.stderr.read().decode(errors="replace").strip()
-                raise PitrError(f"tar could not extract base backup {m.id} into {data_dir}: {said or tar_rc}") from None
+                raise tar_failure() from None
             problems.append(f"{name}: {type(e).__name__}: {e}")
         else:
             if src.sha256.hexdigest() != obj.sha256:
                 problems.append(f"{name}: {obj.name} fails its checksum")
             elif rc != 0:
-                problems.append(f"{name}: tar failed: {tar.stderr.read().decode(errors='replace').strip()}")
+                raise tar_failure()
             else:
                 log(f"base backup {m.id} restored from {name} into {data_dir}")
                 return name
@@ -408,8 +421,11 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
             break
         except PitrFailed as e:
             error = e.report.error or ""
-            # an older base backup helps only if the target lies before this one, not if WAL is missing
-            if i + 1 == len(candidates) or e.report.gaps or not any(m in error for m in TARGET_BEFORE_BACKUP):
+            # an older base backup helps only if the target lies before this one: not when the end
+            # of recovery came from missing WAL
+            before_consistent = TARGET_BEFORE_BACKUP[1] in error
+            ended_early = TARGET_BEFORE_BACKUP[0] in error and not e.report.gaps
+            if i + 1 == len(candidates) or not (before_consistent or ended_early):
                 raise
             report.tried.append(entry.id)
             report.error = report.reached_time = report.reached_lsn = report.stop_reason = None

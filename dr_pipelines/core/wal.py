@@ -586,7 +586,7 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
     gaps = []
     for tli, names in archive.segments.items():
         for a, b in archive.gaps(tli):
-            if last is not None and a > last:
+            if last is not None and SEGMENT.match(last) and a[:8] == last[:8] and a > last:
                 continue  # PostgreSQL has not archived it yet: wal-push archived later ones ahead of it
             if start is None or b >= start or tli > int(start[:8], 16):
                 gaps.append(a if a == b else f"{a}..{b}")
