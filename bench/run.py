@@ -141,7 +141,7 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
             "ours_streamed": [str(VENV_BIN / "dr-pipelines"), "--config", str(streamed_config), "restore", "bench",
                               "--latest", "--into", "target", "--jobs", "2"],
         }
-        from dr_pipelines.core.logical_restore import load_reports
+        from dr_pipelines.core.repository import load_reports
         from dr_pipelines.core.storage import LocalLocation
 
         wall = {name: [] for name in commands}

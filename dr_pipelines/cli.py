@@ -228,7 +228,6 @@ def _wal_database(config, db: str | None) -> str:
 
 def cmd_wal_push(args) -> int:
     from dr_pipelines.core.wal import push_ahead, wal_push
-
     from dr_pipelines.core.wal_spool import push_context
 
     context = push_context(args.config, args.db)  # of the config as loaded here, not as it may be later

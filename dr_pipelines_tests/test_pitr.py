@@ -230,7 +230,6 @@ def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
 def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, restored_dirs):
     import dagster as dg
 
-    from dr_pipelines.defs.alerts import RUN_FAILURES  # noqa: F401  (the sensors load with the rest)
     from dr_pipelines.defs.build import build_definitions
     from dr_pipelines.defs.physical import PITR_PASSED, WAL_CONTINUOUS, WAL_LAG, WAL_OBSERVER, wal_archive_key
 

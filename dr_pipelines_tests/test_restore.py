@@ -10,8 +10,7 @@ import pytest
 
 from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.logical_backup import run_logical_backup
-from dr_pipelines.core.logical_restore import load_reports
-from dr_pipelines.core.repository import MANIFEST
+from dr_pipelines.core.repository import MANIFEST, load_reports
 from dr_pipelines.core.storage import open_locations
 from dr_pipelines.defs import runner
 from dr_pipelines_tests.conftest import config_from, local_location, reachable_tmpdir, run_cli

@@ -39,10 +39,9 @@ from psycopg import sql
 
 from dr_pipelines.core.config import ConfigError, DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres import connect, libpq_env, pg_tool, server_facts
-from dr_pipelines.core.repository import (Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog,
-                                         load_reports, store_record)
+from dr_pipelines.core.repository import Catalog, CatalogEntry, Manifest, ManifestObject, load_catalog, store_record
 from dr_pipelines.core.storage import Location, LocationError
-from dr_pipelines.core.streams import CHUNK, HashingReader, load_identities, recipient_fingerprints  # noqa: F401
+from dr_pipelines.core.streams import CHUNK, HashingReader, load_identities
 from dr_pipelines.core.validation import ValidationResult
 
 Log = Callable[[str], None]
@@ -532,7 +531,6 @@ def load_spooled(server: DatabaseConfig, db_name: str, dbname: str, plaintext: P
 class Fetched:
     manifest: Manifest | None
     location: str | None
-    path: Path
     fallback_reasons: list[str] = field(default_factory=list)
     location_failures: list[str] = field(default_factory=list)
 
@@ -617,7 +615,7 @@ def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: Re
                 _fetch_one(config, entry, locations[name], make_sink, log)
                 if reasons:
                     log(f"WARNING: FELL BACK to backup {entry.id} because: {'; '.join(reasons)}")
-                return Fetched(entry.manifest, name, Path(), reasons, failures + errors)
+                return Fetched(entry.manifest, name, reasons, failures + errors)
             except (BackupUnusable, LocationError) as e:
                 errors.append(str(e))
                 log(f"copy of {entry.id} on {name} is unusable: {e}")
@@ -648,7 +646,7 @@ def _load_file(config: DrConfig, path: Path, make_sink: SinkFactory, log: Log) -
     if manifest is None:
         log(f"warning: no manifest beside {path}: row counts and schema cannot be compared")
     log(f"streamed {path} ({src.size} bytes)")
-    return Fetched(manifest, None, Path())
+    return Fetched(manifest, None)
 
 
 @contextmanager
@@ -781,7 +779,6 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
             log(f"warning: {e}. Streaming instead (tables load one at a time)")
             streaming.append(True)
             fetched = fetch_and_load(config, locations, request, make_sink, log)
-        fetched.path = plaintext
         sink = sinks[-1]
         created = create
         steps = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}

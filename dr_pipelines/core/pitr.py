@@ -26,7 +26,7 @@ from dr_pipelines.core.postgres import DEFAULT_PG_BIN
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.logical_restore import decode_into
 from dr_pipelines.core.repository import BackupNotFound, CatalogEntry, load_catalog
-from dr_pipelines.core.storage import Location, LocationError
+from dr_pipelines.core.storage import Location
 from dr_pipelines.core.streams import HashingReader, load_identities
 from dr_pipelines.core.wal import list_archive, pg_quote, restore_command
 

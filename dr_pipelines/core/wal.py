@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import struct
 import time
@@ -33,7 +32,8 @@ from typing import Callable
 import zstandard
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.storage import Location, LocationError, ObjectNotFound, fsync_dir
+from dr_pipelines.core.durable import write_atomically
+from dr_pipelines.core.storage import Location, LocationError, ObjectNotFound
 
 SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
@@ -265,16 +265,6 @@ def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dic
     return done
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, dest)
-    fsync_dir(dest.parent)
-
-
 def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str, Location],
                 identities: list | None, log: Log) -> tuple[bytes, str] | None:
     """One pass over the locations: (plain bytes, location), or None if no location has it.
@@ -327,7 +317,7 @@ def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, loca
         if found is None:
             raise WalNotFound(f"{name} is not in the WAL archive of {database!r} on any location")
         data, loc_name = found
-        _write_atomically(dest, data)
+        write_atomically(dest, data)
         if prefetch and SEGMENT.match(name):
             try:  # best effort: the requested file is in place; a prefetch problem must not fail it
                 prefetch_after(config, database, name, len(data), dest, locations, identities, prefetch, log)
@@ -357,7 +347,7 @@ def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int
             found = fetch_bytes(config, database, n, locations, identities, log)
             if found is None:
                 return False
-            _write_atomically(spool / n, found[0])
+            write_atomically(spool / n, found[0])
             return True
         except Exception:  # fetched normally when PostgreSQL asks
             return False

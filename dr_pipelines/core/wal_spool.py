@@ -14,7 +14,7 @@ This module imports nothing heavy: it is the whole of both fast paths.
 import os
 from pathlib import Path
 
-from dr_pipelines.core.durable import fsync_dir
+from dr_pipelines.core.durable import fsync_dir, write_atomically
 
 SPOOL = ".dr_pipelines_prefetch"
 PUSHED = ".dr_pipelines_pushed"
@@ -104,13 +104,7 @@ def mark_pushed(path: str | Path, context: str) -> None:
     """Record, durably, that `path` is archived on every location of `context`."""
     marker = pushed_marker(path)
     marker.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(segment_fingerprint(path, context))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, marker)
-    fsync_dir(marker.parent)
+    write_atomically(marker, segment_fingerprint(path, context).encode())
 
 
 def take_pushed(path: str, context: str) -> bool:

@@ -216,7 +216,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         report.passed = True
         stored = store_report(locations_from_context(context, cfg), report, _log(context))
         metadata = {
-            "backup_id": report.backup_id or str(state["fetched"].path),
+            "backup_id": report.backup_id or state["request"].backup,  # a file without its manifest
             "rto_s": report.rto_s,
             "data_loss_window_s": report.data_loss_window_s if report.data_loss_window_s is not None else -1.0,
             "fallback": report.fallback,
