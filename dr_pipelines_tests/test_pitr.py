@@ -505,3 +505,22 @@ def test_xid_target_is_read_like_postgresql_reads_it(tmp_path):
     assert PitrRequest("app", tmp_path, 5999, target_xid=" 745321 ").target_xid == "745321"
     with pytest.raises(ConfigError, match="'abc' is not a transaction id"):
         PitrRequest("app", tmp_path, 5999, target_xid="abc")
+
+
+def test_tar_that_cannot_write_fails_once_and_says_why(archived, restored_dirs):
+    """tar (as postgres) cannot write into the data directory: its own error is reported, and the
+    other copies are not tried (they would fail the same way)."""
+    from dr_pipelines.core.pitr import extract
+    from dr_pipelines.core.repository import load_catalog
+    from dr_pipelines.core.streams import load_identities
+
+    setup = archived
+    locs = open_locations(setup.config)
+    run_base_backup(setup.config, "app", locs)
+    [entry] = load_catalog(locs.values(), "app", "base").entries
+    data_dir = restored_dirs()
+    data_dir.mkdir(mode=0o700)  # owned by root: the postgres user cannot create anything in it
+    messages = []
+    with pytest.raises(PitrError, match=r"tar could not extract base backup .*Permission denied.*no other copy"):
+        extract(setup.config, entry, locs, data_dir, load_identities(setup.config), messages.append)
+    assert list(data_dir.iterdir()) == []

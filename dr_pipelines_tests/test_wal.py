@@ -351,3 +351,26 @@ def test_a_hole_postgres_has_not_archived_yet_is_not_a_gap(wal_setup, tmp_path):
     victim = next((wal_setup.repo / "app" / "wal" / "00000001").glob(f"{names[1]}.*.age"))
     victim.unlink()
     assert wal_status(wal_setup.config, "app", locs, now, []).gaps == [names[1]]
+
+
+def test_a_ready_file_that_cannot_be_archived_ahead_does_not_fail_the_call(wal_setup, tmp_path):
+    """Archiving ahead is best effort: a later ready file that is refused (not WAL) is reported and
+    left for PostgreSQL's own call; the segment asked for is archived and the call succeeds."""
+    wal_setup.enable_archiving()
+    name = wal_setup.switch_and_wait()
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    shutil.copy(wal_setup.server.cluster.data_dir / "pg_wal" / name, pg_wal / name)
+    garbage = f"{name[:16]}{int(name[16:], 16) + 1:08X}"
+    (pg_wal / garbage).write_bytes(b"\0" * 4096)  # no long page header: refused by wal-push
+    for n in (name, garbage):
+        (pg_wal / "archive_status" / f"{n}.ready").touch()
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["locations"] = {"local": {"type": "local", "path": str(tmp_path / "repo")}}
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    r = run_cli("--config", str(config_path), "wal-push", str(pg_wal / name))
+    assert r.returncode == 0, r.stderr
+    assert f"{garbage}: not archived ahead" in r.stderr and "long page header" in r.stderr
+    assert list_archive(open_locations(config_from(config_path)), "app").segments == {1: [name]}
+    assert not (pg_wal / ".dr_pipelines_pushed" / garbage).exists()
