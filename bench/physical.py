@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres, run_as_postgres
+from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, run_as_postgres
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -138,7 +138,7 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     seg_dir = s.work / "segments"
     seg_dir.mkdir(exist_ok=True)
     chown_to_postgres(seg_dir)
-    from dr_pipelines.core.wal_spool import mark_pushed, push_context
+    from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 
     ours_s, ahead_s, pgbr_s = [], [], []
     for i in range(count):
@@ -170,8 +170,8 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
     target = datetime.now(timezone.utc)
     load.wait()
     s.switch_and_wait()
-    from dr_pipelines.core.repository import load_reports
-    from dr_pipelines.core.storage import LocalLocation
+    from dr_pipelines.core.repository.records import load_reports
+    from dr_pipelines.core.storage.local import LocalLocation
 
     def ours() -> tuple[float, dict]:
         data_dir, port = s.work / "pitr-ours" / "data", free_port()

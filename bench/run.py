@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres  # noqa: E402
+from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres  # noqa: E402
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 VENV_BIN = Path(sys.executable).parent
@@ -141,8 +141,8 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
             "ours_streamed": [str(VENV_BIN / "dr-pipelines"), "--config", str(streamed_config), "restore", "bench",
                               "--latest", "--into", "target", "--jobs", "2"],
         }
-        from dr_pipelines.core.repository import load_reports
-        from dr_pipelines.core.storage import LocalLocation
+        from dr_pipelines.core.repository.records import load_reports
+        from dr_pipelines.core.storage.local import LocalLocation
 
         wall = {name: [] for name in commands}
         rto = {name: [] for name in commands if name != "bare"}

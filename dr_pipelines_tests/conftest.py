@@ -21,9 +21,9 @@ import pyrage
 import pytest
 import yaml
 
-from dr_pipelines.core.cluster import LocalCluster, chown_to_postgres, free_port  # noqa: F401 (tests import it from here)
+from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, free_port
 from dr_pipelines.core.config import load_config
-from dr_pipelines.core.sandbox import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
+from dr_pipelines.sandbox.sample_data import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -107,7 +107,7 @@ class PgServer:
                     conn.execute(statement, SAMPLE_SIZES)
 
     def row_counts(self, dbname: str) -> dict[str, int]:
-        from dr_pipelines.core.postgres import table_row_counts
+        from dr_pipelines.core.postgres.client import table_row_counts
 
         with self.connect(dbname) as conn:
             return table_row_counts(conn)
@@ -229,7 +229,7 @@ def s3(s3_server: HttpServer) -> HttpServer:
 def gcs(gcs_server: HttpServer) -> HttpServer:
     """The GCS emulator, wiped, with an empty bucket."""
     from dr_pipelines.core.config import GCSLocationConfig
-    from dr_pipelines.core.storage import gcs_client
+    from dr_pipelines.core.storage.gcs import gcs_client
 
     urllib.request.urlopen(f"{gcs_server.url}/wipe")
     gcs_client(GCSLocationConfig(type="gcs", bucket=BUCKET)).create_bucket(BUCKET)

@@ -3,8 +3,8 @@
 import dagster as dg
 import pytest
 
-from dr_pipelines.core.repository import load_catalog
-from dr_pipelines.core.storage import open_locations
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
 from dr_pipelines_tests.conftest import BUCKET, config_from, local_location, s3_location, start_moto
 

@@ -49,7 +49,7 @@ def test_demo_backup_visible_in_ui():
         assert "point-in-time recovery PASSED" in output, output
     finally:
         stop_process(proc)
-        from dr_pipelines.core.cluster import LocalCluster
+        from dr_pipelines.core.postgres.cluster import LocalCluster
 
         LocalCluster(sandbox / "pgdata", pg_port).stop("immediate")
         subprocess.run(["rm", "-rf", str(sandbox)])

@@ -10,19 +10,13 @@ import boto3
 import pytest
 
 from dr_pipelines.core.config import ConfigError
-from dr_pipelines.core.logical_backup import BackupFailed, PartialBackup, run_logical_backup
-from dr_pipelines.core.postgres import DatabaseUnreachable
-from dr_pipelines.core.repository import MANIFEST, load_catalog, verify_backup
-from dr_pipelines.core.storage import open_locations
-from dr_pipelines_tests.conftest import (
-    BUCKET,
-    config_from,
-    local_location,
-    reachable_tmpdir,
-    run_cli,
-    s3_location,
-    start_moto,
-)
+from dr_pipelines.core.backup.attempts import BackupFailed, PartialBackup
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.postgres.client import DatabaseUnreachable
+from dr_pipelines.core.repository.manifest import MANIFEST
+from dr_pipelines.core.repository.catalog import load_catalog, verify_backup
+from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines_tests.conftest import (BUCKET, config_from, local_location, reachable_tmpdir, run_cli, s3_location, start_moto)
 
 PG_RESTORE = "/usr/lib/postgresql/15/bin/pg_restore"
 

@@ -11,15 +11,15 @@ import dagster as dg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dr_pipelines.core import health
-from dr_pipelines.core.alerts import Alert, IncidentBook, PagerDutyChannel, WebhookChannel
-from dr_pipelines.core.health import evaluate
-from dr_pipelines.core.logical_backup import run_logical_backup
-from dr_pipelines.core.metrics import MetricsError, build_registry, export
-from dr_pipelines.core.repository import load_catalog
-from dr_pipelines.core.restore_test import run_restore_test
-from dr_pipelines.core.storage import open_locations
-from dr_pipelines.defs.alerts import CHECK_FAILURES, RUN_FAILURES, STALENESS
+from dr_pipelines.core.monitoring import health
+from dr_pipelines.core.monitoring.alerts import Alert, IncidentBook, PagerDutyChannel, WebhookChannel
+from dr_pipelines.core.monitoring.health import evaluate
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.monitoring.metrics import MetricsError, build_registry, export
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.restore.restore_test import run_restore_test
+from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines.defs.monitoring.sensors import CHECK_FAILURES, RUN_FAILURES, STALENESS
 from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
 from dr_pipelines_tests.conftest import config_from, local_location, run_cli, s3_location
 

@@ -11,12 +11,12 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from dr_pipelines.core.base_backup import run_base_backup
-from dr_pipelines.core.cluster import LocalCluster
-from dr_pipelines.core.logical_backup import BackupFailed
-from dr_pipelines.core.pitr import PitrError, PitrFailed, PitrRequest, run_pitr
-from dr_pipelines.core.postgres import DEFAULT_PG_BIN
-from dr_pipelines.core.storage import open_locations
+from dr_pipelines.core.backup.base import run_base_backup
+from dr_pipelines.core.postgres.cluster import LocalCluster
+from dr_pipelines.core.backup.attempts import BackupFailed
+from dr_pipelines.core.pitr.recover import PitrError, PitrFailed, PitrRequest, run_pitr
+from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
+from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines_tests.conftest import free_port, reachable_tmpdir
 from dr_pipelines_tests.test_wal import WalSetup
 
@@ -231,7 +231,9 @@ def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, resto
     import dagster as dg
 
     from dr_pipelines.defs.build import build_definitions
-    from dr_pipelines.defs.physical import PITR_PASSED, WAL_CONTINUOUS, WAL_LAG, WAL_OBSERVER, wal_archive_key
+    from dr_pipelines.defs.pitr.jobs import PITR_PASSED
+    from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_LAG
+    from dr_pipelines.defs.wal.assets import WAL_OBSERVER, wal_archive_key
 
     setup = archived
     defs = build_definitions(setup.config, str(setup.config_path))
@@ -280,8 +282,8 @@ def test_retention_keeps_the_wal_of_kept_base_backups(archived, restored_dirs):
     it still works afterwards."""
     import json as _json
 
-    from dr_pipelines.core.repository import MANIFEST
-    from dr_pipelines.core.wal import list_archive
+    from dr_pipelines.core.repository.manifest import MANIFEST
+    from dr_pipelines.core.wal.archive import list_archive
 
     setup = archived
     locs = open_locations(setup.config)
@@ -324,9 +326,9 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
 
     from prometheus_client import generate_latest
 
-    from dr_pipelines.core.health import evaluate
-    from dr_pipelines.core.metrics import build_registry
-    from dr_pipelines.defs.physical import run_pitr_drill
+    from dr_pipelines.core.monitoring.health import evaluate
+    from dr_pipelines.core.monitoring.metrics import build_registry
+    from dr_pipelines.defs.pitr.jobs import run_pitr_drill
 
     setup = archived
     locs = open_locations(setup.config)
@@ -423,7 +425,7 @@ def test_tar_watcher_keeps_the_manifest_whatever_the_read_sizes(chunk):
     import io
     import tarfile
 
-    from dr_pipelines.core.base_backup import TarWatcher, wal_range
+    from dr_pipelines.core.backup.base import TarWatcher, wal_range
 
     manifest = b'{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}'
     buf = io.BytesIO()
@@ -446,7 +448,7 @@ def test_tar_watcher_keeps_the_manifest_whatever_the_read_sizes(chunk):
 
 
 def test_stop_lsn_on_a_segment_boundary_names_the_segment_before():
-    from dr_pipelines.core.wal import lsn_to_segment
+    from dr_pipelines.core.postgres.wal_names import lsn_to_segment
 
     size = 16 << 20
     assert lsn_to_segment("0/3000000", 1, size) == "000000010000000000000003"
@@ -457,9 +459,9 @@ def test_stop_lsn_on_a_segment_boundary_names_the_segment_before():
 def test_without_a_base_backup_the_hint_is_a_command_that_exists(tmp_path):
     import shlex
 
-    from dr_pipelines.cli import build_parser
-    from dr_pipelines.core.pitr import choose_base_backup
-    from dr_pipelines.core.repository import BackupNotFound
+    from dr_pipelines.cli.main import build_parser
+    from dr_pipelines.core.pitr.recover import choose_base_backup
+    from dr_pipelines.core.repository.catalog import BackupNotFound
 
     request = PitrRequest("app", tmp_path / "data", 5999)
     with pytest.raises(BackupNotFound, match="no base backup of 'app'") as e:
@@ -470,7 +472,7 @@ def test_without_a_base_backup_the_hint_is_a_command_that_exists(tmp_path):
 
 
 def test_base_backup_of_a_cluster_with_tablespaces_is_refused_clearly(archived):
-    from dr_pipelines.core.cluster import chown_to_postgres
+    from dr_pipelines.core.postgres.cluster import chown_to_postgres
 
     setup = archived
     location = reachable_tmpdir("drpt-tblspc-")
@@ -488,7 +490,7 @@ def test_base_backup_of_a_cluster_with_tablespaces_is_refused_clearly(archived):
 
 
 def test_xid_comparison_wraps_like_postgresql():
-    from dr_pipelines.core.pitr import xid_not_before
+    from dr_pipelines.core.pitr.recover import xid_not_before
 
     assert xid_not_before("1000", "900") and not xid_not_before("800", "900")
     assert xid_not_before("800", None) is None  # manifests from before the xid was recorded
@@ -510,9 +512,9 @@ def test_xid_target_is_read_like_postgresql_reads_it(tmp_path):
 def test_tar_that_cannot_write_fails_once_and_says_why(archived, restored_dirs):
     """tar (as postgres) cannot write into the data directory: its own error is reported, and the
     other copies are not tried (they would fail the same way)."""
-    from dr_pipelines.core.pitr import extract
-    from dr_pipelines.core.repository import load_catalog
-    from dr_pipelines.core.streams import load_identities
+    from dr_pipelines.core.pitr.recover import extract
+    from dr_pipelines.core.repository.catalog import load_catalog
+    from dr_pipelines.core.codec.keys import load_identities
 
     setup = archived
     locs = open_locations(setup.config)

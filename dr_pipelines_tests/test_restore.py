@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from dr_pipelines.core.errors import RunFailed
-from dr_pipelines.core.logical_backup import run_logical_backup
-from dr_pipelines.core.repository import MANIFEST, load_reports
-from dr_pipelines.core.storage import open_locations
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.repository.manifest import MANIFEST
+from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.defs import runner
 from dr_pipelines_tests.conftest import config_from, local_location, reachable_tmpdir, run_cli
 
@@ -80,7 +81,7 @@ def test_streamed_restore_keeps_table_data_off_disk(pg, setup):
 
 
 def test_spool_falls_back_to_streaming_when_the_disk_is_short(setup, tmp_path):
-    from dr_pipelines.core.logical_restore import spool_fits
+    from dr_pipelines.core.restore.pg_restore import spool_fits
 
     _, cfg, manifest = setup()
     messages = []
@@ -400,7 +401,7 @@ def test_decoding_with_and_without_the_tools(tools, monkeypatch, tmp_path):
     import pyrage
     import zstandard
 
-    from dr_pipelines.core.logical_restore import DecodeFailed, OutputFull, decode_into
+    from dr_pipelines.core.codec.decode import DecodeFailed, OutputFull, decode_into
 
     if not tools:
         monkeypatch.setenv("PATH", str(tmp_path))  # neither age nor zstd to be found
@@ -438,7 +439,7 @@ def test_restore_test_checks_read_the_repository(pg, setup):
     as it does for `status`: both read the reports in the repository."""
     import dagster as dg
 
-    from dr_pipelines.core.restore_test import run_restore_test
+    from dr_pipelines.core.restore.restore_test import run_restore_test
     from dr_pipelines.defs.build import build_definitions
 
     path, cfg, _ = setup()
@@ -461,7 +462,8 @@ def test_restore_test_checks_read_the_repository(pg, setup):
 def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
     """The disk fills while the dump is spooled (here the spool file is /dev/full): the restore
     says so and streams instead, and the data is right; the backup is not blamed."""
-    from dr_pipelines.core.logical_restore import RestoreRequest, restore_into
+    from dr_pipelines.core.restore.request import RestoreRequest
+    from dr_pipelines.core.restore.load import restore_into
 
     path, cfg, manifest = setup()
     workdir = tmp_path / "work"

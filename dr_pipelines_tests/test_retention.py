@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dr_pipelines.core.config import RetentionConfig
-from dr_pipelines.core.logical_backup import run_logical_backup
-from dr_pipelines.core.repository import MANIFEST, load_catalog, verify_backup
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.repository.manifest import MANIFEST
+from dr_pipelines.core.repository.catalog import load_catalog, verify_backup
 from dr_pipelines.core.retention import BackupFacts, plan_retention
-from dr_pipelines.core.storage import open_locations
-from dr_pipelines_tests.conftest import (BUCKET, config_from, gcs_location, local_location, run_cli, s3_location,
-                                        start_moto)
+from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines_tests.conftest import (BUCKET, config_from, gcs_location, local_location, run_cli, s3_location, start_moto)
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 

@@ -3,7 +3,9 @@
 import pytest
 
 from dr_pipelines.core.config import GCSLocationConfig, S3LocationConfig
-from dr_pipelines.core.storage import LocalLocation, LocationError, ObjectNotFound, open_location
+from dr_pipelines.core.storage.local import LocalLocation
+from dr_pipelines.core.storage.base import LocationError, ObjectNotFound
+from dr_pipelines.core.storage.locations import open_location
 from dr_pipelines_tests.conftest import gcs_location, s3_location
 
 

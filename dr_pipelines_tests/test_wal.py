@@ -13,9 +13,10 @@ import pyrage
 import pytest
 import yaml
 
-from dr_pipelines.core.cluster import chown_to_postgres
-from dr_pipelines.core.wal import list_archive, postgresql_conf_lines
-from dr_pipelines.core.storage import open_locations
+from dr_pipelines.core.postgres.cluster import chown_to_postgres
+from dr_pipelines.core.wal.archive import list_archive
+from dr_pipelines.core.wal.pg_config import postgresql_conf_lines
+from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines_tests.conftest import BUCKET, config_from, reachable_tmpdir, run_cli, s3_location, start_moto
 
 
@@ -195,8 +196,8 @@ def test_location_down_during_push_then_back(pg, tmp_path):
             assert any(k.endswith(f"{pending}.json") for k in s3_keys)
             # a segment archived while S3 was down is fetched from S3 alone, byte for byte
             s3_only = open_locations(setup.config, "s3")
-            from dr_pipelines.core.streams import load_identities
-            from dr_pipelines.core.wal import wal_fetch
+            from dr_pipelines.core.codec.keys import load_identities
+            from dr_pipelines.core.wal.fetch import wal_fetch
 
             wal_fetch(setup.config, "app", pending, tmp_path / "fetched", s3_only, load_identities(setup.config))
             assert (tmp_path / "fetched").read_bytes() == (pg.cluster.data_dir / "pg_wal" / pending).read_bytes()
@@ -231,7 +232,7 @@ def test_fetch_corrupt_copy_and_unreachable_location(wal_setup, tmp_path):
 def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
     """A segment already archived with other bytes on one location: refused before the new bytes
     reach any other location (never two different copies of one segment)."""
-    from dr_pipelines.core.wal import wal_push
+    from dr_pipelines.core.wal.push import wal_push
 
     second = tmp_path / "second"
     cfg = wal_setup.config.model_copy(update={"locations": {
@@ -243,7 +244,7 @@ def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
     data = bytearray((wal_setup.server.cluster.data_dir / "pg_wal" / name).read_bytes())
     data[9000] ^= 0xFF
     copy.write_bytes(bytes(data))
-    from dr_pipelines.core.wal import WalRefused
+    from dr_pipelines.core.wal.archive import WalRefused
 
     with pytest.raises(WalRefused, match="different content"):
         wal_push(cfg, "app", copy, open_locations(cfg))
@@ -253,7 +254,7 @@ def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
 def test_archive_listing_reads_no_objects_and_agrees_on_every_location(wal_setup, three_locations, tmp_path):
     """`list_archive` works from each location's listing alone (push times included); a sidecar
     whose object is gone counts as missing there, and says so."""
-    from dr_pipelines.core.wal import wal_push
+    from dr_pipelines.core.wal.push import wal_push
 
     wal_setup.enable_archiving()
     names = [wal_setup.switch_and_wait() for _ in range(3)]
@@ -335,7 +336,9 @@ def test_push_ahead_archives_ready_segments_and_their_calls_return_at_once(wal_s
 def test_a_hole_postgres_has_not_archived_yet_is_not_a_gap(wal_setup, tmp_path):
     """wal-push archives ahead in parallel, so N+2 can land before N+1: until PostgreSQL reports
     N+1 archived, the hole is work in flight, not a gap; an old hole is a gap."""
-    from dr_pipelines.core.wal import parse_segment, segment_name, wal_push, wal_status
+    from dr_pipelines.core.postgres.wal_names import parse_segment, segment_name
+    from dr_pipelines.core.wal.push import wal_push
+    from dr_pipelines.core.wal.archive import wal_status
 
     wal_setup.enable_archiving()
     names = [wal_setup.switch_and_wait() for _ in range(3)]

@@ -1,0 +1,1 @@
+"""The domain layer: plain Python, never imports dagster or the sandbox."""

@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_ENV = "DR_PIPELINES_CONFIG"
 
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+
+
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -501,7 +513,7 @@ def load_config(path: str | os.PathLike | None = None) -> DrConfig:
     """``--config FILE``, else ``$DR_PIPELINES_CONFIG``, else the embedded sandbox."""
     path = path or os.environ.get(CONFIG_ENV) or None
     if path is None:
-        from dr_pipelines.core.sandbox import sandbox_config
+        from dr_pipelines.sandbox.config import sandbox_config
 
         return sandbox_config()
     p = Path(path)

@@ -19,8 +19,9 @@ from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from dr_pipelines.core.config import RetentionConfig
-from dr_pipelines.core.repository import MANIFEST, CatalogEntry
-from dr_pipelines.core.storage import Location, LocationError
+from dr_pipelines.core.repository.catalog import CatalogEntry
+from dr_pipelines.core.repository.manifest import MANIFEST
+from dr_pipelines.core.storage.base import Location, LocationError
 
 PIN = "pin.json"
 
@@ -220,7 +221,7 @@ def plan_json(decisions: list[Decision]) -> list[dict]:
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
     """(database, kind) -> the id of the newest backup whose restore test (logical) or PITR drill
     (base) passed."""
-    from dr_pipelines.core.repository import load_reports
+    from dr_pipelines.core.repository.records import load_reports
 
     verified = {}
     for db in databases:
@@ -247,7 +248,7 @@ class RetentionPlan:
 def build_plan(config, locations: dict[str, Location], now: datetime) -> RetentionPlan:
     """The plan over every location's catalog. A location that cannot be read makes the plan
     refuse to remove anything: what it holds is unknown."""
-    from dr_pipelines.core.repository import load_catalog
+    from dr_pipelines.core.repository.catalog import load_catalog
 
     catalog = load_catalog(locations.values())
     entries = {e.id: e for e in catalog.entries}
@@ -275,7 +276,8 @@ def plan_wal_retention(config, locations: dict[str, Location], decisions: list[D
     """WAL goes only when it is both before the start of the oldest retained base backup (no kept
     backup can replay it) and older than `wal_days`. History files always stay: they are tiny, and
     a timeline switch anywhere in the kept range needs them. No base backup kept: `wal_days` alone."""
-    from dr_pipelines.core.wal import list_archive, timeline_of, wal_prefix
+    from dr_pipelines.core.postgres.wal_names import timeline_of
+    from dr_pipelines.core.wal.archive import list_archive, wal_prefix
 
     out = []
     cutoff = now - timedelta(days=config.retention.wal_days)

@@ -1,0 +1,1 @@
+"""The Dagster layer: typed resources, then one folder per domain; definitions.py assembles them."""

@@ -3,23 +3,40 @@
 `dr_pipelines.defs.definitions` is the module Dagster loads; the shell builds from here directly,
 so that loading a config never touches the sandbox."""
 
-
 import dagster as dg
-
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.defs.logical_backup import build_logical_backup_asset, database_spec, logical_backup_key
+from dr_pipelines.core.monitoring.health import INTEGRITY, WAL_CONTINUOUS, WAL_LAG
+from dr_pipelines.defs.backup.assets import (
+    base_backup_key,
+    build_base_backup_asset,
+    build_logical_backup_asset,
+    database_spec,
+    logical_backup_key,
+)
+from dr_pipelines.defs.backup.checks import build_backup_checks, check_selection
+from dr_pipelines.defs.monitoring.report import (
+    COMPLIANCE_REPORT,
+    build_metrics_job,
+    build_report_asset,
+)
+from dr_pipelines.defs.monitoring.sensors import build_alert_sensors
+from dr_pipelines.defs.pitr.jobs import build_pitr_job, build_pitr_test_asset
 from dr_pipelines.defs.resources import DrConfigResource, storage_resources
-from dr_pipelines.defs.restore import build_restore_job
-from dr_pipelines.defs.retention import build_retention_job
-from dr_pipelines.defs.restore_test import (RECENT, RTO, build_restore_test_asset, build_restore_test_checks,
-                                            restore_test_key)
-from dr_pipelines.defs.alerts import build_alert_sensors
-from dr_pipelines.defs.health import build_backup_checks, check_selection
-from dr_pipelines.defs.monitoring import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
-from dr_pipelines.core.health import INTEGRITY
-from dr_pipelines.defs.physical import (WAL_CONTINUOUS, WAL_LAG, base_backup_key, build_base_backup_asset,
-                                        build_pitr_job, build_pitr_test_asset, build_wal_checks, build_wal_observer,
-                                        wal_archive_key, wal_archive_spec)
+from dr_pipelines.defs.restore.jobs import build_restore_job
+from dr_pipelines.defs.restore.restore_test import (
+    RECENT,
+    RTO,
+    build_restore_test_asset,
+    build_restore_test_checks,
+    restore_test_key,
+)
+from dr_pipelines.defs.retention.jobs import build_retention_job
+from dr_pipelines.defs.wal.assets import (
+    build_wal_observer,
+    wal_archive_key,
+    wal_archive_spec,
+)
+from dr_pipelines.defs.wal.checks import build_wal_checks
 
 
 def logical_backup_job_name(db: str) -> str:
@@ -110,4 +127,3 @@ def build_definitions(config: DrConfig, config_file: str | None = None) -> dg.De
         sensors=[automation, *build_alert_sensors(config, sensor_status), build_wal_observer(config, sensor_status)],
         resources={"dr": DrConfigResource(config_file=config_file), **storage_resources(config)},
     )
-

@@ -1,12 +1,16 @@
 """Resources: the DR config, and the storage clients from dagster-aws / dagster-gcp."""
 
-
 from typing import Any, Optional
 
 import dagster as dg
-
-from dr_pipelines.core.config import DrConfig, GCSLocationConfig, S3LocationConfig, load_config
-from dr_pipelines.core.storage import Location, open_locations
+from dr_pipelines.core.config import (
+    DrConfig,
+    GCSLocationConfig,
+    S3LocationConfig,
+    load_config,
+)
+from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.storage.locations import open_locations
 
 
 class DrConfigResource(dg.ConfigurableResource):

@@ -5,14 +5,17 @@ import os
 from contextlib import contextmanager
 
 import dagster as dg
-
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
-from dr_pipelines.core.logical_restore import RestoreReport
-from dr_pipelines.core.repository import Manifest
-from dr_pipelines.defs.build import build_definitions, logical_backup_job_name, restore_test_job_name
-from dr_pipelines.defs.logical_backup import logical_backup_key
-from dr_pipelines.defs.restore_test import restore_test_key
+from dr_pipelines.core.repository.manifest import Manifest
+from dr_pipelines.core.restore.report import RestoreReport
+from dr_pipelines.defs.backup.assets import logical_backup_key
+from dr_pipelines.defs.build import (
+    build_definitions,
+    logical_backup_job_name,
+    restore_test_job_name,
+)
+from dr_pipelines.defs.restore.restore_test import restore_test_key
 
 
 @contextmanager
@@ -51,8 +54,8 @@ def materialize_logical_backup(config: DrConfig, db: str, config_file: str | Non
     result = run_job(config, config_file, logical_backup_job_name(db))
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = mat[0].metadata["backup_id"].value
-    from dr_pipelines.core.repository import load_catalog
-    from dr_pipelines.core.storage import open_locations
+    from dr_pipelines.core.repository.catalog import load_catalog
+    from dr_pipelines.core.storage.locations import open_locations
 
     return load_catalog(open_locations(config).values(), db).find(db, backup_id).manifest
 
@@ -79,7 +82,7 @@ def restore_test(config: DrConfig, config_file: str | None, db: str, backup: str
 
 
 def materialize_base_backup(config: DrConfig, db: str, config_file: str | None) -> str:
-    from dr_pipelines.defs.physical import base_backup_key
+    from dr_pipelines.defs.backup.assets import base_backup_key
 
     result = run_job(config, config_file, f"{db}__base_backup_job")
     return result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0].metadata["backup_id"].value

@@ -1,0 +1,40 @@
+"""What every command shares: messages on stderr, the config and its locations, exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def err(msg: str) -> None:
+    print(f"dr-pipelines: error: {msg}", file=sys.stderr)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config_from_args(args):
+    from dr_pipelines.core.config import load_config
+
+    return load_config(args.config)
+
+
+def open_cli_locations(config, only: str | None = None):
+    from dr_pipelines.core.storage.locations import open_locations
+
+    return open_locations(config, only)
+
+
+# --------------------------------------------------------------------------- backups list / verify
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+

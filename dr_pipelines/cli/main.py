@@ -1,0 +1,198 @@
+"""The parser and the entry point; the WAL fast paths run before anything is parsed or imported."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dr_pipelines.cli.backup import (
+    cmd_backup,
+    cmd_backups_list,
+    cmd_backups_verify,
+    cmd_pin,
+)
+from dr_pipelines.cli.common import EXIT_OK, err
+from dr_pipelines.cli.operations import (
+    cmd_demo,
+    cmd_metrics,
+    cmd_report,
+    cmd_retention,
+    cmd_status,
+)
+from dr_pipelines.cli.restore import cmd_pitr, cmd_restore, cmd_test_restore
+from dr_pipelines.cli.wal import (
+    cmd_pg_config,
+    cmd_wal_fetch,
+    cmd_wal_list,
+    cmd_wal_push,
+)
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dr-pipelines",
+        description="Disaster recovery for PostgreSQL: backups, verification and restores.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config (default: $DR_PIPELINES_CONFIG, else the embedded sandbox)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("backup", help="take a backup now; prints the new backup id")
+    b.add_argument("db", metavar="DB")
+    b.add_argument("--kind", choices=["logical", "base"], default="logical")
+    b.set_defaults(func=cmd_backup)
+
+    bs = sub.add_parser("backups", help="list or verify backups in the repository")
+    bsub = bs.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
+    bl = bsub.add_parser("list", help="list backups (newest first) from every location")
+    bl.add_argument("db", nargs="?", metavar="DB")
+    bl.add_argument("--location", metavar="NAME", help="read only this location")
+    bl.add_argument("--json", action="store_true")
+    bl.set_defaults(func=cmd_backups_list)
+    bv = bsub.add_parser("verify", help="read a backup back and check every object's SHA-256")
+    bv.add_argument("db", metavar="DB")
+    g = bv.add_mutually_exclusive_group()
+    g.add_argument("backup_id", nargs="?", metavar="BACKUP_ID")
+    g.add_argument("--latest", action="store_true", help="the newest backup (the default)")
+    bv.add_argument("--location", metavar="NAME", help="verify only the copy on this location")
+    bv.set_defaults(func=cmd_backups_verify)
+
+    for action, text in (("pin", "never remove this backup (retention skips it)"), ("unpin", "undo pin")):
+        bp = bsub.add_parser(action, help=text)
+        bp.add_argument("db", metavar="DB")
+        bp.add_argument("backup_id", metavar="BACKUP_ID")
+        if action == "pin":
+            bp.add_argument("--reason", help="why it is kept (recorded beside the manifest)")
+        else:
+            bp.set_defaults(reason=None)
+        bp.set_defaults(func=cmd_pin)
+
+    rt = sub.add_parser("retention", help="plan or apply the retention policy on every location")
+    rt.add_argument("action", choices=["plan", "apply"])
+    rt.add_argument("--dry-run", action="store_true", help="with apply: print the plan, remove nothing")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=cmd_retention)
+
+    r = sub.add_parser("restore", help="restore a logical backup (runs the restore_database job)")
+    r.add_argument("db", metavar="DB")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true", help="the newest valid backup (falls back if it is bad)")
+    which.add_argument("--backup", metavar="ID", help="this backup id (fails if it is unusable)")
+    which.add_argument("--file", metavar="PATH", help="a backup object or pg_dump -Fc file on this host")
+    r.add_argument("--location", metavar="NAME", help="read only this location")
+    r.add_argument("--into", metavar="DBNAME", help="target database (default: the configured one)")
+    r.add_argument("--clean", action="store_true", help="replace an existing target (kept, renamed); needs --yes")
+    r.add_argument("--yes", action="store_true", help="confirm --clean without a prompt")
+    only = r.add_mutually_exclusive_group()
+    only.add_argument("--schema-only", action="store_true")
+    only.add_argument("--data-only", action="store_true")
+    r.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel pg_restore jobs (default 2)")
+    r.add_argument("--no-owner", action="store_true")
+    r.set_defaults(func=cmd_restore)
+
+    t = sub.add_parser("test-restore", help="restore into a scratch database, validate, measure RTO, drop it")
+    t.add_argument("db", metavar="DB")
+    t.add_argument("--backup", metavar="ID")
+    t.add_argument("--no-cleanup", action="store_true", help="keep the scratch database")
+    t.set_defaults(func=cmd_test_restore)
+
+    pt = sub.add_parser("pitr", help="point-in-time recovery into a new data directory (runs point_in_time_recovery)")
+    pt.add_argument("db", metavar="DB")
+    target = pt.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-time", metavar="TS", help="ISO 8601 with a time zone, e.g. 2026-11-23T10:15:00+00:00")
+    target.add_argument("--target-lsn", metavar="LSN")
+    target.add_argument("--target-xid", metavar="XID")
+    target.add_argument("--target-name", metavar="NAME", help="a restore point (pg_create_restore_point)")
+    target.add_argument("--latest", action="store_true", help="replay all archived WAL")
+    pt.add_argument("--data-dir", required=True, metavar="DIR", help="a new directory (never a running cluster's)")
+    pt.add_argument("--port", type=int, metavar="N", help="default: a free port")
+    pt.add_argument("--backup", metavar="ID", help="this base backup (default: the newest before the target)")
+    pt.add_argument("--overwrite", action="store_true", help="replace a non-empty --data-dir; needs --yes DIR")
+    pt.add_argument("--yes", metavar="DIR", help="the --data-dir again, to confirm --overwrite")
+    pt.add_argument("--archive", action="store_true", help="keep archiving WAL from the recovered cluster")
+    pt.add_argument("--timeout", type=float, default=600, metavar="S", help="replay timeout (default 600 s)")
+    pt.set_defaults(func=cmd_pitr)
+
+    wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
+    wp.add_argument("path", metavar="PATH")
+    wp.add_argument("--db", metavar="DB", help="the configured database (needed only when there are several)")
+    wp.set_defaults(func=cmd_wal_push)
+    wf = sub.add_parser("wal-fetch", help="restore one WAL file (restore_command: ... wal-fetch %%f %%p); "
+                                          "exit 1 only if it exists nowhere")
+    wf.add_argument("name", metavar="NAME")
+    wf.add_argument("dest", metavar="DEST")
+    wf.add_argument("--db", metavar="DB")
+    wf.set_defaults(func=cmd_wal_fetch)
+    wl = sub.add_parser("wal", help="the WAL archive")
+    wl.add_argument("wal_command", choices=["list"])
+    wl.add_argument("db", nargs="?", metavar="DB", help="needed only when several databases are configured")
+    wl.add_argument("--json", action="store_true")
+    wl.set_defaults(func=cmd_wal_list)
+    pc = sub.add_parser("pg-config", help="print the postgresql.conf lines that archive WAL here")
+    pc.add_argument("db", metavar="DB")
+    pc.set_defaults(func=cmd_pg_config)
+
+    st = sub.add_parser("status", help="health monitor: exit 0 healthy, 1 warning, 2 error")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--verify", action="store_true",
+                    help="also read the newest backups back from every location (integrity)")
+    st.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="compliance report: success rate, RPO/RTO achieved, storage")
+    rp.add_argument("--days", type=lambda v: max(1, int(v)), default=30, metavar="N", help="at least 1 (default 30)")
+    rp.add_argument("--json", action="store_true")
+    rp.add_argument("--store", action="store_true", help="also store JSON/HTML/Markdown copies in the repository")
+    rp.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("metrics", help="Prometheus metrics: print, write a textfile, or push to a Pushgateway")
+    m.add_argument("--textfile", metavar="PATH", help="node-exporter textfile (default: metrics.textfile)")
+    m.add_argument("--push", metavar="URL", help="Pushgateway URL (default: metrics.pushgateway_url)")
+    m.set_defaults(func=cmd_metrics)
+
+    d = sub.add_parser("demo", help="the sandbox: backup, then the Dagster UI on 127.0.0.1")
+    d.add_argument("--no-ui", action="store_true", help="stop after the backup (no web UI)")
+    d.add_argument("--port", type=int, default=3000)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dr_pipelines.core.wal.fast_path import (
+        fetch_args,
+        push_args,
+        push_context,
+        push_options,
+        take_prefetched,
+        take_pushed,
+    )
+
+    raw_args = sys.argv[1:] if argv is None else argv
+    fetch, push = fetch_args(raw_args), push_args(raw_args)
+    try:
+        if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
+            return EXIT_OK
+        if push and take_pushed(push, push_context(*push_options(raw_args))):  # archived ahead by an earlier call
+            return EXIT_OK
+    except OSError:
+        pass  # the normal way
+
+    args = build_parser().parse_args(argv)
+    from dr_pipelines.core.errors import exit_code_for, user_message
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except Exception as e:  # every failure is loud, with what happened and what to do
+        code = exit_code_for(e)
+        if code is None:
+            raise
+        err(user_message(e))
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

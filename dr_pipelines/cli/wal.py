@@ -1,0 +1,102 @@
+"""`wal-push` (archive_command), `wal-fetch` (restore_command), `wal list` and `pg-config`."""
+
+from __future__ import annotations
+
+import json
+
+from dr_pipelines.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    config_from_args,
+    err,
+    log,
+    open_cli_locations,
+)
+
+# --------------------------------------------------------------------------- WAL archive
+
+
+def _wal_database(config, db: str | None) -> str:
+    from dr_pipelines.core.config import ConfigError
+
+    if db:
+        config.database(db)
+        return db
+    if len(config.databases) == 1:
+        return next(iter(config.databases))
+    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one")
+
+
+def cmd_wal_push(args) -> int:
+    from dr_pipelines.core.wal.fast_path import push_context
+    from dr_pipelines.core.wal.push import push_ahead, wal_push
+
+    context = push_context(args.config, args.db)  # of the config as loaded here, not as it may be later
+    config = config_from_args(args)
+    db, locations = _wal_database(config, args.db), open_cli_locations(config)
+    wal_push(config, db, args.path, locations)
+    try:  # strictly best effort: this segment is archived, whatever happens to the ones after it
+        push_ahead(config, db, args.path, locations, context, log=log)
+    except Exception as e:
+        log(f"warning: archiving ahead failed ({type(e).__name__}: {e}); PostgreSQL's own calls will do it")
+    return EXIT_OK
+
+
+WAL_FETCH_ABORT = 255  # > 125: PostgreSQL aborts recovery instead of reading it as "not found"
+
+
+def cmd_wal_fetch(args) -> int:
+    from dr_pipelines.core.wal.archive import WalFetchAborted, WalNotFound
+    from dr_pipelines.core.wal.fetch import wal_fetch
+
+    try:
+        config = config_from_args(args)
+        db = _wal_database(config, args.db)
+        identities = None
+        if config.encryption.method == "age":
+            from dr_pipelines.core.codec.keys import load_identities
+
+            identities = load_identities(config)
+        wal_fetch(config, db, args.name, args.dest, open_cli_locations(config), identities, retries=config.wal.fetch_retries,
+                  backoff_s=config.wal.fetch_backoff.total_seconds(), log=log, prefetch=config.wal.prefetch)
+    except WalNotFound as e:
+        err(str(e))
+        return EXIT_FAILED
+    except Exception as e:  # anything else is not "not found": recovery must stop, not end early
+        err(f"{e}" if isinstance(e, WalFetchAborted) else f"{type(e).__name__}: {e}; aborting recovery")
+        return WAL_FETCH_ABORT
+    return EXIT_OK
+
+
+def cmd_wal_list(args) -> int:
+    from dr_pipelines.core.wal.archive import list_archive
+
+    config = config_from_args(args)
+    db = _wal_database(config, args.db)
+    archive = list_archive(open_cli_locations(config), db)
+    for p in archive.problems:
+        err(f"warning: {p}")
+    out = {"database": db, "segment_size": archive.segment_size, "timelines": [
+        {"timeline": tli, "segments": len(names), "first": names[0], "last": names[-1],
+         "gaps": [{"from": a, "to": b} for a, b in archive.gaps(tli)]}
+        for tli, names in sorted(archive.segments.items())], "history_files": archive.histories}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    if not out["timelines"]:
+        print(f"no WAL archived for {db}")
+    for t in out["timelines"]:
+        gaps = ", ".join(f"{g['from']}..{g['to']}" for g in t["gaps"]) or "none"
+        print(f"timeline {t['timeline']}: {t['segments']} segments {t['first']} .. {t['last']}; gaps: {gaps}")
+    if archive.histories:
+        print("history files: " + ", ".join(archive.histories))
+    return EXIT_FAILED if any(t["gaps"] for t in out["timelines"]) else EXIT_OK
+
+
+def cmd_pg_config(args) -> int:
+    from dr_pipelines.core.wal.pg_config import postgresql_conf_lines
+
+    config = config_from_args(args)
+    config.database(args.db)
+    print("\n".join(postgresql_conf_lines(config, args.db, args.config)))
+    return EXIT_OK

@@ -1,0 +1,1 @@
+"""Taking backups: logical (pg_dump) and base (pg_basebackup), with their shared bookkeeping."""

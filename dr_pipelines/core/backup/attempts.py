@@ -1,0 +1,98 @@
+"""What every kind of backup shares: the attempt record, the manifest commit, the errors."""
+
+from __future__ import annotations
+
+from dr_pipelines.core.log import Log
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.repository.manifest import (
+    Manifest,
+    new_backup_id,
+    write_manifest,
+)
+from dr_pipelines.core.repository.records import store_record
+from dr_pipelines.core.storage.base import Location
+
+
+
+class BackupFailed(RuntimeError):
+    pass
+
+
+class PartialBackup(RuntimeError):
+    """Some locations hold the backup, others failed: the backup exists, the run must still fail."""
+
+    def __init__(self, manifest: Manifest, committed: list[str], failed: dict[str, str]):
+        names = ", ".join(failed)
+        super().__init__(
+            f"backup {manifest.id} is stored on {', '.join(committed)} but FAILED on {names}: "
+            + "; ".join(f"{k}: {v}" for k, v in failed.items())
+            + f". Fix {names} and run the backup again; the copies on {', '.join(committed)} are complete."
+        )
+        self.manifest = manifest
+        self.committed = committed
+        self.failed = failed
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    locations: list[str]
+
+    @property
+    def compression_ratio(self) -> float:
+        stored = self.manifest.size_bytes
+        return round(self.manifest.uncompressed_bytes / stored, 3) if stored else 0.0
+
+
+ATTEMPTS = "backup_attempt"
+
+
+def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[str, Location], log: Log,
+                   run: Callable[..., "BackupResult"]) -> "BackupResult":
+    """Take the backup, and record the attempt (success or failure) in the repository: the
+    compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
+    config.database(database)
+    if not locations:
+        raise BackupFailed("no location to write to")
+    started = datetime.now(timezone.utc)
+    backup_id = new_backup_id(started)
+    record = {"kind": kind, "database": database, "started_at": started.isoformat(), "backup_id": backup_id}
+    try:
+        result = run(config, database, locations, log, started, backup_id)
+    except BaseException as e:
+        stored_on = e.committed if isinstance(e, PartialBackup) else []
+        record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
+        raise
+    else:
+        record.update(succeeded=True, error=None, stored_on=result.locations, size_bytes=result.manifest.size_bytes)
+        return result
+    finally:
+        record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        store_record(locations, database, ATTEMPTS, record["started_at"],
+                     json.dumps(record, sort_keys=True).encode(), log)
+
+
+def commit_manifest(manifest: Manifest, locations: dict[str, Location], stored: list[str],
+                    failed: dict[str, str], log: Log) -> BackupResult:
+    """Write the manifest (the commit marker) where the objects committed; fail loudly otherwise."""
+    committed: list[str] = []
+    failed = dict(failed)
+    for loc_name in stored:
+        try:
+            write_manifest(locations[loc_name], manifest)
+            committed.append(loc_name)
+        except Exception as e:
+            failed[loc_name] = str(e)
+    if not committed:
+        raise BackupFailed(f"{manifest.kind} backup {manifest.id} failed on every location: "
+                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    log(f"{manifest.kind} backup {manifest.id}: {manifest.size_bytes} bytes stored on {', '.join(committed)} "
+        f"in {manifest.duration_s:.1f}s")
+    if failed:
+        raise PartialBackup(manifest, committed, failed)
+    return BackupResult(manifest, committed)

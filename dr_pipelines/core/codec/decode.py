@@ -1,0 +1,261 @@
+"""Stored bytes -> decrypt -> decompress -> a sink: through the age/zstd tools when installed (3x faster),
+in-process otherwise. A copy that cannot be decoded raises DecodeFailed; a full disk raises OutputFull
+(not the backup's fault)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import pyrage
+import zstandard
+from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.restore.request import RestoreError
+
+# --------------------------------------------------------------------------- restore direction
+
+
+class ChecksumMismatch(RuntimeError):
+    pass
+
+
+class HashingReader:
+    """Reads from an object while hashing it, to compare with the manifest at the end."""
+
+    def __init__(self, src: BinaryIO):
+        self._src = src
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._src.read(size)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+
+class OutputFull(RestoreError):
+    """The decoded backup could not be written (a full disk): not the backup's fault."""
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _ZstdSink:
+    def __init__(self, out):
+        self._out = out
+        self._z = zstandard.ZstdDecompressor().decompressobj()
+
+    def write(self, data) -> int:
+        self._out.write(self._z.decompress(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self._z.eof:
+            raise zstandard.ZstdError("zstd stream is truncated")
+
+
+class _GzipSink:
+    def __init__(self, out):
+        self._out = out
+        self._z = zlib.decompressobj(wbits=31)
+
+    def write(self, data) -> int:
+        self._out.write(self._z.decompress(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._out.write(self._z.flush())
+        if not self._z.eof:
+            raise zlib.error("gzip stream is truncated")
+
+
+class _PlainSink:
+    def __init__(self, out):
+        self._out = out
+
+    def write(self, data) -> int:
+        self._out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _sink(method: str, out):
+    return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
+
+
+class DecodeFailed(RuntimeError):
+    def __init__(self, stage: str, detail: str):
+        super().__init__(f"cannot {stage} ({detail})")
+        self.stage = stage
+
+
+def _decoder_commands(compression: str, encrypted: bool) -> list[list[str]] | None:
+    """age and zstd/gzip as processes, when installed; None: decode in-process instead."""
+    cmds = []
+    if encrypted:
+        cmds.append(["age", "--decrypt", "--identity"])  # + the identity pipe, added by the caller
+    if compression == "zstd":
+        cmds.append(["zstd", "--decompress", "--quiet", "--stdout"])
+    elif compression == "gzip":
+        cmds.append(["gzip", "--decompress", "--stdout"])
+    for cmd in cmds:
+        found = shutil.which(cmd[0])
+        if found is None:
+            return None
+        cmd[0] = found
+    return cmds
+
+
+def _decode_in_process(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+    sink = _sink(compression, out)
+    try:
+        if encrypted:
+            pyrage.decrypt_io(src, sink, identities)
+        else:
+            while chunk := src.read(CHUNK):
+                sink.write(chunk)
+        sink.close()
+    except pyrage.DecryptError as e:
+        raise DecodeFailed("decrypt", str(e)) from None
+    except (zstandard.ZstdError, zlib.error) as e:
+        raise DecodeFailed("decompress", str(e)) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputFull(OUTPUT_FULL.format(detail=e)) from None
+        raise
+
+
+OUTPUT_FULL = ("cannot write the decoded backup ({detail}); the backup itself may be fine. Free space where it "
+                "is written (scratch_dir, or the data directory) and retry")
+
+
+def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None) -> None:
+    """src -> age -d -> zstd -d -> out, the tools running beside this process (in-process, the GIL
+    and one core made decoding 3x slower than the tools). `out` with a fileno is written by the
+    last tool directly."""
+    identity_read = None
+    if identities:
+        identity_read, identity_write = os.pipe()
+        os.write(identity_write, "".join(f"{i}\n" for i in identities).encode())
+        os.close(identity_write)
+        cmds[0] = cmds[0] + [f"/dev/fd/{identity_read}"]
+    try:
+        out_fd = out.fileno()
+        out.flush()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        out_fd = None
+    direct = out_fd is not None
+    procs: list[subprocess.Popen] = []
+    errors: list[BaseException] = []
+    pump: threading.Thread | None = None
+    try:
+        for i, cmd in enumerate(cmds):
+            last = i == len(cmds) - 1
+            procs.append(subprocess.Popen(
+                cmd, stdin=procs[-1].stdout if procs else subprocess.PIPE,
+                stdout=out_fd if last and direct else subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(identity_read,) if identity_read is not None and i == 0 else ()))
+            if i:
+                procs[-2].stdout.close()  # the next tool owns it now
+        if not direct:
+            def copy_out() -> None:
+                try:
+                    while chunk := procs[-1].stdout.read1(CHUNK):  # what is there: no waiting for 1 MB
+                        out.write(chunk)
+                except BaseException as e:
+                    errors.append(e)
+                    for p in procs:
+                        p.kill()
+            pump = threading.Thread(target=copy_out, name="decode-output", daemon=True)
+            pump.start()
+        try:
+            while chunk := src.read(CHUNK):
+                procs[0].stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # a tool stopped: its exit status says why
+        finally:
+            try:
+                procs[0].stdin.close()
+            except BrokenPipeError:
+                pass
+        for p in procs:
+            p.wait()
+        if pump is not None:
+            pump.join()
+        if errors:
+            raise errors[0]
+        _check_tools(cmds, procs)
+    finally:
+        if identity_read is not None:
+            os.close(identity_read)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stderr.close()
+        if procs and not direct and procs[-1].stdout:
+            if pump is not None:  # after the kills above it reads to the end at once
+                pump.join(timeout=10)
+            procs[-1].stdout.close()
+
+
+_WRITE_FAILED = ("no space left", "write error", "cannot write", "failed to write", "disk quota", "file too large")
+
+
+def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
+    """Say which tool failed, and whose fault it is. A failure to read spreads downstream (the next
+    tool sees a truncated input), a failure to write spreads upstream (the previous one dies of a
+    broken pipe): so a write failure (a full disk) is blamed first, and is not the backup's fault;
+    otherwise the most upstream real failure marks the copy unusable (cannot decrypt/decompress)."""
+    failures = []
+    for cmd, p in zip(cmds, procs):
+        if p.returncode == 0 or p.returncode == -signal.SIGPIPE:
+            continue
+        if p.returncode == -signal.SIGXFSZ:  # past the file-size limit: a write failure
+            raise OutputFull(OUTPUT_FULL.format(detail=f"{Path(cmd[0]).name}: file size limit exceeded"))
+        said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
+                if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
+        detail = "; ".join(said) or f"exit {p.returncode}"
+        if "broken pipe" not in detail.lower():
+            failures.append((Path(cmd[0]).name, detail))
+    for _, detail in failures:
+        if any(w in detail.lower() for w in _WRITE_FAILED):
+            raise OutputFull(OUTPUT_FULL.format(detail=detail))
+    if failures:
+        tool, detail = failures[0]
+        raise DecodeFailed("decrypt" if tool == "age" else "decompress", detail)
+    if any(p.returncode for p in procs):  # only broken pipes: whoever read the output stopped reading
+        raise RestoreError("the reader of the decoded backup stopped before the end (see its own error)")
+
+
+def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+    """src (stored bytes) -> decrypt -> decompress -> out.write(). Raises DecodeFailed for a copy
+    that cannot be decrypted or decompressed."""
+    cmds = _decoder_commands(compression, encrypted)
+    if cmds:
+        _decode_with_tools(src, out, cmds, identities)
+    elif cmds is None:
+        _decode_in_process(src, out, compression, encrypted, identities)
+    else:  # neither encrypted nor compressed
+        while chunk := src.read(CHUNK):
+            out.write(chunk)

@@ -1,0 +1,1 @@
+"""Health verdicts, metrics, the compliance report and alerts."""

@@ -1,0 +1,164 @@
+"""The compliance report: what the DR system actually achieved over the last N days, from the
+repository alone (backups, backup attempts, restore tests), built with pandas.
+
+Per database and kind: attempts and success rate, the RPO actually achieved (the largest gap
+between consecutive recovery points, up to now), RTO from restore tests against the objective,
+restore-test frequency and pass rate; storage per location; recommendations. Stored on every
+location as JSON, HTML and Markdown under `compliance/`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.monitoring.health import Health
+from dr_pipelines.core.storage.base import Location, LocationError
+
+
+@dataclass
+class ComplianceReport:
+    generated_at: datetime
+    days: int
+    summary: pd.DataFrame  # one row per database and kind
+    storage: pd.DataFrame  # one row per location
+    recommendations: list[str]
+
+    def to_dict(self) -> dict:
+        return {"generated_at": self.generated_at.isoformat(), "days": self.days,
+                "summary": json.loads(self.summary.to_json(orient="records")),
+                "storage": json.loads(self.storage.to_json(orient="records")),
+                "recommendations": self.recommendations}
+
+    def to_markdown(self) -> str:
+        recs = "\n".join(f"- {r}" for r in self.recommendations) or "- none: every objective was met"
+        return (f"# DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)\n\n"
+                f"{self.summary.to_markdown(index=False)}\n\n## Storage per location\n\n"
+                f"{self.storage.to_markdown(index=False)}\n\n## Recommendations\n\n{recs}\n")
+
+    def to_html(self) -> str:
+        recs = "".join(f"<li>{html.escape(r)}</li>" for r in self.recommendations) or "<li>none</li>"
+        title = f"DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)"
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                f"<h1>{title}</h1>{self.summary.to_html(index=False)}<h2>Storage per location</h2>"
+                f"{self.storage.to_html(index=False)}<h2>Recommendations</h2><ul>{recs}</ul></body></html>")
+
+
+def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | None:
+    """Largest gap (s) between consecutive recovery points in [start, now]; the last point counts
+    up to now (data written since is at risk). The newest point before the window anchors it."""
+    before = [p for p in points if p < start]
+    inside = sorted(p for p in points if p >= start)
+    series = ([max(before)] if before else []) + inside
+    if not series:
+        return None
+    edges = pd.Series(series + [now])
+    return float(edges.diff().dropna().max().total_seconds())
+
+
+def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[dict], all_tests: list[dict],
+         points: list[datetime], start: datetime, now: datetime, days: int, recs: list[str]) -> dict:
+    rpo, rto = cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds()
+    attempt_kind = "logical" if kind == "logical" else "base"
+    attempts = pd.DataFrame([a for a in all_attempts if a.get("kind", "logical") == attempt_kind
+                             and datetime.fromisoformat(a["started_at"]) >= start], columns=["started_at", "succeeded"])
+    tests = pd.DataFrame([t for t in all_tests if datetime.fromisoformat(t["started_at"]) >= start],
+                         columns=["started_at", "passed", "rto_s"])
+    attempted = len(attempts)
+    succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0
+    in_window = sum(e.manifest.created_at >= start for e in backups)
+    if attempted == 0:  # backups taken before attempts were recorded still count as successes
+        attempted = succeeded = in_window
+    rpo_achieved = _gaps(points, start, now)
+    rtos = tests["rto_s"].dropna().astype(float)
+    r = {
+        "database": db, "kind": kind, "backups": in_window, "attempted": attempted, "succeeded": succeeded,
+        "success_rate_pct": round(100 * succeeded / attempted, 1) if attempted else None,
+        "rpo_objective_s": rpo, "rpo_achieved_s": None if rpo_achieved is None else round(rpo_achieved),
+        "rpo_met": rpo_achieved is not None and rpo_achieved <= rpo,
+        "restore_tests": len(tests),
+        "restore_test_pass_rate_pct": round(100 * tests["passed"].astype(bool).mean(), 1) if len(tests) else None,
+        "restore_tests_per_week": round(len(tests) / (days / 7), 2),
+        "rto_objective_s": rto,
+        "rto_min_s": round(rtos.min(), 1) if len(rtos) else None,
+        "rto_median_s": round(rtos.median(), 1) if len(rtos) else None,
+        "rto_max_s": round(rtos.max(), 1) if len(rtos) else None,
+        "rto_met": bool(len(rtos)) and rtos.max() <= rto,
+    }
+    test_name = "restore test" if kind == "logical" else "PITR drill"
+    if rpo_achieved is None:
+        recs.append(f"{db}: no {kind} backup at all; schedule them now")
+    elif not r["rpo_met"]:
+        recs.append(f"{db} ({kind}): achieved RPO {rpo_achieved / 3600:.1f} h misses the objective {rpo / 60:.0f} min"
+                    + ("; logical backups alone cannot meet it: archive WAL for point-in-time recovery, or back up "
+                       "more often" if kind == "logical" else "; check archive_command and archive_timeout"))
+    if attempted and succeeded < attempted:
+        recs.append(f"{db}: {attempted - succeeded} of {attempted} {kind} backup attempts failed; "
+                    "read the failed runs and fix the cause")
+    if not len(tests):
+        recs.append(f"{db}: no {test_name} in {days} days; enable its schedule")
+    elif r["restore_test_pass_rate_pct"] < 100:
+        recs.append(f"{db}: {test_name}s failed ({r['restore_test_pass_rate_pct']}% passed); "
+                    "a backup that does not restore is not a backup")
+    if len(rtos) and not r["rto_met"]:
+        recs.append(f"{db} ({kind}): slowest restore {rtos.max():.0f} s exceeds the RTO {rto:.0f} s; "
+                    "raise restore parallelism or the objective")
+    return r
+
+
+def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
+    if days < 1:
+        raise ValueError("the report covers at least 1 day (--days N, N >= 1)")
+    now = h.now
+    start = now - timedelta(days=days)
+    rows: list[dict] = []
+    recs: list[str] = []
+    for db in config.databases:
+        cfg = config.database(db)
+        logical = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == "logical"]
+        # recovery points: every successful attempt (records survive retention, which thins the
+        # backups themselves) and every backup still held
+        points = sorted({e.manifest.created_at for e in logical} | {
+            datetime.fromisoformat(a["started_at"]) for a in h.attempts.get(db, [])
+            if a.get("succeeded") and a.get("kind", "logical") == "logical"})
+        rows.append(_row(db, "logical", cfg, logical, h.attempts.get(db, []), h.restore_tests.get(db, []),
+                         points, start, now, days, recs))
+        if db in h.wal:  # base backups + WAL: every archived segment is a recovery point after the first base
+            bases = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == "base"]
+            first = min((e.manifest.created_at for e in bases), default=None)
+            points = sorted({e.manifest.created_at for e in bases} |
+                            {t for t in h.wal[db].push_times if first and t >= first})
+            rows.append(_row(db, "base+wal", cfg, bases, h.attempts.get(db, []), h.pitr_tests.get(db, []),
+                             points, start, now, days, recs))
+    storage = pd.DataFrame([{"location": name,
+                             "backups": sum(name in e.locations for e in h.catalog.entries),
+                             "bytes": sum(e.manifest.size_bytes for e in h.catalog.entries if name in e.locations)}
+                            for name in config.locations])
+    for _, s in storage.iterrows():
+        if s["backups"] < storage["backups"].max():
+            recs.append(f"location {s['location']} holds {s['backups']} backups, fewer than the others: "
+                        "it missed some; check it and back up again")
+    for p in h.catalog.problems:
+        recs.append(f"repository problem: {p}")
+    return ComplianceReport(now, days, pd.DataFrame(rows), storage, recs)
+
+
+def store_report(locations: dict[str, Location], report: ComplianceReport) -> dict[str, list[str]]:
+    """JSON, HTML and Markdown copies on every location; returns key -> locations holding it."""
+    stamp = report.generated_at.strftime("%Y%m%dT%H%M%SZ")
+    copies = {f"compliance/{stamp}.json": json.dumps(report.to_dict(), indent=2).encode(),
+              f"compliance/{stamp}.html": report.to_html().encode(),
+              f"compliance/{stamp}.md": report.to_markdown().encode()}
+    stored: dict[str, list[str]] = {k: [] for k in copies}
+    for name, loc in locations.items():
+        for key, data in copies.items():
+            try:
+                loc.put_bytes(key, data)
+                stored[key].append(name)
+            except LocationError:
+                break
+    return stored

@@ -1,0 +1,1 @@
+"""Point-in-time recovery from base backups and WAL."""

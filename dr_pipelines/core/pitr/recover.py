@@ -1,0 +1,468 @@
+"""Point-in-time recovery: a base backup plus archived WAL, replayed into a new data directory.
+
+Never over a running cluster: the target is a new directory and port (an existing non-empty
+directory needs explicit confirmation, and one with a live postmaster is always refused). The
+restored cluster gets our `restore_command`, the recovery target, `recovery_target_action =
+promote`, `recovery_target_timeline = latest` and `recovery.signal`; its inherited port, socket
+and archive settings are overridden (it must not archive into the source's archive unless asked).
+We follow replay with a timeout and report the point actually reached, the data-loss window and
+the RTO. A missing WAL segment is reported with the last reachable point, never hidden.
+"""
+
+from __future__ import annotations
+
+from dr_pipelines.core.log import Log
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dr_pipelines.core.codec.decode import HashingReader, decode_into
+from dr_pipelines.core.codec.keys import load_identities
+from dr_pipelines.core.config import ConfigError, DrConfig
+from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
+from dr_pipelines.core.postgres.cluster import (
+    LocalCluster,
+    _postgres_ids,
+    chown_to_postgres,
+    run_as_postgres,
+)
+from dr_pipelines.core.postgres.wal_names import lsn_int
+from dr_pipelines.core.repository.catalog import (
+    BackupNotFound,
+    CatalogEntry,
+    load_catalog,
+)
+from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.wal.archive import list_archive
+from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
+
+
+
+class PitrError(RuntimeError):
+    pass
+
+
+@dataclass
+class PitrRequest:
+    database: str
+    data_dir: Path
+    port: int
+    target_time: datetime | None = None
+    target_lsn: str | None = None
+    target_xid: str | None = None
+    target_name: str | None = None  # a restore point made with pg_create_restore_point()
+    overwrite: bool = False  # replace a non-empty data_dir (never one with a running server)
+    archive: bool = False  # keep archiving from the restored cluster (it becomes the new primary)
+    timeout_s: float = 600
+    backup_id: str | None = None
+
+    def __post_init__(self):
+        targets = [t for t in (self.target_time, self.target_lsn, self.target_xid, self.target_name) if t]
+        if len(targets) > 1:
+            raise ConfigError("choose one recovery target: time, lsn, xid or restore point name (or none for latest)")
+        if self.target_time is not None and self.target_time.tzinfo is None:
+            raise ConfigError("the target time needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+        if self.target_xid:
+            try:  # decimal or 0x..., as PostgreSQL reads it; kept in decimal
+                self.target_xid = str(int(str(self.target_xid).strip(), 0))
+            except ValueError:
+                raise ConfigError(f"target xid {self.target_xid!r} is not a transaction id "
+                                  "(a number, e.g. 745321 as txid_current() shows it)") from None
+
+    @property
+    def target_text(self) -> str:
+        if self.target_time:
+            return f"time {self.target_time.isoformat()}"
+        if self.target_lsn:
+            return f"LSN {self.target_lsn}"
+        if self.target_xid:
+            return f"xid {self.target_xid}"
+        if self.target_name:
+            return f"restore point {self.target_name!r}"
+        return "latest"
+
+
+@dataclass
+class PitrReport:
+    database: str
+    target: str
+    data_dir: str
+    port: int
+    started_at: str
+    backup_id: str | None = None
+    location: str | None = None
+    reached_time: str | None = None
+    reached_lsn: str | None = None
+    stop_reason: str | None = None
+    timeline: int | None = None
+    data_loss_window_s: float | None = None
+    rto_s: float | None = None
+    promoted: bool = False
+    gaps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)  # newer base backups the xid / restore point was not after
+    steps_s: dict[str, float] = field(default_factory=dict)  # extract (fetch, verify, decode, untar), replay
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: datetime) -> CatalogEntry:
+    """The newest base backup that ends before the target."""
+    bases = [e for e in entries if e.manifest.database == request.database and e.manifest.kind == "base"]
+    if request.backup_id:
+        for e in bases:
+            if e.id == request.backup_id:
+                return e
+        raise BackupNotFound(f"base backup {request.backup_id!r} of {request.database!r} not found")
+    if not bases:
+        raise BackupNotFound(f"no base backup of {request.database!r}: point-in-time recovery needs one "
+                             f"(take it with `dr-pipelines backup {request.database} --kind base`)")
+    if request.target_time:
+        if request.target_time > now:
+            raise PitrError(f"target {request.target_time.isoformat()} is in the future (now {now.isoformat()})")
+        ok = [e for e in bases if datetime.fromisoformat(e.manifest.extra["stopped_at"]) <= request.target_time]
+        if not ok:
+            oldest = min(datetime.fromisoformat(e.manifest.extra["stopped_at"]) for e in bases)
+            raise PitrError(f"target {request.target_time.isoformat()} is before the oldest base backup "
+                            f"(consistent from {oldest.isoformat()}); nothing can be recovered to that point")
+        return ok[0]
+    if request.target_lsn:
+        ok = [e for e in bases if lsn_int(e.manifest.extra["stop_lsn"]) <= lsn_int(request.target_lsn)]
+        if not ok:
+            raise PitrError(f"target LSN {request.target_lsn} is before the oldest base backup's end")
+        return ok[0]
+    if request.target_xid:
+        return xid_candidates(bases, request.target_xid)[0]
+    return bases[0]
+
+
+def xid_not_before(xid: str, next_xid: str | None) -> bool | None:
+    """Was transaction `xid` assigned at or after `next_xid` (a 64-bit id)? None when unknown.
+    A 32-bit xid is compared as PostgreSQL does, within half the id space around it."""
+    if next_xid is None:
+        return None
+    x, n = int(xid), int(next_xid)
+    if x >= 1 << 32:
+        return x >= n
+    return (x - n) % (1 << 32) < 1 << 31
+
+
+def xid_candidates(bases: list[CatalogEntry], xid: str) -> list[CatalogEntry]:
+    """Base backups to recover to transaction `xid` from, newest first: those that ended before it
+    was assigned, and those whose manifests predate recording that; failing all, the oldest."""
+    ok = [e for e in bases if xid_not_before(xid, e.manifest.extra.get("next_xid_after")) is not False]
+    return ok or bases[-1:]
+
+
+def prepare_data_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if (path / "postmaster.pid").exists() and LocalCluster(path, 0).is_running():
+            raise PitrError(f"{path} belongs to a running PostgreSQL server; never restoring over it")
+        if not overwrite:
+            raise PitrError(f"{path} exists and is not empty; choose a new directory, or confirm overwriting it")
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    chown_to_postgres(path)
+
+
+def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location], data_dir: Path,
+            identities: list | None, log: Log) -> str:
+    """Stream the tar into the directory (tar runs as postgres), verifying the checksum; the first
+    location with a good copy wins."""
+    m = entry.manifest
+    obj = m.objects[0]
+    problems = []
+    uid, gid = _postgres_ids()
+    for name in entry.locations:
+        loc = locations.get(name)
+        if loc is None:
+            continue
+        said = tempfile.TemporaryFile()  # not a pipe: tar keeps going (and talking) on a full disk
+        tar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", str(data_dir)], stdin=subprocess.PIPE,
+                               stderr=said, user=uid, group=gid, extra_groups=[], cwd="/")
+
+        def tar_failure() -> PitrError:
+            said.seek(0)
+            text = " | ".join(said.read().decode(errors="replace").strip().splitlines()[-5:])
+            return PitrError(f"tar could not extract base backup {m.id} into {data_dir} (exit {tar.returncode}): "
+                             f"{text or '-'}; no other copy would do better. Free space there and retry")
+        try:
+            with loc.open_read(m.object_key(obj.name)) as f:
+                src = HashingReader(f)
+                decode_into(src, tar.stdin, m.compression["method"], m.encryption["method"] == "age", identities)
+            tar.stdin.close()
+            rc = tar.wait()
+        except Exception as e:  # unreadable or corrupt (age/zstd errors): try the next copy
+            tar_rc = tar.poll()
+            tar.kill()
+            tar.wait()
+            if tar_rc:  # tar itself failed (a full disk, permissions): no other copy will do better
+                raise tar_failure() from None
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+        else:
+            if src.sha256.hexdigest() != obj.sha256:
+                problems.append(f"{name}: {obj.name} fails its checksum")
+            elif rc != 0:
+                raise tar_failure()
+            else:
+                log(f"base backup {m.id} restored from {name} into {data_dir}")
+                return name
+        for child in data_dir.iterdir():  # start clean for the next location
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    raise PitrError(f"no usable copy of base backup {m.id}: {'; '.join(problems)}")
+
+
+RECOVERY_TARGETS = ("recovery_target_time", "recovery_target_lsn", "recovery_target_xid", "recovery_target_name",
+                    "recovery_target")
+
+
+def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
+    s = {
+        "restore_command": pg_quote(restore_command(config_file, request.database)),
+        "recovery_target_action": "'promote'",
+        "recovery_target_timeline": "'latest'",
+        "port": str(request.port),
+        "listen_addresses": "'127.0.0.1'",
+        # our own socket, reached as the postgres OS user (peer auth), whatever pg_hba says of TCP
+        "unix_socket_directories": pg_quote(str(request.data_dir)),
+        "hot_standby": "on",
+        "archive_mode": "on" if request.archive else "off",
+    }
+    if request.target_time:
+        s["recovery_target_time"] = pg_quote(request.target_time.isoformat())
+    elif request.target_lsn:
+        s["recovery_target_lsn"] = pg_quote(request.target_lsn)
+    elif request.target_xid:
+        s["recovery_target_xid"] = pg_quote(request.target_xid)
+    elif request.target_name:
+        s["recovery_target_name"] = pg_quote(request.target_name)
+    return s
+
+
+_STOPPING = re.compile(r"recovery stopping (before|after|at) (.*?)(?:, time (\S+ \S+(?: \S+)?))?$", re.M)
+
+
+_LAST_XACT = re.compile(r"last completed transaction was at log time (\S+ \S+(?: \S+)?)", re.M)
+
+
+_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)", re.M)
+
+
+_TIMELINE = re.compile(r"selected new timeline ID: (\d+)", re.M)
+
+
+def _pg_time(text: str) -> datetime:
+    t = datetime.fromisoformat(text.replace(" UTC", "+00:00").replace(" ", "T", 1))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def read_outcome(log_text: str, report: PitrReport) -> None:
+    # "stopping before commit of X, time T": T is the first commit NOT applied; the point reached is
+    # the last completed transaction PostgreSQL reports at the end of recovery.
+    if m := _STOPPING.search(log_text):
+        report.stop_reason = f"recovery stopping {m.group(1)} {m.group(2)}"
+        if m.group(1) in ("after", "at") and m.group(3):
+            report.reached_time = _pg_time(m.group(3)).isoformat()
+    if m := _LAST_XACT.findall(log_text):
+        report.reached_time = _pg_time(m[-1]).isoformat()
+    if m := _REDO_DONE.findall(log_text):
+        report.reached_lsn = m[-1]
+    if m := _TIMELINE.findall(log_text):
+        report.timeline = int(m[-1])
+
+
+def query_as_postgres(data_dir: Path, port: int, sql: str, dbname: str = "postgres") -> str | None:
+    """One value from the recovered cluster through its private socket, as the postgres OS user."""
+    proc = run_as_postgres([str(DEFAULT_PG_BIN / "psql"), "-h", str(data_dir), "-p", str(port), "-U", "postgres",
+                            "-d", dbname, "-X", "-A", "-t", "-c", sql], capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def drop_inherited_targets(data_dir: Path) -> None:
+    """A backup of a cluster that was itself recovered may carry old recovery targets in
+    postgresql.auto.conf. PostgreSQL refuses two target kinds even if one is set to '', so the old
+    lines are removed rather than overridden."""
+    auto = data_dir / "postgresql.auto.conf"
+    if auto.exists():
+        lines = auto.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if not ln.strip().startswith("recovery_target")]
+        if len(kept) != len(lines):
+            auto.write_text("".join(kept))
+
+
+def ensure_server_files(data_dir: Path) -> None:
+    """A data directory from a Debian-style cluster (configuration in /etc) has neither
+    postgresql.conf nor pg_hba.conf; give it minimal ones (local peer for postgres only)."""
+    for name, text in (("postgresql.conf", "# written by dr_pipelines pitr: settings are in postgresql.auto.conf\n"),
+                       ("pg_hba.conf", "# written by dr_pipelines pitr\nlocal all postgres peer\n")):
+        path = data_dir / name
+        if not path.exists():
+            path.write_text(text)
+            chown_to_postgres(path)
+
+
+def finish_recovery(data_dir: Path, port: int) -> None:
+    """After promotion the targets must not stay behind in postgresql.auto.conf: the new primary,
+    and every backup taken of it, would carry them into the next recovery."""
+    for t in (*RECOVERY_TARGETS, "recovery_target_action"):
+        query_as_postgres(data_dir, port, f"ALTER SYSTEM RESET {t}")
+    query_as_postgres(data_dir, port, "SELECT pg_reload_conf()")
+
+
+def end_of_archive_check(locations: dict[str, Location], database: str, report: PitrReport) -> str | None:
+    """For `latest`: did replay reach the newest archived segment? (It can stop early only on a
+    gap, which is refused before starting, or on a segment PostgreSQL rejected.)"""
+    archive = list_archive(locations, database)
+    newest = archive.newest()
+    if not newest or not report.reached_lsn or not archive.segment_size:
+        return None
+    from dr_pipelines.core.postgres.wal_names import lsn_to_segment
+
+    reached = lsn_to_segment(report.reached_lsn, int(newest.name[:8], 16), archive.segment_size)
+    if reached[8:] < newest.name[8:]:
+        return (f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
+                f"{newest.name}: recovery ended before the end of the archive")
+    return None
+
+
+def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[str]:
+    """Missing segments after the base backup's first segment, on its timeline and later ones."""
+    archive = list_archive(locations, entry.manifest.database)
+    start = entry.manifest.extra["wal_start"]
+    if archive.segments and not archive.segment_size:
+        return ["unknown (the archive's segment size could not be read)"]
+    out = []
+    for tli, names in archive.segments.items():
+        for a, b in archive.gaps(tli):
+            if b >= start or tli > int(start[:8], 16):
+                out.append(f"{a}..{b}" if a != b else a)
+    return out
+
+
+TARGET_BEFORE_BACKUP = ("recovery ended before configured recovery target was reached",
+                        "requested recovery stop point is before consistent recovery point")
+
+
+def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, entry: CatalogEntry,
+            locations: dict[str, Location], report: PitrReport, log: Log, overwrite: bool) -> LocalCluster:
+    """Restore `entry` into the data directory and replay WAL until the server is promoted."""
+    identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
+    prepare_data_dir(request.data_dir, overwrite)
+    t0 = time.monotonic()
+    report.location = extract(config, entry, locations, request.data_dir, identities, log)
+    report.steps_s["extract"] = round(time.monotonic() - t0, 3)
+    for stale in ("postmaster.pid", "standby.signal"):
+        (request.data_dir / stale).unlink(missing_ok=True)
+    cluster = LocalCluster(request.data_dir, request.port)
+    ensure_server_files(request.data_dir)
+    drop_inherited_targets(request.data_dir)
+    cluster.write_settings(recovery_settings(config_file, request))
+    (request.data_dir / "recovery.signal").touch()
+    chown_to_postgres(request.data_dir / "recovery.signal")
+    log(f"replaying WAL from base backup {entry.id} to {request.target_text} on port {request.port} ...")
+    try:
+        cluster.start(timeout=request.timeout_s)
+    except Exception:
+        pass  # it may have stopped already (recovery ended before the target): the log says why
+    deadline = time.monotonic() + request.timeout_s
+    while True:
+        log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+        if not cluster.is_running():
+            time.sleep(0.2)  # the log written just before the exit, read after it
+            log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+            read_outcome(log_text, report)
+            # the server's own reason, not a client turned away while it was starting ("the database
+            # system is starting up / in recovery mode"): those FATALs can come last
+            fatal = [ln for ln in log_text.splitlines()
+                     if ("FATAL" in ln or "PANIC" in ln) and "the database system is" not in ln]
+            report.error = (f"recovery stopped without reaching {request.target_text}: "
+                            f"{fatal[-1] if fatal else 'the server exited'}; last reachable point: "
+                            f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
+                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
+            raise PitrFailed(report)
+        if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
+            report.steps_s["replay"] = round(time.monotonic() - t0 - report.steps_s["extract"], 3)
+            return cluster
+        if time.monotonic() > deadline:
+            cluster.stop("fast")
+            read_outcome(log_text, report)
+            report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
+            raise PitrFailed(report)
+        time.sleep(0.3)
+
+
+def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, locations: dict[str, Location],
+             log: Log = lambda m: None) -> PitrReport:
+    t0 = time.monotonic()
+    now = datetime.now(timezone.utc)
+    report = PitrReport(request.database, request.target_text, str(request.data_dir), request.port, now.isoformat())
+    config.database(request.database)
+    if config_file and run_as_postgres(["test", "-r", str(Path(config_file).resolve())]).returncode != 0:
+        raise PitrError(f"the postgres user cannot read {config_file}; restore_command runs as postgres. "
+                        "Move the config (and the age identity) where postgres can read them")
+    catalog = load_catalog(locations.values(), request.database, "base")
+    entry = choose_base_backup(catalog.entries, request, now)
+    report.backup_id = entry.id
+    report.gaps = archive_gaps(locations, entry)
+    if report.gaps and not (request.target_time or request.target_lsn or request.target_xid or request.target_name):
+        raise PitrError(f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
+                        "Recovery to 'latest' would stop at the gap and promote early; choose a target before "
+                        "the gap (the last reachable point is the end of the segment before it)")
+    # Where an xid or a restore point lies in WAL is unknown until replay meets it: start from the
+    # newest base backup and, if the target came before it, from the next older one, and so on.
+    candidates = [entry]
+    if (request.target_xid or request.target_name) and not request.backup_id:
+        bases = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "base"]
+        if request.target_xid:
+            bases = xid_candidates(bases, request.target_xid)
+        candidates += bases[bases.index(entry) + 1:]
+    for i, entry in enumerate(candidates):
+        report.backup_id, report.gaps = entry.id, archive_gaps(locations, entry)
+        try:
+            cluster = _replay(config, config_file, request, entry, locations, report, log,
+                              overwrite=request.overwrite or i > 0)
+            break
+        except PitrFailed as e:
+            error = e.report.error or ""
+            # an older base backup helps only if the target lies before this one: not when the end
+            # of recovery came from missing WAL
+            before_consistent = TARGET_BEFORE_BACKUP[1] in error
+            ended_early = TARGET_BEFORE_BACKUP[0] in error and not e.report.gaps
+            if i + 1 == len(candidates) or not (before_consistent or ended_early):
+                raise
+            report.tried.append(entry.id)
+            report.error = report.reached_time = report.reached_lsn = report.stop_reason = None
+            log(f"{request.target_text} was not found after base backup {entry.id} (it may lie before it): "
+                f"trying the older base backup {candidates[i + 1].id}")
+    report.promoted = True
+    report.rto_s = round(time.monotonic() - t0, 3)
+    finish_recovery(request.data_dir, request.port)
+    if request.target_text == "latest":
+        behind = end_of_archive_check(locations, request.database, report)
+        if behind:
+            report.warnings.append(behind)
+            log(f"WARNING: {behind}")
+    from dr_pipelines.core.wal.fast_path import SPOOL
+
+    shutil.rmtree(request.data_dir / "pg_wal" / SPOOL, ignore_errors=True)  # prefetched, never replayed
+    read_outcome(cluster.log_file.read_text(errors="replace"), report)
+    if report.reached_time:  # what the restored cluster lacks compared with the moment we started
+        report.data_loss_window_s = round(max(0.0, (now - datetime.fromisoformat(report.reached_time))
+                                              .total_seconds()), 3)
+    log(f"promoted on timeline {report.timeline} at {report.reached_time} (LSN {report.reached_lsn}); "
+        f"RTO {report.rto_s:.1f}s")
+    return report
+
+
+class PitrFailed(PitrError):
+    def __init__(self, report: PitrReport):
+        super().__init__(report.error)
+        self.report = report

@@ -1,0 +1,1 @@
+"""PostgreSQL: the client side (connections, tools), local clusters, WAL names and LSNs."""

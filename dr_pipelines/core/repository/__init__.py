@@ -1,0 +1,1 @@
+"""The backup repository, which describes itself: manifests, the catalog built from them, records."""

@@ -1,0 +1,89 @@
+"""Restoring a backup into a database: fetch and decode into the spool (then pg_restore -j N) or into
+one streaming pg_restore; the private scratch directory for plaintext."""
+
+from __future__ import annotations
+
+from dr_pipelines.core.log import Log
+import secrets
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from dr_pipelines.core.codec.decode import OutputFull
+from dr_pipelines.core.config import DatabaseConfig, DrConfig
+from dr_pipelines.core.repository.manifest import Manifest
+from dr_pipelines.core.restore.fetch import Fetched, fetch_and_load
+from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
+from dr_pipelines.core.restore.target import drop_database
+from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.restore.pg_restore import PlaintextSpool, RestoreSink, spool_fits, create_database, load_spooled, run_post_data
+
+
+@contextmanager
+def scratch_directory(config: DrConfig, database: str, name: str | None = None) -> Iterator[Path]:
+    """A private 0700 directory for plaintext, removed afterwards even on failure."""
+    path = scratch_path(config, database, name)
+    path.mkdir(mode=0o700, parents=False, exist_ok=False)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+
+def scratch_path(config: DrConfig, database: str, name: str | None = None) -> Path:
+    base = Path(config.databases[database].scratch_dir or tempfile.gettempdir())
+    return base / f"dr-restore-{name or secrets.token_hex(6)}"
+
+
+
+def restore_into(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, server: DatabaseConfig,
+                 dbname: str, workdir: Path, create: bool, log: Log) -> tuple[Fetched, dict[str, float]]:
+    """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
+    pg_restore and then indexes and constraints in parallel."""
+    t0 = time.monotonic()
+    plaintext = workdir / "restore.pgdump"
+    db = config.database(request.database)
+    sinks: list[RestoreSink | PlaintextSpool] = []
+
+    streaming: list[bool] = []  # set once spooling has failed for lack of space
+
+    def make_sink(manifest: Manifest | None) -> RestoreSink | PlaintextSpool:
+        if not streaming and spool_fits(db, workdir, manifest, log):
+            sinks.append(PlaintextSpool(plaintext))
+        else:
+            sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
+        return sinks[-1]
+
+    created = False
+    try:
+        try:
+            fetched = fetch_and_load(config, locations, request, make_sink, log)
+        except OutputFull as e:
+            if not isinstance(sinks[-1], PlaintextSpool):
+                raise
+            # the disk filled while spooling (another restore took the space): stream instead
+            log(f"warning: {e}. Streaming instead (tables load one at a time)")
+            streaming.append(True)
+            fetched = fetch_and_load(config, locations, request, make_sink, log)
+        sink = sinks[-1]
+        created = create
+        steps = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
+        if isinstance(sink, PlaintextSpool):
+            steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
+            major = create_database(server, request.database, dbname, create)
+            steps["pg_restore"] = round(load_spooled(server, request.database, dbname, plaintext, request, major,
+                                                     log), 3)
+        else:
+            steps["fetch_and_load"] = round(time.monotonic() - t0, 3)
+            steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
+                                                     sink.major, log), 3)
+    except RestoreError:
+        if created:
+            drop_database(server, request.database, dbname)
+        raise
+    finally:
+        plaintext.unlink(missing_ok=True)
+    return fetched, steps

@@ -1,0 +1,162 @@
+"""S3 locations (multipart uploads; the client comes from dagster-aws or the config)."""
+
+from __future__ import annotations
+
+from typing import Any, BinaryIO, Iterator
+
+from dr_pipelines.core.config import (
+    S3LocationConfig,
+)
+from dr_pipelines.core.storage.base import (
+    LocationError,
+    ObjectInfo,
+    ObjectNotFound,
+    Upload,
+    describe_error,
+)
+
+# --------------------------------------------------------------------------- S3
+
+
+class _S3Upload:
+    """Multipart upload; a small object becomes one PUT at commit. Invisible until completed."""
+
+    def __init__(self, location: "S3Location", key: str):
+        self._loc = location
+        self._key = key
+        self._buf = bytearray()
+        self._parts: list[dict[str, Any]] = []
+        self._upload_id: str | None = None
+
+    def _flush_part(self) -> None:
+        loc = self._loc
+        if self._upload_id is None:
+            resp = loc._call("start upload of", self._key, loc.client.create_multipart_upload,
+                             Bucket=loc.bucket, Key=self._key, **loc.put_args)
+            self._upload_id = resp["UploadId"]
+        number = len(self._parts) + 1
+        resp = loc._call("upload a part of", self._key, loc.client.upload_part, Bucket=loc.bucket,
+                         Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=bytes(self._buf))
+        self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        self._buf.clear()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= self._loc.chunk_size:
+            self._flush_part()
+
+    def commit(self) -> None:
+        loc = self._loc
+        if self._upload_id is None:
+            loc._call("write", self._key, loc.client.put_object, Bucket=loc.bucket, Key=self._key,
+                      Body=bytes(self._buf), **loc.put_args)
+            return
+        if self._buf:
+            self._flush_part()
+        loc._call("complete upload of", self._key, loc.client.complete_multipart_upload,
+                  Bucket=loc.bucket, Key=self._key, UploadId=self._upload_id,
+                  MultipartUpload={"Parts": self._parts})
+
+    def abort(self) -> None:
+        if self._upload_id is not None:
+            try:
+                self._loc.client.abort_multipart_upload(
+                    Bucket=self._loc.bucket, Key=self._key, UploadId=self._upload_id)
+            except Exception:
+                pass  # the location is likely down; a lifecycle rule cleans abandoned uploads
+            self._upload_id = None
+        self._buf = bytearray()
+
+
+class S3Location:
+    def __init__(self, name: str, cfg: S3LocationConfig, client: Any):
+        self.name = name
+        self.client = client
+        self.bucket = cfg.bucket
+        self.prefix = cfg.prefix
+        self.chunk_size = cfg.multipart_chunk_mb << 20
+        self.put_args: dict[str, str] = {"StorageClass": cfg.storage_class}
+        if cfg.sse and cfg.sse != "none":
+            self.put_args["ServerSideEncryption"] = cfg.sse
+            if cfg.sse == "aws:kms" and cfg.sse_kms_key_id:
+                self.put_args["SSEKMSKeyId"] = cfg.sse_kms_key_id
+
+    def _call(self, what: str, key: str, fn, **kw):
+        try:
+            return fn(**kw)
+        except Exception as e:
+            if _s3_not_found(e):
+                raise ObjectNotFound(self.name, f"{self.url(key)} not found") from e
+            raise LocationError(self.name, f"cannot {what} {self.url(key)}: {describe_error(e)}") from e
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def open_upload(self, key: str) -> Upload:
+        return _S3Upload(self, self.prefix + key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self.prefix + key,
+                   Body=data, **self.put_args)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open_read(key) as body:
+            return body.read()
+
+    def open_read(self, key: str) -> BinaryIO:
+        resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.prefix + key)
+        return resp["Body"]
+
+    def size(self, key: str) -> int | None:
+        try:
+            resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket,
+                              Key=self.prefix + key)
+        except ObjectNotFound:
+            return None
+        return resp["ContentLength"]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj.get("LastModified"))
+        except Exception as e:
+            raise LocationError(self.name, f"cannot list {self.url(prefix)}: {describe_error(e)}") from e
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+
+    def get_storage_class(self, key: str) -> str:
+        resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)
+        return resp.get("StorageClass", "STANDARD")
+
+    def set_storage_class(self, key: str, storage_class: str) -> None:
+        """Copy the object onto itself in the new class (boto3's managed copy: multipart when large)."""
+        extra = {**self.put_args, "StorageClass": storage_class, "MetadataDirective": "COPY"}
+        self._call("change the storage class of", key, self.client.copy,
+                   CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
+                   Bucket=self.bucket, Key=self.prefix + key, ExtraArgs=extra)
+
+
+def _s3_not_found(exc: Exception) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
+# --------------------------------------------------------------------------- clients from config
+
+
+def s3_client(name: str, cfg: S3LocationConfig):
+    """A boto3 client for the command line (the Dagster layer uses dagster-aws's S3Resource)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+        **cfg.credentials(name),
+    )

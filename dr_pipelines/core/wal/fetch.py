@@ -1,0 +1,117 @@
+"""`wal-fetch` (restore_command): exit 1 only for "not found"; transient errors abort recovery; prefetch."""
+
+from __future__ import annotations
+
+from dr_pipelines.core.log import Log
+import time
+from pathlib import Path
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.durable import write_atomically
+from dr_pipelines.core.postgres.wal_names import (
+    SEGMENT,
+    parse_segment,
+    segment_name,
+    timeline_of,
+)
+from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.wal.archive import (
+    WalFetchAborted,
+    WalNotFound,
+    _read_json,
+    decode,
+    sha256_hex,
+    wal_prefix,
+)
+
+
+
+def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str, Location],
+                identities: list | None, log: Log) -> tuple[bytes, str] | None:
+    """One pass over the locations: (plain bytes, location), or None if no location has it.
+    Raises WalFetchAborted when some location errored or every copy found is corrupt."""
+    prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+    problems = []
+    for loc_name, loc in locations.items():
+        try:
+            side = _read_json(loc, f"{prefix}/{name}.json")
+            if side is None:
+                continue
+            blob = loc.get_bytes(f"{prefix}/{side['object']['name']}")
+        except LocationError as e:  # includes an object missing under its sidecar
+            problems.append(str(e))
+            continue
+        if sha256_hex(blob) != side["object"]["sha256"]:
+            problems.append(f"{loc_name}: stored {name} fails its checksum (corrupt object)")
+            continue
+        try:
+            data = decode(blob, side, identities)
+        except WalFetchAborted:
+            raise
+        except Exception as e:
+            problems.append(f"{loc_name}: cannot decode {name}: {e}")
+            continue
+        if sha256_hex(data) != side["sha256"]:
+            problems.append(f"{loc_name}: {name} decodes to different bytes than were archived")
+            continue
+        for p in problems:
+            log(f"warning: {p}; used the copy on {loc_name}")
+        return data, loc_name
+    if problems:
+        raise WalFetchAborted("; ".join(problems))
+    return None
+
+
+def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, locations: dict[str, Location],
+              identities: list | None = None, retries: int = 3, backoff_s: float = 1.0,
+              log: Log = lambda m: None, prefetch: int = 0) -> str:
+    dest = Path(dest)
+    last_error = None
+    for attempt in range(retries + 1):
+        try:
+            found = fetch_bytes(config, database, name, locations, identities, log)
+        except WalFetchAborted as e:
+            last_error = e
+            log(f"{name}: attempt {attempt + 1} failed: {e}")
+            time.sleep(backoff_s * (2 ** attempt))
+            continue
+        if found is None:
+            raise WalNotFound(f"{name} is not in the WAL archive of {database!r} on any location")
+        data, loc_name = found
+        write_atomically(dest, data)
+        if prefetch and SEGMENT.match(name):
+            try:  # best effort: the requested file is in place; a prefetch problem must not fail it
+                prefetch_after(config, database, name, len(data), dest, locations, identities, prefetch, log)
+            except Exception as e:
+                log(f"warning: prefetch after {name} stopped: {e}")
+        return loc_name
+    raise WalFetchAborted(f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
+                          "aborted rather than ended early; fix the location and start the server again")
+
+
+def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int, dest: Path,
+                   locations: dict[str, Location], identities: list | None, count: int, log: Log) -> int:
+    """Fetch the next `count` segments of the timeline into the spool, in parallel. Best effort:
+    a segment that is missing or fails here is simply fetched normally when PostgreSQL asks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dr_pipelines.core.wal.fast_path import spool_dir
+
+    spool = spool_dir(dest)
+    spool.mkdir(exist_ok=True)
+    tli, number = parse_segment(name, segment_size)
+    wanted = [n for n in (segment_name(tli, number + i, segment_size) for i in range(1, count + 1))
+              if not (spool / n).exists()]
+
+    def one(n: str) -> bool:
+        try:
+            found = fetch_bytes(config, database, n, locations, identities, log)
+            if found is None:
+                return False
+            write_atomically(spool / n, found[0])
+            return True
+        except Exception:  # fetched normally when PostgreSQL asks
+            return False
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return sum(pool.map(one, wanted))

@@ -1,0 +1,49 @@
+"""The postgresql.conf lines that archive WAL through `dr-pipelines`, and the restore_command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dr_pipelines.core.config import DrConfig
+
+# --------------------------------------------------------------------------- postgresql.conf
+
+
+def dr_pipelines_command(config_file: str | None) -> list[str]:
+    """This installation's command, absolute (PostgreSQL runs it from its data directory)."""
+    import sys
+
+    exe = str(Path(sys.executable).parent / "dr-pipelines")
+    return [exe] + (["--config", str(Path(config_file).resolve())] if config_file else [])
+
+
+def _shell(args: list[str]) -> str:
+    import shlex
+
+    return " ".join(a if a in ("%p", "%f") else shlex.quote(a) for a in args)
+
+
+def pg_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def archive_timeout_s(config: DrConfig, database: str) -> int:
+    """Half the RPO (a segment switch plus a retried push still land within it), at least 60 s."""
+    return max(60, int(config.database(database).objectives.rpo.total_seconds() // 2))
+
+
+def restore_command(config_file: str | None, database: str) -> str:
+    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, "%f", "%p"])
+
+
+def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:
+    push = _shell(dr_pipelines_command(config_file) + ["wal-push", "--db", database, "%p"])
+    return [
+        f"# dr_pipelines: WAL archiving for database {database!r} (RPO "
+        f"{config.database(database).objectives.rpo}); needs a restart for wal_level/archive_mode",
+        "wal_level = replica",
+        "archive_mode = on",
+        f"archive_command = {pg_quote(push)}",
+        f"archive_timeout = {archive_timeout_s(config, database)}s",
+        f"# recovery (written by `dr-pipelines pitr`): restore_command = {pg_quote(restore_command(config_file, database))}",
+    ]

@@ -1,0 +1,146 @@
+"""`wal-push` (archive_command): durable on every location before exit 0; archives ahead in parallel."""
+
+from __future__ import annotations
+
+from dr_pipelines.core.log import Log
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.postgres.wal_names import SEGMENT, timeline_of
+from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.wal.archive import (
+    CLUSTER,
+    WalError,
+    WalRefused,
+    _classify,
+    _read_json,
+    archive_cluster,
+    encode,
+    object_name,
+    segment_header,
+    sha256_hex,
+    wal_prefix,
+)
+
+
+
+@dataclass
+class PushResult:
+    name: str
+    stored: list[str] = field(default_factory=list)  # newly written
+    already: list[str] = field(default_factory=list)  # identical copy was there
+
+
+def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location],
+             log: Log = lambda m: None) -> PushResult:
+    path = Path(path)
+    name = path.name
+    kind = _classify(name)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WalError(f"cannot read {path}: {e.strerror}") from None
+    side = {"name": name, "kind": kind, "size": len(data), "sha256": sha256_hex(data),
+            "compression": config.compression.method, "encryption": config.encryption.method,
+            "pushed_at": datetime.now(timezone.utc).isoformat()}
+    known = archive_cluster(locations, database)
+    if kind == "segment":
+        header = segment_header(data)
+        side.update(system_identifier=header["system_identifier"], segment_size=header["segment_size"])
+        if known and known["system_identifier"] != header["system_identifier"]:
+            raise WalRefused(
+                f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
+                f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
+                "replaced the old one on purpose, archive it under another database name")
+    prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+    result, failures = PushResult(name), []
+    # Look everywhere before writing anywhere: a conflict on one location must not leave the new
+    # bytes on another (two different copies of one segment).
+    missing: list[str] = []
+    for loc_name, loc in locations.items():
+        try:
+            existing = _read_json(loc, f"{prefix}/{name}.json")
+        except (LocationError, ValueError) as e:
+            failures.append(f"{loc_name}: {e}")
+            continue
+        if existing is None:
+            missing.append(loc_name)
+        elif existing["sha256"] != side["sha256"]:
+            raise WalRefused(
+                f"{name} is already archived on {loc_name} with different content "
+                f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
+                "overwrite archived WAL. Two clusters may be archiving to the same place")
+        else:
+            result.already.append(loc_name)
+    if missing:  # compress and encrypt only when some location lacks the file (not on a re-push)
+        stored_obj = encode(data, config)
+        side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": sha256_hex(stored_obj)}
+    for loc_name in missing:
+        loc = locations[loc_name]
+        try:
+            if kind == "segment" and known is None:
+                loc.put_bytes(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(
+                    {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}).encode())
+            loc.put_bytes(f"{prefix}/{side['object']['name']}", stored_obj)
+            loc.put_bytes(f"{prefix}/{name}.json", json.dumps(side, sort_keys=True).encode())
+            result.stored.append(loc_name)
+        except LocationError as e:
+            failures.append(str(e))
+    if failures:
+        raise WalError(f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
+                       "retries; nothing is lost once the location is back")
+    log(f"{name}: stored on {', '.join(result.stored) or '-'}"
+        + (f"; identical copy already on {', '.join(result.already)}" if result.already else ""))
+    return result
+
+
+def ready_segments_after(path: Path, limit: int) -> list[Path]:
+    """Segments after `path` that PostgreSQL has marked ready to archive (pg_wal/archive_status)."""
+    if limit <= 0 or path.parent.name != "pg_wal":
+        return []
+    try:
+        ready = sorted(p.name[:-6] for p in (path.parent / "archive_status").iterdir() if p.name.endswith(".ready"))
+    except OSError:
+        return []
+    return [path.parent / n for n in ready if SEGMENT.match(n) and n > path.name][:limit]
+
+
+def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], context: str,
+               log: Log = lambda m: None) -> list[str]:
+    """Archive the next ready segments now, in parallel, each marked once durable everywhere, so
+    PostgreSQL's calls for them take the fast path. Best effort: a segment that fails here is
+    pushed (and its error reported) when PostgreSQL asks for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dr_pipelines.core.wal.fast_path import PUSHED, mark_pushed
+
+    path = Path(path)
+    markers = path.parent / PUSHED
+    if markers.is_dir():  # PostgreSQL asks in order: a marker at or before this name is stale
+        for m in markers.iterdir():
+            if m.name <= path.name or not (path.parent / "archive_status" / f"{m.name}.ready").exists():
+                m.unlink(missing_ok=True)
+    todo = [p for p in ready_segments_after(path, config.wal.push_ahead) if not (markers / p.name).exists()]
+    if not todo:
+        return []
+
+    def push(segment: Path) -> str:
+        wal_push(config, database, segment, locations)
+        mark_pushed(segment, context)
+        return segment.name
+
+    # each worker holds a segment three times (plain, compressed, encrypted): bound it by size
+    workers = max(1, min(len(todo), 4, (256 << 20) // max(1, todo[0].stat().st_size)))
+    done = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="push-ahead") as pool:
+        for segment, future in [(s, pool.submit(push, s)) for s in todo]:
+            try:
+                done.append(future.result())
+            except Exception as e:
+                log(f"{segment.name}: not archived ahead ({e}); it will be when PostgreSQL asks for it")
+    if done:
+        log(f"archived ahead: {', '.join(done)}")
+    return done

@@ -1,0 +1,119 @@
+"""`DB/logical_backup`: pg_dump streamed to every location, one asset per configured database."""
+
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+from dr_pipelines.core.backup.attempts import PartialBackup
+from dr_pipelines.core.backup.base import run_base_backup
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.sandbox.config import ensure_sandbox_running
+
+
+def database_key(db: str) -> dg.AssetKey:
+    return dg.AssetKey([db, "database"])
+
+
+def logical_backup_key(db: str) -> dg.AssetKey:
+    return dg.AssetKey([db, "logical_backup"])
+
+
+def database_spec(config: DrConfig, db: str) -> dg.AssetSpec:
+    """The database itself, as an external asset, so lineage reads database -> backups."""
+    cfg = config.databases[db]
+    return dg.AssetSpec(
+        key=database_key(db),
+        description=f"PostgreSQL database `{cfg.dbname}` at {cfg.host}:{cfg.port} (not managed by Dagster).",
+        group_name=db,
+        kinds={"postgres"},
+        metadata={"host": cfg.host, "port": cfg.port, "dbname": cfg.dbname},
+    )
+
+
+def backup_metadata(manifest, locations: list[str], ratio: float) -> dict:
+    """Stable keys, so the UI plots them across materializations."""
+    return {
+        "backup_id": manifest.id,
+        "size_bytes": manifest.size_bytes,
+        "uncompressed_bytes": manifest.uncompressed_bytes,
+        "duration_s": manifest.duration_s,
+        "compression_ratio": ratio,
+        "sha256": manifest.objects[0].sha256,
+        "locations": ", ".join(locations),
+        "tables": len(manifest.tables),
+        "rows": sum(manifest.tables.values()),
+        "created_at": dg.MetadataValue.timestamp(manifest.created_at),
+    }
+
+
+def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
+    cfg = config.databases[db]
+
+    @dg.asset(
+        key=logical_backup_key(db),
+        deps=[database_key(db)],
+        group_name=db,
+        kinds={"postgres"},
+        description=(
+            f"Logical backup of `{cfg.dbname}`: `pg_dump -Fc` streamed through "
+            f"{config.compression.method} and {config.encryption.method} encryption to "
+            f"{', '.join(config.locations)}. The repository's manifest is the source of truth."
+        ),
+        required_resource_keys={"dr", *storage_resource_keys(config)},
+        pool=f"pg_{db}",
+        # Dagster's own freshness (its daemon, from materializations); the `backup_fresh` check
+        # reads the repository, so it also sees backups taken from the shell.
+        freshness_policy=dg.FreshnessPolicy.time_window(  # Dagster's floor is one minute
+            fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))),
+    )
+    def logical_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        try:
+            with domain_failures():
+                run_config = context.resources.dr.load()
+                if run_config.sandbox:
+                    ensure_sandbox_running(run_config, log=context.log.info)
+                locations = locations_from_context(context, run_config)
+                result = run_logical_backup(run_config, db, locations, log=context.log.info)
+        except dg.Failure as failure:
+            partial = failure.__cause__
+            if isinstance(partial, PartialBackup):  # say which copies exist and which don't
+                failure.metadata.update({
+                    "backup_id": dg.MetadataValue.text(partial.manifest.id),
+                    "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
+                    "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
+                })
+            raise
+        return dg.MaterializeResult(
+            metadata=backup_metadata(result.manifest, result.locations, result.compression_ratio),
+            data_version=dg.DataVersion(result.manifest.id),
+        )
+
+    return logical_backup
+
+
+def base_backup_key(db: str) -> dg.AssetKey:
+    return dg.AssetKey([db, "base_backup"])
+
+
+def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
+    @dg.asset(key=base_backup_key(db), deps=[database_key(db)], group_name=db, kinds={"postgres"},
+              description=f"Physical base backup of {db}: `pg_basebackup -Ft` streamed through "
+                          f"{config.compression.method} and {config.encryption.method} encryption to every location, "
+                          "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
+              required_resource_keys={"dr", *storage_resource_keys(config)}, pool=f"pg_{db}")
+    def base_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        with domain_failures():
+            cfg = context.resources.dr.load()
+            result = run_base_backup(cfg, db, locations_from_context(context, cfg), log=context.log.info)
+        m = result.manifest
+        return dg.MaterializeResult(metadata={
+            "backup_id": m.id, "size_bytes": m.size_bytes, "uncompressed_bytes": m.uncompressed_bytes,
+            "duration_s": m.duration_s, "compression_ratio": result.compression_ratio,
+            "sha256": m.objects[0].sha256, "locations": ", ".join(result.locations),
+            "start_lsn": m.extra["start_lsn"], "stop_lsn": m.extra["stop_lsn"], "timeline": m.extra["timeline"],
+            "wal_start": m.extra["wal_start"], "wal_stop": m.extra["wal_stop"],
+            "created_at": dg.MetadataValue.timestamp(m.created_at)}, data_version=dg.DataVersion(m.id))
+
+    return base_backup

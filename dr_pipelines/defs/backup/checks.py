@@ -1,0 +1,83 @@
+"""Asset checks on `DB/logical_backup`, computed from the repository by `core.health`.
+
+Which are blocking, and why:
+  - integrity is BLOCKING: it runs right after each backup; an object that cannot be read back with
+    its checksum is not a backup, so the run fails (and the run-failure alert fires) instead of
+    leaving a green run over an unrestorable copy, and nothing downstream in the run proceeds.
+  - freshness, replication and last-attempt are not blocking: they describe the repository over
+    time (they are evaluated by the `dr_health_checks` schedule, not only after a backup), and
+    the failed-check sensor alerts on them.
+  - size anomaly is a WARNING and not blocking: purges and bulk loads change sizes legitimately;
+    a person decides, the backup itself is fine.
+"""
+
+from datetime import datetime, timezone
+from typing import Callable
+
+import dagster as dg
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.monitoring import health
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.defs.backup.assets import logical_backup_key
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+
+SEVERITY = {health.ERROR: dg.AssetCheckSeverity.ERROR, health.WARNING: dg.AssetCheckSeverity.WARN}
+
+
+def check_result(outcome: health.Outcome) -> dg.AssetCheckResult:
+    md = {}
+    for k, v in outcome.metadata.items():
+        md[k] = dg.MetadataValue.md(v) if k.endswith("_table") else v
+    return dg.AssetCheckResult(passed=outcome.passed, severity=SEVERITY[outcome.severity],
+                               description=outcome.description, metadata=md)
+
+
+def _evaluate(kind: str, cfg: DrConfig, db: str, locations) -> health.Outcome:
+    catalog = load_catalog(locations.values(), db, "logical")
+    if kind == health.FRESHNESS:
+        return health.check_freshness(cfg, db, catalog, datetime.now(timezone.utc))
+    if kind == health.SIZE:
+        tests = load_reports(locations, db, "restore_test")
+        return health.check_size(cfg, db, catalog, health.failed_restore_tests(tests))
+    if kind == health.REPLICATION:
+        return health.check_replication(cfg, db, catalog)
+    if kind == health.INTEGRITY:
+        return health.check_integrity(cfg, db, catalog, locations)
+    if kind == health.LAST_ATTEMPT:
+        from dr_pipelines.core.backup.attempts import ATTEMPTS
+
+        return health.check_last_attempt(db, load_reports(locations, db, ATTEMPTS))
+    raise ValueError(kind)
+
+
+CHECKS: dict[str, tuple[bool, str]] = {  # name -> (blocking, description)
+    health.FRESHNESS: (False, "The newest backup in the repository is younger than the database's limit."),
+    health.SIZE: (False, "The newest backup's size is within the tolerance of the rolling mean of recent good ones."),
+    health.REPLICATION: (False, "The newest backup exists on every configured location."),
+    health.INTEGRITY: (True, "Every object of the newest backup reads back from every location with its SHA-256."),
+    health.LAST_ATTEMPT: (False, "The most recent backup attempt succeeded."),
+}
+
+
+def build_backup_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition]:
+    key = logical_backup_key(db)
+
+    def make(name: str, blocking: bool, description: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=key, name=name, blocking=blocking, description=description,
+                        required_resource_keys={"dr", *storage_resource_keys(config)})
+        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            with domain_failures():
+                cfg = context.resources.dr.load()
+                outcome = _evaluate(name, cfg, db, locations_from_context(context, cfg))
+            return check_result(outcome)
+
+        return _check
+
+    return [make(name, blocking, description) for name, (blocking, description) in CHECKS.items()]
+
+
+def check_selection(config: DrConfig, include: Callable[[str], bool]) -> dg.AssetSelection:
+    return dg.AssetSelection.checks(*[dg.AssetCheckKey(logical_backup_key(db), name)
+                                      for db in config.databases for name in CHECKS if include(name)])

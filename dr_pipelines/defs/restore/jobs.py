@@ -1,0 +1,251 @@
+"""`restore_database`: the full database restore scenario (SoundHash "Database corruption",
+SongNodes "Complete database loss"), as a job of ops the operator launches from the Launchpad.
+
+choose_backup -> restore_to_staging (fetch, verify, decrypt, decompress and pg_restore in one
+stream, then indexes in parallel) -> validate_restore -> stop_application -> swap_database
+-> start_application -> health_checks -> restore_report
+
+The restore goes into a staging database and is validated there, so the application is stopped
+only for the swap, and a failure anywhere before the swap leaves the target untouched.
+"""
+
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from dr_pipelines.core.config import DatabaseConfig, DrConfig
+from dr_pipelines.core.postgres.client import connect
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.restore.app_hooks import run_hooks, wait_healthy
+from dr_pipelines.core.restore.load import restore_into, scratch_path
+from dr_pipelines.core.restore.report import (
+    RestoreReport,
+    describe_backup,
+    store_report,
+)
+from dr_pipelines.core.restore.request import RestoreRequest, ValidationFailed
+from dr_pipelines.core.restore.target import (
+    TargetPlan,
+    drop_database,
+    plan_target,
+    swap_in,
+)
+from dr_pipelines.core.restore.validation import diff_table, validate_database
+from dr_pipelines.defs.backup.assets import database_key
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from pydantic import Field
+
+
+class RestoreDatabaseConfig(dg.Config):
+    database: str = Field(description="Which configured database to restore (its name in the DR config).")
+    backup: str = Field(
+        default="latest",
+        description="`latest` (falls back to the previous valid backup if the newest fails verification), "
+        "a backup id (fails if that backup is unusable), or a path to a backup file on this host.")
+    location: Optional[str] = Field(
+        default=None, description="Read only this location. Default: the first location with a valid copy.")
+    target_database: Optional[str] = Field(
+        default=None, description="Database to restore into. Default: the configured one (the source).")
+    clean: bool = Field(
+        default=False, description="Replace an existing, non-empty target (it is kept, renamed). Needs `confirm`.")
+    confirm: Optional[str] = Field(
+        default=None, description="Type the target database's name here to confirm replacing it.")
+    schema_only: bool = Field(default=False, description="Restore the schema only (no rows).")
+    data_only: bool = Field(default=False, description="Load rows into the existing schema of the target.")
+    jobs: int = Field(default=2, description="Parallel pg_restore jobs.")
+    no_owner: bool = Field(default=False, description="Don't restore object ownership (pg_restore --no-owner).")
+    keep_previous: bool = Field(default=True, description="Keep the replaced database, renamed *__pre_restore_*.")
+
+    def request(self) -> RestoreRequest:
+        from_file = os.sep in self.backup or self.backup.startswith("~")
+        return RestoreRequest(
+            database=self.database, backup=os.path.expanduser(self.backup), from_file=from_file,
+            location=self.location, target=self.target_database, clean=self.clean, confirm=self.confirm,
+            schema_only=self.schema_only, data_only=self.data_only, jobs=self.jobs, no_owner=self.no_owner,
+            keep_previous=self.keep_previous)
+
+
+def _log(context):
+    return context.log.info
+
+
+def _config(context) -> DrConfig:
+    return context.resources.dr.load()
+
+
+def _unpack(context, state: dict) -> tuple[DrConfig, RestoreRequest, TargetPlan, DatabaseConfig]:
+    """The DR config, the request, the target plan and the database's config, for an op."""
+    cfg = _config(context)
+    request: RestoreRequest = state["request"]
+    return cfg, request, state["plan"], cfg.database(request.database)
+
+
+def _plaintext_dir(config: DrConfig, database: str, run_id: str) -> Path:
+    return scratch_path(config, database, run_id)
+
+
+@dg.failure_hook(required_resource_keys={"dr"})
+def remove_plaintext_on_failure(context: dg.HookContext) -> None:
+    """Whatever step failed, no plaintext dump stays behind on this host."""
+    config = context.resources.dr.load()
+    for db in config.databases:
+        shutil.rmtree(_plaintext_dir(config, db, context.run_id), ignore_errors=True)
+
+
+def build_restore_job(config: DrConfig) -> dg.JobDefinition:
+    resource_keys = {"dr", *storage_resource_keys(config)}
+
+    @dg.op(required_resource_keys=resource_keys, description="Check the request and the target (nothing is "
+           "touched yet) and find the backup in the repository.")
+    def choose_backup(context: dg.OpExecutionContext, config: RestoreDatabaseConfig) -> dict:
+        with domain_failures():
+            cfg = _config(context)
+            request = config.request()
+            started = datetime.now(timezone.utc)
+            plan = plan_target(cfg, request)
+            if not request.from_file:
+                catalog = load_catalog(locations_from_context(context, cfg, request.location).values(),
+                                       request.database, "logical")
+                entry = catalog.latest(request.database) if request.backup == "latest" else \
+                    catalog.find(request.database, request.backup)
+                context.log.info(f"backup {entry.id} ({entry.manifest.created_at:%Y-%m-%d %H:%M:%S} UTC) "
+                                 f"on {', '.join(entry.locations)}")
+        return {"request": request, "plan": plan, "started": started, "t0": time.time()}
+
+    @dg.op(required_resource_keys=resource_keys,
+           description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
+                       "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
+                       "after stopping the application). With restore_spool off, or too little free space, one "
+                       "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
+                       "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
+                       "on failure.")
+    def restore_to_staging(context: dg.OpExecutionContext, state: dict) -> dict:
+        cfg, request, plan, db = _unpack(context, state)
+        workdir = _plaintext_dir(cfg, request.database, context.run_id)
+        workdir.mkdir(mode=0o700)
+        try:
+            with domain_failures():
+                if plan.staging is None:  # data_only: rows go straight into the live target
+                    run_hooks(db.application.stop, db.application, "stop application", _log(context))
+                fetched, steps = restore_into(cfg, locations_from_context(context, cfg, request.location), request, db,
+                                              plan.staging or plan.target, workdir, plan.staging is not None,
+                                              _log(context))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if fetched.fallback_reasons:
+            context.log.warning(f"FALLBACK: the newest backup could not be used ({'; '.join(fetched.fallback_reasons)}); "
+                                f"restored {fetched.manifest.id} instead")
+        context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else request.backup,
+                                     "fallback": bool(fetched.fallback_reasons), **steps})
+        return {**state, "fetched": fetched, "steps": steps}
+
+    @dg.op(required_resource_keys={"dr"}, description="Row counts and schema against the manifest, the "
+           "database's own validation queries, and amcheck on indexes. A failure leaves the target untouched.")
+    def validate_restore(context: dg.OpExecutionContext, state: dict) -> dict:
+        cfg, request, plan, db = _unpack(context, state)
+        into = plan.staging or plan.target
+        t = time.time()
+        with domain_failures():
+            with connect(db, request.database, dbname=into, autocommit=True) as conn:
+                result = validate_database(conn, state["fetched"].manifest, db.validation,
+                                           compare_rows=not request.schema_only, compare_schema=not request.data_only)
+        context.add_output_metadata({"tables": result.tables, "rows": result.rows, "passed": result.passed,
+                                     "checks": dg.MetadataValue.json(result.checks)})
+        if not result.passed:
+            if plan.staging:
+                drop_database(db, request.database, plan.staging)
+            raise dg.Failure(
+                description=ValidationFailed(result).args[0] + (
+                    f" The target {plan.target!r} was not touched." if plan.staging else ""),
+                metadata={"table_diff": dg.MetadataValue.md(diff_table(result.table_diffs))} if result.table_diffs else {})
+        context.log.info(result.summary())
+        return {**state, "validation": result, "validate_s": round(time.time() - t, 3)}
+
+    @dg.op(required_resource_keys={"dr"}, description="Run the configured stop hooks (commands / HTTP calls).")
+    def stop_application(context: dg.OpExecutionContext, state: dict) -> dict:
+        _, _, plan, db = _unpack(context, state)
+        if plan.staging is None:
+            return state  # data_only stopped it before loading rows
+        with domain_failures():
+            run_hooks(db.application.stop, db.application, "stop application", _log(context))
+        return state
+
+    @dg.op(required_resource_keys={"dr"}, description="Swap the validated staging database into the target's "
+           "place; the replaced database is kept, renamed, unless keep_previous is false.")
+    def swap_database(context: dg.OpExecutionContext, state: dict) -> dict:
+        _, request, plan, db = _unpack(context, state)
+        previous = None
+        if plan.staging is not None:
+            with domain_failures():
+                previous = swap_in(db, request.database, plan, request.keep_previous, _log(context))
+        return {**state, "previous": previous}
+
+    @dg.op(required_resource_keys={"dr"}, description="Run the configured start hooks.")
+    def start_application(context: dg.OpExecutionContext, state: dict) -> dict:
+        _, _, _, db = _unpack(context, state)
+        with domain_failures():
+            run_hooks(db.application.start, db.application, "start application", _log(context))
+        return state
+
+    @dg.op(required_resource_keys={"dr"}, description="The configured health checks, retried until they pass.")
+    def health_checks(context: dg.OpExecutionContext, state: dict) -> dict:
+        _, _, _, db = _unpack(context, state)
+        with domain_failures():
+            wait_healthy(db.application, _log(context))
+        return state
+
+    @dg.op(required_resource_keys=resource_keys, description="Measured RTO, the data-loss window, the backup "
+           "used (and why, on fallback); stored in the repository and as run metadata.")
+    def restore_report(context: dg.OpExecutionContext, state: dict) -> dict:
+        cfg = _config(context)
+        request: RestoreRequest = state["request"]
+        started: datetime = state["started"]
+        report = RestoreReport(kind="restore", database=request.database, target=state["plan"].target,
+                               started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())
+        describe_backup(report, state["fetched"], started)
+        report.previous_database = state.get("previous")
+        report.validation = state["validation"].to_dict()
+        report.steps_s = {**state["steps"], "validate": state["validate_s"]}
+        report.rto_s = round(time.time() - state["t0"], 3)
+        report.passed = True
+        stored = store_report(locations_from_context(context, cfg), report, _log(context))
+        metadata = {
+            "backup_id": report.backup_id or state["request"].backup,  # a file without its manifest
+            "rto_s": report.rto_s,
+            "data_loss_window_s": report.data_loss_window_s if report.data_loss_window_s is not None else -1.0,
+            "fallback": report.fallback,
+            "target": report.target,
+            "previous_database": report.previous_database or "",
+            "tables": state["validation"].tables,
+            "rows": state["validation"].rows,
+            "report_stored_on": ", ".join(stored),
+        }
+        if report.fallback:
+            metadata["fallback_reasons"] = dg.MetadataValue.md("\n".join(f"- {r}" for r in report.fallback_reasons))
+        context.add_output_metadata(metadata)
+        context.log_event(dg.AssetObservation(asset_key=database_key(request.database), metadata={
+            "restored_from": report.backup_id or "file", "rto_s": report.rto_s}))
+        context.log.info(f"restore of {request.database} into {report.target} done: backup {report.backup_id}, "
+                         f"RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s"
+                         + (" (FALLBACK)" if report.fallback else ""))
+        return {"report": report}
+
+    @dg.job(
+        name="restore_database",
+        description="Full database restore from a logical backup: choose -> fetch + verify + decrypt + decompress + "
+                    "pg_restore into staging (streamed) -> validate -> stop app -> swap -> start app -> health "
+                    "checks -> report.",
+        executor_def=dg.in_process_executor,
+        hooks={remove_plaintext_on_failure},
+        tags={"dr/operation": "restore"},
+    )
+    def restore_database():
+        restore_report(health_checks(start_application(swap_database(stop_application(
+            validate_restore(restore_to_staging(choose_backup())))))))
+
+    return restore_database

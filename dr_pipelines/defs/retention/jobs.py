@@ -1,0 +1,59 @@
+"""`apply_retention`: the retention plan (a table in the run's metadata), then the removals."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.retention import (
+    apply_retention,
+    apply_tiering,
+    apply_wal_retention,
+    build_plan,
+    plan_table,
+)
+from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from pydantic import Field
+
+
+class RetentionRunConfig(dg.Config):
+    dry_run: bool = Field(default=False, description="Only print the plan; remove nothing.")
+
+
+def build_retention_job(config: DrConfig) -> dg.JobDefinition:
+    @dg.op(required_resource_keys={"dr", *storage_resource_keys(config)},
+           description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
+                       "newest restore-tested backup kept), then remove the rest: manifest first, then objects.")
+    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig) -> None:
+        with domain_failures():
+            cfg = context.resources.dr.load()
+            locations = locations_from_context(context, cfg)
+            plan = build_plan(cfg, locations, datetime.now(timezone.utc))
+        for p in plan.problems:
+            context.log.warning(p)
+        metadata = {
+            "plan": dg.MetadataValue.md(plan_table(plan.decisions)),
+            "backups": len(plan.decisions),
+            "removed": 0 if config.dry_run else len(plan.removed),
+            "would_remove": len(plan.removed),
+            "dry_run": config.dry_run,
+            "wal_files_to_remove": len(plan.wal),
+        }
+        if config.dry_run:
+            context.add_output_metadata(metadata)
+            return
+        removals = apply_retention(locations, plan.entries, plan.decisions, log=context.log.info)
+        moves = apply_tiering(cfg, locations, plan.entries, plan.decisions, log=context.log.info)
+        wal_errors = apply_wal_retention(locations, plan.wal, log=context.log.info)
+        context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in moves if not m.error])})
+        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals + moves if r.error] + wal_errors
+        if failed or plan.problems:
+            raise dg.Failure(description="retention incomplete: " + "; ".join(failed + plan.problems)
+                             + ". Fix the location and run apply_retention again; nothing kept was touched.")
+
+    @dg.job(name="apply_retention", description="Apply the retention policy to every location (dry_run to preview).",
+            tags={"dr/operation": "retention"})
+    def apply_retention_job():
+        plan_and_apply_retention()
+
+    return apply_retention_job

@@ -1,0 +1,50 @@
+"""The WAL archive as an observed asset, and the observer sensor that refreshes it."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.wal.archive import WalStatus, wal_status
+from dr_pipelines.defs.backup.assets import database_key
+from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+
+WAL_OBSERVER = "dr_wal_archive_observer"
+
+
+def wal_archive_key(db: str) -> dg.AssetKey:
+    return dg.AssetKey([db, "wal_archive"])
+
+
+def wal_archive_spec(config: DrConfig, db: str) -> dg.AssetSpec:
+    return dg.AssetSpec(wal_archive_key(db), deps=[database_key(db)], group_name=db, kinds={"postgres"},
+                        description=f"WAL of {db}, archived by PostgreSQL itself through `dr-pipelines wal-push`; "
+                                    f"observed by the {WAL_OBSERVER} sensor (newest segment, lag, gaps).")
+
+
+def current_wal_status(cfg: DrConfig, db: str, locations) -> WalStatus:
+    bases = load_catalog(locations.values(), db, "base").entries
+    return wal_status(cfg, db, locations, datetime.now(timezone.utc), [e.manifest.extra["wal_start"] for e in bases])
+
+
+def wal_metadata(s: WalStatus) -> dict:
+    return {"newest_segment": s.newest_segment or "", "segments": s.segments, "gaps": len(s.gaps),
+            "archive_lag_s": -1.0 if s.archive_lag_s is None else round(s.archive_lag_s, 1),
+            "failed_count": -1 if s.failed_count is None else s.failed_count}
+
+
+def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
+    @dg.sensor(name=WAL_OBSERVER, minimum_interval_seconds=config.schedules.sensor_interval_s, default_status=status,
+               required_resource_keys={"dr", *storage_resource_keys(config)},
+               description="Observes each WAL archive: newest segment, archive lag, gaps (plotted on the asset).")
+    def observe(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        cfg = context.resources.dr.load()
+        locations = locations_from_context(context, cfg)
+        events = []
+        for db in cfg.databases:
+            s = current_wal_status(cfg, db, locations)
+            if s.segments or s.failed_count:
+                events.append(dg.AssetObservation(asset_key=wal_archive_key(db), metadata=wal_metadata(s)))
+        return dg.SensorResult(asset_events=events, skip_reason=None if events else "no WAL archive yet")
+
+    return observe

@@ -1,0 +1,1 @@
+"""The embedded sandbox and the demo; nothing in core depends on it."""

@@ -1,0 +1,165 @@
+"""The embedded sandbox: what serves when no config file is given.
+
+A throwaway PostgreSQL cluster under the working directory (``.dr_sandbox/``) with the SoundHash
+tables and sample data, a local backup location beside it, and an age key pair made on first use,
+so `dagster dev` and `dr-pipelines demo` show a working system on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from dr_pipelines.core.config import DrConfig, parse_config
+from dr_pipelines.core.postgres.cluster import (
+    LocalCluster,
+    chown_to_postgres,
+    postgres_can_reach,
+)
+from dr_pipelines.sandbox.sample_data import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
+
+SANDBOX_DIR_ENV = "DR_PIPELINES_SANDBOX_DIR"
+
+
+SANDBOX_PORT_ENV = "DR_PIPELINES_SANDBOX_PORT"
+
+
+DEFAULT_PORT = 54329
+
+
+DATABASE = "soundhash"
+
+
+def sandbox_dir() -> Path:
+    return Path(os.environ.get(SANDBOX_DIR_ENV) or Path.cwd() / ".dr_sandbox").resolve()
+
+
+def sandbox_port() -> int:
+    return int(os.environ.get(SANDBOX_PORT_ENV) or DEFAULT_PORT)
+
+
+def _cluster_dir(base: Path) -> Path:
+    """The cluster lives in the sandbox unless the postgres user cannot reach it (e.g. under
+    /root); then under /var/tmp, named after the sandbox so two checkouts don't collide."""
+    base.mkdir(parents=True, exist_ok=True)
+    if postgres_can_reach(base):
+        return base / "pgdata"
+    tag = hashlib.sha256(str(base).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"dr-pipelines-sandbox-{tag}" / "pgdata"
+
+
+def _identity_file(base: Path) -> Path:
+    return base / "age-identity.txt"
+
+
+def _ensure_age_key(base: Path) -> str:
+    """The sandbox's age key pair: the identity stays in a 0600 file, the config names the recipient."""
+    import pyrage
+
+    path = _identity_file(base)
+    if not path.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        ident = pyrage.x25519.Identity.generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# public key: {ident.to_public()}\n{ident}\n")
+    for line in path.read_text().splitlines():
+        if line.startswith("# public key: "):
+            return line.removeprefix("# public key: ").strip()
+    raise RuntimeError(f"{path} has no '# public key:' line; delete it to make a new sandbox key")
+
+
+def sandbox_config() -> DrConfig:
+    base = sandbox_dir()
+    recipient = _ensure_age_key(base)
+    data = {
+        "databases": {
+            DATABASE: {
+                "host": "127.0.0.1",
+                "port": sandbox_port(),
+                "user": "postgres",
+                "dbname": DATABASE,
+                "objectives": {"rpo": "6h", "rto": "1h"},
+                "pgdata": str(_cluster_dir(base)),
+            }
+        },
+        "locations": {"local": {"type": "local", "path": str(base / "backups")}},
+        "encryption": {"method": "age", "recipients": [recipient], "identity_file": str(_identity_file(base))},
+        "compression": {"method": "zstd", "level": 3},
+        "schedules": {"running": False},
+    }
+    return parse_config(data, source="the embedded sandbox", base_dir=base, sandbox=True)
+
+
+def sandbox_cluster(config: DrConfig | None = None) -> LocalCluster:
+    config = config or sandbox_config()
+    db = config.databases[DATABASE]
+    return LocalCluster(Path(db.pgdata), db.port)
+
+
+def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCluster:
+    """Create (first time) and start the sandbox cluster; idempotent."""
+    import psycopg
+
+    cluster = sandbox_cluster(config)
+    ready = cluster.data_dir.parent / ".sandbox-ready"
+    if not ready.exists():
+        if cluster.data_dir.exists():  # a creation that was interrupted: start over
+            cluster.remove()
+        log(f"creating the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
+        cluster.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        chown_to_postgres(cluster.data_dir.parent)
+        cluster.initdb({"fsync": "off", "shared_buffers": "'128MB'", **archive_settings(config or sandbox_config(), log)})
+        cluster.start()
+        with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {DATABASE}")
+        with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname=DATABASE) as conn:
+            conn.execute(SAMPLE_SCHEMA)
+            for statement in SAMPLE_DATA:
+                conn.execute(statement, SAMPLE_SIZES)
+        ready.touch()
+        log("sandbox database 'soundhash' loaded with sample channels, videos and fingerprints")
+    elif not cluster.is_running():
+        log(f"starting the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
+        cluster.start()
+    return cluster
+
+
+def sandbox_config_file(config: DrConfig) -> Path:
+    """The sandbox's config as a file PostgreSQL's archive_command and restore_command (run as the
+    postgres user) can read; the same settings the embedded sandbox uses."""
+    import yaml
+
+    base = sandbox_dir()
+    path = base / "sandbox.yaml"
+    data = config.model_dump(mode="json", exclude={"base_dir", "sandbox"}, exclude_defaults=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.chmod(0o644)
+    return path
+
+
+def archive_settings(config: DrConfig, log=print) -> dict[str, str]:
+    """WAL archiving through our command, when the postgres user can run it and reach the sandbox;
+    otherwise none (the demo then skips point-in-time recovery and says why)."""
+    import sys
+
+    from dr_pipelines.core.wal.archive import wal_prefix
+    from dr_pipelines.core.wal.pg_config import postgresql_conf_lines
+
+    base = sandbox_dir()
+    location = Path(config.locations["local"].path)
+    exe = Path(sys.executable).parent / "dr-pipelines"
+    if not (postgres_can_reach(base) and postgres_can_reach(exe.parent)):
+        log(f"note: the postgres user cannot reach {base} or {exe.parent}; the sandbox will not archive WAL "
+            "(point-in-time recovery is skipped)")
+        return {}
+    wal_dir = location / wal_prefix(DATABASE)
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    for p in (location, location / DATABASE, wal_dir):
+        chown_to_postgres(p)
+    identity = _identity_file(base)
+    chown_to_postgres(identity)  # restore_command decrypts WAL as the postgres user (root still reads it)
+    lines = postgresql_conf_lines(config, DATABASE, str(sandbox_config_file(config)))
+    return dict(ln.split(" = ", 1) for ln in lines if not ln.startswith("#"))
