@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         pass  # the normal way
 
     args = build_parser().parse_args(argv)
-    from dr_pipelines.core.errors import exit_code_for, user_message
+    from dr_pipelines.core.errors import exit_code_for
 
     try:
         return args.func(args)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code_for(e)
         if code is None:
             raise
-        err(user_message(e))
+        err(str(e))
         return code
 
 

@@ -7,6 +7,7 @@ and bad values are errors that name the key (``ConfigError``).
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import UsageError
 import os
 import re
 from datetime import datetime, timedelta
@@ -35,7 +36,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration problem; the message names the key and says what to do."""
 
 

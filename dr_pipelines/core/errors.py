@@ -1,43 +1,29 @@
-"""How the command line reports the failures the domain layer names (no traceback for them)."""
+"""One error tree for the whole product: every failure the domain can name is a `DrError`.
+
+The command line prints a `DrError`'s message (no traceback) and exits with its `exit_code`; the
+Dagster layer turns it into a `dg.Failure` with the same message. Anything else is a bug and keeps
+its full stack trace. The exit code comes from the class (isinstance), never from its name.
+"""
 
 from __future__ import annotations
 
 
-class RunFailed(RuntimeError):
+class DrError(Exception):
+    """A failure the product names: the message says what happened and what to do."""
+
+    exit_code = 1
+
+
+class UsageError(DrError):
+    """The request itself is wrong (bad config, bad arguments): fix it and run again."""
+
+    exit_code = 2
+
+
+class RunFailed(DrError):
     """A job run from the shell failed; the message is the failing step's own."""
 
 
-# (module, exception class, exit code). Only modules already imported are looked at: an exception
-# can't come from a module nobody loaded, and `wal-push` must not pay for importing pandas to fail.
-_KNOWN = [
-    ("dr_pipelines.core.config", "ConfigError", 2),
-    ("dr_pipelines.core.postgres", "DatabaseUnreachable", 1),
-    ("dr_pipelines.core.postgres", "ToolMissing", 1),
-    ("dr_pipelines.core.cluster", "ClusterError", 1),
-    ("dr_pipelines.core.logical_backup", "BackupFailed", 1),
-    ("dr_pipelines.core.logical_backup", "PartialBackup", 1),
-    ("dr_pipelines.core.repository", "BackupNotFound", 1),
-    ("dr_pipelines.core.storage", "LocationError", 1),
-    ("dr_pipelines.core.streams", "AllTargetsFailed", 1),
-    ("dr_pipelines.core.logical_restore", "RestoreError", 1),
-    ("dr_pipelines.core.app_hooks", "HookFailed", 1),
-    ("dr_pipelines.core.metrics", "MetricsError", 1),
-    ("dr_pipelines.core.wal", "WalError", 1),
-    ("dr_pipelines.core.wal", "WalNotFound", 1),
-    ("dr_pipelines.core.pitr", "PitrError", 1),
-    (__name__, "RunFailed", 1),
-]
-
-
 def exit_code_for(exc: BaseException) -> int | None:
-    import sys
-
-    for module, name, code in _KNOWN:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(exc, cls):
-            return code
-    return None
-
-
-def user_message(exc: BaseException) -> str:
-    return str(exc)
+    """The exit code for a named failure; None for a bug (which keeps its traceback)."""
+    return exc.exit_code if isinstance(exc, DrError) else None

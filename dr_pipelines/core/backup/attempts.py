@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.log import Log
 import json
 from dataclasses import dataclass
@@ -19,11 +20,11 @@ from dr_pipelines.core.storage.base import Location
 
 
 
-class BackupFailed(RuntimeError):
+class BackupFailed(DrError):
     pass
 
 
-class PartialBackup(RuntimeError):
+class PartialBackup(DrError):
     """Some locations hold the backup, others failed: the backup exists, the run must still fail."""
 
     def __init__(self, manifest: Manifest, committed: list[str], failed: dict[str, str]):

@@ -4,6 +4,7 @@ in-process otherwise. A copy that cannot be decoded raises DecodeFailed; a full 
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import errno
 import hashlib
 import os
@@ -18,13 +19,8 @@ from typing import BinaryIO
 import pyrage
 import zstandard
 from dr_pipelines.core.codec.methods import CHUNK
-from dr_pipelines.core.restore.request import RestoreError
 
 # --------------------------------------------------------------------------- restore direction
-
-
-class ChecksumMismatch(RuntimeError):
-    pass
 
 
 class HashingReader:
@@ -42,7 +38,11 @@ class HashingReader:
         return data
 
 
-class OutputFull(RestoreError):
+class DecodeError(DrError):
+    """The stored bytes could not be turned back into the plain ones."""
+
+
+class OutputFull(DecodeError):
     """The decoded backup could not be written (a full disk): not the backup's fault."""
 
 
@@ -103,7 +103,7 @@ def _sink(method: str, out):
     return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
 
 
-class DecodeFailed(RuntimeError):
+class DecodeFailed(DecodeError):
     def __init__(self, stage: str, detail: str):
         super().__init__(f"cannot {stage} ({detail})")
         self.stage = stage
@@ -245,7 +245,7 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
         tool, detail = failures[0]
         raise DecodeFailed("decrypt" if tool == "age" else "decompress", detail)
     if any(p.returncode for p in procs):  # only broken pipes: whoever read the output stopped reading
-        raise RestoreError("the reader of the decoded backup stopped before the end (see its own error)")
+        raise DecodeError("the reader of the decoded backup stopped before the end (see its own error)")
 
 
 def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:

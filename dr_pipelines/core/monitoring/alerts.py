@@ -8,9 +8,9 @@ nothing, and a channel that was down gets the message on a later tick.
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Callable, Protocol
 
 import requests
@@ -47,7 +47,7 @@ class Channel(Protocol):
     def send(self, action: str, alert: Alert) -> None: ...
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(DrError):
     pass
 
 
@@ -135,10 +135,6 @@ def channels_from_config(config: DrConfig) -> tuple[list[Channel], list[str]]:
         except ConfigError as e:
             broken.append(str(e))
     return out, broken
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class IncidentBook:

@@ -6,6 +6,7 @@ Names follow the SongNodes monitoring section (`backup_age_hours`, `backup_size_
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import re
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from prometheus_client import (
 )
 
 
-class MetricsError(RuntimeError):
+class MetricsError(DrError):
     pass
 
 

@@ -11,6 +11,7 @@ the RTO. A missing WAL segment is reported with the last reachable point, never 
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.log import Log
 import re
 import shutil
@@ -43,7 +44,7 @@ from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
 
 
 
-class PitrError(RuntimeError):
+class PitrError(DrError):
     pass
 
 

@@ -5,6 +5,7 @@ Passwords travel in libpq environment variables (PGPASSWORD), never in argv.
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import hashlib
 import os
 import re
@@ -20,11 +21,11 @@ from psycopg import sql
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-class DatabaseUnreachable(RuntimeError):
+class DatabaseUnreachable(DrError):
     pass
 
 
-class ToolMissing(RuntimeError):
+class ToolMissing(DrError):
     pass
 
 

@@ -5,6 +5,7 @@ Used by the embedded sandbox, by restore drills and by the tests.
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import os
 import pwd
 import shutil
@@ -18,7 +19,7 @@ from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
 POSTGRES_USER = "postgres"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(DrError):
     pass
 
 

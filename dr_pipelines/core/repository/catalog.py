@@ -11,6 +11,7 @@ Listing, choosing and verifying work from any one location alone, with no Dagste
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import difflib
 import hashlib
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ def hash_object(location: Location, key: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-class BackupNotFound(LookupError):
+class BackupNotFound(DrError, LookupError):
     pass
 
 

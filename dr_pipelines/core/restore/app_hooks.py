@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from dr_pipelines.core.config import (
 )
 
 
-class HookFailed(RuntimeError):
+class HookFailed(DrError):
     pass
 
 

@@ -15,7 +15,7 @@ from dr_pipelines.core.codec.decode import OutputFull
 from dr_pipelines.core.config import DatabaseConfig, DrConfig
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.fetch import Fetched, fetch_and_load
-from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
+from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.storage.base import Location
 from dr_pipelines.core.restore.pg_restore import PlaintextSpool, RestoreSink, spool_fits, create_database, load_spooled, run_post_data
@@ -80,7 +80,7 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
             steps["fetch_and_load"] = round(time.monotonic() - t0, 3)
             steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
                                                      sink.major, log), 3)
-    except RestoreError:
+    except BaseException:  # whatever stopped it, no half-loaded database stays behind
         if created:
             drop_database(server, request.database, dbname)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 from dataclasses import dataclass
 
 from dr_pipelines.core.config import ConfigError
@@ -10,7 +11,7 @@ from dr_pipelines.core.restore.validation import ValidationResult
 NAME_MAX = 63  # PostgreSQL identifiers
 
 
-class RestoreError(RuntimeError):
+class RestoreError(DrError):
     pass
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Iterator, Protocol
 
 
-class LocationError(RuntimeError):
+class LocationError(DrError):
     """A location could not be read or written; the message names the location."""
 
     def __init__(self, location: str, message: str):

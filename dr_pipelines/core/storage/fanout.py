@@ -5,6 +5,7 @@ is written to disk in plaintext."""
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import hashlib
 import queue
 import threading
@@ -25,12 +26,6 @@ _STOP = object()
 
 
 # --------------------------------------------------------------------------- fan-out
-
-
-@dataclass
-class TargetOutcome:
-    location: str
-    error: str | None = None
 
 
 class _Target:
@@ -69,7 +64,7 @@ class _Target:
             self.queue.put(chunk)
 
 
-class AllTargetsFailed(RuntimeError):
+class AllTargetsFailed(DrError):
     pass
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.errors import DrError
 import gzip
 import hashlib
 import json
@@ -26,7 +27,7 @@ from dr_pipelines.core.storage.base import Location, LocationError, ObjectNotFou
 CLUSTER = "cluster.json"
 
 
-class WalError(RuntimeError):
+class WalError(DrError):
     """wal-push failed: PostgreSQL keeps the file and retries; nothing archived was changed."""
 
 
@@ -34,11 +35,11 @@ class WalRefused(WalError):
     """The file must not be archived here (another cluster, or different content under a known name)."""
 
 
-class WalNotFound(LookupError):
+class WalNotFound(WalError, LookupError):
     """The file exists on no location: the only case restore_command may exit 1."""
 
 
-class WalFetchAborted(RuntimeError):
+class WalFetchAborted(WalError):
     """Transient errors or only corrupt copies: recovery must stop rather than end early."""
 
 
