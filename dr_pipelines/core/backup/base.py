@@ -23,7 +23,8 @@ from dr_pipelines.core.backup.attempts import (
     commit_manifest,
     record_attempt,
 )
-from dr_pipelines.core.codec.encode import CountingReader, object_suffix
+from dr_pipelines.core.codec.encode import CountingReader
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.codec.keys import recipient_fingerprints
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.postgres.client import (
@@ -195,7 +196,7 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
         raise BackupFailed(f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
                            f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL")
     tool = pg_tool("pg_basebackup", db, facts["server_major"])
-    name = "base.tar" + object_suffix(config.compression, config.encryption)
+    name = "base.tar" + object_suffix(config.compression.method, config.encryption.method)
     key = f"{database}/base/{backup_id}/{name}"
     log(f"base backup {backup_id}: pg_basebackup of {db.host}:{db.port} -> "
         + ", ".join(loc.url(key) for loc in locations.values()))

@@ -21,7 +21,8 @@ from dr_pipelines.core.backup.attempts import (
     commit_manifest,
     record_attempt,
 )
-from dr_pipelines.core.codec.encode import CountingReader, object_suffix
+from dr_pipelines.core.codec.encode import CountingReader
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.codec.keys import recipient_fingerprints
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.postgres.client import (
@@ -67,7 +68,7 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
     try:
         facts = server_facts(session.conn)
         pg_dump = pg_tool("pg_dump", db, facts["server_major"])
-        name = "dump.pgdump" + object_suffix(config.compression, config.encryption)
+        name = "dump.pgdump" + object_suffix(config.compression.method, config.encryption.method)
         key = f"{database}/logical/{backup_id}/{name}"
         log(f"backup {backup_id}: pg_dump of {db.dbname} on {db.host}:{db.port} -> "
             + ", ".join(loc.url(key) for loc in locations.values()))

@@ -12,13 +12,11 @@ import shutil
 import signal
 import subprocess
 import threading
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
 import pyrage
-import zstandard
-from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.codec.methods import CHUNK, COMPRESSION, ENCRYPTION
 
 # --------------------------------------------------------------------------- restore direction
 
@@ -49,60 +47,6 @@ class OutputFull(DecodeError):
 # --------------------------------------------------------------------------- decoding
 
 
-class _ZstdSink:
-    def __init__(self, out):
-        self._out = out
-        self._z = zstandard.ZstdDecompressor().decompressobj()
-
-    def write(self, data) -> int:
-        self._out.write(self._z.decompress(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if not self._z.eof:
-            raise zstandard.ZstdError("zstd stream is truncated")
-
-
-class _GzipSink:
-    def __init__(self, out):
-        self._out = out
-        self._z = zlib.decompressobj(wbits=31)
-
-    def write(self, data) -> int:
-        self._out.write(self._z.decompress(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._out.write(self._z.flush())
-        if not self._z.eof:
-            raise zlib.error("gzip stream is truncated")
-
-
-class _PlainSink:
-    def __init__(self, out):
-        self._out = out
-
-    def write(self, data) -> int:
-        self._out.write(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _sink(method: str, out):
-    return {"zstd": _ZstdSink, "gzip": _GzipSink, "none": _PlainSink}[method](out)
-
-
 class DecodeFailed(DecodeError):
     def __init__(self, stage: str, detail: str):
         super().__init__(f"cannot {stage} ({detail})")
@@ -111,13 +55,8 @@ class DecodeFailed(DecodeError):
 
 def _decoder_commands(compression: str, encrypted: bool) -> list[list[str]] | None:
     """age and zstd/gzip as processes, when installed; None: decode in-process instead."""
-    cmds = []
-    if encrypted:
-        cmds.append(["age", "--decrypt", "--identity"])  # + the identity pipe, added by the caller
-    if compression == "zstd":
-        cmds.append(["zstd", "--decompress", "--quiet", "--stdout"])
-    elif compression == "gzip":
-        cmds.append(["gzip", "--decompress", "--stdout"])
+    tools = [ENCRYPTION["age"].tool if encrypted else None, COMPRESSION[compression].tool]
+    cmds = [list(tool) for tool in tools if tool]  # age's identity pipe is added by the caller
     for cmd in cmds:
         found = shutil.which(cmd[0])
         if found is None:
@@ -127,7 +66,8 @@ def _decoder_commands(compression: str, encrypted: bool) -> list[list[str]] | No
 
 
 def _decode_in_process(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
-    sink = _sink(compression, out)
+    method = COMPRESSION[compression]
+    sink = method.sink(out)
     try:
         if encrypted:
             pyrage.decrypt_io(src, sink, identities)
@@ -137,7 +77,7 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
         sink.close()
     except pyrage.DecryptError as e:
         raise DecodeFailed("decrypt", str(e)) from None
-    except (zstandard.ZstdError, zlib.error) as e:
+    except method.errors as e:
         raise DecodeFailed("decompress", str(e)) from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -259,3 +199,20 @@ def decode_into(src, out, compression: str, encrypted: bool, identities: list | 
     else:  # neither encrypted nor compressed
         while chunk := src.read(CHUNK):
             out.write(chunk)
+
+
+def decode_bytes(data: bytes, compression: str, encryption: str, identities: list | None) -> bytes:
+    """A whole stored buffer (a WAL segment) back to its plain bytes. Raises DecodeFailed."""
+    if encryption == "age":
+        if not identities:
+            raise DecodeFailed("decrypt", "the object is age-encrypted and no identity is configured "
+                                          "(encryption.identity_file or identity_file_env)")
+        try:
+            data = pyrage.decrypt(data, identities)
+        except pyrage.DecryptError as e:
+            raise DecodeFailed("decrypt", str(e)) from None
+    method = COMPRESSION[compression]
+    try:
+        return method.decompress(data)
+    except method.errors as e:
+        raise DecodeFailed("decompress", str(e)) from None

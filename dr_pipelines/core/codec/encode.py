@@ -2,45 +2,10 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import BinaryIO
 
-import zstandard
-from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.codec.methods import COMPRESSION
 from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
-
-
-def object_suffix(compression: CompressionConfig, encryption: EncryptionConfig) -> str:
-    """File-name suffix saying how to decode the object by hand (.zst, .gz, .age)."""
-    suffix = {"zstd": ".zst", "gzip": ".gz", "none": ""}[compression.method]
-    return suffix + (".age" if encryption.method == "age" else "")
-
-
-# --------------------------------------------------------------------------- readers
-
-
-class _GzipReader:
-    """A file-like that gzip-compresses `src` (gzip container, so `gunzip` reads it)."""
-
-    def __init__(self, src: BinaryIO, level: int):
-        self._src = src
-        self._z = zlib.compressobj(level, zlib.DEFLATED, 31)
-        self._buf = b""
-        self._eof = False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._buf) < size):
-            data = self._src.read(CHUNK)
-            if data:
-                self._buf += self._z.compress(data)
-            else:
-                self._buf += self._z.flush()
-                self._eof = True
-        if size < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
-        return out
 
 
 class CountingReader:
@@ -62,10 +27,16 @@ class CountingReader:
 
 
 def compressing_reader(src: BinaryIO, compression: CompressionConfig) -> BinaryIO:
-    if compression.method == "zstd":
-        threads = compression.threads or -1  # -1: one worker per core; the GIL is released
-        cctx = zstandard.ZstdCompressor(level=compression.level, threads=threads)
-        return cctx.stream_reader(src, read_size=CHUNK, closefd=False)
-    if compression.method == "gzip":
-        return _GzipReader(src, compression.level)
-    return src
+    return COMPRESSION[compression.method].stream(src, compression.level, compression.threads)
+
+
+def encode_bytes(data: bytes, compression: CompressionConfig, encryption: EncryptionConfig) -> bytes:
+    """A whole buffer (a WAL segment) compressed and encrypted, as the streams would."""
+    data = COMPRESSION[compression.method].compress(data, compression.level)
+    if encryption.method == "age":
+        import pyrage  # lazily: wal-push pays for it only when encrypting
+
+        from dr_pipelines.core.codec.keys import age_recipients
+
+        data = pyrage.encrypt(data, age_recipients(encryption))
+    return data

@@ -1,6 +1,150 @@
-"""The one table of compression and encryption methods: suffix, streaming encoder, decode sink,
-decoding tool, whole-buffer encode and decode. Adding a method touches this file (and the config's Literal)."""
+"""The one table of compression and encryption methods.
+
+Each compression method says its file suffix, how to compress a stream (constant memory), how to
+decompress into a sink, which tool decodes it by hand, and how to (de)compress a whole buffer (WAL
+segments). Each encryption method says its suffix and its decoding tool. Adding a method touches
+this file (and the config's `Literal` of method names), nothing else.
+"""
 
 from __future__ import annotations
 
+import gzip
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Protocol
+
+import zstandard
+
 CHUNK = 1 << 20
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int | None: ...
+
+
+class _GzipReader:
+    """A file-like that gzip-compresses `src` (gzip container, so `gunzip` reads it)."""
+
+    def __init__(self, src: BinaryIO, level: int):
+        self._src = src
+        self._z = zlib.compressobj(level, zlib.DEFLATED, 31)
+        self._buf = b""
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._eof and (size < 0 or len(self._buf) < size):
+            data = self._src.read(CHUNK)
+            if data:
+                self._buf += self._z.compress(data)
+            else:
+                self._buf += self._z.flush()
+                self._eof = True
+        if size < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+class Sink:
+    """A writable that decodes what it is given into `out`; `close` says whether the stream was whole."""
+
+    def __init__(self, out: Writable):
+        self._out = out
+
+    def write(self, data) -> int:
+        self._out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _ZstdSink(Sink):
+    def __init__(self, out: Writable):
+        super().__init__(out)
+        self._z = zstandard.ZstdDecompressor().decompressobj()
+
+    def write(self, data) -> int:
+        self._out.write(self._z.decompress(data))
+        return len(data)
+
+    def close(self) -> None:
+        if not self._z.eof:
+            raise zstandard.ZstdError("zstd stream is truncated")
+
+
+class _GzipSink(Sink):
+    def __init__(self, out: Writable):
+        super().__init__(out)
+        self._z = zlib.decompressobj(wbits=31)
+
+    def write(self, data) -> int:
+        self._out.write(self._z.decompress(data))
+        return len(data)
+
+    def close(self) -> None:
+        self._out.write(self._z.flush())
+        if not self._z.eof:
+            raise zlib.error("gzip stream is truncated")
+
+
+def _zstd_stream(src: BinaryIO, level: int, threads: int) -> BinaryIO:
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads or -1)  # -1: one worker per core (no GIL)
+    return cctx.stream_reader(src, read_size=CHUNK, closefd=False)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Compression:
+    method: str
+    suffix: str
+    tool: tuple[str, ...] | None  # decompresses stdin to stdout; None: nothing to undo
+    stream: Callable[[BinaryIO, int, int], BinaryIO]  # (source, level, threads) -> compressed reader
+    sink: Callable[[Writable], Sink]
+    compress: Callable[[bytes, int], bytes]
+    decompress: Callable[[bytes], bytes]
+    errors: tuple[type[Exception], ...] = ()  # what a corrupt stream raises
+
+
+COMPRESSION: dict[str, Compression] = {
+    "zstd": Compression(
+        "zstd", ".zst", ("zstd", "--decompress", "--quiet", "--stdout"), _zstd_stream, _ZstdSink,
+        lambda data, level: zstandard.ZstdCompressor(level=level).compress(data),
+        lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31),
+        (zstandard.ZstdError,)),
+    "gzip": Compression(
+        "gzip", ".gz", ("gzip", "--decompress", "--stdout"), lambda src, level, _threads: _GzipReader(src, level),
+        _GzipSink, lambda data, level: gzip.compress(data, compresslevel=level, mtime=0), gzip.decompress,
+        (zlib.error, gzip.BadGzipFile, EOFError)),
+    "none": Compression("none", "", None, lambda src, _level, _threads: src, Sink, lambda data, _level: data,
+                        lambda data: data),
+}
+
+
+@dataclass(frozen=True)
+class Encryption:
+    method: str
+    suffix: str
+    tool: tuple[str, ...] | None  # decrypts stdin to stdout given an identity file argument
+
+
+ENCRYPTION: dict[str, Encryption] = {
+    "age": Encryption("age", ".age", ("age", "--decrypt", "--identity")),
+    "none": Encryption("none", "", None),
+}
+
+
+def object_suffix(compression: str, encryption: str) -> str:
+    """File-name suffix saying how to decode an object by hand (.zst, .gz, .age)."""
+    return COMPRESSION[compression].suffix + ENCRYPTION[encryption].suffix
+
+
+def methods_from_name(name: str) -> tuple[str, str]:
+    """(compression, encryption) from an object's file name, e.g. dump.pgdump.zst.age."""
+    encryption = next((m for m, e in ENCRYPTION.items() if e.suffix and name.endswith(e.suffix)), "none")
+    rest = name.removesuffix(ENCRYPTION[encryption].suffix)
+    compression = next((m for m, c in COMPRESSION.items() if c.suffix and rest.endswith(c.suffix)), "none")
+    return compression, encryption

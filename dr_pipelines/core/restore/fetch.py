@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dr_pipelines.core.codec.decode import DecodeFailed, HashingReader, decode_into
 from dr_pipelines.core.codec.keys import identity_fingerprints, load_identities
-from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.codec.methods import CHUNK, methods_from_name
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.repository.catalog import Catalog, CatalogEntry, load_catalog
 from dr_pipelines.core.repository.manifest import Manifest, ManifestObject
@@ -133,10 +133,8 @@ def _load_file(config: DrConfig, path: Path, make_sink: SinkFactory, log: Log) -
     manifest = None
     if (path.parent / "manifest.json").is_file():
         manifest = Manifest.model_validate_json((path.parent / "manifest.json").read_text())
-    suffixes = path.suffixes
-    encrypted = suffixes[-1:] == [".age"]
-    rest = suffixes[:-1] if encrypted else suffixes
-    compression = {".zst": "zstd", ".gz": "gzip"}.get(rest[-1] if rest else "", "none")
+    compression, encryption = methods_from_name(path.name)
+    encrypted = encryption == "age"
     identities = load_identities(config) if encrypted else None
     with open(path, "rb") as raw:
         src = HashingReader(raw)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.errors import DrError
-import gzip
 import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import zstandard
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.postgres.wal_names import (
     BACKUP_LABEL,
@@ -67,37 +66,7 @@ def segment_header(data: bytes) -> dict:
 
 
 def object_name(name: str, config: DrConfig) -> str:
-    suffix = {"zstd": ".zst", "gzip": ".gz", "none": ""}[config.compression.method]
-    return name + suffix + (".age" if config.encryption.method == "age" else "")
-
-
-def encode(data: bytes, config: DrConfig) -> bytes:
-    c = config.compression
-    if c.method == "zstd":
-        data = zstandard.ZstdCompressor(level=c.level).compress(data)
-    elif c.method == "gzip":
-        data = gzip.compress(data, compresslevel=c.level, mtime=0)
-    if config.encryption.method == "age":
-        import pyrage
-        from dr_pipelines.core.codec.keys import age_recipients
-
-        data = pyrage.encrypt(data, age_recipients(config.encryption))
-    return data
-
-
-def decode(data: bytes, side: dict, identities: list | None) -> bytes:
-    if side["encryption"] == "age":
-        import pyrage
-
-        if not identities:
-            raise WalFetchAborted("the WAL archive is age-encrypted and no identity is configured "
-                                  "(encryption.identity_file or identity_file_env)")
-        data = pyrage.decrypt(data, identities)
-    if side["compression"] == "zstd":
-        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
-    elif side["compression"] == "gzip":
-        data = gzip.decompress(data)
-    return data
+    return name + object_suffix(config.compression.method, config.encryption.method)
 
 
 def sha256_hex(data: bytes) -> str:

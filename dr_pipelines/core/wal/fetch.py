@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.codec.decode import decode_bytes
 from dr_pipelines.core.log import Log
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ from dr_pipelines.core.wal.archive import (
     WalFetchAborted,
     WalNotFound,
     _read_json,
-    decode,
     sha256_hex,
     wal_prefix,
 )
@@ -44,10 +44,11 @@ def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str,
         if sha256_hex(blob) != side["object"]["sha256"]:
             problems.append(f"{loc_name}: stored {name} fails its checksum (corrupt object)")
             continue
+        if side["encryption"] == "age" and not identities:
+            raise WalFetchAborted("the WAL archive is age-encrypted and no identity is configured "
+                                  "(encryption.identity_file or identity_file_env)")
         try:
-            data = decode(blob, side, identities)
-        except WalFetchAborted:
-            raise
+            data = decode_bytes(blob, side["compression"], side["encryption"], identities)
         except Exception as e:
             problems.append(f"{loc_name}: cannot decode {name}: {e}")
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dr_pipelines.core.codec.encode import encode_bytes
 from dr_pipelines.core.log import Log
 import json
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from dr_pipelines.core.wal.archive import (
     _classify,
     _read_json,
     archive_cluster,
-    encode,
     object_name,
     segment_header,
     sha256_hex,
@@ -76,7 +76,7 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
         else:
             result.already.append(loc_name)
     if missing:  # compress and encrypt only when some location lacks the file (not on a re-push)
-        stored_obj = encode(data, config)
+        stored_obj = encode_bytes(data, config.compression, config.encryption)
         side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": sha256_hex(stored_obj)}
     for loc_name in missing:
         loc = locations[loc_name]
