@@ -214,8 +214,8 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
             if tool == "ours":
                 took, report = ours()
                 ours_s.append(took)
-                rto_s.append(report["rto_s"])
-                steps.append(report["steps_s"])
+                rto_s.append(report.rto_s)
+                steps.append(report.model_extra["steps_s"])
             else:
                 pgbr_s.append(pgbackrest())
     pgbr = statistics.median(pgbr_s)

@@ -153,8 +153,8 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
                 wall[name].append(timed(commands[name], env)[0])
                 if name in rto:
                     report = load_reports({"local": LocalLocation("local", repo)}, "bench", "restore")[0]
-                    rto[name].append(report["rto_s"])
-                    steps[name].append(report["steps_s"])
+                    rto[name].append(report.rto_s)
+                    steps[name].append(report.model_extra["steps_s"])
                 psql("DROP DATABASE target")
         leftovers = [p.name for p in work.iterdir() if p.name.startswith("dr-restore-")]
         bare = statistics.median(wall["bare"])

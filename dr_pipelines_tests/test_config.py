@@ -104,14 +104,17 @@ def test_durations():
 def test_sandbox_default(tmp_path, monkeypatch):
     monkeypatch.delenv("DR_PIPELINES_CONFIG", raising=False)
     monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(tmp_path / "sb"))
-    cfg = load_config(None)
-    assert cfg.sandbox
+    from dr_pipelines.sandbox.config import config_and_file
+
+    cfg, file = config_and_file(None)
+    assert cfg.sandbox and file == str(tmp_path / "sb" / "sandbox.yaml")
+    assert load_config(file).databases == cfg.databases  # the file PostgreSQL's commands name holds the same
     assert list(cfg.databases) == ["soundhash"]
     assert cfg.encryption.method == "age" and cfg.encryption.recipients[0].startswith("age1")
     identity = cfg.encryption.identity_path()
     assert identity.stat().st_mode & 0o777 == 0o600
     # the same key is reused on the next load
-    assert load_config(None).encryption.recipients == cfg.encryption.recipients
+    assert config_and_file(None)[0].encryption.recipients == cfg.encryption.recipients
 
 
 def test_readme_config_example_is_valid():

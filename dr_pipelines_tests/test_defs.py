@@ -5,7 +5,8 @@ import pytest
 
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
+from dr_pipelines.defs.backup.assets import logical_backup_job_name
+from dr_pipelines.defs.build import build_definitions
 from dr_pipelines_tests.conftest import BUCKET, config_from, local_location, s3_location, start_moto
 
 STABLE_KEYS = {"backup_id", "size_bytes", "duration_s", "compression_ratio", "sha256", "locations",
@@ -14,10 +15,10 @@ STABLE_KEYS = {"backup_id", "size_bytes", "duration_s", "compression_ratio", "sh
 
 def test_sandbox_definitions_load(tmp_path, monkeypatch):
     monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(tmp_path / "sb"))
-    from dr_pipelines.core.config import load_config
+    monkeypatch.delenv("DR_PIPELINES_CONFIG", raising=False)
+    from dr_pipelines.sandbox.config import config_and_file
 
-    cfg = load_config(None)
-    defs = build_definitions(cfg)
+    defs = build_definitions(*config_and_file())
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     backup = dg.AssetKey(["soundhash", "logical_backup"])

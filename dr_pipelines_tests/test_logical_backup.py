@@ -220,7 +220,9 @@ def test_password_never_in_argv_logs_or_metadata(make_pg, write_config, tmp_path
     """pg_dump is wrapped by a shim that records its argv; Dagster's event log is searched too."""
     import dagster as dg
 
-    from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
+    from dr_pipelines.defs.backup.assets import logical_backup_job_name
+
+    from dr_pipelines.defs.build import build_definitions
 
     hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
     pg = make_pg(hba=hba)

@@ -20,7 +20,8 @@ from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.restore.restore_test import run_restore_test
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.defs.monitoring.sensors import CHECK_FAILURES, RUN_FAILURES, STALENESS
-from dr_pipelines.defs.build import build_definitions, logical_backup_job_name
+from dr_pipelines.defs.backup.assets import logical_backup_job_name
+from dr_pipelines.defs.build import build_definitions
 from dr_pipelines_tests.conftest import config_from, local_location, run_cli, s3_location
 
 PD_KEY = "R0UTINGKEY0123456789012345678901"

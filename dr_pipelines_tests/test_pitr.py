@@ -310,13 +310,13 @@ def test_retention_keeps_the_wal_of_kept_base_backups(archived, restored_dirs):
     assert plan.returncode == 0, plan.stderr
     planned = _json.loads(plan.stdout)
     assert {b["id"] for b in planned["backups"] if not b["keep"]} == {old.id}
-    assert planned["wal"] and all(w["name"][8:] < kept.extra["wal_start"][8:] for w in planned["wal"])
+    assert planned["wal"] and all(w["name"][8:] < kept.base.wal_start[8:] for w in planned["wal"])
     before = set(list_archive(locs, "app").segments[1])
     r = setup.cli("retention", "apply")
     assert r.returncode == 0, r.stderr
     after = set(list_archive(locs, "app").segments[1])
-    assert old.extra["wal_start"] in before and old.extra["wal_start"] not in after
-    assert {n for n in before if n >= kept.extra["wal_start"]} <= after  # nothing the kept backup needs
+    assert old.base.wal_start in before and old.base.wal_start not in after
+    assert {n for n in before if n >= kept.base.wal_start} <= after  # nothing the kept backup needs
     report = run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port()), locs)
     assert report.promoted and report.backup_id == kept.id
 
@@ -352,11 +352,11 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
     assert row["backups"] == 1 and row["rpo_met"] and row["rpo_achieved_s"] <= 120
 
     # a gap in the archive: status is an error naming it
-    victim = next((setup.repo / "app/wal/00000001").glob(f"{base.extra['wal_stop']}.json"))
+    victim = next((setup.repo / "app/wal/00000001").glob(f"{base.base.wal_stop}.json"))
     victim.unlink()
     setup.switch_and_wait()
     status = setup.cli("status")
-    assert status.returncode == 2 and "wal_continuous" in status.stdout and base.extra["wal_stop"] in status.stdout
+    assert status.returncode == 2 and "wal_continuous" in status.stdout and base.base.wal_stop in status.stdout
 
 
 def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
@@ -406,7 +406,7 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
     report = run_pitr(setup.config, str(setup.config_path),
                       PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs)
     # the newer backup recorded the next xid after it ended: the xid is before it, so it is skipped
-    assert int(newer.extra["next_xid_after"]) > int(xid) >= int(older.extra["next_xid_after"])
+    assert int(newer.base.next_xid_after) > int(xid) >= int(older.base.next_xid_after)
     assert report.promoted and report.backup_id == older.id and report.tried == []
     with _connect(by_xid_port) as conn:  # the target transaction included, nothing after it
         assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1, 2]

@@ -61,7 +61,7 @@ def test_full_restore_over_a_corrupted_database(pg, setup):
     assert not any("__restoring_" in d for d in databases(pg))
     # the report lives in the repository too
     [stored] = load_reports(open_locations(cfg), "app", "restore")
-    assert stored["backup_id"] == manifest.id and stored["rto_s"] == report.rto_s
+    assert stored.backup_id == manifest.id and stored.rto_s == report.rto_s
     assert list(setup.scratch.iterdir()) == []  # no plaintext left behind
     # spooled: the whole verified dump was decoded, then loaded by pg_restore -j
     assert report.steps_s["plaintext_bytes_on_disk"] == manifest.uncompressed_bytes
@@ -286,7 +286,9 @@ def test_restore_from_a_file(pg, setup, tmp_path):
 def test_restore_test_asset_after_backup(pg, setup):
     import dagster as dg
 
-    from dr_pipelines.defs.build import build_definitions, restore_test_job_name
+    from dr_pipelines.defs.build import build_definitions
+
+    from dr_pipelines.defs.restore.restore_test import restore_test_job_name
 
     path, cfg, manifest = setup()
     defs = build_definitions(cfg, str(path))
@@ -301,7 +303,7 @@ def test_restore_test_asset_after_backup(pg, setup):
     assert evaluations == {"restore_test_passed": True, "restore_test_recent": True, "rto_within_objective": True}
     assert not any(d.startswith("dr_restore_test_") for d in databases(pg))  # scratch dropped
     [report] = load_reports(open_locations(cfg), "app", "restore_test")
-    assert report["passed"] and report["backup_id"] == manifest.id
+    assert report.passed and report.backup_id == manifest.id
 
 
 def test_restore_test_on_a_separate_test_server(make_pg, pg, setup):

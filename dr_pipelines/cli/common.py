@@ -17,9 +17,12 @@ def log(msg: str) -> None:
 
 
 def config_from_args(args):
-    from dr_pipelines.core.config import load_config
+    """--config, else $DR_PIPELINES_CONFIG, else the embedded sandbox. `args.config` becomes the
+    absolute path of the file it was read from: the jobs, and the commands PostgreSQL runs, name it."""
+    from dr_pipelines.sandbox.config import config_and_file
 
-    return load_config(args.config)
+    config, args.config = config_and_file(args.config)
+    return config
 
 
 def open_cli_locations(config, only: str | None = None):

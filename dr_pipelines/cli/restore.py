@@ -64,40 +64,25 @@ def cmd_test_restore(args) -> int:
     return EXIT_OK if md["passed"] else EXIT_FAILED
 
 
-def _target_time(text: str) -> str:
-    from datetime import datetime
-
-    from dr_pipelines.core.config import ConfigError
-
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--target-time {text!r} is not an ISO 8601 time (e.g. 2026-11-23T10:15:00+00:00)") from None
-    if t.tzinfo is None:
-        raise ConfigError(f"--target-time {text!r} has no time zone; add one (e.g. +00:00 or Z)")
-    return t.isoformat()
-
-
 def cmd_pitr(args) -> int:
     from pathlib import Path
 
-    from dr_pipelines.core.config import ConfigError
+    from dr_pipelines.core.pitr.recover import check_overwrite, parse_target_time
     from dr_pipelines.core.postgres.cluster import free_port
     from dr_pipelines.defs.runner import point_in_time_recovery
 
     config = config_from_args(args)
     config.database(args.db)
-    data_dir = str(Path(args.data_dir).resolve())
-    if args.overwrite and args.yes != data_dir:
-        raise ConfigError(f"--overwrite replaces the contents of {data_dir}: confirm with --yes {data_dir}")
-    options = {"database": args.db, "data_dir": data_dir, "port": args.port or free_port(),
-               "target_time": _target_time(args.target_time) if args.target_time else None,
+    data_dir = Path(args.data_dir).resolve()
+    check_overwrite(data_dir, args.overwrite, args.yes)  # before any job starts: the same rule the job applies
+    options = {"database": args.db, "data_dir": str(data_dir), "port": args.port or free_port(),
+               "target_time": parse_target_time(args.target_time).isoformat() if args.target_time else None,
                "target_lsn": args.target_lsn, "target_xid": args.target_xid, "target_name": args.target_name,
                "overwrite": args.overwrite, "confirm": args.yes, "archive": args.archive, "timeout_s": args.timeout,
                "backup_id": args.backup}
     report = point_in_time_recovery(config, args.config, options)
-    print(json.dumps(report, indent=2))
-    log(f"recovered {args.db} to {report['reached_time']} (LSN {report['reached_lsn']}, timeline "
-         f"{report['timeline']}) in {report['rto_s']:.1f}s; the cluster runs on 127.0.0.1:{report['port']} "
-         f"from {report['data_dir']}")
+    print(json.dumps(report.to_dict(), indent=2))
+    log(f"recovered {args.db} to {report.reached_time} (LSN {report.reached_lsn}, timeline "
+        f"{report.timeline}) in {report.rto_s or 0:.1f}s; the cluster runs on 127.0.0.1:{report.port} "
+        f"from {report.data_dir}")
     return EXIT_OK

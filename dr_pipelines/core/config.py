@@ -510,13 +510,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     return cfg.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve(), "sandbox": sandbox})
 
 
-def load_config(path: str | os.PathLike | None = None) -> DrConfig:
-    """``--config FILE``, else ``$DR_PIPELINES_CONFIG``, else the embedded sandbox."""
-    path = path or os.environ.get(CONFIG_ENV) or None
-    if path is None:
-        from dr_pipelines.sandbox.config import sandbox_config
-
-        return sandbox_config()
+def load_config(path: str | os.PathLike, sandbox: bool = False) -> DrConfig:
+    """The config in a YAML file. (With no file, the entry points fall back to the embedded sandbox:
+    `dr_pipelines.sandbox.config.config_and_file`.)"""
     p = Path(path)
     try:
         text = p.read_text()
@@ -526,4 +522,4 @@ def load_config(path: str | os.PathLike | None = None) -> DrConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    return parse_config(data, source=str(p), base_dir=p.resolve().parent)
+    return parse_config(data, source=str(p), base_dir=p.resolve().parent, sandbox=sandbox)

@@ -221,15 +221,15 @@ def plan_json(decisions: list[Decision]) -> list[dict]:
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
     """(database, kind) -> the id of the newest backup whose restore test (logical) or PITR drill
     (base) passed."""
-    from dr_pipelines.core.repository.records import load_reports
+    from dr_pipelines.core.repository.records import RecordKind, load_reports
 
     verified = {}
     for db in databases:
-        for kind, drill in (("logical", "restore_test"), ("base", "pitr_test")):
-            passed = [r for r in load_reports(locations, db, drill) if r.get("passed") and r.get("backup_id")]
+        for kind, drill in (("logical", RecordKind.RESTORE_TEST), ("base", RecordKind.PITR_TEST)):
+            passed = [r for r in load_reports(locations, db, drill) if r.passed and r.backup_id]
             if passed:  # the newest *backup* proven, not the most recent test (which may test an old one)
-                newest = max(passed, key=lambda r: (r.get("backup_created_at") or "", r["backup_id"]))
-                verified[(db, kind)] = newest["backup_id"]
+                newest = max(passed, key=lambda r: (r.backup_created_at or "", r.backup_id or ""))
+                verified[(db, kind)] = newest.backup_id
     return verified
 
 
@@ -286,7 +286,7 @@ def plan_wal_retention(config, locations: dict[str, Location], decisions: list[D
         if archive.problems:
             problems += archive.problems
             return []
-        starts = [entries[d.backup.id].manifest.extra["wal_start"] for d in decisions
+        starts = [entries[d.backup.id].manifest.base.wal_start for d in decisions
                   if d.keep and d.backup.database == db and d.backup.kind == "base"]
         keep_from = min((s[8:] for s in starts), default=None)  # position in WAL, across timelines
         for name, f in archive.files.items():

@@ -1,15 +1,8 @@
 """The code location Dagster loads (`dagster dev -w workspace.yaml`): definitions built from
-$DR_PIPELINES_CONFIG, else from the embedded sandbox."""
+$DR_PIPELINES_CONFIG, else from the embedded sandbox (whose config is written to a file, so the
+commands PostgreSQL runs for us can name it)."""
 
-import os
-
-from dr_pipelines.core.config import CONFIG_ENV, load_config
 from dr_pipelines.defs.build import build_definitions
+from dr_pipelines.sandbox.config import config_and_file
 
-
-def _load():
-    config_file = os.environ.get(CONFIG_ENV) or None
-    return build_definitions(load_config(config_file), config_file)
-
-
-defs = _load()
+defs = build_definitions(*config_and_file())

@@ -1,43 +1,79 @@
-"""Resources: the DR config, and the storage clients from dagster-aws / dagster-gcp."""
+"""`DrResource`: the one typed resource every asset, check, op and sensor takes.
 
-from typing import Any, Optional
+It names the DR config file and hands out the config and its locations. Remote locations nest
+dagster-aws's `S3Resource` and dagster-gcp's `GCSResource` (one per location, so each keeps its own
+endpoint and credentials). Those two packages take ~3 s each to import (dagster-gcp pulls in
+BigQuery), so a deployment without such a location never imports them: `dr_resource` builds the
+resource class with only the client fields the config needs.
+"""
+
+from functools import cache
+from typing import Any
 
 import dagster as dg
-from dr_pipelines.core.config import (
-    DrConfig,
-    GCSLocationConfig,
-    S3LocationConfig,
-    load_config,
-)
+from pydantic import Field
+
+from dr_pipelines.core.config import DrConfig, GCSLocationConfig, S3LocationConfig, load_config
 from dr_pipelines.core.storage.base import Location
 from dr_pipelines.core.storage.locations import open_locations
 
 
-class DrConfigResource(dg.ConfigurableResource):
-    """The DR configuration file (empty: $DR_PIPELINES_CONFIG, else the embedded sandbox)."""
+class DrResource(dg.ConfigurableResource):
+    """The DR configuration (one file for the whole fleet) and its storage locations."""
 
-    config_file: Optional[str] = None
+    config_file: str = Field(description="The DR config file; the sandbox writes its own (sandbox.yaml).")
+    sandbox: bool = Field(default=False, description="The embedded sandbox: its cluster is started on demand.")
 
-    def load(self) -> DrConfig:
-        return load_config(self.config_file)
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # The one place the sandbox cluster is started, for every run that touches it.
+        if self.sandbox:
+            from dr_pipelines.sandbox.config import ensure_sandbox_running
+
+            log = context.log.info if context.log else print
+            ensure_sandbox_running(self.config(), log=log)
+
+    def config(self) -> DrConfig:
+        return load_config(self.config_file, sandbox=self.sandbox)
+
+    def clients(self) -> dict[str, Any]:
+        """boto3 / google-cloud-storage clients of the remote locations, by location name."""
+        return {}
+
+    def locations(self, config: DrConfig | None = None, only: str | None = None) -> dict[str, Location]:
+        """The config's locations in preference order (only one, when named), with this run's clients."""
+        return open_locations(config or self.config(), only, self.clients())
 
 
-def client_resource_key(location_name: str, cfg: Any) -> Optional[str]:
-    if isinstance(cfg, S3LocationConfig):
-        return f"s3_{location_name}"
-    if isinstance(cfg, GCSLocationConfig):
-        return f"gcs_{location_name}"
-    return None
+def _client_of(resource: Any) -> Any:
+    return resource.get_client()
 
 
-def storage_resources(config: DrConfig) -> dict[str, dg.ConfigurableResource]:
-    """One S3Resource / GCSResource per remote location; credentials stay in env vars (EnvVar).
+@cache
+def _resource_with_clients(s3: bool, gcs: bool) -> type[DrResource]:
+    annotations: dict[str, Any] = {}
+    if s3:
+        from dagster_aws.s3 import S3Resource
 
-    dagster-aws and dagster-gcp are imported only when such a location exists: together they take
-    ~3 s to import (dagster-gcp pulls in BigQuery), which every shell restore would otherwise pay."""
-    out: dict[str, dg.ConfigurableResource] = {}
+        annotations["s3"] = dict[str, S3Resource]
+    if gcs:
+        from dagster_gcp.gcs import GCSResource
+
+        annotations["gcs"] = dict[str, GCSResource]
+
+    def clients(self) -> dict[str, Any]:
+        return {name: _client_of(r) for field in annotations for name, r in getattr(self, field).items()}
+
+    namespace = {"__annotations__": annotations, "clients": clients, "__doc__": DrResource.__doc__,
+                 **{field: Field(default_factory=dict, description=f"{field.upper()} clients, per location")
+                    for field in annotations}}
+    return type("DrResource", (DrResource,), namespace)
+
+
+def dr_resource(config: DrConfig, config_file: str, sandbox: bool = False) -> DrResource:
+    """The resource for this config; credentials stay in environment variables (dg.EnvVar)."""
+    s3: dict[str, Any] = {}
+    gcs: dict[str, Any] = {}
     for name, cfg in config.locations.items():
-        key = client_resource_key(name, cfg)
         if isinstance(cfg, S3LocationConfig):
             from dagster_aws.s3 import S3Resource
 
@@ -45,26 +81,12 @@ def storage_resources(config: DrConfig) -> dict[str, dg.ConfigurableResource]:
             if cfg.access_key_id_env and cfg.secret_access_key_env:
                 creds = {"aws_access_key_id": dg.EnvVar(cfg.access_key_id_env),
                          "aws_secret_access_key": dg.EnvVar(cfg.secret_access_key_env)}
-            out[key] = S3Resource(region_name=cfg.region, endpoint_url=cfg.endpoint_url, max_attempts=5, **creds)
+            s3[name] = S3Resource(region_name=cfg.region, endpoint_url=cfg.endpoint_url, max_attempts=5, **creds)
         elif isinstance(cfg, GCSLocationConfig):
             from dagster_gcp.gcs import GCSResource
 
-            out[key] = GCSResource(project=cfg.project)
-    return out
-
-
-def storage_resource_keys(config: DrConfig) -> set[str]:
-    return set(storage_resources(config))
-
-
-def locations_from_context(context: dg.OpExecutionContext, config: DrConfig,
-                           only: str | None = None) -> dict[str, Location]:
-    """The config's locations, with clients taken from the run's resources."""
-    clients = {}
-    for name, cfg in config.locations.items():
-        key = client_resource_key(name, cfg)
-        if key is not None and (only is None or only == name):
-            resource = getattr(context.resources, key)
-            # S3Resource resolves to the boto3 client itself; GCSResource to a resource object
-            clients[name] = resource.get_client() if hasattr(resource, "get_client") else resource
-    return open_locations(config, only, clients)
+            gcs[name] = GCSResource(project=cfg.project)
+    if not s3 and not gcs:
+        return DrResource(config_file=config_file, sandbox=sandbox)
+    cls = _resource_with_clients(bool(s3), bool(gcs))
+    return cls(config_file=config_file, sandbox=sandbox, **({"s3": s3} if s3 else {}), **({"gcs": gcs} if gcs else {}))

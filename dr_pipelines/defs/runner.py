@@ -9,13 +9,15 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.report import RestoreReport
-from dr_pipelines.defs.backup.assets import logical_backup_key
-from dr_pipelines.defs.build import (
-    build_definitions,
+from dr_pipelines.core.pitr.recover import PitrReport
+from dr_pipelines.defs.backup.assets import (
+    base_backup_job_name,
+    base_backup_key,
     logical_backup_job_name,
-    restore_test_job_name,
+    logical_backup_key,
 )
-from dr_pipelines.defs.restore.restore_test import restore_test_key
+from dr_pipelines.defs.build import build_definitions
+from dr_pipelines.defs.restore.restore_test import restore_test_job_name, restore_test_key
 
 
 @contextmanager
@@ -37,7 +39,7 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return f"run {result.run_id} failed"
 
 
-def run_job(config: DrConfig, config_file: str | None, job_name: str, run_config: dict | None = None,
+def run_job(config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None,
             allow_failure: bool = False):
     defs = build_definitions(config, config_file)
     job = defs.resolve_job_def(job_name)
@@ -50,7 +52,7 @@ def run_job(config: DrConfig, config_file: str | None, job_name: str, run_config
         return result
 
 
-def materialize_logical_backup(config: DrConfig, db: str, config_file: str | None) -> Manifest:
+def materialize_logical_backup(config: DrConfig, db: str, config_file: str) -> Manifest:
     result = run_job(config, config_file, logical_backup_job_name(db))
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = mat[0].metadata["backup_id"].value
@@ -60,12 +62,12 @@ def materialize_logical_backup(config: DrConfig, db: str, config_file: str | Non
     return load_catalog(open_locations(config).values(), db).find(db, backup_id).manifest
 
 
-def restore_database(config: DrConfig, config_file: str | None, options: dict) -> RestoreReport:
+def restore_database(config: DrConfig, config_file: str, options: dict) -> RestoreReport:
     result = run_job(config, config_file, "restore_database", {"ops": {"choose_backup": {"config": options}}})
-    return result.output_for_node("restore_report")["report"]
+    return result.output_for_node("restore_report")
 
 
-def restore_test(config: DrConfig, config_file: str | None, db: str, backup: str, keep: bool) -> dict:
+def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep: bool) -> dict:
     node = restore_test_key(db).to_python_identifier()
     result = run_job(config, config_file, restore_test_job_name(db),
                      {"ops": {node: {"config": {"backup": backup, "keep": keep}}}}, allow_failure=True)
@@ -81,13 +83,11 @@ def restore_test(config: DrConfig, config_file: str | None, db: str, backup: str
     return md
 
 
-def materialize_base_backup(config: DrConfig, db: str, config_file: str | None) -> str:
-    from dr_pipelines.defs.backup.assets import base_backup_key
-
-    result = run_job(config, config_file, f"{db}__base_backup_job")
+def materialize_base_backup(config: DrConfig, db: str, config_file: str) -> str:
+    result = run_job(config, config_file, base_backup_job_name(db))
     return result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0].metadata["backup_id"].value
 
 
-def point_in_time_recovery(config: DrConfig, config_file: str | None, options: dict) -> dict:
+def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) -> PitrReport:
     result = run_job(config, config_file, "point_in_time_recovery", {"ops": {"recover_to_point": {"config": options}}})
     return result.output_for_node("validate_recovered")

@@ -11,7 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from dr_pipelines.core.config import DrConfig, parse_config
+from dr_pipelines.core.durable import write_atomically
+from dr_pipelines.core.config import CONFIG_ENV, DrConfig, load_config, parse_config
 from dr_pipelines.core.postgres.cluster import (
     LocalCluster,
     chown_to_postgres,
@@ -127,6 +128,18 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
     return cluster
 
 
+def config_and_file(path: str | os.PathLike | None = None) -> tuple[DrConfig, str]:
+    """``--config FILE``, else ``$DR_PIPELINES_CONFIG``, else the embedded sandbox; with the absolute
+    path of the file it is read from. The sandbox writes its config to a file too, so that every
+    command PostgreSQL runs for us (archive_command, restore_command) names it explicitly: run from
+    a data directory, a command without ``--config`` would build an empty sandbox of its own."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    if path is not None:
+        return load_config(path), str(Path(path).resolve())
+    config = sandbox_config()
+    return config, str(sandbox_config_file(config))
+
+
 def sandbox_config_file(config: DrConfig) -> Path:
     """The sandbox's config as a file PostgreSQL's archive_command and restore_command (run as the
     postgres user) can read; the same settings the embedded sandbox uses."""
@@ -135,8 +148,10 @@ def sandbox_config_file(config: DrConfig) -> Path:
     base = sandbox_dir()
     path = base / "sandbox.yaml"
     data = config.model_dump(mode="json", exclude={"base_dir", "sandbox"}, exclude_defaults=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    path.chmod(0o644)
+    text = yaml.safe_dump(data, sort_keys=False).encode()
+    if not path.exists() or path.read_bytes() != text:  # the code server and the shell read it concurrently
+        write_atomically(path, text)
+        path.chmod(0o644)
     return path
 
 

@@ -9,14 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dr_pipelines.sandbox.config import (
-    ensure_sandbox_running,
-    sandbox_config,
-    sandbox_config_file,
-    sandbox_dir,
-)
+from dr_pipelines.sandbox.config import config_and_file, ensure_sandbox_running, sandbox_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dagster_home() -> Path:
@@ -29,7 +24,7 @@ def _dagster_home() -> Path:
 
 def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     os.environ.pop("DR_PIPELINES_CONFIG", None)  # the demo is the embedded sandbox, always
-    config = sandbox_config()
+    config, config_file = config_and_file(None)
     ensure_sandbox_running(config)
     os.environ["DAGSTER_HOME"] = str(_dagster_home())
 
@@ -38,7 +33,7 @@ def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     db = next(iter(config.databases))
     print(f"\n== taking a logical backup of the sandbox database '{db}' (Dagster job, recorded in "
           f"{os.environ['DAGSTER_HOME']})", flush=True)
-    manifest = materialize_logical_backup(config, db, None)
+    manifest = materialize_logical_backup(config, db, config_file)
     location = next(iter(config.locations.values()))
     obj = Path(location.resolved_path(config.base_dir)) / manifest.object_key(manifest.objects[0].name)
     identity = config.encryption.identity_path()
@@ -58,10 +53,10 @@ list and verify backups:
 
     print(f"== restore test: restoring {manifest.id} into a scratch database and checking it against the manifest",
           flush=True)
-    md = restore_test(config, None, db, manifest.id, keep=False)
+    md = restore_test(config, config_file, db, manifest.id, keep=False)
     print(f"restore test {'PASSED' if md['passed'] else 'FAILED'}: {md['tables']} tables, {md['rows']} rows, "
           f"measured RTO {md['rto_s']:.1f}s (objective {config.databases[db].objectives.rto})\n", flush=True)
-    pitr_ok = demo_pitr(config, db)
+    pitr_ok = demo_pitr(config, config_file, db)
     if not serve_ui:
         return 0 if md["passed"] and pitr_ok is not False else 1
     print(f"== Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
@@ -91,7 +86,7 @@ def _wait_archived(conn, segment: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def demo_pitr(config, db: str) -> bool | None:
+def demo_pitr(config, config_file: str, db: str) -> bool | None:
     """SoundHash scenario 2, "Accidental data deletion": base backup, a DELETE, recovery to just before it."""
     import time
     from datetime import datetime, timezone
@@ -111,7 +106,7 @@ def demo_pitr(config, db: str) -> bool | None:
                   f"{sandbox_dir()} to recreate it with archiving)\n", flush=True)
             return None
     print("== point-in-time recovery (SoundHash 'Accidental data deletion'): a base backup first", flush=True)
-    backup_id = materialize_base_backup(config, db, None)
+    backup_id = materialize_base_backup(config, db, config_file)
     with connect(port) as conn:
         before = conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0]
         time.sleep(1)
@@ -126,7 +121,7 @@ def demo_pitr(config, db: str) -> bool | None:
     new_port = free_port()
     options = {"database": db, "data_dir": str(data_dir), "port": new_port, "target_time": target.isoformat(),
                "overwrite": True, "confirm": str(data_dir)}
-    report = point_in_time_recovery(config, str(sandbox_config_file(config)), options)
+    report = point_in_time_recovery(config, config_file, options)
     try:
         with connect(new_port) as conn:
             after = conn.execute("SELECT count(*) FROM processing_jobs").fetchone()[0]
@@ -134,7 +129,7 @@ def demo_pitr(config, db: str) -> bool | None:
         LocalCluster(data_dir, new_port).stop("fast")
         shutil.rmtree(data_dir.parent, ignore_errors=True)
     ok = after == before
-    print(f"recovered to {report['reached_time']} (LSN {report['reached_lsn']}, timeline {report['timeline']}) "
-          f"in {report['rto_s']:.1f}s: processing_jobs has {after} rows again (before the deletion: {before}); "
+    print(f"recovered to {report.reached_time} (LSN {report.reached_lsn}, timeline {report.timeline}) "
+          f"in {report.rto_s or 0:.1f}s: processing_jobs has {after} rows again (before the deletion: {before}); "
           f"point-in-time recovery {'PASSED' if ok else 'FAILED'}\n", flush=True)
     return ok

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.log import Log
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
@@ -15,7 +14,7 @@ from dr_pipelines.core.repository.manifest import (
     new_backup_id,
     write_manifest,
 )
-from dr_pipelines.core.repository.records import store_record
+from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
 
 
@@ -50,9 +49,6 @@ class BackupResult:
         return round(self.manifest.uncompressed_bytes / stored, 3) if stored else 0.0
 
 
-ATTEMPTS = "backup_attempt"
-
-
 def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[str, Location], log: Log,
                    run: Callable[..., "BackupResult"]) -> "BackupResult":
     """Take the backup, and record the attempt (success or failure) in the repository: the
@@ -74,8 +70,7 @@ def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[s
         return result
     finally:
         record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        store_record(locations, database, ATTEMPTS, record["started_at"],
-                     json.dumps(record, sort_keys=True).encode(), log)
+        store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, record["started_at"], record, log)
 
 
 def commit_manifest(manifest: Manifest, locations: dict[str, Location], stored: list[str],

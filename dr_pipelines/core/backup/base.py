@@ -274,6 +274,6 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
                "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace"),
                "next_xid_after": next_xid},
     )
-    log(f"base backup {backup_id}: WAL {manifest.extra['wal_start']} .. {manifest.extra['wal_stop']} "
+    log(f"base backup {backup_id}: WAL {manifest.base.wal_start} .. {manifest.base.wal_stop} "
         f"on timeline {rng['timeline']}")
     return commit_manifest(manifest, locations, result.committed, result.failed, log)

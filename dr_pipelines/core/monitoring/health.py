@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from dr_pipelines.core.backup.attempts import ATTEMPTS
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.repository.catalog import (
     Catalog,
@@ -18,7 +17,7 @@ from dr_pipelines.core.repository.catalog import (
     load_catalog,
     verify_backup,
 )
-from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.core.repository.records import Record, RecordKind, load_reports
 from dr_pipelines.core.storage.base import Location
 
 if TYPE_CHECKING:
@@ -177,19 +176,19 @@ def check_integrity(config: DrConfig, database: str, catalog: Catalog, locations
                    f"{', '.join(r.location for r in reports)}", md)
 
 
-def check_last_attempt(database: str, attempts: list[dict]) -> Outcome:
+def check_last_attempt(database: str, attempts: list[Record]) -> Outcome:
     if not attempts:
         return Outcome(database, LAST_ATTEMPT, True, ERROR, "no backup attempt recorded yet", {})
     last = attempts[0]
-    if last.get("succeeded"):
-        return Outcome(database, LAST_ATTEMPT, True, ERROR, f"last attempt {last['backup_id']} succeeded",
-                       {"backup_id": last["backup_id"]})
+    if last.succeeded:
+        return Outcome(database, LAST_ATTEMPT, True, ERROR, f"last attempt {last.backup_id} succeeded",
+                       {"backup_id": last.backup_id or ""})
     return Outcome(database, LAST_ATTEMPT, False, ERROR,
-                   f"last backup attempt ({last['started_at']}) failed: {last.get('error')}",
-                   {"backup_id": last.get("backup_id", "")})
+                   f"last backup attempt ({last.started_at}) failed: {last.error}",
+                   {"backup_id": last.backup_id or ""})
 
 
-def check_restore_tests(config: DrConfig, database: str, tests: list[dict], now: datetime) -> list[Outcome]:
+def check_restore_tests(config: DrConfig, database: str, tests: list[Record], now: datetime) -> list[Outcome]:
     cfg = config.database(database)
     max_age, rto = cfg.restore_test.max_age, cfg.objectives.rto
     if not tests:
@@ -198,15 +197,14 @@ def check_restore_tests(config: DrConfig, database: str, tests: list[dict], now:
                 Outcome(database, RESTORE_TEST_RECENT, False, ERROR, missing),
                 Outcome(database, RTO, False, WARNING, "no measured RTO yet")]
     last = tests[0]
-    age = now - datetime.fromisoformat(last["started_at"])
-    out = [Outcome(database, RESTORE_TEST, bool(last.get("passed")), ERROR,
-                   f"restore test of {last.get('backup_id')} " + ("passed" if last.get("passed")
-                                                                   else f"FAILED: {last.get('error')}"),
-                   {"backup_id": last.get("backup_id") or ""}),
+    age = now - datetime.fromisoformat(last.started_at)
+    out = [Outcome(database, RESTORE_TEST, last.passed, ERROR,
+                   f"restore test of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
+                   {"backup_id": last.backup_id or ""}),
            Outcome(database, RESTORE_TEST_RECENT, age <= max_age, ERROR,
                    f"last restore test {_hours(age)} h ago (limit {_hours(max_age)} h)",
                    {"age_hours": _hours(age), "limit_hours": _hours(max_age)})]
-    rto_s = last.get("rto_s")
+    rto_s = last.rto_s
     if rto_s is None:
         out.append(Outcome(database, RTO, False, WARNING, "the last restore test measured no RTO"))
     else:
@@ -244,14 +242,13 @@ def check_wal(config: DrConfig, status) -> list[Outcome]:
             Outcome(db, WAL_LAG, lag_ok, ERROR, lag_text, md)]
 
 
-def check_pitr_tests(database: str, drills: list[dict]) -> Outcome:
+def check_pitr_tests(database: str, drills: list[Record]) -> Outcome:
     if not drills:
         return Outcome(database, PITR_TEST, False, WARNING, "no PITR drill has run yet", {"rto_s": -1.0})
     last = drills[0]
-    return Outcome(database, PITR_TEST, bool(last.get("passed")), ERROR,
-                   f"PITR drill of {last.get('backup_id')} " + ("passed" if last.get("passed") else
-                                                                f"FAILED: {last.get('error')}"),
-                   {"rto_s": last.get("rto_s") or -1.0, "achievable_rpo_s": last.get("achievable_rpo_s") or -1.0})
+    return Outcome(database, PITR_TEST, last.passed, ERROR,
+                   f"PITR drill of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
+                   {"rto_s": last.rto_s or -1.0, "achievable_rpo_s": last.achievable_rpo_s or -1.0})
 
 
 @dataclass
@@ -260,11 +257,11 @@ class Health:
 
     now: datetime
     catalog: Catalog
-    attempts: dict[str, list[dict]]
-    restore_tests: dict[str, list[dict]]
+    attempts: dict[str, list[Record]]
+    restore_tests: dict[str, list[Record]]
     outcomes: list[Outcome]
     wal: dict = field(default_factory=dict)  # database -> WalStatus, where a WAL archive exists
-    pitr_tests: dict[str, list[dict]] = field(default_factory=dict)
+    pitr_tests: dict[str, list[Record]] = field(default_factory=dict)
 
     @property
     def worst(self) -> str:
@@ -276,15 +273,15 @@ class Health:
         return {"ok": 0, WARNING: 1, ERROR: 2}[self.worst]
 
 
-def failed_restore_tests(tests: list[dict]) -> set[str]:
-    passed = {t.get("backup_id") for t in tests if t.get("passed")}
-    return {t.get("backup_id") for t in tests if not t.get("passed") and t.get("backup_id")} - passed
+def failed_restore_tests(tests: list[Record]) -> set[str]:
+    passed = {t.backup_id for t in tests if t.passed}
+    return {t.backup_id for t in tests if not t.passed and t.backup_id} - passed
 
 
 def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, integrity: bool = False) -> Health:
     catalog = load_catalog(locations.values())
-    attempts = {db: load_reports(locations, db, ATTEMPTS) for db in config.databases}
-    tests = {db: load_reports(locations, db, "restore_test") for db in config.databases}
+    attempts = {db: load_reports(locations, db, RecordKind.BACKUP_ATTEMPT) for db in config.databases}
+    tests = {db: load_reports(locations, db, RecordKind.RESTORE_TEST) for db in config.databases}
     from dr_pipelines.core.wal.archive import archive_cluster, wal_status
 
     outcomes = [Outcome("*", REPOSITORY, False, ERROR, p) for p in catalog.problems]
@@ -292,12 +289,12 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
     for db in config.databases:
         bases = _of(catalog.entries, db, "base")
         if bases or archive_cluster(locations, db):  # this database is physically backed up
-            wal[db] = wal_status(config, db, locations, now, [e.manifest.extra["wal_start"] for e in bases])
-            drills[db] = load_reports(locations, db, "pitr_test")
+            wal[db] = wal_status(config, db, locations, now, [e.manifest.base.wal_start for e in bases])
+            drills[db] = load_reports(locations, db, RecordKind.PITR_TEST)
         wal_ok = db in wal and not wal[db].gaps and wal[db].archive_lag_s is not None and \
             wal[db].archive_lag_s <= config.database(db).objectives.rpo.total_seconds()
         outcomes += [check_freshness(config, db, catalog, now, rpo_met_by_wal=wal_ok),
-                     check_last_attempt(db, [a for a in attempts[db] if a.get("kind", "logical") == "logical"]),
+                     check_last_attempt(db, [a for a in attempts[db] if (a.kind or "logical") == "logical"]),
                      check_size(config, db, catalog, failed_restore_tests(tests[db])),
                      check_replication(config, db, catalog)]
         if integrity:

@@ -50,9 +50,9 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
         wal_gaps.labels(db).set(len(w.gaps))
     for db, drills in h.pitr_tests.items():
         if drills:
-            pitr_ok.labels(db).set(1 if drills[0].get("passed") else 0)
-            if drills[0].get("rto_s") is not None:
-                pitr_rto.labels(db).set(drills[0]["rto_s"])
+            pitr_ok.labels(db).set(1 if drills[0].passed else 0)
+            if drills[0].rto_s is not None:
+                pitr_rto.labels(db).set(drills[0].rto_s)
     for db in config.databases:
         for kind in ("logical", "base"):
             backups = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == kind]
@@ -64,16 +64,16 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
                 age.labels(db, kind).set((h.now - m.created_at).total_seconds() / 3600)
                 size.labels(db, kind).set(m.size_bytes)
                 last.labels(db, kind).set(m.created_at.timestamp())
-            attempts = [a for a in h.attempts.get(db, []) if a.get("kind", "logical") == kind]
+            attempts = [a for a in h.attempts.get(db, []) if (a.kind or "logical") == kind]
             if attempts or backups:
-                success.labels(db, kind).set(1 if (attempts[0]["succeeded"] if attempts else True) else 0)
+                success.labels(db, kind).set(1 if (attempts[0].succeeded if attempts else True) else 0)
         tests = h.restore_tests.get(db, [])
         rto_obj.labels(db).set(config.database(db).objectives.rto.total_seconds())
         if tests:
-            rt_ok.labels(db).set(1 if tests[0].get("passed") else 0)
-            rt_ts.labels(db).set(datetime.fromisoformat(tests[0]["started_at"]).timestamp())
-            if tests[0].get("rto_s") is not None:
-                rto.labels(db).set(tests[0]["rto_s"])
+            rt_ok.labels(db).set(1 if tests[0].passed else 0)
+            rt_ts.labels(db).set(datetime.fromisoformat(tests[0].started_at).timestamp())
+            if tests[0].rto_s is not None:
+                rto.labels(db).set(tests[0].rto_s)
     for o in h.outcomes:
         if o.database != "*":
             status.labels(o.database, o.check).set(1 if o.passed else 0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
+from dr_pipelines.core.repository.records import Record
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import Health
 from dr_pipelines.core.storage.base import Location, LocationError
@@ -60,13 +61,13 @@ def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | Non
     return float(edges.diff().dropna().max().total_seconds())
 
 
-def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[dict], all_tests: list[dict],
+def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[Record], all_tests: list[Record],
          points: list[datetime], start: datetime, now: datetime, days: int, recs: list[str]) -> dict:
     rpo, rto = cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds()
     attempt_kind = "logical" if kind == "logical" else "base"
-    attempts = pd.DataFrame([a for a in all_attempts if a.get("kind", "logical") == attempt_kind
-                             and datetime.fromisoformat(a["started_at"]) >= start], columns=["started_at", "succeeded"])
-    tests = pd.DataFrame([t for t in all_tests if datetime.fromisoformat(t["started_at"]) >= start],
+    attempts = pd.DataFrame([a.model_dump() for a in all_attempts if (a.kind or "logical") == attempt_kind
+                             and datetime.fromisoformat(a.started_at) >= start], columns=["started_at", "succeeded"])
+    tests = pd.DataFrame([t.model_dump() for t in all_tests if datetime.fromisoformat(t.started_at) >= start],
                          columns=["started_at", "passed", "rto_s"])
     attempted = len(attempts)
     succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0

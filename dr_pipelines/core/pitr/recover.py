@@ -48,6 +48,24 @@ class PitrError(DrError):
     pass
 
 
+def parse_target_time(text: str) -> datetime:
+    """An ISO 8601 time with a time zone (Z accepted), as the shell and the Launchpad take it."""
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"target time {text!r} is not an ISO 8601 time (e.g. 2026-11-23T10:15:00+00:00)") from None
+    if t.tzinfo is None:
+        raise ConfigError(f"target time {text!r} has no time zone; add one (e.g. +00:00 or Z)")
+    return t
+
+
+def check_overwrite(data_dir: Path, overwrite: bool, confirm: str | None) -> None:
+    """Replacing a data directory is destructive: it needs the flag and the directory named again."""
+    if overwrite and (confirm or "") != str(data_dir):
+        raise ConfigError(f"overwrite replaces the contents of {data_dir}: name it again to confirm "
+                          f"(Launchpad: confirm: {data_dir}; shell: confirm with --yes {data_dir})")
+
+
 @dataclass
 class PitrRequest:
     database: str
@@ -128,14 +146,14 @@ def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: d
     if request.target_time:
         if request.target_time > now:
             raise PitrError(f"target {request.target_time.isoformat()} is in the future (now {now.isoformat()})")
-        ok = [e for e in bases if datetime.fromisoformat(e.manifest.extra["stopped_at"]) <= request.target_time]
+        ok = [e for e in bases if e.manifest.base.stopped_at <= request.target_time]
         if not ok:
-            oldest = min(datetime.fromisoformat(e.manifest.extra["stopped_at"]) for e in bases)
+            oldest = min(e.manifest.base.stopped_at for e in bases)
             raise PitrError(f"target {request.target_time.isoformat()} is before the oldest base backup "
                             f"(consistent from {oldest.isoformat()}); nothing can be recovered to that point")
         return ok[0]
     if request.target_lsn:
-        ok = [e for e in bases if lsn_int(e.manifest.extra["stop_lsn"]) <= lsn_int(request.target_lsn)]
+        ok = [e for e in bases if lsn_int(e.manifest.base.stop_lsn) <= lsn_int(request.target_lsn)]
         if not ok:
             raise PitrError(f"target LSN {request.target_lsn} is before the oldest base backup's end")
         return ok[0]
@@ -158,7 +176,7 @@ def xid_not_before(xid: str, next_xid: str | None) -> bool | None:
 def xid_candidates(bases: list[CatalogEntry], xid: str) -> list[CatalogEntry]:
     """Base backups to recover to transaction `xid` from, newest first: those that ended before it
     was assigned, and those whose manifests predate recording that; failing all, the oldest."""
-    ok = [e for e in bases if xid_not_before(xid, e.manifest.extra.get("next_xid_after")) is not False]
+    ok = [e for e in bases if xid_not_before(xid, e.manifest.base.next_xid_after) is not False]
     return ok or bases[-1:]
 
 
@@ -337,7 +355,7 @@ def end_of_archive_check(locations: dict[str, Location], database: str, report: 
 def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[str]:
     """Missing segments after the base backup's first segment, on its timeline and later ones."""
     archive = list_archive(locations, entry.manifest.database)
-    start = entry.manifest.extra["wal_start"]
+    start = entry.manifest.base.wal_start
     if archive.segments and not archive.segment_size:
         return ["unknown (the archive's segment size could not be read)"]
     out = []

@@ -23,6 +23,22 @@ class ManifestObject(BaseModel):
     sha256: str
 
 
+class BaseBackupFacts(BaseModel):
+    """What a physical base backup records about its WAL (stored as the manifest's `extra`)."""
+
+    model_config = ConfigDict(extra="allow")
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    ranges: list[dict[str, Any]] = []
+    stopped_at: datetime
+    segment_size: int
+    wal_start: str  # the first segment the backup needs
+    wal_stop: str  # the last segment it needs to be consistent
+    backup_label: str = ""
+    next_xid_after: str | None = None  # an xid assigned after the backup ended
+
+
 class Manifest(BaseModel):
     """What a backup is. Never holds a secret: encryption is named by recipient fingerprints."""
 
@@ -48,6 +64,11 @@ class Manifest(BaseModel):
     schema_fingerprint: str | None = None
     producer: str = "dr_pipelines"
     extra: dict[str, Any] = {}
+
+    @property
+    def base(self) -> BaseBackupFacts:
+        """The WAL facts of a base backup (kind "base")."""
+        return BaseBackupFacts.model_validate(self.extra)
 
     @property
     def prefix(self) -> str:

@@ -3,8 +3,13 @@ so history survives the loss of the Dagster instance."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import json
 
+from pydantic import BaseModel, ConfigDict
+
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.storage.base import Location, LocationError
 
 # --------------------------------------------------------------------------- history records
@@ -12,8 +17,33 @@ from dr_pipelines.core.storage.base import Location, LocationError
 # <database>/reports/<kind>/<started_at>.json, on every location that accepts them.
 
 
-def store_record(locations: dict[str, Location], database: str, kind: str, started_at: str, data: bytes,
-                 log=lambda msg: None) -> list[str]:
+class RecordKind(StrEnum):
+    """The kinds of record, each under `<database>/reports/<kind>/` in the repository."""
+
+    BACKUP_ATTEMPT = "backup_attempt"  # every backup attempt, success or failure
+    RESTORE = "restore"  # a real restore
+    RESTORE_TEST = "restore_test"  # a restore drill into a scratch database
+    PITR = "pitr"  # a real point-in-time recovery
+    PITR_TEST = "pitr_test"  # a PITR drill
+
+
+class Record(BaseModel):
+    """What the readers of records rely on; each kind stores more (kept as extra fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    started_at: str
+    backup_id: str | None = None
+    backup_created_at: str | None = None
+    kind: str | None = None  # backup attempts: logical or base; reports: their own kind
+    succeeded: bool = False  # backup attempts
+    passed: bool = False  # restores, drills
+    error: str | None = None
+    rto_s: float | None = None
+    achievable_rpo_s: float | None = None
+
+
+def store_record(locations: dict[str, Location], database: str, kind: RecordKind, started_at: str, data: bytes,
+                 log: Log = lambda msg: None) -> list[str]:
     key = f"{database}/reports/{kind}/{started_at.replace(':', '')}.json"
     stored = []
     for name, loc in locations.items():
@@ -25,14 +55,20 @@ def store_record(locations: dict[str, Location], database: str, kind: str, start
     return stored
 
 
-def load_reports(locations: dict[str, Location], database: str, kind: str) -> list[dict]:
+def store_json_record(locations: dict[str, Location], database: str, kind: RecordKind, started_at: str,
+                      record: dict, log: Log = lambda msg: None) -> list[str]:
+    return store_record(locations, database, kind, started_at,
+                        json.dumps(record, sort_keys=True, default=str).encode(), log)
+
+
+def load_reports(locations: dict[str, Location], database: str, kind: RecordKind) -> list[Record]:
     """Records of one kind, newest first, merged across locations."""
-    seen: dict[str, dict] = {}
+    seen: dict[str, Record] = {}
     for loc in locations.values():
         try:
             for obj in loc.list(f"{database}/reports/{kind}/"):
                 if obj.key not in seen and obj.key.endswith(".json"):
-                    seen[obj.key] = json.loads(loc.get_bytes(obj.key))
+                    seen[obj.key] = Record.model_validate_json(loc.get_bytes(obj.key))
         except (LocationError, ValueError):
             continue
-    return sorted(seen.values(), key=lambda r: r["started_at"], reverse=True)
+    return sorted(seen.values(), key=lambda r: r.started_at, reverse=True)

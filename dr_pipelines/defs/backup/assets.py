@@ -1,4 +1,5 @@
-"""`DB/logical_backup`: pg_dump streamed to every location, one asset per configured database."""
+"""Per configured database: the database itself (external), `DB/logical_backup` (pg_dump) and
+`DB/base_backup` (pg_basebackup), each streamed to every location."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -8,8 +9,7 @@ from dr_pipelines.core.backup.base import run_base_backup
 from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
-from dr_pipelines.sandbox.config import ensure_sandbox_running
+from dr_pipelines.defs.resources import DrResource
 
 
 def database_key(db: str) -> dg.AssetKey:
@@ -61,21 +61,17 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
             f"{config.compression.method} and {config.encryption.method} encryption to "
             f"{', '.join(config.locations)}. The repository's manifest is the source of truth."
         ),
-        required_resource_keys={"dr", *storage_resource_keys(config)},
         pool=f"pg_{db}",
         # Dagster's own freshness (its daemon, from materializations); the `backup_fresh` check
         # reads the repository, so it also sees backups taken from the shell.
         freshness_policy=dg.FreshnessPolicy.time_window(  # Dagster's floor is one minute
             fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))),
     )
-    def logical_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def logical_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         try:
             with domain_failures():
-                run_config = context.resources.dr.load()
-                if run_config.sandbox:
-                    ensure_sandbox_running(run_config, log=context.log.info)
-                locations = locations_from_context(context, run_config)
-                result = run_logical_backup(run_config, db, locations, log=context.log.info)
+                run_config = dr.config()
+                result = run_logical_backup(run_config, db, dr.locations(run_config), log=context.log.info)
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
@@ -102,18 +98,26 @@ def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
               description=f"Physical base backup of {db}: `pg_basebackup -Ft` streamed through "
                           f"{config.compression.method} and {config.encryption.method} encryption to every location, "
                           "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
-              required_resource_keys={"dr", *storage_resource_keys(config)}, pool=f"pg_{db}")
-    def base_backup(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+              pool=f"pg_{db}")
+    def base_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            result = run_base_backup(cfg, db, locations_from_context(context, cfg), log=context.log.info)
-        m = result.manifest
+            cfg = dr.config()
+            result = run_base_backup(cfg, db, dr.locations(cfg), log=context.log.info)
+        m, facts = result.manifest, result.manifest.base
         return dg.MaterializeResult(metadata={
             "backup_id": m.id, "size_bytes": m.size_bytes, "uncompressed_bytes": m.uncompressed_bytes,
             "duration_s": m.duration_s, "compression_ratio": result.compression_ratio,
             "sha256": m.objects[0].sha256, "locations": ", ".join(result.locations),
-            "start_lsn": m.extra["start_lsn"], "stop_lsn": m.extra["stop_lsn"], "timeline": m.extra["timeline"],
-            "wal_start": m.extra["wal_start"], "wal_stop": m.extra["wal_stop"],
+            "start_lsn": facts.start_lsn, "stop_lsn": facts.stop_lsn, "timeline": facts.timeline,
+            "wal_start": facts.wal_start, "wal_stop": facts.wal_stop,
             "created_at": dg.MetadataValue.timestamp(m.created_at)}, data_version=dg.DataVersion(m.id))
 
     return base_backup
+
+
+def logical_backup_job_name(db: str) -> str:
+    return f"{db}__logical_backup_job"
+
+
+def base_backup_job_name(db: str) -> str:
+    return f"{db}__base_backup_job"

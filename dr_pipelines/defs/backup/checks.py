@@ -18,10 +18,10 @@ import dagster as dg
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring import health
 from dr_pipelines.core.repository.catalog import load_catalog
-from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.defs.backup.assets import logical_backup_key
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 
 SEVERITY = {health.ERROR: dg.AssetCheckSeverity.ERROR, health.WARNING: dg.AssetCheckSeverity.WARN}
 
@@ -39,16 +39,14 @@ def _evaluate(kind: str, cfg: DrConfig, db: str, locations) -> health.Outcome:
     if kind == health.FRESHNESS:
         return health.check_freshness(cfg, db, catalog, datetime.now(timezone.utc))
     if kind == health.SIZE:
-        tests = load_reports(locations, db, "restore_test")
+        tests = load_reports(locations, db, RecordKind.RESTORE_TEST)
         return health.check_size(cfg, db, catalog, health.failed_restore_tests(tests))
     if kind == health.REPLICATION:
         return health.check_replication(cfg, db, catalog)
     if kind == health.INTEGRITY:
         return health.check_integrity(cfg, db, catalog, locations)
     if kind == health.LAST_ATTEMPT:
-        from dr_pipelines.core.backup.attempts import ATTEMPTS
-
-        return health.check_last_attempt(db, load_reports(locations, db, ATTEMPTS))
+        return health.check_last_attempt(db, load_reports(locations, db, RecordKind.BACKUP_ATTEMPT))
     raise ValueError(kind)
 
 
@@ -65,12 +63,11 @@ def build_backup_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinit
     key = logical_backup_key(db)
 
     def make(name: str, blocking: bool, description: str) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=key, name=name, blocking=blocking, description=description,
-                        required_resource_keys={"dr", *storage_resource_keys(config)})
-        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        @dg.asset_check(asset=key, name=name, blocking=blocking, description=description)
+        def _check(dr: DrResource) -> dg.AssetCheckResult:
             with domain_failures():
-                cfg = context.resources.dr.load()
-                outcome = _evaluate(name, cfg, db, locations_from_context(context, cfg))
+                cfg = dr.config()
+                outcome = _evaluate(name, cfg, db, dr.locations(cfg))
             return check_result(outcome)
 
         return _check

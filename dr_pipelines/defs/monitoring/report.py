@@ -7,7 +7,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import evaluate
 from dr_pipelines.core.monitoring.metrics import build_registry, export
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 from pydantic import Field
 
 COMPLIANCE_REPORT = dg.AssetKey(["dr", "compliance_report"])
@@ -21,12 +21,11 @@ def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.Asse
     @dg.asset(key=COMPLIANCE_REPORT, deps=upstream, group_name="dr", kinds={"pandas"},
               description="Compliance report over every database: backup success rate, RPO actually achieved, "
                           "RTO from restore tests against the objective, storage per location, recommendations. "
-                          "JSON, HTML and Markdown copies are stored in the repository under compliance/.",
-              required_resource_keys={"dr", *storage_resource_keys(config)})
-    def compliance_report(context: dg.AssetExecutionContext, config: ReportConfig) -> dg.MaterializeResult:
+                          "JSON, HTML and Markdown copies are stored in the repository under compliance/.")
+    def compliance_report(config: ReportConfig, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            locations = locations_from_context(context, cfg)
+            cfg = dr.config()
+            locations = dr.locations(cfg)
             from dr_pipelines.core.monitoring.report import (  # pandas: loaded only here
                 build_report,
                 store_report,
@@ -49,12 +48,11 @@ def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.Asse
 
 
 def build_metrics_job(config: DrConfig) -> dg.JobDefinition:
-    @dg.op(required_resource_keys={"dr", *storage_resource_keys(config)},
-           description="Evaluate backup health from the repository; write the Prometheus textfile and push.")
-    def write_metrics(context: dg.OpExecutionContext) -> None:
+    @dg.op(description="Evaluate backup health from the repository; write the Prometheus textfile and push.")
+    def write_metrics(context: dg.OpExecutionContext, dr: DrResource) -> None:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            h = evaluate(cfg, locations_from_context(context, cfg), datetime.now(timezone.utc))
+            cfg = dr.config()
+            h = evaluate(cfg, dr.locations(cfg), datetime.now(timezone.utc))
             done = export(cfg, build_registry(cfg, h))
         context.add_output_metadata({"exported_to": ", ".join(done) or "nowhere (metrics not configured)",
                                      "status": h.worst})

@@ -16,7 +16,7 @@ from dr_pipelines.core.monitoring.alerts import (
 )
 from dr_pipelines.core.monitoring.health import check_freshness
 from dr_pipelines.core.repository.catalog import load_catalog
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 from dr_pipelines.defs.restore.restore_test import PASSED as RESTORE_TEST_PASSED
 
 RUN_FAILURES = "dr_run_failure_alerts"
@@ -82,10 +82,9 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
     interval = config.schedules.sensor_interval_s
 
     @dg.sensor(name=RUN_FAILURES, minimum_interval_seconds=interval, default_status=status,
-               required_resource_keys={"dr"},
                description="Alerts when any job's run fails (one alert per job until a run of it succeeds).")
-    def run_failures(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        cfg = context.resources.dr.load()
+    def run_failures(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
+        cfg = dr.config()
         book = IncidentBook(context.cursor)
         after = book.extra.get("updated_after") or time.time() - FIRST_LOOK_BACK.total_seconds()
         records = context.instance.get_run_records(
@@ -108,10 +107,9 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
         return _finish(context, cfg, book)
 
     @dg.sensor(name=CHECK_FAILURES, minimum_interval_seconds=interval, default_status=status,
-               required_resource_keys={"dr"},
                description="Alerts on the latest evaluation of every asset check that failed; resolves when it passes.")
-    def check_failures(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        cfg = context.resources.dr.load()
+    def check_failures(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
+        cfg = dr.config()
         book = IncidentBook(context.cursor)
         keys = list(context.repository_def.asset_graph.asset_check_keys)
         latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
@@ -132,13 +130,12 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
         return _finish(context, cfg, book)
 
     @dg.sensor(name=STALENESS, minimum_interval_seconds=max(interval, 300), default_status=status,
-               required_resource_keys={"dr", *storage_resource_keys(config)},
                description="Alerts when a database's newest backup (in the repository, however it was taken) "
                            "is older than its limit; resolves when a fresh one arrives.")
-    def staleness(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        cfg = context.resources.dr.load()
+    def staleness(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
+        cfg = dr.config()
         book = IncidentBook(context.cursor)
-        catalog = load_catalog(locations_from_context(context, cfg).values())
+        catalog = load_catalog(dr.locations(cfg).values())
         now = datetime.now(timezone.utc)
         for db in cfg.databases:
             outcome = check_freshness(cfg, db, catalog, now)

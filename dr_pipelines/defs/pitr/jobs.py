@@ -1,29 +1,28 @@
-"""The point_in_time_recovery job and the PITR drill asset."""
+"""The `point_in_time_recovery` job and the `DB/pitr_test` drill asset."""
 
-import shutil
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
-from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.monitoring.health import (
-    PITR_TEST,
-)
+from pydantic import Field
+
+from dr_pipelines.core.monitoring.health import PITR_TEST
+from dr_pipelines.core.pitr.drill import run_pitr_drill
 from dr_pipelines.core.pitr.recover import (
     PitrFailed,
+    PitrReport,
     PitrRequest,
+    check_overwrite,
+    parse_target_time,
     query_as_postgres,
     run_pitr,
 )
-from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
-from dr_pipelines.core.repository.records import store_record
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.defs.backup.assets import base_backup_key
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 from dr_pipelines.defs.wal.assets import wal_archive_key
-from pydantic import Field
 
 PITR_PASSED = PITR_TEST
 
@@ -47,54 +46,45 @@ class PitrConfig(dg.Config):
     backup_id: Optional[str] = Field(default=None, description="A base backup id; default: the newest before the target.")
 
     def request(self) -> PitrRequest:
-        from dr_pipelines.core.config import ConfigError
-
         data_dir = Path(self.data_dir).expanduser().resolve()
-        if self.overwrite and (self.confirm or "") != str(data_dir):
-            raise ConfigError(f"overwrite replaces {data_dir}: type it in `confirm` to proceed")
-        when = datetime.fromisoformat(self.target_time) if self.target_time else None
+        check_overwrite(data_dir, self.overwrite, self.confirm)
+        when = parse_target_time(self.target_time) if self.target_time else None
         return PitrRequest(self.database, data_dir, self.port, target_time=when, target_lsn=self.target_lsn,
                            target_xid=self.target_xid, target_name=self.target_name, overwrite=self.overwrite,
                            archive=self.archive, timeout_s=self.timeout_s, backup_id=self.backup_id)
 
 
-def _store(locations, database: str, started_at: str, data: dict, kind: str, log) -> None:
-    import json
-
-    store_record(locations, database, kind, started_at, json.dumps(data, default=str).encode(), log)
-
-
 def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
-    keys = {"dr", *storage_resource_keys(config)}
-
-    @dg.op(required_resource_keys=keys, description="Pick the newest base backup before the target, restore it into "
-           "the new directory, replay archived WAL to the target, promote; report the point reached and the RTO.")
-    def recover_to_point(context: dg.OpExecutionContext, config: PitrConfig) -> dict:
+    @dg.op(description="Pick the newest base backup before the target, restore it into the new directory, replay "
+           "archived WAL to the target, promote; report the point reached and the RTO.")
+    def recover_to_point(context: dg.OpExecutionContext, config: PitrConfig, dr: DrResource) -> PitrReport:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            locations = locations_from_context(context, cfg)
+            cfg = dr.config()
+            locations = dr.locations(cfg)
             try:
-                report = run_pitr(cfg, context.resources.dr.config_file, config.request(), locations, log=context.log.info)
+                report = run_pitr(cfg, dr.config_file, config.request(), locations, log=context.log.info)
             except PitrFailed as e:
-                _store(locations, e.report.database, e.report.started_at, e.report.to_dict(), "pitr", context.log.warning)
+                store_json_record(locations, e.report.database, RecordKind.PITR, e.report.started_at,
+                                  e.report.to_dict(), context.log.warning)
                 raise
-            _store(locations, report.database, report.started_at, report.to_dict(), "pitr", context.log.info)
+            store_json_record(locations, report.database, RecordKind.PITR, report.started_at, report.to_dict(),
+                              context.log.info)
         context.add_output_metadata({
             "backup_id": report.backup_id, "reached_time": report.reached_time or "", "reached_lsn": report.reached_lsn or "",
             "timeline": report.timeline or 0, "rto_s": report.rto_s, "data_loss_window_s": report.data_loss_window_s or 0.0,
             "port": report.port, "data_dir": report.data_dir})
-        return report.to_dict()
+        return report
 
     @dg.op(description="The recovered cluster answers queries through its own socket and is out of recovery.")
-    def validate_recovered(context: dg.OpExecutionContext, report: dict) -> dict:
-        data_dir, port = Path(report["data_dir"]), report["port"]
+    def validate_recovered(context: dg.OpExecutionContext, report: PitrReport) -> PitrReport:
+        data_dir, port = Path(report.data_dir), report.port
         in_recovery = query_as_postgres(data_dir, port, "SELECT pg_is_in_recovery()")
         dbs = (query_as_postgres(data_dir, port, "SELECT string_agg(datname, ',') FROM pg_database "
                                                  "WHERE NOT datistemplate") or "").split(",")
         if in_recovery != "f":
             raise dg.Failure(description=f"the recovered cluster on port {port} is not a promoted primary "
                                          f"(pg_is_in_recovery: {in_recovery!r})")
-        context.add_output_metadata({"databases": ", ".join(dbs), "warnings": "; ".join(report.get("warnings") or [])})
+        context.add_output_metadata({"databases": ", ".join(dbs), "warnings": "; ".join(report.warnings)})
         return report
 
     @dg.job(name="point_in_time_recovery", tags={"dr/operation": "pitr"},
@@ -105,24 +95,8 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
     return point_in_time_recovery
 
 
-def run_pitr_drill(cfg: DrConfig, config_file: Optional[str], db: str, locations, log) -> dict:
-    """Latest base backup + all WAL into a scratch directory: proves PITR works and measures it."""
-    root = Path(tempfile.mkdtemp(prefix=f"dr-pitr-test-{db}-", dir=cfg.databases[db].scratch_dir or "/var/tmp"))
-    root.chmod(0o755)
-    data_dir = root / "data"
-    try:
-        report = run_pitr(cfg, config_file, PitrRequest(db, data_dir, free_port()), locations, log=log)
-        reached = datetime.fromisoformat(report.reached_time) if report.reached_time else None
-        achievable_rpo = (datetime.now(timezone.utc) - reached).total_seconds() if reached else None
-        return {**report.to_dict(), "achievable_rpo_s": achievable_rpo}
-    finally:
-        LocalCluster(data_dir, 0).stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def build_pitr_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
     key = pitr_test_key(db)
-    rto = config.database(db).objectives.rto.total_seconds()
 
     @dg.asset(key=key, deps=[base_backup_key(db), wal_archive_key(db)], group_name=db, kinds={"postgres"},
               description="PITR drill: the latest base backup plus all archived WAL recovered into a scratch "
@@ -130,22 +104,16 @@ def build_pitr_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
                           "the recovered point is (the RPO actually achievable).",
               automation_condition=dg.AutomationCondition.eager(),
               check_specs=[dg.AssetCheckSpec(PITR_PASSED, asset=key, blocking=True,
-                                             description="The drill promoted a consistent cluster within the RTO.")],
-              required_resource_keys={"dr", *storage_resource_keys(config)})
-    def pitr_test(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+                                             description="The drill promoted a consistent cluster within the RTO.")])
+    def pitr_test(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            locations = locations_from_context(context, cfg)
-            try:
-                out = run_pitr_drill(cfg, context.resources.dr.config_file, db, locations, context.log.info)
-                passed, why = out["promoted"] and out["rto_s"] <= rto, f"promoted in {out['rto_s']:.1f}s (RTO {rto:.0f}s)"
-            except PitrFailed as e:
-                out, passed, why = e.report.to_dict(), False, str(e)
-            _store(locations, db, out["started_at"], {**out, "passed": passed}, "pitr_test", context.log.info)
+            cfg = dr.config()
+            drill = run_pitr_drill(cfg, dr.config_file, db, dr.locations(cfg), context.log.info)
+        report = drill.report
         return dg.MaterializeResult(
-            metadata={"rto_s": out.get("rto_s") or -1.0, "achievable_rpo_s": out.get("achievable_rpo_s") or -1.0,
-                      "backup_id": out.get("backup_id") or "", "reached_time": out.get("reached_time") or "",
-                      "passed": passed},
-            check_results=[dg.AssetCheckResult(check_name=PITR_PASSED, passed=passed, description=why)])
+            metadata={"rto_s": report.rto_s or -1.0, "achievable_rpo_s": drill.achievable_rpo_s or -1.0,
+                      "backup_id": report.backup_id or "", "reached_time": report.reached_time or "",
+                      "passed": drill.passed},
+            check_results=[dg.AssetCheckResult(check_name=PITR_PASSED, passed=drill.passed, description=drill.why)])
 
     return pitr_test

@@ -10,6 +10,7 @@ only for the swap, and a failure anywhere before the swap leaves the target unto
 """
 
 import os
+from dataclasses import dataclass, field, replace
 import shutil
 import time
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from dr_pipelines.core.config import DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.restore.app_hooks import run_hooks, wait_healthy
+from dr_pipelines.core.restore.fetch import Fetched
 from dr_pipelines.core.restore.load import restore_into, scratch_path
 from dr_pipelines.core.restore.report import (
     RestoreReport,
@@ -34,10 +36,10 @@ from dr_pipelines.core.restore.target import (
     plan_target,
     swap_in,
 )
-from dr_pipelines.core.restore.validation import diff_table, validate_database
+from dr_pipelines.core.restore.validation import ValidationResult, diff_table, validate_database
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 from pydantic import Field
 
 
@@ -70,71 +72,71 @@ class RestoreDatabaseConfig(dg.Config):
             keep_previous=self.keep_previous)
 
 
-def _log(context):
-    return context.log.info
+@dataclass(frozen=True)
+class RestoreState:
+    """What the ops of a restore hand to each other: decided first, then filled in step by step."""
 
+    request: RestoreRequest
+    plan: TargetPlan
+    started: datetime
+    t0: float
+    fetched: Fetched | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+    validation: ValidationResult | None = None
+    validate_s: float = 0.0
+    previous: str | None = None
 
-def _config(context) -> DrConfig:
-    return context.resources.dr.load()
-
-
-def _unpack(context, state: dict) -> tuple[DrConfig, RestoreRequest, TargetPlan, DatabaseConfig]:
-    """The DR config, the request, the target plan and the database's config, for an op."""
-    cfg = _config(context)
-    request: RestoreRequest = state["request"]
-    return cfg, request, state["plan"], cfg.database(request.database)
+    def database(self, cfg: DrConfig) -> DatabaseConfig:
+        return cfg.database(self.request.database)
 
 
 def _plaintext_dir(config: DrConfig, database: str, run_id: str) -> Path:
     return scratch_path(config, database, run_id)
 
 
-@dg.failure_hook(required_resource_keys={"dr"})
+@dg.failure_hook(required_resource_keys={"dr"})  # hooks take resources by key only
 def remove_plaintext_on_failure(context: dg.HookContext) -> None:
     """Whatever step failed, no plaintext dump stays behind on this host."""
-    config = context.resources.dr.load()
+    config = context.resources.dr.config()
     for db in config.databases:
         shutil.rmtree(_plaintext_dir(config, db, context.run_id), ignore_errors=True)
 
 
 def build_restore_job(config: DrConfig) -> dg.JobDefinition:
-    resource_keys = {"dr", *storage_resource_keys(config)}
-
-    @dg.op(required_resource_keys=resource_keys, description="Check the request and the target (nothing is "
-           "touched yet) and find the backup in the repository.")
-    def choose_backup(context: dg.OpExecutionContext, config: RestoreDatabaseConfig) -> dict:
+    @dg.op(description="Check the request and the target (nothing is touched yet) and find the backup in the "
+           "repository.")
+    def choose_backup(context: dg.OpExecutionContext, config: RestoreDatabaseConfig, dr: DrResource) -> RestoreState:
         with domain_failures():
-            cfg = _config(context)
+            cfg = dr.config()
             request = config.request()
             started = datetime.now(timezone.utc)
             plan = plan_target(cfg, request)
             if not request.from_file:
-                catalog = load_catalog(locations_from_context(context, cfg, request.location).values(),
-                                       request.database, "logical")
+                catalog = load_catalog(dr.locations(cfg, request.location).values(), request.database, "logical")
                 entry = catalog.latest(request.database) if request.backup == "latest" else \
                     catalog.find(request.database, request.backup)
                 context.log.info(f"backup {entry.id} ({entry.manifest.created_at:%Y-%m-%d %H:%M:%S} UTC) "
                                  f"on {', '.join(entry.locations)}")
-        return {"request": request, "plan": plan, "started": started, "t0": time.time()}
+        return RestoreState(request, plan, started, time.time())
 
-    @dg.op(required_resource_keys=resource_keys,
-           description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
+    @dg.op(description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
                        "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
                        "after stopping the application). With restore_spool off, or too little free space, one "
                        "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
                        "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
                        "on failure.")
-    def restore_to_staging(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg, request, plan, db = _unpack(context, state)
+    def restore_to_staging(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
+        cfg = dr.config()
+        request, plan, db = state.request, state.plan, state.database(cfg)
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
         workdir.mkdir(mode=0o700)
         try:
             with domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
-                    run_hooks(db.application.stop, db.application, "stop application", _log(context))
-                fetched, steps = restore_into(cfg, locations_from_context(context, cfg, request.location), request, db,
+                    run_hooks(db.application.stop, db.application, "stop application", context.log.info)
+                fetched, steps = restore_into(cfg, dr.locations(cfg, request.location), request, db,
                                               plan.staging or plan.target, workdir, plan.staging is not None,
-                                              _log(context))
+                                              context.log.info)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if fetched.fallback_reasons:
@@ -142,17 +144,19 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                                 f"restored {fetched.manifest.id} instead")
         context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else request.backup,
                                      "fallback": bool(fetched.fallback_reasons), **steps})
-        return {**state, "fetched": fetched, "steps": steps}
+        return replace(state, fetched=fetched, steps=steps)
 
-    @dg.op(required_resource_keys={"dr"}, description="Row counts and schema against the manifest, the "
-           "database's own validation queries, and amcheck on indexes. A failure leaves the target untouched.")
-    def validate_restore(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg, request, plan, db = _unpack(context, state)
+    @dg.op(description="Row counts and schema against the manifest, the database's own validation queries, and "
+           "amcheck on indexes. A failure leaves the target untouched.")
+    def validate_restore(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
+        cfg = dr.config()
+        request, plan, db = state.request, state.plan, state.database(cfg)
+        assert state.fetched is not None
         into = plan.staging or plan.target
         t = time.time()
         with domain_failures():
             with connect(db, request.database, dbname=into, autocommit=True) as conn:
-                result = validate_database(conn, state["fetched"].manifest, db.validation,
+                result = validate_database(conn, state.fetched.manifest, db.validation,
                                            compare_rows=not request.schema_only, compare_schema=not request.data_only)
         context.add_output_metadata({"tables": result.tables, "rows": result.rows, "passed": result.passed,
                                      "checks": dg.MetadataValue.json(result.checks)})
@@ -164,65 +168,64 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                     f" The target {plan.target!r} was not touched." if plan.staging else ""),
                 metadata={"table_diff": dg.MetadataValue.md(diff_table(result.table_diffs))} if result.table_diffs else {})
         context.log.info(result.summary())
-        return {**state, "validation": result, "validate_s": round(time.time() - t, 3)}
+        return replace(state, validation=result, validate_s=round(time.time() - t, 3))
 
-    @dg.op(required_resource_keys={"dr"}, description="Run the configured stop hooks (commands / HTTP calls).")
-    def stop_application(context: dg.OpExecutionContext, state: dict) -> dict:
-        _, _, plan, db = _unpack(context, state)
-        if plan.staging is None:
+    @dg.op(description="Run the configured stop hooks (commands / HTTP calls).")
+    def stop_application(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
+        if state.plan.staging is None:
             return state  # data_only stopped it before loading rows
+        db = state.database(dr.config())
         with domain_failures():
-            run_hooks(db.application.stop, db.application, "stop application", _log(context))
+            run_hooks(db.application.stop, db.application, "stop application", context.log.info)
         return state
 
-    @dg.op(required_resource_keys={"dr"}, description="Swap the validated staging database into the target's "
-           "place; the replaced database is kept, renamed, unless keep_previous is false.")
-    def swap_database(context: dg.OpExecutionContext, state: dict) -> dict:
-        _, request, plan, db = _unpack(context, state)
+    @dg.op(description="Swap the validated staging database into the target's place; the replaced database is "
+           "kept, renamed, unless keep_previous is false.")
+    def swap_database(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         previous = None
-        if plan.staging is not None:
+        if state.plan.staging is not None:
             with domain_failures():
-                previous = swap_in(db, request.database, plan, request.keep_previous, _log(context))
-        return {**state, "previous": previous}
+                previous = swap_in(state.database(dr.config()), state.request.database, state.plan,
+                                   state.request.keep_previous, context.log.info)
+        return replace(state, previous=previous)
 
-    @dg.op(required_resource_keys={"dr"}, description="Run the configured start hooks.")
-    def start_application(context: dg.OpExecutionContext, state: dict) -> dict:
-        _, _, _, db = _unpack(context, state)
+    @dg.op(description="Run the configured start hooks.")
+    def start_application(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
+        db = state.database(dr.config())
         with domain_failures():
-            run_hooks(db.application.start, db.application, "start application", _log(context))
+            run_hooks(db.application.start, db.application, "start application", context.log.info)
         return state
 
-    @dg.op(required_resource_keys={"dr"}, description="The configured health checks, retried until they pass.")
-    def health_checks(context: dg.OpExecutionContext, state: dict) -> dict:
-        _, _, _, db = _unpack(context, state)
+    @dg.op(description="The configured health checks, retried until they pass.")
+    def health_checks(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
+        db = state.database(dr.config())
         with domain_failures():
-            wait_healthy(db.application, _log(context))
+            wait_healthy(db.application, context.log.info)
         return state
 
-    @dg.op(required_resource_keys=resource_keys, description="Measured RTO, the data-loss window, the backup "
-           "used (and why, on fallback); stored in the repository and as run metadata.")
-    def restore_report(context: dg.OpExecutionContext, state: dict) -> dict:
-        cfg = _config(context)
-        request: RestoreRequest = state["request"]
-        started: datetime = state["started"]
-        report = RestoreReport(kind="restore", database=request.database, target=state["plan"].target,
+    @dg.op(description="Measured RTO, the data-loss window, the backup used (and why, on fallback); stored in the "
+           "repository and as run metadata.")
+    def restore_report(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreReport:
+        request, started = state.request, state.started
+        assert state.fetched is not None and state.validation is not None
+        report = RestoreReport(kind="restore", database=request.database, target=state.plan.target,
                                started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())
-        describe_backup(report, state["fetched"], started)
-        report.previous_database = state.get("previous")
-        report.validation = state["validation"].to_dict()
-        report.steps_s = {**state["steps"], "validate": state["validate_s"]}
-        report.rto_s = round(time.time() - state["t0"], 3)
+        describe_backup(report, state.fetched, started)
+        report.previous_database = state.previous
+        report.validation = state.validation.to_dict()
+        report.steps_s = {**state.steps, "validate": state.validate_s}
+        report.rto_s = round(time.time() - state.t0, 3)
         report.passed = True
-        stored = store_report(locations_from_context(context, cfg), report, _log(context))
+        stored = store_report(dr.locations(), report, context.log.info)
         metadata = {
-            "backup_id": report.backup_id or state["request"].backup,  # a file without its manifest
+            "backup_id": report.backup_id or request.backup,  # a file without its manifest
             "rto_s": report.rto_s,
             "data_loss_window_s": report.data_loss_window_s if report.data_loss_window_s is not None else -1.0,
             "fallback": report.fallback,
             "target": report.target,
             "previous_database": report.previous_database or "",
-            "tables": state["validation"].tables,
-            "rows": state["validation"].rows,
+            "tables": state.validation.tables,
+            "rows": state.validation.rows,
             "report_stored_on": ", ".join(stored),
         }
         if report.fallback:
@@ -233,7 +236,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         context.log.info(f"restore of {request.database} into {report.target} done: backup {report.backup_id}, "
                          f"RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s"
                          + (" (FALLBACK)" if report.fallback else ""))
-        return {"report": report}
+        return report
 
     @dg.job(
         name="restore_database",

@@ -5,14 +5,13 @@ from datetime import datetime, timezone
 import dagster as dg
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring import health
-from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.restore.restore_test import run_restore_test
 from dr_pipelines.core.restore.validation import TableDiff, diff_table
 from dr_pipelines.defs.backup.assets import logical_backup_key
 from dr_pipelines.defs.backup.checks import check_result
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
-from dr_pipelines.sandbox.config import ensure_sandbox_running
+from dr_pipelines.defs.resources import DrResource
 from pydantic import Field
 
 PASSED = health.RESTORE_TEST
@@ -49,15 +48,13 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
         # Blocking: a backup that cannot be proven restorable must fail the run and alert.
         check_specs=[dg.AssetCheckSpec(PASSED, asset=key, blocking=True,
                                        description="The restored database matched the manifest and passed every check.")],
-        required_resource_keys={"dr", *storage_resource_keys(config)},
         pool=f"pg_{db}",
     )
-    def restore_test(context: dg.AssetExecutionContext, config: RestoreTestRunConfig) -> dg.MaterializeResult:
+    def restore_test(context: dg.AssetExecutionContext, config: RestoreTestRunConfig,
+                     dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
-            run_config = context.resources.dr.load()
-            if run_config.sandbox:
-                ensure_sandbox_running(run_config, log=context.log.info)
-            report = run_restore_test(run_config, db, locations_from_context(context, run_config),
+            run_config = dr.config()
+            report = run_restore_test(run_config, db, dr.locations(run_config),
                                       backup=config.backup, keep=config.keep, log=context.log.info)
         validation = report.validation or {}
         metadata = {
@@ -90,12 +87,11 @@ def build_restore_test_checks(config: DrConfig, db: str) -> list[dg.AssetChecksD
     cfg = config.databases[db]
 
     def make(name: str, description: str) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=key, name=name, description=description,
-                        required_resource_keys={"dr", *storage_resource_keys(config)})
-        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        @dg.asset_check(asset=key, name=name, description=description)
+        def _check(dr: DrResource) -> dg.AssetCheckResult:
             with domain_failures():
-                run_config = context.resources.dr.load()
-                tests = load_reports(locations_from_context(context, run_config), db, "restore_test")
+                run_config = dr.config()
+                tests = load_reports(dr.locations(run_config), db, RecordKind.RESTORE_TEST)
                 outcomes = health.check_restore_tests(run_config, db, tests, datetime.now(timezone.utc))
             return check_result(next(o for o in outcomes if o.check == name))
 
@@ -103,3 +99,7 @@ def build_restore_test_checks(config: DrConfig, db: str) -> list[dg.AssetChecksD
 
     return [make(RECENT, f"A restore test ran within the last {cfg.restore_test.max_age}."),
             make(RTO, f"The measured restore time is within the RTO ({cfg.objectives.rto}).")]
+
+
+def restore_test_job_name(db: str) -> str:
+    return f"{db}__restore_test_job"

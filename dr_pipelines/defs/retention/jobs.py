@@ -12,7 +12,7 @@ from dr_pipelines.core.retention import (
     plan_table,
 )
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 from pydantic import Field
 
 
@@ -21,13 +21,12 @@ class RetentionRunConfig(dg.Config):
 
 
 def build_retention_job(config: DrConfig) -> dg.JobDefinition:
-    @dg.op(required_resource_keys={"dr", *storage_resource_keys(config)},
-           description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
+    @dg.op(description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
                        "newest restore-tested backup kept), then remove the rest: manifest first, then objects.")
-    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig) -> None:
+    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig, dr: DrResource) -> None:
         with domain_failures():
-            cfg = context.resources.dr.load()
-            locations = locations_from_context(context, cfg)
+            cfg = dr.config()
+            locations = dr.locations(cfg)
             plan = build_plan(cfg, locations, datetime.now(timezone.utc))
         for p in plan.problems:
             context.log.warning(p)

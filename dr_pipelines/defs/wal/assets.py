@@ -7,7 +7,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.wal.archive import WalStatus, wal_status
 from dr_pipelines.defs.backup.assets import database_key
-from dr_pipelines.defs.resources import locations_from_context, storage_resource_keys
+from dr_pipelines.defs.resources import DrResource
 
 WAL_OBSERVER = "dr_wal_archive_observer"
 
@@ -24,7 +24,7 @@ def wal_archive_spec(config: DrConfig, db: str) -> dg.AssetSpec:
 
 def current_wal_status(cfg: DrConfig, db: str, locations) -> WalStatus:
     bases = load_catalog(locations.values(), db, "base").entries
-    return wal_status(cfg, db, locations, datetime.now(timezone.utc), [e.manifest.extra["wal_start"] for e in bases])
+    return wal_status(cfg, db, locations, datetime.now(timezone.utc), [e.manifest.base.wal_start for e in bases])
 
 
 def wal_metadata(s: WalStatus) -> dict:
@@ -35,11 +35,10 @@ def wal_metadata(s: WalStatus) -> dict:
 
 def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
     @dg.sensor(name=WAL_OBSERVER, minimum_interval_seconds=config.schedules.sensor_interval_s, default_status=status,
-               required_resource_keys={"dr", *storage_resource_keys(config)},
                description="Observes each WAL archive: newest segment, archive lag, gaps (plotted on the asset).")
-    def observe(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        cfg = context.resources.dr.load()
-        locations = locations_from_context(context, cfg)
+    def observe(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
+        cfg = dr.config()
+        locations = dr.locations(cfg)
         events = []
         for db in cfg.databases:
             s = current_wal_status(cfg, db, locations)
