@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

@@ -20,14 +20,7 @@ from dr_pipelines.cli.common import (
 def cmd_retention(args) -> int:
     from datetime import datetime, timezone
 
-    from dr_pipelines.core.retention import (
-        apply_retention,
-        apply_tiering,
-        apply_wal_retention,
-        build_plan,
-        plan_json,
-        plan_table,
-    )
+    from dr_pipelines.core.retention import apply_plan, build_plan, plan_json, plan_table
 
     config = config_from_args(args)
     locations = open_cli_locations(config)
@@ -45,15 +38,11 @@ def cmd_retention(args) -> int:
                   + (f"; {len(plan.wal)} WAL files ({plan.wal[0].name} .. {plan.wal[-1].name}): {plan.wal[0].reason}"
                      if plan.wal else "; no WAL file") + (" (dry run)" if args.dry_run else ""))
         return EXIT_OK
-    removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
-    moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)
-    wal_errors = apply_wal_retention(locations, plan.wal, log=log)
-    failed = [r for r in removals if r.error] + [m for m in moves if m.error] + wal_errors
-    print(f"removed {len(plan.removed)} backups ({len([r for r in removals if not r.error])} copies); "
-          f"moved {len([m for m in moves if not m.error])} copies to a colder storage class; "
-          f"removed {len(plan.wal)} WAL files"
-          + (f"; {len(failed)} operations failed" if failed else ""))
-    return EXIT_FAILED if failed or plan.problems else EXIT_OK
+    outcome = apply_plan(config, locations, plan, log=log)
+    print(outcome.summary())
+    for failure in outcome.failures:
+        err(failure)
+    return EXIT_OK if outcome.complete else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -98,8 +87,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from dr_pipelines.core.monitoring.metrics import build_registry, export
     from prometheus_client import generate_latest
+
+    from dr_pipelines.core.monitoring.metrics import build_registry, export
 
     config, _, h = _health(args)
     reg = build_registry(config, h)

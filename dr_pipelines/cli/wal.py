@@ -32,7 +32,7 @@ def cmd_wal_push(args) -> int:
     from dr_pipelines.core.wal.push import push_ahead, wal_push
 
     context = push_context(args.config, args.db)  # of the config as loaded here, not as it may be later
-    config = config_from_args(args)
+    config = _named_config(args)
     db, locations = _wal_database(config, args.db), open_cli_locations(config)
     wal_push(config, db, args.path, locations)
     try:  # strictly best effort: this segment is archived, whatever happens to the ones after it
@@ -45,12 +45,26 @@ def cmd_wal_push(args) -> int:
 WAL_FETCH_ABORT = 255  # > 125: PostgreSQL aborts recovery instead of reading it as "not found"
 
 
+def _named_config(args):
+    """PostgreSQL runs wal-push and wal-fetch inside a data directory: without a named config they
+    would fall back to a new, empty sandbox there and find nothing. They never fall back."""
+    import os
+
+    from dr_pipelines.core.config import CONFIG_ENV, ConfigError
+
+    if not (args.config or os.environ.get(CONFIG_ENV)):
+        raise ConfigError(f"{args.command} needs --config FILE (or ${CONFIG_ENV}): PostgreSQL runs it from a data "
+                          "directory, where no other config can be assumed; `dr-pipelines pg-config DB` prints "
+                          "the lines that name it")
+    return config_from_args(args)
+
+
 def cmd_wal_fetch(args) -> int:
     from dr_pipelines.core.wal.archive import WalFetchAborted, WalNotFound
     from dr_pipelines.core.wal.fetch import wal_fetch
 
     try:
-        config = config_from_args(args)
+        config = _named_config(args)
         db = _wal_database(config, args.db)
         identities = None
         if config.encryption.method == "age":

@@ -7,7 +7,6 @@ and bad values are errors that name the key (``ConfigError``).
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import UsageError
 import os
 import re
 from datetime import datetime, timedelta
@@ -23,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from dr_pipelines.core.errors import UsageError
 
 CONFIG_ENV = "DR_PIPELINES_CONFIG"
 
@@ -220,7 +221,7 @@ class DatabaseConfig(_Model):
             return self.objectives.alert_after
         return cron_interval(self.logical_backup.schedule, now) + timedelta(hours=2)
 
-    def test_server(self) -> "DatabaseConfig":
+    def test_server(self) -> DatabaseConfig:
         """The server restore tests run on: the database's own unless restore_test names another."""
         t = self.restore_test
         return self.model_copy(update={
@@ -334,7 +335,7 @@ class EncryptionConfig(_Model):
     )
 
     @model_validator(mode="after")
-    def _recipients(self) -> "EncryptionConfig":
+    def _recipients(self) -> EncryptionConfig:
         if self.method == "age":
             if not self.recipients:
                 raise ValueError("method age needs at least one recipient (age1...) in recipients")
@@ -360,7 +361,7 @@ class CompressionConfig(_Model):
     threads: int = Field(default=0, ge=0, description="zstd worker threads; 0 = one per core")
 
     @model_validator(mode="after")
-    def _level(self) -> "CompressionConfig":
+    def _level(self) -> CompressionConfig:
         if self.method == "gzip" and self.level > 9:
             raise ValueError("gzip level must be 1..9")
         return self

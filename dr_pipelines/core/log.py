@@ -1,5 +1,5 @@
 """How the domain layer reports progress: a callable taking one line (print, context.log.info, ...)."""
 
-from typing import Callable
+from collections.abc import Callable
 
 Log = Callable[[str], None]

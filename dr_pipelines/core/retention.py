@@ -14,9 +14,9 @@ The plan is printable before anything is deleted.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
 
 from dr_pipelines.core.config import RetentionConfig
 from dr_pipelines.core.repository.catalog import CatalogEntry
@@ -238,7 +238,7 @@ class RetentionPlan:
     decisions: list[Decision]
     entries: dict[str, CatalogEntry]
     problems: list[str]
-    wal: list["WalRemoval"] = field(default_factory=list)
+    wal: list[WalRemoval] = field(default_factory=list)
 
     @property
     def removed(self) -> list[Decision]:
@@ -314,3 +314,36 @@ def apply_wal_retention(locations: dict[str, Location], removals: list[WalRemova
     if removals:
         log(f"removed {len(removals)} WAL files ({removals[0].name} .. {removals[-1].name})")
     return errors
+
+
+@dataclass
+class RetentionOutcome:
+    """What applying a plan did; the shell and the job report it the same way."""
+
+    plan: RetentionPlan
+    removals: list[Removal]
+    moves: list[Move]
+    wal_errors: list[str]
+
+    @property
+    def failures(self) -> list[str]:
+        return ([f"{r.backup_id} on {r.location}: {r.error}" for r in self.removals + self.moves if r.error]
+                + self.wal_errors)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failures and not self.plan.problems
+
+    def summary(self) -> str:
+        return (f"removed {len(self.plan.removed)} backups ({len([r for r in self.removals if not r.error])} copies); "
+                f"moved {len([m for m in self.moves if not m.error])} copies to a colder storage class; "
+                f"removed {len(self.plan.wal)} WAL files"
+                + (f"; {len(self.failures)} operations failed" if self.failures else ""))
+
+
+def apply_plan(config, locations: dict[str, Location], plan: RetentionPlan,
+               log: Callable[[str], None] = lambda m: None) -> RetentionOutcome:
+    """Removals (manifest first), storage-class moves, then WAL no kept base backup needs."""
+    removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
+    moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)
+    return RetentionOutcome(plan, removals, moves, apply_wal_retention(locations, plan.wal, log=log))

@@ -4,6 +4,7 @@ what happened and what to do rather than a wrapped stack trace."""
 from contextlib import contextmanager
 
 import dagster as dg
+
 from dr_pipelines.core.errors import exit_code_for
 
 

@@ -5,11 +5,12 @@ import os
 from contextlib import contextmanager
 
 import dagster as dg
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
+from dr_pipelines.core.pitr.recover import PitrReport
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.report import RestoreReport
-from dr_pipelines.core.pitr.recover import PitrReport
 from dr_pipelines.defs.backup.assets import (
     base_backup_job_name,
     base_backup_key,

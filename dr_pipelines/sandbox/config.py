@@ -11,8 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.config import CONFIG_ENV, DrConfig, load_config, parse_config
+from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.postgres.cluster import (
     LocalCluster,
     chown_to_postgres,

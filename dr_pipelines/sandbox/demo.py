@@ -92,6 +92,7 @@ def demo_pitr(config, config_file: str, db: str) -> bool | None:
     from datetime import datetime, timezone
 
     import psycopg
+
     from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
     from dr_pipelines.defs.runner import materialize_base_backup, point_in_time_recovery
 

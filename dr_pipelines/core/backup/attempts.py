@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
-from dr_pipelines.core.log import Log
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.manifest import (
     Manifest,
     new_backup_id,
@@ -16,7 +16,6 @@ from dr_pipelines.core.repository.manifest import (
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
-
 
 
 class BackupFailed(DrError):
@@ -50,7 +49,7 @@ class BackupResult:
 
 
 def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[str, Location], log: Log,
-                   run: Callable[..., "BackupResult"]) -> "BackupResult":
+                   run: Callable[..., BackupResult]) -> BackupResult:
     """Take the backup, and record the attempt (success or failure) in the repository: the
     compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
     config.database(database)

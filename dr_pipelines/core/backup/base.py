@@ -9,7 +9,6 @@ WAL never arrives the run fails loudly and the backup stays invisible (its objec
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import json
 import subprocess
 import threading
@@ -24,9 +23,10 @@ from dr_pipelines.core.backup.attempts import (
     record_attempt,
 )
 from dr_pipelines.core.codec.encode import CountingReader
-from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.codec.keys import recipient_fingerprints
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import (
     connect,
     libpq_env,
@@ -42,8 +42,6 @@ from dr_pipelines.core.postgres.wal_names import (
 from dr_pipelines.core.repository.manifest import Manifest, ManifestObject
 from dr_pipelines.core.storage.base import Location, LocationError
 from dr_pipelines.core.storage.fanout import stream_to_locations
-
-
 
 BLOCK = 512
 

@@ -8,7 +8,6 @@ If a location fails, the others keep their complete backups and the error names 
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import subprocess
 import threading
 import time
@@ -22,9 +21,10 @@ from dr_pipelines.core.backup.attempts import (
     record_attempt,
 )
 from dr_pipelines.core.codec.encode import CountingReader
-from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.codec.keys import recipient_fingerprints
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import (
     SnapshotSession,
     libpq_env,
@@ -40,7 +40,6 @@ from dr_pipelines.core.repository.manifest import (
 )
 from dr_pipelines.core.storage.base import Location
 from dr_pipelines.core.storage.fanout import stream_to_locations
-
 
 
 def _tail_stderr(proc: subprocess.Popen, lines: deque) -> threading.Thread:

@@ -4,7 +4,6 @@ in-process otherwise. A copy that cannot be decoded raises DecodeFailed; a full 
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import errno
 import hashlib
 import os
@@ -16,7 +15,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyrage
+
 from dr_pipelines.core.codec.methods import CHUNK, COMPRESSION, ENCRYPTION
+from dr_pipelines.core.errors import DrError
 
 # --------------------------------------------------------------------------- restore direction
 
@@ -168,7 +169,7 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
     broken pipe): so a write failure (a full disk) is blamed first, and is not the backup's fault;
     otherwise the most upstream real failure marks the copy unusable (cannot decrypt/decompress)."""
     failures = []
-    for cmd, p in zip(cmds, procs):
+    for cmd, p in zip(cmds, procs, strict=True):
         if p.returncode == 0 or p.returncode == -signal.SIGPIPE:
             continue
         if p.returncode == -signal.SIGXFSZ:  # past the file-size limit: a write failure

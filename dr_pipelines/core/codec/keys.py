@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pyrage
+
 from dr_pipelines.core.config import (
     ConfigError,
     EncryptionConfig,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Protocol
+from typing import BinaryIO, Protocol
 
 import zstandard
 

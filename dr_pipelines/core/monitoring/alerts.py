@@ -8,12 +8,15 @@ nothing, and a channel that was down gets the message on a later tick.
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
 from dr_pipelines.core.config import (
     ConfigError,
     DrConfig,
@@ -21,8 +24,7 @@ from dr_pipelines.core.config import (
     WebhookAlertConfig,
     _read_env,
 )
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from dr_pipelines.core.errors import DrError
 
 TRIGGER = "trigger"
 

@@ -6,19 +6,20 @@ Names follow the SongNodes monitoring section (`backup_age_hours`, `backup_size_
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import re
 from datetime import datetime
 from pathlib import Path
 
-from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.monitoring.health import Health
 from prometheus_client import (
     CollectorRegistry,
     Gauge,
     push_to_gateway,
     write_to_textfile,
 )
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.monitoring.health import Health
 
 
 class MetricsError(DrError):

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from dr_pipelines.core.repository.records import Record
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import Health
+from dr_pipelines.core.repository.records import Record
 from dr_pipelines.core.storage.base import Location, LocationError
 
 

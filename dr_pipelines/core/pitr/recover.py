@@ -11,8 +11,6 @@ the RTO. A missing WAL segment is reported with the last reachable point, never 
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
-from dr_pipelines.core.log import Log
 import re
 import shutil
 import subprocess
@@ -25,6 +23,8 @@ from pathlib import Path
 from dr_pipelines.core.codec.decode import HashingReader, decode_into
 from dr_pipelines.core.codec.keys import load_identities
 from dr_pipelines.core.config import ConfigError, DrConfig
+from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
 from dr_pipelines.core.postgres.cluster import (
     LocalCluster,
@@ -41,7 +41,6 @@ from dr_pipelines.core.repository.catalog import (
 from dr_pipelines.core.storage.base import Location
 from dr_pipelines.core.wal.archive import list_archive
 from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
-
 
 
 class PitrError(DrError):
@@ -204,11 +203,11 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
         loc = locations.get(name)
         if loc is None:
             continue
-        said = tempfile.TemporaryFile()  # not a pipe: tar keeps going (and talking) on a full disk
+        said = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below; not a pipe: tar keeps talking on a full disk
         tar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", str(data_dir)], stdin=subprocess.PIPE,
                                stderr=said, user=uid, group=gid, extra_groups=[], cwd="/")
 
-        def tar_failure() -> PitrError:
+        def tar_failure(said=said, tar=tar) -> PitrError:
             said.seek(0)
             text = " | ".join(said.read().decode(errors="replace").strip().splitlines()[-5:])
             return PitrError(f"tar could not extract base backup {m.id} into {data_dir} (exit {tar.returncode}): "
@@ -298,6 +297,13 @@ def read_outcome(log_text: str, report: PitrReport) -> None:
         report.timeline = int(m[-1])
 
 
+def restore_command_errors(log_text: str) -> list[str]:
+    """What our restore_command said (its stderr lands in the server log): the cause PostgreSQL's
+    own FATAL ("could not locate required checkpoint record") does not name."""
+    return [ln.split("dr-pipelines: error: ", 1)[1].strip() for ln in log_text.splitlines()
+            if "dr-pipelines: error: " in ln]
+
+
 def query_as_postgres(data_dir: Path, port: int, sql: str, dbname: str = "postgres") -> str | None:
     """One value from the recovered cluster through its private socket, as the postgres OS user."""
     proc = run_as_postgres([str(DEFAULT_PG_BIN / "psql"), "-h", str(data_dir), "-p", str(port), "-U", "postgres",
@@ -359,7 +365,7 @@ def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[st
     if archive.segments and not archive.segment_size:
         return ["unknown (the archive's segment size could not be read)"]
     out = []
-    for tli, names in archive.segments.items():
+    for tli in archive.segments:
         for a, b in archive.gaps(tli):
             if b >= start or tli > int(start[:8], 16):
                 out.append(f"{a}..{b}" if a != b else a)
@@ -403,9 +409,15 @@ def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, ent
             fatal = [ln for ln in log_text.splitlines()
                      if ("FATAL" in ln or "PANIC" in ln) and "the database system is" not in ln]
             report.error = (f"recovery stopped without reaching {request.target_text}: "
-                            f"{fatal[-1] if fatal else 'the server exited'}; last reachable point: "
-                            f"{report.reached_time or '?'} (LSN {report.reached_lsn or '?'})"
-                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else ""))
+                            f"{fatal[-1] if fatal else 'the server exited'}"
+                            + (f"; restore_command said: {restore_command_errors(log_text)[-1]}"
+                               if restore_command_errors(log_text) else "")
+                            + ("; last reachable point: " + (f"{report.reached_time} (LSN {report.reached_lsn})"
+                                                             if report.reached_lsn else "none (replay never started)"))
+                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else "")
+                            + f". The server log is {cluster.log_file}; {request.data_dir} is left as it is for a look,"
+                              f" and a retry into it needs overwrite: true and confirm: {request.data_dir}"
+                              f" (shell: --overwrite --yes {request.data_dir})")
             raise PitrFailed(report)
         if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
             report.steps_s["replay"] = round(time.monotonic() - t0 - report.steps_s["extract"], 3)

@@ -5,7 +5,6 @@ Passwords travel in libpq environment variables (PGPASSWORD), never in argv.
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import hashlib
 import os
 import re
@@ -15,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from dr_pipelines.core.config import DatabaseConfig
 from psycopg import sql
+
+from dr_pipelines.core.config import DatabaseConfig
+from dr_pipelines.core.errors import DrError
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -5,7 +5,6 @@ Used by the embedded sandbox, by restore drills and by the tests.
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import os
 import pwd
 import shutil
@@ -14,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
 
 POSTGRES_USER = "postgres"

@@ -11,20 +11,21 @@ Listing, choosing and verifying work from any one location alone, with no Dagste
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import difflib
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
+
+from pydantic import ValidationError
 
 from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.repository.manifest import MANIFEST, Manifest
 from dr_pipelines.core.storage.base import (
     Location,
     LocationError,
     ObjectNotFound,
 )
-from pydantic import ValidationError
 
 
 def hash_object(location: Location, key: str) -> tuple[int, str]:

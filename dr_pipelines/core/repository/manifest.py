@@ -7,8 +7,9 @@ import secrets
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from dr_pipelines.core.storage.base import Location
 from pydantic import BaseModel, ConfigDict
+
+from dr_pipelines.core.storage.base import Location
 
 MANIFEST = "manifest.json"
 

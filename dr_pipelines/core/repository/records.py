@@ -3,9 +3,8 @@ so history survives the loss of the Dagster instance."""
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import json
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 from dr_pipelines.core.config import (
     ApplicationHooks,
@@ -17,6 +16,7 @@ from dr_pipelines.core.config import (
     HttpHook,
     TcpHook,
 )
+from dr_pipelines.core.errors import DrError
 
 
 class HookFailed(DrError):

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from dr_pipelines.core.codec.decode import DecodeFailed, HashingReader, decode_into
 from dr_pipelines.core.codec.keys import identity_fingerprints, load_identities
 from dr_pipelines.core.codec.methods import CHUNK, methods_from_name
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.catalog import Catalog, CatalogEntry, load_catalog
 from dr_pipelines.core.repository.manifest import Manifest, ManifestObject
 from dr_pipelines.core.restore.request import (
@@ -20,7 +21,6 @@ from dr_pipelines.core.restore.request import (
     RestoreRequest,
 )
 from dr_pipelines.core.storage.base import Location, LocationError
-
 
 if TYPE_CHECKING:  # the sinks live beside pg_restore, which uses this module's results
     from dr_pipelines.core.restore.pg_restore import PlaintextSpool, RestoreSink

@@ -3,22 +3,30 @@ one streaming pg_restore; the private scratch directory for plaintext."""
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
 from dr_pipelines.core.codec.decode import OutputFull
 from dr_pipelines.core.config import DatabaseConfig, DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.fetch import Fetched, fetch_and_load
+from dr_pipelines.core.restore.pg_restore import (
+    PlaintextSpool,
+    RestoreSink,
+    create_database,
+    load_spooled,
+    run_post_data,
+    spool_fits,
+)
 from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.storage.base import Location
-from dr_pipelines.core.restore.pg_restore import PlaintextSpool, RestoreSink, spool_fits, create_database, load_spooled, run_post_data
 
 
 @contextmanager

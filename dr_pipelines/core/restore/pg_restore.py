@@ -3,7 +3,6 @@ indexes and constraints in parallel; the private scratch directory."""
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import errno
 import os
 import shutil
@@ -12,15 +11,16 @@ import threading
 import time
 from pathlib import Path
 
+from psycopg import sql
+
 from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import DatabaseConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect, libpq_env, pg_tool, server_facts
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
-from psycopg import sql
-
 
 
 def _sections(request: RestoreRequest) -> list[str]:

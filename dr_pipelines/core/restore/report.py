@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.repository.records import store_record
 from dr_pipelines.core.restore.fetch import Fetched
 from dr_pipelines.core.storage.base import Location
-
-
 
 # --------------------------------------------------------------------------- reports
 

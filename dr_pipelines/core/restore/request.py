@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 from dataclasses import dataclass
 
 from dr_pipelines.core.config import ConfigError
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.restore.validation import ValidationResult
 
 NAME_MAX = 63  # PostgreSQL identifiers

@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timezone
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.restore.load import restore_into, scratch_directory
 from dr_pipelines.core.restore.report import (
@@ -14,7 +15,6 @@ from dr_pipelines.core.restore.report import (
     describe_backup,
     store_report,
 )
-from dr_pipelines.core.log import Log
 from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.restore.validation import validate_database

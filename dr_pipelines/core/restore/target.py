@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.log import Log
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg
+from psycopg import sql
+
 from dr_pipelines.core.config import ConfigError, DatabaseConfig, DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.restore.request import (
     NAME_MAX,
@@ -16,9 +18,6 @@ from dr_pipelines.core.restore.request import (
     RestoreRequest,
     UnsafeRestore,
 )
-from psycopg import sql
-
-
 
 # --------------------------------------------------------------------------- databases
 

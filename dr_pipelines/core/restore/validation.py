@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import psycopg
+from psycopg import sql
+
 from dr_pipelines.core.config import ValidationConfig
 from dr_pipelines.core.postgres.client import schema_fingerprint, table_row_counts
 from dr_pipelines.core.repository.manifest import Manifest
-from psycopg import sql
 
 
 @dataclass

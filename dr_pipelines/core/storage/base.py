@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
+
+from dr_pipelines.core.errors import DrError
 
 
 class LocationError(DrError):

@@ -5,18 +5,20 @@ is written to disk in plaintext."""
 
 from __future__ import annotations
 
-from dr_pipelines.core.errors import DrError
 import hashlib
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import pyrage
+
 from dr_pipelines.core.codec.encode import compressing_reader
 from dr_pipelines.core.codec.keys import age_recipients
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.storage.base import Location, LocationError, Upload
 
 _QUEUE_CHUNKS = 8  # per location: at most 8 MiB in flight

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from dr_pipelines.core.config import (
     GCSLocationConfig,
@@ -22,7 +23,7 @@ from dr_pipelines.core.storage.base import (
 class _GCSUpload:
     """Resumable upload; the object appears only when the upload is finalized at commit."""
 
-    def __init__(self, location: "GCSLocation", key: str):
+    def __init__(self, location: GCSLocation, key: str):
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         self._loc = location

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from dr_pipelines.core.config import (
     LocalLocationConfig,
@@ -23,14 +24,14 @@ from dr_pipelines.core.storage.base import (
 
 
 class _LocalUpload:
-    def __init__(self, location: "LocalLocation", path: Path):
+    def __init__(self, location: LocalLocation, path: Path):
         self._location = location
         self._path = path
         # directories made here must themselves be durable: fsync each one's parent at commit
         self._new_dirs = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        self._file = open(self._tmp, "xb")
+        self._file = open(self._tmp, "xb")  # noqa: SIM115 -- closed by commit() or abort()
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -59,7 +60,7 @@ class LocalLocation:
         self.root = Path(root)
 
     @classmethod
-    def from_config(cls, name: str, cfg: LocalLocationConfig, base_dir: Path) -> "LocalLocation":
+    def from_config(cls, name: str, cfg: LocalLocationConfig, base_dir: Path) -> LocalLocation:
         return cls(name, cfg.resolved_path(base_dir))
 
     def _path(self, key: str) -> Path:

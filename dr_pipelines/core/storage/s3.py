@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from dr_pipelines.core.config import (
     S3LocationConfig,
@@ -21,7 +22,7 @@ from dr_pipelines.core.storage.base import (
 class _S3Upload:
     """Multipart upload; a small object becomes one PUT at commit. Invisible until completed."""
 
-    def __init__(self, location: "S3Location", key: str):
+    def __init__(self, location: S3Location, key: str):
         self._loc = location
         self._key = key
         self._buf = bytearray()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.codec.methods import object_suffix
-from dr_pipelines.core.errors import DrError
 import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 
+from dr_pipelines.core.codec.methods import object_suffix
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.postgres.wal_names import (
     BACKUP_LABEL,
     HISTORY,
@@ -116,7 +117,7 @@ class WalArchive:
             return []
         nums = [parse_segment(n, self.segment_size)[1] for n in names]
         out = []
-        for a, b in zip(nums, nums[1:]):
+        for a, b in pairwise(nums):
             if b > a + 1:
                 out.append((segment_name(timeline, a + 1, self.segment_size),
                             segment_name(timeline, b - 1, self.segment_size)))
@@ -243,7 +244,7 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
         if newest:
             lag = (now - newest.pushed_at).total_seconds()
     gaps = []
-    for tli, names in archive.segments.items():
+    for tli in archive.segments:
         for a, b in archive.gaps(tli):
             if last is not None and SEGMENT.match(last) and a[:8] == last[:8] and a > last:
                 continue  # PostgreSQL has not archived it yet: wal-push archived later ones ahead of it

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.codec.decode import decode_bytes
-from dr_pipelines.core.log import Log
 import time
 from pathlib import Path
 
+from dr_pipelines.core.codec.decode import decode_bytes
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.durable import write_atomically
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.wal_names import (
     SEGMENT,
     parse_segment,
@@ -23,7 +23,6 @@ from dr_pipelines.core.wal.archive import (
     sha256_hex,
     wal_prefix,
 )
-
 
 
 def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str, Location],

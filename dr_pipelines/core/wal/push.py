@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dr_pipelines.core.codec.encode import encode_bytes
-from dr_pipelines.core.log import Log
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dr_pipelines.core.codec.encode import encode_bytes
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.wal_names import SEGMENT, timeline_of
 from dr_pipelines.core.storage.base import Location, LocationError
 from dr_pipelines.core.wal.archive import (
@@ -24,7 +24,6 @@ from dr_pipelines.core.wal.archive import (
     sha256_hex,
     wal_prefix,
 )
-
 
 
 @dataclass

@@ -4,6 +4,7 @@
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
+
 from dr_pipelines.core.backup.attempts import PartialBackup
 from dr_pipelines.core.backup.base import run_base_backup
 from dr_pipelines.core.backup.logical import run_logical_backup

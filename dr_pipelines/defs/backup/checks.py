@@ -11,10 +11,11 @@ Which are blocking, and why:
     a person decides, the backup itself is fine.
 """
 
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable
 
 import dagster as dg
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring import health
 from dr_pipelines.core.repository.catalog import load_catalog

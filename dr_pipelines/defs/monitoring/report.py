@@ -3,12 +3,13 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+from pydantic import Field
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import evaluate
 from dr_pipelines.core.monitoring.metrics import build_registry, export
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
-from pydantic import Field
 
 COMPLIANCE_REPORT = dg.AssetKey(["dr", "compliance_report"])
 

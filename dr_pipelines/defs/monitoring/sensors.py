@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
 
 import dagster as dg
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring import health
 from dr_pipelines.core.monitoring.alerts import (

@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import PITR_TEST
 from dr_pipelines.core.pitr.drill import run_pitr_drill
 from dr_pipelines.core.pitr.recover import (
@@ -17,7 +18,6 @@ from dr_pipelines.core.pitr.recover import (
     query_as_postgres,
     run_pitr,
 )
-from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.defs.backup.assets import base_backup_key
 from dr_pipelines.defs.failures import domain_failures

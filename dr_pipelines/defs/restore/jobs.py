@@ -10,14 +10,16 @@ only for the swap, and a failure anywhere before the swap leaves the target unto
 """
 
 import os
-from dataclasses import dataclass, field, replace
 import shutil
 import time
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
+from pydantic import Field
+
 from dr_pipelines.core.config import DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.repository.catalog import load_catalog
@@ -40,7 +42,6 @@ from dr_pipelines.core.restore.validation import ValidationResult, diff_table, v
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
-from pydantic import Field
 
 
 class RestoreDatabaseConfig(dg.Config):
@@ -154,10 +155,9 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         assert state.fetched is not None
         into = plan.staging or plan.target
         t = time.time()
-        with domain_failures():
-            with connect(db, request.database, dbname=into, autocommit=True) as conn:
-                result = validate_database(conn, state.fetched.manifest, db.validation,
-                                           compare_rows=not request.schema_only, compare_schema=not request.data_only)
+        with domain_failures(), connect(db, request.database, dbname=into, autocommit=True) as conn:
+            result = validate_database(conn, state.fetched.manifest, db.validation,
+                                       compare_rows=not request.schema_only, compare_schema=not request.data_only)
         context.add_output_metadata({"tables": result.tables, "rows": result.rows, "passed": result.passed,
                                      "checks": dg.MetadataValue.json(result.checks)})
         if not result.passed:

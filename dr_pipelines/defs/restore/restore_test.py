@@ -3,6 +3,8 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+from pydantic import Field
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring import health
 from dr_pipelines.core.repository.records import RecordKind, load_reports
@@ -12,7 +14,6 @@ from dr_pipelines.defs.backup.assets import logical_backup_key
 from dr_pipelines.defs.backup.checks import check_result
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
-from pydantic import Field
 
 PASSED = health.RESTORE_TEST
 

@@ -3,17 +3,12 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+from pydantic import Field
+
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.retention import (
-    apply_retention,
-    apply_tiering,
-    apply_wal_retention,
-    build_plan,
-    plan_table,
-)
+from dr_pipelines.core.retention import apply_plan, build_plan, plan_table
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
-from pydantic import Field
 
 
 class RetentionRunConfig(dg.Config):
@@ -41,13 +36,10 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
         if config.dry_run:
             context.add_output_metadata(metadata)
             return
-        removals = apply_retention(locations, plan.entries, plan.decisions, log=context.log.info)
-        moves = apply_tiering(cfg, locations, plan.entries, plan.decisions, log=context.log.info)
-        wal_errors = apply_wal_retention(locations, plan.wal, log=context.log.info)
-        context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in moves if not m.error])})
-        failed = [f"{r.backup_id} on {r.location}: {r.error}" for r in removals + moves if r.error] + wal_errors
-        if failed or plan.problems:
-            raise dg.Failure(description="retention incomplete: " + "; ".join(failed + plan.problems)
+        outcome = apply_plan(cfg, locations, plan, log=context.log.info)
+        context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in outcome.moves if not m.error])})
+        if not outcome.complete:
+            raise dg.Failure(description="retention incomplete: " + "; ".join(outcome.failures + plan.problems)
                              + ". Fix the location and run apply_retention again; nothing kept was touched.")
 
     @dg.job(name="apply_retention", description="Apply the retention policy to every location (dry_run to preview).",

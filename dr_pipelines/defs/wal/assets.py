@@ -3,6 +3,7 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.wal.archive import WalStatus, wal_status

@@ -1,6 +1,7 @@
 """WAL continuity and archive lag checks."""
 
 import dagster as dg
+
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_LAG, check_wal
 from dr_pipelines.defs.backup.checks import check_result

@@ -3,9 +3,9 @@
 import os
 import subprocess
 
-from dr_pipelines_tests.conftest import VENV_BIN, reachable_tmpdir
+from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(PROJECT_ROOT)
 
 
 def test_dagster_definitions_validate():

@@ -11,14 +11,15 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from dr_pipelines.core.backup.base import run_base_backup
-from dr_pipelines.core.postgres.cluster import LocalCluster
 from dr_pipelines.core.backup.attempts import BackupFailed
+from dr_pipelines.core.backup.base import run_base_backup
+from dr_pipelines.core.cluster import free_port
 from dr_pipelines.core.pitr.recover import PitrError, PitrFailed, PitrRequest, run_pitr
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
+from dr_pipelines.core.postgres.cluster import LocalCluster
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines_tests.conftest import free_port, reachable_tmpdir
-from dr_pipelines_tests.test_wal import WalSetup
+from dr_pipelines_tests.support.processes import reachable_tmpdir
+from dr_pipelines_tests.support.wal import WalSetup
 
 
 @pytest.fixture
@@ -230,9 +231,9 @@ def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
 def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, restored_dirs):
     import dagster as dg
 
+    from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_LAG
     from dr_pipelines.defs.build import build_definitions
     from dr_pipelines.defs.pitr.jobs import PITR_PASSED
-    from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_LAG
     from dr_pipelines.defs.wal.assets import WAL_OBSERVER, wal_archive_key
 
     setup = archived
@@ -343,9 +344,9 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
     assert by_check["base_backup_fresh"].passed and by_check["base_backup_replicated"].passed
     text = generate_latest(build_registry(setup.config, h)).decode()
     assert 'wal_archive_gaps{database="app"} 0.0' in text
-    from dr_pipelines_tests.test_monitoring import _metric
+    from dr_pipelines_tests.support.metrics import metric_value
 
-    assert _metric(text, "backup_size_bytes", database="app", kind="base") == base.size_bytes
+    assert metric_value(text, "backup_size_bytes", database="app", kind="base") == base.size_bytes
 
     report = _json.loads(setup.cli("report", "--days", "1", "--json").stdout)
     [row] = [r for r in report["summary"] if r["kind"] == "base+wal"]
@@ -512,9 +513,9 @@ def test_xid_target_is_read_like_postgresql_reads_it(tmp_path):
 def test_tar_that_cannot_write_fails_once_and_says_why(archived, restored_dirs):
     """tar (as postgres) cannot write into the data directory: its own error is reported, and the
     other copies are not tried (they would fail the same way)."""
+    from dr_pipelines.core.codec.keys import load_identities
     from dr_pipelines.core.pitr.recover import extract
     from dr_pipelines.core.repository.catalog import load_catalog
-    from dr_pipelines.core.codec.keys import load_identities
 
     setup = archived
     locs = open_locations(setup.config)

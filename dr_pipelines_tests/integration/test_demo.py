@@ -6,7 +6,8 @@ import subprocess
 import time
 import urllib.request
 
-from dr_pipelines_tests.conftest import VENV_BIN, free_port, reachable_tmpdir, stop_process
+from dr_pipelines.core.cluster import free_port
+from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir, stop_process
 
 QUERY = """{ assetOrError(assetKey: {path: ["soundhash", "logical_backup"]}) {
   ... on Asset { assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }"""
@@ -25,7 +26,7 @@ def test_demo_backup_visible_in_ui():
     env = {**os.environ, "DR_PIPELINES_SANDBOX_DIR": str(sandbox), "DR_PIPELINES_SANDBOX_PORT": str(pg_port)}
     env.pop("DAGSTER_HOME", None)
     env.pop("DR_PIPELINES_CONFIG", None)
-    log = open(sandbox / "demo.log", "w+")
+    log = open(sandbox / "demo.log", "w+")  # noqa: SIM115 -- read after the demo stops
     proc = subprocess.Popen([str(VENV_BIN / "dr-pipelines"), "demo", "--port", str(ui_port)], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(sandbox))
     try:

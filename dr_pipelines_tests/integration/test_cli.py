@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from dr_pipelines_tests.conftest import reachable_tmpdir, run_cli
+from dr_pipelines_tests.support.processes import reachable_tmpdir, run_cli
 
 
 def test_backup_list_verify_from_each_location(pg, three_locations, write_config, age_key):

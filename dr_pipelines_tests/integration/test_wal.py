@@ -9,74 +9,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
-import pyrage
 import pytest
 import yaml
 
-from dr_pipelines.core.postgres.cluster import chown_to_postgres
-from dr_pipelines.core.wal.archive import list_archive
-from dr_pipelines.core.wal.pg_config import postgresql_conf_lines
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines_tests.conftest import BUCKET, config_from, reachable_tmpdir, run_cli, s3_location, start_moto
-
-
-class WalSetup:
-    """A cluster archiving through our command into a local location the postgres user can write."""
-
-    def __init__(self, server, extra_locations: dict | None = None, encrypted: bool = True):
-        self.server = server
-        self.root = reachable_tmpdir("drpt-wal-")
-        self.repo = self.root / "repo"
-        self.repo.mkdir()
-        ident = pyrage.x25519.Identity.generate()
-        self.identity = self.root / "identity.txt"
-        self.identity.write_text(f"{ident}\n")
-        self.identity.chmod(0o600)
-        # the WAL tree is written by PostgreSQL's archiver (the postgres user), the rest by us (root)
-        (self.repo / "app" / "wal").mkdir(parents=True)
-        for p in (self.root, self.repo, self.repo / "app", self.repo / "app" / "wal", self.identity):
-            chown_to_postgres(p)
-        self.config_path = self.root / "dr.yaml"
-        self.config_path.write_text(yaml.safe_dump({
-            "databases": {"app": {"host": "127.0.0.1", "port": server.port, "user": "postgres", "dbname": "app",
-                                  "objectives": {"rpo": "2m"}}},
-            "locations": {"local": {"type": "local", "path": str(self.repo)}, **(extra_locations or {})},
-            "encryption": ({"method": "age", "recipients": [str(ident.to_public())],
-                            "identity_file": str(self.identity)} if encrypted else {"method": "none"}),
-            "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s", "archive_wait": "30s"},
-        }))
-        self.config_path.chmod(0o644)
-        self.config = config_from(self.config_path)
-
-    def enable_archiving(self) -> None:
-        lines = [ln for ln in postgresql_conf_lines(self.config, "app", str(self.config_path)) if not ln.startswith("#")]
-        settings = dict(ln.split(" = ", 1) for ln in lines)
-        settings["wal_keep_size"] = "'256MB'"  # keep archived segments in pg_wal to compare bytes
-        self.server.cluster.write_settings(settings)
-        self.server.cluster.stop("fast")
-        self.server.cluster.start()
-
-    def switch_and_wait(self, timeout: float = 30) -> str:
-        with self.server.connect() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS t (x int)")
-            conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
-            # the segment the switch completes (a boundary LSN names the segment before it)
-            wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                last, failed = conn.execute(
-                    "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
-                if last and last >= wal:
-                    return wal
-                time.sleep(0.1)
-        raise AssertionError(f"{wal} not archived in {timeout}s (last failed: {failed}); "
-                             f"log: {self.server.cluster.log_file.read_text()[-2000:]}")
-
-    def cli(self, *args):
-        return run_cli("--config", str(self.config_path), *args)
-
-    def cleanup(self):
-        shutil.rmtree(self.root, ignore_errors=True)
+from dr_pipelines.core.wal.archive import list_archive
+from dr_pipelines_tests.support.configs import BUCKET, config_from, s3_location
+from dr_pipelines_tests.support.processes import run_cli
+from dr_pipelines_tests.support.servers import start_moto
+from dr_pipelines_tests.support.wal import WalSetup
 
 
 @pytest.fixture
@@ -178,7 +119,8 @@ def test_location_down_during_push_then_back(pg, tmp_path):
         import subprocess
         import sys
 
-        from dr_pipelines_tests.conftest import HttpServer, wait_for_port
+        from dr_pipelines_tests.support.processes import wait_for_port
+        from dr_pipelines_tests.support.servers import HttpServer
 
         proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -337,8 +279,8 @@ def test_a_hole_postgres_has_not_archived_yet_is_not_a_gap(wal_setup, tmp_path):
     """wal-push archives ahead in parallel, so N+2 can land before N+1: until PostgreSQL reports
     N+1 archived, the hole is work in flight, not a gap; an old hole is a gap."""
     from dr_pipelines.core.postgres.wal_names import parse_segment, segment_name
-    from dr_pipelines.core.wal.push import wal_push
     from dr_pipelines.core.wal.archive import wal_status
+    from dr_pipelines.core.wal.push import wal_push
 
     wal_setup.enable_archiving()
     names = [wal_setup.switch_and_wait() for _ in range(3)]

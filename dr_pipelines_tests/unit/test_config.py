@@ -126,7 +126,7 @@ def test_readme_config_example_is_valid():
 
     from dr_pipelines.core.config import parse_config
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"## Configuration.*?```yaml\n(.*?)```", readme, re.S).group(1)
     data = yaml.safe_load(block.replace("[age1...]", "[age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq]"))
     cfg = parse_config(data, "README.md")

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.repository.records import load_reports
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.defs import runner
-from dr_pipelines_tests.conftest import config_from, local_location, reachable_tmpdir, run_cli
+from dr_pipelines_tests.support.configs import config_from, local_location
+from dr_pipelines_tests.support.processes import reachable_tmpdir, run_cli
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_restore_into_new_database_from_the_shell(pg, setup, tmp_path):
 
 
 def test_restore_from_s3_when_local_is_lost(pg, setup, s3, tmp_path):
-    from dr_pipelines_tests.conftest import s3_location
+    from dr_pipelines_tests.support.configs import s3_location
 
     path, cfg, manifest = setup({"local": local_location(tmp_path / "b"), "s3": s3_location(s3)})
     subprocess.run(["rm", "-rf", str(tmp_path / "b")], check=True)
@@ -287,7 +288,6 @@ def test_restore_test_asset_after_backup(pg, setup):
     import dagster as dg
 
     from dr_pipelines.defs.build import build_definitions
-
     from dr_pipelines.defs.restore.restore_test import restore_test_job_name
 
     path, cfg, manifest = setup()
@@ -464,8 +464,8 @@ def test_restore_test_checks_read_the_repository(pg, setup):
 def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
     """The disk fills while the dump is spooled (here the spool file is /dev/full): the restore
     says so and streams instead, and the data is right; the backup is not blamed."""
-    from dr_pipelines.core.restore.request import RestoreRequest
     from dr_pipelines.core.restore.load import restore_into
+    from dr_pipelines.core.restore.request import RestoreRequest
 
     path, cfg, manifest = setup()
     workdir = tmp_path / "work"

@@ -9,14 +9,16 @@ from pathlib import Path
 import boto3
 import pytest
 
-from dr_pipelines.core.config import ConfigError
 from dr_pipelines.core.backup.attempts import BackupFailed, PartialBackup
 from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.config import ConfigError
 from dr_pipelines.core.postgres.client import DatabaseUnreachable
-from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.repository.catalog import load_catalog, verify_backup
+from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines_tests.conftest import (BUCKET, config_from, local_location, reachable_tmpdir, run_cli, s3_location, start_moto)
+from dr_pipelines_tests.support.configs import BUCKET, config_from, local_location, s3_location
+from dr_pipelines_tests.support.processes import reachable_tmpdir, run_cli
+from dr_pipelines_tests.support.servers import start_moto
 
 PG_RESTORE = "/usr/lib/postgresql/15/bin/pg_restore"
 
@@ -221,7 +223,6 @@ def test_password_never_in_argv_logs_or_metadata(make_pg, write_config, tmp_path
     import dagster as dg
 
     from dr_pipelines.defs.backup.assets import logical_backup_job_name
-
     from dr_pipelines.defs.build import build_definitions
 
     hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"

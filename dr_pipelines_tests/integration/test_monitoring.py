@@ -2,27 +2,29 @@
 (against Debian's Pushgateway), the compliance report and `status`, on real backups."""
 
 import json
-from types import SimpleNamespace
 import time
 import urllib.request
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from dr_pipelines.core.backup.logical import run_logical_backup
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.monitoring import health
 from dr_pipelines.core.monitoring.alerts import Alert, IncidentBook, PagerDutyChannel, WebhookChannel
 from dr_pipelines.core.monitoring.health import evaluate
-from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.monitoring.metrics import MetricsError, build_registry, export
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.restore.restore_test import run_restore_test
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines.defs.monitoring.sensors import CHECK_FAILURES, RUN_FAILURES, STALENESS
 from dr_pipelines.defs.backup.assets import logical_backup_job_name
 from dr_pipelines.defs.build import build_definitions
-from dr_pipelines_tests.conftest import config_from, local_location, run_cli, s3_location
+from dr_pipelines.defs.monitoring.sensors import CHECK_FAILURES, RUN_FAILURES, STALENESS
+from dr_pipelines_tests.support.configs import config_from, local_location, s3_location
+from dr_pipelines_tests.support.metrics import metric_value
+from dr_pipelines_tests.support.processes import run_cli
 
 PD_KEY = "R0UTINGKEY0123456789012345678901"
 
@@ -51,14 +53,6 @@ def _tick(defs, name, instance, cursor):
                                  resources=defs.resources) as ctx:
         data = sensor.evaluate_tick(ctx)  # as the daemon does: resources come from the context
     return SimpleNamespace(cursor=data.cursor, skip_reason=data.skip_message or "")
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    raise AssertionError(f"metric {name}{labels} not found")
 
 
 # --------------------------------------------------------------------------- checks
@@ -231,14 +225,14 @@ def test_metrics_textfile_and_pushgateway(pg, write_config, tmp_path, pushgatewa
     done = export(cfg, build_registry(cfg, h))
     assert done == [str(tmp_path / "prom" / "dr.prom"), pushgateway.url]
     text = (tmp_path / "prom" / "dr.prom").read_text()
-    assert _metric(text, "backup_size_bytes", database="app", kind="logical") == m.size_bytes
-    assert _metric(text, "last_backup_timestamp", database="app") == pytest.approx(m.created_at.timestamp())
-    assert _metric(text, "backup_success", database="app") == 1
-    assert 0 <= _metric(text, "backup_age_hours", database="app") < 0.1
-    assert _metric(text, "restore_test_success", database="app") == 1
-    assert _metric(text, "restore_test_rto_seconds", database="app") > 0
+    assert metric_value(text, "backup_size_bytes", database="app", kind="logical") == m.size_bytes
+    assert metric_value(text, "last_backup_timestamp", database="app") == pytest.approx(m.created_at.timestamp())
+    assert metric_value(text, "backup_success", database="app") == 1
+    assert 0 <= metric_value(text, "backup_age_hours", database="app") < 0.1
+    assert metric_value(text, "restore_test_success", database="app") == 1
+    assert metric_value(text, "restore_test_rto_seconds", database="app") > 0
     pushed = urllib.request.urlopen(f"{pushgateway.url}/metrics").read().decode()
-    assert _metric(pushed, "backup_size_bytes", database="app", job="dr_pipelines") == m.size_bytes
+    assert metric_value(pushed, "backup_size_bytes", database="app", job="dr_pipelines") == m.size_bytes
 
     # the Pushgateway down: a clear error naming it
     pushgateway.stop()
@@ -255,7 +249,7 @@ def test_report_and_status(make_pg, write_config, tmp_path):
 
     first = run_logical_backup(cfg, "app", locations).manifest
     server.cluster.stop("fast")
-    with pytest.raises(Exception):
+    with pytest.raises(DrError):
         run_logical_backup(cfg, "app", locations)
     server.cluster.start()
     second = run_logical_backup(cfg, "app", locations).manifest
@@ -283,7 +277,7 @@ def test_report_and_status(make_pg, write_config, tmp_path):
 
     # the last attempt failing makes status an error, naming it
     server.cluster.stop("fast")
-    with pytest.raises(Exception):
+    with pytest.raises(DrError):
         run_logical_backup(cfg, "app", locations)
     status = run_cli("--config", str(path), "status")
     assert status.returncode == 2 and "last backup attempt" in status.stdout and "failed" in status.stdout

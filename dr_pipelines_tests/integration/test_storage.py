@@ -3,10 +3,10 @@
 import pytest
 
 from dr_pipelines.core.config import GCSLocationConfig, S3LocationConfig
-from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.storage.base import LocationError, ObjectNotFound
+from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.storage.locations import open_location
-from dr_pipelines_tests.conftest import gcs_location, s3_location
+from dr_pipelines_tests.support.configs import gcs_location, s3_location
 
 
 @pytest.fixture(params=["local", "s3", "gcs"])

@@ -7,13 +7,15 @@ import boto3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dr_pipelines.core.config import RetentionConfig
 from dr_pipelines.core.backup.logical import run_logical_backup
-from dr_pipelines.core.repository.manifest import MANIFEST
+from dr_pipelines.core.config import RetentionConfig
 from dr_pipelines.core.repository.catalog import load_catalog, verify_backup
+from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.retention import BackupFacts, plan_retention
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines_tests.conftest import (BUCKET, config_from, gcs_location, local_location, run_cli, s3_location, start_moto)
+from dr_pipelines_tests.support.configs import BUCKET, config_from, gcs_location, local_location, s3_location
+from dr_pipelines_tests.support.processes import run_cli
+from dr_pipelines_tests.support.servers import start_moto
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 
@@ -87,7 +89,7 @@ def test_apply_on_every_location(pg, s3, write_config, tmp_path):
     cfg = config_from(path)
     locations = open_locations(cfg)
     manifests = [run_logical_backup(cfg, "app", locations).manifest for _ in range(4)]
-    for m, days in zip(manifests, (400, 300, 200, 1)):
+    for m, days in zip(manifests, (400, 300, 200, 1), strict=True):
         _age(locations, m, days)
     pin = run_cli("--config", str(path), "backups", "pin", "app", manifests[0].id, "--reason", "audit")
     assert pin.returncode == 0, pin.stderr

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (servers, configs, clusters); test modules never import each other."""

@@ -1,0 +1,55 @@
+"""Processes and directories the tests need: the installed command, ports, dirs the postgres user can reach."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+REACHABLE_DIRS: list[Path] = []
+
+
+def reachable_tmpdir(prefix: str) -> Path:
+    """A directory the postgres user can reach (pytest's tmp_path is 0700 under root's tree);
+    removed at the end of the session if the test did not remove it."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)
+    REACHABLE_DIRS.append(d)
+    return d
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("DAGSTER_HOME", None) if env is None or "DAGSTER_HOME" not in env else None
+    return subprocess.run([str(VENV_BIN / "dr-pipelines"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
