@@ -54,8 +54,15 @@ class Setup:
         self.pgbr_repo = work / "pgbr-repo"
         for d in (self.sock, self.pgbr_repo, work / "pgbr-log", work / "pgbr-lock", work / "repo" / "bench" / "wal"):
             d.mkdir(parents=True, exist_ok=True)
-        for d in (work / "repo", work / "repo" / "bench", work / "repo" / "bench" / "wal", self.sock, self.pgbr_repo,
-                  work / "pgbr-log", work / "pgbr-lock"):
+        for d in (
+            work / "repo",
+            work / "repo" / "bench",
+            work / "repo" / "bench" / "wal",
+            self.sock,
+            self.pgbr_repo,
+            work / "pgbr-log",
+            work / "pgbr-lock",
+        ):
             chown_to_postgres(d)
         self.pgbr_conf = work / "pgbackrest.conf"
         self.pgbr_conf.write_text(
@@ -63,7 +70,8 @@ class Setup:
             f"repo1-path={self.pgbr_repo}\nrepo1-retention-full=1\ncompress-type=zst\ncompress-level=3\n"
             "process-max=2\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase\n"
             f"log-path={work / 'pgbr-log'}\nlock-path={work / 'pgbr-lock'}\nlog-level-console=warn\nstart-fast=y\n"
-            f"[bench]\npg1-path={cluster.data_dir}\npg1-port={port}\npg1-socket-path={self.sock}\n")
+            f"[bench]\npg1-path={cluster.data_dir}\npg1-port={port}\npg1-socket-path={self.sock}\n"
+        )
         self.pgbr_conf.chmod(0o644)
         self.pgbr = ["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench"]
         identity = work / "identity.txt"
@@ -80,9 +88,14 @@ class Setup:
         return ours + (" && " + " ".join(self.pgbr + ["archive-push", "%p"]) if both else "")
 
     def enable(self) -> None:
-        self.cluster.write_settings({"archive_mode": "on", "wal_level": "replica",
-                                     "archive_command": "'" + self.archive_command().replace("'", "''") + "'",
-                                     "unix_socket_directories": f"'{self.sock}'"})
+        self.cluster.write_settings(
+            {
+                "archive_mode": "on",
+                "wal_level": "replica",
+                "archive_command": "'" + self.archive_command().replace("'", "''") + "'",
+                "unix_socket_directories": f"'{self.sock}'",
+            }
+        )
         self.cluster.stop("fast")
         self.cluster.start()
         _as_postgres(self.pgbr + ["stanza-create"])
@@ -93,8 +106,9 @@ class Setup:
         self.cluster.stop("fast")
 
     def connect(self, port: int | None = None) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=port or self.port, user="postgres", dbname="bench",
-                               autocommit=True)
+        return psycopg.connect(
+            host="127.0.0.1", port=port or self.port, user="postgres", dbname="bench", autocommit=True
+        )
 
     def switch_and_wait(self, timeout: float = 300) -> None:
         with self.connect() as c:
@@ -108,13 +122,27 @@ class Setup:
 
 def bench_base_backup(s: Setup, rounds: int) -> dict:
     bare_dir = s.work / "bare-base"
-    bare = [str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-D", str(bare_dir),
-            "-Ft", "-X", "none", "--compress=client-zstd", "--checkpoint=fast"]
+    bare = [
+        str(PG_BIN / "pg_basebackup"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(s.port),
+        "-U",
+        "postgres",
+        "-D",
+        str(bare_dir),
+        "-Ft",
+        "-X",
+        "none",
+        "--compress=client-zstd",
+        "--checkpoint=fast",
+    ]
     ours = s.ours + ["backup", "bench", "--kind", "base"]
     times: dict[str, list[float]] = {"bare": [], "ours": [], "pgbackrest": []}
     order = ["bare", "ours", "pgbackrest"]
     for i in range(rounds):
-        for name in order[i % 3:] + order[:i % 3]:
+        for name in order[i % 3 :] + order[: i % 3]:
             if name == "bare":
                 shutil.rmtree(bare_dir, ignore_errors=True)
                 times["bare"].append(_timed(bare, s.env))
@@ -126,9 +154,13 @@ def bench_base_backup(s: Setup, rounds: int) -> dict:
             else:
                 times["pgbackrest"].append(_as_postgres(s.pgbr + ["backup", "--type=full"]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"benchmark": "base_backup", **{f"{k}_s": v for k, v in times.items()},
-            **{f"{k}_median_s": v for k, v in med.items()},
-            "ratio_vs_pg_basebackup": med["ours"] / med["bare"], "ratio_vs_pgbackrest": med["ours"] / med["pgbackrest"]}
+    return {
+        "benchmark": "base_backup",
+        **{f"{k}_s": v for k, v in times.items()},
+        **{f"{k}_median_s": v for k, v in med.items()},
+        "ratio_vs_pg_basebackup": med["ours"] / med["bare"],
+        "ratio_vs_pgbackrest": med["ours"] / med["pgbackrest"],
+    }
 
 
 def bench_wal_push(s: Setup, count: int) -> dict:
@@ -150,22 +182,48 @@ def bench_wal_push(s: Setup, count: int) -> dict:
             if tool == "ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
                 mark_pushed(fake, push_context(str(s.config), "bench"))
                 chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
-            cmd = (s.pgbr + ["archive-push", str(fake)] if tool == "pgbackrest"
-                   else s.ours + ["wal-push", "--db", "bench", str(fake)])
+            cmd = (
+                s.pgbr + ["archive-push", str(fake)]
+                if tool == "pgbackrest"
+                else s.ours + ["wal-push", "--db", "bench", str(fake)]
+            )
             out.append(_as_postgres(cmd))
             fake.unlink()
-    return {"benchmark": "wal_push", "ours_s": ours_s, "ours_archived_ahead_s": ahead_s, "pgbackrest_s": pgbr_s,
-            "ours_median_s": statistics.median(ours_s), "ours_archived_ahead_median_s": statistics.median(ahead_s),
-            "pgbackrest_median_s": statistics.median(pgbr_s),
-            "ratio": statistics.median(ours_s) / statistics.median(pgbr_s),
-            "archived_ahead_ratio": statistics.median(ahead_s) / statistics.median(pgbr_s)}
+    return {
+        "benchmark": "wal_push",
+        "ours_s": ours_s,
+        "ours_archived_ahead_s": ahead_s,
+        "pgbackrest_s": pgbr_s,
+        "ours_median_s": statistics.median(ours_s),
+        "ours_archived_ahead_median_s": statistics.median(ahead_s),
+        "pgbackrest_median_s": statistics.median(pgbr_s),
+        "ratio": statistics.median(ours_s) / statistics.median(pgbr_s),
+        "archived_ahead_ratio": statistics.median(ahead_s) / statistics.median(pgbr_s),
+    }
 
 
 def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
     """Both tools recover to the same moment; the order alternates each round (the first to write
     gigabytes of new files on this VM pays for fresh memory pages, the second reuses them)."""
-    load = subprocess.Popen([str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-n",
-                             "-c", "4", "-T", "10", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load = subprocess.Popen(
+        [
+            str(PG_BIN / "pgbench"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(s.port),
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "4",
+            "-T",
+            "10",
+            "bench",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(5)
     target = datetime.now(timezone.utc)
     load.wait()
@@ -177,8 +235,11 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
         data_dir, port = s.work / "pitr-ours" / "data", free_port()
         data_dir.parent.mkdir()
         chown_to_postgres(data_dir.parent)
-        took = _timed(s.ours + ["pitr", "bench", "--target-time", target.isoformat(), "--data-dir", str(data_dir),
-                                "--port", str(port)], s.env)
+        took = _timed(
+            s.ours
+            + ["pitr", "bench", "--target-time", target.isoformat(), "--data-dir", str(data_dir), "--port", str(port)],
+            s.env,
+        )
         LocalCluster(data_dir, port).stop("fast")
         shutil.rmtree(data_dir.parent)
         return took, load_reports({"local": LocalLocation("local", s.work / "repo")}, "bench", "pitr")[0]
@@ -190,8 +251,16 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
         t0 = time.perf_counter()
         data_dir.mkdir(mode=0o700)
         chown_to_postgres(data_dir)
-        _as_postgres(s.pgbr + ["restore", "--type=time", f"--target={target:%Y-%m-%d %H:%M:%S.%f}"[:-3] + "+00",
-                               "--target-action=promote", f"--pg1-path={data_dir}"])
+        _as_postgres(
+            s.pgbr
+            + [
+                "restore",
+                "--type=time",
+                f"--target={target:%Y-%m-%d %H:%M:%S.%f}"[:-3] + "+00",
+                "--target-action=promote",
+                f"--pg1-path={data_dir}",
+            ]
+        )
         restored = LocalCluster(data_dir, port)
         restored.write_settings({"archive_mode": "off", "unix_socket_directories": "''", "port": str(port)})
         restored.start(timeout=600)
@@ -210,7 +279,7 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
 
     ours_s, rto_s, steps, pgbr_s = [], [], [], []
     for i in range(rounds):
-        for tool in (("ours", "pgbackrest") if i % 2 == 0 else ("pgbackrest", "ours")):
+        for tool in ("ours", "pgbackrest") if i % 2 == 0 else ("pgbackrest", "ours"):
             if tool == "ours":
                 took, report = ours()
                 ours_s.append(took)
@@ -219,9 +288,17 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
             else:
                 pgbr_s.append(pgbackrest())
     pgbr = statistics.median(pgbr_s)
-    return {"benchmark": "pitr", "ours_s": ours_s, "pgbackrest_s": pgbr_s, "ours_median_s": statistics.median(ours_s),
-            "pgbackrest_median_s": pgbr, "ratio": statistics.median(ours_s) / pgbr,
-            "job_rto_s": rto_s, "job_rto_ratio": statistics.median(rto_s) / pgbr, "job_steps_s": steps}
+    return {
+        "benchmark": "pitr",
+        "ours_s": ours_s,
+        "pgbackrest_s": pgbr_s,
+        "ours_median_s": statistics.median(ours_s),
+        "pgbackrest_median_s": pgbr,
+        "ratio": statistics.median(ours_s) / pgbr,
+        "job_rto_s": rto_s,
+        "job_rto_ratio": statistics.median(rto_s) / pgbr,
+        "job_steps_s": steps,
+    }
 
 
 def bench_backlog(s: Setup, seconds: int = 30) -> dict:
@@ -231,9 +308,27 @@ def bench_backlog(s: Setup, seconds: int = 30) -> dict:
         c.execute("SELECT pg_reload_conf()")
         wal0 = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     status = s.cluster.data_dir / "pg_wal" / "archive_status"
-    load = subprocess.Popen([str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", "-n",
-                             "-c", "8", "-j", "4", "-T", str(seconds), "bench"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    load = subprocess.Popen(
+        [
+            str(PG_BIN / "pgbench"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(s.port),
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "8",
+            "-j",
+            "4",
+            "-T",
+            str(seconds),
+            "bench",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     samples = []
     while load.poll() is None:
         samples.append(sum(1 for p in status.iterdir() if p.suffix == ".ready"))
@@ -244,6 +339,12 @@ def bench_backlog(s: Setup, seconds: int = 30) -> dict:
         c.execute("SELECT pg_reload_conf()")
     t0 = time.perf_counter()
     s.switch_and_wait()
-    return {"benchmark": "archive_backlog", "seconds": seconds, "wal_mb": float(wal_bytes) / 1e6,
-            "wal_mb_per_s": float(wal_bytes) / 1e6 / seconds, "max_ready": max(samples or [0]),
-            "median_ready": statistics.median(samples or [0]), "drain_after_load_s": time.perf_counter() - t0}
+    return {
+        "benchmark": "archive_backlog",
+        "seconds": seconds,
+        "wal_mb": float(wal_bytes) / 1e6,
+        "wal_mb_per_s": float(wal_bytes) / 1e6 / seconds,
+        "max_ready": max(samples or [0]),
+        "median_ready": statistics.median(samples or [0]),
+        "drain_after_load_s": time.perf_counter() - t0,
+    }

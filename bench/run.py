@@ -68,8 +68,7 @@ def prepare_cluster(scale: int) -> LocalCluster:
     cluster.remove()  # a load that was interrupted: start over
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     chown_to_postgres(DATA_DIR)
-    cluster.initdb({"fsync": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'",
-                    "synchronous_commit": "off"})
+    cluster.initdb({"fsync": "off", "shared_buffers": "'256MB'", "max_wal_size": "'4GB'", "synchronous_commit": "off"})
     cluster.start()
     print(f"loading data for {scale}x (once; kept in {DATA_DIR})", flush=True)
     with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True) as c:
@@ -80,8 +79,11 @@ def prepare_cluster(scale: int) -> LocalCluster:
         c.execute("CREATE TABLE random_text (id bigint PRIMARY KEY, body text NOT NULL)")
         rows_per_batch = 50_000  # 2 KB of base64 a row, ~100 MB a batch
         for batch in range(7 * scale):
-            c.execute("INSERT INTO random_text SELECT g, encode(gen_random_bytes(1024), 'base64') || encode(gen_random_bytes(476), 'base64') "
-                      "FROM generate_series(%s, %s) g", (batch * rows_per_batch, (batch + 1) * rows_per_batch - 1))
+            c.execute(
+                "INSERT INTO random_text SELECT g, encode(gen_random_bytes(1024), 'base64') || encode(gen_random_bytes(476), 'base64') "
+                "FROM generate_series(%s, %s) g",
+                (batch * rows_per_batch, (batch + 1) * rows_per_batch - 1),
+            )
         c.execute("VACUUM ANALYZE")
         size = c.execute("SELECT pg_size_pretty(pg_database_size('bench'))").fetchone()[0]
     print(f"  database bench at {scale}x: {size}", flush=True)
@@ -96,13 +98,24 @@ def write_config(work: Path) -> tuple[Path, Path]:
     identity.chmod(0o600)
     config = work / "bench.yaml"
     repo = work / "repo"
-    config.write_text(yaml.safe_dump({
-        "databases": {"bench": {"host": "127.0.0.1", "port": PORT, "user": "postgres", "dbname": "bench",
-                                "scratch_dir": os.environ.get("BENCH_SCRATCH_DIR", str(work))}},
-        "locations": {"local": {"type": "local", "path": str(repo)}},
-        "encryption": {"method": "age", "recipients": [str(ident.to_public())], "identity_file": str(identity)},
-        "compression": {"method": "zstd", "level": 3},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "databases": {
+                    "bench": {
+                        "host": "127.0.0.1",
+                        "port": PORT,
+                        "user": "postgres",
+                        "dbname": "bench",
+                        "scratch_dir": os.environ.get("BENCH_SCRATCH_DIR", str(work)),
+                    }
+                },
+                "locations": {"local": {"type": "local", "path": str(repo)}},
+                "encryption": {"method": "age", "recipients": [str(ident.to_public())], "identity_file": str(identity)},
+                "compression": {"method": "zstd", "level": 3},
+            }
+        )
+    )
     return config, repo
 
 
@@ -111,7 +124,7 @@ def clean_env() -> dict:
 
 
 def psql(sql_text: str) -> None:
-    sh(f"{PG_BIN}/psql -q -h 127.0.0.1 -p {PORT} -U postgres -d postgres -c \"{sql_text}\"")
+    sh(f'{PG_BIN}/psql -q -h 127.0.0.1 -p {PORT} -U postgres -d postgres -c "{sql_text}"')
 
 
 def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
@@ -126,20 +139,50 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
         raw["databases"]["bench"]["restore_spool"] = False
         streamed_config.write_text(yaml.safe_dump(raw))
         env = clean_env()
-        subprocess.run([str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"], check=True,
-                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # "the same dump from a local plain file": our backup, decoded by hand with age and zstd
         plain = work / "plain.pgdump"
         [obj] = [p for p in repo.rglob("dump.pgdump*")]
         sh(f"age -d -i {work / 'identity.txt'} {obj} | zstd -q -d > {plain}")
         commands = {
-            "bare": ["bash", "-o", "pipefail", "-c",
-                     f"{PG_BIN}/createdb -h 127.0.0.1 -p {PORT} -U postgres target && "
-                     f"{PG_BIN}/pg_restore -j 2 --exit-on-error -h 127.0.0.1 -p {PORT} -U postgres -d target {plain}"],
-            "ours": [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "restore", "bench", "--latest",
-                     "--into", "target", "--jobs", "2"],
-            "ours_streamed": [str(VENV_BIN / "dr-pipelines"), "--config", str(streamed_config), "restore", "bench",
-                              "--latest", "--into", "target", "--jobs", "2"],
+            "bare": [
+                "bash",
+                "-o",
+                "pipefail",
+                "-c",
+                f"{PG_BIN}/createdb -h 127.0.0.1 -p {PORT} -U postgres target && "
+                f"{PG_BIN}/pg_restore -j 2 --exit-on-error -h 127.0.0.1 -p {PORT} -U postgres -d target {plain}",
+            ],
+            "ours": [
+                str(VENV_BIN / "dr-pipelines"),
+                "--config",
+                str(config),
+                "restore",
+                "bench",
+                "--latest",
+                "--into",
+                "target",
+                "--jobs",
+                "2",
+            ],
+            "ours_streamed": [
+                str(VENV_BIN / "dr-pipelines"),
+                "--config",
+                str(streamed_config),
+                "restore",
+                "bench",
+                "--latest",
+                "--into",
+                "target",
+                "--jobs",
+                "2",
+            ],
         }
         from dr_pipelines.core.repository.records import load_reports
         from dr_pipelines.core.storage.local import LocalLocation
@@ -149,7 +192,7 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
         steps = {name: [] for name in rto}
         names = list(commands)
         for i in range(rounds):
-            for name in names[i % 3:] + names[:i % 3]:  # each goes first once every three rounds
+            for name in names[i % 3 :] + names[: i % 3]:  # each goes first once every three rounds
                 wall[name].append(timed(commands[name], env)[0])
                 if name in rto:
                     report = load_reports({"local": LocalLocation("local", repo)}, "bench", "restore")[0]
@@ -158,14 +201,23 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
                 psql("DROP DATABASE target")
         leftovers = [p.name for p in work.iterdir() if p.name.startswith("dr-restore-")]
         bare = statistics.median(wall["bare"])
-        return {"benchmark": "logical_restore", "scale": scale, "bare_s": wall["bare"], "bare_median_s": bare,
-                "ours_s": wall["ours"], "ours_median_s": statistics.median(wall["ours"]),
-                "ratio": statistics.median(wall["ours"]) / bare,
-                "job_rto_s": rto["ours"], "job_rto_ratio": statistics.median(rto["ours"]) / bare,
-                "streamed_s": wall["ours_streamed"], "streamed_ratio": statistics.median(wall["ours_streamed"]) / bare,
-                "streamed_job_rto_s": rto["ours_streamed"],
-                "streamed_job_rto_ratio": statistics.median(rto["ours_streamed"]) / bare,
-                "job_steps_s": steps, "plaintext_left_behind": leftovers}
+        return {
+            "benchmark": "logical_restore",
+            "scale": scale,
+            "bare_s": wall["bare"],
+            "bare_median_s": bare,
+            "ours_s": wall["ours"],
+            "ours_median_s": statistics.median(wall["ours"]),
+            "ratio": statistics.median(wall["ours"]) / bare,
+            "job_rto_s": rto["ours"],
+            "job_rto_ratio": statistics.median(rto["ours"]) / bare,
+            "streamed_s": wall["ours_streamed"],
+            "streamed_ratio": statistics.median(wall["ours_streamed"]) / bare,
+            "streamed_job_rto_s": rto["ours_streamed"],
+            "streamed_job_rto_ratio": statistics.median(rto["ours_streamed"]) / bare,
+            "job_steps_s": steps,
+            "plaintext_left_behind": leftovers,
+        }
     finally:
         cluster.stop()
 
@@ -178,13 +230,18 @@ def bench_logical(scale: int, rounds: int, work: Path) -> dict:
         config, repo = write_config(work)
         env = clean_env()
         bare_out = work / "bare.pgdump.zst"
-        bare = ["bash", "-o", "pipefail", "-c",
-                f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}"]
+        bare = [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}",
+        ]
         ours = [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"]
         timed(bare, env)  # warm the page cache once
         bare_s, ours_s, ours_rss = [], [], []
         for i in range(rounds):
-            for name in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):  # alternate the order
+            for name in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):  # alternate the order
                 if name == "bare":
                     bare_s.append(timed(bare, env)[0])
                 else:
@@ -232,29 +289,40 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
         if "base" in only or "pitr" in only:
             r = bench_base_backup(setup, rounds)
             out.append(r)
-            print(f"base backup {scale}x: ours {r['ours_median_s']:.1f}s, pg_basebackup --compress=client-zstd "
-                  f"{r['bare_median_s']:.1f}s (ratio {r['ratio_vs_pg_basebackup']:.2f}, budget 1.20), pgbackrest "
-                  f"{r['pgbackrest_median_s']:.1f}s (ratio {r['ratio_vs_pgbackrest']:.2f}, target < 1)", flush=True)
+            print(
+                f"base backup {scale}x: ours {r['ours_median_s']:.1f}s, pg_basebackup --compress=client-zstd "
+                f"{r['bare_median_s']:.1f}s (ratio {r['ratio_vs_pg_basebackup']:.2f}, budget 1.20), pgbackrest "
+                f"{r['pgbackrest_median_s']:.1f}s (ratio {r['ratio_vs_pgbackrest']:.2f}, target < 1)",
+                flush=True,
+            )
         if "walpush" in only:
             r = bench_wal_push(setup, 10)
             out.append(r)
-            print(f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
-                  f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f}); a segment already archived "
-                  f"ahead: {1000 * r['ours_archived_ahead_median_s']:.0f} ms (ratio {r['archived_ahead_ratio']:.2f})",
-                  flush=True)
+            print(
+                f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
+                f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f}); a segment already archived "
+                f"ahead: {1000 * r['ours_archived_ahead_median_s']:.0f} ms (ratio {r['archived_ahead_ratio']:.2f})",
+                flush=True,
+            )
         if "pitr" in only:
             r = bench_pitr(setup, free_port, rounds)
             out.append(r)
-            print(f"PITR to a time during load: `dr-pipelines pitr` {r['ours_median_s']:.1f}s, pgbackrest restore "
-                  f"--type=time + start + promote {r['pgbackrest_median_s']:.1f}s (ratio {r['ratio']:.2f}); the job's "
-                  f"own RTO {statistics.median(r['job_rto_s']):.1f}s (ratio {r['job_rto_ratio']:.2f}; steps "
-                  f"{r['job_steps_s']})", flush=True)
+            print(
+                f"PITR to a time during load: `dr-pipelines pitr` {r['ours_median_s']:.1f}s, pgbackrest restore "
+                f"--type=time + start + promote {r['pgbackrest_median_s']:.1f}s (ratio {r['ratio']:.2f}); the job's "
+                f"own RTO {statistics.median(r['job_rto_s']):.1f}s (ratio {r['job_rto_ratio']:.2f}; steps "
+                f"{r['job_steps_s']})",
+                flush=True,
+            )
         if "backlog" in only:
             r = bench_backlog(setup)
             out.append(r)
-            print(f"archive backlog, pgbench flat out {r['seconds']}s ({r['wal_mb_per_s']:.0f} MB/s of WAL): at most "
-                  f"{r['max_ready']} segments waiting (median {r['median_ready']}); drained "
-                  f"{r['drain_after_load_s']:.1f}s after the load", flush=True)
+            print(
+                f"archive backlog, pgbench flat out {r['seconds']}s ({r['wal_mb_per_s']:.0f} MB/s of WAL): at most "
+                f"{r['max_ready']} segments waiting (median {r['median_ready']}); drained "
+                f"{r['drain_after_load_s']:.1f}s after the load",
+                flush=True,
+            )
     finally:
         setup.disable()
     return out
@@ -264,9 +332,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,4", help="data sizes, in multiples of ~1.2 GB (default 1,4)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="backup,restore,base,walpush,pitr,backlog",
-                    help="which benchmarks: backup, restore (logical); base, walpush, pitr, backlog (physical, "
-                         "against pg_basebackup and pgBackRest; needs the pgbackrest package). Default: all")
+    ap.add_argument(
+        "--only",
+        default="backup,restore,base,walpush,pitr,backlog",
+        help="which benchmarks: backup, restore (logical); base, walpush, pitr, backlog (physical, "
+        "against pg_basebackup and pgBackRest; needs the pgbackrest package). Default: all",
+    )
     args = ap.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     only = set(args.only.split(","))
@@ -279,18 +350,23 @@ def main() -> int:
                 r = bench_logical(scale, args.rounds, work)
                 results.append(r)
                 backups.append(r)
-                print(f"logical backup {scale}x ({r['db_bytes'] / 1e9:.2f} GB): ours {r['ours_median_s']:.1f}s, "
-                      f"pg_dump|zstd {r['bare_median_s']:.1f}s, ratio {r['ratio']:.2f} (budget 1.10), "
-                      f"our peak RSS {r['ours_peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"logical backup {scale}x ({r['db_bytes'] / 1e9:.2f} GB): ours {r['ours_median_s']:.1f}s, "
+                    f"pg_dump|zstd {r['bare_median_s']:.1f}s, ratio {r['ratio']:.2f} (budget 1.10), "
+                    f"our peak RSS {r['ours_peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
             if "restore" in only and scale == scales[0]:
                 r = bench_logical_restore(scale, args.rounds, work)
                 results.append(r)
-                print(f"logical restore {scale}x: `dr-pipelines restore` {r['ours_median_s']:.1f}s (the job's own RTO "
-                      f"{statistics.median(r['job_rto_s']):.1f}s), pg_restore -j2 {r['bare_median_s']:.1f}s: ratio "
-                      f"{r['ratio']:.2f} (job {r['job_rto_ratio']:.2f}; budget 1.15); streamed (restore_spool: false) "
-                      f"{statistics.median(r['streamed_s']):.1f}s: ratio {r['streamed_ratio']:.2f} (job "
-                      f"{r['streamed_job_rto_ratio']:.2f}); plaintext left behind: {r['plaintext_left_behind'] or 'none'}",
-                      flush=True)
+                print(
+                    f"logical restore {scale}x: `dr-pipelines restore` {r['ours_median_s']:.1f}s (the job's own RTO "
+                    f"{statistics.median(r['job_rto_s']):.1f}s), pg_restore -j2 {r['bare_median_s']:.1f}s: ratio "
+                    f"{r['ratio']:.2f} (job {r['job_rto_ratio']:.2f}; budget 1.15); streamed (restore_spool: false) "
+                    f"{statistics.median(r['streamed_s']):.1f}s: ratio {r['streamed_ratio']:.2f} (job "
+                    f"{r['streamed_job_rto_ratio']:.2f}); plaintext left behind: {r['plaintext_left_behind'] or 'none'}",
+                    flush=True,
+                )
             if only & {"base", "walpush", "pitr", "backlog"} and scale == scales[0]:
                 results += bench_physical(scale, args.rounds, work, only)
         finally:

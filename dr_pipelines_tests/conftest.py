@@ -37,9 +37,17 @@ def pg_template() -> Iterator[Path]:
     root = reachable_tmpdir("drpt-template-")
     chown_to_postgres(root)
     cluster = LocalCluster(root / "data", port=0)
-    cluster.initdb({"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
-                    "shared_buffers": "'64MB'", "max_wal_senders": "4", "wal_level": "replica"},
-                   wal_segsize_mb=1)
+    cluster.initdb(
+        {
+            "fsync": "off",
+            "full_page_writes": "off",
+            "synchronous_commit": "off",
+            "shared_buffers": "'64MB'",
+            "max_wal_senders": "4",
+            "wal_level": "replica",
+        },
+        wal_segsize_mb=1,
+    )
     yield cluster.data_dir
     shutil.rmtree(root, ignore_errors=True)
 
@@ -134,11 +142,19 @@ def age_key(tmp_path: Path) -> AgeKey:
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """Write a config YAML for `pg` and the chosen locations; returns its path."""
 
-    def write(pg: PgServer, locations: dict, encryption: dict | None = None, dbname: str = "app",
-              name: str = "app", **extra) -> Path:
+    def write(
+        pg: PgServer, locations: dict, encryption: dict | None = None, dbname: str = "app", name: str = "app", **extra
+    ) -> Path:
         data = {
-            "databases": {name: {"host": "127.0.0.1", "port": pg.port, "user": "postgres", "dbname": dbname,
-                                 **extra.pop("database", {})}},
+            "databases": {
+                name: {
+                    "host": "127.0.0.1",
+                    "port": pg.port,
+                    "user": "postgres",
+                    "dbname": dbname,
+                    **extra.pop("database", {}),
+                }
+            },
             "locations": locations,
             "encryption": encryption or {"method": "none"},
             **extra,
@@ -168,8 +184,12 @@ def pushgateway() -> Iterator[HttpServer]:
     if not Path(exe).exists():
         pytest.fail("prometheus-pushgateway is not installed; run ./dev setup (it installs it)")
     port = free_port()
-    proc = subprocess.Popen([exe, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_port(port)
     server = HttpServer(proc, port)
     yield server

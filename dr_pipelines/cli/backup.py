@@ -47,8 +47,10 @@ def cmd_backups_list(args) -> int:
         config.database(args.db)
     catalog = load_catalog(open_cli_locations(config, args.location).values(), args.db)
     if args.json:
-        out = [{**e.manifest.model_dump(mode="json"), "locations": e.locations,
-                "size_bytes": e.manifest.size_bytes} for e in catalog.entries]
+        out = [
+            {**e.manifest.model_dump(mode="json"), "locations": e.locations, "size_bytes": e.manifest.size_bytes}
+            for e in catalog.entries
+        ]
         print(json.dumps({"backups": out, "problems": catalog.problems}, indent=2))
     else:
         if not catalog.entries:
@@ -57,8 +59,10 @@ def cmd_backups_list(args) -> int:
             print(f"{'DATABASE':<14} {'KIND':<8} {'BACKUP ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10}  LOCATIONS")
             for e in catalog.entries:
                 m = e.manifest
-                print(f"{m.database:<14} {m.kind:<8} {m.id:<24} {m.created_at:%Y-%m-%d %H:%M:%S}  "
-                      f"{human_size(m.size_bytes):>10}  {','.join(e.locations)}")
+                print(
+                    f"{m.database:<14} {m.kind:<8} {m.id:<24} {m.created_at:%Y-%m-%d %H:%M:%S}  "
+                    f"{human_size(m.size_bytes):>10}  {','.join(e.locations)}"
+                )
         for p in catalog.problems:
             err(f"warning: {p}")
     return EXIT_FAILED if catalog.problems and not catalog.entries else EXIT_OK

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dr-pipelines",
         description="Disaster recovery for PostgreSQL: backups, verification and restores.",
     )
-    p.add_argument("--config", metavar="FILE",
-                   help="YAML config (default: $DR_PIPELINES_CONFIG, else the embedded sandbox)")
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: $DR_PIPELINES_CONFIG, else the embedded sandbox)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("backup", help="take a backup now; prints the new backup id")
@@ -119,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("path", metavar="PATH")
     wp.add_argument("--db", metavar="DB", help="the configured database (needed only when there are several)")
     wp.set_defaults(func=cmd_wal_push)
-    wf = sub.add_parser("wal-fetch", help="restore one WAL file (restore_command: ... wal-fetch %%f %%p); "
-                                          "exit 1 only if it exists nowhere")
+    wf = sub.add_parser(
+        "wal-fetch",
+        help="restore one WAL file (restore_command: ... wal-fetch %%f %%p); exit 1 only if it exists nowhere",
+    )
     wf.add_argument("name", metavar="NAME")
     wf.add_argument("dest", metavar="DEST")
     wf.add_argument("--db", metavar="DB")
@@ -136,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="health monitor: exit 0 healthy, 1 warning, 2 error")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--verify", action="store_true",
-                    help="also read the newest backups back from every location (integrity)")
+    st.add_argument(
+        "--verify", action="store_true", help="also read the newest backups back from every location (integrity)"
+    )
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("report", help="compliance report: success rate, RPO/RTO achieved, storage")

@@ -29,14 +29,26 @@ def cmd_retention(args) -> int:
         err(f"warning: {p}")
     if args.action == "plan" or args.dry_run:
         if args.json:
-            print(json.dumps({"backups": plan_json(plan.decisions),
-                              "wal": [{"database": w.database, "name": w.name, "reason": w.reason} for w in plan.wal]},
-                             indent=2))
+            print(
+                json.dumps(
+                    {
+                        "backups": plan_json(plan.decisions),
+                        "wal": [{"database": w.database, "name": w.name, "reason": w.reason} for w in plan.wal],
+                    },
+                    indent=2,
+                )
+            )
         else:
             print(plan_table(plan.decisions))
-            print(f"\n{len(plan.removed)} of {len(plan.decisions)} backups would be removed"
-                  + (f"; {len(plan.wal)} WAL files ({plan.wal[0].name} .. {plan.wal[-1].name}): {plan.wal[0].reason}"
-                     if plan.wal else "; no WAL file") + (" (dry run)" if args.dry_run else ""))
+            print(
+                f"\n{len(plan.removed)} of {len(plan.decisions)} backups would be removed"
+                + (
+                    f"; {len(plan.wal)} WAL files ({plan.wal[0].name} .. {plan.wal[-1].name}): {plan.wal[0].reason}"
+                    if plan.wal
+                    else "; no WAL file"
+                )
+                + (" (dry run)" if args.dry_run else "")
+            )
         return EXIT_OK
     outcome = apply_plan(config, locations, plan, log=log)
     print(outcome.summary())
@@ -61,8 +73,13 @@ def _health(args, integrity: bool = False):
 def cmd_status(args) -> int:
     _, _, h = _health(args, integrity=args.verify)
     if args.json:
-        print(json.dumps({"status": h.worst, "checked_at": h.now.isoformat(),
-                          "checks": [o.to_dict() for o in h.outcomes]}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"status": h.worst, "checked_at": h.now.isoformat(), "checks": [o.to_dict() for o in h.outcomes]},
+                indent=2,
+                default=str,
+            )
+        )
     else:
         for o in h.outcomes:
             print(f"{o.status.upper():8} {o.database:12} {o.check:32} {o.description}")

@@ -44,9 +44,11 @@ def cmd_restore(args) -> int:
     report = restore_database(config, args.config, options)
     if report.fallback:
         log(f"WARNING: FELL BACK to an older backup: {'; '.join(report.fallback_reasons)}")
-    print(f"restored {report.backup_id or options['backup']} into {report.target} "
-          f"(RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s)"
-          + (f"; previous database kept as {report.previous_database}" if report.previous_database else ""))
+    print(
+        f"restored {report.backup_id or options['backup']} into {report.target} "
+        f"(RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s)"
+        + (f"; previous database kept as {report.previous_database}" if report.previous_database else "")
+    )
     return EXIT_OK
 
 
@@ -56,9 +58,11 @@ def cmd_test_restore(args) -> int:
     from dr_pipelines.defs.runner import restore_test
 
     md = restore_test(config, args.config, args.db, args.backup or "latest", args.no_cleanup)
-    print(f"restore test of {md['backup_id']}: {'PASSED' if md['passed'] else 'FAILED'}, "
-          f"{md['tables']} tables, {md['rows']} rows, RTO {md['rto_s']:.1f}s"
-          + (f"; scratch database kept: {md['scratch_database']}" if args.no_cleanup else ""))
+    print(
+        f"restore test of {md['backup_id']}: {'PASSED' if md['passed'] else 'FAILED'}, "
+        f"{md['tables']} tables, {md['rows']} rows, RTO {md['rto_s']:.1f}s"
+        + (f"; scratch database kept: {md['scratch_database']}" if args.no_cleanup else "")
+    )
     if md.get("failure"):
         err(md["failure"])
     return EXIT_OK if md["passed"] else EXIT_FAILED
@@ -75,14 +79,25 @@ def cmd_pitr(args) -> int:
     config.database(args.db)
     data_dir = Path(args.data_dir).resolve()
     check_overwrite(data_dir, args.overwrite, args.yes)  # before any job starts: the same rule the job applies
-    options = {"database": args.db, "data_dir": str(data_dir), "port": args.port or free_port(),
-               "target_time": parse_target_time(args.target_time).isoformat() if args.target_time else None,
-               "target_lsn": args.target_lsn, "target_xid": args.target_xid, "target_name": args.target_name,
-               "overwrite": args.overwrite, "confirm": args.yes, "archive": args.archive, "timeout_s": args.timeout,
-               "backup_id": args.backup}
+    options = {
+        "database": args.db,
+        "data_dir": str(data_dir),
+        "port": args.port or free_port(),
+        "target_time": parse_target_time(args.target_time).isoformat() if args.target_time else None,
+        "target_lsn": args.target_lsn,
+        "target_xid": args.target_xid,
+        "target_name": args.target_name,
+        "overwrite": args.overwrite,
+        "confirm": args.yes,
+        "archive": args.archive,
+        "timeout_s": args.timeout,
+        "backup_id": args.backup,
+    }
     report = point_in_time_recovery(config, args.config, options)
     print(json.dumps(report.to_dict(), indent=2))
-    log(f"recovered {args.db} to {report.reached_time} (LSN {report.reached_lsn}, timeline "
+    log(
+        f"recovered {args.db} to {report.reached_time} (LSN {report.reached_lsn}, timeline "
         f"{report.timeline}) in {report.rto_s or 0:.1f}s; the cluster runs on 127.0.0.1:{report.port} "
-        f"from {report.data_dir}")
+        f"from {report.data_dir}"
+    )
     return EXIT_OK

@@ -53,9 +53,11 @@ def _named_config(args):
     from dr_pipelines.core.config import CONFIG_ENV, ConfigError
 
     if not (args.config or os.environ.get(CONFIG_ENV)):
-        raise ConfigError(f"{args.command} needs --config FILE (or ${CONFIG_ENV}): PostgreSQL runs it from a data "
-                          "directory, where no other config can be assumed; `dr-pipelines pg-config DB` prints "
-                          "the lines that name it")
+        raise ConfigError(
+            f"{args.command} needs --config FILE (or ${CONFIG_ENV}): PostgreSQL runs it from a data "
+            "directory, where no other config can be assumed; `dr-pipelines pg-config DB` prints "
+            "the lines that name it"
+        )
     return config_from_args(args)
 
 
@@ -71,8 +73,18 @@ def cmd_wal_fetch(args) -> int:
             from dr_pipelines.core.codec.keys import load_identities
 
             identities = load_identities(config)
-        wal_fetch(config, db, args.name, args.dest, open_cli_locations(config), identities, retries=config.wal.fetch_retries,
-                  backoff_s=config.wal.fetch_backoff.total_seconds(), log=log, prefetch=config.wal.prefetch)
+        wal_fetch(
+            config,
+            db,
+            args.name,
+            args.dest,
+            open_cli_locations(config),
+            identities,
+            retries=config.wal.fetch_retries,
+            backoff_s=config.wal.fetch_backoff.total_seconds(),
+            log=log,
+            prefetch=config.wal.prefetch,
+        )
     except WalNotFound as e:
         err(str(e))
         return EXIT_FAILED
@@ -90,10 +102,21 @@ def cmd_wal_list(args) -> int:
     archive = list_archive(open_cli_locations(config), db)
     for p in archive.problems:
         err(f"warning: {p}")
-    out = {"database": db, "segment_size": archive.segment_size, "timelines": [
-        {"timeline": tli, "segments": len(names), "first": names[0], "last": names[-1],
-         "gaps": [{"from": a, "to": b} for a, b in archive.gaps(tli)]}
-        for tli, names in sorted(archive.segments.items())], "history_files": archive.histories}
+    out = {
+        "database": db,
+        "segment_size": archive.segment_size,
+        "timelines": [
+            {
+                "timeline": tli,
+                "segments": len(names),
+                "first": names[0],
+                "last": names[-1],
+                "gaps": [{"from": a, "to": b} for a, b in archive.gaps(tli)],
+            }
+            for tli, names in sorted(archive.segments.items())
+        ],
+        "history_files": archive.histories,
+    }
     if args.json:
         print(json.dumps(out, indent=2))
         return EXIT_OK

@@ -98,7 +98,7 @@ class Objectives(_Model):
     alert_after: Duration | None = Field(
         default=None,
         description="Alert when the newest backup is older than this; default: the backup schedule's "
-                    "interval plus 2h (6-hourly backups: 8h, SongNodes' alert)",
+        "interval plus 2h (6-hourly backups: 8h, SongNodes' alert)",
     )
 
     @field_validator("rpo", "rto", "alert_after", mode="before")
@@ -161,7 +161,8 @@ class ValidationConfig(_Model):
 
     required_tables: list[str] = Field(default_factory=list, description="schema.table or table (public)")
     zero_row_queries: dict[str, str] = Field(
-        default_factory=dict, description="name -> SELECT that must return no rows (orphans, NULLs)")
+        default_factory=dict, description="name -> SELECT that must return no rows (orphans, NULLs)"
+    )
     migrations: MigrationsCheck | None = None
     amcheck: bool = Field(default=True, description="bt_index_check every B-tree index when amcheck exists")
 
@@ -191,9 +192,7 @@ class DatabaseConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = "postgres"
-    password_env: str | None = Field(
-        default=None, description="Name of the environment variable holding the password"
-    )
+    password_env: str | None = Field(default=None, description="Name of the environment variable holding the password")
     dbname: str
     objectives: Objectives = Objectives()
     logical_backup: BackupSchedule = BackupSchedule(schedule="0 */6 * * *")
@@ -207,11 +206,14 @@ class DatabaseConfig(_Model):
     application: ApplicationHooks = ApplicationHooks()
     restore_test: RestoreTestConfig = RestoreTestConfig()
     scratch_dir: str | None = Field(
-        default=None, description="where a restore's private plaintext directory goes (default /var/tmp)")
+        default=None, description="where a restore's private plaintext directory goes (default /var/tmp)"
+    )
     restore_spool: bool = Field(
-        default=True, description="decode a logical backup into the private scratch directory first, so pg_restore "
+        default=True,
+        description="decode a logical backup into the private scratch directory first, so pg_restore "
         "loads tables and builds indexes in parallel (needs free space for the plain dump; streams when short). "
-        "false: table data never touches disk, and tables load one at a time")
+        "false: table data never touches disk, and tables load one at a time",
+    )
 
     def freshness_limit(self, now: datetime, kind: str = "logical") -> timedelta:
         """How old the newest backup of a kind may be before it is an incident."""
@@ -224,10 +226,14 @@ class DatabaseConfig(_Model):
     def test_server(self) -> DatabaseConfig:
         """The server restore tests run on: the database's own unless restore_test names another."""
         t = self.restore_test
-        return self.model_copy(update={
-            "host": t.host or self.host, "port": t.port or self.port, "user": t.user or self.user,
-            "password_env": t.password_env if t.host else (t.password_env or self.password_env),
-        })
+        return self.model_copy(
+            update={
+                "host": t.host or self.host,
+                "port": t.port or self.port,
+                "user": t.user or self.user,
+                "password_env": t.password_env if t.host else (t.password_env or self.password_env),
+            }
+        )
 
     def password(self, name: str) -> str | None:
         if self.password_env is None:
@@ -289,22 +295,20 @@ class S3LocationConfig(_Model):
     secret_access_key_env: str | None = Field(default=None, description="Variable holding the secret key")
     multipart_chunk_mb: int = Field(default=16, ge=5, le=5120)
     weekly_storage_class: str | None = Field(
-        default=None, description="retention moves weekly keepers here (e.g. STANDARD_IA); objects in "
-                                  "GLACIER/DEEP_ARCHIVE need an S3 restore before they can be read")
+        default=None,
+        description="retention moves weekly keepers here (e.g. STANDARD_IA); objects in "
+        "GLACIER/DEEP_ARCHIVE need an S3 restore before they can be read",
+    )
     monthly_storage_class: str | None = Field(default=None, description="monthly keepers (e.g. GLACIER_IR)")
 
     def credentials(self, name: str) -> dict[str, str]:
         if not self.access_key_id_env and not self.secret_access_key_env:
             return {}  # boto3's default chain (env, profile, instance role)
         if not (self.access_key_id_env and self.secret_access_key_env):
-            raise ConfigError(
-                f"locations.{name}: set both access_key_id_env and secret_access_key_env, or neither"
-            )
+            raise ConfigError(f"locations.{name}: set both access_key_id_env and secret_access_key_env, or neither")
         return {
             "aws_access_key_id": _read_env(self.access_key_id_env, f"locations.{name}.access_key_id_env"),
-            "aws_secret_access_key": _read_env(
-                self.secret_access_key_env, f"locations.{name}.secret_access_key_env"
-            ),
+            "aws_secret_access_key": _read_env(self.secret_access_key_env, f"locations.{name}.secret_access_key_env"),
         }
 
 
@@ -319,9 +323,7 @@ class GCSLocationConfig(_Model):
     monthly_storage_class: str | None = Field(default=None, description="monthly keepers (COLDLINE or ARCHIVE)")
 
 
-LocationConfig = Annotated[
-    Union[LocalLocationConfig, S3LocationConfig, GCSLocationConfig], Field(discriminator="type")
-]
+LocationConfig = Annotated[Union[LocalLocationConfig, S3LocationConfig, GCSLocationConfig], Field(discriminator="type")]
 
 
 class EncryptionConfig(_Model):
@@ -376,8 +378,11 @@ class RetentionConfig(_Model):
 
 
 class ChecksConfig(_Model):
-    size_tolerance: float = Field(default=0.5, gt=0, description="size anomaly: allowed deviation from the "
-                                  "rolling mean of recent good backups (0.5 = +/-50%)")
+    size_tolerance: float = Field(
+        default=0.5,
+        gt=0,
+        description="size anomaly: allowed deviation from the rolling mean of recent good backups (0.5 = +/-50%)",
+    )
     size_window: int = Field(default=10, ge=2, description="how many recent good backups the mean covers")
     size_min_history: int = Field(default=3, ge=1, description="no size verdict before this many backups")
 
@@ -404,15 +409,28 @@ AlertConfig = Annotated[Union[WebhookAlertConfig, PagerDutyAlertConfig], Field(d
 
 
 class WalConfig(_Model):
-    fetch_retries: int = Field(default=3, ge=0, description="wal-fetch retries a transient error this often, then aborts recovery")
+    fetch_retries: int = Field(
+        default=3, ge=0, description="wal-fetch retries a transient error this often, then aborts recovery"
+    )
     fetch_backoff: Duration = Field(default=timedelta(seconds=1), description="first retry delay (doubles)")
-    prefetch: int = Field(default=16, ge=0, le=256, description="wal-fetch fetches this many following segments "
-                          "ahead, in parallel, during recovery (0: off)")
-    archive_wait: Duration = Field(default=timedelta(minutes=5), description="how long a base backup waits "
-                                   "for its WAL to be archived before it fails")
-    push_ahead: int = Field(default=8, ge=0, le=64, description="wal-push also archives, in parallel, up to this "
-                            "many later segments PostgreSQL has marked ready, so its calls for them return at once "
-                            "and a burst of WAL does not queue behind one process start per segment (0: off)")
+    prefetch: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description="wal-fetch fetches this many following segments ahead, in parallel, during recovery (0: off)",
+    )
+    archive_wait: Duration = Field(
+        default=timedelta(minutes=5),
+        description="how long a base backup waits for its WAL to be archived before it fails",
+    )
+    push_ahead: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="wal-push also archives, in parallel, up to this "
+        "many later segments PostgreSQL has marked ready, so its calls for them return at once "
+        "and a burst of WAL does not queue behind one process start per segment (0: off)",
+    )
 
     @field_validator("fetch_backoff", "archive_wait", mode="before")
     @classmethod
@@ -462,9 +480,7 @@ class DrConfig(_Model):
             raise ValueError("declare at least one")
         for name in v:
             if not _NAME.match(name):
-                raise ValueError(
-                    f"name {name!r} must start with a letter and hold only letters, digits and _"
-                )
+                raise ValueError(f"name {name!r} must start with a letter and hold only letters, digits and _")
         return v
 
     def database(self, name: str) -> DatabaseConfig:
@@ -479,9 +495,7 @@ class DrConfig(_Model):
         if only is None:
             return list(self.locations)
         if only not in self.locations:
-            raise ConfigError(
-                f"no location named {only!r} in the config; configured: {', '.join(self.locations)}"
-            )
+            raise ConfigError(f"no location named {only!r} in the config; configured: {', '.join(self.locations)}")
         return [only]
 
 

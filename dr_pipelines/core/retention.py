@@ -44,8 +44,12 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
-def plan_retention(backups: Iterable[BackupFacts], policy: RetentionConfig, now: datetime,
-                   verified: dict[tuple[str, str], str] | None = None) -> list[Decision]:
+def plan_retention(
+    backups: Iterable[BackupFacts],
+    policy: RetentionConfig,
+    now: datetime,
+    verified: dict[tuple[str, str], str] | None = None,
+) -> list[Decision]:
     """Decide, for every backup, keep or remove, and why. `verified` maps (database, kind) to the
     id of the newest backup that passed a restore test. Newest first within each group."""
     verified = verified or {}
@@ -71,8 +75,9 @@ def plan_retention(backups: Iterable[BackupFacts], policy: RetentionConfig, now:
     return decisions
 
 
-def _newest_per_period(group: list[BackupFacts], now: datetime, days: int, period: Callable, tier: str,
-                       reasons: dict[str, list[str]]) -> None:
+def _newest_per_period(
+    group: list[BackupFacts], now: datetime, days: int, period: Callable, tier: str, reasons: dict[str, list[str]]
+) -> None:
     seen = set()
     for b in group:  # newest first: the first of each period is its newest
         if now - b.created_at > timedelta(days=days):
@@ -80,17 +85,20 @@ def _newest_per_period(group: list[BackupFacts], now: datetime, days: int, perio
         p = period(b.created_at)
         if p not in seen:
             seen.add(p)
-            reasons[b.id].append(f"{tier} tier (newest of its {'week' if tier == 'weekly' else 'month'}, "
-                                 f"< {days} days)")
+            reasons[b.id].append(
+                f"{tier} tier (newest of its {'week' if tier == 'weekly' else 'month'}, < {days} days)"
+            )
 
 
 def facts_from_catalog(entries: Iterable[CatalogEntry], pinned: set[str]) -> list[BackupFacts]:
-    return [BackupFacts(e.id, e.manifest.database, e.manifest.kind, e.manifest.created_at, e.id in pinned)
-            for e in entries]
+    return [
+        BackupFacts(e.id, e.manifest.database, e.manifest.kind, e.manifest.created_at, e.id in pinned) for e in entries
+    ]
 
 
-def pinned_ids(locations: Iterable[Location], entries: Iterable[CatalogEntry],
-               problems: list[str] | None = None) -> set[str]:
+def pinned_ids(
+    locations: Iterable[Location], entries: Iterable[CatalogEntry], problems: list[str] | None = None
+) -> set[str]:
     """A backup is pinned if any location holds a pin.json beside its manifest. A location that
     cannot be listed is a problem (a pin there would be missed), so the plan then removes nothing."""
     entries = list(entries)
@@ -127,8 +135,12 @@ class Removal:
     error: str | None = None
 
 
-def apply_retention(locations: dict[str, Location], entries: dict[str, CatalogEntry], decisions: list[Decision],
-                    log: Callable[[str], None] = lambda m: None) -> list[Removal]:
+def apply_retention(
+    locations: dict[str, Location],
+    entries: dict[str, CatalogEntry],
+    decisions: list[Decision],
+    log: Callable[[str], None] = lambda m: None,
+) -> list[Removal]:
     """Remove what the plan removes, on every location: the manifest first, so the backup is gone
     as a whole at once; then its objects (leftovers of a failure are invisible and retried)."""
     removals = []
@@ -154,7 +166,7 @@ HOT_REASONS = ("daily tier", "among the newest", "pinned", "newest backup proven
 
 
 def cold_tier(d: Decision) -> str | None:
-    """"weekly" or "monthly" when only that tier keeps the backup (it may go to a colder class);
+    """ "weekly" or "monthly" when only that tier keeps the backup (it may go to a colder class);
     None for what is removed, recent, pinned, in the min_keep floor or the proven restore point."""
     if not d.keep or any(r.startswith(HOT_REASONS) for r in d.reasons):
         return None
@@ -172,8 +184,13 @@ class Move:
     error: str | None = None
 
 
-def apply_tiering(config, locations: dict[str, Location], entries: dict[str, CatalogEntry],
-                  decisions: list[Decision], log: Callable[[str], None] = lambda m: None) -> list[Move]:
+def apply_tiering(
+    config,
+    locations: dict[str, Location],
+    entries: dict[str, CatalogEntry],
+    decisions: list[Decision],
+    log: Callable[[str], None] = lambda m: None,
+) -> list[Move]:
     """Move weekly and monthly keepers' objects (never the manifest, which listing reads) to the
     colder class their location names; locations without one (local disk) are left alone."""
     moves = []
@@ -208,14 +225,23 @@ def plan_table(decisions: list[Decision]) -> str:
         b = d.backup
         tier = cold_tier(d)
         action = "REMOVE" if not d.keep else f"keep ({tier} class)" if tier else "keep"
-        rows.append(f"| {b.database} | {b.kind} | {b.id} | {b.created_at:%Y-%m-%d %H:%M} | "
-                    f"{action} | {'; '.join(d.reasons)} |")
+        rows.append(
+            f"| {b.database} | {b.kind} | {b.id} | {b.created_at:%Y-%m-%d %H:%M} | {action} | {'; '.join(d.reasons)} |"
+        )
     return "\n".join(rows)
 
 
 def plan_json(decisions: list[Decision]) -> list[dict]:
-    return [{**asdict(d.backup), "created_at": d.backup.created_at.isoformat(), "keep": d.keep,
-             "cold_tier": cold_tier(d), "reasons": d.reasons} for d in decisions]
+    return [
+        {
+            **asdict(d.backup),
+            "created_at": d.backup.created_at.isoformat(),
+            "keep": d.keep,
+            "cold_tier": cold_tier(d),
+            "reasons": d.reasons,
+        }
+        for d in decisions
+    ]
 
 
 def newest_verified(locations: dict[str, Location], databases: Iterable[str]) -> dict[tuple[str, str], str]:
@@ -271,8 +297,14 @@ class WalRemoval:
     reason: str
 
 
-def plan_wal_retention(config, locations: dict[str, Location], decisions: list[Decision],
-                       entries: dict[str, CatalogEntry], now: datetime, problems: list[str]) -> list[WalRemoval]:
+def plan_wal_retention(
+    config,
+    locations: dict[str, Location],
+    decisions: list[Decision],
+    entries: dict[str, CatalogEntry],
+    now: datetime,
+    problems: list[str],
+) -> list[WalRemoval]:
     """WAL goes only when it is both before the start of the oldest retained base backup (no kept
     backup can replay it) and older than `wal_days`. History files always stay: they are tiny, and
     a timeline switch anywhere in the kept range needs them. No base backup kept: `wal_days` alone."""
@@ -286,23 +318,30 @@ def plan_wal_retention(config, locations: dict[str, Location], decisions: list[D
         if archive.problems:
             problems += archive.problems
             return []
-        starts = [entries[d.backup.id].manifest.base.wal_start for d in decisions
-                  if d.keep and d.backup.database == db and d.backup.kind == "base"]
+        starts = [
+            entries[d.backup.id].manifest.base.wal_start
+            for d in decisions
+            if d.keep and d.backup.database == db and d.backup.kind == "base"
+        ]
         keep_from = min((s[8:] for s in starts), default=None)  # position in WAL, across timelines
         for name, f in archive.files.items():
             if f.kind == "history" or f.pushed_at >= cutoff:
                 continue
             if keep_from is not None and name[8:24] >= keep_from:
                 continue
-            why = (f"before the oldest kept base backup's WAL ({keep_from}) and older than {config.retention.wal_days} days"
-                   if keep_from else f"older than {config.retention.wal_days} days and no base backup is kept")
+            why = (
+                f"before the oldest kept base backup's WAL ({keep_from}) and older than {config.retention.wal_days} days"
+                if keep_from
+                else f"older than {config.retention.wal_days} days and no base backup is kept"
+            )
             prefix = f"{wal_prefix(db)}/{timeline_of(name)}"
             out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{f.object_name}"], why))
     return out
 
 
-def apply_wal_retention(locations: dict[str, Location], removals: list[WalRemoval],
-                        log: Callable[[str], None] = lambda m: None) -> list[str]:
+def apply_wal_retention(
+    locations: dict[str, Location], removals: list[WalRemoval], log: Callable[[str], None] = lambda m: None
+) -> list[str]:
     errors = []
     for r in removals:
         for name, loc in locations.items():
@@ -327,22 +366,26 @@ class RetentionOutcome:
 
     @property
     def failures(self) -> list[str]:
-        return ([f"{r.backup_id} on {r.location}: {r.error}" for r in self.removals + self.moves if r.error]
-                + self.wal_errors)
+        return [
+            f"{r.backup_id} on {r.location}: {r.error}" for r in self.removals + self.moves if r.error
+        ] + self.wal_errors
 
     @property
     def complete(self) -> bool:
         return not self.failures and not self.plan.problems
 
     def summary(self) -> str:
-        return (f"removed {len(self.plan.removed)} backups ({len([r for r in self.removals if not r.error])} copies); "
-                f"moved {len([m for m in self.moves if not m.error])} copies to a colder storage class; "
-                f"removed {len(self.plan.wal)} WAL files"
-                + (f"; {len(self.failures)} operations failed" if self.failures else ""))
+        return (
+            f"removed {len(self.plan.removed)} backups ({len([r for r in self.removals if not r.error])} copies); "
+            f"moved {len([m for m in self.moves if not m.error])} copies to a colder storage class; "
+            f"removed {len(self.plan.wal)} WAL files"
+            + (f"; {len(self.failures)} operations failed" if self.failures else "")
+        )
 
 
-def apply_plan(config, locations: dict[str, Location], plan: RetentionPlan,
-               log: Callable[[str], None] = lambda m: None) -> RetentionOutcome:
+def apply_plan(
+    config, locations: dict[str, Location], plan: RetentionPlan, log: Callable[[str], None] = lambda m: None
+) -> RetentionOutcome:
     """Removals (manifest first), storage-class moves, then WAL no kept base backup needs."""
     removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
     moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)

@@ -16,12 +16,19 @@ from dr_pipelines.defs.retention.definitions import build_retention_definitions
 from dr_pipelines.defs.schedules import Defaults
 from dr_pipelines.defs.wal.definitions import build_wal_definitions
 
-DOMAINS = (build_backup_definitions, build_restore_definitions, build_wal_definitions, build_pitr_definitions,
-           build_retention_definitions, build_monitoring_definitions)
+DOMAINS = (
+    build_backup_definitions,
+    build_restore_definitions,
+    build_wal_definitions,
+    build_pitr_definitions,
+    build_retention_definitions,
+    build_monitoring_definitions,
+)
 
 
 def build_definitions(config: DrConfig, config_file: str) -> dg.Definitions:
     defaults = Defaults.of(config)
     return dg.Definitions.merge(
         *(build(config, defaults) for build in DOMAINS),
-        dg.Definitions(resources={"dr": dr_resource(config, config_file, sandbox=config.sandbox)}))
+        dg.Definitions(resources={"dr": dr_resource(config, config_file, sandbox=config.sandbox)}),
+    )

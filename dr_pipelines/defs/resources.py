@@ -63,9 +63,15 @@ def _resource_with_clients(s3: bool, gcs: bool) -> type[DrResource]:
     def clients(self) -> dict[str, Any]:
         return {name: _client_of(r) for field in annotations for name, r in getattr(self, field).items()}
 
-    namespace = {"__annotations__": annotations, "clients": clients, "__doc__": DrResource.__doc__,
-                 **{field: Field(default_factory=dict, description=f"{field.upper()} clients, per location")
-                    for field in annotations}}
+    namespace = {
+        "__annotations__": annotations,
+        "clients": clients,
+        "__doc__": DrResource.__doc__,
+        **{
+            field: Field(default_factory=dict, description=f"{field.upper()} clients, per location")
+            for field in annotations
+        },
+    }
     return type("DrResource", (DrResource,), namespace)
 
 
@@ -79,8 +85,10 @@ def dr_resource(config: DrConfig, config_file: str, sandbox: bool = False) -> Dr
 
             creds = {}
             if cfg.access_key_id_env and cfg.secret_access_key_env:
-                creds = {"aws_access_key_id": dg.EnvVar(cfg.access_key_id_env),
-                         "aws_secret_access_key": dg.EnvVar(cfg.secret_access_key_env)}
+                creds = {
+                    "aws_access_key_id": dg.EnvVar(cfg.access_key_id_env),
+                    "aws_secret_access_key": dg.EnvVar(cfg.secret_access_key_env),
+                }
             s3[name] = S3Resource(region_name=cfg.region, endpoint_url=cfg.endpoint_url, max_attempts=5, **creds)
         elif isinstance(cfg, GCSLocationConfig):
             from dagster_gcp.gcs import GCSResource

@@ -40,8 +40,9 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return f"run {result.run_id} failed"
 
 
-def run_job(config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None,
-            allow_failure: bool = False):
+def run_job(
+    config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None, allow_failure: bool = False
+):
     defs = build_definitions(config, config_file)
     job = defs.resolve_job_def(job_name)
     # INFO on the console: the shell user reads progress, not Dagster's DEBUG event stream
@@ -70,8 +71,13 @@ def restore_database(config: DrConfig, config_file: str, options: dict) -> Resto
 
 def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep: bool) -> dict:
     node = restore_test_key(db).to_python_identifier()
-    result = run_job(config, config_file, restore_test_job_name(db),
-                     {"ops": {node: {"config": {"backup": backup, "keep": keep}}}}, allow_failure=True)
+    result = run_job(
+        config,
+        config_file,
+        restore_test_job_name(db),
+        {"ops": {node: {"config": {"backup": backup, "keep": keep}}}},
+        allow_failure=True,
+    )
     mats = result.asset_materializations_for_node(node)
     if not mats:  # failed before a verdict (no usable backup, server down): the step's message says why
         raise RunFailed(_failure_message(result))
@@ -86,7 +92,11 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
 
 def materialize_base_backup(config: DrConfig, db: str, config_file: str) -> str:
     result = run_job(config, config_file, base_backup_job_name(db))
-    return result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0].metadata["backup_id"].value
+    return (
+        result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0]
+        .metadata["backup_id"]
+        .value
+    )
 
 
 def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) -> PitrReport:

@@ -20,11 +20,18 @@ class Defaults:
         running = config.schedules.running
         if running is None:
             running = not config.sandbox
-        return cls(dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
-                   dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED)
+        return cls(
+            dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
+            dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED,
+        )
 
 
-def cron_schedule(name: str, job: Any, cron: str, defaults: Defaults,
-                  what: str) -> dg.ScheduleDefinition:
-    return dg.ScheduleDefinition(name=name, cron_schedule=cron, target=job, execution_timezone="UTC",
-                                 default_status=defaults.schedule, description=f"{what} ({cron} UTC).")
+def cron_schedule(name: str, job: Any, cron: str, defaults: Defaults, what: str) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name=name,
+        cron_schedule=cron,
+        target=job,
+        execution_timezone="UTC",
+        default_status=defaults.schedule,
+        description=f"{what} ({cron} UTC).",
+    )

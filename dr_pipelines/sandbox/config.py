@@ -111,10 +111,13 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
         log(f"creating the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
         cluster.data_dir.parent.mkdir(parents=True, exist_ok=True)
         chown_to_postgres(cluster.data_dir.parent)
-        cluster.initdb({"fsync": "off", "shared_buffers": "'128MB'", **archive_settings(config or sandbox_config(), log)})
+        cluster.initdb(
+            {"fsync": "off", "shared_buffers": "'128MB'", **archive_settings(config or sandbox_config(), log)}
+        )
         cluster.start()
-        with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
         with psycopg.connect(host="127.0.0.1", port=cluster.port, user="postgres", dbname=DATABASE) as conn:
             conn.execute(SAMPLE_SCHEMA)
@@ -167,8 +170,10 @@ def archive_settings(config: DrConfig, log=print) -> dict[str, str]:
     location = Path(config.locations["local"].path)
     exe = Path(sys.executable).parent / "dr-pipelines"
     if not (postgres_can_reach(base) and postgres_can_reach(exe.parent)):
-        log(f"note: the postgres user cannot reach {base} or {exe.parent}; the sandbox will not archive WAL "
-            "(point-in-time recovery is skipped)")
+        log(
+            f"note: the postgres user cannot reach {base} or {exe.parent}; the sandbox will not archive WAL "
+            "(point-in-time recovery is skipped)"
+        )
         return {}
     wal_dir = location / wal_prefix(DATABASE)
     wal_dir.mkdir(parents=True, exist_ok=True)

@@ -31,39 +31,62 @@ def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     from dr_pipelines.defs.runner import materialize_logical_backup
 
     db = next(iter(config.databases))
-    print(f"\n== taking a logical backup of the sandbox database '{db}' (Dagster job, recorded in "
-          f"{os.environ['DAGSTER_HOME']})", flush=True)
+    print(
+        f"\n== taking a logical backup of the sandbox database '{db}' (Dagster job, recorded in "
+        f"{os.environ['DAGSTER_HOME']})",
+        flush=True,
+    )
     manifest = materialize_logical_backup(config, db, config_file)
     location = next(iter(config.locations.values()))
     obj = Path(location.resolved_path(config.base_dir)) / manifest.object_key(manifest.objects[0].name)
     identity = config.encryption.identity_path()
-    print(f"""
+    print(
+        f"""
 backup id:  {manifest.id}
 object:     {obj}  ({manifest.size_bytes} bytes, sha256 {manifest.objects[0].sha256[:16]}...)
-manifest:   {obj.parent / 'manifest.json'}
-tables:     {', '.join(f'{t}={n}' for t, n in manifest.tables.items())}
+manifest:   {obj.parent / "manifest.json"}
+tables:     {", ".join(f"{t}={n}" for t, n in manifest.tables.items())}
 
 restore it by hand, without this project:
   age -d -i {identity} {obj} | zstd -d | pg_restore -h 127.0.0.1 -p {config.databases[db].port} -U postgres -d <new empty database>
 list and verify backups:
   dr-pipelines backups list {db}
   dr-pipelines backups verify {db} --latest
-""", flush=True)
+""",
+        flush=True,
+    )
     from dr_pipelines.defs.runner import restore_test
 
-    print(f"== restore test: restoring {manifest.id} into a scratch database and checking it against the manifest",
-          flush=True)
+    print(
+        f"== restore test: restoring {manifest.id} into a scratch database and checking it against the manifest",
+        flush=True,
+    )
     md = restore_test(config, config_file, db, manifest.id, keep=False)
-    print(f"restore test {'PASSED' if md['passed'] else 'FAILED'}: {md['tables']} tables, {md['rows']} rows, "
-          f"measured RTO {md['rto_s']:.1f}s (objective {config.databases[db].objectives.rto})\n", flush=True)
+    print(
+        f"restore test {'PASSED' if md['passed'] else 'FAILED'}: {md['tables']} tables, {md['rows']} rows, "
+        f"measured RTO {md['rto_s']:.1f}s (objective {config.databases[db].objectives.rto})\n",
+        flush=True,
+    )
     pitr_ok = demo_pitr(config, config_file, db)
     if not serve_ui:
         return 0 if md["passed"] and pitr_ok is not False else 1
     print(f"== Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port),
-         "-w", str(PROJECT_ROOT / "workspace.yaml")],
-        cwd=str(PROJECT_ROOT), env=os.environ.copy(), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            str(PROJECT_ROOT / "workspace.yaml"),
+        ],
+        cwd=str(PROJECT_ROOT),
+        env=os.environ.copy(),
+        start_new_session=True,
     )
     try:
         return proc.wait()
@@ -103,8 +126,11 @@ def demo_pitr(config, config_file: str, db: str) -> bool | None:
 
     with connect(port) as conn:
         if conn.execute("SELECT current_setting('archive_mode')").fetchone()[0] == "off":
-            print("== point-in-time recovery skipped: this sandbox does not archive WAL (delete "
-                  f"{sandbox_dir()} to recreate it with archiving)\n", flush=True)
+            print(
+                "== point-in-time recovery skipped: this sandbox does not archive WAL (delete "
+                f"{sandbox_dir()} to recreate it with archiving)\n",
+                flush=True,
+            )
             return None
     print("== point-in-time recovery (SoundHash 'Accidental data deletion'): a base backup first", flush=True)
     backup_id = materialize_base_backup(config, db, config_file)
@@ -116,12 +142,20 @@ def demo_pitr(config, config_file: str, db: str) -> bool | None:
         deleted = conn.execute("DELETE FROM processing_jobs WHERE status = 'failed'").rowcount
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         _wait_archived(conn, segment)
-    print(f"base backup {backup_id}; then at {target:%H:%M:%S} UTC someone deleted {deleted} processing_jobs rows",
-          flush=True)
+    print(
+        f"base backup {backup_id}; then at {target:%H:%M:%S} UTC someone deleted {deleted} processing_jobs rows",
+        flush=True,
+    )
     data_dir = sandbox_dir() / "pitr-demo" / "data"
     new_port = free_port()
-    options = {"database": db, "data_dir": str(data_dir), "port": new_port, "target_time": target.isoformat(),
-               "overwrite": True, "confirm": str(data_dir)}
+    options = {
+        "database": db,
+        "data_dir": str(data_dir),
+        "port": new_port,
+        "target_time": target.isoformat(),
+        "overwrite": True,
+        "confirm": str(data_dir),
+    }
     report = point_in_time_recovery(config, config_file, options)
     try:
         with connect(new_port) as conn:
@@ -130,7 +164,10 @@ def demo_pitr(config, config_file: str, db: str) -> bool | None:
         LocalCluster(data_dir, new_port).stop("fast")
         shutil.rmtree(data_dir.parent, ignore_errors=True)
     ok = after == before
-    print(f"recovered to {report.reached_time} (LSN {report.reached_lsn}, timeline {report.timeline}) "
-          f"in {report.rto_s or 0:.1f}s: processing_jobs has {after} rows again (before the deletion: {before}); "
-          f"point-in-time recovery {'PASSED' if ok else 'FAILED'}\n", flush=True)
+    print(
+        f"recovered to {report.reached_time} (LSN {report.reached_lsn}, timeline {report.timeline}) "
+        f"in {report.rto_s or 0:.1f}s: processing_jobs has {after} rows again (before the deletion: {before}); "
+        f"point-in-time recovery {'PASSED' if ok else 'FAILED'}\n",
+        flush=True,
+    )
     return ok

@@ -10,8 +10,18 @@ from dr_pipelines.defs.build import build_definitions
 from dr_pipelines_tests.support.configs import BUCKET, config_from, local_location, s3_location
 from dr_pipelines_tests.support.servers import start_moto
 
-STABLE_KEYS = {"backup_id", "size_bytes", "duration_s", "compression_ratio", "sha256", "locations",
-               "uncompressed_bytes", "tables", "rows", "created_at"}
+STABLE_KEYS = {
+    "backup_id",
+    "size_bytes",
+    "duration_s",
+    "compression_ratio",
+    "sha256",
+    "locations",
+    "uncompressed_bytes",
+    "tables",
+    "rows",
+    "created_at",
+}
 
 
 def test_sandbox_definitions_load(tmp_path, monkeypatch):
@@ -30,8 +40,12 @@ def test_sandbox_definitions_load(tmp_path, monkeypatch):
 
 
 def test_materialize_to_every_location(pg, three_locations, write_config, age_key):
-    path = write_config(pg, three_locations, {"method": "age", "recipients": [age_key.recipient]},
-                        database={"logical_backup": {"schedule": "15 */4 * * *"}})
+    path = write_config(
+        pg,
+        three_locations,
+        {"method": "age", "recipients": [age_key.recipient]},
+        database={"logical_backup": {"schedule": "15 */4 * * *"}},
+    )
     cfg = config_from(path)
     defs = build_definitions(cfg, str(path))
     dg.Definitions.validate_loadable(defs)
@@ -61,7 +75,8 @@ def test_location_down_fails_the_run_naming_it(pg, write_config, tmp_path):
     path = write_config(pg, {"local": local_location(tmp_path / "b"), "offsite": s3_location(doomed)})
     defs = build_definitions(config_from(path), str(path))
     result = defs.resolve_job_def(logical_backup_job_name("app")).execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.message
@@ -76,7 +91,8 @@ def test_unreachable_database_fails_the_run(make_pg, write_config, tmp_path):
     server.cluster.stop("immediate")
     defs = build_definitions(config_from(path), str(path))
     result = defs.resolve_job_def(logical_backup_job_name("app")).execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "is unreachable" in failure.step_failure_data.error.message

@@ -14,8 +14,11 @@ QUERY = """{ assetOrError(assetKey: {path: ["soundhash", "logical_backup"]}) {
 
 
 def _graphql(port: int) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": QUERY}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": QUERY}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)
 
@@ -27,8 +30,14 @@ def test_demo_backup_visible_in_ui():
     env.pop("DAGSTER_HOME", None)
     env.pop("DR_PIPELINES_CONFIG", None)
     log = open(sandbox / "demo.log", "w+")  # noqa: SIM115 -- read after the demo stops
-    proc = subprocess.Popen([str(VENV_BIN / "dr-pipelines"), "demo", "--port", str(ui_port)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(sandbox))
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "dr-pipelines"), "demo", "--port", str(ui_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=str(sandbox),
+    )
     try:
         deadline = time.monotonic() + 240
         materializations = None

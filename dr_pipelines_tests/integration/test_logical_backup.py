@@ -27,8 +27,10 @@ def restore_by_hand(obj: Path, identity: Path | None, pg, dbname: str) -> None:
     """The README's manual path: age -d | zstd -d | pg_restore, with the real binaries only."""
     pg.create_database(dbname, sample_data=False)
     decrypt = f"age -d -i {identity} {obj}" if identity else f"cat {obj}"
-    cmd = (f"set -o pipefail; {decrypt} | zstd -d | {PG_RESTORE} --exit-on-error "
-           f"-h 127.0.0.1 -p {pg.port} -U postgres -d {dbname}")
+    cmd = (
+        f"set -o pipefail; {decrypt} | zstd -d | {PG_RESTORE} --exit-on-error "
+        f"-h 127.0.0.1 -p {pg.port} -U postgres -d {dbname}"
+    )
     subprocess.run(["bash", "-c", cmd], check=True, capture_output=True)
 
 
@@ -54,7 +56,8 @@ def test_backup_to_three_locations_restores_by_hand(pg, three_locations, write_c
     # fetch from S3 and GCS with their own CLIs' libraries, then restore with age/zstd/pg_restore
     s3_obj = tmp_path / "from_s3.age"
     boto3.client("s3", endpoint_url=three_locations["s3"]["endpoint_url"], region_name="us-east-1").download_file(
-        BUCKET, f"soundhash-backups/{m.object_key(m.objects[0].name)}", str(s3_obj))
+        BUCKET, f"soundhash-backups/{m.object_key(m.objects[0].name)}", str(s3_obj)
+    )
     restore_by_hand(s3_obj, age_key.identity_file, pg, "from_s3")
     assert pg.table_checksums("from_s3") == pg.table_checksums("app")
 
@@ -64,8 +67,9 @@ def test_backup_to_three_locations_restores_by_hand(pg, three_locations, write_c
 
 
 def test_unencrypted_gzip_backup_decodes_with_gunzip(pg, write_config, tmp_path):
-    cfg = config_from(write_config(pg, {"local": local_location(tmp_path / "b")},
-                                   compression={"method": "gzip", "level": 1}))
+    cfg = config_from(
+        write_config(pg, {"local": local_location(tmp_path / "b")}, compression={"method": "gzip", "level": 1})
+    )
     m = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
     obj = tmp_path / "b" / m.object_key(m.objects[0].name)
     assert obj.name == "dump.pgdump.gz"
@@ -102,8 +106,9 @@ def test_backup_without_manifest_is_invisible(pg, write_config, tmp_path):
 def test_killed_pg_dump_leaves_no_backup(pg, three_locations, write_config, tmp_path):
     """The connection is killed mid-dump: the run fails and no location shows a backup."""
     with pg.connect("app") as conn:  # enough data that the dump takes a while
-        conn.execute("CREATE TABLE big AS SELECT g, md5(g::text) || repeat('x', 500) AS t "
-                     "FROM generate_series(1, 400000) g")
+        conn.execute(
+            "CREATE TABLE big AS SELECT g, md5(g::text) || repeat('x', 500) AS t FROM generate_series(1, 400000) g"
+        )
     cfg = config_from(write_config(pg, three_locations))
     killed = threading.Event()
 
@@ -111,9 +116,11 @@ def test_killed_pg_dump_leaves_no_backup(pg, three_locations, write_config, tmp_
         deadline = time.monotonic() + 60
         with pg.connect() as conn:
             while time.monotonic() < deadline and not killed.is_set():
-                rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                    "WHERE application_name = 'pg_dump' AND state = 'active' "
-                                    "AND query ILIKE 'COPY%big%'").fetchall()
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pg_dump' AND state = 'active' "
+                    "AND query ILIKE 'COPY%big%'"
+                ).fetchall()
                 if rows:
                     killed.set()
                 time.sleep(0.01)
@@ -141,8 +148,11 @@ def test_one_location_down_keeps_the_others(pg, gcs, write_config, age_key, tmp_
     boto3.client("s3", endpoint_url=doomed.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     doomed.stop()
     s3_cfg = {**s3_location(doomed)}
-    locations = {"local": local_location(tmp_path / "b"), "s3": s3_cfg,
-                 "gcs": {"type": "gcs", "bucket": BUCKET, "prefix": "p/", "project": "test"}}
+    locations = {
+        "local": local_location(tmp_path / "b"),
+        "s3": s3_cfg,
+        "gcs": {"type": "gcs", "bucket": BUCKET, "prefix": "p/", "project": "test"},
+    }
     cfg = config_from(write_config(pg, locations, {"method": "age", "recipients": [age_key.recipient]}))
     with pytest.raises(PartialBackup) as e:
         run_logical_backup(cfg, "app", open_locations(cfg))
@@ -159,8 +169,12 @@ def test_one_location_down_keeps_the_others(pg, gcs, write_config, age_key, tmp_
     catalog = load_catalog(open_locations(cfg).values(), "app")
     assert catalog.latest("app").locations == ["local", "gcs"]
     assert any("location 's3'" in p for p in catalog.problems)
-    restore_by_hand(tmp_path / "b" / e.value.manifest.object_key(e.value.manifest.objects[0].name),
-                    age_key.identity_file, pg, "restored")
+    restore_by_hand(
+        tmp_path / "b" / e.value.manifest.object_key(e.value.manifest.objects[0].name),
+        age_key.identity_file,
+        pg,
+        "restored",
+    )
     assert pg.table_checksums("restored") == pg.table_checksums("app")
 
 
@@ -234,12 +248,17 @@ def test_password_never_in_argv_logs_or_metadata(make_pg, write_config, tmp_path
     argv_log = shim_dir / "argv.log"
     for tool in ("pg_dump",):
         shim = shim_dir / tool
-        shim.write_text(f'#!/bin/bash\nprintf "%s\\n" "$0" "$@" >> {argv_log}\n'
-                        f'[ -n "$PGPASSWORD" ] && echo "PGPASSWORD set" >> {argv_log}\n'
-                        f'exec /usr/lib/postgresql/15/bin/{tool} "$@"\n')
+        shim.write_text(
+            f'#!/bin/bash\nprintf "%s\\n" "$0" "$@" >> {argv_log}\n'
+            f'[ -n "$PGPASSWORD" ] && echo "PGPASSWORD set" >> {argv_log}\n'
+            f'exec /usr/lib/postgresql/15/bin/{tool} "$@"\n'
+        )
         shim.chmod(0o755)
-    path = write_config(pg, {"local": local_location(tmp_path / "b")},
-                        database={"user": "backup", "password_env": "DR_TEST_PW", "pg_bin_dir": str(shim_dir)})
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "b")},
+        database={"user": "backup", "password_env": "DR_TEST_PW", "pg_bin_dir": str(shim_dir)},
+    )
     import os
 
     os.environ["DR_TEST_PW"] = SECRET

@@ -35,8 +35,10 @@ def _config(write_config, pg, tmp_path, receiver=None, s3=None, **extra):
         locations["s3"] = s3_location(s3)
     alerts = {}
     if receiver is not None:
-        alerts = {"chat": {"type": "webhook", "url_env": "DR_TEST_WEBHOOK", "format": "slack"},
-                  "pager": {"type": "pagerduty", "routing_key_env": "DR_TEST_PD_KEY", "url": f"{receiver.url}/pd"}}
+        alerts = {
+            "chat": {"type": "webhook", "url_env": "DR_TEST_WEBHOOK", "format": "slack"},
+            "pager": {"type": "pagerduty", "routing_key_env": "DR_TEST_PD_KEY", "url": f"{receiver.url}/pd"},
+        }
     path = write_config(pg, locations, alerts=alerts, **extra)
     return path, config_from(path)
 
@@ -49,8 +51,7 @@ def alert_env(monkeypatch, receiver):
 
 def _tick(defs, name, instance, cursor):
     sensor = defs.resolve_sensor_def(name)
-    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                 resources=defs.resources) as ctx:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources) as ctx:
         data = sensor.evaluate_tick(ctx)  # as the daemon does: resources come from the context
     return SimpleNamespace(cursor=data.cursor, skip_reason=data.skip_message or "")
 
@@ -153,16 +154,18 @@ def test_run_failure_alert_once_then_resolved(make_pg, write_config, tmp_path, r
     assert job.execute_in_process(instance=instance).success
     fourth = _tick(defs, RUN_FAILURES, instance, third.cursor)
     assert "RESOLVED" in receiver.bodies("/hook")[-1]["text"]
-    assert receiver.bodies("/pd")[-1] == {"routing_key": PD_KEY, "event_action": "resolve",
-                                          "dedup_key": pd["dedup_key"]}
+    assert receiver.bodies("/pd")[-1] == {
+        "routing_key": PD_KEY,
+        "event_action": "resolve",
+        "dedup_key": pd["dedup_key"],
+    }
     assert IncidentBook(fourth.cursor).incidents == {}
     assert len(receiver.received) == 4
 
 
 def test_staleness_alert_retried_while_receiver_down(pg, write_config, tmp_path, receiver, alert_env):
     """A backup that stops arriving: one alert (delivered once the receiver is back), then resolved."""
-    path, cfg = _config(write_config, pg, tmp_path, receiver=receiver,
-                        database={"objectives": {"alert_after": "4s"}})
+    path, cfg = _config(write_config, pg, tmp_path, receiver=receiver, database={"objectives": {"alert_after": "4s"}})
     locations = open_locations(cfg)
     run_logical_backup(cfg, "app", locations)
     defs = build_definitions(cfg, str(path))
@@ -192,8 +195,10 @@ def test_staleness_alert_retried_while_receiver_down(pg, write_config, tmp_path,
 
 def test_incident_book_failed_and_cleared_between_ticks(receiver):
     receiver.start()
-    channels = [WebhookChannel("chat", f"{receiver.url}/hook", "discord"),
-                PagerDutyChannel("pager", PD_KEY, f"{receiver.url}/pd")]
+    channels = [
+        WebhookChannel("chat", f"{receiver.url}/hook", "discord"),
+        PagerDutyChannel("pager", PD_KEY, f"{receiver.url}/pd"),
+    ]
     book = IncidentBook()
     alert = Alert("run:x", "job x failed", "boom", "job x", "2026-11-23T10:00:00+00:00", "http://ui/runs/1")
     book.observe("run:x", alert)
@@ -216,8 +221,12 @@ def test_incident_book_failed_and_cleared_between_ticks(receiver):
 
 
 def test_metrics_textfile_and_pushgateway(pg, write_config, tmp_path, pushgateway):
-    path, cfg = _config(write_config, pg, tmp_path,
-                        metrics={"textfile": str(tmp_path / "prom" / "dr.prom"), "pushgateway_url": pushgateway.url})
+    path, cfg = _config(
+        write_config,
+        pg,
+        tmp_path,
+        metrics={"textfile": str(tmp_path / "prom" / "dr.prom"), "pushgateway_url": pushgateway.url},
+    )
     locations = open_locations(cfg)
     m = run_logical_backup(cfg, "app", locations).manifest
     run_restore_test(cfg, "app", locations)

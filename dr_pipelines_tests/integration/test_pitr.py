@@ -46,8 +46,11 @@ def restored_dirs():
 
 
 def _pgbench(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(DEFAULT_PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                             *args, "app"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [str(DEFAULT_PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", *args, "app"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _archive_everything(setup: WalSetup) -> None:
@@ -92,20 +95,28 @@ def test_pitr_to_a_moment_during_pgbench_load(archived, restored_dirs):
     _archive_everything(setup)
 
     data_dir, new_port = restored_dirs(), free_port()
-    report = run_pitr(setup.config, str(setup.config_path),
-                      PitrRequest("app", data_dir, new_port, target_time=target), open_locations(setup.config))
+    report = run_pitr(
+        setup.config,
+        str(setup.config_path),
+        PitrRequest("app", data_dir, new_port, target_time=target),
+        open_locations(setup.config),
+    )
     assert report.promoted and report.backup_id == base.id and report.timeline == 2
     assert datetime.fromisoformat(report.reached_time) <= target
     assert report.rto_s > 0 and report.data_loss_window_s >= (datetime.now(timezone.utc) - target).total_seconds() - 60
 
     with _connect(new_port) as conn:
         # pgbench's invariants: every balance equals the sum of its history deltas
-        assert conn.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
-                            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)").fetchone()[0]
+        assert conn.execute(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        ).fetchone()[0]
         for table, col, key in (("pgbench_tellers", "tbalance", "tid"), ("pgbench_branches", "bbalance", "bid")):
-            bad = conn.execute(f"SELECT count(*) FROM {table} t LEFT JOIN (SELECT {key}, sum(delta) s FROM "
-                               f"pgbench_history GROUP BY {key}) h USING ({key}) "
-                               f"WHERE t.{col} <> coalesce(h.s, 0)").fetchone()[0]
+            bad = conn.execute(
+                f"SELECT count(*) FROM {table} t LEFT JOIN (SELECT {key}, sum(delta) s FROM "
+                f"pgbench_history GROUP BY {key}) h USING ({key}) "
+                f"WHERE t.{col} <> coalesce(h.s, 0)"
+            ).fetchone()[0]
             assert bad == 0, f"{table} disagrees with pgbench_history"
         assert conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0] > 0
         present = {r[0] for r in conn.execute("SELECT id FROM marks")}
@@ -125,8 +136,12 @@ def test_second_pitr_follows_the_new_timeline(archived, restored_dirs):
     setup.server.cluster.stop("fast")  # the old primary is gone
 
     first_dir, first_port = restored_dirs(), free_port()
-    first = run_pitr(setup.config, str(setup.config_path),
-                     PitrRequest("app", first_dir, first_port, archive=True), open_locations(setup.config))
+    first = run_pitr(
+        setup.config,
+        str(setup.config_path),
+        PitrRequest("app", first_dir, first_port, archive=True),
+        open_locations(setup.config),
+    )
     assert first.promoted and first.timeline == 2
     with _connect(first_port) as conn:  # the new primary writes and archives on timeline 2
         conn.execute("INSERT INTO events VALUES (2)")
@@ -139,8 +154,12 @@ def test_second_pitr_follows_the_new_timeline(archived, restored_dirs):
     LocalCluster(first_dir, first_port).stop("fast")
 
     second_dir, second_port = restored_dirs(), free_port()
-    second = run_pitr(setup.config, str(setup.config_path),
-                      PitrRequest("app", second_dir, second_port, backup_id=base.id), open_locations(setup.config))
+    second = run_pitr(
+        setup.config,
+        str(setup.config_path),
+        PitrRequest("app", second_dir, second_port, backup_id=base.id),
+        open_locations(setup.config),
+    )
     assert second.promoted and second.timeline == 3  # it fetched 00000002.history and followed it
     with _connect(second_port) as conn:
         assert [r[0] for r in conn.execute("SELECT n FROM events ORDER BY n")] == [1, 2]
@@ -163,12 +182,19 @@ def test_missing_segment_is_reported_not_hidden(archived, restored_dirs):
         p.unlink()
 
     with pytest.raises(PitrError, match=f"gap after base backup {base.id}: missing {hole}"):
-        run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port()),
-                 open_locations(setup.config))  # latest: refused before anything starts
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest("app", restored_dirs(), free_port()),
+            open_locations(setup.config),
+        )  # latest: refused before anything starts
     with pytest.raises(PitrFailed) as failed:
-        run_pitr(setup.config, str(setup.config_path),
-                 PitrRequest("app", restored_dirs(), free_port(), target_time=target, timeout_s=120),
-                 open_locations(setup.config))
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest("app", restored_dirs(), free_port(), target_time=target, timeout_s=120),
+            open_locations(setup.config),
+        )
     report = failed.value.report
     assert not report.promoted and hole in str(failed.value) and "last reachable point" in str(failed.value)
     assert "recovery ended before configured recovery target was reached" in str(failed.value)
@@ -180,16 +206,29 @@ def test_targets_outside_the_backups_and_unsafe_directories(archived, restored_d
     run_base_backup(setup.config, "app", open_locations(setup.config))
     locs = open_locations(setup.config)
     with pytest.raises(PitrError, match="before the oldest base backup"):
-        run_pitr(setup.config, str(setup.config_path), PitrRequest("app", restored_dirs(), free_port(),
-                                                                   target_time=before), locs)
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest("app", restored_dirs(), free_port(), target_time=before),
+            locs,
+        )
     with pytest.raises(PitrError, match="in the future"):
-        run_pitr(setup.config, str(setup.config_path),
-                 PitrRequest("app", restored_dirs(), free_port(),
-                             target_time=datetime.now(timezone.utc) + timedelta(hours=1)), locs)
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest(
+                "app", restored_dirs(), free_port(), target_time=datetime.now(timezone.utc) + timedelta(hours=1)
+            ),
+            locs,
+        )
     # never over a running cluster, and a non-empty directory only with confirmation
     with pytest.raises(PitrError, match="running PostgreSQL server"):
-        run_pitr(setup.config, str(setup.config_path),
-                 PitrRequest("app", setup.server.cluster.data_dir, free_port(), overwrite=True), locs)
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest("app", setup.server.cluster.data_dir, free_port(), overwrite=True),
+            locs,
+        )
     busy = restored_dirs()
     busy.mkdir(parents=True)
     (busy / "keep.txt").write_text("x")
@@ -198,7 +237,9 @@ def test_targets_outside_the_backups_and_unsafe_directories(archived, restored_d
     assert (busy / "keep.txt").exists()
     r = setup.cli("pitr", "app", "--data-dir", str(busy), "--port", str(free_port()), "--latest", "--overwrite")
     assert r.returncode == 2 and "confirm with --yes" in r.stderr
-    r = setup.cli("pitr", "app", "--data-dir", str(restored_dirs()), "--port", "5", "--target-time", "2026-11-23T10:00:00")
+    r = setup.cli(
+        "pitr", "app", "--data-dir", str(restored_dirs()), "--port", "5", "--target-time", "2026-11-23T10:00:00"
+    )
     assert r.returncode == 2 and "has no time zone" in r.stderr
 
 
@@ -211,8 +252,9 @@ def test_base_backup_fails_loudly_without_archiving(pg, tmp_path):
         pg.cluster.write_settings({"archive_mode": "on", "archive_command": "'false'"})
         pg.cluster.stop("fast")
         pg.cluster.start()
-        cfg = setup.config.model_copy(update={"wal": setup.config.wal.model_copy(
-            update={"archive_wait": timedelta(seconds=3)})})
+        cfg = setup.config.model_copy(
+            update={"wal": setup.config.wal.model_copy(update={"archive_wait": timedelta(seconds=3)})}
+        )
         with pytest.raises(BackupFailed, match="waited more than 0:00:03 for its WAL to be archived"):
             run_base_backup(cfg, "app", open_locations(cfg))
         assert not list(setup.repo.rglob("base.tar*")) and not list(setup.repo.rglob("manifest.json"))
@@ -383,8 +425,9 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
     locs = open_locations(setup.config)
 
     by_lsn_dir, by_lsn_port = restored_dirs(), free_port()
-    report = run_pitr(setup.config, str(setup.config_path),
-                      PitrRequest("app", by_lsn_dir, by_lsn_port, target_lsn=str(lsn)), locs)
+    report = run_pitr(
+        setup.config, str(setup.config_path), PitrRequest("app", by_lsn_dir, by_lsn_port, target_lsn=str(lsn)), locs
+    )
     assert report.promoted
     with _connect(by_lsn_port) as conn:
         assert [r[0] for r in conn.execute("SELECT n FROM steps ORDER BY n")] == [1]
@@ -394,8 +437,12 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
     LocalCluster(by_lsn_dir, by_lsn_port).stop("fast")
 
     by_name_dir, by_name_port = restored_dirs(), free_port()
-    report = run_pitr(setup.config, str(setup.config_path),
-                      PitrRequest("app", by_name_dir, by_name_port, target_name="before_three"), locs)
+    report = run_pitr(
+        setup.config,
+        str(setup.config_path),
+        PitrRequest("app", by_name_dir, by_name_port, target_name="before_three"),
+        locs,
+    )
     assert report.promoted and "before_three" in (report.stop_reason or "")
     assert report.backup_id == older.id and report.tried == [newer.id]
     with _connect(by_name_port) as conn:
@@ -404,8 +451,9 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
     LocalCluster(by_name_dir, by_name_port).stop("fast")
 
     by_xid_dir, by_xid_port = restored_dirs(), free_port()
-    report = run_pitr(setup.config, str(setup.config_path),
-                      PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs)
+    report = run_pitr(
+        setup.config, str(setup.config_path), PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs
+    )
     # the newer backup recorded the next xid after it ended: the xid is before it, so it is skipped
     assert int(newer.base.next_xid_after) > int(xid) >= int(older.base.next_xid_after)
     assert report.promoted and report.backup_id == older.id and report.tried == []
@@ -415,8 +463,12 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
 
     # a restore point that exists nowhere: every base backup is tried, then a clear failure
     with pytest.raises(PitrFailed, match="recovery ended before configured recovery target was reached") as e:
-        run_pitr(setup.config, str(setup.config_path),
-                 PitrRequest("app", restored_dirs(), free_port(), target_name="never_made"), locs)
+        run_pitr(
+            setup.config,
+            str(setup.config_path),
+            PitrRequest("app", restored_dirs(), free_port(), target_name="never_made"),
+            locs,
+        )
     assert e.value.report.tried == [newer.id] and e.value.report.backup_id == older.id
 
 
@@ -431,8 +483,12 @@ def test_tar_watcher_keeps_the_manifest_whatever_the_read_sizes(chunk):
     manifest = b'{"WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}'
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in (("base/1/1259", b"\x00" * 8193), ("backup_label", b"START WAL LOCATION: 0/2000028"),
-                           ("global/pg_control", b"c" * 513), ("backup_manifest", manifest)):
+        for name, data in (
+            ("base/1/1259", b"\x00" * 8193),
+            ("backup_label", b"START WAL LOCATION: 0/2000028"),
+            ("global/pg_control", b"c" * 513),
+            ("backup_manifest", manifest),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
@@ -444,8 +500,12 @@ def test_tar_watcher_keeps_the_manifest_whatever_the_read_sizes(chunk):
     assert passed == raw  # the stream itself is untouched
     assert watcher.members["backup_manifest"] == manifest
     assert watcher.members["backup_label"].startswith(b"START WAL LOCATION")
-    assert wal_range(manifest) == {"timeline": 1, "start_lsn": "0/2000028", "stop_lsn": "0/2000100",
-                                   "ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}
+    assert wal_range(manifest) == {
+        "timeline": 1,
+        "start_lsn": "0/2000028",
+        "stop_lsn": "0/2000100",
+        "ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}],
+    }
 
 
 def test_stop_lsn_on_a_segment_boundary_names_the_segment_before():
@@ -481,8 +541,11 @@ def test_base_backup_of_a_cluster_with_tablespaces_is_refused_clearly(archived):
     with setup.server.connect() as conn:
         conn.execute(f"CREATE TABLESPACE fast_disk LOCATION '{location}'")
     try:
-        with pytest.raises(BackupFailed, match=r"has tablespaces outside the data directory \(fast_disk\).*"
-                                               "nothing was stored"):
+        with pytest.raises(
+            BackupFailed,
+            match=r"has tablespaces outside the data directory \(fast_disk\).*"
+            "nothing was stored",
+        ):
             run_base_backup(setup.config, "app", open_locations(setup.config))
         assert not (setup.repo / "app" / "base").exists() or not any((setup.repo / "app" / "base").rglob("*"))
     finally:

@@ -25,8 +25,11 @@ def setup(pg, write_config, age_key, tmp_path):
 
     def make(locations=None, encrypted=True, **database):
         locations = locations or {"local": local_location(tmp_path / "b")}
-        enc = {"method": "age", "recipients": [age_key.recipient], "identity_file": str(age_key.identity_file)} \
-            if encrypted else None
+        enc = (
+            {"method": "age", "recipients": [age_key.recipient], "identity_file": str(age_key.identity_file)}
+            if encrypted
+            else None
+        )
         path = write_config(pg, locations, enc, database={"scratch_dir": str(scratch), **database})
         cfg = config_from(path)
         manifest = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
@@ -145,8 +148,9 @@ def test_missing_and_wrong_identity(pg, setup, write_config, age_key, tmp_path, 
     fingerprint = manifest.encryption["recipients"][0]
     locations = {"local": local_location(tmp_path / "b")}
     monkeypatch.delenv("DR_AGE_IDENTITY_FILE", raising=False)
-    no_key = write_config(pg, locations, {"method": "age", "recipients": [age_key.recipient],
-                                          "identity_file_env": "DR_AGE_IDENTITY_FILE"})
+    no_key = write_config(
+        pg, locations, {"method": "age", "recipients": [age_key.recipient], "identity_file_env": "DR_AGE_IDENTITY_FILE"}
+    )
     with pytest.raises(RunFailed, match=f"set DR_AGE_IDENTITY_FILE.*fingerprint {fingerprint}"):
         restore(config_from(no_key), no_key, target_database="nokey")
     wrong = tmp_path / "wrong.txt"
@@ -185,8 +189,13 @@ def test_target_server_down(make_pg, setup, pg):
 
 
 def test_validation_mismatch_fails_with_diff_and_keeps_target(pg, setup, tmp_path):
-    path, cfg, manifest = setup(validation={"zero_row_queries": {
-        "orphaned_videos": "SELECT v.id FROM videos v LEFT JOIN channels c ON c.id = v.channel_id WHERE c.id IS NULL"}})
+    path, cfg, manifest = setup(
+        validation={
+            "zero_row_queries": {
+                "orphaned_videos": "SELECT v.id FROM videos v LEFT JOIN channels c ON c.id = v.channel_id WHERE c.id IS NULL"
+            }
+        }
+    )
     manifest_file = tmp_path / "b" / manifest.object_key(MANIFEST)
     data = json.loads(manifest_file.read_text())
     data["tables"]["public.fingerprints"] = 50001  # the manifest says one more row than the dump holds
@@ -208,11 +217,16 @@ def test_validation_queries_and_migrations(pg, setup):
     with pg.connect("app") as conn:
         conn.execute("ALTER TABLE videos DROP CONSTRAINT videos_channel_id_fkey")
         conn.execute("INSERT INTO videos (video_id, channel_id, title) VALUES ('orphan', 999999, 't')")
-    path, cfg, _ = setup(validation={
-        "required_tables": ["channels", "public.videos", "missing_table"],
-        "zero_row_queries": {"orphaned_videos": "SELECT v.id FROM videos v LEFT JOIN channels c "
-                                                "ON c.id = v.channel_id WHERE c.id IS NULL"},
-        "migrations": {"table": "alembic_version", "column": "version_num", "expected": "a1b2c3d4e5f6"}})
+    path, cfg, _ = setup(
+        validation={
+            "required_tables": ["channels", "public.videos", "missing_table"],
+            "zero_row_queries": {
+                "orphaned_videos": "SELECT v.id FROM videos v LEFT JOIN channels c "
+                "ON c.id = v.channel_id WHERE c.id IS NULL"
+            },
+            "migrations": {"table": "alembic_version", "column": "version_num", "expected": "a1b2c3d4e5f6"},
+        }
+    )
     with pytest.raises(RunFailed) as e:
         restore(cfg, path, target_database="checked")
     text = str(e.value)
@@ -252,11 +266,15 @@ def app_server():
 def test_application_hooks_around_the_swap(pg, setup, app_server, tmp_path):
     url = f"http://127.0.0.1:{app_server.server_port}"
     marker = tmp_path / "hooks.log"
-    path, cfg, _ = setup(application={
-        "stop": [{"command": ["bash", "-c", f"echo stop >> {marker}"]}, {"url": f"{url}/stop", "method": "POST"}],
-        "start": [{"command": ["bash", "-c", f"echo start >> {marker}"]}],
-        "health_checks": [{"url": f"{url}/health"}, {"tcp": f"127.0.0.1:{pg.port}"}],
-        "health_retries": 2, "health_interval": "0.1s"})
+    path, cfg, _ = setup(
+        application={
+            "stop": [{"command": ["bash", "-c", f"echo stop >> {marker}"]}, {"url": f"{url}/stop", "method": "POST"}],
+            "start": [{"command": ["bash", "-c", f"echo start >> {marker}"]}],
+            "health_checks": [{"url": f"{url}/health"}, {"tcp": f"127.0.0.1:{pg.port}"}],
+            "health_retries": 2,
+            "health_interval": "0.1s",
+        }
+    )
     restore(cfg, path, clean=True, confirm="app")
     assert marker.read_text().split() == ["stop", "start"]
     assert _Recorder.calls == [("POST", "/stop"), ("GET", "/health")]
@@ -358,8 +376,22 @@ SELECT lo_from_bytea(424243, decode(repeat('00ff', 5000), 'hex'));
 
 
 def _schema_dump(pg, dbname: str) -> str:
-    out = subprocess.run(["/usr/lib/postgresql/15/bin/pg_dump", "--schema-only", "-h", "127.0.0.1", "-p", str(pg.port),
-                          "-U", "postgres", dbname], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "/usr/lib/postgresql/15/bin/pg_dump",
+            "--schema-only",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(pg.port),
+            "-U",
+            "postgres",
+            dbname,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     # pg_dump >= 15.14 writes a random \restrict key into every dump; everything else must match
     return "\n".join(ln for ln in out.splitlines() if not ln.startswith(("\\restrict", "\\unrestrict")))
 
@@ -373,9 +405,12 @@ def test_fidelity_of_many_object_types(pg, write_config, age_key, tmp_path):
     pg.create_database("rich", sample_data=False)
     with pg.connect("rich") as conn:
         conn.execute(FIDELITY_SQL)
-    path = write_config(pg, {"local": local_location(tmp_path / "b")},
-                        {"method": "age", "recipients": [age_key.recipient], "identity_file": str(age_key.identity_file)},
-                        dbname="rich")
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "b")},
+        {"method": "age", "recipients": [age_key.recipient], "identity_file": str(age_key.identity_file)},
+        dbname="rich",
+    )
     cfg = config_from(path)
     manifest = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
     assert manifest.tables["pg_catalog.pg_largeobject_metadata"] == 2
@@ -384,10 +419,12 @@ def test_fidelity_of_many_object_types(pg, write_config, age_key, tmp_path):
     assert _schema_dump(pg, "rich_restored") == _schema_dump(pg, "rich")
     assert pg.table_checksums("rich_restored") == pg.table_checksums("rich")
     assert _large_objects(pg, "rich_restored") == _large_objects(pg, "rich")
-    probes = ["SELECT last_value, is_called FROM ticket_seq",  # sequences continue where they were
-              "SELECT last_value FROM people_id_seq",
-              "SELECT feeling, n FROM people_by_mood ORDER BY 1",  # materialized view data
-              "SELECT count(*) FROM happy_people"]
+    probes = [
+        "SELECT last_value, is_called FROM ticket_seq",  # sequences continue where they were
+        "SELECT last_value FROM people_id_seq",
+        "SELECT feeling, n FROM people_by_mood ORDER BY 1",  # materialized view data
+        "SELECT count(*) FROM happy_people",
+    ]
     with pg.connect("rich") as src, pg.connect("rich_restored") as dst:
         for q in probes:
             assert dst.execute(q).fetchall() == src.execute(q).fetchall(), q
@@ -449,12 +486,19 @@ def test_restore_test_checks_read_the_repository(pg, setup):
 
     def evaluations():
         result = defs.resolve_job_def("dr_health_checks").execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-        return {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()
-                if e.asset_check_key.asset_key.path[-1] == "restore_test"}
+            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+        )
+        return {
+            e.asset_check_key.name: e
+            for e in result.get_asset_check_evaluations()
+            if e.asset_check_key.asset_key.path[-1] == "restore_test"
+        }
 
     before = evaluations()
-    assert not before["restore_test_recent"].passed and "no restore test has ever run" in before["restore_test_recent"].description
+    assert (
+        not before["restore_test_recent"].passed
+        and "no restore test has ever run" in before["restore_test_recent"].description
+    )
     report = run_restore_test(cfg, "app", open_locations(cfg))
     after = evaluations()
     assert after["restore_test_recent"].passed and after["rto_within_objective"].passed
@@ -472,8 +516,16 @@ def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
     workdir.mkdir(mode=0o700)
     (workdir / "restore.pgdump").symlink_to("/dev/full")
     messages = []
-    fetched, steps = restore_into(cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"),
-                                  "after_full_disk", workdir, True, messages.append)
+    fetched, steps = restore_into(
+        cfg,
+        open_locations(cfg),
+        RestoreRequest("app"),
+        cfg.database("app"),
+        "after_full_disk",
+        workdir,
+        True,
+        messages.append,
+    )
     assert fetched.manifest.id == manifest.id and not fetched.fallback_reasons
     assert any("No space left on device" in m and "Streaming instead" in m for m in messages), messages
     assert "post_data" in steps and pg.table_checksums("after_full_disk") == pg.table_checksums("app")

@@ -20,17 +20,28 @@ from dr_pipelines_tests.support.servers import start_moto
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 
 histories = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=800 * 24),  # age in hours
-              st.booleans(),                                 # pinned
-              st.sampled_from(["app", "other"])),
-    min_size=0, max_size=60, unique_by=lambda t: t[0])
-policies = st.builds(RetentionConfig, daily_days=st.integers(0, 60), weekly_days=st.integers(0, 200),
-                     monthly_days=st.integers(0, 500), min_keep=st.integers(1, 6))
+    st.tuples(
+        st.integers(min_value=0, max_value=800 * 24),  # age in hours
+        st.booleans(),  # pinned
+        st.sampled_from(["app", "other"]),
+    ),
+    min_size=0,
+    max_size=60,
+    unique_by=lambda t: t[0],
+)
+policies = st.builds(
+    RetentionConfig,
+    daily_days=st.integers(0, 60),
+    weekly_days=st.integers(0, 200),
+    monthly_days=st.integers(0, 500),
+    min_keep=st.integers(1, 6),
+)
 
 
 def _facts(history):
-    return [BackupFacts(f"b{age:06d}", db, "logical", NOW - timedelta(hours=age), pinned)
-            for age, pinned, db in history]
+    return [
+        BackupFacts(f"b{age:06d}", db, "logical", NOW - timedelta(hours=age), pinned) for age, pinned, db in history
+    ]
 
 
 @settings(max_examples=300, deadline=None)
@@ -48,15 +59,17 @@ def test_retention_invariants(history, policy, data):
     for db in ("app", "other"):
         group = sorted((b for b in backups if b.database == db), key=lambda b: b.created_at, reverse=True)
         # min_keep is a floor: the newest min_keep always stay, however old
-        assert {b.id for b in group[:policy.min_keep]} <= kept
+        assert {b.id for b in group[: policy.min_keep]} <= kept
         assert len([b for b in group if b.id in kept]) >= min(policy.min_keep, len(group))
         for b in group:
             age = NOW - b.created_at
             if b.pinned or verified.get((db, "logical")) == b.id or age <= timedelta(days=policy.daily_days):
                 assert b.id in kept
         # the newest of every week (month) inside the weekly (monthly) window is kept
-        for days, period in ((policy.weekly_days, lambda d: d.isocalendar()[:2]),
-                             (policy.monthly_days, lambda d: (d.year, d.month))):
+        for days, period in (
+            (policy.weekly_days, lambda d: d.isocalendar()[:2]),
+            (policy.monthly_days, lambda d: (d.year, d.month)),
+        ):
             newest = {}
             for b in group:
                 if NOW - b.created_at <= timedelta(days=days):
@@ -84,8 +97,11 @@ def _age(locations, manifest, days):
 
 
 def test_apply_on_every_location(pg, s3, write_config, tmp_path):
-    path = write_config(pg, {"local": local_location(tmp_path / "b"), "s3": s3_location(s3)},
-                        retention={"daily_days": 7, "weekly_days": 7, "monthly_days": 7, "min_keep": 1})
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "b"), "s3": s3_location(s3)},
+        retention={"daily_days": 7, "weekly_days": 7, "monthly_days": 7, "min_keep": 1},
+    )
     cfg = config_from(path)
     locations = open_locations(cfg)
     manifests = [run_logical_backup(cfg, "app", locations).manifest for _ in range(4)]
@@ -111,8 +127,11 @@ def test_apply_on_every_location(pg, s3, write_config, tmp_path):
 def test_unreadable_location_removes_nothing(pg, write_config, tmp_path):
     doomed = start_moto()
     boto3.client("s3", endpoint_url=doomed.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    path = write_config(pg, {"local": local_location(tmp_path / "b"), "s3": s3_location(doomed)},
-                        retention={"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1})
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "b"), "s3": s3_location(doomed)},
+        retention={"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1},
+    )
     cfg = config_from(path)
     for _ in range(3):
         run_logical_backup(cfg, "app", open_locations(cfg))
@@ -127,14 +146,19 @@ def test_apply_retention_job_plan_in_metadata(pg, write_config, tmp_path):
 
     from dr_pipelines.defs.build import build_definitions
 
-    path = write_config(pg, {"local": local_location(tmp_path / "b")},
-                        retention={"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1})
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "b")},
+        retention={"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1},
+    )
     cfg = config_from(path)
     for _ in range(2):
         run_logical_backup(cfg, "app", open_locations(cfg))
     job = build_definitions(cfg, str(path)).resolve_job_def("apply_retention")
-    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(),
-                                    run_config={"ops": {"plan_and_apply_retention": {"config": {"dry_run": False}}}})
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"plan_and_apply_retention": {"config": {"dry_run": False}}}},
+    )
     assert result.success
     [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     md = {k: v.value for k, v in event.step_output_data.metadata.items()}
@@ -145,11 +169,15 @@ def test_apply_retention_job_plan_in_metadata(pg, write_config, tmp_path):
 def test_weekly_and_monthly_keepers_move_to_colder_classes(pg, s3, gcs, write_config, tmp_path):
     # GCS is a location here but without classes: its emulator ignores storageClass on rewrite
     # (it always answers STANDARD), so the GCS move can't be observed in a test.
-    path = write_config(pg, {"local": local_location(tmp_path / "b"),
-                             "s3": {**s3_location(s3), "weekly_storage_class": "GLACIER_IR",
-                                    "monthly_storage_class": "DEEP_ARCHIVE"},
-                             "gcs": gcs_location()},
-                        retention={"daily_days": 7, "weekly_days": 60, "monthly_days": 365, "min_keep": 1})
+    path = write_config(
+        pg,
+        {
+            "local": local_location(tmp_path / "b"),
+            "s3": {**s3_location(s3), "weekly_storage_class": "GLACIER_IR", "monthly_storage_class": "DEEP_ARCHIVE"},
+            "gcs": gcs_location(),
+        },
+        retention={"daily_days": 7, "weekly_days": 60, "monthly_days": 365, "min_keep": 1},
+    )
     cfg = config_from(path)
     locations = open_locations(cfg)
     daily, weekly, monthly = [run_logical_backup(cfg, "app", locations).manifest for _ in range(3)]
@@ -164,7 +192,9 @@ def test_weekly_and_monthly_keepers_move_to_colder_classes(pg, s3, gcs, write_co
     s3c = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
 
     def s3_class(m, name):
-        return s3c.head_object(Bucket=BUCKET, Key=f"soundhash-backups/{m.prefix}/{name}").get("StorageClass", "STANDARD")
+        return s3c.head_object(Bucket=BUCKET, Key=f"soundhash-backups/{m.prefix}/{name}").get(
+            "StorageClass", "STANDARD"
+        )
 
     obj = lambda m: m.objects[0].name  # noqa: E731
     assert s3_class(daily, obj(daily)) == "STANDARD_IA"  # recent: untouched

@@ -24,7 +24,7 @@ def test_upload_is_invisible_until_commit(location):
     up = location.open_upload("db/logical/x/obj")
     payload = bytes(range(256)) * 40000  # ~10 MB: several S3 parts, several GCS chunks
     for i in range(0, len(payload), 1 << 20):
-        up.write(payload[i:i + (1 << 20)])
+        up.write(payload[i : i + (1 << 20)])
     assert [o.key for o in location.list("db/")] == []
     up.commit()
     assert [(o.key, o.size) for o in location.list("db/")] == [("db/logical/x/obj", len(payload))]

@@ -122,8 +122,12 @@ def test_location_down_during_push_then_back(pg, tmp_path):
         from dr_pipelines_tests.support.processes import wait_for_port
         from dr_pipelines_tests.support.servers import HttpServer
 
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         back = HttpServer(proc, port)
         try:
             wait_for_port(port)
@@ -133,8 +137,12 @@ def test_location_down_during_push_then_back(pg, tmp_path):
                 while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < pending:
                     assert time.monotonic() < deadline, "the archiver did not catch up"
                     time.sleep(0.2)
-            s3_keys = [o["Key"] for o in boto3.client("s3", endpoint_url=back.url, region_name="us-east-1")
-                       .list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+            s3_keys = [
+                o["Key"]
+                for o in boto3.client("s3", endpoint_url=back.url, region_name="us-east-1")
+                .list_objects_v2(Bucket=BUCKET)
+                .get("Contents", [])
+            ]
             assert any(k.endswith(f"{pending}.json") for k in s3_keys)
             # a segment archived while S3 was down is fetched from S3 alone, byte for byte
             s3_only = open_locations(setup.config, "s3")
@@ -177,9 +185,14 @@ def test_conflict_on_one_location_writes_nothing_anywhere(wal_setup, tmp_path):
     from dr_pipelines.core.wal.push import wal_push
 
     second = tmp_path / "second"
-    cfg = wal_setup.config.model_copy(update={"locations": {
-        "second": wal_setup.config.locations["local"].model_copy(update={"path": str(second)}),
-        "local": wal_setup.config.locations["local"]}})
+    cfg = wal_setup.config.model_copy(
+        update={
+            "locations": {
+                "second": wal_setup.config.locations["local"].model_copy(update={"path": str(second)}),
+                "local": wal_setup.config.locations["local"],
+            }
+        }
+    )
     wal_setup.enable_archiving()
     name = wal_setup.switch_and_wait()  # archived on `local` only
     copy = tmp_path / name

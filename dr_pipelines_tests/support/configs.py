@@ -25,8 +25,16 @@ def local_location(path: Path) -> dict:
 
 
 def s3_location(server: HttpServer, prefix: str = "soundhash-backups/") -> dict:
-    return {"type": "s3", "bucket": BUCKET, "prefix": prefix, "endpoint_url": server.url,
-            "region": "us-east-1", "storage_class": "STANDARD_IA", "sse": "AES256", "multipart_chunk_mb": 5}
+    return {
+        "type": "s3",
+        "bucket": BUCKET,
+        "prefix": prefix,
+        "endpoint_url": server.url,
+        "region": "us-east-1",
+        "storage_class": "STANDARD_IA",
+        "sse": "AES256",
+        "multipart_chunk_mb": 5,
+    }
 
 
 def gcs_location(prefix: str = "soundhash-backups/") -> dict:

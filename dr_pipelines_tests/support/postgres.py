@@ -28,7 +28,9 @@ class PgServer:
         with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         if sample_data:
-            with self.connect(name, ) as conn:
+            with self.connect(
+                name,
+            ) as conn:
                 conn.execute(SAMPLE_SCHEMA)
                 for statement in SAMPLE_DATA:
                     conn.execute(statement, SAMPLE_SIZES)
@@ -44,7 +46,11 @@ class PgServer:
         with self.connect(dbname) as conn:
             tables = conn.execute(
                 "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
-                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1").fetchall()
-            return {t: conn.execute(
-                f"SELECT md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '')) FROM {t} x"
-            ).fetchone()[0] for (t,) in tables}
+                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+            ).fetchall()
+            return {
+                t: conn.execute(
+                    f"SELECT md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '')) FROM {t} x"
+                ).fetchone()[0]
+                for (t,) in tables
+            }

@@ -51,5 +51,6 @@ def reachable_tmpdir(prefix: str) -> Path:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     full_env.pop("DAGSTER_HOME", None) if env is None or "DAGSTER_HOME" not in env else None
-    return subprocess.run([str(VENV_BIN / "dr-pipelines"), *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "dr-pipelines"), *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )

@@ -29,19 +29,35 @@ class WalSetup:
         for p in (self.root, self.repo, self.repo / "app", self.repo / "app" / "wal", self.identity):
             chown_to_postgres(p)
         self.config_path = self.root / "dr.yaml"
-        self.config_path.write_text(yaml.safe_dump({
-            "databases": {"app": {"host": "127.0.0.1", "port": server.port, "user": "postgres", "dbname": "app",
-                                  "objectives": {"rpo": "2m"}}},
-            "locations": {"local": {"type": "local", "path": str(self.repo)}, **(extra_locations or {})},
-            "encryption": ({"method": "age", "recipients": [str(ident.to_public())],
-                            "identity_file": str(self.identity)} if encrypted else {"method": "none"}),
-            "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s", "archive_wait": "30s"},
-        }))
+        self.config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "databases": {
+                        "app": {
+                            "host": "127.0.0.1",
+                            "port": server.port,
+                            "user": "postgres",
+                            "dbname": "app",
+                            "objectives": {"rpo": "2m"},
+                        }
+                    },
+                    "locations": {"local": {"type": "local", "path": str(self.repo)}, **(extra_locations or {})},
+                    "encryption": (
+                        {"method": "age", "recipients": [str(ident.to_public())], "identity_file": str(self.identity)}
+                        if encrypted
+                        else {"method": "none"}
+                    ),
+                    "wal": {"fetch_retries": 1, "fetch_backoff": "0.1s", "archive_wait": "30s"},
+                }
+            )
+        )
         self.config_path.chmod(0o644)
         self.config = config_from(self.config_path)
 
     def enable_archiving(self) -> None:
-        lines = [ln for ln in postgresql_conf_lines(self.config, "app", str(self.config_path)) if not ln.startswith("#")]
+        lines = [
+            ln for ln in postgresql_conf_lines(self.config, "app", str(self.config_path)) if not ln.startswith("#")
+        ]
         settings = dict(ln.split(" = ", 1) for ln in lines)
         settings["wal_keep_size"] = "'256MB'"  # keep archived segments in pg_wal to compare bytes
         self.server.cluster.write_settings(settings)
@@ -57,12 +73,15 @@ class WalSetup:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 last, failed = conn.execute(
-                    "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
+                    "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver"
+                ).fetchone()
                 if last and last >= wal:
                     return wal
                 time.sleep(0.1)
-        raise AssertionError(f"{wal} not archived in {timeout}s (last failed: {failed}); "
-                             f"log: {self.server.cluster.log_file.read_text()[-2000:]}")
+        raise AssertionError(
+            f"{wal} not archived in {timeout}s (last failed: {failed}); "
+            f"log: {self.server.cluster.log_file.read_text()[-2000:]}"
+        )
 
     def cli(self, *args):
         return run_cli("--config", str(self.config_path), *args)

@@ -55,8 +55,11 @@ def test_unknown_location_key_is_named_without_union_tag():
 
 
 def test_bad_values_are_named():
-    bad = {**MINIMAL, "databases": {"app": {"dbname": "x", "port": 99999, "objectives": {"rpo": "soon"}}},
-           "compression": {"method": "lz4"}}
+    bad = {
+        **MINIMAL,
+        "databases": {"app": {"dbname": "x", "port": 99999, "objectives": {"rpo": "soon"}}},
+        "compression": {"method": "lz4"},
+    }
     with pytest.raises(ConfigError) as e:
         parse_config(bad)
     text = str(e.value)
@@ -128,7 +131,9 @@ def test_readme_config_example_is_valid():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"## Configuration.*?```yaml\n(.*?)```", readme, re.S).group(1)
-    data = yaml.safe_load(block.replace("[age1...]", "[age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq]"))
+    data = yaml.safe_load(
+        block.replace("[age1...]", "[age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq]")
+    )
     cfg = parse_config(data, "README.md")
     assert set(cfg.alerts) == {"chat", "pager"} and cfg.checks.size_tolerance == 0.5
     assert cfg.schedules.health_checks == "*/15 * * * *" and cfg.metrics.pushgateway_url

@@ -47,7 +47,7 @@ def test_no_import_cycle():
         state[m] = 1
         for d in sorted(ours[m]):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(path[path.index(d):] + [d]) if d in path else f"{m} -> {d}")
+                cycles.append(" -> ".join(path[path.index(d) :] + [d]) if d in path else f"{m} -> {d}")
             elif d not in state:
                 visit(d, path + [d])
         state[m] = 2
@@ -58,11 +58,18 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("forbidden", ["dagster", "dagster_aws", "dagster_gcp", "dr_pipelines.sandbox",
-                                       "dr_pipelines.defs", "dr_pipelines.cli"])
+@pytest.mark.parametrize(
+    "forbidden",
+    ["dagster", "dagster_aws", "dagster_gcp", "dr_pipelines.sandbox", "dr_pipelines.defs", "dr_pipelines.cli"],
+)
 def test_core_imports_neither_dagster_nor_the_layers_above(forbidden):
-    bad = sorted(f"{m} imports {d}" for m, deps in GRAPH.items() if m.startswith("dr_pipelines.core")
-                 for d in deps if d == forbidden or d.startswith(forbidden + "."))
+    bad = sorted(
+        f"{m} imports {d}"
+        for m, deps in GRAPH.items()
+        if m.startswith("dr_pipelines.core")
+        for d in deps
+        if d == forbidden or d.startswith(forbidden + ".")
+    )
     assert not bad, "\n".join(bad)
 
 

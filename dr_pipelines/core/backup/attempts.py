@@ -48,8 +48,14 @@ class BackupResult:
         return round(self.manifest.uncompressed_bytes / stored, 3) if stored else 0.0
 
 
-def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[str, Location], log: Log,
-                   run: Callable[..., BackupResult]) -> BackupResult:
+def record_attempt(
+    kind: str,
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    log: Log,
+    run: Callable[..., BackupResult],
+) -> BackupResult:
     """Take the backup, and record the attempt (success or failure) in the repository: the
     compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
     config.database(database)
@@ -72,8 +78,9 @@ def record_attempt(kind: str, config: DrConfig, database: str, locations: dict[s
         store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, record["started_at"], record, log)
 
 
-def commit_manifest(manifest: Manifest, locations: dict[str, Location], stored: list[str],
-                    failed: dict[str, str], log: Log) -> BackupResult:
+def commit_manifest(
+    manifest: Manifest, locations: dict[str, Location], stored: list[str], failed: dict[str, str], log: Log
+) -> BackupResult:
     """Write the manifest (the commit marker) where the objects committed; fail loudly otherwise."""
     committed: list[str] = []
     failed = dict(failed)
@@ -84,10 +91,14 @@ def commit_manifest(manifest: Manifest, locations: dict[str, Location], stored: 
         except Exception as e:
             failed[loc_name] = str(e)
     if not committed:
-        raise BackupFailed(f"{manifest.kind} backup {manifest.id} failed on every location: "
-                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    log(f"{manifest.kind} backup {manifest.id}: {manifest.size_bytes} bytes stored on {', '.join(committed)} "
-        f"in {manifest.duration_s:.1f}s")
+        raise BackupFailed(
+            f"{manifest.kind} backup {manifest.id} failed on every location: "
+            + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+    log(
+        f"{manifest.kind} backup {manifest.id}: {manifest.size_bytes} bytes stored on {', '.join(committed)} "
+        f"in {manifest.duration_s:.1f}s"
+    )
     if failed:
         raise PartialBackup(manifest, committed, failed)
     return BackupResult(manifest, committed)

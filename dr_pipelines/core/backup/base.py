@@ -80,14 +80,14 @@ class TarWatcher:
                 if self._capture:
                     name, size = self._capture
                     keep = max(0, min(take, size - len(self.members[name])))
-                    self.members[name] += view[pos:pos + keep]
+                    self.members[name] += view[pos : pos + keep]
                 pos += take
                 self._skip -= take
                 if not self._skip:
                     self._capture = None
                 continue
             take = min(BLOCK - len(self._header), end - pos)
-            self._header += view[pos:pos + take]
+            self._header += view[pos : pos + take]
             pos += take
             if len(self._header) == BLOCK:
                 self._start_member(bytes(self._header))
@@ -116,8 +116,12 @@ def wal_range(backup_manifest: bytes) -> dict:
     switched during the backup, on a standby being promoted; the wait then checks the last range)."""
     ranges = json.loads(backup_manifest)["WAL-Ranges"]
     first, last = ranges[0], ranges[-1]
-    return {"timeline": last["Timeline"], "start_lsn": first["Start-LSN"] if len(ranges) == 1 else last["Start-LSN"],
-            "stop_lsn": last["End-LSN"], "ranges": ranges}
+    return {
+        "timeline": last["Timeline"],
+        "start_lsn": first["Start-LSN"] if len(ranges) == 1 else last["Start-LSN"],
+        "stop_lsn": last["End-LSN"],
+        "ranges": ranges,
+    }
 
 
 def missing_wal(locations: dict[str, Location], database: str, names: list[str]) -> list[str]:
@@ -139,8 +143,9 @@ def missing_wal(locations: dict[str, Location], database: str, names: list[str])
     return [n for n in names if not archived(n)]
 
 
-def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location], rng: dict, segment_size: int,
-                 log: Log) -> None:
+def wait_for_wal(
+    config: DrConfig, database: str, locations: dict[str, Location], rng: dict, segment_size: int, log: Log
+) -> None:
     first = lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size)
     last = lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True)
     lo, hi = parse_segment(first, segment_size)[1], parse_segment(last, segment_size)[1]
@@ -155,7 +160,8 @@ def wait_for_wal(config: DrConfig, database: str, locations: dict[str, Location]
             raise BackupFailed(
                 f"base backup of {database!r} is not usable: WAL {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''} was not archived within {config.wal.archive_wait}. "
-                f"Is archiving on? Run `dr-pipelines pg-config {database}` and check pg_stat_archiver")
+                f"Is archiving on? Run `dr-pipelines pg-config {database}` and check pg_stat_archiver"
+            )
         time.sleep(0.5)
 
 
@@ -171,41 +177,67 @@ def _next_xid(db, database: str) -> str | None:
         return None
 
 
-def run_base_backup(config: DrConfig, database: str, locations: dict[str, Location],
-                    log: Log = lambda msg: None) -> BackupResult:
+def run_base_backup(
+    config: DrConfig, database: str, locations: dict[str, Location], log: Log = lambda msg: None
+) -> BackupResult:
     return record_attempt("base", config, database, locations, log, _run)
 
 
-def _run(config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime,
-         backup_id: str) -> BackupResult:
+def _run(
+    config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime, backup_id: str
+) -> BackupResult:
     db = config.database(database)
     t0 = time.monotonic()
     with connect(db, database) as conn:
         facts = server_facts(conn)
-        segment_size = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0])
+        segment_size = int(
+            conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0]
+        )
         archiving = conn.execute("SELECT current_setting('archive_mode')").fetchone()[0]
-        tablespaces = [r[0] for r in conn.execute(
-            "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")]
+        tablespaces = [
+            r[0]
+            for r in conn.execute(
+                "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1"
+            )
+        ]
     if tablespaces:  # pg_basebackup -D - streams the main data directory's tar only
-        raise BackupFailed(f"{db.host}:{db.port} has tablespaces outside the data directory "
-                           f"({', '.join(tablespaces)}): base backups of such clusters are not supported yet, "
-                           "nothing was stored. Logical backups of its databases still work")
+        raise BackupFailed(
+            f"{db.host}:{db.port} has tablespaces outside the data directory "
+            f"({', '.join(tablespaces)}): base backups of such clusters are not supported yet, "
+            "nothing was stored. Logical backups of its databases still work"
+        )
     if archiving == "off":
-        raise BackupFailed(f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
-                           f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL")
+        raise BackupFailed(
+            f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
+            f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL"
+        )
     tool = pg_tool("pg_basebackup", db, facts["server_major"])
     name = "base.tar" + object_suffix(config.compression.method, config.encryption.method)
     key = f"{database}/base/{backup_id}/{name}"
-    log(f"base backup {backup_id}: pg_basebackup of {db.host}:{db.port} -> "
-        + ", ".join(loc.url(key) for loc in locations.values()))
-    cmd = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--manifest-checksums=SHA256",
-           "--no-password", "--label", f"dr_pipelines {backup_id}"]
+    log(
+        f"base backup {backup_id}: pg_basebackup of {db.host}:{db.port} -> "
+        + ", ".join(loc.url(key) for loc in locations.values())
+    )
+    cmd = [
+        tool,
+        "-D",
+        "-",
+        "-Ft",
+        "-X",
+        "none",
+        "--checkpoint=fast",
+        "--manifest-checksums=SHA256",
+        "--no-password",
+        "--label",
+        f"dr_pipelines {backup_id}",
+    ]
     env = libpq_env(db, database)
     env.pop("PGDATABASE", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
     stderr: deque = deque(maxlen=20)
-    reader = threading.Thread(target=lambda: [stderr.append(ln.decode(errors="replace").rstrip())
-                                              for ln in proc.stderr], daemon=True)
+    reader = threading.Thread(
+        target=lambda: [stderr.append(ln.decode(errors="replace").rstrip()) for ln in proc.stderr], daemon=True
+    )
     reader.start()
     watcher = TarWatcher(proc.stdout, {"backup_manifest", "backup_label"})
     source = CountingReader(watcher)
@@ -231,16 +263,20 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
             raise BackupFailed(
                 f"base backup of {database!r} is not usable: PostgreSQL waited more than {config.wal.archive_wait} "
                 f"for its WAL to be archived (archive_command failing?). Run `dr-pipelines pg-config {database}` "
-                f"and check pg_stat_archiver. pg_basebackup said: {' | '.join(ln for ln in stderr if ln) or '-'}")
+                f"and check pg_stat_archiver. pg_basebackup said: {' | '.join(ln for ln in stderr if ln) or '-'}"
+            )
         if rc != 0:
-            raise BackupFailed(f"pg_basebackup of {database!r} failed (exit {rc}); nothing was stored. "
-                               f"It said: {' | '.join(ln for ln in stderr if ln) or '(nothing)'}")
+            raise BackupFailed(
+                f"pg_basebackup of {database!r} failed (exit {rc}); nothing was stored. "
+                f"It said: {' | '.join(ln for ln in stderr if ln) or '(nothing)'}"
+            )
         if "backup_manifest" not in watcher.members:
             raise BackupFailed("pg_basebackup wrote no backup_manifest into the tar stream")
 
     try:
-        result = stream_to_locations(source, list(locations.values()), key, config.compression, config.encryption,
-                                     before_commit=check_tool)
+        result = stream_to_locations(
+            source, list(locations.values()), key, config.compression, config.encryption, before_commit=check_tool
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -258,20 +294,34 @@ def _run(config: DrConfig, database: str, locations: dict[str, Location], log: L
                 pass
         raise
     manifest = Manifest(
-        id=backup_id, kind="base", database=database, dbname=db.dbname, created_at=started,
-        finished_at=datetime.now(timezone.utc), duration_s=round(time.monotonic() - t0, 3),
-        server_version=facts["server_version"], system_identifier=facts["system_identifier"],
-        tool="pg_basebackup", tool_version=tool_version(tool), dump_format="tar",
+        id=backup_id,
+        kind="base",
+        database=database,
+        dbname=db.dbname,
+        created_at=started,
+        finished_at=datetime.now(timezone.utc),
+        duration_s=round(time.monotonic() - t0, 3),
+        server_version=facts["server_version"],
+        system_identifier=facts["system_identifier"],
+        tool="pg_basebackup",
+        tool_version=tool_version(tool),
+        dump_format="tar",
         compression={"method": config.compression.method, "level": config.compression.level},
         encryption={"method": config.encryption.method, "recipients": recipient_fingerprints(config.encryption)},
         objects=[ManifestObject(name=name, size=result.size, sha256=result.sha256)],
         uncompressed_bytes=source.bytes,
-        extra={**rng, "stopped_at": stopped.isoformat(), "segment_size": segment_size,
-               "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
-               "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True),
-               "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace"),
-               "next_xid_after": next_xid},
+        extra={
+            **rng,
+            "stopped_at": stopped.isoformat(),
+            "segment_size": segment_size,
+            "wal_start": lsn_to_segment(rng["start_lsn"], rng["timeline"], segment_size),
+            "wal_stop": lsn_to_segment(rng["stop_lsn"], rng["timeline"], segment_size, end=True),
+            "backup_label": bytes(watcher.members.get("backup_label", b"")).decode(errors="replace"),
+            "next_xid_after": next_xid,
+        },
     )
-    log(f"base backup {backup_id}: WAL {manifest.base.wal_start} .. {manifest.base.wal_stop} "
-        f"on timeline {rng['timeline']}")
+    log(
+        f"base backup {backup_id}: WAL {manifest.base.wal_start} .. {manifest.base.wal_stop} "
+        f"on timeline {rng['timeline']}"
+    )
     return commit_manifest(manifest, locations, result.committed, result.failed, log)

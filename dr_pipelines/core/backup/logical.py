@@ -52,13 +52,15 @@ def _tail_stderr(proc: subprocess.Popen, lines: deque) -> threading.Thread:
     return t
 
 
-def run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location],
-                       log: Log = lambda msg: None) -> BackupResult:
+def run_logical_backup(
+    config: DrConfig, database: str, locations: dict[str, Location], log: Log = lambda msg: None
+) -> BackupResult:
     return record_attempt("logical", config, database, locations, log, _run_logical_backup)
 
 
-def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Location], log: Log,
-                        started: datetime, backup_id: str) -> BackupResult:
+def _run_logical_backup(
+    config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime, backup_id: str
+) -> BackupResult:
     db = config.database(database)
     t0 = time.monotonic()
 
@@ -69,13 +71,22 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
         pg_dump = pg_tool("pg_dump", db, facts["server_major"])
         name = "dump.pgdump" + object_suffix(config.compression.method, config.encryption.method)
         key = f"{database}/logical/{backup_id}/{name}"
-        log(f"backup {backup_id}: pg_dump of {db.dbname} on {db.host}:{db.port} -> "
-            + ", ".join(loc.url(key) for loc in locations.values()))
+        log(
+            f"backup {backup_id}: pg_dump of {db.dbname} on {db.host}:{db.port} -> "
+            + ", ".join(loc.url(key) for loc in locations.values())
+        )
 
-        cmd = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={session.snapshot_id}",
-               "--no-password", db.dbname]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=libpq_env(db, database), bufsize=0)
+        cmd = [
+            pg_dump,
+            "--format=custom",
+            "--compress=0",
+            f"--snapshot={session.snapshot_id}",
+            "--no-password",
+            db.dbname,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(db, database), bufsize=0
+        )
         stderr: deque = deque(maxlen=20)
         stderr_thread = _tail_stderr(proc, stderr)
 
@@ -107,8 +118,9 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
                 raise BackupFailed(f"could not record row counts of {database!r}: {facts_box['error']}")
 
         try:
-            result = stream_to_locations(source, list(locations.values()), key, config.compression,
-                                         config.encryption, before_commit=check_dump)
+            result = stream_to_locations(
+                source, list(locations.values()), key, config.compression, config.encryption, before_commit=check_dump
+            )
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -135,8 +147,7 @@ def _run_logical_backup(config: DrConfig, database: str, locations: dict[str, Lo
         tool_version=tool_version(pg_dump),
         dump_format="custom",
         compression={"method": config.compression.method, "level": config.compression.level},
-        encryption={"method": config.encryption.method,
-                    "recipients": recipient_fingerprints(config.encryption)},
+        encryption={"method": config.encryption.method, "recipients": recipient_fingerprints(config.encryption)},
         objects=[ManifestObject(name=name, size=result.size, sha256=result.sha256)],
         uncompressed_bytes=source.bytes,
         tables=facts_box["tables"],

@@ -86,8 +86,10 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
         raise
 
 
-OUTPUT_FULL = ("cannot write the decoded backup ({detail}); the backup itself may be fine. Free space where it "
-                "is written (scratch_dir, or the data directory) and retry")
+OUTPUT_FULL = (
+    "cannot write the decoded backup ({detail}); the backup itself may be fine. Free space where it "
+    "is written (scratch_dir, or the data directory) and retry"
+)
 
 
 def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None) -> None:
@@ -112,13 +114,19 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
     try:
         for i, cmd in enumerate(cmds):
             last = i == len(cmds) - 1
-            procs.append(subprocess.Popen(
-                cmd, stdin=procs[-1].stdout if procs else subprocess.PIPE,
-                stdout=out_fd if last and direct else subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(identity_read,) if identity_read is not None and i == 0 else ()))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    stdin=procs[-1].stdout if procs else subprocess.PIPE,
+                    stdout=out_fd if last and direct else subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(identity_read,) if identity_read is not None and i == 0 else (),
+                )
+            )
             if i:
                 procs[-2].stdout.close()  # the next tool owns it now
         if not direct:
+
             def copy_out() -> None:
                 try:
                     while chunk := procs[-1].stdout.read1(CHUNK):  # what is there: no waiting for 1 MB
@@ -127,6 +135,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
                     errors.append(e)
                     for p in procs:
                         p.kill()
+
             pump = threading.Thread(target=copy_out, name="decode-output", daemon=True)
             pump.start()
         try:
@@ -174,8 +183,11 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
             continue
         if p.returncode == -signal.SIGXFSZ:  # past the file-size limit: a write failure
             raise OutputFull(OUTPUT_FULL.format(detail=f"{Path(cmd[0]).name}: file size limit exceeded"))
-        said = [ln.strip() for ln in p.stderr.read().decode(errors="replace").splitlines()
-                if ln.strip() and "report unexpected" not in ln]  # age's bug-report footer
+        said = [
+            ln.strip()
+            for ln in p.stderr.read().decode(errors="replace").splitlines()
+            if ln.strip() and "report unexpected" not in ln
+        ]  # age's bug-report footer
         detail = "; ".join(said) or f"exit {p.returncode}"
         if "broken pipe" not in detail.lower():
             failures.append((Path(cmd[0]).name, detail))
@@ -206,8 +218,11 @@ def decode_bytes(data: bytes, compression: str, encryption: str, identities: lis
     """A whole stored buffer (a WAL segment) back to its plain bytes. Raises DecodeFailed."""
     if encryption == "age":
         if not identities:
-            raise DecodeFailed("decrypt", "the object is age-encrypted and no identity is configured "
-                                          "(encryption.identity_file or identity_file_env)")
+            raise DecodeFailed(
+                "decrypt",
+                "the object is age-encrypted and no identity is configured "
+                "(encryption.identity_file or identity_file_env)",
+            )
         try:
             data = pyrage.decrypt(data, identities)
         except pyrage.DecryptError as e:

@@ -33,7 +33,8 @@ def load_identities(config) -> list:
         var = enc.identity_file_env or "DR_AGE_IDENTITY_FILE"
         raise ConfigError(
             f"this backup is encrypted with age; set {var} to the identity file (encryption.identity_file_env) "
-            f"whose public key has fingerprint {', '.join(recipient_fingerprints(enc)) or '(see the manifest)'}")
+            f"whose public key has fingerprint {', '.join(recipient_fingerprints(enc)) or '(see the manifest)'}"
+        )
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
     except OSError as e:

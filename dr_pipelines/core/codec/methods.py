@@ -112,16 +112,28 @@ class Compression:
 
 COMPRESSION: dict[str, Compression] = {
     "zstd": Compression(
-        "zstd", ".zst", ("zstd", "--decompress", "--quiet", "--stdout"), _zstd_stream, _ZstdSink,
+        "zstd",
+        ".zst",
+        ("zstd", "--decompress", "--quiet", "--stdout"),
+        _zstd_stream,
+        _ZstdSink,
         lambda data, level: zstandard.ZstdCompressor(level=level).compress(data),
         lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31),
-        (zstandard.ZstdError,)),
+        (zstandard.ZstdError,),
+    ),
     "gzip": Compression(
-        "gzip", ".gz", ("gzip", "--decompress", "--stdout"), lambda src, level, _threads: _GzipReader(src, level),
-        _GzipSink, lambda data, level: gzip.compress(data, compresslevel=level, mtime=0), gzip.decompress,
-        (zlib.error, gzip.BadGzipFile, EOFError)),
-    "none": Compression("none", "", None, lambda src, _level, _threads: src, Sink, lambda data, _level: data,
-                        lambda data: data),
+        "gzip",
+        ".gz",
+        ("gzip", "--decompress", "--stdout"),
+        lambda src, level, _threads: _GzipReader(src, level),
+        _GzipSink,
+        lambda data, level: gzip.compress(data, compresslevel=level, mtime=0),
+        gzip.decompress,
+        (zlib.error, gzip.BadGzipFile, EOFError),
+    ),
+    "none": Compression(
+        "none", "", None, lambda src, _level, _threads: src, Sink, lambda data, _level: data, lambda data: data
+    ),
 }
 
 

@@ -56,8 +56,15 @@ class DeliveryError(DrError):
 def _session(retries: int) -> requests.Session:
     # urllib3 retries connection errors and 429/5xx with backoff; POST is retried too (the
     # receivers deduplicate: PagerDuty by dedup_key, chat hooks at worst post twice).
-    retry = Retry(total=retries, connect=retries, read=retries, backoff_factor=0.2,
-                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None, raise_on_status=False)
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        backoff_factor=0.2,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+        raise_on_status=False,
+    )
     s = requests.Session()
     s.mount("http://", HTTPAdapter(max_retries=retry))
     s.mount("https://", HTTPAdapter(max_retries=retry))
@@ -68,8 +75,9 @@ def _post(name: str, url: str, payload: dict, retries: int, timeout: float) -> N
     try:
         r = _session(retries).post(url, json=payload, timeout=timeout)
     except requests.RequestException as e:
-        raise DeliveryError(f"alert channel {name}: cannot reach the receiver ({type(e).__name__}); "
-                            "will retry on the next tick") from None
+        raise DeliveryError(
+            f"alert channel {name}: cannot reach the receiver ({type(e).__name__}); will retry on the next tick"
+        ) from None
     if r.status_code >= 300:
         raise DeliveryError(f"alert channel {name}: receiver answered HTTP {r.status_code}: {r.text[:200]}")
 
@@ -113,9 +121,13 @@ class PagerDutyChannel:
     def payload(self, action: str, alert: Alert) -> dict:
         body = {"routing_key": self.routing_key, "event_action": action, "dedup_key": f"dr_pipelines:{alert.key}"}
         if action == TRIGGER:
-            body["payload"] = {"summary": alert.title[:1024], "source": alert.source,
-                               "severity": "critical" if alert.severity == "error" else "warning",
-                               "timestamp": alert.since, "custom_details": {"detail": alert.detail}}
+            body["payload"] = {
+                "summary": alert.title[:1024],
+                "source": alert.source,
+                "severity": "critical" if alert.severity == "error" else "warning",
+                "timestamp": alert.since,
+                "custom_details": {"detail": alert.detail},
+            }
             body["links"] = [{"href": alert.url, "text": "Dagster UI"}]
         return body
 
@@ -133,7 +145,9 @@ def channels_from_config(config: DrConfig) -> tuple[list[Channel], list[str]]:
             if isinstance(a, WebhookAlertConfig):
                 out.append(WebhookChannel(name, _read_env(a.url_env, f"alerts.{name}.url_env"), a.format))
             elif isinstance(a, PagerDutyAlertConfig):
-                out.append(PagerDutyChannel(name, _read_env(a.routing_key_env, f"alerts.{name}.routing_key_env"), a.url))
+                out.append(
+                    PagerDutyChannel(name, _read_env(a.routing_key_env, f"alerts.{name}.routing_key_env"), a.url)
+                )
         except ConfigError as e:
             broken.append(str(e))
     return out, broken
@@ -164,8 +178,9 @@ class IncidentBook:
     def open_keys(self) -> set[str]:
         return {k for k, v in self.incidents.items() if v["open"]}
 
-    def deliver(self, channels: list[Channel], log: Callable[[str], None] = lambda m: None,
-                expected: list[str] | None = None) -> list[str]:
+    def deliver(
+        self, channels: list[Channel], log: Callable[[str], None] = lambda m: None, expected: list[str] | None = None
+    ) -> list[str]:
         """Send what each channel still lacks; returns delivery errors (left pending for the next tick).
         A cleared incident is forgotten only when every `expected` channel (default: those given)
         has delivered its resolve, so an unusable channel still hears of it later."""

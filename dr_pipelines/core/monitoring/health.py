@@ -82,8 +82,14 @@ def _of(entries: list[CatalogEntry], database: str, kind: str) -> list[CatalogEn
     return [e for e in entries if e.manifest.database == database and e.manifest.kind == kind]
 
 
-def check_freshness(config: DrConfig, database: str, catalog: Catalog, now: datetime,
-                    kind: str = "logical", rpo_met_by_wal: bool = False) -> Outcome:
+def check_freshness(
+    config: DrConfig,
+    database: str,
+    catalog: Catalog,
+    now: datetime,
+    kind: str = "logical",
+    rpo_met_by_wal: bool = False,
+) -> Outcome:
     """ERROR past the alert limit (backups stopped arriving); WARNING past the RPO, unless archived
     WAL meets the RPO (logical backups alone rarely can)."""
     cfg = config.database(database)
@@ -96,7 +102,9 @@ def check_freshness(config: DrConfig, database: str, catalog: Catalog, now: date
     newest = backups[0].manifest
     age = now - newest.created_at
     md.update(age_hours=_hours(age), newest_backup=newest.id)
-    text = f"newest {kind} backup {newest.id} is {_hours(age)} h old (alert limit {_hours(limit)} h, RPO {_hours(rpo)} h)"
+    text = (
+        f"newest {kind} backup {newest.id} is {_hours(age)} h old (alert limit {_hours(limit)} h, RPO {_hours(rpo)} h)"
+    )
     if age > limit:
         return Outcome(database, name, False, ERROR, text + "; backups have stopped arriving", md)
     if age > rpo and not rpo_met_by_wal:
@@ -108,15 +116,20 @@ def size_history(backups: list[CatalogEntry], window: int) -> pd.DataFrame:
     """Oldest first: each backup's size and the rolling mean of the `window` good backups before it."""
     import pandas as pd  # here, not at the top: ~1 s of import for every command that loads the checks
 
-    df = pd.DataFrame({"backup_id": [e.id for e in reversed(backups)],
-                       "created_at": [e.manifest.created_at for e in reversed(backups)],
-                       "size_bytes": [e.manifest.size_bytes for e in reversed(backups)]})
+    df = pd.DataFrame(
+        {
+            "backup_id": [e.id for e in reversed(backups)],
+            "created_at": [e.manifest.created_at for e in reversed(backups)],
+            "size_bytes": [e.manifest.size_bytes for e in reversed(backups)],
+        }
+    )
     df["mean_before"] = df["size_bytes"].rolling(window, min_periods=1).mean().shift(1)
     return df
 
 
-def check_size(config: DrConfig, database: str, catalog: Catalog, bad_ids: set[str] = frozenset(),
-               kind: str = "logical") -> Outcome:
+def check_size(
+    config: DrConfig, database: str, catalog: Catalog, bad_ids: set[str] = frozenset(), kind: str = "logical"
+) -> Outcome:
     """Warning, not error: a purge or a bulk load changes the size legitimately; a human decides."""
     c = config.checks
     backups = [e for e in _of(catalog.entries, database, kind)]
@@ -124,22 +137,42 @@ def check_size(config: DrConfig, database: str, catalog: Catalog, bad_ids: set[s
         return Outcome(database, SIZE, True, WARNING, "no backup yet", {})
     newest, good = backups[0], [e for e in backups[1:] if e.id not in bad_ids]
     if len(good) < c.size_min_history:  # same metadata keys as a verdict, so the UI plots one series
-        return Outcome(database, SIZE, True, WARNING,
-                       f"{len(good)} earlier backups; no verdict before {c.size_min_history}",
-                       {"size_bytes": newest.manifest.size_bytes, "mean_bytes": 0, "deviation_pct": 0.0,
-                        "tolerance_pct": round(100 * c.size_tolerance, 1), "history": len(good)})
+        return Outcome(
+            database,
+            SIZE,
+            True,
+            WARNING,
+            f"{len(good)} earlier backups; no verdict before {c.size_min_history}",
+            {
+                "size_bytes": newest.manifest.size_bytes,
+                "mean_bytes": 0,
+                "deviation_pct": 0.0,
+                "tolerance_pct": round(100 * c.size_tolerance, 1),
+                "history": len(good),
+            },
+        )
     df = size_history([newest] + good[: c.size_window], c.size_window)
     mean = float(df["mean_before"].iloc[-1])
     size = newest.manifest.size_bytes
     deviation = (size - mean) / mean if mean else 0.0
     ok = abs(deviation) < c.size_tolerance  # exactly half (or double) the usual size is already outside
-    md = {"size_bytes": size, "mean_bytes": round(mean), "deviation_pct": round(100 * deviation, 1),
-          "tolerance_pct": round(100 * c.size_tolerance, 1), "history": len(df) - 1,
-          "history_table": df.assign(created_at=df["created_at"].dt.strftime("%Y-%m-%d %H:%M"))
-                             .to_markdown(index=False)}
-    return Outcome(database, SIZE, ok, WARNING,
-                   f"newest backup {newest.id}: {size} bytes, {100 * deviation:+.0f}% from the mean "
-                   f"of the {len(df) - 1} before it (tolerance ±{100 * c.size_tolerance:.0f}%)", md)
+    md = {
+        "size_bytes": size,
+        "mean_bytes": round(mean),
+        "deviation_pct": round(100 * deviation, 1),
+        "tolerance_pct": round(100 * c.size_tolerance, 1),
+        "history": len(df) - 1,
+        "history_table": df.assign(created_at=df["created_at"].dt.strftime("%Y-%m-%d %H:%M")).to_markdown(index=False),
+    }
+    return Outcome(
+        database,
+        SIZE,
+        ok,
+        WARNING,
+        f"newest backup {newest.id}: {size} bytes, {100 * deviation:+.0f}% from the mean "
+        f"of the {len(df) - 1} before it (tolerance ±{100 * c.size_tolerance:.0f}%)",
+        md,
+    )
 
 
 def check_replication(config: DrConfig, database: str, catalog: Catalog, kind: str = "logical") -> Outcome:
@@ -151,15 +184,27 @@ def check_replication(config: DrConfig, database: str, catalog: Catalog, kind: s
     missing = [n for n in config.locations if n not in newest.locations]
     md = {"locations": len(config.locations), "holding": len(newest.locations), "missing": ", ".join(missing)}
     if missing:
-        return Outcome(database, name, False, ERROR,
-                       f"newest backup {newest.id} is missing on {', '.join(missing)} "
-                       f"(present on {', '.join(newest.locations)})", md)
-    return Outcome(database, name, True, ERROR,
-                   f"newest backup {newest.id} is on every location ({', '.join(newest.locations)})", md)
+        return Outcome(
+            database,
+            name,
+            False,
+            ERROR,
+            f"newest backup {newest.id} is missing on {', '.join(missing)} (present on {', '.join(newest.locations)})",
+            md,
+        )
+    return Outcome(
+        database,
+        name,
+        True,
+        ERROR,
+        f"newest backup {newest.id} is on every location ({', '.join(newest.locations)})",
+        md,
+    )
 
 
-def check_integrity(config: DrConfig, database: str, catalog: Catalog, locations: dict[str, Location],
-                    kind: str = "logical") -> Outcome:
+def check_integrity(
+    config: DrConfig, database: str, catalog: Catalog, locations: dict[str, Location], kind: str = "logical"
+) -> Outcome:
     """Reads every object of the newest backup back from every location holding it."""
     backups = _of(catalog.entries, database, kind)
     if not backups:
@@ -167,13 +212,23 @@ def check_integrity(config: DrConfig, database: str, catalog: Catalog, locations
     newest = backups[0]
     reports = [verify_backup(locations[n], newest.manifest) for n in newest.locations if n in locations]
     bad = [r.summary() for r in reports if not r.ok]
-    md = {"locations_checked": len(reports), "objects": sum(len(r.checks) for r in reports),
-          "bytes_read": newest.manifest.size_bytes * len(reports), "corrupt_locations": len(bad)}
+    md = {
+        "locations_checked": len(reports),
+        "objects": sum(len(r.checks) for r in reports),
+        "bytes_read": newest.manifest.size_bytes * len(reports),
+        "corrupt_locations": len(bad),
+    }
     if bad:
         return Outcome(database, INTEGRITY, False, ERROR, "; ".join(bad), md)
-    return Outcome(database, INTEGRITY, True, ERROR,
-                   f"newest backup {newest.id}: every object read back with matching SHA-256 on "
-                   f"{', '.join(r.location for r in reports)}", md)
+    return Outcome(
+        database,
+        INTEGRITY,
+        True,
+        ERROR,
+        f"newest backup {newest.id}: every object read back with matching SHA-256 on "
+        f"{', '.join(r.location for r in reports)}",
+        md,
+    )
 
 
 def check_last_attempt(database: str, attempts: list[Record]) -> Outcome:
@@ -181,11 +236,22 @@ def check_last_attempt(database: str, attempts: list[Record]) -> Outcome:
         return Outcome(database, LAST_ATTEMPT, True, ERROR, "no backup attempt recorded yet", {})
     last = attempts[0]
     if last.succeeded:
-        return Outcome(database, LAST_ATTEMPT, True, ERROR, f"last attempt {last.backup_id} succeeded",
-                       {"backup_id": last.backup_id or ""})
-    return Outcome(database, LAST_ATTEMPT, False, ERROR,
-                   f"last backup attempt ({last.started_at}) failed: {last.error}",
-                   {"backup_id": last.backup_id or ""})
+        return Outcome(
+            database,
+            LAST_ATTEMPT,
+            True,
+            ERROR,
+            f"last attempt {last.backup_id} succeeded",
+            {"backup_id": last.backup_id or ""},
+        )
+    return Outcome(
+        database,
+        LAST_ATTEMPT,
+        False,
+        ERROR,
+        f"last backup attempt ({last.started_at}) failed: {last.error}",
+        {"backup_id": last.backup_id or ""},
+    )
 
 
 def check_restore_tests(config: DrConfig, database: str, tests: list[Record], now: datetime) -> list[Outcome]:
@@ -193,24 +259,45 @@ def check_restore_tests(config: DrConfig, database: str, tests: list[Record], no
     max_age, rto = cfg.restore_test.max_age, cfg.objectives.rto
     if not tests:
         missing = "no restore test has ever run"
-        return [Outcome(database, RESTORE_TEST, False, ERROR, missing),
-                Outcome(database, RESTORE_TEST_RECENT, False, ERROR, missing),
-                Outcome(database, RTO, False, WARNING, "no measured RTO yet")]
+        return [
+            Outcome(database, RESTORE_TEST, False, ERROR, missing),
+            Outcome(database, RESTORE_TEST_RECENT, False, ERROR, missing),
+            Outcome(database, RTO, False, WARNING, "no measured RTO yet"),
+        ]
     last = tests[0]
     age = now - datetime.fromisoformat(last.started_at)
-    out = [Outcome(database, RESTORE_TEST, last.passed, ERROR,
-                   f"restore test of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
-                   {"backup_id": last.backup_id or ""}),
-           Outcome(database, RESTORE_TEST_RECENT, age <= max_age, ERROR,
-                   f"last restore test {_hours(age)} h ago (limit {_hours(max_age)} h)",
-                   {"age_hours": _hours(age), "limit_hours": _hours(max_age)})]
+    out = [
+        Outcome(
+            database,
+            RESTORE_TEST,
+            last.passed,
+            ERROR,
+            f"restore test of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
+            {"backup_id": last.backup_id or ""},
+        ),
+        Outcome(
+            database,
+            RESTORE_TEST_RECENT,
+            age <= max_age,
+            ERROR,
+            f"last restore test {_hours(age)} h ago (limit {_hours(max_age)} h)",
+            {"age_hours": _hours(age), "limit_hours": _hours(max_age)},
+        ),
+    ]
     rto_s = last.rto_s
     if rto_s is None:
         out.append(Outcome(database, RTO, False, WARNING, "the last restore test measured no RTO"))
     else:
-        out.append(Outcome(database, RTO, rto_s <= rto.total_seconds(), WARNING,
-                           f"measured RTO {rto_s:.1f} s (objective {rto.total_seconds():.0f} s)",
-                           {"rto_s": rto_s, "objective_s": rto.total_seconds()}))
+        out.append(
+            Outcome(
+                database,
+                RTO,
+                rto_s <= rto.total_seconds(),
+                WARNING,
+                f"measured RTO {rto_s:.1f} s (objective {rto.total_seconds():.0f} s)",
+                {"rto_s": rto_s, "objective_s": rto.total_seconds()},
+            )
+        )
     return out
 
 
@@ -230,25 +317,49 @@ PITR_TEST = "pitr_test_passed"
 def check_wal(config: DrConfig, status) -> list[Outcome]:
     db = status.database
     rpo = config.database(db).objectives.rpo.total_seconds()
-    md = {"segments": status.segments, "gaps": len(status.gaps), "newest_segment": status.newest_segment or "",
-          "archive_lag_s": -1.0 if status.archive_lag_s is None else round(status.archive_lag_s, 1)}
+    md = {
+        "segments": status.segments,
+        "gaps": len(status.gaps),
+        "newest_segment": status.newest_segment or "",
+        "archive_lag_s": -1.0 if status.archive_lag_s is None else round(status.archive_lag_s, 1),
+    }
     lag_ok = status.archive_lag_s is not None and status.archive_lag_s <= rpo
-    lag_text = f"archive lag {md['archive_lag_s']} s (RPO {rpo:.0f} s)" + (
-        f"; archive_command failed {status.failed_count} times (last {status.last_failed_wal})"
-        if status.failed_count else "") + (f"; server: {status.server_error}" if status.server_error else "")
-    return [Outcome(db, WAL_CONTINUOUS, not status.gaps, ERROR,
-                    f"missing WAL: {', '.join(status.gaps)}" if status.gaps else
-                    f"{status.segments} segments archived, no gap since {status.oldest_base_start or 'the first'}", md),
-            Outcome(db, WAL_LAG, lag_ok, ERROR, lag_text, md)]
+    lag_text = (
+        f"archive lag {md['archive_lag_s']} s (RPO {rpo:.0f} s)"
+        + (
+            f"; archive_command failed {status.failed_count} times (last {status.last_failed_wal})"
+            if status.failed_count
+            else ""
+        )
+        + (f"; server: {status.server_error}" if status.server_error else "")
+    )
+    return [
+        Outcome(
+            db,
+            WAL_CONTINUOUS,
+            not status.gaps,
+            ERROR,
+            f"missing WAL: {', '.join(status.gaps)}"
+            if status.gaps
+            else f"{status.segments} segments archived, no gap since {status.oldest_base_start or 'the first'}",
+            md,
+        ),
+        Outcome(db, WAL_LAG, lag_ok, ERROR, lag_text, md),
+    ]
 
 
 def check_pitr_tests(database: str, drills: list[Record]) -> Outcome:
     if not drills:
         return Outcome(database, PITR_TEST, False, WARNING, "no PITR drill has run yet", {"rto_s": -1.0})
     last = drills[0]
-    return Outcome(database, PITR_TEST, last.passed, ERROR,
-                   f"PITR drill of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
-                   {"rto_s": last.rto_s or -1.0, "achievable_rpo_s": last.achievable_rpo_s or -1.0})
+    return Outcome(
+        database,
+        PITR_TEST,
+        last.passed,
+        ERROR,
+        f"PITR drill of {last.backup_id} " + ("passed" if last.passed else f"FAILED: {last.error}"),
+        {"rto_s": last.rto_s or -1.0, "achievable_rpo_s": last.achievable_rpo_s or -1.0},
+    )
 
 
 @dataclass
@@ -291,17 +402,26 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
         if bases or archive_cluster(locations, db):  # this database is physically backed up
             wal[db] = wal_status(config, db, locations, now, [e.manifest.base.wal_start for e in bases])
             drills[db] = load_reports(locations, db, RecordKind.PITR_TEST)
-        wal_ok = db in wal and not wal[db].gaps and wal[db].archive_lag_s is not None and \
-            wal[db].archive_lag_s <= config.database(db).objectives.rpo.total_seconds()
-        outcomes += [check_freshness(config, db, catalog, now, rpo_met_by_wal=wal_ok),
-                     check_last_attempt(db, [a for a in attempts[db] if (a.kind or "logical") == "logical"]),
-                     check_size(config, db, catalog, failed_restore_tests(tests[db])),
-                     check_replication(config, db, catalog)]
+        wal_ok = (
+            db in wal
+            and not wal[db].gaps
+            and wal[db].archive_lag_s is not None
+            and wal[db].archive_lag_s <= config.database(db).objectives.rpo.total_seconds()
+        )
+        outcomes += [
+            check_freshness(config, db, catalog, now, rpo_met_by_wal=wal_ok),
+            check_last_attempt(db, [a for a in attempts[db] if (a.kind or "logical") == "logical"]),
+            check_size(config, db, catalog, failed_restore_tests(tests[db])),
+            check_replication(config, db, catalog),
+        ]
         if integrity:
             outcomes.append(check_integrity(config, db, catalog, locations))
         outcomes += check_restore_tests(config, db, tests[db], now)
         if db in wal:
-            outcomes += [check_freshness(config, db, catalog, now, kind="base", rpo_met_by_wal=True),
-                         check_replication(config, db, catalog, kind="base"),
-                         *check_wal(config, wal[db]), check_pitr_tests(db, drills[db])]
+            outcomes += [
+                check_freshness(config, db, catalog, now, kind="base", rpo_met_by_wal=True),
+                check_replication(config, db, catalog, kind="base"),
+                *check_wal(config, wal[db]),
+                check_pitr_tests(db, drills[db]),
+            ]
     return Health(now, catalog, attempts, tests, outcomes, wal, drills)

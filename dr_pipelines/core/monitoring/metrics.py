@@ -34,7 +34,9 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     success = Gauge("backup_success", "1 if the last backup attempt succeeded, else 0", labels, registry=reg)
     last = Gauge("last_backup_timestamp", "Creation time of the newest backup, Unix seconds", labels, registry=reg)
     count = Gauge("backup_count", "Backups in the repository", labels, registry=reg)
-    rto = Gauge("restore_test_rto_seconds", "Restore time measured by the last restore test", ["database"], registry=reg)
+    rto = Gauge(
+        "restore_test_rto_seconds", "Restore time measured by the last restore test", ["database"], registry=reg
+    )
     rto_obj = Gauge("restore_test_rto_objective_seconds", "The RTO objective", ["database"], registry=reg)
     rt_ok = Gauge("restore_test_success", "1 if the last restore test passed, else 0", ["database"], registry=reg)
     rt_ts = Gauge("restore_test_timestamp", "Start of the last restore test, Unix seconds", ["database"], registry=reg)
@@ -42,7 +44,9 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     wal_lag = Gauge("wal_archive_lag_seconds", "How far archived WAL is behind the server", ["database"], registry=reg)
     wal_segments = Gauge("wal_archive_segments", "WAL segments in the archive", ["database"], registry=reg)
     wal_gaps = Gauge("wal_archive_gaps", "Missing WAL runs after the oldest base backup", ["database"], registry=reg)
-    pitr_rto = Gauge("pitr_test_rto_seconds", "Recovery time measured by the last PITR drill", ["database"], registry=reg)
+    pitr_rto = Gauge(
+        "pitr_test_rto_seconds", "Recovery time measured by the last PITR drill", ["database"], registry=reg
+    )
     pitr_ok = Gauge("pitr_test_success", "1 if the last PITR drill passed, else 0", ["database"], registry=reg)
     for db, w in h.wal.items():
         if w.archive_lag_s is not None:
@@ -81,8 +85,9 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     return reg
 
 
-def export(config: DrConfig, reg: CollectorRegistry, textfile: str | None = None,
-           pushgateway_url: str | None = None) -> list[str]:
+def export(
+    config: DrConfig, reg: CollectorRegistry, textfile: str | None = None, pushgateway_url: str | None = None
+) -> list[str]:
     """Write the textfile atomically (prometheus_client writes a temp file and renames it) and push.
     Returns where the metrics went; raises MetricsError naming what failed."""
     textfile = textfile or config.metrics.textfile
@@ -96,15 +101,19 @@ def export(config: DrConfig, reg: CollectorRegistry, textfile: str | None = None
             path.parent.mkdir(parents=True, exist_ok=True)
             write_to_textfile(str(path), reg)
         except OSError as e:
-            raise MetricsError(f"cannot write the metrics textfile {path}: {e.strerror}; "
-                               "check metrics.textfile and the directory's permissions") from None
+            raise MetricsError(
+                f"cannot write the metrics textfile {path}: {e.strerror}; "
+                "check metrics.textfile and the directory's permissions"
+            ) from None
         done.append(str(path))
     if pushgateway_url:
         shown = re.sub(r"//[^@/]*@", "//", pushgateway_url)  # never print credentials in the URL
         try:
             push_to_gateway(pushgateway_url, job=config.metrics.job, registry=reg, timeout=10)
         except OSError as e:
-            raise MetricsError(f"cannot push metrics to the Pushgateway at {shown}: {str(e).replace(pushgateway_url, shown)}; "
-                               "is it running? (metrics.pushgateway_url)") from None
+            raise MetricsError(
+                f"cannot push metrics to the Pushgateway at {shown}: {str(e).replace(pushgateway_url, shown)}; "
+                "is it running? (metrics.pushgateway_url)"
+            ) from None
         done.append(shown)
     return done

@@ -31,23 +31,30 @@ class ComplianceReport:
     recommendations: list[str]
 
     def to_dict(self) -> dict:
-        return {"generated_at": self.generated_at.isoformat(), "days": self.days,
-                "summary": json.loads(self.summary.to_json(orient="records")),
-                "storage": json.loads(self.storage.to_json(orient="records")),
-                "recommendations": self.recommendations}
+        return {
+            "generated_at": self.generated_at.isoformat(),
+            "days": self.days,
+            "summary": json.loads(self.summary.to_json(orient="records")),
+            "storage": json.loads(self.storage.to_json(orient="records")),
+            "recommendations": self.recommendations,
+        }
 
     def to_markdown(self) -> str:
         recs = "\n".join(f"- {r}" for r in self.recommendations) or "- none: every objective was met"
-        return (f"# DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)\n\n"
-                f"{self.summary.to_markdown(index=False)}\n\n## Storage per location\n\n"
-                f"{self.storage.to_markdown(index=False)}\n\n## Recommendations\n\n{recs}\n")
+        return (
+            f"# DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)\n\n"
+            f"{self.summary.to_markdown(index=False)}\n\n## Storage per location\n\n"
+            f"{self.storage.to_markdown(index=False)}\n\n## Recommendations\n\n{recs}\n"
+        )
 
     def to_html(self) -> str:
         recs = "".join(f"<li>{html.escape(r)}</li>" for r in self.recommendations) or "<li>none</li>"
         title = f"DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)"
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-                f"<h1>{title}</h1>{self.summary.to_html(index=False)}<h2>Storage per location</h2>"
-                f"{self.storage.to_html(index=False)}<h2>Recommendations</h2><ul>{recs}</ul></body></html>")
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+            f"<h1>{title}</h1>{self.summary.to_html(index=False)}<h2>Storage per location</h2>"
+            f"{self.storage.to_html(index=False)}<h2>Recommendations</h2><ul>{recs}</ul></body></html>"
+        )
 
 
 def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | None:
@@ -62,14 +69,33 @@ def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | Non
     return float(edges.diff().dropna().max().total_seconds())
 
 
-def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[Record], all_tests: list[Record],
-         points: list[datetime], start: datetime, now: datetime, days: int, recs: list[str]) -> dict:
+def _row(
+    db: str,
+    kind: str,
+    cfg,
+    backups: list,
+    all_attempts: list[Record],
+    all_tests: list[Record],
+    points: list[datetime],
+    start: datetime,
+    now: datetime,
+    days: int,
+    recs: list[str],
+) -> dict:
     rpo, rto = cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds()
     attempt_kind = "logical" if kind == "logical" else "base"
-    attempts = pd.DataFrame([a.model_dump() for a in all_attempts if (a.kind or "logical") == attempt_kind
-                             and datetime.fromisoformat(a.started_at) >= start], columns=["started_at", "succeeded"])
-    tests = pd.DataFrame([t.model_dump() for t in all_tests if datetime.fromisoformat(t.started_at) >= start],
-                         columns=["started_at", "passed", "rto_s"])
+    attempts = pd.DataFrame(
+        [
+            a.model_dump()
+            for a in all_attempts
+            if (a.kind or "logical") == attempt_kind and datetime.fromisoformat(a.started_at) >= start
+        ],
+        columns=["started_at", "succeeded"],
+    )
+    tests = pd.DataFrame(
+        [t.model_dump() for t in all_tests if datetime.fromisoformat(t.started_at) >= start],
+        columns=["started_at", "passed", "rto_s"],
+    )
     attempted = len(attempts)
     succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0
     in_window = sum(e.manifest.created_at >= start for e in backups)
@@ -78,9 +104,14 @@ def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[Record], all
     rpo_achieved = _gaps(points, start, now)
     rtos = tests["rto_s"].dropna().astype(float)
     r = {
-        "database": db, "kind": kind, "backups": in_window, "attempted": attempted, "succeeded": succeeded,
+        "database": db,
+        "kind": kind,
+        "backups": in_window,
+        "attempted": attempted,
+        "succeeded": succeeded,
         "success_rate_pct": round(100 * succeeded / attempted, 1) if attempted else None,
-        "rpo_objective_s": rpo, "rpo_achieved_s": None if rpo_achieved is None else round(rpo_achieved),
+        "rpo_objective_s": rpo,
+        "rpo_achieved_s": None if rpo_achieved is None else round(rpo_achieved),
         "rpo_met": rpo_achieved is not None and rpo_achieved <= rpo,
         "restore_tests": len(tests),
         "restore_test_pass_rate_pct": round(100 * tests["passed"].astype(bool).mean(), 1) if len(tests) else None,
@@ -95,20 +126,31 @@ def _row(db: str, kind: str, cfg, backups: list, all_attempts: list[Record], all
     if rpo_achieved is None:
         recs.append(f"{db}: no {kind} backup at all; schedule them now")
     elif not r["rpo_met"]:
-        recs.append(f"{db} ({kind}): achieved RPO {rpo_achieved / 3600:.1f} h misses the objective {rpo / 60:.0f} min"
-                    + ("; logical backups alone cannot meet it: archive WAL for point-in-time recovery, or back up "
-                       "more often" if kind == "logical" else "; check archive_command and archive_timeout"))
+        recs.append(
+            f"{db} ({kind}): achieved RPO {rpo_achieved / 3600:.1f} h misses the objective {rpo / 60:.0f} min"
+            + (
+                "; logical backups alone cannot meet it: archive WAL for point-in-time recovery, or back up more often"
+                if kind == "logical"
+                else "; check archive_command and archive_timeout"
+            )
+        )
     if attempted and succeeded < attempted:
-        recs.append(f"{db}: {attempted - succeeded} of {attempted} {kind} backup attempts failed; "
-                    "read the failed runs and fix the cause")
+        recs.append(
+            f"{db}: {attempted - succeeded} of {attempted} {kind} backup attempts failed; "
+            "read the failed runs and fix the cause"
+        )
     if not len(tests):
         recs.append(f"{db}: no {test_name} in {days} days; enable its schedule")
     elif r["restore_test_pass_rate_pct"] < 100:
-        recs.append(f"{db}: {test_name}s failed ({r['restore_test_pass_rate_pct']}% passed); "
-                    "a backup that does not restore is not a backup")
+        recs.append(
+            f"{db}: {test_name}s failed ({r['restore_test_pass_rate_pct']}% passed); "
+            "a backup that does not restore is not a backup"
+        )
     if len(rtos) and not r["rto_met"]:
-        recs.append(f"{db} ({kind}): slowest restore {rtos.max():.0f} s exceeds the RTO {rto:.0f} s; "
-                    "raise restore parallelism or the objective")
+        recs.append(
+            f"{db} ({kind}): slowest restore {rtos.max():.0f} s exceeds the RTO {rto:.0f} s; "
+            "raise restore parallelism or the objective"
+        )
     return r
 
 
@@ -124,26 +166,66 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
         logical = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == "logical"]
         # recovery points: every successful attempt (records survive retention, which thins the
         # backups themselves) and every backup still held
-        points = sorted({e.manifest.created_at for e in logical} | {
-            datetime.fromisoformat(a["started_at"]) for a in h.attempts.get(db, [])
-            if a.get("succeeded") and a.get("kind", "logical") == "logical"})
-        rows.append(_row(db, "logical", cfg, logical, h.attempts.get(db, []), h.restore_tests.get(db, []),
-                         points, start, now, days, recs))
+        points = sorted(
+            {e.manifest.created_at for e in logical}
+            | {
+                datetime.fromisoformat(a["started_at"])
+                for a in h.attempts.get(db, [])
+                if a.get("succeeded") and a.get("kind", "logical") == "logical"
+            }
+        )
+        rows.append(
+            _row(
+                db,
+                "logical",
+                cfg,
+                logical,
+                h.attempts.get(db, []),
+                h.restore_tests.get(db, []),
+                points,
+                start,
+                now,
+                days,
+                recs,
+            )
+        )
         if db in h.wal:  # base backups + WAL: every archived segment is a recovery point after the first base
             bases = [e for e in h.catalog.entries if e.manifest.database == db and e.manifest.kind == "base"]
             first = min((e.manifest.created_at for e in bases), default=None)
-            points = sorted({e.manifest.created_at for e in bases} |
-                            {t for t in h.wal[db].push_times if first and t >= first})
-            rows.append(_row(db, "base+wal", cfg, bases, h.attempts.get(db, []), h.pitr_tests.get(db, []),
-                             points, start, now, days, recs))
-    storage = pd.DataFrame([{"location": name,
-                             "backups": sum(name in e.locations for e in h.catalog.entries),
-                             "bytes": sum(e.manifest.size_bytes for e in h.catalog.entries if name in e.locations)}
-                            for name in config.locations])
+            points = sorted(
+                {e.manifest.created_at for e in bases} | {t for t in h.wal[db].push_times if first and t >= first}
+            )
+            rows.append(
+                _row(
+                    db,
+                    "base+wal",
+                    cfg,
+                    bases,
+                    h.attempts.get(db, []),
+                    h.pitr_tests.get(db, []),
+                    points,
+                    start,
+                    now,
+                    days,
+                    recs,
+                )
+            )
+    storage = pd.DataFrame(
+        [
+            {
+                "location": name,
+                "backups": sum(name in e.locations for e in h.catalog.entries),
+                "bytes": sum(e.manifest.size_bytes for e in h.catalog.entries if name in e.locations),
+            }
+            for name in config.locations
+        ]
+    )
     for _, s in storage.iterrows():
         if s["backups"] < storage["backups"].max():
-            recs.append(f"location {s['location']} holds {s['backups']} backups, fewer than the others: "
-                        "it missed some; check it and back up again")
+            recs.append(
+                f"location {s['location']} holds {s['backups']} backups, fewer than the others: "
+                "it missed some; check it and back up again"
+            )
     for p in h.catalog.problems:
         recs.append(f"repository problem: {p}")
     return ComplianceReport(now, days, pd.DataFrame(rows), storage, recs)
@@ -152,9 +234,11 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
 def store_report(locations: dict[str, Location], report: ComplianceReport) -> dict[str, list[str]]:
     """JSON, HTML and Markdown copies on every location; returns key -> locations holding it."""
     stamp = report.generated_at.strftime("%Y%m%dT%H%M%SZ")
-    copies = {f"compliance/{stamp}.json": json.dumps(report.to_dict(), indent=2).encode(),
-              f"compliance/{stamp}.html": report.to_html().encode(),
-              f"compliance/{stamp}.md": report.to_markdown().encode()}
+    copies = {
+        f"compliance/{stamp}.json": json.dumps(report.to_dict(), indent=2).encode(),
+        f"compliance/{stamp}.html": report.to_html().encode(),
+        f"compliance/{stamp}.md": report.to_markdown().encode(),
+    }
     stored: dict[str, list[str]] = {k: [] for k in copies}
     for name, loc in locations.items():
         for key, data in copies.items():

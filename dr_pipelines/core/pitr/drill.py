@@ -29,8 +29,9 @@ class DrillResult:
         return {**self.report.to_dict(), "achievable_rpo_s": self.achievable_rpo_s, "passed": self.passed}
 
 
-def run_pitr_drill(config: DrConfig, config_file: str, db: str, locations: dict[str, Location],
-                   log: Log) -> DrillResult:
+def run_pitr_drill(
+    config: DrConfig, config_file: str, db: str, locations: dict[str, Location], log: Log
+) -> DrillResult:
     """Passed: the drill promoted a consistent cluster within the database's RTO."""
     rto = config.database(db).objectives.rto.total_seconds()
     root = Path(tempfile.mkdtemp(prefix=f"dr-pitr-test-{db}-", dir=config.databases[db].scratch_dir or "/var/tmp"))
@@ -41,8 +42,9 @@ def run_pitr_drill(config: DrConfig, config_file: str, db: str, locations: dict[
         reached = datetime.fromisoformat(report.reached_time) if report.reached_time else None
         rpo = (datetime.now(timezone.utc) - reached).total_seconds() if reached else None
         rto_s = report.rto_s or 0.0
-        result = DrillResult(report, report.promoted and rto_s <= rto, f"promoted in {rto_s:.1f}s (RTO {rto:.0f}s)",
-                             rpo)
+        result = DrillResult(
+            report, report.promoted and rto_s <= rto, f"promoted in {rto_s:.1f}s (RTO {rto:.0f}s)", rpo
+        )
     except PitrFailed as e:
         result = DrillResult(e.report, False, str(e))
     finally:

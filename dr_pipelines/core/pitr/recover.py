@@ -61,8 +61,10 @@ def parse_target_time(text: str) -> datetime:
 def check_overwrite(data_dir: Path, overwrite: bool, confirm: str | None) -> None:
     """Replacing a data directory is destructive: it needs the flag and the directory named again."""
     if overwrite and (confirm or "") != str(data_dir):
-        raise ConfigError(f"overwrite replaces the contents of {data_dir}: name it again to confirm "
-                          f"(Launchpad: confirm: {data_dir}; shell: confirm with --yes {data_dir})")
+        raise ConfigError(
+            f"overwrite replaces the contents of {data_dir}: name it again to confirm "
+            f"(Launchpad: confirm: {data_dir}; shell: confirm with --yes {data_dir})"
+        )
 
 
 @dataclass
@@ -89,8 +91,10 @@ class PitrRequest:
             try:  # decimal or 0x..., as PostgreSQL reads it; kept in decimal
                 self.target_xid = str(int(str(self.target_xid).strip(), 0))
             except ValueError:
-                raise ConfigError(f"target xid {self.target_xid!r} is not a transaction id "
-                                  "(a number, e.g. 745321 as txid_current() shows it)") from None
+                raise ConfigError(
+                    f"target xid {self.target_xid!r} is not a transaction id "
+                    "(a number, e.g. 745321 as txid_current() shows it)"
+                ) from None
 
     @property
     def target_text(self) -> str:
@@ -140,16 +144,20 @@ def choose_base_backup(entries: list[CatalogEntry], request: PitrRequest, now: d
                 return e
         raise BackupNotFound(f"base backup {request.backup_id!r} of {request.database!r} not found")
     if not bases:
-        raise BackupNotFound(f"no base backup of {request.database!r}: point-in-time recovery needs one "
-                             f"(take it with `dr-pipelines backup {request.database} --kind base`)")
+        raise BackupNotFound(
+            f"no base backup of {request.database!r}: point-in-time recovery needs one "
+            f"(take it with `dr-pipelines backup {request.database} --kind base`)"
+        )
     if request.target_time:
         if request.target_time > now:
             raise PitrError(f"target {request.target_time.isoformat()} is in the future (now {now.isoformat()})")
         ok = [e for e in bases if e.manifest.base.stopped_at <= request.target_time]
         if not ok:
             oldest = min(e.manifest.base.stopped_at for e in bases)
-            raise PitrError(f"target {request.target_time.isoformat()} is before the oldest base backup "
-                            f"(consistent from {oldest.isoformat()}); nothing can be recovered to that point")
+            raise PitrError(
+                f"target {request.target_time.isoformat()} is before the oldest base backup "
+                f"(consistent from {oldest.isoformat()}); nothing can be recovered to that point"
+            )
         return ok[0]
     if request.target_lsn:
         ok = [e for e in bases if lsn_int(e.manifest.base.stop_lsn) <= lsn_int(request.target_lsn)]
@@ -191,8 +199,14 @@ def prepare_data_dir(path: Path, overwrite: bool) -> None:
     chown_to_postgres(path)
 
 
-def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location], data_dir: Path,
-            identities: list | None, log: Log) -> str:
+def extract(
+    config: DrConfig,
+    entry: CatalogEntry,
+    locations: dict[str, Location],
+    data_dir: Path,
+    identities: list | None,
+    log: Log,
+) -> str:
     """Stream the tar into the directory (tar runs as postgres), verifying the checksum; the first
     location with a good copy wins."""
     m = entry.manifest
@@ -204,14 +218,24 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
         if loc is None:
             continue
         said = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below; not a pipe: tar keeps talking on a full disk
-        tar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", str(data_dir)], stdin=subprocess.PIPE,
-                               stderr=said, user=uid, group=gid, extra_groups=[], cwd="/")
+        tar = subprocess.Popen(
+            ["tar", "-x", "-f", "-", "-C", str(data_dir)],
+            stdin=subprocess.PIPE,
+            stderr=said,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            cwd="/",
+        )
 
         def tar_failure(said=said, tar=tar) -> PitrError:
             said.seek(0)
             text = " | ".join(said.read().decode(errors="replace").strip().splitlines()[-5:])
-            return PitrError(f"tar could not extract base backup {m.id} into {data_dir} (exit {tar.returncode}): "
-                             f"{text or '-'}; no other copy would do better. Free space there and retry")
+            return PitrError(
+                f"tar could not extract base backup {m.id} into {data_dir} (exit {tar.returncode}): "
+                f"{text or '-'}; no other copy would do better. Free space there and retry"
+            )
+
         try:
             with loc.open_read(m.object_key(obj.name)) as f:
                 src = HashingReader(f)
@@ -238,8 +262,13 @@ def extract(config: DrConfig, entry: CatalogEntry, locations: dict[str, Location
     raise PitrError(f"no usable copy of base backup {m.id}: {'; '.join(problems)}")
 
 
-RECOVERY_TARGETS = ("recovery_target_time", "recovery_target_lsn", "recovery_target_xid", "recovery_target_name",
-                    "recovery_target")
+RECOVERY_TARGETS = (
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+    "recovery_target",
+)
 
 
 def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
@@ -300,14 +329,34 @@ def read_outcome(log_text: str, report: PitrReport) -> None:
 def restore_command_errors(log_text: str) -> list[str]:
     """What our restore_command said (its stderr lands in the server log): the cause PostgreSQL's
     own FATAL ("could not locate required checkpoint record") does not name."""
-    return [ln.split("dr-pipelines: error: ", 1)[1].strip() for ln in log_text.splitlines()
-            if "dr-pipelines: error: " in ln]
+    return [
+        ln.split("dr-pipelines: error: ", 1)[1].strip() for ln in log_text.splitlines() if "dr-pipelines: error: " in ln
+    ]
 
 
 def query_as_postgres(data_dir: Path, port: int, sql: str, dbname: str = "postgres") -> str | None:
     """One value from the recovered cluster through its private socket, as the postgres OS user."""
-    proc = run_as_postgres([str(DEFAULT_PG_BIN / "psql"), "-h", str(data_dir), "-p", str(port), "-U", "postgres",
-                            "-d", dbname, "-X", "-A", "-t", "-c", sql], capture_output=True, text=True, timeout=30)
+    proc = run_as_postgres(
+        [
+            str(DEFAULT_PG_BIN / "psql"),
+            "-h",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-d",
+            dbname,
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -326,8 +375,10 @@ def drop_inherited_targets(data_dir: Path) -> None:
 def ensure_server_files(data_dir: Path) -> None:
     """A data directory from a Debian-style cluster (configuration in /etc) has neither
     postgresql.conf nor pg_hba.conf; give it minimal ones (local peer for postgres only)."""
-    for name, text in (("postgresql.conf", "# written by dr_pipelines pitr: settings are in postgresql.auto.conf\n"),
-                       ("pg_hba.conf", "# written by dr_pipelines pitr\nlocal all postgres peer\n")):
+    for name, text in (
+        ("postgresql.conf", "# written by dr_pipelines pitr: settings are in postgresql.auto.conf\n"),
+        ("pg_hba.conf", "# written by dr_pipelines pitr\nlocal all postgres peer\n"),
+    ):
         path = data_dir / name
         if not path.exists():
             path.write_text(text)
@@ -353,8 +404,10 @@ def end_of_archive_check(locations: dict[str, Location], database: str, report: 
 
     reached = lsn_to_segment(report.reached_lsn, int(newest.name[:8], 16), archive.segment_size)
     if reached[8:] < newest.name[8:]:
-        return (f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
-                f"{newest.name}: recovery ended before the end of the archive")
+        return (
+            f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
+            f"{newest.name}: recovery ended before the end of the archive"
+        )
     return None
 
 
@@ -372,12 +425,22 @@ def archive_gaps(locations: dict[str, Location], entry: CatalogEntry) -> list[st
     return out
 
 
-TARGET_BEFORE_BACKUP = ("recovery ended before configured recovery target was reached",
-                        "requested recovery stop point is before consistent recovery point")
+TARGET_BEFORE_BACKUP = (
+    "recovery ended before configured recovery target was reached",
+    "requested recovery stop point is before consistent recovery point",
+)
 
 
-def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, entry: CatalogEntry,
-            locations: dict[str, Location], report: PitrReport, log: Log, overwrite: bool) -> LocalCluster:
+def _replay(
+    config: DrConfig,
+    config_file: str | None,
+    request: PitrRequest,
+    entry: CatalogEntry,
+    locations: dict[str, Location],
+    report: PitrReport,
+    log: Log,
+    overwrite: bool,
+) -> LocalCluster:
     """Restore `entry` into the data directory and replay WAL until the server is promoted."""
     identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
     prepare_data_dir(request.data_dir, overwrite)
@@ -406,18 +469,32 @@ def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, ent
             read_outcome(log_text, report)
             # the server's own reason, not a client turned away while it was starting ("the database
             # system is starting up / in recovery mode"): those FATALs can come last
-            fatal = [ln for ln in log_text.splitlines()
-                     if ("FATAL" in ln or "PANIC" in ln) and "the database system is" not in ln]
-            report.error = (f"recovery stopped without reaching {request.target_text}: "
-                            f"{fatal[-1] if fatal else 'the server exited'}"
-                            + (f"; restore_command said: {restore_command_errors(log_text)[-1]}"
-                               if restore_command_errors(log_text) else "")
-                            + ("; last reachable point: " + (f"{report.reached_time} (LSN {report.reached_lsn})"
-                                                             if report.reached_lsn else "none (replay never started)"))
-                            + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else "")
-                            + f". The server log is {cluster.log_file}; {request.data_dir} is left as it is for a look,"
-                              f" and a retry into it needs overwrite: true and confirm: {request.data_dir}"
-                              f" (shell: --overwrite --yes {request.data_dir})")
+            fatal = [
+                ln
+                for ln in log_text.splitlines()
+                if ("FATAL" in ln or "PANIC" in ln) and "the database system is" not in ln
+            ]
+            report.error = (
+                f"recovery stopped without reaching {request.target_text}: "
+                f"{fatal[-1] if fatal else 'the server exited'}"
+                + (
+                    f"; restore_command said: {restore_command_errors(log_text)[-1]}"
+                    if restore_command_errors(log_text)
+                    else ""
+                )
+                + (
+                    "; last reachable point: "
+                    + (
+                        f"{report.reached_time} (LSN {report.reached_lsn})"
+                        if report.reached_lsn
+                        else "none (replay never started)"
+                    )
+                )
+                + (f"; WAL missing from the archive: {', '.join(report.gaps)}" if report.gaps else "")
+                + f". The server log is {cluster.log_file}; {request.data_dir} is left as it is for a look,"
+                f" and a retry into it needs overwrite: true and confirm: {request.data_dir}"
+                f" (shell: --overwrite --yes {request.data_dir})"
+            )
             raise PitrFailed(report)
         if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
             report.steps_s["replay"] = round(time.monotonic() - t0 - report.steps_s["extract"], 3)
@@ -430,23 +507,32 @@ def _replay(config: DrConfig, config_file: str | None, request: PitrRequest, ent
         time.sleep(0.3)
 
 
-def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, locations: dict[str, Location],
-             log: Log = lambda m: None) -> PitrReport:
+def run_pitr(
+    config: DrConfig,
+    config_file: str | None,
+    request: PitrRequest,
+    locations: dict[str, Location],
+    log: Log = lambda m: None,
+) -> PitrReport:
     t0 = time.monotonic()
     now = datetime.now(timezone.utc)
     report = PitrReport(request.database, request.target_text, str(request.data_dir), request.port, now.isoformat())
     config.database(request.database)
     if config_file and run_as_postgres(["test", "-r", str(Path(config_file).resolve())]).returncode != 0:
-        raise PitrError(f"the postgres user cannot read {config_file}; restore_command runs as postgres. "
-                        "Move the config (and the age identity) where postgres can read them")
+        raise PitrError(
+            f"the postgres user cannot read {config_file}; restore_command runs as postgres. "
+            "Move the config (and the age identity) where postgres can read them"
+        )
     catalog = load_catalog(locations.values(), request.database, "base")
     entry = choose_base_backup(catalog.entries, request, now)
     report.backup_id = entry.id
     report.gaps = archive_gaps(locations, entry)
     if report.gaps and not (request.target_time or request.target_lsn or request.target_xid or request.target_name):
-        raise PitrError(f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
-                        "Recovery to 'latest' would stop at the gap and promote early; choose a target before "
-                        "the gap (the last reachable point is the end of the segment before it)")
+        raise PitrError(
+            f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
+            "Recovery to 'latest' would stop at the gap and promote early; choose a target before "
+            "the gap (the last reachable point is the end of the segment before it)"
+        )
     # Where an xid or a restore point lies in WAL is unknown until replay meets it: start from the
     # newest base backup and, if the target came before it, from the next older one, and so on.
     candidates = [entry]
@@ -454,12 +540,13 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
         bases = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "base"]
         if request.target_xid:
             bases = xid_candidates(bases, request.target_xid)
-        candidates += bases[bases.index(entry) + 1:]
+        candidates += bases[bases.index(entry) + 1 :]
     for i, entry in enumerate(candidates):
         report.backup_id, report.gaps = entry.id, archive_gaps(locations, entry)
         try:
-            cluster = _replay(config, config_file, request, entry, locations, report, log,
-                              overwrite=request.overwrite or i > 0)
+            cluster = _replay(
+                config, config_file, request, entry, locations, report, log, overwrite=request.overwrite or i > 0
+            )
             break
         except PitrFailed as e:
             error = e.report.error or ""
@@ -471,8 +558,10 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
                 raise
             report.tried.append(entry.id)
             report.error = report.reached_time = report.reached_lsn = report.stop_reason = None
-            log(f"{request.target_text} was not found after base backup {entry.id} (it may lie before it): "
-                f"trying the older base backup {candidates[i + 1].id}")
+            log(
+                f"{request.target_text} was not found after base backup {entry.id} (it may lie before it): "
+                f"trying the older base backup {candidates[i + 1].id}"
+            )
     report.promoted = True
     report.rto_s = round(time.monotonic() - t0, 3)
     finish_recovery(request.data_dir, request.port)
@@ -486,10 +575,13 @@ def run_pitr(config: DrConfig, config_file: str | None, request: PitrRequest, lo
     shutil.rmtree(request.data_dir / "pg_wal" / SPOOL, ignore_errors=True)  # prefetched, never replayed
     read_outcome(cluster.log_file.read_text(errors="replace"), report)
     if report.reached_time:  # what the restored cluster lacks compared with the moment we started
-        report.data_loss_window_s = round(max(0.0, (now - datetime.fromisoformat(report.reached_time))
-                                              .total_seconds()), 3)
-    log(f"promoted on timeline {report.timeline} at {report.reached_time} (LSN {report.reached_lsn}); "
-        f"RTO {report.rto_s:.1f}s")
+        report.data_loss_window_s = round(
+            max(0.0, (now - datetime.fromisoformat(report.reached_time)).total_seconds()), 3
+        )
+    log(
+        f"promoted on timeline {report.timeline} at {report.reached_time} (LSN {report.reached_lsn}); "
+        f"RTO {report.rto_s:.1f}s"
+    )
     return report
 
 

@@ -82,15 +82,24 @@ class LocalCluster:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         chown_to_postgres(self.data_dir)
-        cmd = [self.tool("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-               "-E", "UTF8", "--locale=C.UTF-8", "-N"]
+        cmd = [
+            self.tool("initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "-N",
+        ]
         if wal_segsize_mb:
             cmd.append(f"--wal-segsize={wal_segsize_mb}")
         proc = run_as_postgres(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ClusterError(f"initdb {self.data_dir} failed: {proc.stderr.strip()}")
-        self.write_settings({"listen_addresses": "'127.0.0.1'", "unix_socket_directories": "''",
-                             **(settings or {})})
+        self.write_settings({"listen_addresses": "'127.0.0.1'", "unix_socket_directories": "''", **(settings or {})})
 
     def write_settings(self, settings: dict[str, str]) -> None:
         """Append to postgresql.auto.conf (later lines win), as the postgres user owns the file."""
@@ -109,23 +118,38 @@ class LocalCluster:
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
                 raise ClusterError(
                     f"cannot start PostgreSQL in {self.data_dir}: port {self.port} on 127.0.0.1 is already in use "
-                    "(another cluster or sandbox?); stop it or choose another port")
+                    "(another cluster or sandbox?); stop it or choose another port"
+                )
         proc = run_as_postgres(
-            [self.tool("pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", str(int(timeout)),
-             "-l", str(self.log_file), "-o", f"-p {self.port}"],
-            capture_output=True, text=True,
+            [
+                self.tool("pg_ctl"),
+                "start",
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "-l",
+                str(self.log_file),
+                "-o",
+                f"-p {self.port}",
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             tail = ""
             if self.log_file.exists():
                 tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-10:])
-            raise ClusterError(f"cannot start PostgreSQL in {self.data_dir} on port {self.port}: "
-                               f"{proc.stderr.strip()}\n{tail}")
+            raise ClusterError(
+                f"cannot start PostgreSQL in {self.data_dir} on port {self.port}: {proc.stderr.strip()}\n{tail}"
+            )
 
     def stop(self, mode: str = "fast") -> None:
         if self.data_dir.exists():
-            run_as_postgres([self.tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w"],
-                            capture_output=True)
+            run_as_postgres(
+                [self.tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w"], capture_output=True
+            )
 
     def remove(self) -> None:
         self.stop("immediate")
@@ -134,8 +158,9 @@ class LocalCluster:
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            proc = subprocess.run([self.tool("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                                  capture_output=True)
+            proc = subprocess.run(
+                [self.tool("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+            )
             if proc.returncode == 0:
                 return
             time.sleep(0.1)

@@ -78,8 +78,9 @@ class Catalog:
         raise BackupNotFound(f"no {kind} backup of database {database!r} in the repository{where}")
 
 
-def read_manifests(location: Location, database: str | None = None, kind: str | None = None,
-                   problems: list[str] | None = None) -> list[Manifest]:
+def read_manifests(
+    location: Location, database: str | None = None, kind: str | None = None, problems: list[str] | None = None
+) -> list[Manifest]:
     prefix = f"{database}/" if database else ""
     if database and kind:
         prefix += f"{kind}/"

@@ -41,8 +41,14 @@ class Record(BaseModel):
     achievable_rpo_s: float | None = None
 
 
-def store_record(locations: dict[str, Location], database: str, kind: RecordKind, started_at: str, data: bytes,
-                 log: Log = lambda msg: None) -> list[str]:
+def store_record(
+    locations: dict[str, Location],
+    database: str,
+    kind: RecordKind,
+    started_at: str,
+    data: bytes,
+    log: Log = lambda msg: None,
+) -> list[str]:
     key = f"{database}/reports/{kind}/{started_at.replace(':', '')}.json"
     stored = []
     for name, loc in locations.items():
@@ -54,10 +60,17 @@ def store_record(locations: dict[str, Location], database: str, kind: RecordKind
     return stored
 
 
-def store_json_record(locations: dict[str, Location], database: str, kind: RecordKind, started_at: str,
-                      record: dict, log: Log = lambda msg: None) -> list[str]:
-    return store_record(locations, database, kind, started_at,
-                        json.dumps(record, sort_keys=True, default=str).encode(), log)
+def store_json_record(
+    locations: dict[str, Location],
+    database: str,
+    kind: RecordKind,
+    started_at: str,
+    record: dict,
+    log: Log = lambda msg: None,
+) -> list[str]:
+    return store_record(
+        locations, database, kind, started_at, json.dumps(record, sort_keys=True, default=str).encode(), log
+    )
 
 
 def load_reports(locations: dict[str, Location], database: str, kind: RecordKind) -> list[Record]:

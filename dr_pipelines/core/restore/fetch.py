@@ -34,8 +34,16 @@ class Fetched:
     location_failures: list[str] = field(default_factory=list)
 
 
-def _stream_object(src: HashingReader, expected: ManifestObject | None, where: str, sink: RestoreSink | PlaintextSpool,
-                   compression: str, encrypted: bool, identities: list | None, log: Log) -> None:
+def _stream_object(
+    src: HashingReader,
+    expected: ManifestObject | None,
+    where: str,
+    sink: RestoreSink | PlaintextSpool,
+    compression: str,
+    encrypted: bool,
+    identities: list | None,
+    log: Log,
+) -> None:
     """Decode `src` into `sink`; commit the sink only if the object matches its checksum."""
     try:
         decode_into(src, sink, compression, encrypted, identities)
@@ -50,23 +58,26 @@ def _stream_object(src: HashingReader, expected: ManifestObject | None, where: s
                 pass
         sink.abort()
         if expected is not None and not isinstance(e, LocationError) and src.sha256.hexdigest() != expected.sha256:
-            raise BackupUnusable(f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
-                                 f"manifest says {expected.sha256[:16]}...)") from None
+            raise BackupUnusable(
+                f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
+                f"manifest says {expected.sha256[:16]}...)"
+            ) from None
         if isinstance(e, DecodeFailed):
             raise BackupUnusable(f"{where}: {e}") from None
         raise
     if expected is not None and (src.size != expected.size or src.sha256.hexdigest() != expected.sha256):
         sink.abort()
-        raise BackupUnusable(f"{where}: checksum mismatch (size {src.size}, SHA-256 {src.sha256.hexdigest()[:16]}...;"
-                             f" manifest says {expected.size}, {expected.sha256[:16]}...)")
+        raise BackupUnusable(
+            f"{where}: checksum mismatch (size {src.size}, SHA-256 {src.sha256.hexdigest()[:16]}...;"
+            f" manifest says {expected.size}, {expected.sha256[:16]}...)"
+        )
     sink.finish(log)
 
 
 SinkFactory = Callable[[Manifest | None], "RestoreSink | PlaintextSpool"]
 
 
-def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: SinkFactory,
-               log: Log) -> None:
+def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: SinkFactory, log: Log) -> None:
     m = entry.manifest
     obj = m.objects[0]
     encrypted = m.encryption.get("method") == "age"
@@ -75,28 +86,31 @@ def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_s
     with location.open_read(m.object_key(obj.name)) as raw:
         src = HashingReader(raw)
         try:
-            _stream_object(src, obj, location.name, make_sink(m), m.compression["method"], encrypted, identities,
-                           log)
+            _stream_object(src, obj, location.name, make_sink(m), m.compression["method"], encrypted, identities, log)
         except BackupUnusable as e:
             if "cannot decrypt" in str(e):
                 raise BackupUnusable(
                     f"{e}; the backup is for recipient fingerprint(s) {', '.join(m.encryption.get('recipients', []))}, "
-                    f"the identity given has {', '.join(identity_fingerprints(identities))}") from None
+                    f"the identity given has {', '.join(identity_fingerprints(identities))}"
+                ) from None
             raise
     log(f"streamed {m.id} from {location.name}: {src.size} bytes, SHA-256 verified, in {time.monotonic() - t0:.1f}s")
 
 
 def candidates(catalog: Catalog, request: RestoreRequest) -> list[CatalogEntry]:
     if request.backup == "latest":
-        entries = [e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "logical"]
+        entries = [
+            e for e in catalog.entries if e.manifest.database == request.database and e.manifest.kind == "logical"
+        ]
         if not entries:
             catalog.latest(request.database)  # raises BackupNotFound with the reasons
         return entries
     return [catalog.find(request.database, request.backup)]
 
 
-def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: RestoreRequest,
-                   make_sink: SinkFactory, log: Log) -> Fetched:
+def fetch_and_load(
+    config: DrConfig, locations: dict[str, Location], request: RestoreRequest, make_sink: SinkFactory, log: Log
+) -> Fetched:
     """Stream the first valid copy of the chosen backup into `make_sink(manifest)` (the plaintext
     spool, or pg_restore + the archive's head). For "latest", a backup whose every copy fails falls back to the previous one, and says so.
     A pg_restore error is not the backup's fault: it fails at once."""
@@ -120,8 +134,10 @@ def fetch_and_load(config: DrConfig, locations: dict[str, Location], request: Re
                 log(f"copy of {entry.id} on {name} is unusable: {e}")
         failures += errors
         if request.backup != "latest":
-            raise BackupUnusable(f"backup {entry.id} cannot be used: {'; '.join(errors)}. "
-                                 "Ask for another backup id, or `latest` to fall back automatically.")
+            raise BackupUnusable(
+                f"backup {entry.id} cannot be used: {'; '.join(errors)}. "
+                "Ask for another backup id, or `latest` to fall back automatically."
+            )
         reasons.append(f"{entry.id}: {'; '.join(errors)}")
     raise BackupUnusable("no usable backup: " + " | ".join(reasons))
 
@@ -138,8 +154,16 @@ def _load_file(config: DrConfig, path: Path, make_sink: SinkFactory, log: Log) -
     identities = load_identities(config) if encrypted else None
     with open(path, "rb") as raw:
         src = HashingReader(raw)
-        _stream_object(src, manifest.objects[0] if manifest else None, str(path), make_sink(manifest), compression,
-                       encrypted, identities, log)
+        _stream_object(
+            src,
+            manifest.objects[0] if manifest else None,
+            str(path),
+            make_sink(manifest),
+            compression,
+            encrypted,
+            identities,
+            log,
+        )
     if manifest is None:
         log(f"warning: no manifest beside {path}: row counts and schema cannot be compared")
     log(f"streamed {path} ({src.size} bytes)")

@@ -40,15 +40,21 @@ def scratch_directory(config: DrConfig, database: str, name: str | None = None) 
         shutil.rmtree(path, ignore_errors=True)
 
 
-
 def scratch_path(config: DrConfig, database: str, name: str | None = None) -> Path:
     base = Path(config.databases[database].scratch_dir or tempfile.gettempdir())
     return base / f"dr-restore-{name or secrets.token_hex(6)}"
 
 
-
-def restore_into(config: DrConfig, locations: dict[str, Location], request: RestoreRequest, server: DatabaseConfig,
-                 dbname: str, workdir: Path, create: bool, log: Log) -> tuple[Fetched, dict[str, float]]:
+def restore_into(
+    config: DrConfig,
+    locations: dict[str, Location],
+    request: RestoreRequest,
+    server: DatabaseConfig,
+    dbname: str,
+    workdir: Path,
+    create: bool,
+    log: Log,
+) -> tuple[Fetched, dict[str, float]]:
     """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
     pg_restore and then indexes and constraints in parallel."""
     t0 = time.monotonic()
@@ -82,12 +88,14 @@ def restore_into(config: DrConfig, locations: dict[str, Location], request: Rest
         if isinstance(sink, PlaintextSpool):
             steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
             major = create_database(server, request.database, dbname, create)
-            steps["pg_restore"] = round(load_spooled(server, request.database, dbname, plaintext, request, major,
-                                                     log), 3)
+            steps["pg_restore"] = round(
+                load_spooled(server, request.database, dbname, plaintext, request, major, log), 3
+            )
         else:
             steps["fetch_and_load"] = round(time.monotonic() - t0, 3)
-            steps["post_data"] = round(run_post_data(server, request.database, dbname, plaintext, request,
-                                                     sink.major, log), 3)
+            steps["post_data"] = round(
+                run_post_data(server, request.database, dbname, plaintext, request, sink.major, log), 3
+            )
     except BaseException:  # whatever stopped it, no half-loaded database stays behind
         if created:
             drop_database(server, request.database, dbname)

@@ -95,8 +95,16 @@ class RestoreSink:
     parallel post-data step reads afterwards. pg_restore reads the whole TOC before it prints
     anything, so the file stops at its first line of output: table data never touches disk."""
 
-    def __init__(self, server: DatabaseConfig, db_name: str, dbname: str, request: RestoreRequest,
-                 plaintext: Path, create: bool, log: Log = lambda m: None):
+    def __init__(
+        self,
+        server: DatabaseConfig,
+        db_name: str,
+        dbname: str,
+        request: RestoreRequest,
+        plaintext: Path,
+        create: bool,
+        log: Log = lambda m: None,
+    ):
         self.server, self.db_name, self.dbname, self.plaintext = server, db_name, dbname, plaintext
         self.t0 = self._last_progress = time.monotonic()
         self.log = log
@@ -107,8 +115,9 @@ class RestoreSink:
                 conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
         self.created = create
         self.major = major
-        self.pg_restore = _PgRestore(_pg_restore_cmd(server, major, dbname, request) + _sections(request),
-                                     server, db_name, stdin=subprocess.PIPE)
+        self.pg_restore = _PgRestore(
+            _pg_restore_cmd(server, major, dbname, request) + _sections(request), server, db_name, stdin=subprocess.PIPE
+        )
         fd = os.open(plaintext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.file = os.fdopen(fd, "wb", buffering=CHUNK)
 
@@ -116,8 +125,10 @@ class RestoreSink:
         self.bytes += len(data)
         if time.monotonic() - self._last_progress >= 10:  # progress on long restores, not every chunk
             self._last_progress = time.monotonic()
-            self.log(f"restoring into {self.dbname}: {self.bytes / 1e6:.0f} MB of dump loaded, "
-                     f"{self.pg_restore.items} items, {self._last_progress - self.t0:.0f}s")
+            self.log(
+                f"restoring into {self.dbname}: {self.bytes / 1e6:.0f} MB of dump loaded, "
+                f"{self.pg_restore.items} items, {self._last_progress - self.t0:.0f}s"
+            )
         if self.file is not None:
             self.file.write(data)
             if self.pg_restore.lines:
@@ -201,8 +212,10 @@ def spool_fits(db: DatabaseConfig, workdir: Path, manifest: Manifest | None, log
     need = manifest.uncompressed_bytes + max(manifest.uncompressed_bytes // 10, 256 << 20)
     free = shutil.disk_usage(workdir).free
     if need > free:
-        log(f"warning: {workdir} has {free / 1e9:.1f} GB free, the decoded dump needs {need / 1e9:.1f} GB: "
-            "streaming instead (tables load one at a time). Set scratch_dir to a larger disk for a parallel restore.")
+        log(
+            f"warning: {workdir} has {free / 1e9:.1f} GB free, the decoded dump needs {need / 1e9:.1f} GB: "
+            "streaming instead (tables load one at a time). Set scratch_dir to a larger disk for a parallel restore."
+        )
         return False
     return True
 
@@ -223,33 +236,35 @@ def _spooled_sections(request: RestoreRequest) -> list[str]:
     return []
 
 
-def load_spooled(server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest,
-                 major: int, log: Log) -> float:
+def load_spooled(
+    server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest, major: int, log: Log
+) -> float:
     """pg_restore -j N from the verified plaintext: tables load and indexes build in parallel."""
     t0 = time.monotonic()
-    cmd = _pg_restore_cmd(server, major, dbname, request) + _spooled_sections(request) + [
-        f"--jobs={request.jobs}", str(plaintext)]
+    cmd = (
+        _pg_restore_cmd(server, major, dbname, request)
+        + _spooled_sections(request)
+        + [f"--jobs={request.jobs}", str(plaintext)]
+    )
     _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
     took = time.monotonic() - t0
     log(f"pg_restore -j {request.jobs} into {dbname}: schema, data and indexes in {took:.1f}s")
     return took
 
 
-
-
-
-
-def run_post_data(server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest,
-                  major: int, log: Log) -> float:
+def run_post_data(
+    server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest, major: int, log: Log
+) -> float:
     """Indexes, constraints and triggers, in parallel, from the archive's head (they need only the TOC)."""
     if request.data_only:
         return 0.0
     t0 = time.monotonic()
-    cmd = _pg_restore_cmd(server, major, dbname, request) + ["--section=post-data", f"--jobs={request.jobs}",
-                                                             str(plaintext)]
+    cmd = _pg_restore_cmd(server, major, dbname, request) + [
+        "--section=post-data",
+        f"--jobs={request.jobs}",
+        str(plaintext),
+    ]
     _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
     took = time.monotonic() - t0
     log(f"indexes and constraints of {dbname} built in {took:.1f}s ({request.jobs} jobs)")
     return took
-
-

@@ -25,8 +25,14 @@ def restore_test_name(database: str) -> str:
     return f"dr_restore_test_{database[:24]}_{datetime.now(timezone.utc):%Y%m%d%H%M%S}_{secrets.token_hex(2)}"
 
 
-def run_restore_test(config: DrConfig, database: str, locations: dict[str, Location], backup: str = "latest",
-                     keep: bool = False, log: Log = lambda m: None) -> RestoreReport:
+def run_restore_test(
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    backup: str = "latest",
+    keep: bool = False,
+    log: Log = lambda m: None,
+) -> RestoreReport:
     """Restore a backup into a scratch database on the test server, validate it against the
     manifest, measure the RTO, and drop it (unless `keep`). A validation failure is reported with
     passed=False; a backup that cannot be fetched at all raises."""

@@ -31,14 +31,17 @@ def _user_object_count(server: DatabaseConfig, db_name: str, dbname: str) -> int
         return conn.execute(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' "
-            "AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')").fetchone()[0]
+            "AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')"
+        ).fetchone()[0]
 
 
 def _terminate(conn: psycopg.Connection, dbname: str) -> None:
     """End every session on `dbname`, waiting (up to 10 s each) until they are gone: a terminated
     backend that has not exited yet still blocks ALTER DATABASE ... RENAME."""
-    conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
-                 "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+    conn.execute(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (dbname,),
+    )
 
 
 def drop_database(server: DatabaseConfig, db_name: str, dbname: str) -> None:
@@ -47,7 +50,7 @@ def drop_database(server: DatabaseConfig, db_name: str, dbname: str) -> None:
 
 
 def staging_name(target: str) -> str:
-    return f"{target[:NAME_MAX - 19]}__restoring_{secrets.token_hex(3)}"
+    return f"{target[: NAME_MAX - 19]}__restoring_{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -75,18 +78,22 @@ def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfi
         if not exists:
             raise ConfigError(f"data_only restores into an existing schema, but database {target!r} does not exist")
         if not confirmed:
-            raise UnsafeRestore(f"data_only loads rows into the existing database {target!r}: set clean: true and "
-                                f"confirm: {target!r} (shell: --clean --yes) to go ahead")
+            raise UnsafeRestore(
+                f"data_only loads rows into the existing database {target!r}: set clean: true and "
+                f"confirm: {target!r} (shell: --clean --yes) to go ahead"
+            )
         return TargetPlan(target, True, None, is_source)
     if is_source and not confirmed:
         raise UnsafeRestore(
             f"{target!r} is the source database {request.database!r} itself: restoring over it needs clean: true "
-            f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere with target/--into. Nothing was touched.")
+            f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere with target/--into. Nothing was touched."
+        )
     if exists and not confirmed and _user_object_count(server, request.database, target):
         raise UnsafeRestore(
             f"database {target!r} exists and is not empty: set clean: true and confirm: {target!r} "
             f"(shell: --clean --yes) to replace it (the old one is kept, renamed), or choose another target. "
-            "Nothing was touched.")
+            "Nothing was touched."
+        )
     return TargetPlan(target, exists, staging_name(target), is_source)
 
 
@@ -97,22 +104,34 @@ def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previou
     with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
         try:
             if plan.exists:
-                previous = f"{plan.target[:NAME_MAX - 33]}__pre_restore_{stamp}"
+                previous = f"{plan.target[: NAME_MAX - 33]}__pre_restore_{stamp}"
                 _terminate(conn, plan.target)
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(plan.target), sql.Identifier(previous)))
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(plan.target), sql.Identifier(previous)
+                    )
+                )
             _terminate(conn, plan.staging)
-            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(plan.staging), sql.Identifier(plan.target)))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(plan.staging), sql.Identifier(plan.target)
+                )
+            )
         except psycopg.Error as e:
-            where = f"the old database is now {previous!r}" if previous and _db_exists(conn, previous) \
+            where = (
+                f"the old database is now {previous!r}"
+                if previous and _db_exists(conn, previous)
                 else f"{plan.target!r} is unchanged"
-            raise RestoreError(f"could not swap the restored database into place ({str(e).strip()}); the validated "
-                               f"restore is in {plan.staging!r} and {where}. Rename by hand or run the restore again.") \
-                from None
+            )
+            raise RestoreError(
+                f"could not swap the restored database into place ({str(e).strip()}); the validated "
+                f"restore is in {plan.staging!r} and {where}. Rename by hand or run the restore again."
+            ) from None
         if previous and not keep_previous:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(previous)))
             previous = None
-    log(f"database {plan.target!r} now holds the restored data"
-        + (f"; the previous one is kept as {previous!r}" if previous else ""))
+    log(
+        f"database {plan.target!r} now holds the restored data"
+        + (f"; the previous one is kept as {previous!r}" if previous else "")
+    )
     return previous

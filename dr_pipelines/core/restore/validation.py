@@ -50,8 +50,11 @@ class ValidationResult:
 
 def diff_table(diffs: list[TableDiff]) -> str:
     rows = ["| table | manifest | restored |", "|---|---:|---:|"]
-    rows += [f"| {d.table} | {'missing' if d.expected is None else d.expected} | "
-             f"{'missing' if d.actual is None else d.actual} |" for d in diffs]
+    rows += [
+        f"| {d.table} | {'missing' if d.expected is None else d.expected} | "
+        f"{'missing' if d.actual is None else d.actual} |"
+        for d in diffs
+    ]
     return "\n".join(rows)
 
 
@@ -60,9 +63,15 @@ def _qualified(name: str) -> tuple[str, str]:
     return schema or "public", table
 
 
-def validate_database(conn: psycopg.Connection, manifest: Manifest | None, checks: ValidationConfig,
-                      *, compare_rows: bool = True, compare_schema: bool = True,
-                      run_amcheck: bool = True) -> ValidationResult:
+def validate_database(
+    conn: psycopg.Connection,
+    manifest: Manifest | None,
+    checks: ValidationConfig,
+    *,
+    compare_rows: bool = True,
+    compare_schema: bool = True,
+    run_amcheck: bool = True,
+) -> ValidationResult:
     result = ValidationResult()
     counts = table_row_counts(conn)
     result.tables = len(counts)
@@ -86,8 +95,9 @@ def validate_database(conn: psycopg.Connection, manifest: Manifest | None, check
 
     for name in checks.required_tables:
         schema, table = _qualified(name)
-        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                             (sql.Identifier(schema, table).as_string(conn),)).fetchone()[0]
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, table).as_string(conn),)
+        ).fetchone()[0]
         if found:
             result.ok(f"table {name}")
         else:
@@ -110,8 +120,11 @@ def validate_database(conn: psycopg.Connection, manifest: Manifest | None, check
         schema, table = _qualified(m.table)
         try:
             with conn.transaction():
-                row = conn.execute(sql.SQL("SELECT {}::text FROM {} ORDER BY 1 DESC LIMIT 1").format(
-                    sql.Identifier(m.column), sql.Identifier(schema, table))).fetchone()
+                row = conn.execute(
+                    sql.SQL("SELECT {}::text FROM {} ORDER BY 1 DESC LIMIT 1").format(
+                        sql.Identifier(m.column), sql.Identifier(schema, table)
+                    )
+                ).fetchone()
             result.migrations_version = row[0] if row else None
             if m.expected is not None and result.migrations_version != m.expected:
                 result.fail("migrations", f"version {result.migrations_version}, expected {m.expected}")
@@ -141,7 +154,8 @@ def _amcheck(conn: psycopg.Connection, result: ValidationResult) -> None:
             "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "JOIN pg_am am ON am.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE am.amname = 'btree' AND c.relkind = 'i' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-            "AND n.nspname NOT LIKE 'pg_toast%' AND i.indisvalid").fetchall()
+            "AND n.nspname NOT LIKE 'pg_toast%' AND i.indisvalid"
+        ).fetchall()
         bad = []
         for (index,) in indexes:
             try:

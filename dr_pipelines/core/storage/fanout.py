@@ -148,8 +148,7 @@ def stream_to_locations(
         _abort(targets, e)
         if own_failures and len(own_failures) == len(targets):
             # The stream stopped because no location could take it (pyrage wraps our exception).
-            raise AllTargetsFailed(
-                "every location failed: " + "; ".join(own_failures.values())) from e
+            raise AllTargetsFailed("every location failed: " + "; ".join(own_failures.values())) from e
         raise
 
     result = StreamResult(size=writer.size, sha256=writer.sha256.hexdigest())

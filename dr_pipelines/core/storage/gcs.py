@@ -31,8 +31,7 @@ class _GCSUpload:
         blob = location.bucket.blob(key)
         if location.storage_class:
             blob.storage_class = location.storage_class
-        self._writer = blob.open("wb", chunk_size=location.chunk_size, ignore_flush=True,
-                                 retry=DEFAULT_RETRY)
+        self._writer = blob.open("wb", chunk_size=location.chunk_size, ignore_flush=True, retry=DEFAULT_RETRY)
 
     def write(self, data: bytes) -> None:
         try:
@@ -122,7 +121,7 @@ class GCSLocation:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:
             for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix + prefix):
-                yield ObjectInfo(blob.name[len(self.prefix):], blob.size, blob.updated)
+                yield ObjectInfo(blob.name[len(self.prefix) :], blob.size, blob.updated)
         except Exception as e:
             raise self._err("list", prefix, e) from e
 

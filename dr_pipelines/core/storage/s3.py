@@ -32,12 +32,26 @@ class _S3Upload:
     def _flush_part(self) -> None:
         loc = self._loc
         if self._upload_id is None:
-            resp = loc._call("start upload of", self._key, loc.client.create_multipart_upload,
-                             Bucket=loc.bucket, Key=self._key, **loc.put_args)
+            resp = loc._call(
+                "start upload of",
+                self._key,
+                loc.client.create_multipart_upload,
+                Bucket=loc.bucket,
+                Key=self._key,
+                **loc.put_args,
+            )
             self._upload_id = resp["UploadId"]
         number = len(self._parts) + 1
-        resp = loc._call("upload a part of", self._key, loc.client.upload_part, Bucket=loc.bucket,
-                         Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=bytes(self._buf))
+        resp = loc._call(
+            "upload a part of",
+            self._key,
+            loc.client.upload_part,
+            Bucket=loc.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=bytes(self._buf),
+        )
         self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
         self._buf.clear()
 
@@ -49,20 +63,34 @@ class _S3Upload:
     def commit(self) -> None:
         loc = self._loc
         if self._upload_id is None:
-            loc._call("write", self._key, loc.client.put_object, Bucket=loc.bucket, Key=self._key,
-                      Body=bytes(self._buf), **loc.put_args)
+            loc._call(
+                "write",
+                self._key,
+                loc.client.put_object,
+                Bucket=loc.bucket,
+                Key=self._key,
+                Body=bytes(self._buf),
+                **loc.put_args,
+            )
             return
         if self._buf:
             self._flush_part()
-        loc._call("complete upload of", self._key, loc.client.complete_multipart_upload,
-                  Bucket=loc.bucket, Key=self._key, UploadId=self._upload_id,
-                  MultipartUpload={"Parts": self._parts})
+        loc._call(
+            "complete upload of",
+            self._key,
+            loc.client.complete_multipart_upload,
+            Bucket=loc.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},
+        )
 
     def abort(self) -> None:
         if self._upload_id is not None:
             try:
                 self._loc.client.abort_multipart_upload(
-                    Bucket=self._loc.bucket, Key=self._key, UploadId=self._upload_id)
+                    Bucket=self._loc.bucket, Key=self._key, UploadId=self._upload_id
+                )
             except Exception:
                 pass  # the location is likely down; a lifecycle rule cleans abandoned uploads
             self._upload_id = None
@@ -97,8 +125,9 @@ class S3Location:
         return _S3Upload(self, self.prefix + key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self.prefix + key,
-                   Body=data, **self.put_args)
+        self._call(
+            "write", key, self.client.put_object, Bucket=self.bucket, Key=self.prefix + key, Body=data, **self.put_args
+        )
 
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as body:
@@ -110,8 +139,7 @@ class S3Location:
 
     def size(self, key: str) -> int | None:
         try:
-            resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket,
-                              Key=self.prefix + key)
+            resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)
         except ObjectNotFound:
             return None
         return resp["ContentLength"]
@@ -119,10 +147,11 @@ class S3Location:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix + prefix)
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj.get("LastModified"))
+                    yield ObjectInfo(obj["Key"][len(self.prefix) :], obj["Size"], obj.get("LastModified"))
         except Exception as e:
             raise LocationError(self.name, f"cannot list {self.url(prefix)}: {describe_error(e)}") from e
 
@@ -136,9 +165,15 @@ class S3Location:
     def set_storage_class(self, key: str, storage_class: str) -> None:
         """Copy the object onto itself in the new class (boto3's managed copy: multipart when large)."""
         extra = {**self.put_args, "StorageClass": storage_class, "MetadataDirective": "COPY"}
-        self._call("change the storage class of", key, self.client.copy,
-                   CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
-                   Bucket=self.bucket, Key=self.prefix + key, ExtraArgs=extra)
+        self._call(
+            "change the storage class of",
+            key,
+            self.client.copy,
+            CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
+            Bucket=self.bucket,
+            Key=self.prefix + key,
+            ExtraArgs=extra,
+        )
 
 
 def _s3_not_found(exc: Exception) -> bool:

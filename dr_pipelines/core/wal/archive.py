@@ -51,8 +51,9 @@ def _classify(name: str) -> str:
     for kind, rx in (("segment", SEGMENT), ("history", HISTORY), ("backup", BACKUP_LABEL), ("partial", PARTIAL)):
         if rx.match(name):
             return kind
-    raise WalRefused(f"{name!r} is not a WAL segment, .history, .backup or .partial file name; "
-                     "archive_command must pass %p")
+    raise WalRefused(
+        f"{name!r} is not a WAL segment, .history, .backup or .partial file name; archive_command must pass %p"
+    )
 
 
 def segment_header(data: bytes) -> dict:
@@ -119,8 +120,9 @@ class WalArchive:
         out = []
         for a, b in pairwise(nums):
             if b > a + 1:
-                out.append((segment_name(timeline, a + 1, self.segment_size),
-                            segment_name(timeline, b - 1, self.segment_size)))
+                out.append(
+                    (segment_name(timeline, a + 1, self.segment_size), segment_name(timeline, b - 1, self.segment_size))
+                )
         return out
 
     def newest(self) -> ArchivedFile | None:
@@ -181,8 +183,10 @@ def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
                 problems.append(f"{loc.url(side.key)}: not a WAL file name; ignored")
                 continue
             if name not in stored:
-                problems.append(f"{loc.url(side.key)}: sidecar without its object (deleted or lost); "
-                                f"the file counts as missing on {loc.name}")
+                problems.append(
+                    f"{loc.url(side.key)}: sidecar without its object (deleted or lost); "
+                    f"the file counts as missing on {loc.name}"
+                )
                 continue
             pushed = side.modified or datetime.fromisoformat(json.loads(loc.get_bytes(side.key))["pushed_at"])
             files[name] = ArchivedFile(name, kind, pushed, stored[name])
@@ -194,10 +198,18 @@ def list_archive(locations: dict[str, Location], database: str) -> WalArchive:
         names.sort()
     size = _segment_size(locations, database, files) if segments else None
     if segments and not size:
-        problems.append(f"the segment size of {database!r}'s WAL archive is unknown (cluster.json and the "
-                        "sidecars could not be read): gaps cannot be computed")
-    return WalArchive(segments, sorted(n for n, f in files.items() if f.kind == "history"),
-                      sorted(n for n, f in files.items() if f.kind == "backup"), files, size, problems)
+        problems.append(
+            f"the segment size of {database!r}'s WAL archive is unknown (cluster.json and the "
+            "sidecars could not be read): gaps cannot be computed"
+        )
+    return WalArchive(
+        segments,
+        sorted(n for n, f in files.items() if f.kind == "history"),
+        sorted(n for n, f in files.items() if f.kind == "backup"),
+        files,
+        size,
+        problems,
+    )
 
 
 # --------------------------------------------------------------------------- health
@@ -218,8 +230,9 @@ class WalStatus:
     push_times: list[datetime] = field(default_factory=list)  # of every archived segment: recovery points
 
 
-def wal_status(config: DrConfig, database: str, locations: dict[str, Location], now: datetime,
-               base_starts: list[str]) -> WalStatus:
+def wal_status(
+    config: DrConfig, database: str, locations: dict[str, Location], now: datetime, base_starts: list[str]
+) -> WalStatus:
     """The archive as the repository shows it, and the lag as the server shows it (pg_stat_archiver);
     if the server can't be reached, the lag is the age of the newest archived segment."""
     archive = list_archive(locations, database)
@@ -233,7 +246,8 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
             row = conn.execute(
                 "SELECT last_archived_wal, last_archived_time, failed_count, last_failed_wal, "
                 "pg_walfile_name(pg_current_wal_lsn()), "
-                "(SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_stat_archiver").fetchone()
+                "(SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_stat_archiver"
+            ).fetchone()
         last, last_time, failed, last_failed, current, size = row
         tli, number = parse_segment(current, size)
         previous = segment_name(tli, number - 1, size)  # the newest segment that is complete
@@ -255,6 +269,16 @@ def wal_status(config: DrConfig, database: str, locations: dict[str, Location], 
     if archive.segments and not archive.segment_size:  # fail closed: no verdict is not "no gap"
         gaps.insert(0, "unknown: the archive's segment size could not be read")
     push_times = sorted(f.pushed_at for f in archive.files.values() if f.kind == "segment")
-    return WalStatus(database, newest.name if newest else None, newest.pushed_at.isoformat() if newest else None,
-                     sum(len(v) for v in archive.segments.values()), gaps, lag, failed, last_failed,
-                     server_error, start, push_times)
+    return WalStatus(
+        database,
+        newest.name if newest else None,
+        newest.pushed_at.isoformat() if newest else None,
+        sum(len(v) for v in archive.segments.values()),
+        gaps,
+        lag,
+        failed,
+        last_failed,
+        server_error,
+        start,
+        push_times,
+    )

@@ -46,7 +46,7 @@ def fetch_args(argv: list[str]) -> tuple[str, str] | None:
 
 
 def _command_positionals(argv: list[str], command: str) -> list[str]:
-    rest, positional, skip = argv[argv.index(command) + 1:], [], False
+    rest, positional, skip = argv[argv.index(command) + 1 :], [], False
     for arg in rest:
         if skip:
             skip = False
@@ -67,6 +67,7 @@ def push_args(argv: list[str]) -> str | None:
 
 def push_options(argv: list[str]) -> tuple[str | None, str | None]:
     """The --config and --db of a command line, without argparse."""
+
     def value(flag: str) -> str | None:
         for i, arg in enumerate(argv):
             if arg == flag and i + 1 < len(argv):
@@ -74,6 +75,7 @@ def push_options(argv: list[str]) -> tuple[str | None, str | None]:
             if arg.startswith(flag + "="):
                 return arg.split("=", 1)[1]
         return None
+
     return value("--config"), value("--db")
 
 

@@ -25,8 +25,9 @@ from dr_pipelines.core.wal.archive import (
 )
 
 
-def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str, Location],
-                identities: list | None, log: Log) -> tuple[bytes, str] | None:
+def fetch_bytes(
+    config: DrConfig, database: str, name: str, locations: dict[str, Location], identities: list | None, log: Log
+) -> tuple[bytes, str] | None:
     """One pass over the locations: (plain bytes, location), or None if no location has it.
     Raises WalFetchAborted when some location errored or every copy found is corrupt."""
     prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
@@ -44,8 +45,10 @@ def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str,
             problems.append(f"{loc_name}: stored {name} fails its checksum (corrupt object)")
             continue
         if side["encryption"] == "age" and not identities:
-            raise WalFetchAborted("the WAL archive is age-encrypted and no identity is configured "
-                                  "(encryption.identity_file or identity_file_env)")
+            raise WalFetchAborted(
+                "the WAL archive is age-encrypted and no identity is configured "
+                "(encryption.identity_file or identity_file_env)"
+            )
         try:
             data = decode_bytes(blob, side["compression"], side["encryption"], identities)
         except Exception as e:
@@ -62,9 +65,18 @@ def fetch_bytes(config: DrConfig, database: str, name: str, locations: dict[str,
     return None
 
 
-def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, locations: dict[str, Location],
-              identities: list | None = None, retries: int = 3, backoff_s: float = 1.0,
-              log: Log = lambda m: None, prefetch: int = 0) -> str:
+def wal_fetch(
+    config: DrConfig,
+    database: str,
+    name: str,
+    dest: str | Path,
+    locations: dict[str, Location],
+    identities: list | None = None,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    log: Log = lambda m: None,
+    prefetch: int = 0,
+) -> str:
     dest = Path(dest)
     last_error = None
     for attempt in range(retries + 1):
@@ -73,7 +85,7 @@ def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, loca
         except WalFetchAborted as e:
             last_error = e
             log(f"{name}: attempt {attempt + 1} failed: {e}")
-            time.sleep(backoff_s * (2 ** attempt))
+            time.sleep(backoff_s * (2**attempt))
             continue
         if found is None:
             raise WalNotFound(f"{name} is not in the WAL archive of {database!r} on any location")
@@ -85,12 +97,23 @@ def wal_fetch(config: DrConfig, database: str, name: str, dest: str | Path, loca
             except Exception as e:
                 log(f"warning: prefetch after {name} stopped: {e}")
         return loc_name
-    raise WalFetchAborted(f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
-                          "aborted rather than ended early; fix the location and start the server again")
+    raise WalFetchAborted(
+        f"cannot fetch {name} after {retries + 1} attempts: {last_error}. Recovery is "
+        "aborted rather than ended early; fix the location and start the server again"
+    )
 
 
-def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int, dest: Path,
-                   locations: dict[str, Location], identities: list | None, count: int, log: Log) -> int:
+def prefetch_after(
+    config: DrConfig,
+    database: str,
+    name: str,
+    segment_size: int,
+    dest: Path,
+    locations: dict[str, Location],
+    identities: list | None,
+    count: int,
+    log: Log,
+) -> int:
     """Fetch the next `count` segments of the timeline into the spool, in parallel. Best effort:
     a segment that is missing or fails here is simply fetched normally when PostgreSQL asks."""
     from concurrent.futures import ThreadPoolExecutor
@@ -100,8 +123,11 @@ def prefetch_after(config: DrConfig, database: str, name: str, segment_size: int
     spool = spool_dir(dest)
     spool.mkdir(exist_ok=True)
     tli, number = parse_segment(name, segment_size)
-    wanted = [n for n in (segment_name(tli, number + i, segment_size) for i in range(1, count + 1))
-              if not (spool / n).exists()]
+    wanted = [
+        n
+        for n in (segment_name(tli, number + i, segment_size) for i in range(1, count + 1))
+        if not (spool / n).exists()
+    ]
 
     def one(n: str) -> bool:
         try:

@@ -33,8 +33,9 @@ class PushResult:
     already: list[str] = field(default_factory=list)  # identical copy was there
 
 
-def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location],
-             log: Log = lambda m: None) -> PushResult:
+def wal_push(
+    config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], log: Log = lambda m: None
+) -> PushResult:
     path = Path(path)
     name = path.name
     kind = _classify(name)
@@ -42,9 +43,15 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
         data = path.read_bytes()
     except OSError as e:
         raise WalError(f"cannot read {path}: {e.strerror}") from None
-    side = {"name": name, "kind": kind, "size": len(data), "sha256": sha256_hex(data),
-            "compression": config.compression.method, "encryption": config.encryption.method,
-            "pushed_at": datetime.now(timezone.utc).isoformat()}
+    side = {
+        "name": name,
+        "kind": kind,
+        "size": len(data),
+        "sha256": sha256_hex(data),
+        "compression": config.compression.method,
+        "encryption": config.encryption.method,
+        "pushed_at": datetime.now(timezone.utc).isoformat(),
+    }
     known = archive_cluster(locations, database)
     if kind == "segment":
         header = segment_header(data)
@@ -53,7 +60,8 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
             raise WalRefused(
                 f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
                 f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
-                "replaced the old one on purpose, archive it under another database name")
+                "replaced the old one on purpose, archive it under another database name"
+            )
     prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
     result, failures = PushResult(name), []
     # Look everywhere before writing anywhere: a conflict on one location must not leave the new
@@ -71,7 +79,8 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
             raise WalRefused(
                 f"{name} is already archived on {loc_name} with different content "
                 f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
-                "overwrite archived WAL. Two clusters may be archiving to the same place")
+                "overwrite archived WAL. Two clusters may be archiving to the same place"
+            )
         else:
             result.already.append(loc_name)
     if missing:  # compress and encrypt only when some location lacks the file (not on a re-push)
@@ -81,18 +90,26 @@ def wal_push(config: DrConfig, database: str, path: str | Path, locations: dict[
         loc = locations[loc_name]
         try:
             if kind == "segment" and known is None:
-                loc.put_bytes(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(
-                    {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}).encode())
+                loc.put_bytes(
+                    f"{wal_prefix(database)}/{CLUSTER}",
+                    json.dumps(
+                        {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
+                    ).encode(),
+                )
             loc.put_bytes(f"{prefix}/{side['object']['name']}", stored_obj)
             loc.put_bytes(f"{prefix}/{name}.json", json.dumps(side, sort_keys=True).encode())
             result.stored.append(loc_name)
         except LocationError as e:
             failures.append(str(e))
     if failures:
-        raise WalError(f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
-                       "retries; nothing is lost once the location is back")
-    log(f"{name}: stored on {', '.join(result.stored) or '-'}"
-        + (f"; identical copy already on {', '.join(result.already)}" if result.already else ""))
+        raise WalError(
+            f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
+            "retries; nothing is lost once the location is back"
+        )
+    log(
+        f"{name}: stored on {', '.join(result.stored) or '-'}"
+        + (f"; identical copy already on {', '.join(result.already)}" if result.already else "")
+    )
     return result
 
 
@@ -107,8 +124,14 @@ def ready_segments_after(path: Path, limit: int) -> list[Path]:
     return [path.parent / n for n in ready if SEGMENT.match(n) and n > path.name][:limit]
 
 
-def push_ahead(config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], context: str,
-               log: Log = lambda m: None) -> list[str]:
+def push_ahead(
+    config: DrConfig,
+    database: str,
+    path: str | Path,
+    locations: dict[str, Location],
+    context: str,
+    log: Log = lambda m: None,
+) -> list[str]:
     """Archive the next ready segments now, in parallel, each marked once durable everywhere, so
     PostgreSQL's calls for them take the fast path. Best effort: a segment that fails here is
     pushed (and its error reported) when PostgreSQL asks for it."""

@@ -66,7 +66,8 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         # Dagster's own freshness (its daemon, from materializations); the `backup_fresh` check
         # reads the repository, so it also sees backups taken from the shell.
         freshness_policy=dg.FreshnessPolicy.time_window(  # Dagster's floor is one minute
-            fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))),
+            fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))
+        ),
     )
     def logical_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         try:
@@ -76,11 +77,13 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
-                failure.metadata.update({
-                    "backup_id": dg.MetadataValue.text(partial.manifest.id),
-                    "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
-                    "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
-                })
+                failure.metadata.update(
+                    {
+                        "backup_id": dg.MetadataValue.text(partial.manifest.id),
+                        "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
+                        "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
+                    }
+                )
             raise
         return dg.MaterializeResult(
             metadata=backup_metadata(result.manifest, result.locations, result.compression_ratio),
@@ -95,23 +98,39 @@ def base_backup_key(db: str) -> dg.AssetKey:
 
 
 def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
-    @dg.asset(key=base_backup_key(db), deps=[database_key(db)], group_name=db, kinds={"postgres"},
-              description=f"Physical base backup of {db}: `pg_basebackup -Ft` streamed through "
-                          f"{config.compression.method} and {config.encryption.method} encryption to every location, "
-                          "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
-              pool=f"pg_{db}")
+    @dg.asset(
+        key=base_backup_key(db),
+        deps=[database_key(db)],
+        group_name=db,
+        kinds={"postgres"},
+        description=f"Physical base backup of {db}: `pg_basebackup -Ft` streamed through "
+        f"{config.compression.method} and {config.encryption.method} encryption to every location, "
+        "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
+        pool=f"pg_{db}",
+    )
     def base_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
             cfg = dr.config()
             result = run_base_backup(cfg, db, dr.locations(cfg), log=context.log.info)
         m, facts = result.manifest, result.manifest.base
-        return dg.MaterializeResult(metadata={
-            "backup_id": m.id, "size_bytes": m.size_bytes, "uncompressed_bytes": m.uncompressed_bytes,
-            "duration_s": m.duration_s, "compression_ratio": result.compression_ratio,
-            "sha256": m.objects[0].sha256, "locations": ", ".join(result.locations),
-            "start_lsn": facts.start_lsn, "stop_lsn": facts.stop_lsn, "timeline": facts.timeline,
-            "wal_start": facts.wal_start, "wal_stop": facts.wal_stop,
-            "created_at": dg.MetadataValue.timestamp(m.created_at)}, data_version=dg.DataVersion(m.id))
+        return dg.MaterializeResult(
+            metadata={
+                "backup_id": m.id,
+                "size_bytes": m.size_bytes,
+                "uncompressed_bytes": m.uncompressed_bytes,
+                "duration_s": m.duration_s,
+                "compression_ratio": result.compression_ratio,
+                "sha256": m.objects[0].sha256,
+                "locations": ", ".join(result.locations),
+                "start_lsn": facts.start_lsn,
+                "stop_lsn": facts.stop_lsn,
+                "timeline": facts.timeline,
+                "wal_start": facts.wal_start,
+                "wal_stop": facts.wal_stop,
+                "created_at": dg.MetadataValue.timestamp(m.created_at),
+            },
+            data_version=dg.DataVersion(m.id),
+        )
 
     return base_backup
 

@@ -31,8 +31,9 @@ def check_result(outcome: health.Outcome) -> dg.AssetCheckResult:
     md = {}
     for k, v in outcome.metadata.items():
         md[k] = dg.MetadataValue.md(v) if k.endswith("_table") else v
-    return dg.AssetCheckResult(passed=outcome.passed, severity=SEVERITY[outcome.severity],
-                               description=outcome.description, metadata=md)
+    return dg.AssetCheckResult(
+        passed=outcome.passed, severity=SEVERITY[outcome.severity], description=outcome.description, metadata=md
+    )
 
 
 def _evaluate(kind: str, cfg: DrConfig, db: str, locations) -> health.Outcome:
@@ -77,5 +78,6 @@ def build_backup_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinit
 
 
 def check_selection(config: DrConfig, include: Callable[[str], bool]) -> dg.AssetSelection:
-    return dg.AssetSelection.checks(*[dg.AssetCheckKey(logical_backup_key(db), name)
-                                      for db in config.databases for name in CHECKS if include(name)])
+    return dg.AssetSelection.checks(
+        *[dg.AssetCheckKey(logical_backup_key(db), name) for db in config.databases for name in CHECKS if include(name)]
+    )

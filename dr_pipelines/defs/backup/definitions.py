@@ -22,15 +22,29 @@ def build_backup_definitions(config: DrConfig, defaults: Defaults) -> dg.Definit
     jobs: list = []
     schedules: list = []
     for db, cfg in config.databases.items():
-        assets += [database_spec(config, db), build_logical_backup_asset(config, db), build_base_backup_asset(config, db)]
+        assets += [
+            database_spec(config, db),
+            build_logical_backup_asset(config, db),
+            build_base_backup_asset(config, db),
+        ]
         checks += build_backup_checks(config, db)
-        for kind, name, key, when in (("logical", logical_backup_job_name(db), logical_backup_key(db), cfg.logical_backup),
-                                      ("base", base_backup_job_name(db), base_backup_key(db), cfg.base_backup)):
+        for kind, name, key, when in (
+            ("logical", logical_backup_job_name(db), logical_backup_key(db), cfg.logical_backup),
+            ("base", base_backup_job_name(db), base_backup_key(db), cfg.base_backup),
+        ):
             what = "logical" if kind == "logical" else "physical base"
-            job = dg.define_asset_job(name, selection=dg.AssetSelection.assets(key),
-                                      description=f"Take a {what} backup of {db} now.")
+            job = dg.define_asset_job(
+                name, selection=dg.AssetSelection.assets(key), description=f"Take a {what} backup of {db} now."
+            )
             jobs.append(job)
             if when.enabled:
-                schedules.append(cron_schedule(f"{db}__{kind}_backup_schedule", job, when.schedule, defaults,
-                                               f"{what.capitalize()} backup of {db}"))
+                schedules.append(
+                    cron_schedule(
+                        f"{db}__{kind}_backup_schedule",
+                        job,
+                        when.schedule,
+                        defaults,
+                        f"{what.capitalize()} backup of {db}",
+                    )
+                )
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules)

@@ -15,28 +15,46 @@ from dr_pipelines.defs.wal.assets import wal_archive_key
 
 def build_monitoring_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
     sch = config.schedules
-    repository_checks = [dg.AssetCheckKey(restore_test_key(db), name) for db in config.databases for name in (RECENT, RTO)]
-    repository_checks += [dg.AssetCheckKey(wal_archive_key(db), name) for db in config.databases
-                          for name in (WAL_CONTINUOUS, WAL_LAG)]
+    repository_checks = [
+        dg.AssetCheckKey(restore_test_key(db), name) for db in config.databases for name in (RECENT, RTO)
+    ]
+    repository_checks += [
+        dg.AssetCheckKey(wal_archive_key(db), name) for db in config.databases for name in (WAL_CONTINUOUS, WAL_LAG)
+    ]
     health_job = dg.define_asset_job(
-        "dr_health_checks", selection=check_selection(config, lambda n: n != INTEGRITY)
-        | dg.AssetSelection.checks(*repository_checks),
-        description="Freshness, size, replication, last attempt and restore-test checks of every database.")
+        "dr_health_checks",
+        selection=check_selection(config, lambda n: n != INTEGRITY) | dg.AssetSelection.checks(*repository_checks),
+        description="Freshness, size, replication, last attempt and restore-test checks of every database.",
+    )
     integrity_job = dg.define_asset_job(
-        "dr_integrity_checks", selection=check_selection(config, lambda n: n == INTEGRITY),
-        description="Read every object of each database's newest backup back from every location.")
-    report_job = dg.define_asset_job("compliance_report_job", selection=dg.AssetSelection.assets(COMPLIANCE_REPORT),
-                                     description="Build the compliance report.")
+        "dr_integrity_checks",
+        selection=check_selection(config, lambda n: n == INTEGRITY),
+        description="Read every object of each database's newest backup back from every location.",
+    )
+    report_job = dg.define_asset_job(
+        "compliance_report_job",
+        selection=dg.AssetSelection.assets(COMPLIANCE_REPORT),
+        description="Build the compliance report.",
+    )
     metrics_job = build_metrics_job(config)
-    schedules = [cron_schedule(f"{job.name}_schedule", job, cron, defaults, what)
-                 for job, cron, what in [(metrics_job, sch.metrics, "Prometheus export"),
-                                         (health_job, sch.health_checks, "Health checks"),
-                                         (integrity_job, sch.integrity, "Integrity read-back of the newest backups"),
-                                         (report_job, sch.report, "Compliance report")]]
+    schedules = [
+        cron_schedule(f"{job.name}_schedule", job, cron, defaults, what)
+        for job, cron, what in [
+            (metrics_job, sch.metrics, "Prometheus export"),
+            (health_job, sch.health_checks, "Health checks"),
+            (integrity_job, sch.integrity, "Integrity read-back of the newest backups"),
+            (report_job, sch.report, "Compliance report"),
+        ]
+    ]
     automation = dg.AutomationConditionSensorDefinition(
-        "dr_automation", target=dg.AssetSelection.all(), default_status=defaults.sensor,
-        description="Runs each restore test after its backup materializes (automation conditions).")
+        "dr_automation",
+        target=dg.AssetSelection.all(),
+        default_status=defaults.sensor,
+        description="Runs each restore test after its backup materializes (automation conditions).",
+    )
     return dg.Definitions(
         assets=[build_report_asset(config, [restore_test_key(db) for db in config.databases])],
-        jobs=[health_job, integrity_job, report_job, metrics_job], schedules=schedules,
-        sensors=[automation, *build_alert_sensors(config, defaults.sensor)])
+        jobs=[health_job, integrity_job, report_job, metrics_job],
+        schedules=schedules,
+        sensors=[automation, *build_alert_sensors(config, defaults.sensor)],
+    )

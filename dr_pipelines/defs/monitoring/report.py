@@ -19,10 +19,15 @@ class ReportConfig(dg.Config):
 
 
 def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.AssetsDefinition:
-    @dg.asset(key=COMPLIANCE_REPORT, deps=upstream, group_name="dr", kinds={"pandas"},
-              description="Compliance report over every database: backup success rate, RPO actually achieved, "
-                          "RTO from restore tests against the objective, storage per location, recommendations. "
-                          "JSON, HTML and Markdown copies are stored in the repository under compliance/.")
+    @dg.asset(
+        key=COMPLIANCE_REPORT,
+        deps=upstream,
+        group_name="dr",
+        kinds={"pandas"},
+        description="Compliance report over every database: backup success rate, RPO actually achieved, "
+        "RTO from restore tests against the objective, storage per location, recommendations. "
+        "JSON, HTML and Markdown copies are stored in the repository under compliance/.",
+    )
     def compliance_report(config: ReportConfig, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
             cfg = dr.config()
@@ -35,15 +40,19 @@ def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.Asse
             report = build_report(cfg, evaluate(cfg, locations, datetime.now(timezone.utc)), config.days)
             stored = store_report(locations, report)
         s = report.summary
-        return dg.MaterializeResult(metadata={
-            "report": dg.MetadataValue.md(report.to_markdown()),
-            "days": config.days,
-            "success_rate_pct_min": float(s["success_rate_pct"].min()) if s["success_rate_pct"].notna().any() else 0.0,
-            "rpo_achieved_s_max": float(s["rpo_achieved_s"].max()) if s["rpo_achieved_s"].notna().any() else 0.0,
-            "rto_max_s": float(s["rto_max_s"].max()) if s["rto_max_s"].notna().any() else 0.0,
-            "recommendations": len(report.recommendations),
-            "stored": dg.MetadataValue.json({k: v for k, v in stored.items()}),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "report": dg.MetadataValue.md(report.to_markdown()),
+                "days": config.days,
+                "success_rate_pct_min": float(s["success_rate_pct"].min())
+                if s["success_rate_pct"].notna().any()
+                else 0.0,
+                "rpo_achieved_s_max": float(s["rpo_achieved_s"].max()) if s["rpo_achieved_s"].notna().any() else 0.0,
+                "rto_max_s": float(s["rto_max_s"].max()) if s["rto_max_s"].notna().any() else 0.0,
+                "recommendations": len(report.recommendations),
+                "stored": dg.MetadataValue.json({k: v for k, v in stored.items()}),
+            }
+        )
 
     return compliance_report
 
@@ -55,11 +64,15 @@ def build_metrics_job(config: DrConfig) -> dg.JobDefinition:
             cfg = dr.config()
             h = evaluate(cfg, dr.locations(cfg), datetime.now(timezone.utc))
             done = export(cfg, build_registry(cfg, h))
-        context.add_output_metadata({"exported_to": ", ".join(done) or "nowhere (metrics not configured)",
-                                     "status": h.worst})
+        context.add_output_metadata(
+            {"exported_to": ", ".join(done) or "nowhere (metrics not configured)", "status": h.worst}
+        )
 
-    @dg.job(name="export_metrics", description="Prometheus metrics: node-exporter textfile and Pushgateway.",
-            tags={"dr/operation": "metrics"})
+    @dg.job(
+        name="export_metrics",
+        description="Prometheus metrics: node-exporter textfile and Pushgateway.",
+        tags={"dr/operation": "metrics"},
+    )
     def export_metrics_job():
         write_metrics()
 

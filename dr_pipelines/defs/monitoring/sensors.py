@@ -82,33 +82,53 @@ def _failure_detail(instance: dg.DagsterInstance, run_id: str) -> str:
 def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> list[dg.SensorDefinition]:
     interval = config.schedules.sensor_interval_s
 
-    @dg.sensor(name=RUN_FAILURES, minimum_interval_seconds=interval, default_status=status,
-               description="Alerts when any job's run fails (one alert per job until a run of it succeeds).")
+    @dg.sensor(
+        name=RUN_FAILURES,
+        minimum_interval_seconds=interval,
+        default_status=status,
+        description="Alerts when any job's run fails (one alert per job until a run of it succeeds).",
+    )
     def run_failures(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         book = IncidentBook(context.cursor)
         after = book.extra.get("updated_after") or time.time() - FIRST_LOOK_BACK.total_seconds()
         records = context.instance.get_run_records(
-            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS],
-                                  updated_after=datetime.fromtimestamp(after, timezone.utc)),
-            order_by="update_timestamp", ascending=True, limit=500)
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS],
+                updated_after=datetime.fromtimestamp(after, timezone.utc),
+            ),
+            order_by="update_timestamp",
+            ascending=True,
+            limit=500,
+        )
         for r in records:  # oldest first: a failure then a success between ticks opens and resolves
             run = r.dagster_run
             subject = _run_subject(run)
             key = f"run:{subject}"
             if run.status == dg.DagsterRunStatus.FAILURE:
-                book.observe(key, Alert(
-                    key=key, title=f"{subject} failed", detail=_failure_detail(context.instance, run.run_id),
-                    source=subject, since=_iso(r.end_time or r.update_timestamp.timestamp()),
-                    url=ui_url(cfg, f"/runs/{run.run_id}")))
+                book.observe(
+                    key,
+                    Alert(
+                        key=key,
+                        title=f"{subject} failed",
+                        detail=_failure_detail(context.instance, run.run_id),
+                        source=subject,
+                        since=_iso(r.end_time or r.update_timestamp.timestamp()),
+                        url=ui_url(cfg, f"/runs/{run.run_id}"),
+                    ),
+                )
             else:
                 book.observe(key, None)
             after = max(after, r.update_timestamp.timestamp())
         book.extra["updated_after"] = after
         return _finish(context, cfg, book)
 
-    @dg.sensor(name=CHECK_FAILURES, minimum_interval_seconds=interval, default_status=status,
-               description="Alerts on the latest evaluation of every asset check that failed; resolves when it passes.")
+    @dg.sensor(
+        name=CHECK_FAILURES,
+        minimum_interval_seconds=interval,
+        default_status=status,
+        description="Alerts on the latest evaluation of every asset check that failed; resolves when it passes.",
+    )
     def check_failures(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         book = IncidentBook(context.cursor)
@@ -123,16 +143,27 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
             if evaluation.passed:
                 book.observe(key, None)
                 continue
-            book.observe(key, Alert(
-                key=key, title=f"check {check_key.name} failed on {asset}",
-                detail=evaluation.description or "", source=asset, since=_iso(record.create_timestamp),
-                severity="warning" if evaluation.severity == dg.AssetCheckSeverity.WARN else "error",
-                url=ui_url(cfg, f"/assets/{quote(check_key.asset_key.to_user_string())}?view=checks")))
+            book.observe(
+                key,
+                Alert(
+                    key=key,
+                    title=f"check {check_key.name} failed on {asset}",
+                    detail=evaluation.description or "",
+                    source=asset,
+                    since=_iso(record.create_timestamp),
+                    severity="warning" if evaluation.severity == dg.AssetCheckSeverity.WARN else "error",
+                    url=ui_url(cfg, f"/assets/{quote(check_key.asset_key.to_user_string())}?view=checks"),
+                ),
+            )
         return _finish(context, cfg, book)
 
-    @dg.sensor(name=STALENESS, minimum_interval_seconds=max(interval, 300), default_status=status,
-               description="Alerts when a database's newest backup (in the repository, however it was taken) "
-                           "is older than its limit; resolves when a fresh one arrives.")
+    @dg.sensor(
+        name=STALENESS,
+        minimum_interval_seconds=max(interval, 300),
+        default_status=status,
+        description="Alerts when a database's newest backup (in the repository, however it was taken) "
+        "is older than its limit; resolves when a fresh one arrives.",
+    )
     def staleness(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         book = IncidentBook(context.cursor)
@@ -142,14 +173,25 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
             outcome = check_freshness(cfg, db, catalog, now)
             key = f"stale:{db}"
             newest = outcome.metadata.get("newest_backup")
-            since = now if not newest else catalog.find(db, newest).manifest.created_at + timedelta(
-                hours=outcome.metadata["limit_hours"])
+            since = (
+                now
+                if not newest
+                else catalog.find(db, newest).manifest.created_at + timedelta(hours=outcome.metadata["limit_hours"])
+            )
             stale = not outcome.passed and outcome.severity == health.ERROR  # past alert_after, not just the RPO
-            book.observe(key, None if not stale else Alert(
-                key=key, title=f"backups of {db} have stopped arriving", detail=outcome.description,
-                source=f"database {db}" + (f" (newest {newest})" if newest else ""),
-                since=since.isoformat(timespec="seconds"),
-                url=ui_url(cfg, f"/assets/{db}/logical_backup")))
+            book.observe(
+                key,
+                None
+                if not stale
+                else Alert(
+                    key=key,
+                    title=f"backups of {db} have stopped arriving",
+                    detail=outcome.description,
+                    source=f"database {db}" + (f" (newest {newest})" if newest else ""),
+                    since=since.isoformat(timespec="seconds"),
+                    url=ui_url(cfg, f"/assets/{db}/logical_backup"),
+                ),
+            )
         return _finish(context, cfg, book)
 
     return [run_failures, check_failures, staleness]

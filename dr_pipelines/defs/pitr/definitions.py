@@ -8,5 +8,6 @@ from dr_pipelines.defs.schedules import Defaults
 
 
 def build_pitr_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
-    return dg.Definitions(assets=[build_pitr_test_asset(config, db) for db in config.databases],
-                          jobs=[build_pitr_job(config)])
+    return dg.Definitions(
+        assets=[build_pitr_test_asset(config, db) for db in config.databases], jobs=[build_pitr_job(config)]
+    )

@@ -33,7 +33,9 @@ def pitr_test_key(db: str) -> dg.AssetKey:
 
 class PitrConfig(dg.Config):
     database: str = Field(description="Which configured database to recover.")
-    target_time: Optional[str] = Field(default=None, description="ISO 8601 with a time zone, e.g. 2026-11-23T10:15:00+00:00.")
+    target_time: Optional[str] = Field(
+        default=None, description="ISO 8601 with a time zone, e.g. 2026-11-23T10:15:00+00:00."
+    )
     target_lsn: Optional[str] = Field(default=None, description="e.g. 0/3000060")
     target_xid: Optional[str] = Field(default=None, description="a transaction id")
     target_name: Optional[str] = Field(default=None, description="a restore point (pg_create_restore_point)")
@@ -43,20 +45,34 @@ class PitrConfig(dg.Config):
     confirm: Optional[str] = Field(default=None, description="Type data_dir again to confirm overwriting it.")
     archive: bool = Field(default=False, description="Keep archiving WAL from the recovered cluster (new primary).")
     timeout_s: float = Field(default=600, description="How long replay may take.")
-    backup_id: Optional[str] = Field(default=None, description="A base backup id; default: the newest before the target.")
+    backup_id: Optional[str] = Field(
+        default=None, description="A base backup id; default: the newest before the target."
+    )
 
     def request(self) -> PitrRequest:
         data_dir = Path(self.data_dir).expanduser().resolve()
         check_overwrite(data_dir, self.overwrite, self.confirm)
         when = parse_target_time(self.target_time) if self.target_time else None
-        return PitrRequest(self.database, data_dir, self.port, target_time=when, target_lsn=self.target_lsn,
-                           target_xid=self.target_xid, target_name=self.target_name, overwrite=self.overwrite,
-                           archive=self.archive, timeout_s=self.timeout_s, backup_id=self.backup_id)
+        return PitrRequest(
+            self.database,
+            data_dir,
+            self.port,
+            target_time=when,
+            target_lsn=self.target_lsn,
+            target_xid=self.target_xid,
+            target_name=self.target_name,
+            overwrite=self.overwrite,
+            archive=self.archive,
+            timeout_s=self.timeout_s,
+            backup_id=self.backup_id,
+        )
 
 
 def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
-    @dg.op(description="Pick the newest base backup before the target, restore it into the new directory, replay "
-           "archived WAL to the target, promote; report the point reached and the RTO.")
+    @dg.op(
+        description="Pick the newest base backup before the target, restore it into the new directory, replay "
+        "archived WAL to the target, promote; report the point reached and the RTO."
+    )
     def recover_to_point(context: dg.OpExecutionContext, config: PitrConfig, dr: DrResource) -> PitrReport:
         with domain_failures():
             cfg = dr.config()
@@ -64,31 +80,55 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
             try:
                 report = run_pitr(cfg, dr.config_file, config.request(), locations, log=context.log.info)
             except PitrFailed as e:
-                store_json_record(locations, e.report.database, RecordKind.PITR, e.report.started_at,
-                                  e.report.to_dict(), context.log.warning)
+                store_json_record(
+                    locations,
+                    e.report.database,
+                    RecordKind.PITR,
+                    e.report.started_at,
+                    e.report.to_dict(),
+                    context.log.warning,
+                )
                 raise
-            store_json_record(locations, report.database, RecordKind.PITR, report.started_at, report.to_dict(),
-                              context.log.info)
-        context.add_output_metadata({
-            "backup_id": report.backup_id, "reached_time": report.reached_time or "", "reached_lsn": report.reached_lsn or "",
-            "timeline": report.timeline or 0, "rto_s": report.rto_s, "data_loss_window_s": report.data_loss_window_s or 0.0,
-            "port": report.port, "data_dir": report.data_dir})
+            store_json_record(
+                locations, report.database, RecordKind.PITR, report.started_at, report.to_dict(), context.log.info
+            )
+        context.add_output_metadata(
+            {
+                "backup_id": report.backup_id,
+                "reached_time": report.reached_time or "",
+                "reached_lsn": report.reached_lsn or "",
+                "timeline": report.timeline or 0,
+                "rto_s": report.rto_s,
+                "data_loss_window_s": report.data_loss_window_s or 0.0,
+                "port": report.port,
+                "data_dir": report.data_dir,
+            }
+        )
         return report
 
     @dg.op(description="The recovered cluster answers queries through its own socket and is out of recovery.")
     def validate_recovered(context: dg.OpExecutionContext, report: PitrReport) -> PitrReport:
         data_dir, port = Path(report.data_dir), report.port
         in_recovery = query_as_postgres(data_dir, port, "SELECT pg_is_in_recovery()")
-        dbs = (query_as_postgres(data_dir, port, "SELECT string_agg(datname, ',') FROM pg_database "
-                                                 "WHERE NOT datistemplate") or "").split(",")
+        dbs = (
+            query_as_postgres(
+                data_dir, port, "SELECT string_agg(datname, ',') FROM pg_database WHERE NOT datistemplate"
+            )
+            or ""
+        ).split(",")
         if in_recovery != "f":
-            raise dg.Failure(description=f"the recovered cluster on port {port} is not a promoted primary "
-                                         f"(pg_is_in_recovery: {in_recovery!r})")
+            raise dg.Failure(
+                description=f"the recovered cluster on port {port} is not a promoted primary "
+                f"(pg_is_in_recovery: {in_recovery!r})"
+            )
         context.add_output_metadata({"databases": ", ".join(dbs), "warnings": "; ".join(report.warnings)})
         return report
 
-    @dg.job(name="point_in_time_recovery", tags={"dr/operation": "pitr"},
-            description="Point-in-time recovery into a new data directory and port (SoundHash 'Accidental data deletion').")
+    @dg.job(
+        name="point_in_time_recovery",
+        tags={"dr/operation": "pitr"},
+        description="Point-in-time recovery into a new data directory and port (SoundHash 'Accidental data deletion').",
+    )
     def point_in_time_recovery():
         validate_recovered(recover_to_point())
 
@@ -98,22 +138,38 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
 def build_pitr_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
     key = pitr_test_key(db)
 
-    @dg.asset(key=key, deps=[base_backup_key(db), wal_archive_key(db)], group_name=db, kinds={"postgres"},
-              description="PITR drill: the latest base backup plus all archived WAL recovered into a scratch "
-                          "directory and port, checked, timed (RTO) and removed; reports how far behind now "
-                          "the recovered point is (the RPO actually achievable).",
-              automation_condition=dg.AutomationCondition.eager(),
-              check_specs=[dg.AssetCheckSpec(PITR_PASSED, asset=key, blocking=True,
-                                             description="The drill promoted a consistent cluster within the RTO.")])
+    @dg.asset(
+        key=key,
+        deps=[base_backup_key(db), wal_archive_key(db)],
+        group_name=db,
+        kinds={"postgres"},
+        description="PITR drill: the latest base backup plus all archived WAL recovered into a scratch "
+        "directory and port, checked, timed (RTO) and removed; reports how far behind now "
+        "the recovered point is (the RPO actually achievable).",
+        automation_condition=dg.AutomationCondition.eager(),
+        check_specs=[
+            dg.AssetCheckSpec(
+                PITR_PASSED,
+                asset=key,
+                blocking=True,
+                description="The drill promoted a consistent cluster within the RTO.",
+            )
+        ],
+    )
     def pitr_test(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
             cfg = dr.config()
             drill = run_pitr_drill(cfg, dr.config_file, db, dr.locations(cfg), context.log.info)
         report = drill.report
         return dg.MaterializeResult(
-            metadata={"rto_s": report.rto_s or -1.0, "achievable_rpo_s": drill.achievable_rpo_s or -1.0,
-                      "backup_id": report.backup_id or "", "reached_time": report.reached_time or "",
-                      "passed": drill.passed},
-            check_results=[dg.AssetCheckResult(check_name=PITR_PASSED, passed=drill.passed, description=drill.why)])
+            metadata={
+                "rto_s": report.rto_s or -1.0,
+                "achievable_rpo_s": drill.achievable_rpo_s or -1.0,
+                "backup_id": report.backup_id or "",
+                "reached_time": report.reached_time or "",
+                "passed": drill.passed,
+            },
+            check_results=[dg.AssetCheckResult(check_name=PITR_PASSED, passed=drill.passed, description=drill.why)],
+        )
 
     return pitr_test

@@ -18,10 +18,20 @@ def build_restore_definitions(config: DrConfig, defaults: Defaults) -> dg.Defini
     for db, cfg in config.databases.items():
         assets.append(build_restore_test_asset(config, db))
         checks += build_restore_test_checks(config, db)
-        job = dg.define_asset_job(restore_test_job_name(db), selection=dg.AssetSelection.assets(restore_test_key(db)),
-                                  description=f"Restore the latest backup of {db} into a scratch database and validate it.")
+        job = dg.define_asset_job(
+            restore_test_job_name(db),
+            selection=dg.AssetSelection.assets(restore_test_key(db)),
+            description=f"Restore the latest backup of {db} into a scratch database and validate it.",
+        )
         jobs.append(job)
         cron = cfg.restore_test.schedule or config.schedules.restore_test
-        schedules.append(cron_schedule(f"{db}__restore_test_schedule", job, cron, defaults,
-                                       f"Restore test of {db}, besides the one after each backup"))
+        schedules.append(
+            cron_schedule(
+                f"{db}__restore_test_schedule",
+                job,
+                cron,
+                defaults,
+                f"Restore test of {db}, besides the one after each backup",
+            )
+        )
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, schedules=schedules)

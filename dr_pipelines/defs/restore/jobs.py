@@ -49,15 +49,20 @@ class RestoreDatabaseConfig(dg.Config):
     backup: str = Field(
         default="latest",
         description="`latest` (falls back to the previous valid backup if the newest fails verification), "
-        "a backup id (fails if that backup is unusable), or a path to a backup file on this host.")
+        "a backup id (fails if that backup is unusable), or a path to a backup file on this host.",
+    )
     location: Optional[str] = Field(
-        default=None, description="Read only this location. Default: the first location with a valid copy.")
+        default=None, description="Read only this location. Default: the first location with a valid copy."
+    )
     target_database: Optional[str] = Field(
-        default=None, description="Database to restore into. Default: the configured one (the source).")
+        default=None, description="Database to restore into. Default: the configured one (the source)."
+    )
     clean: bool = Field(
-        default=False, description="Replace an existing, non-empty target (it is kept, renamed). Needs `confirm`.")
+        default=False, description="Replace an existing, non-empty target (it is kept, renamed). Needs `confirm`."
+    )
     confirm: Optional[str] = Field(
-        default=None, description="Type the target database's name here to confirm replacing it.")
+        default=None, description="Type the target database's name here to confirm replacing it."
+    )
     schema_only: bool = Field(default=False, description="Restore the schema only (no rows).")
     data_only: bool = Field(default=False, description="Load rows into the existing schema of the target.")
     jobs: int = Field(default=2, description="Parallel pg_restore jobs.")
@@ -67,10 +72,19 @@ class RestoreDatabaseConfig(dg.Config):
     def request(self) -> RestoreRequest:
         from_file = os.sep in self.backup or self.backup.startswith("~")
         return RestoreRequest(
-            database=self.database, backup=os.path.expanduser(self.backup), from_file=from_file,
-            location=self.location, target=self.target_database, clean=self.clean, confirm=self.confirm,
-            schema_only=self.schema_only, data_only=self.data_only, jobs=self.jobs, no_owner=self.no_owner,
-            keep_previous=self.keep_previous)
+            database=self.database,
+            backup=os.path.expanduser(self.backup),
+            from_file=from_file,
+            location=self.location,
+            target=self.target_database,
+            clean=self.clean,
+            confirm=self.confirm,
+            schema_only=self.schema_only,
+            data_only=self.data_only,
+            jobs=self.jobs,
+            no_owner=self.no_owner,
+            keep_previous=self.keep_previous,
+        )
 
 
 @dataclass(frozen=True)
@@ -104,8 +118,9 @@ def remove_plaintext_on_failure(context: dg.HookContext) -> None:
 
 
 def build_restore_job(config: DrConfig) -> dg.JobDefinition:
-    @dg.op(description="Check the request and the target (nothing is touched yet) and find the backup in the "
-           "repository.")
+    @dg.op(
+        description="Check the request and the target (nothing is touched yet) and find the backup in the repository."
+    )
     def choose_backup(context: dg.OpExecutionContext, config: RestoreDatabaseConfig, dr: DrResource) -> RestoreState:
         with domain_failures():
             cfg = dr.config()
@@ -114,18 +129,25 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
             plan = plan_target(cfg, request)
             if not request.from_file:
                 catalog = load_catalog(dr.locations(cfg, request.location).values(), request.database, "logical")
-                entry = catalog.latest(request.database) if request.backup == "latest" else \
-                    catalog.find(request.database, request.backup)
-                context.log.info(f"backup {entry.id} ({entry.manifest.created_at:%Y-%m-%d %H:%M:%S} UTC) "
-                                 f"on {', '.join(entry.locations)}")
+                entry = (
+                    catalog.latest(request.database)
+                    if request.backup == "latest"
+                    else catalog.find(request.database, request.backup)
+                )
+                context.log.info(
+                    f"backup {entry.id} ({entry.manifest.created_at:%Y-%m-%d %H:%M:%S} UTC) "
+                    f"on {', '.join(entry.locations)}"
+                )
         return RestoreState(request, plan, started, time.time())
 
-    @dg.op(description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
-                       "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
-                       "after stopping the application). With restore_spool off, or too little free space, one "
-                       "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
-                       "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
-                       "on failure.")
+    @dg.op(
+        description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
+        "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
+        "after stopping the application). With restore_spool off, or too little free space, one "
+        "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
+        "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
+        "on failure."
+    )
     def restore_to_staging(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         cfg = dr.config()
         request, plan, db = state.request, state.plan, state.database(cfg)
@@ -135,20 +157,36 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
             with domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
                     run_hooks(db.application.stop, db.application, "stop application", context.log.info)
-                fetched, steps = restore_into(cfg, dr.locations(cfg, request.location), request, db,
-                                              plan.staging or plan.target, workdir, plan.staging is not None,
-                                              context.log.info)
+                fetched, steps = restore_into(
+                    cfg,
+                    dr.locations(cfg, request.location),
+                    request,
+                    db,
+                    plan.staging or plan.target,
+                    workdir,
+                    plan.staging is not None,
+                    context.log.info,
+                )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if fetched.fallback_reasons:
-            context.log.warning(f"FALLBACK: the newest backup could not be used ({'; '.join(fetched.fallback_reasons)}); "
-                                f"restored {fetched.manifest.id} instead")
-        context.add_output_metadata({"backup_id": fetched.manifest.id if fetched.manifest else request.backup,
-                                     "fallback": bool(fetched.fallback_reasons), **steps})
+            context.log.warning(
+                f"FALLBACK: the newest backup could not be used ({'; '.join(fetched.fallback_reasons)}); "
+                f"restored {fetched.manifest.id} instead"
+            )
+        context.add_output_metadata(
+            {
+                "backup_id": fetched.manifest.id if fetched.manifest else request.backup,
+                "fallback": bool(fetched.fallback_reasons),
+                **steps,
+            }
+        )
         return replace(state, fetched=fetched, steps=steps)
 
-    @dg.op(description="Row counts and schema against the manifest, the database's own validation queries, and "
-           "amcheck on indexes. A failure leaves the target untouched.")
+    @dg.op(
+        description="Row counts and schema against the manifest, the database's own validation queries, and "
+        "amcheck on indexes. A failure leaves the target untouched."
+    )
     def validate_restore(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         cfg = dr.config()
         request, plan, db = state.request, state.plan, state.database(cfg)
@@ -156,17 +194,31 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         into = plan.staging or plan.target
         t = time.time()
         with domain_failures(), connect(db, request.database, dbname=into, autocommit=True) as conn:
-            result = validate_database(conn, state.fetched.manifest, db.validation,
-                                       compare_rows=not request.schema_only, compare_schema=not request.data_only)
-        context.add_output_metadata({"tables": result.tables, "rows": result.rows, "passed": result.passed,
-                                     "checks": dg.MetadataValue.json(result.checks)})
+            result = validate_database(
+                conn,
+                state.fetched.manifest,
+                db.validation,
+                compare_rows=not request.schema_only,
+                compare_schema=not request.data_only,
+            )
+        context.add_output_metadata(
+            {
+                "tables": result.tables,
+                "rows": result.rows,
+                "passed": result.passed,
+                "checks": dg.MetadataValue.json(result.checks),
+            }
+        )
         if not result.passed:
             if plan.staging:
                 drop_database(db, request.database, plan.staging)
             raise dg.Failure(
-                description=ValidationFailed(result).args[0] + (
-                    f" The target {plan.target!r} was not touched." if plan.staging else ""),
-                metadata={"table_diff": dg.MetadataValue.md(diff_table(result.table_diffs))} if result.table_diffs else {})
+                description=ValidationFailed(result).args[0]
+                + (f" The target {plan.target!r} was not touched." if plan.staging else ""),
+                metadata={"table_diff": dg.MetadataValue.md(diff_table(result.table_diffs))}
+                if result.table_diffs
+                else {},
+            )
         context.log.info(result.summary())
         return replace(state, validation=result, validate_s=round(time.time() - t, 3))
 
@@ -179,14 +231,21 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
             run_hooks(db.application.stop, db.application, "stop application", context.log.info)
         return state
 
-    @dg.op(description="Swap the validated staging database into the target's place; the replaced database is "
-           "kept, renamed, unless keep_previous is false.")
+    @dg.op(
+        description="Swap the validated staging database into the target's place; the replaced database is "
+        "kept, renamed, unless keep_previous is false."
+    )
     def swap_database(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         previous = None
         if state.plan.staging is not None:
             with domain_failures():
-                previous = swap_in(state.database(dr.config()), state.request.database, state.plan,
-                                   state.request.keep_previous, context.log.info)
+                previous = swap_in(
+                    state.database(dr.config()),
+                    state.request.database,
+                    state.plan,
+                    state.request.keep_previous,
+                    context.log.info,
+                )
         return replace(state, previous=previous)
 
     @dg.op(description="Run the configured start hooks.")
@@ -203,13 +262,20 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
             wait_healthy(db.application, context.log.info)
         return state
 
-    @dg.op(description="Measured RTO, the data-loss window, the backup used (and why, on fallback); stored in the "
-           "repository and as run metadata.")
+    @dg.op(
+        description="Measured RTO, the data-loss window, the backup used (and why, on fallback); stored in the "
+        "repository and as run metadata."
+    )
     def restore_report(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreReport:
         request, started = state.request, state.started
         assert state.fetched is not None and state.validation is not None
-        report = RestoreReport(kind="restore", database=request.database, target=state.plan.target,
-                               started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat())
+        report = RestoreReport(
+            kind="restore",
+            database=request.database,
+            target=state.plan.target,
+            started_at=started.isoformat(),
+            finished_at=datetime.now(timezone.utc).isoformat(),
+        )
         describe_backup(report, state.fetched, started)
         report.previous_database = state.previous
         report.validation = state.validation.to_dict()
@@ -231,24 +297,35 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         if report.fallback:
             metadata["fallback_reasons"] = dg.MetadataValue.md("\n".join(f"- {r}" for r in report.fallback_reasons))
         context.add_output_metadata(metadata)
-        context.log_event(dg.AssetObservation(asset_key=database_key(request.database), metadata={
-            "restored_from": report.backup_id or "file", "rto_s": report.rto_s}))
-        context.log.info(f"restore of {request.database} into {report.target} done: backup {report.backup_id}, "
-                         f"RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s"
-                         + (" (FALLBACK)" if report.fallback else ""))
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=database_key(request.database),
+                metadata={"restored_from": report.backup_id or "file", "rto_s": report.rto_s},
+            )
+        )
+        context.log.info(
+            f"restore of {request.database} into {report.target} done: backup {report.backup_id}, "
+            f"RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s"
+            + (" (FALLBACK)" if report.fallback else "")
+        )
         return report
 
     @dg.job(
         name="restore_database",
         description="Full database restore from a logical backup: choose -> fetch + verify + decrypt + decompress + "
-                    "pg_restore into staging (streamed) -> validate -> stop app -> swap -> start app -> health "
-                    "checks -> report.",
+        "pg_restore into staging (streamed) -> validate -> stop app -> swap -> start app -> health "
+        "checks -> report.",
         executor_def=dg.in_process_executor,
         hooks={remove_plaintext_on_failure},
         tags={"dr/operation": "restore"},
     )
     def restore_database():
-        restore_report(health_checks(start_application(swap_database(stop_application(
-            validate_restore(restore_to_staging(choose_backup())))))))
+        restore_report(
+            health_checks(
+                start_application(
+                    swap_database(stop_application(validate_restore(restore_to_staging(choose_backup()))))
+                )
+            )
+        )
 
     return restore_database

@@ -43,20 +43,28 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
         group_name=db,
         kinds={"postgres"},
         description=f"Restores the latest logical backup of `{cfg.dbname}` into a scratch database on the test "
-                    "server, compares row counts and schema with the manifest, runs the validation queries and "
-                    "amcheck, measures the RTO and drops the scratch database.",
+        "server, compares row counts and schema with the manifest, runs the validation queries and "
+        "amcheck, measures the RTO and drops the scratch database.",
         automation_condition=dg.AutomationCondition.eager(),  # after every new backup
         # Blocking: a backup that cannot be proven restorable must fail the run and alert.
-        check_specs=[dg.AssetCheckSpec(PASSED, asset=key, blocking=True,
-                                       description="The restored database matched the manifest and passed every check.")],
+        check_specs=[
+            dg.AssetCheckSpec(
+                PASSED,
+                asset=key,
+                blocking=True,
+                description="The restored database matched the manifest and passed every check.",
+            )
+        ],
         pool=f"pg_{db}",
     )
-    def restore_test(context: dg.AssetExecutionContext, config: RestoreTestRunConfig,
-                     dr: DrResource) -> dg.MaterializeResult:
+    def restore_test(
+        context: dg.AssetExecutionContext, config: RestoreTestRunConfig, dr: DrResource
+    ) -> dg.MaterializeResult:
         with domain_failures():
             run_config = dr.config()
-            report = run_restore_test(run_config, db, dr.locations(run_config),
-                                      backup=config.backup, keep=config.keep, log=context.log.info)
+            report = run_restore_test(
+                run_config, db, dr.locations(run_config), backup=config.backup, keep=config.keep, log=context.log.info
+            )
         validation = report.validation or {}
         metadata = {
             "backup_id": report.backup_id,
@@ -74,8 +82,14 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
             check_md["table_diff"] = dg.MetadataValue.md(diff_table(diffs))
         return dg.MaterializeResult(
             metadata=metadata,
-            check_results=[dg.AssetCheckResult(check_name=PASSED, passed=report.passed, metadata=check_md,
-                                               description=report.error or "restored and validated")],
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=PASSED,
+                    passed=report.passed,
+                    metadata=check_md,
+                    description=report.error or "restored and validated",
+                )
+            ],
         )
 
     return restore_test
@@ -98,8 +112,10 @@ def build_restore_test_checks(config: DrConfig, db: str) -> list[dg.AssetChecksD
 
         return _check
 
-    return [make(RECENT, f"A restore test ran within the last {cfg.restore_test.max_age}."),
-            make(RTO, f"The measured restore time is within the RTO ({cfg.objectives.rto}).")]
+    return [
+        make(RECENT, f"A restore test ran within the last {cfg.restore_test.max_age}."),
+        make(RTO, f"The measured restore time is within the RTO ({cfg.objectives.rto})."),
+    ]
 
 
 def restore_test_job_name(db: str) -> str:

@@ -9,5 +9,11 @@ from dr_pipelines.defs.schedules import Defaults, cron_schedule
 
 def build_retention_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
     job = build_retention_job(config)
-    return dg.Definitions(jobs=[job], schedules=[cron_schedule(f"{job.name}_schedule", job, config.schedules.retention,
-                                                               defaults, "Retention on every location")])
+    return dg.Definitions(
+        jobs=[job],
+        schedules=[
+            cron_schedule(
+                f"{job.name}_schedule", job, config.schedules.retention, defaults, "Retention on every location"
+            )
+        ],
+    )

@@ -16,8 +16,10 @@ class RetentionRunConfig(dg.Config):
 
 
 def build_retention_job(config: DrConfig) -> dg.JobDefinition:
-    @dg.op(description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
-                       "newest restore-tested backup kept), then remove the rest: manifest first, then objects.")
+    @dg.op(
+        description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
+        "newest restore-tested backup kept), then remove the rest: manifest first, then objects."
+    )
     def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig, dr: DrResource) -> None:
         with domain_failures():
             cfg = dr.config()
@@ -37,13 +39,21 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
             context.add_output_metadata(metadata)
             return
         outcome = apply_plan(cfg, locations, plan, log=context.log.info)
-        context.add_output_metadata({**metadata, "moved_to_colder_class": len([m for m in outcome.moves if not m.error])})
+        context.add_output_metadata(
+            {**metadata, "moved_to_colder_class": len([m for m in outcome.moves if not m.error])}
+        )
         if not outcome.complete:
-            raise dg.Failure(description="retention incomplete: " + "; ".join(outcome.failures + plan.problems)
-                             + ". Fix the location and run apply_retention again; nothing kept was touched.")
+            raise dg.Failure(
+                description="retention incomplete: "
+                + "; ".join(outcome.failures + plan.problems)
+                + ". Fix the location and run apply_retention again; nothing kept was touched."
+            )
 
-    @dg.job(name="apply_retention", description="Apply the retention policy to every location (dry_run to preview).",
-            tags={"dr/operation": "retention"})
+    @dg.job(
+        name="apply_retention",
+        description="Apply the retention policy to every location (dry_run to preview).",
+        tags={"dr/operation": "retention"},
+    )
     def apply_retention_job():
         plan_and_apply_retention()
 

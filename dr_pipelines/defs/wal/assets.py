@@ -18,9 +18,14 @@ def wal_archive_key(db: str) -> dg.AssetKey:
 
 
 def wal_archive_spec(config: DrConfig, db: str) -> dg.AssetSpec:
-    return dg.AssetSpec(wal_archive_key(db), deps=[database_key(db)], group_name=db, kinds={"postgres"},
-                        description=f"WAL of {db}, archived by PostgreSQL itself through `dr-pipelines wal-push`; "
-                                    f"observed by the {WAL_OBSERVER} sensor (newest segment, lag, gaps).")
+    return dg.AssetSpec(
+        wal_archive_key(db),
+        deps=[database_key(db)],
+        group_name=db,
+        kinds={"postgres"},
+        description=f"WAL of {db}, archived by PostgreSQL itself through `dr-pipelines wal-push`; "
+        f"observed by the {WAL_OBSERVER} sensor (newest segment, lag, gaps).",
+    )
 
 
 def current_wal_status(cfg: DrConfig, db: str, locations) -> WalStatus:
@@ -29,14 +34,22 @@ def current_wal_status(cfg: DrConfig, db: str, locations) -> WalStatus:
 
 
 def wal_metadata(s: WalStatus) -> dict:
-    return {"newest_segment": s.newest_segment or "", "segments": s.segments, "gaps": len(s.gaps),
-            "archive_lag_s": -1.0 if s.archive_lag_s is None else round(s.archive_lag_s, 1),
-            "failed_count": -1 if s.failed_count is None else s.failed_count}
+    return {
+        "newest_segment": s.newest_segment or "",
+        "segments": s.segments,
+        "gaps": len(s.gaps),
+        "archive_lag_s": -1.0 if s.archive_lag_s is None else round(s.archive_lag_s, 1),
+        "failed_count": -1 if s.failed_count is None else s.failed_count,
+    }
 
 
 def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
-    @dg.sensor(name=WAL_OBSERVER, minimum_interval_seconds=config.schedules.sensor_interval_s, default_status=status,
-               description="Observes each WAL archive: newest segment, archive lag, gaps (plotted on the asset).")
+    @dg.sensor(
+        name=WAL_OBSERVER,
+        minimum_interval_seconds=config.schedules.sensor_interval_s,
+        default_status=status,
+        description="Observes each WAL archive: newest segment, archive lag, gaps (plotted on the asset).",
+    )
     def observe(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         locations = dr.locations(cfg)

@@ -12,6 +12,7 @@ from dr_pipelines.defs.wal.assets import current_wal_status, wal_archive_key
 
 def build_wal_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition]:
     """Continuity and lag, computed by core.health (the same verdict as `status` and the metrics)."""
+
     def make(name: str, description: str) -> dg.AssetChecksDefinition:
         @dg.asset_check(asset=wal_archive_key(db), name=name, description=description)
         def _check(dr: DrResource) -> dg.AssetCheckResult:
@@ -23,5 +24,9 @@ def build_wal_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition
         return _check
 
     rpo = config.database(db).objectives.rpo.total_seconds()
-    return [make(WAL_CONTINUOUS, "Every WAL segment from the oldest retained base backup's start to the newest is archived."),
-            make(WAL_LAG, f"WAL is archived within the RPO ({rpo:.0f} s).")]
+    return [
+        make(
+            WAL_CONTINUOUS, "Every WAL segment from the oldest retained base backup's start to the newest is archived."
+        ),
+        make(WAL_LAG, f"WAL is archived within the RPO ({rpo:.0f} s)."),
+    ]
