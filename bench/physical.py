@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psycopg
 import yaml
+from psycopg import sql
 
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, run_as_postgres
 
@@ -228,10 +229,10 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
     target = datetime.now(timezone.utc)
     load.wait()
     s.switch_and_wait()
-    from dr_pipelines.core.repository.records import load_reports
+    from dr_pipelines.core.repository.records import Record, RecordKind, load_reports
     from dr_pipelines.core.storage.local import LocalLocation
 
-    def ours() -> tuple[float, dict]:
+    def ours() -> tuple[float, Record]:
         data_dir, port = s.work / "pitr-ours" / "data", free_port()
         data_dir.parent.mkdir()
         chown_to_postgres(data_dir.parent)
@@ -242,7 +243,7 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
         )
         LocalCluster(data_dir, port).stop("fast")
         shutil.rmtree(data_dir.parent)
-        return took, load_reports({"local": LocalLocation("local", s.work / "repo")}, "bench", "pitr")[0]
+        return took, load_reports({"local": LocalLocation("local", s.work / "repo")}, "bench", RecordKind.PITR)[0]
 
     def pgbackrest() -> float:
         data_dir, port = s.work / "pitr-pgbr" / "data", free_port()
@@ -304,7 +305,7 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
 def bench_backlog(s: Setup, seconds: int = 30) -> dict:
     """pgbench flat out with our archive_command alone: the most segments waiting (.ready) at once."""
     with s.connect() as c:
-        c.execute(f"ALTER SYSTEM SET archive_command = '{s.archive_command(both=False)}'")
+        c.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(s.archive_command(both=False))))
         c.execute("SELECT pg_reload_conf()")
         wal0 = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     status = s.cluster.data_dir / "pg_wal" / "archive_status"
@@ -335,7 +336,7 @@ def bench_backlog(s: Setup, seconds: int = 30) -> dict:
         time.sleep(0.5)
     with s.connect() as c:
         wal_bytes = c.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (wal0,)).fetchone()[0]
-        c.execute(f"ALTER SYSTEM SET archive_command = '{s.archive_command()}'")
+        c.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(s.archive_command())))
         c.execute("SELECT pg_reload_conf()")
     t0 = time.perf_counter()
     s.switch_and_wait()

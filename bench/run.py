@@ -184,7 +184,7 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
                 "2",
             ],
         }
-        from dr_pipelines.core.repository.records import load_reports
+        from dr_pipelines.core.repository.records import RecordKind, load_reports
         from dr_pipelines.core.storage.local import LocalLocation
 
         wall = {name: [] for name in commands}
@@ -195,7 +195,7 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
             for name in names[i % 3 :] + names[: i % 3]:  # each goes first once every three rounds
                 wall[name].append(timed(commands[name], env)[0])
                 if name in rto:
-                    report = load_reports({"local": LocalLocation("local", repo)}, "bench", "restore")[0]
+                    report = load_reports({"local": LocalLocation("local", repo)}, "bench", RecordKind.RESTORE)[0]
                     rto[name].append(report.rto_s)
                     steps[name].append(report.model_extra["steps_s"])
                 psql("DROP DATABASE target")

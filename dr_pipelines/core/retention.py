@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from dr_pipelines.core.config import RetentionConfig
 from dr_pipelines.core.repository.catalog import CatalogEntry
 from dr_pipelines.core.repository.manifest import MANIFEST
-from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.storage.base import Location, LocationError, TieredLocation
 
 PIN = "pin.json"
 
@@ -204,6 +204,8 @@ def apply_tiering(
             if not target:
                 continue
             loc, moved = locations[name], 0
+            if not isinstance(loc, TieredLocation):  # a class configured where there are none (local disk)
+                continue
             try:
                 for obj in entry.manifest.objects:
                     key = entry.manifest.object_key(obj.name)

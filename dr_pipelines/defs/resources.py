@@ -83,7 +83,7 @@ def dr_resource(config: DrConfig, config_file: str, sandbox: bool = False) -> Dr
         if isinstance(cfg, S3LocationConfig):
             from dagster_aws.s3 import S3Resource
 
-            creds = {}
+            creds: dict[str, Any] = {}
             if cfg.access_key_id_env and cfg.secret_access_key_env:
                 creds = {
                     "aws_access_key_id": dg.EnvVar(cfg.access_key_id_env),

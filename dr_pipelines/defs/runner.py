@@ -57,7 +57,7 @@ def run_job(
 def materialize_logical_backup(config: DrConfig, db: str, config_file: str) -> Manifest:
     result = run_job(config, config_file, logical_backup_job_name(db))
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
-    backup_id = mat[0].metadata["backup_id"].value
+    backup_id = str(mat[0].metadata["backup_id"].value)
     from dr_pipelines.core.repository.catalog import load_catalog
     from dr_pipelines.core.storage.locations import open_locations
 
@@ -81,22 +81,19 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
     mats = result.asset_materializations_for_node(node)
     if not mats:  # failed before a verdict (no usable backup, server down): the step's message says why
         raise RunFailed(_failure_message(result))
-    md = {k: v.value for k, v in mats[0].metadata.items()}
+    md: dict = {k: v.value for k, v in mats[0].metadata.items()}
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed:
-            md["failure"] = evaluation.description
+            md["failure"] = evaluation.description or ""
             if "table_diff" in evaluation.metadata:
-                md["failure"] += "\n" + evaluation.metadata["table_diff"].value
+                md["failure"] += "\n" + str(evaluation.metadata["table_diff"].value)
     return md
 
 
 def materialize_base_backup(config: DrConfig, db: str, config_file: str) -> str:
     result = run_job(config, config_file, base_backup_job_name(db))
-    return (
-        result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())[0]
-        .metadata["backup_id"]
-        .value
-    )
+    [mat] = result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())
+    return str(mat.metadata["backup_id"].value)
 
 
 def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) -> PitrReport:

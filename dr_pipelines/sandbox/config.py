@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from dr_pipelines.core.config import CONFIG_ENV, DrConfig, load_config, parse_config
+from dr_pipelines.core.config import CONFIG_ENV, DrConfig, LocalLocationConfig, load_config, parse_config
 from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.postgres.cluster import (
     LocalCluster,
@@ -96,6 +96,7 @@ def sandbox_config() -> DrConfig:
 def sandbox_cluster(config: DrConfig | None = None) -> LocalCluster:
     config = config or sandbox_config()
     db = config.databases[DATABASE]
+    assert db.pgdata is not None  # the sandbox always says where its cluster lives
     return LocalCluster(Path(db.pgdata), db.port)
 
 
@@ -167,7 +168,9 @@ def archive_settings(config: DrConfig, log=print) -> dict[str, str]:
     from dr_pipelines.core.wal.pg_config import postgresql_conf_lines
 
     base = sandbox_dir()
-    location = Path(config.locations["local"].path)
+    local = config.locations["local"]
+    assert isinstance(local, LocalLocationConfig)
+    location = Path(local.path)
     exe = Path(sys.executable).parent / "dr-pipelines"
     if not (postgres_can_reach(base) and postgres_can_reach(exe.parent)):
         log(

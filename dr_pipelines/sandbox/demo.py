@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dr_pipelines.core.config import LocalLocationConfig
 from dr_pipelines.sandbox.config import config_and_file, ensure_sandbox_running, sandbox_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,7 @@ def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     )
     manifest = materialize_logical_backup(config, db, config_file)
     location = next(iter(config.locations.values()))
+    assert isinstance(location, LocalLocationConfig)  # the sandbox keeps its backups on local disk
     obj = Path(location.resolved_path(config.base_dir)) / manifest.object_key(manifest.objects[0].name)
     identity = config.encryption.identity_path()
     print(

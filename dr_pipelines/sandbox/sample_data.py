@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-SAMPLE_SCHEMA = """
+from typing import LiteralString
+
+SAMPLE_SCHEMA: LiteralString = """
 CREATE TABLE channels (
     id serial PRIMARY KEY,
     channel_id text NOT NULL UNIQUE,
@@ -43,7 +45,7 @@ INSERT INTO alembic_version VALUES ('a1b2c3d4e5f6');
 """
 
 
-SAMPLE_DATA = [
+SAMPLE_DATA: list[LiteralString] = [
     """
 INSERT INTO channels (channel_id, channel_name, description, subscriber_count)
 SELECT 'UC' || md5(g::text), 'Channel ' || g, 'Sample channel ' || g || ' – ünïcödé', g * 137

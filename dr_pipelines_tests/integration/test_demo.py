@@ -6,7 +6,7 @@ import subprocess
 import time
 import urllib.request
 
-from dr_pipelines.core.cluster import free_port
+from dr_pipelines.core.postgres.cluster import free_port
 from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir, stop_process
 
 QUERY = """{ assetOrError(assetKey: {path: ["soundhash", "logical_backup"]}) {

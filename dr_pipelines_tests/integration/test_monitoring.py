@@ -23,6 +23,7 @@ from dr_pipelines.defs.backup.assets import logical_backup_job_name
 from dr_pipelines.defs.build import build_definitions
 from dr_pipelines.defs.monitoring.sensors import CHECK_FAILURES, RUN_FAILURES, STALENESS
 from dr_pipelines_tests.support.configs import config_from, local_location, s3_location
+from dr_pipelines_tests.support.metadata import number, text
 from dr_pipelines_tests.support.metrics import metric_value
 from dr_pipelines_tests.support.processes import run_cli
 
@@ -73,7 +74,7 @@ def test_checks_catch_half_size_corruption_and_missing_copy(pg, s3, write_config
 
     result, evals = run_checks("dr_health_checks")
     assert all(evals[n].passed for n in (health.FRESHNESS, health.SIZE, health.REPLICATION, health.LAST_ATTEMPT))
-    assert abs(evals[health.SIZE].metadata["deviation_pct"].value) < 10
+    assert abs(number(evals[health.SIZE].metadata["deviation_pct"].value)) < 10
 
     # a backup half the usual size (or smaller): a warning with the history, not a failed run
     with pg.connect("app") as conn:
@@ -82,8 +83,8 @@ def test_checks_catch_half_size_corruption_and_missing_copy(pg, s3, write_config
     result, evals = run_checks("dr_health_checks")
     size = evals[health.SIZE]
     assert not size.passed and size.severity == dg.AssetCheckSeverity.WARN
-    assert size.metadata["deviation_pct"].value <= -50 and size.metadata["size_bytes"].value == half.size_bytes
-    assert half.id in size.metadata["history_table"].value
+    assert number(size.metadata["deviation_pct"].value) <= -50 and size.metadata["size_bytes"].value == half.size_bytes
+    assert half.id in text(size.metadata["history_table"].value)
 
     # a corrupt object on one location: the blocking integrity check fails the run, naming it
     obj = tmp_path / "backups" / half.prefix / half.objects[0].name
@@ -93,7 +94,11 @@ def test_checks_catch_half_size_corruption_and_missing_copy(pg, s3, write_config
     result, evals = run_checks("dr_integrity_checks")
     assert not result.success
     integrity = evals[health.INTEGRITY]
-    assert not integrity.passed and "on local: FAILED" in integrity.description and "SHA-256" in integrity.description
+    assert (
+        not integrity.passed
+        and "on local: FAILED" in (integrity.description or "")
+        and "SHA-256" in (integrity.description or "")
+    )
 
     # the newest backup missing on one location
     import boto3
@@ -103,7 +108,7 @@ def test_checks_catch_half_size_corruption_and_missing_copy(pg, s3, write_config
     result, evals = run_checks("dr_health_checks")
     # the catalog's newest is now the half backup on local only: replication names s3
     repl = evals[health.REPLICATION]
-    assert not repl.passed and "missing on s3" in repl.description
+    assert not repl.passed and "missing on s3" in (repl.description or "")
 
     # and the failed-check sensor alerts on what failed, from the instance's latest evaluations
     result = _tick(defs, CHECK_FAILURES, instance, None)

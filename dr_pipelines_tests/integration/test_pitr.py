@@ -10,14 +10,15 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from dr_pipelines.core.backup.attempts import BackupFailed
 from dr_pipelines.core.backup.base import run_base_backup
-from dr_pipelines.core.cluster import free_port
 from dr_pipelines.core.pitr.recover import PitrError, PitrFailed, PitrRequest, run_pitr
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
-from dr_pipelines.core.postgres.cluster import LocalCluster
+from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
 from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines_tests.support.metadata import number, text
 from dr_pipelines_tests.support.processes import reachable_tmpdir
 from dr_pipelines_tests.support.wal import WalSetup
 
@@ -102,8 +103,12 @@ def test_pitr_to_a_moment_during_pgbench_load(archived, restored_dirs):
         open_locations(setup.config),
     )
     assert report.promoted and report.backup_id == base.id and report.timeline == 2
-    assert datetime.fromisoformat(report.reached_time) <= target
-    assert report.rto_s > 0 and report.data_loss_window_s >= (datetime.now(timezone.utc) - target).total_seconds() - 60
+    assert report.reached_time is not None and datetime.fromisoformat(report.reached_time) <= target
+    assert report.rto_s is not None and report.rto_s > 0
+    assert (
+        report.data_loss_window_s is not None
+        and report.data_loss_window_s >= (datetime.now(timezone.utc) - target).total_seconds() - 60
+    )
 
     with _connect(new_port) as conn:
         # pgbench's invariants: every balance equals the sum of its history deltas
@@ -113,9 +118,11 @@ def test_pitr_to_a_moment_during_pgbench_load(archived, restored_dirs):
         ).fetchone()[0]
         for table, col, key in (("pgbench_tellers", "tbalance", "tid"), ("pgbench_branches", "bbalance", "bid")):
             bad = conn.execute(
-                f"SELECT count(*) FROM {table} t LEFT JOIN (SELECT {key}, sum(delta) s FROM "
-                f"pgbench_history GROUP BY {key}) h USING ({key}) "
-                f"WHERE t.{col} <> coalesce(h.s, 0)"
+                sql.SQL(
+                    "SELECT count(*) FROM {table} t LEFT JOIN (SELECT {key}, sum(delta) s FROM "
+                    "pgbench_history GROUP BY {key}) h USING ({key}) "
+                    "WHERE t.{col} <> coalesce(h.s, 0)"
+                ).format(table=sql.Identifier(table), key=sql.Identifier(key), col=sql.Identifier(col))
             ).fetchone()[0]
             assert bad == 0, f"{table} disagrees with pgbench_history"
         assert conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0] > 0
@@ -285,7 +292,7 @@ def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, resto
     assert result.success
     [mat] = result.asset_materializations_for_node("app__base_backup")
     md = {k: v.value for k, v in mat.metadata.items()}
-    assert md["timeline"] == 1 and md["wal_start"] <= md["wal_stop"] and md["size_bytes"] > 0
+    assert md["timeline"] == 1 and text(md["wal_start"]) <= text(md["wal_stop"]) and number(md["size_bytes"]) > 0
     with setup.server.connect("app") as conn:
         conn.execute("CREATE TABLE after_base (n int)")
         conn.execute("INSERT INTO after_base VALUES (42)")
@@ -307,7 +314,7 @@ def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, resto
     [ev] = [e for e in result.get_asset_check_evaluations() if e.check_name == PITR_PASSED]
     assert ev.passed, ev.description
     [mat] = result.asset_materializations_for_node("app__pitr_test")
-    assert mat.metadata["rto_s"].value > 0 and mat.metadata["achievable_rpo_s"].value >= 0
+    assert number(mat.metadata["rto_s"].value) > 0 and number(mat.metadata["achievable_rpo_s"].value) >= 0
 
     # the operator's job, from the shell, as the UI would run it
     data_dir = restored_dirs()
@@ -342,7 +349,8 @@ def test_retention_keeps_the_wal_of_kept_base_backups(archived, restored_dirs):
     data["created_at"] = long_ago
     locs["local"].put_bytes(key, _json.dumps(data).encode())
     for side in (setup.repo / "app/wal").rglob("*.json"):  # a file was pushed when its sidecar was written
-        os.utime(side, (time.time() - 400 * 86400,) * 2)
+        aged = time.time() - 400 * 86400
+        os.utime(side, (aged, aged))
     cfg_path = setup.config_path
     import yaml as _yaml
 
@@ -378,7 +386,7 @@ def test_status_metrics_and_report_cover_base_backups_and_wal(archived, restored
     base = run_base_backup(setup.config, "app", locs).manifest
     setup.switch_and_wait()
     drill = run_pitr_drill(setup.config, str(setup.config_path), "app", locs, lambda m: None)
-    assert drill["promoted"] and drill["achievable_rpo_s"] >= 0
+    assert drill.report.promoted and drill.achievable_rpo_s is not None and drill.achievable_rpo_s >= 0
 
     h = evaluate(setup.config, locs, datetime.now(timezone.utc))
     by_check = {o.check: o for o in h.outcomes}
@@ -455,6 +463,7 @@ def test_lsn_xid_and_restore_point_targets(archived, restored_dirs):
         setup.config, str(setup.config_path), PitrRequest("app", by_xid_dir, by_xid_port, target_xid=xid), locs
     )
     # the newer backup recorded the next xid after it ended: the xid is before it, so it is skipped
+    assert newer.base.next_xid_after is not None and older.base.next_xid_after is not None
     assert int(newer.base.next_xid_after) > int(xid) >= int(older.base.next_xid_after)
     assert report.promoted and report.backup_id == older.id and report.tried == []
     with _connect(by_xid_port) as conn:  # the target transaction included, nothing after it

@@ -11,10 +11,11 @@ import pytest
 from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.errors import RunFailed
 from dr_pipelines.core.repository.manifest import MANIFEST
-from dr_pipelines.core.repository.records import load_reports
+from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.defs import runner
 from dr_pipelines_tests.support.configs import config_from, local_location
+from dr_pipelines_tests.support.metadata import number
 from dr_pipelines_tests.support.processes import reachable_tmpdir, run_cli
 
 
@@ -57,14 +58,15 @@ def test_full_restore_over_a_corrupted_database(pg, setup):
     report = restore(cfg, path, clean=True, confirm="app")
     assert pg.table_checksums("app") == before
     assert report.backup_id == manifest.id and report.passed and not report.fallback
-    assert report.rto_s > 0 and report.data_loss_window_s >= 0
+    assert report.rto_s is not None and report.rto_s > 0
+    assert report.data_loss_window_s is not None and report.data_loss_window_s >= 0
     assert report.previous_database.startswith("app__pre_restore_")
     # the damaged database is kept, not destroyed
     with pg.connect(report.previous_database) as conn:
         assert conn.execute("SELECT to_regclass('processing_jobs')").fetchone()[0] is None
     assert not any("__restoring_" in d for d in databases(pg))
     # the report lives in the repository too
-    [stored] = load_reports(open_locations(cfg), "app", "restore")
+    [stored] = load_reports(open_locations(cfg), "app", RecordKind.RESTORE)
     assert stored.backup_id == manifest.id and stored.rto_s == report.rto_s
     assert list(setup.scratch.iterdir()) == []  # no plaintext left behind
     # spooled: the whole verified dump was decoded, then loaded by pg_restore -j
@@ -316,11 +318,11 @@ def test_restore_test_asset_after_backup(pg, setup):
     [mat] = result.asset_materializations_for_node("app__restore_test")
     md = {k: v.value for k, v in mat.metadata.items()}
     assert md["passed"] is True and md["backup_id"] == manifest.id and md["rows"] == sum(manifest.tables.values())
-    assert md["rto_s"] > 0
+    assert number(md["rto_s"]) > 0
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {"restore_test_passed": True, "restore_test_recent": True, "rto_within_objective": True}
     assert not any(d.startswith("dr_restore_test_") for d in databases(pg))  # scratch dropped
-    [report] = load_reports(open_locations(cfg), "app", "restore_test")
+    [report] = load_reports(open_locations(cfg), "app", RecordKind.RESTORE_TEST)
     assert report.passed and report.backup_id == manifest.id
 
 
@@ -495,10 +497,8 @@ def test_restore_test_checks_read_the_repository(pg, setup):
         }
 
     before = evaluations()
-    assert (
-        not before["restore_test_recent"].passed
-        and "no restore test has ever run" in before["restore_test_recent"].description
-    )
+    recent = before["restore_test_recent"]
+    assert not recent.passed and "no restore test has ever run" in (recent.description or "")
     report = run_restore_test(cfg, "app", open_locations(cfg))
     after = evaluations()
     assert after["restore_test_recent"].passed and after["rto_within_objective"].passed

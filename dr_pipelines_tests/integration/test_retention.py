@@ -14,6 +14,7 @@ from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.retention import BackupFacts, plan_retention
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines_tests.support.configs import BUCKET, config_from, gcs_location, local_location, s3_location
+from dr_pipelines_tests.support.metadata import text
 from dr_pipelines_tests.support.processes import run_cli
 from dr_pipelines_tests.support.servers import start_moto
 
@@ -162,7 +163,7 @@ def test_apply_retention_job_plan_in_metadata(pg, write_config, tmp_path):
     assert result.success
     [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     md = {k: v.value for k, v in event.step_output_data.metadata.items()}
-    assert md["removed"] == 1 and md["backups"] == 2 and "| REMOVE |" in md["plan"]
+    assert md["removed"] == 1 and md["backups"] == 2 and "| REMOVE |" in text(md["plan"])
     assert len(load_catalog(open_locations(cfg).values(), "app").entries) == 1
 
 

@@ -299,6 +299,7 @@ def test_a_hole_postgres_has_not_archived_yet_is_not_a_gap(wal_setup, tmp_path):
     names = [wal_setup.switch_and_wait() for _ in range(3)]
     locs = open_locations(wal_setup.config)
     size = list_archive(locs, "app").segment_size
+    assert size is not None
     tli, last = parse_segment(names[-1], size)
     ahead = tmp_path / segment_name(tli, last + 2, size)  # as if pushed ahead of last + 1
     shutil.copy(wal_setup.server.cluster.data_dir / "pg_wal" / names[-1], ahead)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import LiteralString, cast
 
 import psycopg
+from psycopg import sql
 
 from dr_pipelines.core.postgres.cluster import LocalCluster
 from dr_pipelines.sandbox.sample_data import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
@@ -26,14 +28,15 @@ class PgServer:
 
     def create_database(self, name: str, sample_data: bool = True) -> None:
         with self.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         if sample_data:
             with self.connect(
                 name,
             ) as conn:
                 conn.execute(SAMPLE_SCHEMA)
                 for statement in SAMPLE_DATA:
-                    conn.execute(statement, SAMPLE_SIZES)
+                    # constant SQL, typed list[str] where it is defined; psycopg wants a LiteralString
+                    conn.execute(cast(LiteralString, statement), SAMPLE_SIZES)
 
     def row_counts(self, dbname: str) -> dict[str, int]:
         from dr_pipelines.core.postgres.client import table_row_counts
@@ -50,7 +53,9 @@ class PgServer:
             ).fetchall()
             return {
                 t: conn.execute(
-                    f"SELECT md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '')) FROM {t} x"
+                    sql.SQL("SELECT md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text), '')) FROM {} x").format(
+                        sql.SQL(t)  # already quoted by format('%I.%I')
+                    )
                 ).fetchone()[0]
                 for (t,) in tables
             }

@@ -18,7 +18,11 @@ DATA = os.urandom(50_000) * 20 + b"tail"
 
 def _configs(compression: str, encryption: str):
     recipients = [str(IDENTITY.to_public())] if encryption == "age" else []
-    return CompressionConfig(method=compression, level=3), EncryptionConfig(method=encryption, recipients=recipients)
+    # validated from plain strings, as a config file's are (the constructors are typed with the Literal methods)
+    return (
+        CompressionConfig.model_validate({"method": compression, "level": 3}),
+        EncryptionConfig.model_validate({"method": encryption, "recipients": recipients}),
+    )
 
 
 @pytest.mark.parametrize("tools", [True, False], ids=["tools", "in-process"])

@@ -2,7 +2,7 @@ from datetime import timedelta
 
 import pytest
 
-from dr_pipelines.core.config import ConfigError, load_config, parse_config, parse_duration
+from dr_pipelines.core.config import ConfigError, LocalLocationConfig, load_config, parse_config, parse_duration
 
 MINIMAL = {
     "databases": {"app": {"dbname": "soundhash"}},
@@ -38,7 +38,9 @@ retention: {daily_days: 30, weekly_days: 90, monthly_days: 365, min_keep: 3, wal
     assert cfg.databases["app"].objectives.rpo == timedelta(minutes=15)
     assert list(cfg.locations) == ["local", "s3", "gcs"]  # order of preference is kept
     # relative paths resolve against the config file, not the current directory
-    assert cfg.locations["local"].resolved_path(cfg.base_dir) == tmp_path / "backups"
+    local = cfg.locations["local"]
+    assert isinstance(local, LocalLocationConfig)
+    assert local.resolved_path(cfg.base_dir) == tmp_path / "backups"
 
 
 def test_unknown_key_is_named():

@@ -63,7 +63,8 @@ def record_attempt(
         raise BackupFailed("no location to write to")
     started = datetime.now(timezone.utc)
     backup_id = new_backup_id(started)
-    record = {"kind": kind, "database": database, "started_at": started.isoformat(), "backup_id": backup_id}
+    started_at = started.isoformat()
+    record: dict[str, object] = {"kind": kind, "database": database, "started_at": started_at, "backup_id": backup_id}
     try:
         result = run(config, database, locations, log, started, backup_id)
     except BaseException as e:
@@ -75,7 +76,7 @@ def record_attempt(
         return result
     finally:
         record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, record["started_at"], record, log)
+        store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
 
 
 def commit_manifest(

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
+from typing import Any
 
 from dr_pipelines.core.backup.attempts import (
     BackupFailed,
@@ -51,7 +52,7 @@ class TarWatcher:
     as pg_basebackup writes them). Content bytes are stepped over, never copied: only headers
     (512 bytes) are buffered, and only the wanted members are kept."""
 
-    def __init__(self, src, wanted: set[str]):
+    def __init__(self, src: Any, wanted: set[str]):
         self._src = src
         self._wanted = wanted
         self._header = bytearray()  # a header split across reads
@@ -239,6 +240,7 @@ def _run(
         target=lambda: [stderr.append(ln.decode(errors="replace").rstrip()) for ln in proc.stderr], daemon=True
     )
     reader.start()
+    assert proc.stdout is not None
     watcher = TarWatcher(proc.stdout, {"backup_manifest", "backup_label"})
     source = CountingReader(watcher)
     # With -X none the server ends the backup only once its last WAL segment is archived; if
@@ -283,7 +285,7 @@ def _run(
             proc.wait()
     stopped = datetime.now(timezone.utc)
     next_xid = _next_xid(db, database)
-    rng = wal_range(watcher.members["backup_manifest"])
+    rng = wal_range(bytes(watcher.members["backup_manifest"]))
     try:
         wait_for_wal(config, database, locations, rng, segment_size, log)
     except BackupFailed:

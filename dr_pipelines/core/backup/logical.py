@@ -103,6 +103,7 @@ def _run_logical_backup(
         describer = threading.Thread(target=describe, name="describe-snapshot", daemon=True)
         describer.start()
 
+        assert proc.stdout is not None
         source = CountingReader(proc.stdout)
 
         def check_dump():

@@ -12,11 +12,11 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import pyrage
 
-from dr_pipelines.core.codec.methods import CHUNK, COMPRESSION, ENCRYPTION
+from dr_pipelines.core.codec.methods import CHUNK, COMPRESSION, ENCRYPTION, Readable
 from dr_pipelines.core.errors import DrError
 
 # --------------------------------------------------------------------------- restore direction
@@ -25,7 +25,7 @@ from dr_pipelines.core.errors import DrError
 class HashingReader:
     """Reads from an object while hashing it, to compare with the manifest at the end."""
 
-    def __init__(self, src: BinaryIO):
+    def __init__(self, src: Readable):
         self._src = src
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -71,7 +71,7 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
     sink = method.sink(out)
     try:
         if encrypted:
-            pyrage.decrypt_io(src, sink, identities)
+            pyrage.decrypt_io(src, sink, identities or [])
         else:
             while chunk := src.read(CHUNK):
                 sink.write(chunk)
@@ -129,7 +129,8 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
 
             def copy_out() -> None:
                 try:
-                    while chunk := procs[-1].stdout.read1(CHUNK):  # what is there: no waiting for 1 MB
+                    reader: Any = procs[-1].stdout  # a BufferedReader: read1 returns what is there
+                    while chunk := reader.read1(CHUNK):  # no waiting for a whole MB
                         out.write(chunk)
                 except BaseException as e:
                     errors.append(e)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import Any
 
-from dr_pipelines.core.codec.methods import COMPRESSION
+from dr_pipelines.core.codec.methods import COMPRESSION, Readable
 from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
 
 
 class CountingReader:
     """Counts the bytes read through it (the uncompressed size of a backup)."""
 
-    def __init__(self, src: BinaryIO):
-        self._src = src
+    def __init__(self, src: Readable):
+        self._src: Any = src  # readinto, when the source has it (TarWatcher does)
         self.bytes = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -26,7 +26,7 @@ class CountingReader:
         return n
 
 
-def compressing_reader(src: BinaryIO, compression: CompressionConfig) -> BinaryIO:
+def compressing_reader(src: Readable, compression: CompressionConfig) -> Readable:
     return COMPRESSION[compression.method].stream(src, compression.level, compression.threads)
 
 

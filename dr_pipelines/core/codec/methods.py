@@ -12,11 +12,15 @@ import gzip
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import IO, Protocol, cast
 
 import zstandard
 
 CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class Writable(Protocol):
@@ -26,7 +30,7 @@ class Writable(Protocol):
 class _GzipReader:
     """A file-like that gzip-compresses `src` (gzip container, so `gunzip` reads it)."""
 
-    def __init__(self, src: BinaryIO, level: int):
+    def __init__(self, src: Readable, level: int):
         self._src = src
         self._z = zlib.compressobj(level, zlib.DEFLATED, 31)
         self._buf = b""
@@ -93,9 +97,9 @@ class _GzipSink(Sink):
             raise zlib.error("gzip stream is truncated")
 
 
-def _zstd_stream(src: BinaryIO, level: int, threads: int) -> BinaryIO:
+def _zstd_stream(src: Readable, level: int, threads: int) -> Readable:
     cctx = zstandard.ZstdCompressor(level=level, threads=threads or -1)  # -1: one worker per core (no GIL)
-    return cctx.stream_reader(src, read_size=CHUNK, closefd=False)  # type: ignore[return-value]
+    return cctx.stream_reader(cast(IO[bytes], src), read_size=CHUNK, closefd=False)  # anything with read() will do
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Compression:
     method: str
     suffix: str
     tool: tuple[str, ...] | None  # decompresses stdin to stdout; None: nothing to undo
-    stream: Callable[[BinaryIO, int, int], BinaryIO]  # (source, level, threads) -> compressed reader
+    stream: Callable[[Readable, int, int], Readable]  # (source, level, threads) -> compressed reader
     sink: Callable[[Writable], Sink]
     compress: Callable[[bytes, int], bytes]
     decompress: Callable[[bytes], bytes]

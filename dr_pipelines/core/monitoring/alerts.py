@@ -119,7 +119,11 @@ class PagerDutyChannel:
     timeout: float = 5
 
     def payload(self, action: str, alert: Alert) -> dict:
-        body = {"routing_key": self.routing_key, "event_action": action, "dedup_key": f"dr_pipelines:{alert.key}"}
+        body: dict[str, object] = {
+            "routing_key": self.routing_key,
+            "event_action": action,
+            "dedup_key": f"dr_pipelines:{alert.key}",
+        }
         if action == TRIGGER:
             body["payload"] = {
                 "summary": alert.title[:1024],

@@ -123,12 +123,16 @@ def size_history(backups: list[CatalogEntry], window: int) -> pd.DataFrame:
             "size_bytes": [e.manifest.size_bytes for e in reversed(backups)],
         }
     )
-    df["mean_before"] = df["size_bytes"].rolling(window, min_periods=1).mean().shift(1)
+    df["mean_before"] = pd.Series(df["size_bytes"].rolling(window, min_periods=1).mean()).shift(1)
     return df
 
 
 def check_size(
-    config: DrConfig, database: str, catalog: Catalog, bad_ids: set[str] = frozenset(), kind: str = "logical"
+    config: DrConfig,
+    database: str,
+    catalog: Catalog,
+    bad_ids: frozenset[str] | set[str] = frozenset(),
+    kind: str = "logical",
 ) -> Outcome:
     """Warning, not error: a purge or a bulk load changes the size legitimately; a human decides."""
     c = config.checks

@@ -34,8 +34,8 @@ class ComplianceReport:
         return {
             "generated_at": self.generated_at.isoformat(),
             "days": self.days,
-            "summary": json.loads(self.summary.to_json(orient="records")),
-            "storage": json.loads(self.storage.to_json(orient="records")),
+            "summary": json.loads(self.summary.to_json(orient="records") or "[]"),
+            "storage": json.loads(self.storage.to_json(orient="records") or "[]"),
             "recommendations": self.recommendations,
         }
 
@@ -90,11 +90,11 @@ def _row(
             for a in all_attempts
             if (a.kind or "logical") == attempt_kind and datetime.fromisoformat(a.started_at) >= start
         ],
-        columns=["started_at", "succeeded"],
+        columns=pd.Index(["started_at", "succeeded"]),
     )
     tests = pd.DataFrame(
         [t.model_dump() for t in all_tests if datetime.fromisoformat(t.started_at) >= start],
-        columns=["started_at", "passed", "rto_s"],
+        columns=pd.Index(["started_at", "passed", "rto_s"]),
     )
     attempted = len(attempts)
     succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0
@@ -169,9 +169,9 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
         points = sorted(
             {e.manifest.created_at for e in logical}
             | {
-                datetime.fromisoformat(a["started_at"])
+                datetime.fromisoformat(a.started_at)
                 for a in h.attempts.get(db, [])
-                if a.get("succeeded") and a.get("kind", "logical") == "logical"
+                if a.succeeded and (a.kind or "logical") == "logical"
             }
         )
         rows.append(

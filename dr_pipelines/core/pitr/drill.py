@@ -14,7 +14,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.pitr.recover import PitrFailed, PitrReport, PitrRequest, run_pitr
 from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
-from dr_pipelines.core.repository.records import store_json_record
+from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
 
 
@@ -50,5 +50,5 @@ def run_pitr_drill(
     finally:
         LocalCluster(data_dir, 0).stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
-    store_json_record(locations, db, "pitr_test", result.report.started_at, result.record(), log)
+    store_json_record(locations, db, RecordKind.PITR_TEST, result.report.started_at, result.record(), log)
     return result

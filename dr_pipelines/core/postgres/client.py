@@ -70,7 +70,7 @@ def server_facts(conn: psycopg.Connection) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     with conn.cursor() as cur:
         cur.execute("SELECT current_setting('server_version'), current_setting('server_version_num')::int")
-        facts["server_version"], num = cur.fetchone()
+        facts["server_version"], num = cur.fetchone() or ("", 0)
         facts["server_major"] = num // 10000
     try:
         with conn.transaction(), conn.cursor() as cur:  # a savepoint, or a transaction in autocommit

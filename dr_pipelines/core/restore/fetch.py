@@ -91,7 +91,7 @@ def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_s
             if "cannot decrypt" in str(e):
                 raise BackupUnusable(
                     f"{e}; the backup is for recipient fingerprint(s) {', '.join(m.encryption.get('recipients', []))}, "
-                    f"the identity given has {', '.join(identity_fingerprints(identities))}"
+                    f"the identity given has {', '.join(identity_fingerprints(identities or []))}"
                 ) from None
             raise
     log(f"streamed {m.id} from {location.name}: {src.size} bytes, SHA-256 verified, in {time.monotonic() - t0:.1f}s")

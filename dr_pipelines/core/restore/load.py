@@ -84,7 +84,7 @@ def restore_into(
             fetched = fetch_and_load(config, locations, request, make_sink, log)
         sink = sinks[-1]
         created = create
-        steps = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
+        steps: dict[str, float] = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
         if isinstance(sink, PlaintextSpool):
             steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
             major = create_database(server, request.database, dbname, create)

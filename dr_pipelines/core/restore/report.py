@@ -8,7 +8,7 @@ from datetime import datetime
 
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.manifest import Manifest
-from dr_pipelines.core.repository.records import store_record
+from dr_pipelines.core.repository.records import RecordKind, store_record
 from dr_pipelines.core.restore.fetch import Fetched
 from dr_pipelines.core.storage.base import Location
 
@@ -17,7 +17,7 @@ from dr_pipelines.core.storage.base import Location
 
 @dataclass
 class RestoreReport:
-    kind: str  # "restore" or "restore_test"
+    kind: RecordKind  # RESTORE or RESTORE_TEST
     database: str
     target: str
     started_at: str

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect
+from dr_pipelines.core.repository.records import RecordKind
 from dr_pipelines.core.restore.load import restore_into, scratch_directory
 from dr_pipelines.core.restore.report import (
     RestoreReport,
@@ -41,7 +42,9 @@ def run_restore_test(
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     scratch = restore_test_name(database)
-    report = RestoreReport(kind="restore_test", database=database, target=scratch, started_at=started.isoformat())
+    report = RestoreReport(
+        kind=RecordKind.RESTORE_TEST, database=database, target=scratch, started_at=started.isoformat()
+    )
     request = RestoreRequest(database, backup=backup, jobs=db.restore_test.jobs, no_owner=True, no_privileges=True)
     created = False
     try:

@@ -111,6 +111,7 @@ def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previou
                         sql.Identifier(plan.target), sql.Identifier(previous)
                     )
                 )
+            assert plan.staging is not None  # only a data_only restore has none, and it never swaps
             _terminate(conn, plan.staging)
             conn.execute(
                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from dr_pipelines.core.errors import DrError
 
@@ -46,6 +46,14 @@ class Location(Protocol):
     def size(self, key: str) -> int | None: ...
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class TieredLocation(Location, Protocol):
+    """A location with storage classes (S3, GCS): retention moves old keepers to colder ones."""
+
+    def get_storage_class(self, key: str) -> str: ...
+    def set_storage_class(self, key: str, storage_class: str) -> None: ...
 
 
 def describe_error(exc: BaseException) -> str:

@@ -10,13 +10,12 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import pyrage
 
 from dr_pipelines.core.codec.encode import compressing_reader
 from dr_pipelines.core.codec.keys import age_recipients
-from dr_pipelines.core.codec.methods import CHUNK
+from dr_pipelines.core.codec.methods import CHUNK, Readable
 from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
 from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.storage.base import Location, LocationError, Upload
@@ -113,7 +112,7 @@ class StreamResult:
 
 
 def stream_to_locations(
-    source: BinaryIO,
+    source: Readable,
     locations: list[Location],
     key: str,
     compression: CompressionConfig,

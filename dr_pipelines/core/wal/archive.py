@@ -248,6 +248,7 @@ def wal_status(
                 "pg_walfile_name(pg_current_wal_lsn()), "
                 "(SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_stat_archiver"
             ).fetchone()
+        assert row is not None  # pg_stat_archiver always has its one row
         last, last_time, failed, last_failed, current, size = row
         tli, number = parse_segment(current, size)
         previous = segment_name(tli, number - 1, size)  # the newest segment that is complete

@@ -77,13 +77,15 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
-                failure.metadata.update(
-                    {
+                raise dg.Failure(
+                    description=failure.description,
+                    metadata={
+                        **failure.metadata,
                         "backup_id": dg.MetadataValue.text(partial.manifest.id),
                         "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
                         "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
-                    }
-                )
+                    },
+                ) from partial
             raise
         return dg.MaterializeResult(
             metadata=backup_metadata(result.manifest, result.locations, result.compression_ratio),

@@ -40,15 +40,18 @@ def build_report_asset(config: DrConfig, upstream: list[dg.AssetKey]) -> dg.Asse
             report = build_report(cfg, evaluate(cfg, locations, datetime.now(timezone.utc)), config.days)
             stored = store_report(locations, report)
         s = report.summary
+
+        def summary(column: str, how: str) -> float:
+            values = s[column].dropna()
+            return float(getattr(values, how)()) if len(values) else 0.0
+
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(report.to_markdown()),
                 "days": config.days,
-                "success_rate_pct_min": float(s["success_rate_pct"].min())
-                if s["success_rate_pct"].notna().any()
-                else 0.0,
-                "rpo_achieved_s_max": float(s["rpo_achieved_s"].max()) if s["rpo_achieved_s"].notna().any() else 0.0,
-                "rto_max_s": float(s["rto_max_s"].max()) if s["rto_max_s"].notna().any() else 0.0,
+                "success_rate_pct_min": summary("success_rate_pct", "min"),
+                "rpo_achieved_s_max": summary("rpo_achieved_s", "max"),
+                "rto_max_s": summary("rto_max_s", "max"),
                 "recommendations": len(report.recommendations),
                 "stored": dg.MetadataValue.json({k: v for k, v in stored.items()}),
             }

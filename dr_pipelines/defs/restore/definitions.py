@@ -14,7 +14,10 @@ from dr_pipelines.defs.schedules import Defaults, cron_schedule
 
 
 def build_restore_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
-    assets, checks, jobs, schedules = [], [], [build_restore_job(config)], []
+    assets: list = []
+    checks: list = []
+    jobs: list = [build_restore_job(config)]
+    schedules: list = []
     for db, cfg in config.databases.items():
         assets.append(build_restore_test_asset(config, db))
         checks += build_restore_test_checks(config, db)

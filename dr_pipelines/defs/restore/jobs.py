@@ -23,6 +23,7 @@ from pydantic import Field
 from dr_pipelines.core.config import DatabaseConfig, DrConfig
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.repository.records import RecordKind
 from dr_pipelines.core.restore.app_hooks import run_hooks, wait_healthy
 from dr_pipelines.core.restore.fetch import Fetched
 from dr_pipelines.core.restore.load import restore_into, scratch_path
@@ -270,7 +271,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         request, started = state.request, state.started
         assert state.fetched is not None and state.validation is not None
         report = RestoreReport(
-            kind="restore",
+            kind=RecordKind.RESTORE,
             database=request.database,
             target=state.plan.target,
             started_at=started.isoformat(),

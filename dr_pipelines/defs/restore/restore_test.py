@@ -76,7 +76,7 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
             "fallback": report.fallback,
             "scratch_database": report.target,
         }
-        check_md = {"checks": dg.MetadataValue.json(validation.get("checks", {}))}
+        check_md: dict[str, dg.MetadataValue] = {"checks": dg.MetadataValue.json(validation.get("checks", {}))}
         diffs = [TableDiff(**d) for d in validation.get("table_diffs", [])]
         if diffs:
             check_md["table_diff"] = dg.MetadataValue.md(diff_table(diffs))
