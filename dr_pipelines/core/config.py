@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -78,7 +80,10 @@ def cron_interval(expr: str, now: datetime) -> timedelta:
     return last - it.get_prev(datetime)
 
 
-Duration = Annotated[timedelta, Field(json_schema_extra={"format": "duration"})]
+# '15m', '1h', a number of seconds or ISO 8601, validated once here for every duration in the config
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), Field(json_schema_extra={"format": "duration"})]
+# a 5-field cron expression, UTC
+Cron = Annotated[str, AfterValidator(check_cron), Field(json_schema_extra={"format": "cron"})]
 
 
 class _Model(BaseModel):
@@ -101,20 +106,10 @@ class Objectives(_Model):
         "interval plus 2h (6-hourly backups: 8h, SongNodes' alert)",
     )
 
-    @field_validator("rpo", "rto", "alert_after", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> timedelta | None:
-        return None if v is None else parse_duration(v)
-
 
 class BackupSchedule(_Model):
     enabled: bool = True
-    schedule: str = Field(description="cron expression, UTC")
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v: str) -> str:
-        return check_cron(v)
+    schedule: Cron = Field(description="cron expression, UTC")
 
 
 class CommandHook(_Model):
@@ -144,11 +139,6 @@ class ApplicationHooks(_Model):
     health_retries: int = Field(default=30, ge=1)
     health_interval: Duration = timedelta(seconds=2)
 
-    @field_validator("timeout", "health_interval", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> timedelta:
-        return parse_duration(v)
-
 
 class MigrationsCheck(_Model):
     table: str = Field(description="e.g. alembic_version or schema_migrations")
@@ -172,20 +162,10 @@ class RestoreTestConfig(_Model):
     port: int | None = None
     user: str | None = None
     password_env: str | None = None
-    schedule: str | None = Field(default=None, description="cron, UTC; default: schedules.restore_test")
+    schedule: Cron | None = Field(default=None, description="cron, UTC; default: schedules.restore_test")
     max_age: Duration = Field(default=timedelta(days=7), description="the restore test must be this recent")
     jobs: int = Field(default=2, ge=1)
     keep: bool = False
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v: str | None) -> str | None:
-        return None if v is None else check_cron(v)
-
-    @field_validator("max_age", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> timedelta:
-        return parse_duration(v)
 
 
 class DatabaseConfig(_Model):
@@ -432,28 +412,18 @@ class WalConfig(_Model):
         "and a burst of WAL does not queue behind one process start per segment (0: off)",
     )
 
-    @field_validator("fetch_backoff", "archive_wait", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> timedelta:
-        return parse_duration(v)
-
 
 class SchedulesConfig(_Model):
     running: bool | None = Field(
         default=None, description="Start schedules and sensors RUNNING; default: yes outside the sandbox"
     )
-    restore_test: str = "0 4 * * *"
-    retention: str = "30 3 * * *"
-    report: str = "0 6 * * 1"
-    health_checks: str = Field(default="*/15 * * * *", description="freshness, size, replication, restore-test checks")
-    integrity: str = Field(default="0 5 * * *", description="read every object of the newest backups back")
-    metrics: str = Field(default="*/5 * * * *", description="Prometheus textfile / Pushgateway export")
+    restore_test: Cron = "0 4 * * *"
+    retention: Cron = "30 3 * * *"
+    report: Cron = "0 6 * * 1"
+    health_checks: Cron = Field(default="*/15 * * * *", description="freshness, size, replication, restore-test checks")
+    integrity: Cron = Field(default="0 5 * * *", description="read every object of the newest backups back")
+    metrics: Cron = Field(default="*/5 * * * *", description="Prometheus textfile / Pushgateway export")
     sensor_interval_s: int = Field(default=60, ge=10, description="how often the alert sensors look")
-
-    @field_validator("restore_test", "retention", "report", "health_checks", "integrity", "metrics")
-    @classmethod
-    def _cron(cls, v: str) -> str:
-        return check_cron(v)
 
 
 class DrConfig(_Model):
