@@ -321,12 +321,21 @@ class EncryptionConfig(_Model):
         if self.method == "age":
             if not self.recipients:
                 raise ValueError("method age needs at least one recipient (age1...) in recipients")
+            import pyrage  # parsed here, so a bad key is refused at load, not by the first backup or wal-push
+
             for r in self.recipients:
                 if not r.startswith("age1"):
                     raise ValueError(
                         f"recipient {r[:12]!r}... is not an age public key (age1...); "
                         "never put an identity (AGE-SECRET-KEY-...) in the config"
                     )
+                try:
+                    pyrage.x25519.Recipient.from_str(r)
+                except Exception as e:
+                    raise ValueError(
+                        f"recipient {r[:12]!r}... is not a valid age public key ({e}); "
+                        "copy it again from `age-keygen -y IDENTITY_FILE`"
+                    ) from None
         return self
 
     def identity_path(self) -> Path | None:
@@ -492,7 +501,41 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         cfg = DrConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    return cfg.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve(), "sandbox": sandbox})
+    cfg = cfg.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve(), "sandbox": sandbox})
+    seen: dict[tuple, str] = {}  # two names for one place would count one copy twice
+    for name, loc in cfg.locations.items():
+        if isinstance(loc, LocalLocationConfig):
+            where: tuple = ("local", loc.resolved_path(cfg.base_dir).resolve())
+        else:
+            where = (loc.type, getattr(loc, "endpoint_url", None), loc.bucket, loc.prefix.strip("/"))
+        if where in seen:
+            raise ConfigError(
+                f"invalid configuration in {source}:\n  locations.{name}: the same place as "
+                f"locations.{seen[where]}: one copy, not two; give each location its own "
+                "directory, bucket or prefix"
+            )
+        seen[where] = name
+    return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently: two
+    `local:` locations would lose the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key!r} appears twice in one mapping (first on line {seen[key] + 1}); keep one",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | os.PathLike, sandbox: bool = False) -> DrConfig:
@@ -504,7 +547,7 @@ def load_config(path: str | os.PathLike, sandbox: bool = False) -> DrConfig:
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     return parse_config(data, source=str(p), base_dir=p.resolve().parent, sandbox=sandbox)

@@ -139,3 +139,46 @@ def test_readme_config_example_is_valid():
     cfg = parse_config(data, "README.md")
     assert set(cfg.alerts) == {"chat", "pager"} and cfg.checks.size_tolerance == 0.5
     assert cfg.schedules.health_checks == "*/15 * * * *" and cfg.metrics.pushgateway_url
+
+
+def _load_text(tmp_path, text: str):
+    path = tmp_path / "dr.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_a_key_given_twice_is_refused_not_silently_dropped(tmp_path):
+    text = (
+        "databases: {app: {dbname: x}}\nlocations:\n  local: {type: local, path: a}\n  local: {type: local, path: b}\n"
+    )
+    with pytest.raises(ConfigError, match=r"key 'local' appears twice .*line 3"):
+        _load_text(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    "locations",
+    [
+        "  a: {type: local, path: backups}\n  b: {type: local, path: ./backups/}\n",
+        "  a: {type: s3, bucket: x, prefix: p/}\n  b: {type: s3, bucket: x, prefix: p}\n",
+        "  a: {type: gcs, bucket: x}\n  b: {type: gcs, bucket: x, prefix: /}\n",
+    ],
+)
+def test_two_names_for_one_place_are_refused(tmp_path, locations):
+    with pytest.raises(ConfigError, match="locations.b: the same place as locations.a: one copy, not two"):
+        _load_text(tmp_path, "databases: {app: {dbname: x}}\nlocations:\n" + locations)
+
+
+def test_same_bucket_on_two_services_is_two_places(tmp_path):
+    cfg = _load_text(
+        tmp_path, "databases: {app: {dbname: x}}\nlocations:\n  a: {type: s3, bucket: x}\n  b: {type: gcs, bucket: x}\n"
+    )
+    assert list(cfg.locations) == ["a", "b"]
+
+
+def test_an_invalid_age_recipient_is_refused_at_load(tmp_path):
+    text = (
+        "databases: {app: {dbname: x}}\nlocations: {a: {type: local, path: a}}\n"
+        "encryption: {method: age, recipients: [age1notarealkeyatall]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"encryption: recipient 'age1notareal'\.\.\. is not a valid age public key"):
+        _load_text(tmp_path, text)
