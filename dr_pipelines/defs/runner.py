@@ -2,6 +2,8 @@
 when it is set (so the run shows in the UI), else in an ephemeral one."""
 
 import os
+import socket
+import sys
 from contextlib import contextmanager
 
 import dagster as dg
@@ -30,6 +32,51 @@ def _instance():
         yield dg.DagsterInstance.ephemeral()
 
 
+# Shell runs carry their process, so a later run can tell one that is still going from one whose
+# process died (kill -9, out of memory, a reboot): Dagster keeps such a run STARTED, holding its
+# pool slot, and every later run of that database would wait for the slot forever.
+RUN_PID, RUN_HOST = "dr/pid", "dr/host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that pid
+    return True
+
+
+def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys.stderr)) -> list[str]:
+    """Mark failed, and free the pool slots of, the shell runs of this host whose process is gone."""
+    host = socket.gethostname()
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING],
+            tags={RUN_HOST: host},
+        )
+    )
+    failed = []
+    for record in records:
+        run = record.dagster_run
+        pid = int(run.tags.get(RUN_PID) or 0)
+        if not pid or _alive(pid):
+            continue
+        instance.report_run_failed(
+            run,
+            message=f"the process that ran it ({host}, pid {pid}) is gone: killed, out of "
+            "memory or the host restarted. Marked failed by the next run.",
+        )
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        log(
+            f"run {run.run_id} of {run.job_name} was left STARTED by a process that died (pid {pid}): marked "
+            "failed and its pool slot freed"
+        )
+        failed.append(run.run_id)
+    return failed
+
+
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_step_failure:
@@ -48,7 +95,13 @@ def run_job(
     # INFO on the console: the shell user reads progress, not Dagster's DEBUG event stream
     run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with _instance() as instance:
-        result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        fail_dead_runs(instance)
+        result = job.execute_in_process(
+            instance=instance,
+            run_config=run_config,
+            raise_on_error=False,
+            tags={RUN_PID: str(os.getpid()), RUN_HOST: socket.gethostname()},
+        )
         if not result.success and not allow_failure:
             raise RunFailed(_failure_message(result))
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,7 +66,18 @@ def record_attempt(
     started = datetime.now(timezone.utc)
     backup_id = new_backup_id(started)
     started_at = started.isoformat()
-    record: dict[str, object] = {"kind": kind, "database": database, "started_at": started_at, "backup_id": backup_id}
+    record: dict[str, object] = {
+        "kind": kind,
+        "database": database,
+        "started_at": started_at,
+        "backup_id": backup_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "finished_at": None,
+    }
+    # Recorded before it starts, and overwritten when it ends: an attempt killed midway (kill -9,
+    # out of memory, a reboot) leaves this unfinished record, which the health checks report.
+    store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
     try:
         result = run(config, database, locations, log, started, backup_id)
     except BaseException as e:

@@ -236,6 +236,7 @@ def check_integrity(
 
 
 def check_last_attempt(database: str, attempts: list[Record]) -> Outcome:
+    attempts = [a for a in attempts if not a.running()]  # one under way has no verdict yet
     if not attempts:
         return Outcome(database, LAST_ATTEMPT, True, ERROR, "no backup attempt recorded yet", {})
     last = attempts[0]
@@ -253,7 +254,11 @@ def check_last_attempt(database: str, attempts: list[Record]) -> Outcome:
         LAST_ATTEMPT,
         False,
         ERROR,
-        f"last backup attempt ({last.started_at}) failed: {last.error}",
+        f"last backup attempt ({last.started_at}) failed: {last.error}"
+        if not last.died()
+        else f"last backup attempt {last.backup_id} (started {last.started_at}) never finished: its process "
+        f"({last.host}, pid {last.pid}) died (killed, out of memory or the host restarted). The next backup "
+        "sweeps what it left; take one now",
         {"backup_id": last.backup_id or ""},
     )
 
@@ -395,7 +400,10 @@ def failed_restore_tests(tests: list[Record]) -> set[str]:
 
 def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, integrity: bool = False) -> Health:
     catalog = load_catalog(locations.values())
-    attempts = {db: load_reports(locations, db, RecordKind.BACKUP_ATTEMPT) for db in config.databases}
+    attempts = {
+        db: [a for a in load_reports(locations, db, RecordKind.BACKUP_ATTEMPT) if not a.running()]
+        for db in config.databases
+    }
     tests = {db: load_reports(locations, db, RecordKind.RESTORE_TEST) for db in config.databases}
     from dr_pipelines.core.wal.archive import archive_cluster, wal_status
 

@@ -39,6 +39,30 @@ class Record(BaseModel):
     error: str | None = None
     rto_s: float | None = None
     achievable_rpo_s: float | None = None
+    finished_at: str | None = None  # None: still running, or its process died (host and pid say which)
+    host: str | None = None
+    pid: int | None = None
+
+    def died(self) -> bool:
+        """Unfinished, and its process is gone (on this host we can tell; elsewhere, after a day)."""
+        import os
+        import socket
+        from datetime import datetime, timedelta, timezone
+
+        if self.finished_at is not None or self.host is None:
+            return False
+        if self.host != socket.gethostname() or not self.pid:
+            return datetime.now(timezone.utc) - datetime.fromisoformat(self.started_at) > timedelta(days=1)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def running(self) -> bool:
+        return self.finished_at is None and self.host is not None and not self.died()
 
 
 def store_record(

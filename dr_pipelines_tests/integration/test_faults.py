@@ -1,0 +1,79 @@
+"""Faults injected into real runs (marked `faults`: `./dev test -m faults` runs them alone).
+
+Each asserts what an operator needs after the fault: nothing half-made is listed, the next run
+succeeds without a hand, and the data restored equals the source."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import dagster as dg
+import pytest
+
+from dr_pipelines_tests.support.configs import local_location
+from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, run_cli
+
+pytestmark = pytest.mark.faults
+
+
+def _filler(pg, rows: int = 40_000) -> None:
+    """~40 MB in `app`, so a dump runs long enough to be killed in the middle."""
+    with pg.connect("app") as conn:
+        conn.execute(
+            "CREATE TABLE filler AS SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') "
+            "FROM generate_series(1, 32) i) AS junk FROM generate_series(1, %s) g",
+            (rows,),
+        )
+
+
+def _dagster_home(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # pools: one run per database
+    return home
+
+
+def _runs(home, monkeypatch) -> list[dg.DagsterRun]:
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        return list(instance.get_runs())
+
+
+def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config, tmp_path, monkeypatch):
+    _filler(pg)
+    repo = tmp_path / "repo"
+    path = write_config(pg, {"local": local_location(repo)})
+    home = _dagster_home(tmp_path)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.Popen([str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    attempts = repo / "app" / "reports" / "backup_attempt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (attempts.exists() and any(attempts.iterdir())):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the backup ended before it could be killed: " + proc.stderr.read().decode()
+    time.sleep(0.3)  # inside the dump
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    [run] = _runs(home, monkeypatch)
+    assert run.status == dg.DagsterRunStatus.STARTED  # what Dagster is left believing
+    listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json").stdout)
+    assert listed["backups"] == []  # nothing half-made is listed
+    status = run_cli("--config", str(path), "status", "--json")
+    assert status.returncode == 2 and "never finished: its process" in status.stdout  # and status says so
+
+    again = run_cli("--config", str(path), "backup", "app", env={"DAGSTER_HOME": str(home)}, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "marked failed and its pool slot freed" in again.stderr
+    assert sorted(r.status.value for r in _runs(home, monkeypatch)) == ["FAILURE", "SUCCESS"]
+
+    backup_id = again.stdout.strip().splitlines()[-1]
+    restored = run_cli("--config", str(path), "restore", "app", "--backup", backup_id, "--into", "app_copy")
+    assert restored.returncode == 0, restored.stderr
+    assert pg.table_checksums("app_copy") == pg.table_checksums("app")
+    after = run_cli("--config", str(path), "status", "--json").stdout
+    assert "never finished" not in after and f"last attempt {backup_id} succeeded" in after  # cleared by a good one
