@@ -2,8 +2,11 @@
 when it is set (so the run shows in the UI), else in an ephemeral one."""
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import dagster as dg
@@ -87,6 +90,105 @@ def _failure_message(result: dg.ExecuteInProcessResult) -> str:
     return f"run {result.run_id} failed"
 
 
+def _waiting_for(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """What the run waits for, if a step is blocked by its pool (another run of the database)."""
+    pools = [
+        entry.message.rsplit(" ", 1)[-1]
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+        if entry.message and "blocked by limit for pool" in entry.message
+    ]
+    if not pools:
+        return None
+    holders = instance.event_log_storage.get_concurrency_info(pools[-1]).active_run_ids - {run_id}
+    return (
+        f"waiting for pool {pools[-1]}: run {', '.join(sorted(holders)) or '(none)'} of the same database holds "
+        "it. SIGTERM or Ctrl-C stops waiting"
+    )
+
+
+def _terminate_children() -> None:
+    """SIGTERM to every process this one started (and theirs), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, seen = list(children.get(os.getpid(), [])), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def _execute_watched(
+    job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict
+) -> dg.ExecuteInProcessResult:
+    """execute_in_process in a worker thread, so this (main) thread keeps its signal handlers: Dagster
+    swaps SIGINT/SIGTERM for a flag nothing checks while a step waits for its pool, and the command
+    could then be stopped only by kill -9. Says what it waits for; a signal fails the run, frees its
+    pool slots and exits (what it leaves behind, the next run sweeps)."""
+    from dagster._core.utils import make_new_run_id
+
+    run_id = make_new_run_id()
+    box: dict = {}
+    stop: list[int] = []
+
+    def work() -> None:
+        try:
+            box["result"] = job.execute_in_process(
+                instance=instance,
+                run_config=run_config,
+                raise_on_error=False,
+                run_id=run_id,
+                tags={RUN_PID: str(os.getpid()), RUN_HOST: socket.gethostname()},
+            )
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    worker = threading.Thread(target=work, name=f"run-{run_id[:8]}", daemon=True)
+    worker.start()
+    said, last_look = None, 0.0
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+            if stop:
+                run = instance.get_run_by_id(run_id)
+                if run is not None and not run.is_finished:
+                    instance.report_run_failed(run, message=f"stopped by signal {signal.Signals(stop[0]).name}")
+                instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+                print(
+                    f"dr-pipelines: stopped by {signal.Signals(stop[0]).name}: run {run_id} marked failed",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(128 + stop[0])
+            if time.monotonic() - last_look > 5:
+                last_look = time.monotonic()
+                waiting = _waiting_for(instance, run_id)
+                if waiting and waiting != said:
+                    print(waiting, file=sys.stderr, flush=True)
+                said = waiting
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run_job(
     config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None, allow_failure: bool = False
 ):
@@ -96,12 +198,7 @@ def run_job(
     run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with _instance() as instance:
         fail_dead_runs(instance)
-        result = job.execute_in_process(
-            instance=instance,
-            run_config=run_config,
-            raise_on_error=False,
-            tags={RUN_PID: str(os.getpid()), RUN_HOST: socket.gethostname()},
-        )
+        result = _execute_watched(job, instance, run_config)
         if not result.success and not allow_failure:
             raise RunFailed(_failure_message(result))
         return result

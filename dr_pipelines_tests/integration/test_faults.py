@@ -48,8 +48,13 @@ def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config,
     path = write_config(pg, {"local": local_location(repo)})
     home = _dagster_home(tmp_path)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    proc = subprocess.Popen([str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     attempts = repo / "app" / "reports" / "backup_attempt"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not (attempts.exists() and any(attempts.iterdir())):
@@ -77,3 +82,33 @@ def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config,
     assert pg.table_checksums("app_copy") == pg.table_checksums("app")
     after = run_cli("--config", str(path), "status", "--json").stdout
     assert "never finished" not in after and f"last attempt {backup_id} succeeded" in after  # cleared by a good one
+
+
+def test_a_backup_waiting_for_its_pool_says_so_and_stops_on_sigterm(pg, write_config, tmp_path, monkeypatch):
+    path = write_config(pg, {"local": local_location(tmp_path / "repo")})
+    home = _dagster_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:  # another run of this database holds its pool
+        instance.event_log_storage.initialize_concurrency_limit_to_default("pg_app")  # as a first run would
+        instance.event_log_storage.claim_concurrency_slot("pg_app", "another-run", "app__logical_backup")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "waiting for pool pg_app: run another-run" in line or not line:
+            break
+    assert "SIGTERM or Ctrl-C stops waiting" in lines[-1], "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    with dg.DagsterInstance.get() as instance:
+        [run] = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.FAILURE  # not left STARTED, holding nothing
+        assert instance.event_log_storage.get_concurrency_info("pg_app").active_run_ids == {"another-run"}
