@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, free_port
+from dr_pipelines.core.storage.base import forget_down
 from dr_pipelines_tests.support.configs import BUCKET, AgeKey, gcs_location, local_location, s3_location
 from dr_pipelines_tests.support.postgres import PgServer
 from dr_pipelines_tests.support.processes import REACHABLE_DIRS, reachable_tmpdir, wait_for_port
@@ -82,6 +83,13 @@ def pg(make_pg) -> PgServer:
     server = make_pg()
     server.create_database("app")
     return server
+
+
+@pytest.fixture(autouse=True)
+def _locations_up() -> Iterator[None]:
+    """Each test starts with no location known down (as each run does)."""
+    forget_down()
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -262,7 +262,20 @@ class LocalLocationConfig(_Model):
         return p if p.is_absolute() else (base_dir / p)
 
 
-class S3LocationConfig(_Model):
+class RemoteLocation(_Model):
+    """How long a remote location may take to answer before it counts as down: a dead location
+    must cost seconds, not the client libraries' default minutes of retries."""
+
+    connect_timeout: Duration = Field(default=timedelta(seconds=3), description="to open a connection")
+    read_timeout: Duration = Field(default=timedelta(seconds=60), description="for an answer once connected")
+    retry_for: Duration = Field(
+        default=timedelta(seconds=6),
+        description="how long a retryable error (timeout, 5xx, connection refused) is retried before the location "
+        "counts as down; a down location is skipped, with a warning, for the next 5 minutes of the run",
+    )
+
+
+class S3LocationConfig(RemoteLocation):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""
@@ -292,7 +305,7 @@ class S3LocationConfig(_Model):
         }
 
 
-class GCSLocationConfig(_Model):
+class GCSLocationConfig(RemoteLocation):
     type: Literal["gcs"]
     bucket: str
     prefix: str = ""

@@ -44,7 +44,16 @@ class DrResource(dg.ConfigurableResource):
         return open_locations(config or self.config(), only, self.clients())
 
 
-def _client_of(resource: Any) -> Any:
+def _client_of(name: str, resource: Any, config: DrConfig) -> Any:
+    """GCSResource's client as it is (every call then passes the location's timeouts); for S3 the
+    resource's credentials and endpoint in a client with the location's timeouts and retries, which
+    S3Resource cannot set (its client waits the boto3 default of a minute per attempt)."""
+    cfg = config.locations[name]
+    if isinstance(cfg, S3LocationConfig):
+        from dr_pipelines.core.storage.s3 import s3_client
+
+        creds = {k: v for k in ("aws_access_key_id", "aws_secret_access_key") if (v := getattr(resource, k))}
+        return s3_client(name, cfg, creds or None)
     return resource.get_client()
 
 
@@ -61,7 +70,8 @@ def _resource_with_clients(s3: bool, gcs: bool) -> type[DrResource]:
         annotations["gcs"] = dict[str, GCSResource]
 
     def clients(self) -> dict[str, Any]:
-        return {name: _client_of(r) for field in annotations for name, r in getattr(self, field).items()}
+        config = self.config()
+        return {name: _client_of(name, r, config) for field in annotations for name, r in getattr(self, field).items()}
 
     namespace = {
         "__annotations__": annotations,

@@ -1,9 +1,11 @@
 """Every location type against its real server: atomic uploads, listing, reading, errors."""
 
+import time
+
 import pytest
 
 from dr_pipelines.core.config import GCSLocationConfig, S3LocationConfig
-from dr_pipelines.core.storage.base import LocationError, ObjectNotFound
+from dr_pipelines.core.storage.base import LocationDown, ObjectNotFound, forget_down
 from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.storage.locations import open_location
 from dr_pipelines_tests.support.configs import gcs_location, s3_location
@@ -72,9 +74,14 @@ def test_s3_objects_carry_sse_and_storage_class(s3, tmp_path):
 def test_s3_server_down_names_the_location(tmp_path):
     cfg = S3LocationConfig(type="s3", bucket="b", endpoint_url="http://127.0.0.1:9", region="us-east-1")
     loc = open_location("offsite", cfg, tmp_path)
-    with pytest.raises(LocationError, match="location 'offsite'"):
+    with pytest.raises(LocationDown, match="location 'offsite': cannot write s3://b/x: Could not connect"):
         loc.put_bytes("x", b"y")
-    with pytest.raises(LocationError, match="location 'offsite'.*cannot list"):
+    t0 = time.monotonic()
+    with pytest.raises(LocationDown, match="location 'offsite': skipped: down since earlier in this run"):
+        list(loc.list())  # known down: skipped at once for the rest of the run
+    assert time.monotonic() - t0 < 0.5
+    forget_down()
+    with pytest.raises(LocationDown, match="location 'offsite': cannot list"):
         list(loc.list())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,6 +55,38 @@ class TieredLocation(Location, Protocol):
 
     def get_storage_class(self, key: str) -> str: ...
     def set_storage_class(self, key: str, storage_class: str) -> None: ...
+
+
+# Locations found down in this process, by name: skipped until the time given (the rest of a run),
+# so a dead location costs one timeout per run, not one per object. In-memory on purpose: a new
+# process (the next run) tries again.
+DOWN_FOR = 300.0
+_down: dict[str, tuple[float, str]] = {}
+
+
+def mark_down(name: str, reason: str) -> None:
+    _down[name] = (time.monotonic() + DOWN_FOR, reason)
+
+
+def forget_down() -> None:
+    """Try every location again (a new run; the tests, between tests)."""
+    _down.clear()
+
+
+def check_up(name: str) -> None:
+    """Raise LocationDown at once for a location found down earlier in this run."""
+    entry = _down.get(name)
+    if entry is None:
+        return
+    until, reason = entry
+    if time.monotonic() > until:
+        del _down[name]
+        return
+    raise LocationDown(name, f"skipped: down since earlier in this run ({reason})")
+
+
+class LocationDown(LocationError):
+    """The location did not answer within its timeouts and retries (the rest of the run skips it)."""
 
 
 def describe_error(exc: BaseException) -> str:

@@ -10,11 +10,14 @@ from dr_pipelines.core.config import (
     GCSLocationConfig,
 )
 from dr_pipelines.core.storage.base import (
+    LocationDown,
     LocationError,
     ObjectInfo,
     ObjectNotFound,
     Upload,
+    check_up,
     describe_error,
+    mark_down,
 )
 
 # --------------------------------------------------------------------------- GCS
@@ -24,26 +27,26 @@ class _GCSUpload:
     """Resumable upload; the object appears only when the upload is finalized at commit."""
 
     def __init__(self, location: GCSLocation, key: str):
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
         self._loc = location
         self._key = key
         blob = location.bucket.blob(key)
         if location.storage_class:
             blob.storage_class = location.storage_class
-        self._writer = blob.open("wb", chunk_size=location.chunk_size, ignore_flush=True, retry=DEFAULT_RETRY)
+        self._writer = blob.open(
+            "wb", chunk_size=location.chunk_size, ignore_flush=True, retry=location.retry, timeout=location.timeout
+        )
 
     def write(self, data: bytes) -> None:
         try:
             self._writer.write(data)
         except Exception as e:
-            raise LocationError(self._loc.name, f"cannot upload {self._loc.url(self._key)}: {describe_error(e)}") from e
+            raise self._loc._err("upload", self._key, e, prefixed=True) from e
 
     def commit(self) -> None:
         try:
             self._writer.close()
         except Exception as e:
-            raise LocationError(self._loc.name, f"cannot finish {self._loc.url(self._key)}: {describe_error(e)}") from e
+            raise self._loc._err("finish", self._key, e, prefixed=True) from e
 
     def abort(self) -> None:
         # A dropped BlobWriter finalizes itself when garbage-collected (io objects close in
@@ -61,10 +64,39 @@ class _GCSUpload:
             pass
 
 
+class _Reader:
+    """A blob's bytes as they arrive; GCS going away mid-read raises LocationError, not corruption."""
+
+    def __init__(self, location: GCSLocation, key: str, reader: Any):
+        self._loc, self._key, self._reader = location, key, reader
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._reader.read(size)
+        except Exception as e:
+            raise self._loc._err("read", self._key, e) from e
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class GCSLocation:
     def __init__(self, name: str, cfg: GCSLocationConfig, client: Any):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         self.name = name
         self.client = client
+        # every call: these timeouts, and retries for at most retry_for (the library's default is 120 s)
+        self.timeout = (cfg.connect_timeout.total_seconds(), cfg.read_timeout.total_seconds())
+        self.retry = DEFAULT_RETRY.with_deadline(cfg.retry_for.total_seconds()).with_timeout(
+            cfg.retry_for.total_seconds()
+        )
         self.bucket = client.bucket(cfg.bucket)
         self.bucket_name = cfg.bucket
         self.prefix = cfg.prefix
@@ -74,14 +106,28 @@ class GCSLocation:
     def url(self, key: str = "") -> str:
         return f"gs://{self.bucket_name}/{self.prefix}{key}"
 
-    def _err(self, what: str, key: str, e: Exception) -> LocationError:
+    def _err(self, what: str, key: str, e: Exception, prefixed: bool = False) -> LocationError:
+        """`key` is relative to the prefix unless `prefixed` (an upload's full name)."""
         from google.api_core.exceptions import NotFound
 
+        url = f"gs://{self.bucket_name}/{key}" if prefixed else self.url(key)
         if isinstance(e, NotFound):
-            return ObjectNotFound(self.name, f"{self.url(key)} not found")
-        return LocationError(self.name, f"cannot {what} {self.url(key)}: {describe_error(e)}")
+            return ObjectNotFound(self.name, f"{url} not found")
+        text = f"cannot {what} {url}: {describe_error(e)}"
+        if _unreachable(e):
+            mark_down(self.name, text)
+            return LocationDown(self.name, text)
+        return LocationError(self.name, text)
+
+    def _call(self, what: str, key: str, fn, *args, **kw):
+        check_up(self.name)
+        try:
+            return fn(*args, timeout=self.timeout, retry=self.retry, **kw)
+        except Exception as e:
+            raise self._err(what, key, e) from e
 
     def open_upload(self, key: str) -> Upload:
+        check_up(self.name)
         try:
             return _GCSUpload(self, self.prefix + key)
         except Exception as e:
@@ -91,62 +137,75 @@ class GCSLocation:
         blob = self.bucket.blob(self.prefix + key)
         if self.storage_class:
             blob.storage_class = self.storage_class
-        try:
-            blob.upload_from_string(data, content_type="application/octet-stream")
-        except Exception as e:
-            raise self._err("write", key, e) from e
+        self._call("write", key, blob.upload_from_string, data, content_type="application/octet-stream")
 
     def get_bytes(self, key: str) -> bytes:
-        try:
-            return self.bucket.blob(self.prefix + key).download_as_bytes()
-        except Exception as e:
-            raise self._err("read", key, e) from e
+        return self._call("read", key, self.bucket.blob(self.prefix + key).download_as_bytes)
 
     def open_read(self, key: str) -> BinaryIO:
-        try:
-            blob = self.bucket.get_blob(self.prefix + key)
-        except Exception as e:
-            raise self._err("read", key, e) from e
+        blob = self._call("read", key, self.bucket.get_blob, self.prefix + key)
         if blob is None:
             raise ObjectNotFound(self.name, f"{self.url(key)} not found")
-        return blob.open("rb", chunk_size=self.chunk_size)
+        return _Reader(
+            self,
+            key,
+            blob.open(
+                "rb",
+                chunk_size=self.chunk_size,
+                retry=self.retry,  # type: ignore[return-value]
+                timeout=self.timeout,
+            ),
+        )
 
     def size(self, key: str) -> int | None:
-        try:
-            blob = self.bucket.get_blob(self.prefix + key)
-        except Exception as e:
-            raise self._err("inspect", key, e) from e
+        blob = self._call("inspect", key, self.bucket.get_blob, self.prefix + key)
         return None if blob is None else blob.size
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_up(self.name)
         try:
-            for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix + prefix):
+            blobs = self.client.list_blobs(
+                self.bucket_name, prefix=self.prefix + prefix, timeout=self.timeout, retry=self.retry
+            )
+            for blob in blobs:
                 yield ObjectInfo(blob.name[len(self.prefix) :], blob.size, blob.updated)
         except Exception as e:
             raise self._err("list", prefix, e) from e
 
     def delete(self, key: str) -> None:
         try:
-            self.bucket.blob(self.prefix + key).delete()
-        except Exception as e:
-            err = self._err("delete", key, e)
-            if not isinstance(err, ObjectNotFound):
-                raise err from e
+            self._call("delete", key, self.bucket.blob(self.prefix + key).delete)
+        except ObjectNotFound:
+            pass
 
     def get_storage_class(self, key: str) -> str:
-        try:
-            blob = self.bucket.get_blob(self.prefix + key)
-        except Exception as e:
-            raise self._err("inspect", key, e) from e
+        blob = self._call("inspect", key, self.bucket.get_blob, self.prefix + key)
         if blob is None:
             raise ObjectNotFound(self.name, f"{self.url(key)} not found")
         return blob.storage_class or "STANDARD"
 
     def set_storage_class(self, key: str, storage_class: str) -> None:
-        try:
-            self.bucket.blob(self.prefix + key).update_storage_class(storage_class)
-        except Exception as e:
-            raise self._err("change the storage class of", key, e) from e
+        self._call(
+            "change the storage class of", key, self.bucket.blob(self.prefix + key).update_storage_class, storage_class
+        )
+
+
+def _unreachable(e: Exception) -> bool:
+    """No answer at all, or none within retry_for: the location is down."""
+    import requests
+    from google.api_core.exceptions import RetryError, ServiceUnavailable
+
+    return isinstance(
+        e,
+        (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            RetryError,
+            ServiceUnavailable,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
 
 
 def gcs_client(cfg: GCSLocationConfig):

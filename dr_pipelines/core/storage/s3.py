@@ -9,11 +9,14 @@ from dr_pipelines.core.config import (
     S3LocationConfig,
 )
 from dr_pipelines.core.storage.base import (
+    LocationDown,
     LocationError,
     ObjectInfo,
     ObjectNotFound,
     Upload,
+    check_up,
     describe_error,
+    mark_down,
 )
 
 # --------------------------------------------------------------------------- S3
@@ -97,6 +100,29 @@ class _S3Upload:
         self._buf = bytearray()
 
 
+class _Body:
+    """An object's bytes as they arrive; a location that stops answering mid-read raises LocationError
+    (it is not a corrupt object, and must not read like one)."""
+
+    def __init__(self, location: S3Location, key: str, body: Any):
+        self._loc, self._key, self._body = location, key, body
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._body.read(size if size >= 0 else None)
+        except Exception as e:
+            raise self._loc._error("read", self._key, e) from e
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class S3Location:
     def __init__(self, name: str, cfg: S3LocationConfig, client: Any):
         self.name = name
@@ -111,12 +137,20 @@ class S3Location:
                 self.put_args["SSEKMSKeyId"] = cfg.sse_kms_key_id
 
     def _call(self, what: str, key: str, fn, **kw):
+        check_up(self.name)
         try:
             return fn(**kw)
         except Exception as e:
-            if _s3_not_found(e):
-                raise ObjectNotFound(self.name, f"{self.url(key)} not found") from e
-            raise LocationError(self.name, f"cannot {what} {self.url(key)}: {describe_error(e)}") from e
+            raise self._error(what, key, e) from e
+
+    def _error(self, what: str, key: str, e: Exception) -> LocationError:
+        if _s3_not_found(e):
+            return ObjectNotFound(self.name, f"{self.url(key)} not found")
+        text = f"cannot {what} {self.url(key)}: {describe_error(e)}"
+        if _unreachable(e):
+            mark_down(self.name, text)
+            return LocationDown(self.name, text)
+        return LocationError(self.name, text)
 
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
@@ -135,7 +169,7 @@ class S3Location:
 
     def open_read(self, key: str) -> BinaryIO:
         resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self.prefix + key)
-        return resp["Body"]
+        return _Body(self, key, resp["Body"])  # type: ignore[return-value]
 
     def size(self, key: str) -> int | None:
         try:
@@ -145,6 +179,7 @@ class S3Location:
         return resp["ContentLength"]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_up(self.name)
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + prefix
@@ -153,7 +188,7 @@ class S3Location:
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"][len(self.prefix) :], obj["Size"], obj.get("LastModified"))
         except Exception as e:
-            raise LocationError(self.name, f"cannot list {self.url(prefix)}: {describe_error(e)}") from e
+            raise self._error("list", prefix, e) from e
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
@@ -184,15 +219,30 @@ def _s3_not_found(exc: Exception) -> bool:
 # --------------------------------------------------------------------------- clients from config
 
 
-def s3_client(name: str, cfg: S3LocationConfig):
-    """A boto3 client for the command line (the Dagster layer uses dagster-aws's S3Resource)."""
+def s3_client(name: str, cfg: S3LocationConfig, credentials: dict[str, str] | None = None):
+    """A boto3 client with the location's timeouts; credentials from dagster-aws's S3Resource in the
+    Dagster layer, else from the variables the config names (or boto3's own chain)."""
     import boto3
     from botocore.config import Config
 
+    connect = cfg.connect_timeout.total_seconds()
+    attempts = max(1, round(cfg.retry_for.total_seconds() / max(connect, 1.0)))
     return boto3.client(
         "s3",
         endpoint_url=cfg.endpoint_url,
         region_name=cfg.region,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
-        **cfg.credentials(name),
+        config=Config(
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect,
+            read_timeout=cfg.read_timeout.total_seconds(),
+        ),
+        **(credentials if credentials is not None else cfg.credentials(name)),
     )
+
+
+def _unreachable(e: Exception) -> bool:
+    """No answer at all (refused, timed out, dropped): the location is down, not the request wrong."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(e, (BotoConnectionError, HTTPClientError))
