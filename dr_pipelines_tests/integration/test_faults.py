@@ -13,8 +13,9 @@ import time
 import dagster as dg
 import pytest
 
-from dr_pipelines_tests.support.configs import local_location
+from dr_pipelines_tests.support.configs import BUCKET, gcs_location, local_location, s3_location
 from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, run_cli
+from dr_pipelines_tests.support.servers import start_gcs_emulator, start_moto
 
 pytestmark = pytest.mark.faults
 
@@ -112,3 +113,50 @@ def test_a_backup_waiting_for_its_pool_says_so_and_stops_on_sigterm(pg, write_co
         [run] = instance.get_runs()
         assert run.status == dg.DagsterRunStatus.FAILURE  # not left STARTED, holding nothing
         assert instance.event_log_storage.get_concurrency_info("pg_app").active_run_ids == {"another-run"}
+
+
+def _own_server(kind: str):
+    """A server this test may stop (the session's are shared), with an empty bucket."""
+    import boto3
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    server = start_moto() if kind == "s3" else start_gcs_emulator()
+    if kind == "s3":
+        boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    else:
+        storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": server.url}
+        ).create_bucket(BUCKET)
+    return server
+
+
+@pytest.mark.parametrize("dead", ["s3", "gcs"])
+def test_a_dead_location_costs_seconds_and_the_restore_falls_back(pg, write_config, tmp_path, dead):
+    server = _own_server(dead)
+    try:
+        remote = s3_location(server) if dead == "s3" else gcs_location()
+        # the dead location comes first: the restore prefers it, and must give up on it quickly
+        path = write_config(pg, {dead: remote, "local": local_location(tmp_path / "repo")})
+        env = {"STORAGE_EMULATOR_HOST": server.url} if dead == "gcs" else {}
+        first = run_cli("--config", str(path), "backup", "app", env=env)
+        assert first.returncode == 0, first.stderr
+        server.stop()
+
+        t0 = time.monotonic()
+        backup = run_cli("--config", str(path), "backup", "app", env=env)
+        backup_s = time.monotonic() - t0
+        assert backup.returncode == 1 and f"location '{dead}'" in backup.stderr  # loud, naming it
+        assert "stored on local" in backup.stderr or "local" in backup.stderr
+
+        t0 = time.monotonic()
+        restored = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "app_copy", env=env)
+        restore_s = time.monotonic() - t0
+        assert restored.returncode == 0, restored.stderr
+        assert pg.table_checksums("app_copy") == pg.table_checksums("app")
+        # each command pays one timeout for the dead location, not the client libraries' minutes
+        # (the command itself takes ~4 s to start Dagster and run the job)
+        print(f"{dead} down: backup {backup_s:.1f}s, restore with fallback {restore_s:.1f}s")
+        assert backup_s < 25 and restore_s < 30
+    finally:
+        server.stop()
