@@ -13,6 +13,7 @@ import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
+from dr_pipelines.core.owner import pid_alive
 from dr_pipelines.core.pitr.recover import PitrReport
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.report import RestoreReport
@@ -41,16 +42,6 @@ def _instance():
 RUN_PID, RUN_HOST = "dr/pid", "dr/host"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process with that pid
-    return True
-
-
 def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys.stderr)) -> list[str]:
     """Mark failed, and free the pool slots of, the shell runs of this host whose process is gone."""
     host = socket.gethostname()
@@ -64,7 +55,7 @@ def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys
     for record in records:
         run = record.dagster_run
         pid = int(run.tags.get(RUN_PID) or 0)
-        if not pid or _alive(pid):
+        if not pid or pid_alive(pid):
             continue
         instance.report_run_failed(
             run,

@@ -30,6 +30,10 @@ def _filler(pg, rows: int = 40_000) -> None:
         )
 
 
+def _temp_files(root) -> list[str]:
+    return [str(p) for p in root.rglob(".*") if ".tmp-" in p.name]
+
+
 def _dagster_home(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -71,12 +75,18 @@ def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config,
     assert listed["backups"] == []  # nothing half-made is listed
     status = run_cli("--config", str(path), "status", "--json")
     assert status.returncode == 2 and "never finished: its process" in status.stdout  # and status says so
+    assert _temp_files(repo), "the killed upload left no temp file: the kill came too late to test the sweep"
+    assert "leftovers of killed runs" in status.stdout
 
     again = run_cli("--config", str(path), "backup", "app", env={"DAGSTER_HOME": str(home)}, timeout=180)
     assert again.returncode == 0, again.stderr
     assert "marked failed and its pool slot freed" in again.stderr
     assert sorted(r.status.value for r in _runs(home, monkeypatch)) == ["FAILURE", "SUCCESS"]
 
+    assert "removed a leftover of a killed run" in again.stderr
+    assert _temp_files(repo) == []  # nothing half-written stays
+    for backup_dir in (repo / "app" / "logical").iterdir():
+        assert (backup_dir / "manifest.json").exists(), f"{backup_dir} has objects but no manifest"
     backup_id = again.stdout.strip().splitlines()[-1]
     restored = run_cli("--config", str(path), "restore", "app", "--backup", backup_id, "--into", "app_copy")
     assert restored.returncode == 0, restored.stderr
@@ -160,3 +170,38 @@ def test_a_dead_location_costs_seconds_and_the_restore_falls_back(pg, write_conf
         assert backup_s < 25 and restore_s < 30
     finally:
         server.stop()
+
+
+def test_a_killed_restore_leaves_plaintext_and_a_staging_database_only_until_the_next(pg, write_config, tmp_path):
+    _filler(pg)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    path = write_config(pg, {"local": local_location(tmp_path / "repo")}, database={"scratch_dir": str(scratch)})
+    assert run_cli("--config", str(path), "backup", "app").returncode == 0
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "restore", "app", "--latest", "--into", "app_copy"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    staging: list = []
+    while time.monotonic() < deadline and proc.poll() is None and not staging:
+        with pg.connect() as conn:
+            staging = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE '%__restoring_%'").fetchall()
+        time.sleep(0.05)
+    assert proc.poll() is None and staging, "the restore ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(scratch.glob("dr-restore-*")), "no scratch directory left: the kill came too late"
+
+    status = run_cli("--config", str(path), "status")
+    assert "staging database" in status.stdout and "restore scratch directory (may hold plaintext)" in status.stdout
+
+    again = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "app_copy")
+    assert again.returncode == 0, again.stderr
+    assert list(scratch.iterdir()) == []  # no plaintext stays on this host
+    with pg.connect() as conn:
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert not [n for n in names if "__restoring_" in n]
+    assert pg.table_checksums("app_copy") == pg.table_checksums("app")

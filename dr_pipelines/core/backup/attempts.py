@@ -18,6 +18,7 @@ from dr_pipelines.core.repository.manifest import (
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.sweep import repository_leftovers, sweep
 
 
 class BackupFailed(DrError):
@@ -75,8 +76,10 @@ def record_attempt(
         "pid": os.getpid(),
         "finished_at": None,
     }
-    # Recorded before it starts, and overwritten when it ends: an attempt killed midway (kill -9,
-    # out of memory, a reboot) leaves this unfinished record, which the health checks report.
+    # what killed backups of this database left behind (temp files, unfinished uploads, objects
+    # without a manifest) goes first; then this attempt is recorded before it starts, and the record
+    # overwritten when it ends: one killed midway leaves it unfinished, which the checks report.
+    sweep(repository_leftovers(locations, database, started), log)
     store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
     try:
         result = run(config, database, locations, log, started, backup_id)

@@ -57,6 +57,9 @@ RTO = "rto_within_objective"
 REPOSITORY = "repository_readable"
 
 
+LEFTOVERS = "no_leftovers"
+
+
 @dataclass
 class Outcome:
     database: str
@@ -436,4 +439,25 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
                 *check_wal(config, wal[db]),
                 check_pitr_tests(db, drills[db]),
             ]
+    outcomes.append(check_leftovers(config, locations, now))
     return Health(now, catalog, attempts, tests, outcomes, wal, drills)
+
+
+def check_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> Outcome:
+    """What killed runs left behind (the next backup or restore sweeps it)."""
+    from dr_pipelines.core.sweep import all_leftovers
+
+    found = all_leftovers(config, locations, now)
+    if not found:
+        return Outcome("*", LEFTOVERS, True, WARNING, "nothing left behind by killed runs")
+    shown = "; ".join(item.describe() for item in found[:5]) + (
+        f"; and {len(found) - 5} more" if len(found) > 5 else ""
+    )
+    return Outcome(
+        "*",
+        LEFTOVERS,
+        False,
+        WARNING,
+        f"{len(found)} leftovers of killed runs: {shown}. The next backup or restore removes them",
+        {"leftovers": len(found)},
+    )

@@ -9,6 +9,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_dead
 from dr_pipelines.core.storage.base import Location, LocationError
 
 # --------------------------------------------------------------------------- history records
@@ -45,21 +46,14 @@ class Record(BaseModel):
 
     def died(self) -> bool:
         """Unfinished, and its process is gone (on this host we can tell; elsewhere, after a day)."""
-        import os
-        import socket
         from datetime import datetime, timedelta, timezone
 
         if self.finished_at is not None or self.host is None:
             return False
-        if self.host != socket.gethostname() or not self.pid:
+        dead = owner_dead(f"{self.host}:{self.pid}")
+        if dead is None:
             return datetime.now(timezone.utc) - datetime.fromisoformat(self.started_at) > timedelta(days=1)
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return dead
 
     def running(self) -> bool:
         return self.finished_at is None and self.host is not None and not self.died()

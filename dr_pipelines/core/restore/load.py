@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dr_pipelines.core.codec.decode import OutputFull
@@ -27,13 +27,21 @@ from dr_pipelines.core.restore.pg_restore import (
 from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.sweep import (
+    SCRATCH_PREFIX,
+    make_scratch_dir,
+    scratch_base,
+    scratch_leftovers,
+    staging_leftovers,
+    sweep,
+)
 
 
 @contextmanager
 def scratch_directory(config: DrConfig, database: str, name: str | None = None) -> Iterator[Path]:
     """A private 0700 directory for plaintext, removed afterwards even on failure."""
     path = scratch_path(config, database, name)
-    path.mkdir(mode=0o700, parents=False, exist_ok=False)
+    make_scratch_dir(path)
     try:
         yield path
     finally:
@@ -41,8 +49,7 @@ def scratch_directory(config: DrConfig, database: str, name: str | None = None) 
 
 
 def scratch_path(config: DrConfig, database: str, name: str | None = None) -> Path:
-    base = Path(config.databases[database].scratch_dir or tempfile.gettempdir())
-    return base / f"dr-restore-{name or secrets.token_hex(6)}"
+    return scratch_base(config.databases[database]) / f"{SCRATCH_PREFIX}{name or secrets.token_hex(6)}"
 
 
 def restore_into(
@@ -57,6 +64,8 @@ def restore_into(
 ) -> tuple[Fetched, dict[str, float]]:
     """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
     pg_restore and then indexes and constraints in parallel."""
+    # what killed restores left here (plaintext in a scratch directory, a staging database) goes first
+    sweep(scratch_leftovers(config, datetime.now(timezone.utc)) + staging_leftovers(config, request.database), log)
     t0 = time.monotonic()
     plaintext = workdir / "restore.pgdump"
     db = config.database(request.database)

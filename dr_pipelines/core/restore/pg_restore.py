@@ -17,10 +17,12 @@ from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import DatabaseConfig
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.postgres.client import connect, libpq_env, pg_tool, server_facts
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
+from dr_pipelines.core.sweep import STAGING_COMMENT
 
 
 def _sections(request: RestoreRequest) -> list[str]:
@@ -109,14 +111,13 @@ class RestoreSink:
         self.t0 = self._last_progress = time.monotonic()
         self.log = log
         self.bytes = 0
-        with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
-            major = server_facts(conn)["server_major"]
-            if create:
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+        self.major = create_database(server, db_name, dbname, create)
         self.created = create
-        self.major = major
         self.pg_restore = _PgRestore(
-            _pg_restore_cmd(server, major, dbname, request) + _sections(request), server, db_name, stdin=subprocess.PIPE
+            _pg_restore_cmd(server, self.major, dbname, request) + _sections(request),
+            server,
+            db_name,
+            stdin=subprocess.PIPE,
         )
         fd = os.open(plaintext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.file = os.fdopen(fd, "wb", buffering=CHUNK)
@@ -225,6 +226,12 @@ def create_database(server: DatabaseConfig, db_name: str, dbname: str, create: b
     with connect(server, db_name, dbname="postgres", autocommit=True) as conn:
         if create:
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+            # who made it: a run killed before it drops the database leaves it to the next one's sweep
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(dbname), sql.Literal(STAGING_COMMENT + owner_tag())
+                )
+            )
         return server_facts(conn)["server_major"]
 
 

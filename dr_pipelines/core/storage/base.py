@@ -30,6 +30,18 @@ class ObjectInfo:
     modified: datetime | None = None  # when the object was written (UTC), as the listing reports it
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """An upload that never completed (a temp file, an S3 multipart upload): invisible to listings,
+    but it takes space (and S3 bills it) until it is discarded."""
+
+    key: str
+    started: datetime | None
+    owner: str | None  # host:pid of the process that made it, where the location can tell
+    what: str
+    ref: str = ""  # the location's own handle (an upload id)
+
+
 class Upload(Protocol):
     def write(self, data: bytes) -> None: ...
     def commit(self) -> None: ...
@@ -47,6 +59,8 @@ class Location(Protocol):
     def size(self, key: str) -> int | None: ...
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+    def unfinished(self, prefix: str = "") -> Iterator[Unfinished]: ...
+    def discard(self, item: Unfinished) -> None: ...
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from dr_pipelines.core.storage.base import (
     LocationError,
     ObjectInfo,
     ObjectNotFound,
+    Unfinished,
     Upload,
     check_up,
     describe_error,
@@ -177,6 +178,13 @@ class GCSLocation:
             self._call("delete", key, self.bucket.blob(self.prefix + key).delete)
         except ObjectNotFound:
             pass
+
+    def unfinished(self, prefix: str = "") -> Iterator[Unfinished]:
+        """None to find: an unfinished resumable upload is invisible, costs nothing and expires."""
+        return iter(())
+
+    def discard(self, item: Unfinished) -> None:
+        pass
 
     def get_storage_class(self, key: str) -> str:
         blob = self._call("inspect", key, self.bucket.get_blob, self.prefix + key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,10 +18,11 @@ from dr_pipelines.core.storage.base import (
     LocationError,
     ObjectInfo,
     ObjectNotFound,
+    Unfinished,
     Upload,
 )
 
-# --------------------------------------------------------------------------- local
+TEMP = ".tmp-"  # .<name>.tmp-<pid>@<host>.<random>: an upload in progress, or one whose process died
 
 
 class _LocalUpload:
@@ -30,7 +32,7 @@ class _LocalUpload:
         # directories made here must themselves be durable: fsync each one's parent at commit
         self._new_dirs = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self._tmp = path.with_name(f".{path.name}{TEMP}{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}")
         self._file = open(self._tmp, "xb")  # noqa: SIM115 -- closed by commit() or abort()
 
     def write(self, data: bytes) -> None:
@@ -122,4 +124,36 @@ class LocalLocation:
                         continue
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        self._prune(path.parent)
+
+    def _prune(self, directory: Path) -> None:
+        """Remove directories left empty (a removed backup's), up to the location's root."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:
+                return  # not empty, or gone
+            directory = directory.parent
+
+    def unfinished(self, prefix: str = "") -> Iterator[Unfinished]:
+        """Temp files of uploads that never committed (named after the process that wrote them)."""
+        start = self.root / prefix if prefix and (self.root / prefix).is_dir() else self.root
+        if not start.exists():
+            return
+        for dirpath, _dirs, files in os.walk(start):
+            for f in files:
+                if f.startswith(".") and TEMP in f:
+                    p = Path(dirpath) / f
+                    pid, _, rest = f.rsplit(TEMP, 1)[1].partition("@")
+                    host = rest.rsplit(".", 1)[0] if rest else None
+                    try:
+                        started = datetime.fromtimestamp(p.stat().st_mtime, timezone.utc)
+                    except FileNotFoundError:
+                        continue
+                    owner = f"{host}:{pid}" if host else None
+                    yield Unfinished(p.relative_to(self.root).as_posix(), started, owner, "temp file")
+
+    def discard(self, item: Unfinished) -> None:
+        self.delete(item.key)

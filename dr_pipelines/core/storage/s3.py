@@ -13,6 +13,7 @@ from dr_pipelines.core.storage.base import (
     LocationError,
     ObjectInfo,
     ObjectNotFound,
+    Unfinished,
     Upload,
     check_up,
     describe_error,
@@ -192,6 +193,31 @@ class S3Location:
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+
+    def unfinished(self, prefix: str = "") -> Iterator[Unfinished]:
+        """Multipart uploads never completed nor aborted (billed by S3 until they are)."""
+        check_up(self.name)
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    yield Unfinished(
+                        up["Key"][len(self.prefix) :], up.get("Initiated"), None, "multipart upload", up["UploadId"]
+                    )
+        except Exception as e:
+            raise self._error("list the unfinished uploads of", prefix, e) from e
+
+    def discard(self, item: Unfinished) -> None:
+        self._call(
+            "abort the upload of",
+            item.key,
+            self.client.abort_multipart_upload,
+            Bucket=self.bucket,
+            Key=self.prefix + item.key,
+            UploadId=item.ref,
+        )
 
     def get_storage_class(self, key: str) -> str:
         resp = self._call("inspect", key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)

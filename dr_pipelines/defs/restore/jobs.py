@@ -40,6 +40,7 @@ from dr_pipelines.core.restore.target import (
     swap_in,
 )
 from dr_pipelines.core.restore.validation import ValidationResult, diff_table, validate_database
+from dr_pipelines.core.sweep import make_scratch_dir
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
@@ -153,7 +154,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         cfg = dr.config()
         request, plan, db = state.request, state.plan, state.database(cfg)
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
-        workdir.mkdir(mode=0o700)
+        make_scratch_dir(workdir)
         try:
             with domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
