@@ -16,6 +16,7 @@ import pytest
 from dr_pipelines_tests.support.configs import BUCKET, gcs_location, local_location, s3_location
 from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, run_cli
 from dr_pipelines_tests.support.servers import start_gcs_emulator, start_moto
+from dr_pipelines_tests.support.wal import WalSetup
 
 pytestmark = pytest.mark.faults
 
@@ -205,3 +206,48 @@ def test_a_killed_restore_leaves_plaintext_and_a_staging_database_only_until_the
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
     assert not [n for n in names if "__restoring_" in n]
     assert pg.table_checksums("app_copy") == pg.table_checksums("app")
+
+
+def _data_dir_of(tmp_path, name: str, control: bytes):
+    """What archive_command sees of a cluster: its data directory, with global/pg_control."""
+    data_dir = tmp_path / name
+    (data_dir / "global").mkdir(parents=True)
+    (data_dir / "pg_wal").mkdir()
+    (data_dir / "global" / "pg_control").write_bytes(control)
+    return data_dir
+
+
+def test_a_foreign_clusters_history_file_is_refused(pg, tmp_path):
+    ours = WalSetup(pg)
+    try:
+        ours.enable_archiving()
+        ours.switch_and_wait()  # the archive now belongs to our cluster
+        control = (pg.cluster.data_dir / "global" / "pg_control").read_bytes()
+        sysid = int.from_bytes(control[:8], "little")
+        other = (sysid + 1).to_bytes(8, "little") + control[8:]
+        for name, data_dir, expect in (
+            ("foreign", _data_dir_of(tmp_path, "foreign", other), 1),
+            ("ours", _data_dir_of(tmp_path, "ours", control), 0),
+        ):
+            (data_dir / "pg_wal" / "00000009.history").write_text("1\t0/3000000\tno recovery target specified\n")
+            r = subprocess.run(
+                [
+                    str(VENV_BIN / "dr-pipelines"),
+                    "--config",
+                    str(ours.config_path),
+                    "wal-push",
+                    "--db",
+                    "app",
+                    "pg_wal/00000009.history",
+                ],
+                cwd=data_dir,
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == expect, f"{name}: {r.stderr}"
+            if expect:  # refused, naming both clusters; nothing was archived
+                assert f"pushed by cluster {sysid + 1}" in r.stderr and "refusing to mix them" in r.stderr
+                assert not list((ours.repo / "app" / "wal").rglob("00000009.history*"))
+        assert list((ours.repo / "app" / "wal").rglob("00000009.history.json"))  # ours was archived
+    finally:
+        ours.cleanup()

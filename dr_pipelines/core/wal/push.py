@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,19 @@ class PushResult:
     already: list[str] = field(default_factory=list)  # identical copy was there
 
 
+def pushing_cluster(path: Path) -> str | None:
+    """The system identifier of the cluster archiving `path`: the first 8 bytes of its
+    global/pg_control. PostgreSQL runs archive_command in the data directory and passes
+    pg_wal/<file>; a path elsewhere falls back to the working directory."""
+    data_dir = path.parent.parent if path.parent.name == "pg_wal" else Path.cwd()
+    try:
+        with open(data_dir / "global" / "pg_control", "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None  # not run by PostgreSQL from a data directory: nothing to compare
+    return str(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
+
+
 def wal_push(
     config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], log: Log = lambda m: None
 ) -> PushResult:
@@ -53,6 +67,16 @@ def wal_push(
         "pushed_at": datetime.now(timezone.utc).isoformat(),
     }
     known = archive_cluster(locations, database)
+    if kind != "segment":  # history files, backup labels, partial segments carry no system identifier
+        sysid = pushing_cluster(path)
+        if sysid is not None:
+            side["system_identifier"] = sysid
+        if known and sysid is not None and known["system_identifier"] != sysid:
+            raise WalRefused(
+                f"{name} is pushed by cluster {sysid} (its global/pg_control), but the WAL archive of {database!r} "
+                f"belongs to cluster {known['system_identifier']}; refusing to mix them (a foreign timeline history "
+                "would redirect every later recovery)"
+            )
     if kind == "segment":
         header = segment_header(data)
         side.update(system_identifier=header["system_identifier"], segment_size=header["segment_size"])
