@@ -84,6 +84,10 @@ def cmd_backups_verify(args) -> int:
     for name in set(locations) - set(entry.locations):
         print(f"{entry.id} on {name}: FAILED: no manifest there (backup missing on this location)")
         ok = False
+    for problem in catalog.problems:  # e.g. a newer backup whose manifest no location can read
+        newer = any(part > entry.id for part in problem.split("/") if part[:8].isdigit())
+        print(f"FAILED: {problem}" + (f" (newer than {entry.id}, which was verified instead)" if newer else ""))
+        ok = False
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -251,3 +251,57 @@ def test_a_foreign_clusters_history_file_is_refused(pg, tmp_path):
         assert list((ours.repo / "app" / "wal").rglob("00000009.history.json"))  # ours was archived
     finally:
         ours.cleanup()
+
+
+def _flip(path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _checks(setup, *flags) -> dict[str, dict]:
+    out = json.loads(setup.cli("status", "--json", *flags).stdout)
+    return {c["check"]: c for c in out["checks"] if c["database"] == "app"}
+
+
+def test_a_flipped_bit_in_any_kind_of_object_is_found_and_named(pg):
+    setup = WalSetup(pg, encrypted=False)
+    try:
+        setup.enable_archiving()
+        older = json.loads(setup.cli("backups", "list", "--json").stdout or '{"backups": []}')["backups"]
+        assert older == []
+        first = setup.cli("backup", "app").stdout.strip().splitlines()[-1]
+        newest = setup.cli("backup", "app").stdout.strip().splitlines()[-1]
+        base = setup.cli("backup", "app", "--kind", "base")
+        assert base.returncode == 0, base.stderr
+        base_id = base.stdout.strip().splitlines()[-1]
+        segment = setup.switch_and_wait()
+        assert _checks(setup, "--verify")["wal_integrity"]["status"] == "ok"  # all good before the flips
+
+        # the newest manifest, on the only location: verify --latest must not pass on the older one
+        _flip(setup.repo / "app" / "logical" / newest / "manifest.json")
+        verify = setup.cli("backups", "verify", "app", "--latest")
+        assert verify.returncode == 1 and f"unreadable manifest app/logical/{newest}/manifest.json" in verify.stdout
+        assert f"(newer than {first}, which was verified instead)" in verify.stdout
+        listed = setup.cli("backups", "list", "app")
+        assert first in listed.stdout and newest not in listed.stdout and "unreadable manifest" in listed.stderr
+
+        # a base backup's object: its verify fails on the checksum
+        [tar] = [p for p in (setup.repo / "app" / "base" / base_id).iterdir() if p.name.startswith("base.tar")]
+        _flip(tar, at=tar.stat().st_size // 2)
+        bad_base = setup.cli("backups", "verify", "app", base_id)
+        assert bad_base.returncode == 1 and "FAILED" in bad_base.stdout
+
+        # an archived WAL segment: found by status --verify, before any replay needs it
+        [stored] = [p for p in (setup.repo / "app" / "wal").rglob(f"{segment}*") if not p.name.endswith(".json")]
+        _flip(stored, at=stored.stat().st_size // 2)
+        wal = _checks(setup, "--verify")["wal_integrity"]
+        assert wal["status"] == "error" and f"{segment} fails its checksum (corrupt object)" in wal["description"]
+
+        # a record: skipped alone, the others still count (the last attempt is still known)
+        attempts = sorted((setup.repo / "app" / "reports" / "backup_attempt").glob("*.json"))
+        _flip(attempts[0])
+        last = _checks(setup)["last_backup_attempt_succeeded"]
+        assert last["status"] == "ok" and f"last attempt {newest} succeeded" in last["description"]
+    finally:
+        setup.cleanup()

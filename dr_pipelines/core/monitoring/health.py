@@ -323,6 +323,9 @@ WAL_CONTINUOUS = "wal_continuous"
 WAL_LAG = "wal_archive_lag_within_rpo"
 
 
+WAL_INTEGRITY = "wal_integrity"
+
+
 PITR_TEST = "pitr_test_passed"
 
 
@@ -358,6 +361,23 @@ def check_wal(config: DrConfig, status) -> list[Outcome]:
         ),
         Outcome(db, WAL_LAG, lag_ok, ERROR, lag_text, md),
     ]
+
+
+def check_wal_integrity(locations: dict[str, Location], database: str, since: str | None) -> Outcome:
+    from dr_pipelines.core.wal.archive import verify_wal
+
+    checked, problems = verify_wal(locations, database, since)
+    md = {"files_checked": checked, "problems": len(problems)}
+    if problems:
+        return Outcome(database, WAL_INTEGRITY, False, ERROR, "; ".join(problems[:5]), md)
+    return Outcome(
+        database,
+        WAL_INTEGRITY,
+        True,
+        ERROR,
+        f"{checked} archived WAL files read back with matching SHA-256 since {since or 'the first'}",
+        md,
+    )
 
 
 def check_pitr_tests(database: str, drills: list[Record]) -> Outcome:
@@ -439,6 +459,8 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
                 *check_wal(config, wal[db]),
                 check_pitr_tests(db, drills[db]),
             ]
+            if integrity:
+                outcomes.append(check_wal_integrity(locations, db, wal[db].oldest_base_start))
     outcomes.append(check_leftovers(config, locations, now))
     return Health(now, catalog, attempts, tests, outcomes, wal, drills)
 

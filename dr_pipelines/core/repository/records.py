@@ -96,9 +96,14 @@ def load_reports(locations: dict[str, Location], database: str, kind: RecordKind
     seen: dict[str, Record] = {}
     for loc in locations.values():
         try:
-            for obj in loc.list(f"{database}/reports/{kind}/"):
-                if obj.key not in seen and obj.key.endswith(".json"):
-                    seen[obj.key] = Record.model_validate_json(loc.get_bytes(obj.key))
-        except (LocationError, ValueError):
+            keys = [obj.key for obj in loc.list(f"{database}/reports/{kind}/") if obj.key.endswith(".json")]
+        except LocationError:
             continue
+        for key in keys:
+            if key in seen:
+                continue
+            try:
+                seen[key] = Record.model_validate_json(loc.get_bytes(key))
+            except (LocationError, ValueError):
+                continue  # one unreadable record (a flipped bit) hides no other; another location may hold it
     return sorted(seen.values(), key=lambda r: r.started_at, reverse=True)

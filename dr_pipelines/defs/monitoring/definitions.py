@@ -4,7 +4,7 @@ export, the alert sensors and the automation sensor that runs restore tests afte
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.monitoring.health import INTEGRITY, WAL_CONTINUOUS, WAL_LAG
+from dr_pipelines.core.monitoring.health import INTEGRITY, WAL_CONTINUOUS, WAL_INTEGRITY, WAL_LAG
 from dr_pipelines.defs.backup.checks import check_selection
 from dr_pipelines.defs.monitoring.report import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
 from dr_pipelines.defs.monitoring.sensors import build_alert_sensors
@@ -28,8 +28,10 @@ def build_monitoring_definitions(config: DrConfig, defaults: Defaults) -> dg.Def
     )
     integrity_job = dg.define_asset_job(
         "dr_integrity_checks",
-        selection=check_selection(config, lambda n: n == INTEGRITY),
-        description="Read every object of each database's newest backup back from every location.",
+        selection=check_selection(config, lambda n: n == INTEGRITY)
+        | dg.AssetSelection.checks(*[dg.AssetCheckKey(wal_archive_key(db), WAL_INTEGRITY) for db in config.databases]),
+        description="Read every object of each database's newest backup, and its archived WAL, back from every "
+        "location.",
     )
     report_job = dg.define_asset_job(
         "compliance_report_job",

@@ -1,9 +1,9 @@
-"""WAL continuity and archive lag checks."""
+"""WAL continuity, archive lag and integrity (every archived file read back) checks."""
 
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_LAG, check_wal
+from dr_pipelines.core.monitoring.health import WAL_CONTINUOUS, WAL_INTEGRITY, WAL_LAG, check_wal, check_wal_integrity
 from dr_pipelines.defs.backup.checks import check_result
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
@@ -29,4 +29,22 @@ def build_wal_checks(config: DrConfig, db: str) -> list[dg.AssetChecksDefinition
             WAL_CONTINUOUS, "Every WAL segment from the oldest retained base backup's start to the newest is archived."
         ),
         make(WAL_LAG, f"WAL is archived within the RPO ({rpo:.0f} s)."),
+        build_wal_integrity_check(db),
     ]
+
+
+def build_wal_integrity_check(db: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=wal_archive_key(db),
+        name=WAL_INTEGRITY,
+        description="Every archived WAL file since the oldest retained base backup reads back from every "
+        "location with its SHA-256 (a corrupt segment found now, not by the recovery).",
+    )
+    def _check(dr: DrResource) -> dg.AssetCheckResult:
+        with domain_failures():
+            cfg = dr.config()
+            locations = dr.locations(cfg)
+            since = current_wal_status(cfg, db, locations).oldest_base_start
+            return check_result(check_wal_integrity(locations, db, since))
+
+    return _check
