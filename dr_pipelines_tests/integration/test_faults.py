@@ -305,3 +305,57 @@ def test_a_flipped_bit_in_any_kind_of_object_is_found_and_named(pg):
         assert last["status"] == "ok" and f"last attempt {newest} succeeded" in last["description"]
     finally:
         setup.cleanup()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_pushes_of_one_segment_with_different_bytes_never_both_succeed(pg, s3, tmp_path, where):
+    """A split brain: two clusters archive the same segment name at once. The commit marker is an
+    exclusive create, so one wins; the other is told, and what was archived is the winner's."""
+    import threading
+
+    from dr_pipelines.core.storage.locations import open_locations
+    from dr_pipelines.core.wal.archive import WalError
+    from dr_pipelines.core.wal.fetch import fetch_bytes
+    from dr_pipelines.core.wal.push import wal_push
+
+    setup = WalSetup(pg, extra_locations={"s3": s3_location(s3)} if where == "s3" else None, encrypted=False)
+    try:
+        setup.enable_archiving()
+        archived = setup.switch_and_wait()
+        segment = next(p for p in (pg.cluster.data_dir / "pg_wal").iterdir() if p.name == archived).read_bytes()
+        config = setup.config
+        locations = open_locations(config, where if where == "s3" else "local")
+        for trial in range(6):
+            name = f"00000001000000000000{0xA0 + trial:04X}"
+            copies = []
+            for variant in (0, 1):
+                data = bytearray(segment)
+                data[4096] ^= 1 + variant  # same header (same cluster), different content
+                path = tmp_path / f"{trial}-{variant}" / name
+                path.parent.mkdir()
+                path.write_bytes(bytes(data))
+                copies.append(path)
+            barrier, outcome = threading.Barrier(2), {}
+
+            def push(i: int, barrier=barrier, copies=copies, outcome=outcome) -> None:
+                barrier.wait()
+                try:
+                    wal_push(config, "app", copies[i], locations)
+                    outcome[i] = "archived"
+                except WalError as e:
+                    outcome[i] = str(e)
+
+            threads = [threading.Thread(target=push, args=(i,)) for i in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            winners = [i for i, o in outcome.items() if o == "archived"]
+            assert len(winners) <= 1, f"trial {trial}: both pushes were told 'archived'"
+            fetched = fetch_bytes(config, "app", name, locations, None, log=lambda m: None)
+            if winners:
+                assert fetched is not None and fetched[0] == copies[winners[0]].read_bytes()
+            for i in set(outcome) - set(winners):
+                assert "different content" in outcome[i] or "in progress" in outcome[i], outcome[i]
+    finally:
+        setup.cleanup()

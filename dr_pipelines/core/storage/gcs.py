@@ -140,6 +140,28 @@ class GCSLocation:
             blob.storage_class = self.storage_class
         self._call("write", key, blob.upload_from_string, data, content_type="application/octet-stream")
 
+    def create(self, key: str, data: bytes) -> bool:
+        """if_generation_match=0: only if absent (real GCS; the emulator ignores the condition)."""
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(self.prefix + key)
+        if self.storage_class:
+            blob.storage_class = self.storage_class
+        try:
+            self._call(
+                "write",
+                key,
+                blob.upload_from_string,
+                data,
+                content_type="application/octet-stream",
+                if_generation_match=0,
+            )
+        except LocationError as e:
+            if isinstance(e.__cause__, PreconditionFailed):
+                return False
+            raise
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         return self._call("read", key, self.bucket.blob(self.prefix + key).download_as_bytes)
 

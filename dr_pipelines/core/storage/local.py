@@ -88,6 +88,24 @@ class LocalLocation:
             raise LocationError(self.name, f"cannot write {key}: {e}") from e
         up.commit()
 
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        up = _LocalUpload(self, path)
+        try:
+            up.write(data)
+            up._file.flush()
+            os.fsync(up._file.fileno())
+            up._file.close()
+            os.link(up._tmp, path)  # fails if the name exists: an exclusive create, whole or absent
+            fsync_dir(path.parent)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise LocationError(self.name, f"cannot write {path}: {e}") from e
+        finally:
+            up.abort()  # the temp name goes; the linked name stays
+
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as f:
             return f.read()

@@ -164,6 +164,25 @@ class S3Location:
             "write", key, self.client.put_object, Bucket=self.bucket, Key=self.prefix + key, Body=data, **self.put_args
         )
 
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self._call(
+                "write",
+                key,
+                self.client.put_object,
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                Body=data,
+                IfNoneMatch="*",
+                **self.put_args,
+            )
+        except LocationError as e:
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as body:
             return body.read()

@@ -47,6 +47,51 @@ def pushing_cluster(path: Path) -> str | None:
     return str(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
 
 
+STALE_PUSH = 30.0  # seconds: an object without its sidecar this old was left by a push that died
+
+
+def _store(loc: Location, database: str, prefix: str, name: str, side: dict, stored: bytes, known: dict | None) -> bool:
+    """Object, then sidecar, each created only if absent: of two pushers racing with the same name,
+    exactly one wins, and the other is told (the same bytes: already archived; others: refused).
+    Returns False when an identical copy was there."""
+    if side["kind"] == "segment" and known is None:  # the first segment names the cluster
+        record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
+        if not loc.create(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(record).encode()):
+            theirs = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}") or {}
+            if theirs.get("system_identifier") != side["system_identifier"]:
+                raise WalRefused(
+                    f"{name} comes from cluster {side['system_identifier']}, but cluster "
+                    f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on "
+                    f"{loc.name} first; refusing to mix them"
+                )
+    object_key, side_key = f"{prefix}/{side['object']['name']}", f"{prefix}/{name}.json"
+    if not loc.create(object_key, stored):
+        existing = _read_json(loc, side_key)
+        if existing is not None:
+            return _same(existing, side, name, loc.name)
+        # an object without its sidecar: a push in progress (wait for it) or one that died (replace it)
+        [listed] = [o for o in loc.list(object_key) if o.key == object_key] or [None]
+        age = (datetime.now(timezone.utc) - listed.modified).total_seconds() if listed and listed.modified else 0.0
+        if age < STALE_PUSH:
+            raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
+        loc.delete(object_key)
+        if not loc.create(object_key, stored):
+            raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
+    if not loc.create(side_key, json.dumps(side, sort_keys=True).encode()):  # the commit marker
+        return _same(_read_json(loc, side_key) or {}, side, name, loc.name)
+    return True
+
+
+def _same(existing: dict, side: dict, name: str, where: str) -> bool:
+    if existing.get("sha256") != side["sha256"]:
+        raise WalRefused(
+            f"{name} is already archived on {where} with different content "
+            f"(sha256 {str(existing.get('sha256'))[:12]}... vs {side['sha256'][:12]}...); refusing to "
+            "overwrite archived WAL. Two clusters may be archiving to the same place"
+        )
+    return False
+
+
 def wal_push(
     config: DrConfig, database: str, path: str | Path, locations: dict[str, Location], log: Log = lambda m: None
 ) -> PushResult:
@@ -111,18 +156,11 @@ def wal_push(
         stored_obj = encode_bytes(data, config.compression, config.encryption)
         side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": sha256_hex(stored_obj)}
     for loc_name in missing:
-        loc = locations[loc_name]
         try:
-            if kind == "segment" and known is None:
-                loc.put_bytes(
-                    f"{wal_prefix(database)}/{CLUSTER}",
-                    json.dumps(
-                        {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
-                    ).encode(),
-                )
-            loc.put_bytes(f"{prefix}/{side['object']['name']}", stored_obj)
-            loc.put_bytes(f"{prefix}/{name}.json", json.dumps(side, sort_keys=True).encode())
-            result.stored.append(loc_name)
+            if _store(locations[loc_name], database, prefix, name, side, stored_obj, known):
+                result.stored.append(loc_name)
+            else:
+                result.already.append(loc_name)
         except LocationError as e:
             failures.append(str(e))
     if failures:
