@@ -21,7 +21,11 @@ class UsageError(DrError):
 
 
 class RunFailed(DrError):
-    """A job run from the shell failed; the message is the failing step's own."""
+    """A job run from the shell failed; the message and exit code are the failing step's own."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def exit_code_for(exc: BaseException) -> int | None:

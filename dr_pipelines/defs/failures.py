@@ -15,6 +15,8 @@ def domain_failures(metadata: dict | None = None):
     except dg.Failure:
         raise
     except Exception as e:
-        if exit_code_for(e) is None:
+        code = exit_code_for(e)
+        if code is None:
             raise  # a bug, not an operational failure: keep Dagster's full stack trace
-        raise dg.Failure(description=str(e), metadata=metadata or {}) from e
+        # the exit code travels with it, so the shell exits as it would had it run the step itself
+        raise dg.Failure(description=str(e), metadata={**(metadata or {}), "exit_code": code}) from e

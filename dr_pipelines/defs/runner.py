@@ -1,6 +1,7 @@
 """Run the same Dagster jobs the UI launches from the command line: in the DAGSTER_HOME instance
 when it is set (so the run shows in the UI), else in an ephemeral one."""
 
+import logging
 import os
 import signal
 import socket
@@ -71,14 +72,17 @@ def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys
     return failed
 
 
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+def run_failure(result: dg.ExecuteInProcessResult) -> RunFailed:
+    """The first failed step's own message (a domain error's, not Dagster's wrapper) and exit code."""
     for event in result.all_events:
         if event.is_step_failure:
             data = event.step_failure_data
-            if data.user_failure_data is not None and data.user_failure_data.description:
-                return data.user_failure_data.description  # a dg.Failure: the domain's own message
-            return data.error.message.strip() if data.error else f"step {event.step_key} failed"
-    return f"run {result.run_id} failed"
+            failure = data.user_failure_data
+            if failure is not None and failure.description:
+                code = failure.metadata.get("exit_code")
+                return RunFailed(failure.description, int(code.value) if code is not None else 1)  # type: ignore[arg-type]
+            return RunFailed(data.error.message.strip() if data.error else f"step {event.step_key} failed")
+    return RunFailed(f"run {result.run_id} failed")
 
 
 def _waiting_for(instance: dg.DagsterInstance, run_id: str) -> str | None:
@@ -180,18 +184,39 @@ def _execute_watched(
     return box["result"]
 
 
+class _ShellHandler(logging.Handler):
+    """What a person at the shell reads: the steps' own messages, one line each. Dagster's event
+    stream (stack traces of failed steps, "Dependencies for step ... not executed") stays in the
+    run's log in the instance; the command prints the failure once, as the domain says it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None) or {}
+        message = meta.get("orig_message", record.getMessage())
+        if meta.get("dagster_event") is not None or message.startswith("Dependencies for step"):
+            return
+        print(message, file=sys.stderr, flush=True)
+
+
+@dg.logger(description="Step messages only, on stderr (the shell's view of a run).")
+def shell_logger(_init_context) -> logging.Logger:
+    log = logging.getLogger("dr_pipelines.shell")
+    log.handlers = [_ShellHandler()]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
 def run_job(
     config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None, allow_failure: bool = False
 ):
     defs = build_definitions(config, config_file)
-    job = defs.resolve_job_def(job_name)
-    # INFO on the console: the shell user reads progress, not Dagster's DEBUG event stream
-    run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    job = defs.resolve_job_def(job_name).with_logger_defs({"shell": shell_logger})
+    run_config = {**(run_config or {}), "loggers": {"shell": {}}}
     with _instance() as instance:
         fail_dead_runs(instance)
         result = _execute_watched(job, instance, run_config)
         if not result.success and not allow_failure:
-            raise RunFailed(_failure_message(result))
+            raise run_failure(result)
         return result
 
 
@@ -221,7 +246,7 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
     )
     mats = result.asset_materializations_for_node(node)
     if not mats:  # failed before a verdict (no usable backup, server down): the step's message says why
-        raise RunFailed(_failure_message(result))
+        raise run_failure(result)
     md: dict = {k: v.value for k, v in mats[0].metadata.items()}
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed:

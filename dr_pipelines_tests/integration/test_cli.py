@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from dr_pipelines_tests.support.configs import local_location
 from dr_pipelines_tests.support.processes import reachable_tmpdir, run_cli
 
 
@@ -41,3 +42,16 @@ def test_backup_is_recorded_in_dagster_home(pg, write_config, tmp_path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey(["app", "logical_backup"]))
     assert event.asset_materialization.metadata["backup_id"].value == r.stdout.strip()
+
+
+def test_a_failed_job_prints_the_domain_error_once_without_a_traceback(pg, write_config, tmp_path):
+    path = write_config(pg, {"local": local_location(tmp_path / "repo")})
+    assert run_cli("--config", str(path), "backup", "app").returncode == 0
+    refused = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "copy", "--jobs", "0")
+    assert refused.returncode == 2  # a request to fix, as if the step had run in the shell itself
+    assert refused.stderr.count("dr-pipelines: error:") == 1 and "jobs must be at least 1" in refused.stderr
+    missing = run_cli("--config", str(path), "restore", "app", "--backup", "20990101T000000Z-dead", "--into", "x")
+    assert missing.returncode == 1 and missing.stderr.count("dr-pipelines: error:") == 1
+    for r in (refused, missing):
+        assert "Traceback" not in r.stderr and "Dependencies for step" not in r.stderr
+        assert "STEP_FAILURE" not in r.stderr and len(r.stderr.splitlines()) < 15, r.stderr
