@@ -197,13 +197,15 @@ class _ShellHandler(logging.Handler):
         print(message, file=sys.stderr, flush=True)
 
 
-@dg.logger(description="Step messages only, on stderr (the shell's view of a run).")
-def shell_logger(_init_context) -> logging.Logger:
+def _shell_logger(_init_context) -> logging.Logger:
     log = logging.getLogger("dr_pipelines.shell")
     log.handlers = [_ShellHandler()]
     log.setLevel(logging.INFO)
     log.propagate = False
     return log
+
+
+shell_logger = dg.LoggerDefinition(_shell_logger, description="Step messages only, on stderr (the shell's view).")
 
 
 def run_job(
