@@ -16,6 +16,7 @@ from typing import Any
 
 import pyrage
 
+from dr_pipelines.core.child_env import tool_env
 from dr_pipelines.core.codec.methods import CHUNK, COMPRESSION, ENCRYPTION, Readable
 from dr_pipelines.core.errors import DrError
 
@@ -121,6 +122,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
                     stdout=out_fd if last and direct else subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     pass_fds=(identity_read,) if identity_read is not None and i == 0 else (),
+                    env=tool_env(),  # none of our secrets: age reads its identity from the pipe
                 )
             )
             if i:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dr_pipelines.core.child_env import server_env, tool_env
 from dr_pipelines.core.codec.decode import HashingReader, decode_into
 from dr_pipelines.core.codec.keys import load_identities
 from dr_pipelines.core.config import ConfigError, DrConfig
@@ -226,6 +227,7 @@ def extract(
             group=gid,
             extra_groups=[],
             cwd="/",
+            env=tool_env(),
         )
 
         def tar_failure(said=said, tar=tar) -> PitrError:
@@ -457,7 +459,7 @@ def _replay(
     chown_to_postgres(request.data_dir / "recovery.signal")
     log(f"replaying WAL from base backup {entry.id} to {request.target_text} on port {request.port} ...")
     try:
-        cluster.start(timeout=request.timeout_s)
+        cluster.start(timeout=request.timeout_s, env=server_env(config))
     except Exception:
         pass  # it may have stopped already (recovery ended before the target): the log says why
     deadline = time.monotonic() + request.timeout_s

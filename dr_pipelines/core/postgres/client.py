@@ -6,7 +6,6 @@ Passwords travel in libpq environment variables (PGPASSWORD), never in argv.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -205,7 +204,8 @@ class SnapshotSession:
 
 
 def libpq_env(db: DatabaseConfig, name: str) -> dict[str, str]:
-    """The environment for a client tool: ours plus the connection settings (password included)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(db.libpq_env(name))
-    return env
+    """The environment for a client tool: the connection settings (password included) and no other
+    secret of ours (see core.child_env)."""
+    from dr_pipelines.core.child_env import libpq_env as child_libpq_env
+
+    return child_libpq_env(db, name)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from dr_pipelines.core.child_env import server_env, tool_env
 from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
 
@@ -41,6 +42,7 @@ def run_as_postgres(cmd: list[str], **kw) -> subprocess.CompletedProcess:
         kw.setdefault("group", gid)
         kw.setdefault("extra_groups", [])
     kw.setdefault("cwd", "/")
+    kw.setdefault("env", tool_env())  # none of our secrets (a server we start is given its own: start())
     return subprocess.run(cmd, **kw)
 
 
@@ -113,7 +115,8 @@ class LocalCluster:
         proc = run_as_postgres([self.tool("pg_ctl"), "status", "-D", str(self.data_dir)], capture_output=True)
         return proc.returncode == 0
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, env: dict[str, str] | None = None) -> None:
+        """`env`: what the server (and the commands it runs) gets; default: core.child_env.server_env()."""
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
                 raise ClusterError(
@@ -134,6 +137,7 @@ class LocalCluster:
                 "-o",
                 f"-p {self.port}",
             ],
+            env=env if env is not None else server_env(),
             capture_output=True,
             text=True,
         )
