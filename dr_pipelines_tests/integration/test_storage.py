@@ -89,3 +89,12 @@ def test_local_keys_cannot_escape_the_root(tmp_path):
     loc = LocalLocation("local", tmp_path / "repo")
     with pytest.raises(ValueError):
         loc.put_bytes("../outside", b"x")
+
+
+def test_an_upload_error_names_the_object_once(tmp_path):
+    cfg = S3LocationConfig(type="s3", bucket="b", prefix="pre/", endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    upload = open_location("offsite", cfg, tmp_path).open_upload("app/logical/x/dump")
+    upload.write(b"y")
+    with pytest.raises(LocationDown) as e:
+        upload.commit()
+    assert "s3://b/pre/app/logical/x/dump" in str(e.value) and "pre/pre/" not in str(e.value)

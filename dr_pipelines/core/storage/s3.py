@@ -28,7 +28,8 @@ class _S3Upload:
 
     def __init__(self, location: S3Location, key: str):
         self._loc = location
-        self._key = key
+        self._rel = key  # for messages (the location's url() adds the prefix)
+        self._key = location.prefix + key
         self._buf = bytearray()
         self._parts: list[dict[str, Any]] = []
         self._upload_id: str | None = None
@@ -38,7 +39,7 @@ class _S3Upload:
         if self._upload_id is None:
             resp = loc._call(
                 "start upload of",
-                self._key,
+                self._rel,
                 loc.client.create_multipart_upload,
                 Bucket=loc.bucket,
                 Key=self._key,
@@ -48,7 +49,7 @@ class _S3Upload:
         number = len(self._parts) + 1
         resp = loc._call(
             "upload a part of",
-            self._key,
+            self._rel,
             loc.client.upload_part,
             Bucket=loc.bucket,
             Key=self._key,
@@ -69,7 +70,7 @@ class _S3Upload:
         if self._upload_id is None:
             loc._call(
                 "write",
-                self._key,
+                self._rel,
                 loc.client.put_object,
                 Bucket=loc.bucket,
                 Key=self._key,
@@ -81,7 +82,7 @@ class _S3Upload:
             self._flush_part()
         loc._call(
             "complete upload of",
-            self._key,
+            self._rel,
             loc.client.complete_multipart_upload,
             Bucket=loc.bucket,
             Key=self._key,
@@ -157,7 +158,7 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
     def open_upload(self, key: str) -> Upload:
-        return _S3Upload(self, self.prefix + key)
+        return _S3Upload(self, key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(
