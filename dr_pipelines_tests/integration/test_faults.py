@@ -359,3 +359,53 @@ def test_two_pushes_of_one_segment_with_different_bytes_never_both_succeed(pg, s
                 assert "different content" in outcome[i] or "in progress" in outcome[i], outcome[i]
     finally:
         setup.cleanup()
+
+
+def test_a_push_killed_between_object_and_sidecar_is_retried_cleanly(pg):
+    from dr_pipelines.core.storage.locations import open_locations
+    from dr_pipelines.core.wal.archive import WalError
+    from dr_pipelines.core.wal.fetch import fetch_bytes
+    from dr_pipelines.core.wal.push import STALE_PUSH, wal_push
+
+    setup = WalSetup(pg, encrypted=False)
+    try:
+        setup.enable_archiving()
+        name = setup.switch_and_wait()
+        segment = pg.cluster.data_dir / "pg_wal" / name
+        data = segment.read_bytes()
+        locations = open_locations(setup.config)
+        stored = next(p for p in (setup.repo / "app" / "wal").rglob(f"{name}*") if not p.name.endswith(".json"))
+        sidecar = stored.with_name(f"{name}.json")
+        sidecar.unlink()  # as if the push had been killed after the object, before its commit marker
+        stored.write_bytes(b"half written")
+        with pytest.raises(WalError, match="another push of it is in progress"):
+            wal_push(setup.config, "app", segment, locations)  # too fresh to be called dead
+        os.utime(stored, (time.time() - STALE_PUSH - 1,) * 2)
+        wal_push(setup.config, "app", segment, locations)  # PostgreSQL's retry, later: replaces it
+        fetched = fetch_bytes(setup.config, "app", name, locations, None, log=lambda m: None)
+        assert fetched is not None and fetched[0] == data
+    finally:
+        setup.cleanup()
+
+
+def test_two_backups_of_one_database_at_once_both_complete(pg, write_config, tmp_path):
+    _filler(pg, rows=5000)
+    path = write_config(pg, {"local": local_location(tmp_path / "repo")})
+    home = _dagster_home(tmp_path)
+    for env in ({}, {"DAGSTER_HOME": str(home)}):  # directly, and as jobs sharing the database's pool
+        procs = [
+            subprocess.Popen(
+                [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"],
+                env={**os.environ, **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json").stdout)["backups"]
+    assert len(listed) == 4
+    for b in listed:
+        assert run_cli("--config", str(path), "backups", "verify", "app", b["id"]).returncode == 0
