@@ -380,7 +380,8 @@ def test_a_push_killed_between_object_and_sidecar_is_retried_cleanly(pg):
         stored.write_bytes(b"half written")
         with pytest.raises(WalError, match="another push of it is in progress"):
             wal_push(setup.config, "app", segment, locations)  # too fresh to be called dead
-        os.utime(stored, (time.time() - STALE_PUSH - 1,) * 2)
+        aged = time.time() - STALE_PUSH - 1
+        os.utime(stored, (aged, aged))
         wal_push(setup.config, "app", segment, locations)  # PostgreSQL's retry, later: replaces it
         fetched = fetch_bytes(setup.config, "app", name, locations, None, log=lambda m: None)
         assert fetched is not None and fetched[0] == data
