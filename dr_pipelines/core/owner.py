@@ -1,5 +1,8 @@
 """Who made a thing (a run, a record, a temp file, a staging database): this host and process,
-and whether that process still lives. What a killed run leaves behind is told by its dead owner."""
+and whether that process still lives. What a killed run leaves behind is told by its dead owner.
+
+A pid alone is no identity: after a reboot, or in long uptimes, another process gets it. The tag
+also holds the boot and the process's start time, so a reused pid is not taken for the owner."""
 
 from __future__ import annotations
 
@@ -7,9 +10,27 @@ import os
 import socket
 
 
-def owner_tag() -> str:
-    """`host:pid` of this process, as written into what it makes."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()[:8]
+    except OSError:
+        return "-"
+
+
+def _start_time(pid: int) -> str | None:
+    """Clock ticks since boot when the process started (/proc/<pid>/stat, field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`host:pid:boot:start` of this process, as written into what it makes."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_boot_id()}:{_start_time(pid) or '-'}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -26,7 +47,12 @@ def owner_dead(tag: str | None) -> bool | None:
     """True: its process is gone; False: it runs; None: unknown (no tag, or another host's)."""
     if not tag or ":" not in tag:
         return None
-    host, _, pid = tag.rpartition(":")
+    host, pid, *rest = tag.split(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    return not pid_alive(int(pid))
+    if not pid_alive(int(pid)):
+        return True
+    if len(rest) == 2:  # a full tag: the same pid in another boot, or started later, is someone else
+        boot, start = rest
+        return boot != _boot_id() or (start != "-" and start != _start_time(int(pid)))
+    return False

@@ -26,6 +26,7 @@ from dr_pipelines.core.storage.base import Location, LocationError
 
 GRACE = timedelta(hours=6)  # for what no process can be asked about
 SCRATCH_PREFIX = "dr-restore-"
+DRILL_PREFIX = "dr-pitr-test-"
 OWNER_FILE = ".owner"  # in a scratch directory: who made it
 STAGING_MARK = "__restoring_"
 
@@ -64,6 +65,9 @@ def repository_leftovers(locations: dict[str, Location], database: str, now: dat
     for loc in locations.values():
         try:
             for item in loc.unfinished(f"{database}/"):
+                parts = item.key.split("/")
+                if len(parts) > 2 and parts[2] in running:
+                    continue  # part of a backup still running (a large one may take hours)
                 if why := _stale(item.owner, item.started, now):
                     out.append(
                         Leftover(item.what, loc.name, item.key, why, lambda loc=loc, item=item: loc.discard(item))
@@ -114,10 +118,15 @@ def make_scratch_dir(path: Path) -> None:
 
 
 def scratch_leftovers(config: DrConfig, now: datetime) -> list[Leftover]:
-    """Private directories of restores whose process died: they may hold a decrypted dump."""
+    """Private directories of restores and PITR drills whose process died: they may hold a
+    decrypted dump, or a whole recovered cluster (stopped before it is removed)."""
     out: list[Leftover] = []
-    for base in sorted({scratch_base(db) for db in config.databases.values()}):
-        for path in base.glob(f"{SCRATCH_PREFIX}*") if base.is_dir() else []:
+    bases = {scratch_base(db) for db in config.databases.values()} | {
+        Path(db.scratch_dir or "/var/tmp") for db in config.databases.values()
+    }
+    for base in sorted(bases):
+        paths = [*base.glob(f"{SCRATCH_PREFIX}*"), *base.glob(f"{DRILL_PREFIX}*")] if base.is_dir() else []
+        for path in paths:
             try:
                 owner = (path / OWNER_FILE).read_text().strip()
             except OSError:
@@ -127,23 +136,36 @@ def scratch_leftovers(config: DrConfig, now: datetime) -> list[Leftover]:
             except FileNotFoundError:
                 continue
             if why := _stale(owner, started, now):
+                what = (
+                    "restore scratch directory (may hold plaintext)"
+                    if path.name.startswith(SCRATCH_PREFIX)
+                    else "PITR drill directory (a recovered cluster)"
+                )
                 out.append(
                     Leftover(
-                        "restore scratch directory (may hold plaintext)",
+                        what,
                         "this host",
                         str(path),
                         why,
-                        lambda path=path: shutil.rmtree(path, ignore_errors=True),
+                        lambda path=path: _remove_scratch(path),
                     )
                 )
     return out
+
+
+def _remove_scratch(path: Path) -> None:
+    if (path / "data" / "postmaster.pid").exists():  # a drill's recovered cluster, still running
+        from dr_pipelines.core.postgres.cluster import LocalCluster
+
+        LocalCluster(path / "data", 0).stop("immediate")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def staging_leftovers(config: DrConfig, database: str) -> list[Leftover]:
     """Staging databases (`…__restoring_…`) and restore-test scratch databases whose process died."""
     from psycopg import sql
 
-    from dr_pipelines.core.postgres.client import DatabaseUnreachable, connect
+    from dr_pipelines.core.postgres.client import connect
 
     out: list[Leftover] = []
     db = config.database(database)
@@ -153,9 +175,9 @@ def staging_leftovers(config: DrConfig, database: str) -> list[Leftover]:
                 rows = conn.execute(
                     "SELECT d.datname, shobj_description(d.oid, 'pg_database') FROM pg_database d "
                     "WHERE d.datname LIKE %s OR d.datname LIKE 'dr\\_restore\\_test\\_%%'",
-                    (f"%{STAGING_MARK}%",),
+                    ("%" + STAGING_MARK.replace("_", "\\_") + "%",),  # _ is a LIKE wildcard
                 ).fetchall()
-        except DatabaseUnreachable:
+        except Exception:  # unreachable, a password variable unset...: the other checks say so
             continue
         for name, comment in rows:
             owner = (
@@ -176,6 +198,23 @@ def staging_leftovers(config: DrConfig, database: str) -> list[Leftover]:
 
 
 STAGING_COMMENT = "dr_pipelines restore in progress, by "
+
+
+def keep_database(conn, dbname: str) -> None:
+    """A database that stays (swapped in, or kept on purpose) loses its in-progress mark."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(dbname)))
+
+
+def sweep_safely(find: Callable[[], list[Leftover]], log: Log) -> list[Leftover]:
+    """Best effort: a sweep that cannot look (a location down, a server away) never stops the run."""
+    try:
+        found = find()
+    except Exception as e:
+        log(f"warning: could not look for leftovers of killed runs ({e}); the next run tries again")
+        return []
+    return sweep(found, log)
 
 
 def sweep(leftovers: list[Leftover], log: Log) -> list[Leftover]:

@@ -14,7 +14,7 @@ import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
-from dr_pipelines.core.owner import pid_alive
+from dr_pipelines.core.owner import owner_dead, owner_tag, pid_alive
 from dr_pipelines.core.pitr.recover import PitrReport
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.report import RestoreReport
@@ -40,7 +40,7 @@ def _instance():
 # Shell runs carry their process, so a later run can tell one that is still going from one whose
 # process died (kill -9, out of memory, a reboot): Dagster keeps such a run STARTED, holding its
 # pool slot, and every later run of that database would wait for the slot forever.
-RUN_PID, RUN_HOST = "dr/pid", "dr/host"
+RUN_PID, RUN_HOST, RUN_OWNER = "dr/pid", "dr/host", "dr/owner"
 
 
 def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys.stderr)) -> list[str]:
@@ -56,7 +56,8 @@ def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys
     for record in records:
         run = record.dagster_run
         pid = int(run.tags.get(RUN_PID) or 0)
-        if not pid or pid_alive(pid):
+        dead = owner_dead(run.tags.get(RUN_OWNER)) if run.tags.get(RUN_OWNER) else (not pid_alive(pid) if pid else None)
+        if not dead:
             continue
         instance.report_run_failed(
             run,
@@ -145,7 +146,7 @@ def _execute_watched(
                 run_config=run_config,
                 raise_on_error=False,
                 run_id=run_id,
-                tags={RUN_PID: str(os.getpid()), RUN_HOST: socket.gethostname()},
+                tags={RUN_PID: str(os.getpid()), RUN_HOST: socket.gethostname(), RUN_OWNER: owner_tag()},
             )
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
@@ -164,6 +165,7 @@ def _execute_watched(
                 if run is not None and not run.is_finished:
                     instance.report_run_failed(run, message=f"stopped by signal {signal.Signals(stop[0]).name}")
                 instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+                _terminate_children()  # pg_dump, pg_restore, age, tar...: none goes on alone
                 print(
                     f"dr-pipelines: stopped by {signal.Signals(stop[0]).name}: run {run_id} marked failed",
                     file=sys.stderr,

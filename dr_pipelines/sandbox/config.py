@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from dr_pipelines.core.child_env import server_env
 from dr_pipelines.core.config import CONFIG_ENV, DrConfig, LocalLocationConfig, load_config, parse_config
 from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.postgres.cluster import (
@@ -115,7 +116,7 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
         cluster.initdb(
             {"fsync": "off", "shared_buffers": "'128MB'", **archive_settings(config or sandbox_config(), log)}
         )
-        cluster.start()
+        cluster.start(env=server_env(config or sandbox_config()))
         with psycopg.connect(
             host="127.0.0.1", port=cluster.port, user="postgres", dbname="postgres", autocommit=True
         ) as conn:
@@ -128,7 +129,7 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
         log("sandbox database 'soundhash' loaded with sample channels, videos and fingerprints")
     elif not cluster.is_running():
         log(f"starting the sandbox PostgreSQL cluster in {cluster.data_dir} (port {cluster.port})")
-        cluster.start()
+        cluster.start(env=server_env(config or sandbox_config()))
     return cluster
 
 

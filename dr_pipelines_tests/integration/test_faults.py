@@ -410,3 +410,57 @@ def test_two_backups_of_one_database_at_once_both_complete(pg, write_config, tmp
     assert len(listed) == 4
     for b in listed:
         assert run_cli("--config", str(path), "backups", "verify", "app", b["id"]).returncode == 0
+
+
+def test_s3_stopped_during_a_transfer_fails_it_in_seconds_and_keeps_the_local_copy(pg, write_config, tmp_path):
+    import boto3
+
+    _filler(pg)
+    server = _own_server("s3")
+    try:
+        path = write_config(pg, {"local": local_location(tmp_path / "repo"), "s3": s3_location(server)})
+        s3c = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1")
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if s3c.list_multipart_uploads(Bucket=BUCKET).get("Uploads"):
+                break  # parts are on their way
+            time.sleep(0.02)
+        assert proc.poll() is None, "the backup ended before S3 could be stopped mid-transfer"
+        server.stop()
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        after_stop = time.monotonic() - t0
+        assert proc.returncode == 1 and "location 's3'" in err, err  # loud, naming the location
+        print(f"S3 stopped mid-transfer: the backup failed it {after_stop:.1f}s later")
+        assert after_stop < 20
+        listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json", "--location", "local").stdout)
+        [kept] = listed["backups"]  # the local copy is complete and listed
+        assert (
+            run_cli("--config", str(path), "backups", "verify", "app", kept["id"], "--location", "local").returncode
+            == 0
+        )
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n", "AGE-SECRET-KEY-1NOTAKEY\n"])
+def test_a_garbage_identity_is_a_clear_error_and_nothing_is_written(pg, write_config, age_key, tmp_path, content):
+    path = write_config(
+        pg,
+        {"local": local_location(tmp_path / "repo")},
+        {"method": "age", "recipients": [age_key.recipient], "identity_file": str(tmp_path / "id.txt")},
+    )
+    assert run_cli("--config", str(path), "backup", "app").returncode == 0
+    (tmp_path / "id.txt").write_text(content)
+    r = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "app_copy")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "age identity" in r.stderr, r.stderr  # names what is wrong: the identity file
+    with pg.connect() as conn:
+        names = [row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert "app_copy" not in names and not [n for n in names if "__restoring_" in n]

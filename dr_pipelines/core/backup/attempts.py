@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.repository.manifest import (
     Manifest,
     new_backup_id,
@@ -18,7 +19,7 @@ from dr_pipelines.core.repository.manifest import (
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
-from dr_pipelines.core.sweep import repository_leftovers, sweep
+from dr_pipelines.core.sweep import repository_leftovers, sweep_safely
 
 
 class BackupFailed(DrError):
@@ -73,13 +74,14 @@ def record_attempt(
         "started_at": started_at,
         "backup_id": backup_id,
         "host": socket.gethostname(),
+        "owner": owner_tag(),
         "pid": os.getpid(),
         "finished_at": None,
     }
     # what killed backups of this database left behind (temp files, unfinished uploads, objects
     # without a manifest) goes first; then this attempt is recorded before it starts, and the record
     # overwritten when it ends: one killed midway leaves it unfinished, which the checks report.
-    sweep(repository_leftovers(locations, database, started), log)
+    sweep_safely(lambda: repository_leftovers(locations, database, started), log)
     store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
     try:
         result = run(config, database, locations, log, started, backup_id)

@@ -6,7 +6,7 @@ compliance report, so the UI, the shell and the dashboards never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -458,11 +458,16 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
                 check_replication(config, db, catalog, kind="base"),
                 *check_wal(config, wal[db]),
                 check_pitr_tests(db, drills[db]),
+                _named(check_last_attempt(db, [a for a in attempts[db] if a.kind == "base"]), "base"),
             ]
             if integrity:
                 outcomes.append(check_wal_integrity(locations, db, wal[db].oldest_base_start))
     outcomes.append(check_leftovers(config, locations, now))
     return Health(now, catalog, attempts, tests, outcomes, wal, drills)
+
+
+def _named(outcome: Outcome, kind: str) -> Outcome:
+    return replace(outcome, check=health_name(outcome.check, kind))
 
 
 def check_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> Outcome:

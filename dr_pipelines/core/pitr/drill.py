@@ -12,10 +12,12 @@ from pathlib import Path
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.pitr.recover import PitrFailed, PitrReport, PitrRequest, run_pitr
 from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.sweep import DRILL_PREFIX, OWNER_FILE
 
 
 @dataclass
@@ -34,8 +36,9 @@ def run_pitr_drill(
 ) -> DrillResult:
     """Passed: the drill promoted a consistent cluster within the database's RTO."""
     rto = config.database(db).objectives.rto.total_seconds()
-    root = Path(tempfile.mkdtemp(prefix=f"dr-pitr-test-{db}-", dir=config.databases[db].scratch_dir or "/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=f"{DRILL_PREFIX}{db}-", dir=config.databases[db].scratch_dir or "/var/tmp"))
     root.chmod(0o755)  # the recovered cluster runs as postgres
+    (root / OWNER_FILE).write_text(owner_tag())  # a drill killed midway is swept by the next run
     data_dir = root / "data"
     try:
         report = run_pitr(config, config_file, PitrRequest(db, data_dir, free_port()), locations, log=log)

@@ -82,7 +82,9 @@ def server_facts(conn: psycopg.Connection) -> dict[str, Any]:
 
 def tool_version(path: str) -> str:
     """'pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)' -> '15.18'."""
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    from dr_pipelines.core.child_env import tool_env
+
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True, env=tool_env()).stdout
     m = re.search(r"\(PostgreSQL\)\s+(\S+)", out)
     return m.group(1) if m else out.strip()
 

@@ -163,7 +163,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             proc = subprocess.run(
-                [self.tool("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+                [self.tool("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True, env=tool_env()
             )
             if proc.returncode == 0:
                 return

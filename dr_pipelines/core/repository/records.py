@@ -43,6 +43,7 @@ class Record(BaseModel):
     finished_at: str | None = None  # None: still running, or its process died (host and pid say which)
     host: str | None = None
     pid: int | None = None
+    owner: str | None = None  # host:pid:boot:start (core.owner)
 
     def died(self) -> bool:
         """Unfinished, and its process is gone (on this host we can tell; elsewhere, after a day)."""
@@ -50,7 +51,7 @@ class Record(BaseModel):
 
         if self.finished_at is not None or self.host is None:
             return False
-        dead = owner_dead(f"{self.host}:{self.pid}")
+        dead = owner_dead(self.owner or f"{self.host}:{self.pid}")
         if dead is None:
             return datetime.now(timezone.utc) - datetime.fromisoformat(self.started_at) > timedelta(days=1)
         return dead
@@ -100,8 +101,8 @@ def load_reports(locations: dict[str, Location], database: str, kind: RecordKind
         except LocationError:
             continue
         for key in keys:
-            if key in seen:
-                continue
+            if key in seen and seen[key].finished_at is not None:
+                continue  # a finished copy wins over an unfinished one (the end was not written everywhere)
             try:
                 seen[key] = Record.model_validate_json(loc.get_bytes(key))
             except (LocationError, ValueError):

@@ -33,7 +33,7 @@ from dr_pipelines.core.sweep import (
     scratch_base,
     scratch_leftovers,
     staging_leftovers,
-    sweep,
+    sweep_safely,
 )
 
 
@@ -65,7 +65,9 @@ def restore_into(
     """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
     pg_restore and then indexes and constraints in parallel."""
     # what killed restores left here (plaintext in a scratch directory, a staging database) goes first
-    sweep(scratch_leftovers(config, datetime.now(timezone.utc)) + staging_leftovers(config, request.database), log)
+    sweep_safely(
+        lambda: scratch_leftovers(config, datetime.now(timezone.utc)) + staging_leftovers(config, request.database), log
+    )
     t0 = time.monotonic()
     plaintext = workdir / "restore.pgdump"
     db = config.database(request.database)

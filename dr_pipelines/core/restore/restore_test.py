@@ -20,6 +20,7 @@ from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.restore.validation import validate_database
 from dr_pipelines.core.storage.base import Location
+from dr_pipelines.core.sweep import keep_database
 
 
 def restore_test_name(database: str) -> str:
@@ -74,6 +75,8 @@ def run_restore_test(
             except Exception as e:  # reported, never hides the test's own outcome
                 log(f"warning: could not drop scratch database {scratch!r}: {e}")
         elif created:
+            with connect(server, database, dbname="postgres", autocommit=True) as conn:
+                keep_database(conn, scratch)  # kept on purpose: no sweep may drop it
             log(f"scratch database {scratch!r} kept on {server.host}:{server.port}")
         store_report(locations, report, log)
     return report

@@ -18,6 +18,7 @@ from dr_pipelines.core.restore.request import (
     RestoreRequest,
     UnsafeRestore,
 )
+from dr_pipelines.core.sweep import keep_database
 
 # --------------------------------------------------------------------------- databases
 
@@ -118,7 +119,10 @@ def swap_in(server: DatabaseConfig, db_name: str, plan: TargetPlan, keep_previou
                     sql.Identifier(plan.staging), sql.Identifier(plan.target)
                 )
             )
+            keep_database(conn, plan.target)  # swapped in: no longer a staging database to sweep
         except psycopg.Error as e:
+            if plan.staging and _db_exists(conn, plan.staging):
+                keep_database(conn, plan.staging)  # the validated restore waits for a person: never swept
             where = (
                 f"the old database is now {previous!r}"
                 if previous and _db_exists(conn, previous)

@@ -90,7 +90,10 @@ class LocalLocation:
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        up = _LocalUpload(self, path)
+        try:
+            up = _LocalUpload(self, path)
+        except OSError as e:
+            raise LocationError(self.name, f"cannot write under {self.root}: {e}") from e
         try:
             up.write(data)
             up._file.flush()
@@ -98,6 +101,8 @@ class LocalLocation:
             up._file.close()
             os.link(up._tmp, path)  # fails if the name exists: an exclusive create, whole or absent
             fsync_dir(path.parent)
+            for d in up._new_dirs:  # a directory made here must itself be durable
+                fsync_dir(d.parent)
             return True
         except FileExistsError:
             return False

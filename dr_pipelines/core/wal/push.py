@@ -47,7 +47,10 @@ def pushing_cluster(path: Path) -> str | None:
     return str(struct.unpack("<Q", head)[0]) if len(head) == 8 else None
 
 
-STALE_PUSH = 30.0  # seconds: an object without its sidecar this old was left by a push that died
+# An object without its sidecar this old (seconds) was left by a push that died: a live push holds
+# one only between two calls, each bounded by the location's timeouts (connect + read + retries,
+# about a minute at most by default), so three minutes also absorb clock skew with the server.
+STALE_PUSH = 180.0
 
 
 def _store(loc: Location, database: str, prefix: str, name: str, side: dict, stored: bytes, known: dict | None) -> bool:
