@@ -47,18 +47,20 @@ WAL_FETCH_ABORT = 255  # > 125: PostgreSQL aborts recovery instead of reading it
 
 def _named_config(args):
     """PostgreSQL runs wal-push and wal-fetch inside a data directory: without a named config they
-    would fall back to a new, empty sandbox there and find nothing. They never fall back."""
+    would fall back to a new, empty sandbox there and find nothing. They never fall back (and so
+    never import the sandbox: this is PostgreSQL's hot path)."""
     import os
 
-    from dr_pipelines.core.config import CONFIG_ENV, ConfigError
+    from dr_pipelines.core.config import CONFIG_ENV, ConfigError, load_config
 
-    if not (args.config or os.environ.get(CONFIG_ENV)):
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
         raise ConfigError(
             f"{args.command} needs --config FILE (or ${CONFIG_ENV}): PostgreSQL runs it from a data "
             "directory, where no other config can be assumed; `dr-pipelines pg-config DB` prints "
             "the lines that name it"
         )
-    return config_from_args(args)
+    return load_config(path)
 
 
 def cmd_wal_fetch(args) -> int:

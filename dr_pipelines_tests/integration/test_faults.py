@@ -464,3 +464,36 @@ def test_a_garbage_identity_is_a_clear_error_and_nothing_is_written(pg, write_co
     with pg.connect() as conn:
         names = [row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()]
     assert "app_copy" not in names and not [n for n in names if "__restoring_" in n]
+
+
+def test_a_killed_base_backup_never_blocks_the_next(pg, tmp_path):
+    setup = WalSetup(pg, encrypted=False)
+    try:
+        setup.enable_archiving()
+        _filler(pg)
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(setup.config_path), "backup", "app", "--kind", "base"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        base_dir = setup.repo / "app" / "base"
+        deadline = time.monotonic() + 120
+        while (
+            time.monotonic() < deadline
+            and proc.poll() is None
+            and not _temp_files(base_dir if base_dir.exists() else setup.repo / "none")
+        ):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the base backup ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _temp_files(setup.repo)  # what the kill left
+        again = setup.cli("backup", "app", "--kind", "base")
+        assert again.returncode == 0, again.stderr
+        assert "removed a leftover of a killed run" in again.stderr and _temp_files(setup.repo) == []
+        listed = json.loads(setup.cli("backups", "list", "app", "--json").stdout)["backups"]
+        assert [b["kind"] for b in listed] == ["base"]  # only the complete one
+        assert setup.cli("backups", "verify", "app", listed[0]["id"]).returncode == 0
+    finally:
+        setup.cleanup()
