@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 
@@ -31,7 +32,17 @@ from dr_pipelines.defs.restore.restore_test import restore_test_job_name, restor
 @contextmanager
 def _instance():
     if os.environ.get("DAGSTER_HOME"):
-        with dg.DagsterInstance.get() as instance:
+        # Two commands opening a fresh instance at once race to create its SQLite tables (one fails
+        # on "table ... already exists"): the first to take this lock creates them, the other waits.
+        import fcntl
+
+        lock_path = Path(os.environ["DAGSTER_HOME"]) / ".dr_pipelines.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            instance = dg.DagsterInstance.get()
+            instance.get_runs(limit=1)  # storage created and migrated while the lock is held
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        with instance:
             yield instance
     else:
         yield dg.DagsterInstance.ephemeral()
