@@ -90,6 +90,11 @@ list and verify backups:
         env=os.environ.copy(),
         start_new_session=True,
     )
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt  # SIGTERM too: `dagster dev` runs in its own session and must be stopped
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:
