@@ -12,6 +12,14 @@ from dr_pipelines.cli.backup import (
     cmd_pin,
 )
 from dr_pipelines.cli.common import EXIT_OK, err
+from dr_pipelines.cli.files import (
+    cmd_restore_files,
+    cmd_snapshot,
+    cmd_snapshots_diff,
+    cmd_snapshots_list,
+    cmd_snapshots_pin,
+    cmd_snapshots_verify,
+)
 from dr_pipelines.cli.operations import (
     cmd_demo,
     cmd_metrics,
@@ -69,6 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             bp.set_defaults(reason=None)
         bp.set_defaults(func=cmd_pin)
+
+    sn = sub.add_parser("snapshot", help="take a file snapshot of a file set now; prints its id")
+    sn.add_argument("file_set", metavar="SET")
+    sn.set_defaults(func=cmd_snapshot)
+
+    ss = sub.add_parser("snapshots", help="list, verify, compare or pin file snapshots")
+    ssub = ss.add_subparsers(dest="snapshots_command", required=True, metavar="ACTION")
+    sl = ssub.add_parser("list", help="list snapshots (newest first) from every location; needs no identity")
+    sl.add_argument("file_set", nargs="?", metavar="SET")
+    sl.add_argument("--location", metavar="NAME", help="read only this location")
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=cmd_snapshots_list)
+    sv = ssub.add_parser("verify", help="read a snapshot's manifest and packs back and check their SHA-256")
+    sv.add_argument("file_set", metavar="SET")
+    sv.add_argument("snapshot_id", nargs="?", metavar="ID", help="default: the newest")
+    sv.add_argument("--location", metavar="NAME", help="verify only the copy on this location")
+    sv.set_defaults(func=cmd_snapshots_verify)
+    sd = ssub.add_parser("diff", help="files added, removed and changed between two snapshots (needs the identity)")
+    sd.add_argument("file_set", metavar="SET")
+    sd.add_argument("a", metavar="A")
+    sd.add_argument("b", metavar="B")
+    sd.add_argument("--json", action="store_true")
+    sd.set_defaults(func=cmd_snapshots_diff)
+    for action, text in (("pin", "never remove this snapshot (retention skips it)"), ("unpin", "undo pin")):
+        sp = ssub.add_parser(action, help=text)
+        sp.add_argument("file_set", metavar="SET")
+        sp.add_argument("snapshot_id", metavar="ID")
+        if action == "pin":
+            sp.add_argument("--reason", help="why it is kept")
+        else:
+            sp.set_defaults(reason=None)
+        sp.set_defaults(func=cmd_snapshots_pin)
+
+    rf = sub.add_parser("restore-files", help="restore a file snapshot (runs the restore_files job)")
+    rf.add_argument("file_set", metavar="SET")
+    rwhich = rf.add_mutually_exclusive_group()
+    rwhich.add_argument("--snapshot", metavar="ID", help="this snapshot (default: the newest)")
+    rwhich.add_argument("--before", metavar="TS", help="the newest snapshot taken at or before this time (ISO 8601)")
+    rf.add_argument("--path", action="append", metavar="P", help="restore only this path (repeatable)")
+    rf.add_argument("--into", metavar="DIR", help="a new or empty directory; the snapshot's paths are recreated in it")
+    rf.add_argument("--in-place", action="store_true", help="over the original paths; needs --yes naming them")
+    rf.add_argument("--yes", metavar="PATHS", help="with --in-place: the set's paths, comma-separated, to confirm")
+    rf.add_argument("--location", metavar="NAME", help="read only this location")
+    rf.set_defaults(func=cmd_restore_files)
 
     rt = sub.add_parser("retention", help="plan or apply the retention policy on every location")
     rt.add_argument("action", choices=["plan", "apply"])

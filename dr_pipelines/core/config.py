@@ -435,6 +435,82 @@ class WalConfig(_Model):
     )
 
 
+class FileSetHooks(_Model):
+    """Commands around a snapshot (e.g. stop a container before its volume is read, start it after)."""
+
+    before: list[Hook] = Field(default_factory=list, description="run before the scan; a failure stops the snapshot")
+    after: list[Hook] = Field(default_factory=list, description="run after the scan, also when it failed")
+    timeout: Duration = timedelta(seconds=120)
+
+
+class FileSetObjectives(_Model):
+    rpo: Duration | None = Field(
+        default=None, description="how old the newest snapshot may get; default: the schedule's interval plus 2h"
+    )
+    rto: Duration = Field(default=timedelta(hours=1), description="recovery time objective of a file restore")
+
+
+class FileSetConfig(_Model):
+    """A set of application files snapshotted together (deduplicated, encrypted to the recipients)."""
+
+    paths: list[str] = Field(
+        min_length=1, description="files and directories; relative ones resolve against the config file"
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="glob patterns (fnmatch) on the full path or on a name, e.g. '*.log', '/srv/app/tmp'",
+    )
+    exclude_if_present: list[str] = Field(
+        default_factory=list, description="skip a directory holding a file of this name (e.g. .nobackup)"
+    )
+    exclude_caches: bool = Field(default=False, description="skip directories tagged with a valid CACHEDIR.TAG")
+    one_file_system: bool = Field(default=False, description="do not cross into other mounted file systems")
+    schedule: Cron = Field(default="0 */6 * * *", description="cron, UTC")
+    enabled: bool = True
+    objectives: FileSetObjectives = FileSetObjectives()
+    secrets: bool = Field(
+        default=False, description="holds secrets: must be encrypted, and no file name or content is ever logged"
+    )
+    skip_unreadable: bool = Field(
+        default=False, description="an unreadable file is listed and skipped (default: the snapshot fails)"
+    )
+    hooks: FileSetHooks = FileSetHooks()
+
+    def rpo(self, now: datetime) -> timedelta:
+        return self.objectives.rpo or cron_interval(self.schedule, now) + timedelta(hours=2)
+
+    def resolved_paths(self, base_dir: Path) -> list[Path]:
+        out = []
+        for p in self.paths:
+            path = Path(p).expanduser()
+            out.append(path if path.is_absolute() else (base_dir / path))
+        return out
+
+
+class FilesConfig(_Model):
+    """Where the backup host keeps its file-snapshot state, and the format's sizes."""
+
+    state_dir: str = Field(
+        default="~/.local/state/dr_pipelines",
+        description="the dedup key (keep it: without it a snapshot re-uploads what is stored) and the files cache "
+        "(losing it costs a re-read, never a re-upload); relative to the config file",
+    )
+    pack_size_mb: int = Field(default=16, ge=1, le=256, description="size of the encrypted packs chunks go into")
+    change_tolerance: float = Field(
+        default=3.0,
+        gt=1,
+        description="change-rate anomaly: new bytes above this many times the rolling mean of recent snapshots "
+        "(mass encryption by ransomware looks like this)",
+    )
+    change_min_bytes: int = Field(
+        default=16 << 20, ge=0, description="below this many new bytes a change is never an anomaly"
+    )
+
+    def resolved_state_dir(self, base_dir: Path) -> Path:
+        p = Path(self.state_dir).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+
 class SchedulesConfig(_Model):
     running: bool | None = Field(
         default=None, description="Start schedules and sensors RUNNING; default: yes outside the sandbox"
@@ -455,6 +531,8 @@ class DrConfig(_Model):
     compression: CompressionConfig = CompressionConfig()
     retention: RetentionConfig = RetentionConfig()
     alerts: dict[str, AlertConfig] = Field(default_factory=dict)
+    file_sets: dict[str, FileSetConfig] = Field(default_factory=dict)
+    files: FilesConfig = FilesConfig()
     checks: ChecksConfig = ChecksConfig()
     wal: WalConfig = WalConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -474,6 +552,31 @@ class DrConfig(_Model):
             if not _NAME.match(name):
                 raise ValueError(f"name {name!r} must start with a letter and hold only letters, digits and _")
         return v
+
+    @field_validator("file_sets")
+    @classmethod
+    def _set_names(cls, v: dict) -> dict:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r} must start with a letter and hold only letters, digits and _")
+        return v
+
+    @model_validator(mode="after")
+    def _secrets_encrypted(self) -> DrConfig:
+        for name, fs in self.file_sets.items():
+            if fs.secrets and self.encryption.method == "none":
+                raise ValueError(
+                    f"file set {name!r} holds secrets (secrets: true) but encryption.method is none; "
+                    "set encryption.method: age with recipients, or the secrets would be stored in the clear"
+                )
+        return self
+
+    def file_set(self, name: str) -> FileSetConfig:
+        try:
+            return self.file_sets[name]
+        except KeyError:
+            configured = ", ".join(self.file_sets) or "none"
+            raise ConfigError(f"no file set named {name!r} in the config; configured: {configured}") from None
 
     def database(self, name: str) -> DatabaseConfig:
         try:

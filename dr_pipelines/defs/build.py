@@ -8,6 +8,7 @@ import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.defs.backup.definitions import build_backup_definitions
+from dr_pipelines.defs.files.definitions import build_files_definitions
 from dr_pipelines.defs.monitoring.definitions import build_monitoring_definitions
 from dr_pipelines.defs.pitr.definitions import build_pitr_definitions
 from dr_pipelines.defs.resources import dr_resource
@@ -18,6 +19,7 @@ from dr_pipelines.defs.wal.definitions import build_wal_definitions
 
 DOMAINS = (
     build_backup_definitions,
+    build_files_definitions,
     build_restore_definitions,
     build_wal_definitions,
     build_pitr_definitions,

@@ -280,3 +280,17 @@ def materialize_base_backup(config: DrConfig, db: str, config_file: str) -> str:
 def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) -> PitrReport:
     result = run_job(config, config_file, "point_in_time_recovery", {"ops": {"recover_to_point": {"config": options}}})
     return result.output_for_node("validate_recovered")
+
+
+def materialize_snapshot(config: DrConfig, file_set: str, config_file: str) -> str:
+    """A file snapshot, then its restore test, as the schedule runs them."""
+    from dr_pipelines.defs.files.assets import snapshot_job_name, snapshot_key
+
+    result = run_job(config, config_file, snapshot_job_name(file_set))
+    [mat] = result.asset_materializations_for_node(snapshot_key(file_set).to_python_identifier())
+    return str(mat.metadata["snapshot_id"].value)
+
+
+def restore_files_job(config: DrConfig, config_file: str, options: dict):
+    result = run_job(config, config_file, "restore_files", {"ops": {"choose_snapshot_to_restore": {"config": options}}})
+    return result.output_for_node("restore_snapshot_files")

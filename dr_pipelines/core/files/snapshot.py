@@ -1,0 +1,662 @@
+"""Taking a file snapshot: scan -> cut (FastCDC) -> keyed chunk ids -> new chunks compressed into
+encrypted packs -> every location; then the plaintext index, then the encrypted manifest (last:
+the commit marker).
+
+The backup host holds only the recipients: it can write packs and manifests, never read them.
+It deduplicates without reading old backups: the files cache says which files are unchanged
+(one stat each), the chunk table which content the repository holds already (from the indexes).
+Memory stays flat: files are cut as streams, the manifest goes to an encrypted temp file as the
+scan runs, and at most a few packs are in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import random
+import shutil
+import socket
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyrage
+import zstandard
+from pydantic import BaseModel, ConfigDict
+
+from dr_pipelines.core.codec.keys import age_recipients, recipient_fingerprints
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.files import format as fmt
+from dr_pipelines.core.files.cache import FilesCache
+from dr_pipelines.core.files.keys import DedupKey, backup_key
+from dr_pipelines.core.files.locks import Lock, wait_for_no_gc
+from dr_pipelines.core.files.scan import Problem, group_name, type_of, user_name, walk, xattrs_of
+from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_tag
+from dr_pipelines.core.repository.catalog import hash_object
+from dr_pipelines.core.repository.manifest import new_backup_id
+from dr_pipelines.core.repository.records import RecordKind, store_json_record
+from dr_pipelines.core.storage.base import Location, LocationError
+
+MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 256 << 10, 1 << 20, 4 << 20
+READ_TRIES = 3  # a file that changes while it is read is read again this often
+
+
+class SnapshotFailed(DrError):
+    pass
+
+
+class PartialSnapshot(DrError):
+    def __init__(self, index: SnapshotIndex, committed: list[str], failed: dict[str, str]):
+        super().__init__(
+            f"snapshot {index.id} of file set {index.file_set!r} is stored on {', '.join(committed)} but FAILED on "
+            + "; ".join(f"{k}: {v}" for k, v in failed.items())
+            + f". Fix {', '.join(failed)} and take the snapshot again; the copies on {', '.join(committed)} are complete."
+        )
+        self.index, self.committed, self.failed = index, committed, failed
+
+
+class SnapshotStats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    files: int = 0
+    dirs: int = 0
+    others: int = 0  # symlinks, hardlinks, special files
+    bytes_scanned: int = 0  # the size of every regular file
+    bytes_read: int = 0  # what had to be read (changed or new files)
+    bytes_new: int = 0  # plain bytes of chunks the repository did not hold
+    bytes_stored: int = 0  # stored (compressed, encrypted) bytes of the new packs
+    new_files: int = 0
+    changed_files: int = 0
+    unchanged_files: int = 0
+    new_packs: int = 0
+    changed_while_read: int = 0
+    skipped: int = 0  # unreadable files, listed (when the set allows skipping them)
+    vanished: int = 0
+
+    @property
+    def dedup_ratio(self) -> float:
+        return round(self.bytes_scanned / self.bytes_new, 2) if self.bytes_new else float(self.bytes_scanned > 0) or 1.0
+
+
+class SnapshotIndex(BaseModel):
+    """Plaintext, beside the manifest: what the backup host needs without the identity (listing,
+    deduplication, garbage collection, checks). No file name, no content."""
+
+    model_config = ConfigDict(extra="ignore")
+    format: str = fmt.FORMAT
+    id: str
+    file_set: str
+    created_at: datetime
+    finished_at: datetime
+    duration_s: float
+    host: str
+    key_id: str
+    compression: str
+    encryption: dict
+    secrets: bool = False
+    stats: SnapshotStats
+    manifest_size: int
+    manifest_sha256: str
+    packs: list[str]  # pack ids, with their stored sizes
+    pack_sizes: list[int]
+    chunks: list[tuple[str, int]]  # (chunk id hex, position of its pack in `packs`)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.pack_sizes)
+
+
+@dataclass
+class SnapshotResult:
+    index: SnapshotIndex
+    locations: list[str]
+    problems: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- packs
+
+
+class _Packer:
+    """Collects new chunks into packs of ~pack_size; each finished pack is shuffled, encrypted,
+    written to every live location and read back there before any index refers to it."""
+
+    def __init__(self, config: DrConfig, locations: dict[str, Location], cache: FilesCache, key: DedupKey, log: Log):
+        self.config = config
+        self.encrypted = config.encryption.method == "age"
+        self.recipients = age_recipients(config.encryption) if self.encrypted else None
+        self.compress = config.compression.method != "none"
+        self.level = config.compression.level
+        self.pack_size = config.files.pack_size_mb << 20
+        self.locations = dict(locations)
+        self.failed: dict[str, str] = {}
+        self.cache, self.key, self.log = cache, key, log
+        self.pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="compress")
+        self.current: list[tuple[bytes, Future, int]] = []
+        self.current_bytes = 0
+        self.pending: dict[bytes, int] = {}  # chunk id -> sequence number of its pack, until stored
+        self.stored: dict[int, str] = {}  # pack sequence number -> pack id
+        self.sizes: dict[str, int] = {}
+        self.seq = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.bytes_new = 0
+        self.uploader = threading.Thread(target=self._upload_loop, name="pack-upload", daemon=True)
+        self.uploader.start()
+
+    def _blob(self, data: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=self.level).compress(data) if self.compress else data
+
+    def add(self, cid: bytes, data) -> None:
+        if self.error is not None:
+            raise self.error
+        plain = bytes(data)
+        self.current.append((cid, self.pool.submit(self._blob, plain), len(plain)))
+        self.pending[cid] = self.seq
+        self.current_bytes += len(plain)
+        self.bytes_new += len(plain)
+        if self.current_bytes >= self.pack_size:
+            self.seal()
+
+    def seal(self) -> None:
+        if not self.current:
+            return
+        chunks = [(cid, fut.result(), n) for cid, fut, n in self.current]
+        random.shuffle(chunks)  # chunk order inside a pack says nothing of the files
+        self.queue.put((self.seq, chunks))  # waits while the previous pack is still being written
+        self.current, self.current_bytes = [], 0
+        self.seq += 1
+        if self.error is not None:
+            raise self.error
+
+    def _upload_loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            seq, chunks = item
+            try:
+                body = fmt.encode_pack_body(chunks)
+                stored = pyrage.encrypt(body, self.recipients) if self.recipients else body
+                pack_id = hashlib.sha256(stored).hexdigest()
+                key = fmt.pack_key(pack_id, self.encrypted)
+                for name, loc in list(self.locations.items()):
+                    try:
+                        loc.put_bytes(key, stored)
+                        size, digest = hash_object(loc, key)  # read back: written and verified
+                        if (size, digest) != (len(stored), pack_id):
+                            raise LocationError(name, f"pack {pack_id} read back differs from what was written")
+                    except LocationError as e:
+                        self.failed[name] = str(e)
+                        del self.locations[name]
+                        self.log(f"warning: location {name} failed; the snapshot goes on without it: {e}")
+                if not self.locations:
+                    raise SnapshotFailed("every location failed: " + "; ".join(self.failed.values()))
+                self.cache.add_chunks(pack_id, self.key.key_id, [c for c, _, _ in chunks])
+                self.stored[seq] = pack_id
+                self.sizes[pack_id] = len(stored)
+            except BaseException as e:
+                self.error = e
+
+    def finish(self) -> None:
+        self.seal()
+        self.queue.put(None)
+        self.uploader.join()
+        self.pool.shutdown()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.error = self.error or SnapshotFailed("aborted")
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self.pool.shutdown(cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- the snapshot
+
+
+def repository_name(config: DrConfig) -> str:
+    """What names the repository for the host's cache: its locations."""
+    return "|".join(f"{n}={config.locations[n].model_dump_json()}" for n in sorted(config.locations))
+
+
+def refresh_known(cache: FilesCache, locations: dict[str, Location], log: Log) -> dict[str, set[str]]:
+    """Bring the chunk table up to date with the repository; returns the packs on each location."""
+    on: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    indexes: dict[str, Location] = {}
+    for name, loc in locations.items():
+        try:
+            objs = list(loc.list(f"{fmt.ROOT}/"))
+        except LocationError as e:
+            log(f"warning: cannot list {name}: {e}")
+            continue
+        on[name] = set()
+        for o in objs:
+            if o.key.startswith(f"{fmt.ROOT}/packs/"):
+                pid = fmt.pack_id_of(o.key)
+                on[name].add(pid)
+                sizes[pid] = o.size
+            elif o.key.endswith("/" + fmt.INDEX) and o.key not in indexes:
+                indexes[o.key] = loc
+    cache.set_packs(sizes)
+    for key, loc in indexes.items():
+        if cache.seen_index(key):
+            continue
+        try:
+            idx = SnapshotIndex.model_validate_json(loc.get_bytes(key))
+        except (LocationError, ValueError):
+            continue  # another location's copy, or the next run
+        cache.add_index(key, idx.key_id, idx.packs, [(bytes.fromhex(c), i) for c, i in idx.chunks])
+    cache.set_packs(sizes)  # chunks of indexes whose packs are gone are dropped again
+    return on
+
+
+def take_snapshot(config: DrConfig, file_set: str, locations: dict[str, Location], log: Log = print) -> SnapshotResult:
+    """Take one snapshot of `file_set`, recording the attempt (success or failure) beside it."""
+    config.file_set(file_set)
+    if not locations:
+        raise SnapshotFailed("no location to write to")
+    started = datetime.now(timezone.utc)
+    snapshot_id = new_backup_id(started)
+    owner = fmt.records_owner(file_set)
+    record: dict[str, object] = {
+        "kind": "snapshot",
+        "file_set": file_set,
+        "started_at": started.isoformat(),
+        "backup_id": snapshot_id,
+        "host": socket.gethostname(),
+        "owner": owner_tag(),
+        "pid": os.getpid(),
+        "finished_at": None,
+    }
+    from dr_pipelines.core.files.sweep import sweep_snapshot_leftovers
+
+    sweep_snapshot_leftovers(config, locations, log)
+    store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started.isoformat(), record, log)
+    try:
+        result = _run_hooks_around(
+            config, file_set, lambda: _snapshot(config, file_set, locations, log, started, snapshot_id), log
+        )
+    except BaseException as e:
+        stored_on = e.committed if isinstance(e, PartialSnapshot) else []
+        record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
+        raise
+    else:
+        st = result.index.stats
+        record.update(
+            succeeded=True,
+            error=None,
+            stored_on=result.locations,
+            size_bytes=st.bytes_stored,
+            bytes_new=st.bytes_new,
+            bytes_scanned=st.bytes_scanned,
+            changed_files=st.changed_files + st.new_files,
+        )
+        return result
+    finally:
+        record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started.isoformat(), record, log)
+
+
+def _run_hooks_around(config: DrConfig, file_set: str, work, log: Log):
+    from dr_pipelines.core.restore.app_hooks import HookFailed, describe, run_hook
+
+    hooks = config.file_set(file_set).hooks
+    timeout = hooks.timeout.total_seconds()
+    try:
+        for hook in hooks.before:
+            log(f"file set {file_set}: before the snapshot: {describe(hook)}")
+            try:
+                run_hook(hook, timeout)
+            except HookFailed as e:
+                raise SnapshotFailed(
+                    f"the before hook of file set {file_set!r} failed, nothing was read: {e}"
+                ) from None
+        return work()
+    finally:
+        for hook in hooks.after:  # also after a failure: a stopped service must come back
+            log(f"file set {file_set}: after the snapshot: {describe(hook)}")
+            try:
+                run_hook(hook, timeout)
+            except HookFailed as e:
+                log(f"warning: the after hook of file set {file_set!r} failed: {e}")
+
+
+def _snapshot(
+    config: DrConfig, file_set: str, locations: dict[str, Location], log: Log, started: datetime, snapshot_id: str
+) -> SnapshotResult:
+    fs = config.file_set(file_set)
+    t0 = time.monotonic()
+    quiet = fs.secrets  # a secrets set: no file name in any message
+
+    def shown(path: bytes) -> str:
+        return "(a file of a secrets set)" if quiet else os.fsdecode(path)
+
+    with Lock("snapshot", locations) as lock:
+        wait_for_no_gc(lock, log)
+        key = backup_key(config, locations, log)
+        state = config.files.resolved_state_dir(config.base_dir)
+        cache = FilesCache(state, repository_name(config))
+        tmp_dir = state / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        plain_manifest = tmp_dir / f"manifest-{snapshot_id}.{owner_tag().replace(':', '+')}.zst"
+        sealed_manifest = plain_manifest.with_suffix(".sealed")
+        packer = None
+        try:
+            refresh_known(cache, locations, log)
+            packer = _Packer(config, locations, cache, key, log)
+            stats = SnapshotStats()
+            problems: list[Problem] = []
+            used: dict[bytes, str | int] = {}  # chunk id -> pack id (stored) or sequence number (this run's)
+            cdc = _chunker()
+            hardlinks: dict[tuple[int, int], bytes] = {}
+            fd = os.open(plain_manifest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as out:
+                header = {
+                    "format": fmt.FORMAT,
+                    "file_set": file_set,
+                    "id": snapshot_id,
+                    "created_at": started.isoformat(),
+                    "key_id": key.key_id,
+                    "roots": [os.fsdecode(os.path.abspath(p)) for p in fs.resolved_paths(config.base_dir)],
+                }
+                out.write(json.dumps(header).encode() + b"\n")
+                for path, st in walk(fs.resolved_paths(config.base_dir), fs, problems.append):
+                    entry = _entry(path, st)
+                    if entry.type == "dir":
+                        stats.dirs += 1
+                    elif entry.type == "file" and st.st_nlink > 1 and (st.st_dev, st.st_ino) in hardlinks:
+                        entry.type, entry.target = "hardlink", hardlinks[(st.st_dev, st.st_ino)]
+                        stats.others += 1
+                    elif entry.type == "file":
+                        if st.st_nlink > 1:
+                            hardlinks[(st.st_dev, st.st_ino)] = path
+                        try:
+                            _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
+                        except FileNotFoundError:
+                            problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
+                            continue
+                        except OSError as e:
+                            problems.append(Problem(path, "unreadable", e.strerror or str(e)))
+                            continue
+                        stats.files += 1
+                        stats.bytes_scanned += entry.size
+                        if entry.changed_while_read:
+                            stats.changed_while_read += 1
+                            log(
+                                f"warning: {shown(path)} kept changing while it was read; the snapshot holds its last read"
+                            )
+                    else:
+                        if entry.type == "symlink":
+                            entry.target = os.readlink(path)
+                        stats.others += 1
+                    out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
+            packer.finish()
+
+            unreadable = [p for p in problems if p.what == "unreadable"]
+            stats.vanished = sum(p.what == "vanished" for p in problems)
+            for p in problems:
+                log(f"{'warning' if p.what == 'vanished' else 'unreadable'}: {shown(p.path)}: {p.detail}")
+            if unreadable and not fs.skip_unreadable:
+                raise SnapshotFailed(
+                    f"{len(unreadable)} file(s) of file set {file_set!r} could not be read"
+                    + ("" if quiet else f" ({', '.join(os.fsdecode(p.path) for p in unreadable[:5])})")
+                    + "; nothing was committed. Fix their permissions, exclude them, or set skip_unreadable: true"
+                )
+            stats.skipped = len(unreadable)
+
+            # every pack this snapshot refers to, by id
+            packs_used: dict[str, None] = {}
+            chunk_rows: list[tuple[str, str]] = []
+            for cid, where in used.items():
+                pack_id = packer.stored[where] if isinstance(where, int) else where
+                packs_used[pack_id] = None
+                chunk_rows.append((cid.hex(), pack_id))
+            live = dict(packer.locations)
+            _ensure_packs_everywhere(list(packs_used), live, packer.failed, config.encryption.method == "age", log)
+            if not live:
+                raise SnapshotFailed("every location failed: " + "; ".join(packer.failed.values()))
+            pack_list = list(packs_used)
+            position = {p: i for i, p in enumerate(pack_list)}
+            stats.new_packs = len(packer.stored)
+            stats.bytes_new = packer.bytes_new
+            stats.bytes_stored = sum(packer.sizes.values())
+
+            # the manifest, sealed (encrypted) into a temp file: its hash goes into the index
+            manifest_size, manifest_sha = _seal(plain_manifest, sealed_manifest, packer.recipients)
+            plain_manifest.unlink()
+            index = SnapshotIndex(
+                id=snapshot_id,
+                file_set=file_set,
+                created_at=started,
+                finished_at=datetime.now(timezone.utc),
+                duration_s=round(time.monotonic() - t0, 3),
+                host=socket.gethostname(),
+                key_id=key.key_id,
+                compression="zstd" if packer.compress else "none",
+                encryption={
+                    "method": config.encryption.method,
+                    "recipients": recipient_fingerprints(config.encryption),
+                },
+                secrets=fs.secrets,
+                stats=stats,
+                manifest_size=manifest_size,
+                manifest_sha256=manifest_sha,
+                packs=pack_list,
+                pack_sizes=[_pack_size(p, packer.sizes, cache) for p in pack_list],
+                chunks=[(c, position[p]) for c, p in chunk_rows],
+            )
+            committed = _commit(index, sealed_manifest, live, packer.failed, packer.encrypted, log)
+        except BaseException:
+            if packer is not None:
+                packer.abort()
+            raise
+        finally:
+            cache.close()
+            plain_manifest.unlink(missing_ok=True)
+            sealed_manifest.unlink(missing_ok=True)
+    st = index.stats
+    log(
+        f"snapshot {snapshot_id} of {file_set}: {st.files} files, {st.bytes_scanned} bytes scanned, "
+        f"{st.bytes_new} new ({st.bytes_stored} stored in {st.new_packs} packs), on {', '.join(committed)} "
+        f"in {index.duration_s:.1f}s"
+    )
+    if packer.failed:
+        raise PartialSnapshot(index, committed, packer.failed)
+    return SnapshotResult(index, committed)
+
+
+def _chunker():
+    from pyfastcdc import FastCDC
+
+    return FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+
+
+def _entry(path: bytes, st: os.stat_result) -> fmt.Entry:
+    return fmt.Entry(
+        path=path,
+        type=type_of(st.st_mode),
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        user=user_name(st.st_uid),
+        group=group_name(st.st_gid),
+        mtime_ns=st.st_mtime_ns,
+        xattrs=xattrs_of(path),
+        rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
+    )
+
+
+def _content(
+    entry: fmt.Entry,
+    st: os.stat_result,
+    file_set: str,
+    cache: FilesCache,
+    key: DedupKey,
+    packer: _Packer,
+    cdc,
+    used: dict[bytes, str | int],
+    stats: SnapshotStats,
+) -> None:
+    """A regular file's chunks and SHA-256: from the cache when it is unchanged (one stat), else
+    read, cut and hashed. New chunks go to the packer; known ones are only referred to."""
+    hit = cache.lookup(file_set, entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id)
+    if hit is not None:
+        sha, chunks = hit
+        packs = [used.get(c) or packer.pending.get(c) or cache.pack_of(c, key.key_id) for c, _ in chunks]
+        if all(p is not None for p in packs):
+            for (c, _), p in zip(chunks, packs, strict=True):
+                used.setdefault(c, p)  # type: ignore[arg-type]
+            entry.size, entry.sha256, entry.chunks = st.st_size, sha, chunks
+            stats.unchanged_files += 1
+            return
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0)
+    for attempt in range(READ_TRIES):
+        try:
+            fd = os.open(entry.path, flags)
+        except PermissionError:
+            if flags & getattr(os, "O_NOATIME", 0):  # O_NOATIME needs ownership; root or the owner only
+                flags &= ~getattr(os, "O_NOATIME", 0)
+                fd = os.open(entry.path, flags)
+            else:
+                raise
+        with open(fd, "rb", buffering=0) as f:
+            before = os.fstat(f.fileno())
+            digest, chunks, size = hashlib.sha256(), [], 0
+            if before.st_size < MIN_CHUNK:
+                pieces = [f.read()]
+            else:
+                pieces = (c.data for c in cdc.cut_stream(f))
+            for data in pieces:
+                if not len(data):
+                    continue
+                digest.update(data)
+                cid = key.chunk_id(data)
+                chunks.append((cid, len(data)))
+                size += len(data)
+                if cid not in used:
+                    known = packer.pending.get(cid)
+                    if known is None:
+                        known = cache.pack_of(cid, key.key_id)
+                    if known is None:
+                        packer.add(cid, data)
+                        known = packer.pending[cid]
+                    used[cid] = known
+            after = os.fstat(f.fileno())
+        stats.bytes_read += size
+        same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ctime_ns,
+        )
+        if same and size == after.st_size:
+            break
+        if attempt == READ_TRIES - 1:
+            entry.changed_while_read = True
+        st = after
+    entry.size, entry.sha256, entry.chunks = size, digest.hexdigest(), chunks
+    entry.mtime_ns = st.st_mtime_ns
+    if cache.has_path(file_set, entry.path):
+        stats.changed_files += 1
+    else:
+        stats.new_files += 1
+    if not entry.changed_while_read:
+        cache.remember(
+            file_set, entry.path, size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id, entry.sha256, chunks
+        )
+
+
+def _pack_size(pack_id: str, new: dict[str, int], cache: FilesCache) -> int:
+    if pack_id in new:
+        return new[pack_id]
+    row = cache.db.execute("SELECT size FROM packs WHERE id=?", (pack_id,)).fetchone()
+    return row[0] if row else 0
+
+
+def _ensure_packs_everywhere(
+    packs: list[str], live: dict[str, Location], failed: dict[str, str], encrypted: bool, log: Log
+) -> None:
+    """Right before the commit: every pack the snapshot refers to must be on every location it
+    commits to. A pack one location lacks (it was down when the pack was written) is copied from
+    another; a pack no location holds (removed by a pack collection) fails the snapshot."""
+    present: dict[str, set[str]] = {}
+    for name, loc in list(live.items()):
+        try:
+            present[name] = {fmt.pack_id_of(o.key) for o in loc.list(f"{fmt.ROOT}/packs/")}
+        except LocationError as e:
+            failed[name] = str(e)
+            del live[name]
+    for pack_id in packs:
+        holders = [n for n in live if pack_id in present[n]]
+        if not holders:
+            raise SnapshotFailed(
+                f"pack {pack_id} is on no location any more (removed by retention while this snapshot ran?); "
+                "nothing was committed: take the snapshot again"
+            )
+        for name in [n for n in live if pack_id not in present[n]]:
+            key = fmt.pack_key(pack_id, encrypted)
+            try:
+                data = live[holders[0]].get_bytes(key)
+                if hashlib.sha256(data).hexdigest() != pack_id:
+                    raise LocationError(holders[0], f"pack {pack_id} fails its checksum")
+                live[name].put_bytes(key, data)
+                log(f"copied pack {pack_id} to {name} from {holders[0]} (it was missing there)")
+            except LocationError as e:
+                failed[name] = str(e)
+                del live[name]
+
+
+def _seal(plain: Path, sealed: Path, recipients) -> tuple[int, str]:
+    with open(plain, "rb") as src, open(sealed, "wb") as dst:
+        if recipients:
+            pyrage.encrypt_io(src, dst, recipients)
+        else:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+    h = hashlib.sha256()
+    with open(sealed, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return sealed.stat().st_size, h.hexdigest()
+
+
+def _commit(
+    index: SnapshotIndex, sealed: Path, live: dict[str, Location], failed: dict[str, str], encrypted: bool, log: Log
+) -> list[str]:
+    """The index, then the manifest (the commit marker), on each location holding every pack."""
+    committed = []
+    body = index.model_dump_json().encode()
+    for name, loc in live.items():
+        try:
+            loc.put_bytes(fmt.index_key(index.file_set, index.id), body)
+            up = loc.open_upload(fmt.manifest_key(index.file_set, index.id, encrypted))
+            try:
+                with open(sealed, "rb") as f:
+                    while block := f.read(1 << 20):
+                        up.write(block)
+            except BaseException:
+                up.abort()
+                raise
+            up.commit()
+            committed.append(name)
+        except LocationError as e:
+            failed[name] = str(e)
+    if not committed:
+        raise SnapshotFailed(
+            f"snapshot {index.id} of {index.file_set!r} failed on every location: "
+            + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+    return committed

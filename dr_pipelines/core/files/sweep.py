@@ -1,0 +1,67 @@
+"""What a killed snapshot leaves, found and removed by the next one: temp files of the manifest on
+this host (they hold file names), temp objects and unfinished uploads under `_files/`, and an index
+whose manifest was never written. Its packs are not leftovers: the next snapshot reuses them (the
+host's chunk table knows them), and pack collection removes them once no snapshot does."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.files import format as fmt
+from dr_pipelines.core.log import Log
+from dr_pipelines.core.repository.records import RecordKind, load_reports
+from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.sweep import GRACE, Leftover, _stale, repository_leftovers, sweep_safely
+
+
+def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> list[Leftover]:
+    out = repository_leftovers(locations, fmt.ROOT, now)
+    tmp = config.files.resolved_state_dir(config.base_dir) / "tmp"
+    if tmp.is_dir():
+        for path in tmp.iterdir():
+            parts = path.name.split(".")
+            owner = parts[1].replace("+", ":") if len(parts) > 2 else None
+            started = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            if why := _stale(owner, started, now):
+                out.append(Leftover("snapshot temp file (file names)", "this host", str(path), why, path.unlink))
+    for file_set in config.file_sets:
+        attempts = load_reports(locations, fmt.records_owner(file_set), RecordKind.BACKUP_ATTEMPT)
+        dead = {a.backup_id for a in attempts if a.died()}
+        running = {a.backup_id for a in attempts if a.running()}
+        for loc in locations.values():
+            try:
+                found: dict[str, list] = {}
+                for obj in loc.list(fmt.set_prefix(file_set) + "/"):
+                    parts = obj.key.split("/")
+                    if len(parts) == 4 and parts[2] not in ("reports",):
+                        found.setdefault(parts[2], []).append(obj)
+            except LocationError:
+                continue
+            for snapshot_id, objs in found.items():
+                if snapshot_id in running or any(o.key.rsplit("/", 1)[1].startswith("manifest.") for o in objs):
+                    continue
+                if all(o.key.endswith("/" + fmt.PIN) for o in objs):
+                    continue  # a pin left after the snapshot went: harmless, removed with retention
+                newest = max((o.modified for o in objs if o.modified), default=None)
+                if snapshot_id in dead:
+                    why = "its snapshot attempt died"
+                elif newest and now - newest >= GRACE:
+                    why = f"no manifest, untouched for {(now - newest).total_seconds() / 3600:.0f} h"
+                else:
+                    continue
+                for o in objs:
+                    out.append(
+                        Leftover(
+                            "snapshot object without a manifest",
+                            loc.name,
+                            o.key,
+                            why,
+                            lambda loc=loc, k=o.key: loc.delete(k),
+                        )
+                    )
+    return out
+
+
+def sweep_snapshot_leftovers(config: DrConfig, locations: dict[str, Location], log: Log) -> None:
+    sweep_safely(lambda: snapshot_leftovers(config, locations, datetime.now(timezone.utc)), log)
