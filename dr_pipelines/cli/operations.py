@@ -34,12 +34,22 @@ def cmd_retention(args) -> int:
                     {
                         "backups": plan_json(plan.decisions),
                         "wal": [{"database": w.database, "name": w.name, "reason": w.reason} for w in plan.wal],
+                        "snapshots": plan_json(plan.files.decisions) if plan.files else [],
+                        "packs": {"remove": sorted(plan.files.packs), "bytes_freed": plan.files.bytes_freed}
+                        if plan.files
+                        else {},
                     },
                     indent=2,
                 )
             )
         else:
             print(plan_table(plan.decisions))
+            if plan.files and plan.files.decisions:
+                print("\n" + plan_table(plan.files.decisions))
+                print(
+                    f"\n{len(plan.files.removed)} of {len(plan.files.decisions)} file snapshots would be removed; "
+                    f"{len(plan.files.packs)} packs ({plan.files.bytes_freed} bytes) would be freed"
+                )
             print(
                 f"\n{len(plan.removed)} of {len(plan.decisions)} backups would be removed"
                 + (

@@ -17,11 +17,15 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from dr_pipelines.core.config import RetentionConfig
 from dr_pipelines.core.repository.catalog import CatalogEntry
 from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.storage.base import Location, LocationError, TieredLocation
+
+if TYPE_CHECKING:
+    from dr_pipelines.core.files.retention import FilesOutcome, FilesPlan
 
 PIN = "pin.json"
 
@@ -267,6 +271,7 @@ class RetentionPlan:
     entries: dict[str, CatalogEntry]
     problems: list[str]
     wal: list[WalRemoval] = field(default_factory=list)
+    files: FilesPlan | None = None  # file snapshots and the packs they leave unreferenced
 
     @property
     def removed(self) -> list[Decision]:
@@ -288,7 +293,10 @@ def build_plan(config, locations: dict[str, Location], now: datetime) -> Retenti
                 d.keep = True
                 d.reasons = ["kept: a location could not be read, so the plan removes nothing"]
     wal = [] if catalog.problems else plan_wal_retention(config, locations, decisions, entries, now, catalog.problems)
-    return RetentionPlan(decisions, entries, catalog.problems, wal)
+    from dr_pipelines.core.files.retention import plan_files_retention
+
+    files = plan_files_retention(config, locations, now)
+    return RetentionPlan(decisions, entries, catalog.problems + files.problems, wal, files)
 
 
 @dataclass
@@ -365,12 +373,15 @@ class RetentionOutcome:
     removals: list[Removal]
     moves: list[Move]
     wal_errors: list[str]
+    files: FilesOutcome | None = None
 
     @property
     def failures(self) -> list[str]:
-        return [
-            f"{r.backup_id} on {r.location}: {r.error}" for r in self.removals + self.moves if r.error
-        ] + self.wal_errors
+        return (
+            [f"{r.backup_id} on {r.location}: {r.error}" for r in self.removals + self.moves if r.error]
+            + self.wal_errors
+            + (self.files.errors if self.files else [])
+        )
 
     @property
     def complete(self) -> bool:
@@ -381,6 +392,17 @@ class RetentionOutcome:
             f"removed {len(self.plan.removed)} backups ({len([r for r in self.removals if not r.error])} copies); "
             f"moved {len([m for m in self.moves if not m.error])} copies to a colder storage class; "
             f"removed {len(self.plan.wal)} WAL files"
+            + (
+                f"; removed {len(self.plan.files.removed)} file snapshots and {self.files.packs_deleted} packs "
+                f"({self.files.bytes_freed} bytes)"
+                + (
+                    f", packs on {', '.join(self.files.deferred)} left for next time (a snapshot was running)"
+                    if self.files.deferred
+                    else ""
+                )
+                if self.files and self.plan.files
+                else ""
+            )
             + (f"; {len(self.failures)} operations failed" if self.failures else "")
         )
 
@@ -391,4 +413,10 @@ def apply_plan(
     """Removals (manifest first), storage-class moves, then WAL no kept base backup needs."""
     removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
     moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)
-    return RetentionOutcome(plan, removals, moves, apply_wal_retention(locations, plan.wal, log=log))
+    wal_errors = apply_wal_retention(locations, plan.wal, log=log)
+    files = None
+    if plan.files is not None:
+        from dr_pipelines.core.files.retention import apply_files_retention
+
+        files = apply_files_retention(locations, plan.files, log=log)
+    return RetentionOutcome(plan, removals, moves, wal_errors, files)

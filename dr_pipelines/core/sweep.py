@@ -236,4 +236,8 @@ def all_leftovers(config: DrConfig, locations: dict[str, Location], now: datetim
     out = scratch_leftovers(config, now)
     for database in config.databases:
         out += repository_leftovers(locations, database, now) + staging_leftovers(config, database)
+    if config.file_sets:
+        from dr_pipelines.core.files.sweep import snapshot_leftovers
+
+        out += snapshot_leftovers(config, locations, now)
     return out

@@ -140,6 +140,7 @@ class Entry:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     rdev: int = 0
     changed_while_read: bool = False
+    nlink: int = 1  # a regular file's link count: >1 heads a hardlink group
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -169,6 +170,8 @@ class Entry:
             d["rdev"] = self.rdev
         if self.changed_while_read:
             d["changed_while_read"] = True
+        if self.nlink > 1:
+            d["nlink"] = self.nlink
         return d
 
     @classmethod
@@ -192,6 +195,7 @@ class Entry:
             xattrs={base64.b64decode(k): base64.b64decode(v) for k, v in d.get("xattrs", {}).items()},
             rdev=d.get("rdev", 0),
             changed_while_read=d.get("changed_while_read", False),
+            nlink=d.get("nlink", 1),
         )
 
     def shown(self) -> str:

@@ -246,10 +246,13 @@ def restore_files(
     created = not dest.exists()
     dirs: list[tuple[bytes, fmt.Entry]] = []
     restored: dict[bytes, bytes] = {}  # snapshot path -> where it was written (hardlink targets)
+    leaders: dict[bytes, fmt.Entry] = {}  # the first file of each hardlink group
     quiet = entry.index.secrets
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for e in entries:
+            if e.type == "file" and e.nlink > 1:
+                leaders[e.path] = e  # a later name of its group may be selected without it
             if not _selected(e.path, wanted):
                 continue
             target = _target(dest, e.path)
@@ -267,11 +270,19 @@ def restore_files(
                 _set_meta(target, e, as_root)
             elif e.type == "hardlink":
                 first = restored.get(e.target or b"")
-                if first is None:  # its first name was not selected: a copy of nothing; skip with a note
-                    log(f"warning: hardlink {'(secrets set)' if quiet else e.shown()}: its first name was not restored")
-                    continue
-                _replace(target, in_place)
-                os.link(first, target)
+                if first is None:  # its group's first name was not selected: this name gets the content
+                    leader = leaders.get(e.target or b"")
+                    if leader is None:
+                        log(
+                            f"warning: hardlink {'(secrets set)' if quiet else e.shown()}: its group's file is not in the snapshot"
+                        )
+                        continue
+                    _write_file(target, leader, source, report, in_place, quiet)
+                    _set_meta(target, leader, as_root)
+                    restored[leader.path] = target
+                else:
+                    _replace(target, in_place)
+                    os.link(first, target)
             elif e.type == "symlink":
                 _replace(target, in_place)
                 os.symlink(e.target or b"", target)

@@ -383,6 +383,7 @@ def _snapshot(
                     elif entry.type == "file":
                         if st.st_nlink > 1:
                             hardlinks[(st.st_dev, st.st_ino)] = path
+                            entry.nlink = st.st_nlink
                         try:
                             _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
                         except FileNotFoundError:

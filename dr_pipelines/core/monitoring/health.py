@@ -405,6 +405,7 @@ class Health:
     outcomes: list[Outcome]
     wal: dict = field(default_factory=dict)  # database -> WalStatus, where a WAL archive exists
     pitr_tests: dict[str, list[Record]] = field(default_factory=dict)
+    snapshots: Any = None  # the file snapshots' catalog (core.files.catalog.SnapshotCatalog)
 
     @property
     def worst(self) -> str:
@@ -462,8 +463,22 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
             ]
             if integrity:
                 outcomes.append(check_wal_integrity(locations, db, wal[db].oldest_base_start))
+    snapshots = None
+    if config.file_sets:
+        from dr_pipelines.core.files.catalog import load_snapshots
+        from dr_pipelines.core.files.format import records_owner
+        from dr_pipelines.core.files.health import file_outcomes, subject
+
+        snapshots = load_snapshots(locations)
+        outcomes += file_outcomes(config, locations, snapshots, now, integrity)
+        for file_set in config.file_sets:  # under the name checks and metrics give a file set
+            owner = records_owner(file_set)
+            attempts[subject(file_set)] = [
+                a for a in load_reports(locations, owner, RecordKind.BACKUP_ATTEMPT) if not a.running()
+            ]
+            tests[subject(file_set)] = load_reports(locations, owner, RecordKind.RESTORE_TEST)
     outcomes.append(check_leftovers(config, locations, now))
-    return Health(now, catalog, attempts, tests, outcomes, wal, drills)
+    return Health(now, catalog, attempts, tests, outcomes, wal, drills, snapshots)
 
 
 def _named(outcome: Outcome, kind: str) -> Outcome:

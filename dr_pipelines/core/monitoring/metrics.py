@@ -47,6 +47,12 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     pitr_rto = Gauge(
         "pitr_test_rto_seconds", "Recovery time measured by the last PITR drill", ["database"], registry=reg
     )
+    new_bytes = Gauge(
+        "snapshot_new_bytes",
+        "Plain bytes the newest file snapshot had to store (its change)",
+        ["database"],
+        registry=reg,
+    )
     pitr_ok = Gauge("pitr_test_success", "1 if the last PITR drill passed, else 0", ["database"], registry=reg)
     for db, w in h.wal.items():
         if w.archive_lag_s is not None:
@@ -79,6 +85,24 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
             rt_ts.labels(db).set(datetime.fromisoformat(tests[0].started_at).timestamp())
             if tests[0].rto_s is not None:
                 rto.labels(db).set(tests[0].rto_s)
+    for file_set in config.file_sets:
+        subject = f"files/{file_set}"
+        snaps = [e for e in (h.snapshots.entries if h.snapshots else []) if e.index.file_set == file_set]
+        count.labels(subject, "snapshot").set(len(snaps))
+        if snaps:
+            age.labels(subject, "snapshot").set((h.now - snaps[0].index.created_at).total_seconds() / 3600)
+            size.labels(subject, "snapshot").set(snaps[0].index.size_bytes)
+            last.labels(subject, "snapshot").set(snaps[0].index.created_at.timestamp())
+            new_bytes.labels(subject).set(snaps[0].index.stats.bytes_new)
+        attempts = h.attempts.get(subject, [])
+        if attempts or snaps:
+            success.labels(subject, "snapshot").set(1 if (attempts[0].succeeded if attempts else True) else 0)
+        tests = h.restore_tests.get(subject, [])
+        if tests:
+            rt_ok.labels(subject).set(1 if tests[0].passed else 0)
+            rt_ts.labels(subject).set(datetime.fromisoformat(tests[0].started_at).timestamp())
+            if tests[0].rto_s is not None:
+                rto.labels(subject).set(tests[0].rto_s)
     for o in h.outcomes:
         if o.database != "*":
             status.labels(o.database, o.check).set(1 if o.passed else 0)

@@ -72,8 +72,8 @@ def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | Non
 def _row(
     db: str,
     kind: str,
-    cfg,
-    backups: list,
+    objectives: tuple[float, float],  # RPO and RTO, seconds
+    backup_times: list[datetime],
     all_attempts: list[Record],
     all_tests: list[Record],
     points: list[datetime],
@@ -82,8 +82,8 @@ def _row(
     days: int,
     recs: list[str],
 ) -> dict:
-    rpo, rto = cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds()
-    attempt_kind = "logical" if kind == "logical" else "base"
+    rpo, rto = objectives
+    attempt_kind = {"logical": "logical", "snapshot": "snapshot"}.get(kind, "base")
     attempts = pd.DataFrame(
         [
             a.model_dump()
@@ -98,7 +98,7 @@ def _row(
     )
     attempted = len(attempts)
     succeeded = int(attempts["succeeded"].astype(bool).sum()) if attempted else 0
-    in_window = sum(e.manifest.created_at >= start for e in backups)
+    in_window = sum(t >= start for t in backup_times)
     if attempted == 0:  # backups taken before attempts were recorded still count as successes
         attempted = succeeded = in_window
     rpo_achieved = _gaps(points, start, now)
@@ -122,7 +122,7 @@ def _row(
         "rto_max_s": round(rtos.max(), 1) if len(rtos) else None,
         "rto_met": bool(len(rtos)) and rtos.max() <= rto,
     }
-    test_name = "restore test" if kind == "logical" else "PITR drill"
+    test_name = "PITR drill" if kind == "base+wal" else "restore test"
     if rpo_achieved is None:
         recs.append(f"{db}: no {kind} backup at all; schedule them now")
     elif not r["rpo_met"]:
@@ -174,12 +174,13 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
                 if a.succeeded and (a.kind or "logical") == "logical"
             }
         )
+        objectives = (cfg.objectives.rpo.total_seconds(), cfg.objectives.rto.total_seconds())
         rows.append(
             _row(
                 db,
                 "logical",
-                cfg,
-                logical,
+                objectives,
+                [e.manifest.created_at for e in logical],
                 h.attempts.get(db, []),
                 h.restore_tests.get(db, []),
                 points,
@@ -199,8 +200,8 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
                 _row(
                     db,
                     "base+wal",
-                    cfg,
-                    bases,
+                    objectives,
+                    [e.manifest.created_at for e in bases],
                     h.attempts.get(db, []),
                     h.pitr_tests.get(db, []),
                     points,
@@ -210,12 +211,36 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
                     recs,
                 )
             )
+    snaps = h.snapshots.entries if h.snapshots else []
+    for file_set, fs in config.file_sets.items():
+        subject = f"files/{file_set}"
+        times = [e.index.created_at for e in snaps if e.index.file_set == file_set]
+        points = sorted(
+            set(times) | {datetime.fromisoformat(a.started_at) for a in h.attempts.get(subject, []) if a.succeeded}
+        )
+        objectives = (fs.rpo(now).total_seconds(), fs.objectives.rto.total_seconds())
+        rows.append(
+            _row(
+                subject,
+                "snapshot",
+                objectives,
+                times,
+                h.attempts.get(subject, []),
+                h.restore_tests.get(subject, []),
+                points,
+                start,
+                now,
+                days,
+                recs,
+            )
+        )
     storage = pd.DataFrame(
         [
             {
                 "location": name,
                 "backups": sum(name in e.locations for e in h.catalog.entries),
                 "bytes": sum(e.manifest.size_bytes for e in h.catalog.entries if name in e.locations),
+                "snapshots": sum(name in e.locations for e in snaps),
             }
             for name in config.locations
         ]

@@ -4,8 +4,11 @@ export, the alert sensors and the automation sensor that runs restore tests afte
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.files.health import INTEGRITY as FILE_INTEGRITY
 from dr_pipelines.core.monitoring.health import INTEGRITY, WAL_CONTINUOUS, WAL_INTEGRITY, WAL_LAG
 from dr_pipelines.defs.backup.checks import check_selection
+from dr_pipelines.defs.files.assets import CHECKS as FILE_CHECKS
+from dr_pipelines.defs.files.assets import snapshot_key
 from dr_pipelines.defs.monitoring.report import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
 from dr_pipelines.defs.monitoring.sensors import build_alert_sensors
 from dr_pipelines.defs.restore.restore_test import RECENT, RTO, restore_test_key
@@ -21,15 +24,22 @@ def build_monitoring_definitions(config: DrConfig, defaults: Defaults) -> dg.Def
     repository_checks += [
         dg.AssetCheckKey(wal_archive_key(db), name) for db in config.databases for name in (WAL_CONTINUOUS, WAL_LAG)
     ]
+    file_checks = [
+        dg.AssetCheckKey(snapshot_key(s), n) for s in config.file_sets for n in FILE_CHECKS if n != FILE_INTEGRITY
+    ]
+    file_integrity = [dg.AssetCheckKey(snapshot_key(s), FILE_INTEGRITY) for s in config.file_sets]
     health_job = dg.define_asset_job(
         "dr_health_checks",
-        selection=check_selection(config, lambda n: n != INTEGRITY) | dg.AssetSelection.checks(*repository_checks),
+        selection=check_selection(config, lambda n: n != INTEGRITY)
+        | dg.AssetSelection.checks(*repository_checks, *file_checks),
         description="Freshness, size, replication, last attempt and restore-test checks of every database.",
     )
     integrity_job = dg.define_asset_job(
         "dr_integrity_checks",
         selection=check_selection(config, lambda n: n == INTEGRITY)
-        | dg.AssetSelection.checks(*[dg.AssetCheckKey(wal_archive_key(db), WAL_INTEGRITY) for db in config.databases]),
+        | dg.AssetSelection.checks(
+            *[dg.AssetCheckKey(wal_archive_key(db), WAL_INTEGRITY) for db in config.databases], *file_integrity
+        ),
         description="Read every object of each database's newest backup, and its archived WAL, back from every "
         "location.",
     )

@@ -192,6 +192,27 @@ def build_alert_sensors(config: DrConfig, status: dg.DefaultSensorStatus) -> lis
                     url=ui_url(cfg, f"/assets/{db}/logical_backup"),
                 ),
             )
+        if cfg.file_sets:
+            from dr_pipelines.core.files.catalog import load_snapshots
+            from dr_pipelines.core.files.health import check_fresh
+
+            snapshots = load_snapshots(dr.locations(cfg))
+            for file_set in cfg.file_sets:
+                outcome = check_fresh(cfg, file_set, snapshots, now)
+                key = f"stale:files/{file_set}"
+                book.observe(
+                    key,
+                    None
+                    if outcome.passed
+                    else Alert(
+                        key=key,
+                        title=f"snapshots of file set {file_set} have stopped arriving",
+                        detail=outcome.description,
+                        source=f"file set {file_set}",
+                        since=now.isoformat(timespec="seconds"),
+                        url=ui_url(cfg, f"/assets/files/{file_set}/snapshot"),
+                    ),
+                )
         return _finish(context, cfg, book)
 
     return [run_failures, check_failures, staleness]

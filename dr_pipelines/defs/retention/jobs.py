@@ -34,7 +34,12 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
             "would_remove": len(plan.removed),
             "dry_run": config.dry_run,
             "wal_files_to_remove": len(plan.wal),
+            "snapshots_to_remove": len(plan.files.removed) if plan.files else 0,
+            "packs_to_free": len(plan.files.packs) if plan.files else 0,
+            "bytes_to_free": plan.files.bytes_freed if plan.files else 0,
         }
+        if plan.files and plan.files.decisions:
+            metadata["snapshot_plan"] = dg.MetadataValue.md(plan_table(plan.files.decisions))
         if config.dry_run:
             context.add_output_metadata(metadata)
             return
