@@ -26,6 +26,10 @@ def cmd_snapshot(args) -> int:
     else:
         from dr_pipelines.core.files.snapshot import take_snapshot
 
+        if config.sandbox:
+            from dr_pipelines.sandbox.config import ensure_sandbox_running
+
+            ensure_sandbox_running(config, log=log)
         snapshot_id = take_snapshot(config, args.file_set, open_cli_locations(config), log=log).index.id
     print(snapshot_id)
     return EXIT_OK

@@ -20,6 +20,7 @@ from dr_pipelines.core.postgres.cluster import (
     postgres_can_reach,
 )
 from dr_pipelines.sandbox.sample_data import SAMPLE_DATA, SAMPLE_SCHEMA, SAMPLE_SIZES
+from dr_pipelines.sandbox.sample_files import app_files_dir, ensure_sample_files, secrets_dir
 
 SANDBOX_DIR_ENV = "DR_PIPELINES_SANDBOX_DIR"
 
@@ -90,6 +91,16 @@ def sandbox_config() -> DrConfig:
         "encryption": {"method": "age", "recipients": [recipient], "identity_file": str(_identity_file(base))},
         "compression": {"method": "zstd", "level": 3},
         "schedules": {"running": False},
+        "files": {"state_dir": str(base / "files_state")},
+        "file_sets": {
+            "app": {
+                "paths": [str(app_files_dir(base))],
+                "exclude": ["*.log"],
+                "exclude_caches": True,
+                "objectives": {"rpo": "8h"},
+            },
+            "secrets": {"paths": [str(secrets_dir(base))], "secrets": True, "objectives": {"rpo": "8h"}},
+        },
     }
     return parse_config(data, source="the embedded sandbox", base_dir=base, sandbox=True)
 
@@ -106,6 +117,7 @@ def ensure_sandbox_running(config: DrConfig | None = None, log=print) -> LocalCl
     import psycopg
 
     cluster = sandbox_cluster(config)
+    ensure_sample_files(config.base_dir if config is not None else sandbox_dir())
     ready = cluster.data_dir.parent / ".sandbox-ready"
     if not ready.exists():
         if cluster.data_dir.exists():  # a creation that was interrupted: start over
