@@ -134,3 +134,29 @@ def test_a_failed_pitr_names_the_cause_and_how_to_retry(sandbox_defs):
     assert "? (LSN ?)" not in message and "none (replay never started)" in message
     assert f"overwrite: true and confirm: {data_dir}" in message
     shutil.rmtree(Path(data_dir).parent, ignore_errors=True)
+
+
+def test_file_snapshots_and_restore_files_launched_as_the_ui_does(sandbox_defs):
+    """The snapshot job of the sandbox's file set, then `restore_files` with only the set chosen:
+    every other field of the Launchpad form has its default."""
+    sandbox, defs = sandbox_defs
+    instance = dg.DagsterInstance.ephemeral()
+    snap = defs.resolve_job_def("files_app__snapshot_job").execute_in_process(instance=instance, raise_on_error=False)
+    assert snap.success, _failure(snap)
+    [test] = [e for e in snap.get_asset_check_evaluations() if e.check_name == "files_restore_test_passed"]
+    assert test.passed, test.description
+    result = defs.resolve_job_def("restore_files").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"choose_snapshot_to_restore": {"config": {"file_set": "app"}}}},
+        raise_on_error=False,
+    )
+    assert result.success, _failure(result)
+    report = result.output_for_node("restore_snapshot_files")
+    try:
+        restored = Path(report.into) / str(sandbox / "app_files").lstrip("/")
+        source = sandbox / "app_files" / "config" / "settings.yaml"
+        assert (restored / "config" / "settings.yaml").read_bytes() == source.read_bytes()
+        assert not (restored / "logs").exists() or not list((restored / "logs").glob("*.log"))  # excluded
+        assert report.files > 0 and report.rto_s is not None
+    finally:
+        shutil.rmtree(report.into, ignore_errors=True)

@@ -33,6 +33,8 @@ from dr_pipelines.core.files.keys import DedupKey, restore_keys
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.storage.base import Location, LocationError, ObjectNotFound
 
+HOLE = 64 << 10
+ZEROS = bytes(HOLE)
 PACK_CACHE = 4  # decrypted packs kept in memory while restoring (16 MiB each by default)
 
 
@@ -337,10 +339,13 @@ def _write_file(
         for cid, n in e.chunks:
             data = source.chunk(cid)
             h.update(data)
-            if data.count(0) == n:  # zeros: leave a hole (sparse files stay sparse)
-                f.seek(n, os.SEEK_CUR)
-            else:
-                f.write(data)
+            view = memoryview(data)
+            for at in range(0, n, HOLE):  # runs of zeros become holes: sparse files stay sparse
+                block = view[at : at + HOLE]
+                if block == ZEROS[: len(block)]:
+                    f.seek(len(block), os.SEEK_CUR)
+                else:
+                    f.write(block)
         f.truncate(e.size)
     if h.hexdigest() != e.sha256:
         os.unlink(tmp)

@@ -4,6 +4,7 @@ checks, and the `restore_files` job."""
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.files.health import INTEGRITY
 from dr_pipelines.defs.files.assets import (
     build_files_restore_test_asset,
     build_snapshot_asset,
@@ -27,7 +28,10 @@ def build_files_definitions(config: DrConfig, defaults: Defaults) -> dg.Definiti
         job = dg.define_asset_job(
             snapshot_job_name(name),
             # the restore test follows every snapshot in the same run: each snapshot proven restorable
-            selection=dg.AssetSelection.assets(snapshot_key(name), files_restore_test_key(name)),
+            # (the integrity read-back of every pack is the daily dr_integrity_checks' job: here a snapshot's new
+            # packs are read back as they are written, and the restore test reads every pack it uses)
+            selection=dg.AssetSelection.assets(snapshot_key(name), files_restore_test_key(name))
+            - dg.AssetSelection.checks(dg.AssetCheckKey(snapshot_key(name), INTEGRITY)),
             description=f"Snapshot file set {name} now, then restore-test it.",
         )
         jobs.append(job)
