@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dr_pipelines.core.child_env import server_env, tool_env
-from dr_pipelines.core.codec.decode import HashingReader, decode_into
+from dr_pipelines.core.codec.decode import DecodeFailed, HashingReader, decode_into
 from dr_pipelines.core.codec.keys import load_identities
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.errors import DrError
@@ -246,6 +246,16 @@ def extract(
             rc = tar.wait()
         except Exception as e:  # unreadable or corrupt (age/zstd errors): try the next copy
             tar_rc = tar.poll()
+            if tar_rc is None and not isinstance(e, DecodeFailed):
+                # the reader stopped (a broken pipe): tar may be exiting right now, let it say why
+                try:
+                    tar.stdin.close()
+                except OSError:
+                    pass
+                try:
+                    tar_rc = tar.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    tar_rc = None
             tar.kill()
             tar.wait()
             if tar_rc:  # tar itself failed (a full disk, permissions): no other copy will do better
