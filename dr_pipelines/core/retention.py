@@ -410,7 +410,17 @@ class RetentionOutcome:
 def apply_plan(
     config, locations: dict[str, Location], plan: RetentionPlan, log: Callable[[str], None] = lambda m: None
 ) -> RetentionOutcome:
-    """Removals (manifest first), storage-class moves, then WAL no kept base backup needs."""
+    """Removals (manifest first), storage-class moves, then WAL no kept base backup needs. What a
+    killed run left (a retention killed after a manifest went, say) is swept first."""
+    from datetime import timezone
+
+    from dr_pipelines.core.files.sweep import sweep_snapshot_leftovers
+    from dr_pipelines.core.sweep import repository_leftovers, sweep_safely
+
+    now = datetime.now(timezone.utc)
+    for db in config.databases:
+        sweep_safely(lambda db=db: repository_leftovers(locations, db, now), log)
+    sweep_snapshot_leftovers(config, locations, log)
     removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
     moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)
     wal_errors = apply_wal_retention(locations, plan.wal, log=log)

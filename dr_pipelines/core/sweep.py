@@ -59,8 +59,9 @@ def _stale(owner: str | None, started: datetime | None, now: datetime) -> str | 
 def repository_leftovers(locations: dict[str, Location], database: str, now: datetime) -> list[Leftover]:
     """Temp files, unfinished uploads and manifest-less backup objects of one database."""
     attempts = load_reports(locations, database, RecordKind.BACKUP_ATTEMPT)
-    dead = {a.backup_id for a in attempts if a.died()}
+    dead = {a.backup_id for a in attempts if a.known_dead()}  # another host's: the grace period
     running = {a.backup_id for a in attempts if a.running()}
+    finished = {a.backup_id for a in attempts if a.finished_at is not None}
     out: list[Leftover] = []
     for loc in locations.values():
         try:
@@ -87,6 +88,8 @@ def repository_leftovers(locations: dict[str, Location], database: str, now: dat
             why = (
                 "its backup attempt died"
                 if backup_id in dead
+                else "its backup finished without a manifest here (failed, or removed by a retention that was killed)"
+                if backup_id in finished
                 else (
                     f"no manifest, untouched for {(now - newest).total_seconds() / 3600:.0f} h"
                     if newest and now - newest >= GRACE

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import dagster as dg
+import psycopg
 import pytest
 
 from dr_pipelines_tests.support.configs import BUCKET, gcs_location, local_location, s3_location
@@ -498,3 +499,149 @@ def test_a_killed_base_backup_never_blocks_the_next(pg, tmp_path):
         assert setup.cli("backups", "verify", "app", listed[0]["id"]).returncode == 0
     finally:
         setup.cleanup()
+
+
+def test_gcs_stopped_during_a_transfer_fails_it_in_seconds_and_keeps_the_local_copy(pg, write_config, tmp_path):
+    _filler(pg)
+    server = _own_server("gcs")
+    repo = tmp_path / "repo"
+    try:
+        path = write_config(pg, {"local": local_location(repo), "gcs": gcs_location()})
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "backup", "app"],
+            env={**os.environ, "STORAGE_EMULATOR_HOST": server.url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not _temp_files(repo):
+            time.sleep(0.02)
+        time.sleep(0.3)  # bytes are flowing to both locations
+        assert proc.poll() is None, "the backup ended before GCS could be stopped mid-transfer"
+        server.stop()
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        after_stop = time.monotonic() - t0
+        assert proc.returncode == 1 and "location 'gcs'" in err, err
+        print(f"GCS stopped mid-transfer: the backup failed it {after_stop:.1f}s later")
+        assert after_stop < 20
+        listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json", "--location", "local").stdout)
+        [kept] = listed["backups"]
+        verify = run_cli("--config", str(path), "backups", "verify", "app", kept["id"], "--location", "local")
+        assert verify.returncode == 0, verify.stdout
+    finally:
+        server.stop()
+
+
+def test_a_killed_pitr_leaves_its_server_and_a_confirmed_retry_replaces_it(pg, tmp_path):
+    from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
+    from dr_pipelines_tests.support.processes import reachable_tmpdir
+
+    setup = WalSetup(pg, encrypted=False)
+    root = reachable_tmpdir("drpt-pitr-kill-")
+    data_dir, port = root / "data", free_port()
+    try:
+        setup.enable_archiving()
+        assert setup.cli("backup", "app", "--kind", "base").returncode == 0
+        with pg.connect("app") as conn:  # several segments to replay (1 MB each here), so the kill lands mid-replay
+            conn.execute("CREATE TABLE after_base AS SELECT g, md5(g::text) AS h FROM generate_series(1, 60000) g")
+        setup.switch_and_wait()
+        cmd = [str(VENV_BIN / "dr-pipelines"), "--config", str(setup.config_path), "pitr", "app", "--latest"]
+        proc = subprocess.Popen(
+            [*cmd, "--data-dir", str(data_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not (data_dir / "postmaster.pid").exists():
+            time.sleep(0.01)
+        assert proc.poll() is None, "the PITR ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # the command only: its recovering server stays up, as after an OOM kill
+        proc.wait()
+        assert LocalCluster(data_dir, port).is_running()
+
+        plain = setup.cli("pitr", "app", "--latest", "--data-dir", str(data_dir), "--port", str(free_port()))
+        assert plain.returncode != 0 and "whose process died" in plain.stderr and "--overwrite --yes" in plain.stderr
+        retry = setup.cli(
+            "pitr",
+            "app",
+            "--latest",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--overwrite",
+            "--yes",
+            str(data_dir),
+        )
+        assert retry.returncode == 0, retry.stderr
+        assert "stopping the server a killed recovery left running" in retry.stderr
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app") as conn:
+            assert conn.execute("SELECT count(*) FROM after_base").fetchone()[0] == 60000
+        assert not (data_dir / ".dr_pitr_in_progress").exists()
+        # a finished recovery is a server like any other: never stopped by a retry
+        again = setup.cli(
+            "pitr",
+            "app",
+            "--latest",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(free_port()),
+            "--overwrite",
+            "--yes",
+            str(data_dir),
+        )
+        assert again.returncode != 0 and "belongs to a running PostgreSQL server" in again.stderr
+    finally:
+        LocalCluster(data_dir, port).stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+        setup.cleanup()
+
+
+def test_a_killed_retention_leaves_every_listed_backup_whole_and_the_next_finishes(pg, write_config, tmp_path):
+    repo = tmp_path / "repo"
+    path = write_config(
+        pg,
+        {"local": local_location(repo)},
+        retention={"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1},
+    )
+    ids = []
+    for _ in range(4):
+        r = run_cli("--config", str(path), "backup", "app")
+        assert r.returncode == 0, r.stderr
+        ids.append(r.stdout.strip().splitlines()[-1])
+        time.sleep(1.1)
+    # retention whose every delete takes a while, so it can be killed between a manifest and its objects
+    script = (
+        "import sys, time\n"
+        "from dr_pipelines.core.storage import local\n"
+        "real = local.LocalLocation.delete\n"
+        "def slow(self, key):\n"
+        "    real(self, key)\n"
+        "    time.sleep(0.5)\n"
+        "local.LocalLocation.delete = slow\n"
+        "from dr_pipelines.cli.main import main\n"
+        f"sys.exit(main(['--config', {str(path)!r}, 'retention', 'apply']))\n"
+    )
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = repo / "app" / "logical" / ids[0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and (first / "manifest.json").exists():
+        time.sleep(0.01)
+    assert proc.poll() is None, "retention ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(first.iterdir()), "the kill came after the objects were gone: nothing half-removed to test"
+    listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json").stdout)["backups"]
+    assert ids[0] not in [b["id"] for b in listed]  # the manifest went first: the backup is gone as a whole
+    for b in listed:  # and what is listed is whole
+        assert run_cli("--config", str(path), "backups", "verify", "app", b["id"]).returncode == 0
+    status = run_cli("--config", str(path), "status")
+    assert "object without a manifest" in status.stdout
+    again = run_cli("--config", str(path), "retention", "apply")
+    assert again.returncode == 0, again.stderr
+    assert "removed a leftover of a killed run" in again.stderr
+    assert sorted(p.name for p in (repo / "app" / "logical").iterdir()) == [ids[-1]]
+    restored = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "app_copy")
+    assert restored.returncode == 0, restored.stderr
+    assert pg.table_checksums("app_copy") == pg.table_checksums("app")

@@ -27,7 +27,7 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
                 out.append(Leftover("snapshot temp file (file names)", "this host", str(path), why, path.unlink))
     for file_set in config.file_sets:
         attempts = load_reports(locations, fmt.records_owner(file_set), RecordKind.BACKUP_ATTEMPT)
-        dead = {a.backup_id for a in attempts if a.died()}
+        dead = {a.backup_id for a in attempts if a.known_dead()}  # another host's: the grace period
         running = {a.backup_id for a in attempts if a.running()}
         for loc in locations.values():
             try:

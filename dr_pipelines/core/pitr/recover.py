@@ -26,6 +26,7 @@ from dr_pipelines.core.codec.keys import load_identities
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_dead, owner_tag
 from dr_pipelines.core.postgres.client import DEFAULT_PG_BIN
 from dr_pipelines.core.postgres.cluster import (
     LocalCluster,
@@ -188,10 +189,28 @@ def xid_candidates(bases: list[CatalogEntry], xid: str) -> list[CatalogEntry]:
     return ok or bases[-1:]
 
 
-def prepare_data_dir(path: Path, overwrite: bool) -> None:
+IN_PROGRESS = ".dr_pitr_in_progress"  # in a data directory while a recovery into it runs: who runs it
+
+
+def prepare_data_dir(path: Path, overwrite: bool, log: Log = lambda m: None) -> None:
     if path.exists() and any(path.iterdir()):
         if (path / "postmaster.pid").exists() and LocalCluster(path, 0).is_running():
-            raise PitrError(f"{path} belongs to a running PostgreSQL server; never restoring over it")
+            try:
+                owner = (path / IN_PROGRESS).read_text().strip()
+            except OSError:
+                owner = None
+            if owner is None:
+                raise PitrError(f"{path} belongs to a running PostgreSQL server; never restoring over it")
+            if not owner_dead(owner):
+                raise PitrError(f"a recovery into {path} is running ({owner}); wait for it, or stop it first")
+            if not overwrite:
+                raise PitrError(
+                    f"{path} holds the server of a recovery whose process died ({owner}); a retry into it needs "
+                    f"overwrite: true and confirm: {path} (shell: --overwrite --yes {path})"
+                )
+            # a recovery killed midway (kill -9, a reboot of the tool): its half-recovered server is ours to stop
+            log(f"stopping the server a killed recovery left running in {path} ({owner})")
+            LocalCluster(path, 0).stop("immediate")
         if not overwrite:
             raise PitrError(f"{path} exists and is not empty; choose a new directory, or confirm overwriting it")
         shutil.rmtree(path)
@@ -455,7 +474,8 @@ def _replay(
 ) -> LocalCluster:
     """Restore `entry` into the data directory and replay WAL until the server is promoted."""
     identities = load_identities(config) if entry.manifest.encryption.get("method") == "age" else None
-    prepare_data_dir(request.data_dir, overwrite)
+    prepare_data_dir(request.data_dir, overwrite, log)
+    (request.data_dir / IN_PROGRESS).write_text(owner_tag())  # until it is promoted: a kill leaves it
     t0 = time.monotonic()
     report.location = extract(config, entry, locations, request.data_dir, identities, log)
     report.steps_s["extract"] = round(time.monotonic() - t0, 3)
@@ -510,6 +530,7 @@ def _replay(
             raise PitrFailed(report)
         if query_as_postgres(request.data_dir, request.port, "SELECT pg_is_in_recovery()") == "f":
             report.steps_s["replay"] = round(time.monotonic() - t0 - report.steps_s["extract"], 3)
+            (request.data_dir / IN_PROGRESS).unlink(missing_ok=True)  # a recovered cluster: never stopped by a retry
             return cluster
         if time.monotonic() > deadline:
             cluster.stop("fast")

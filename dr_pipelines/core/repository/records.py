@@ -56,6 +56,15 @@ class Record(BaseModel):
             return datetime.now(timezone.utc) - datetime.fromisoformat(self.started_at) > timedelta(days=1)
         return dead
 
+    def known_dead(self) -> bool:
+        """Unfinished, and its process is known to be gone (this host can tell; of another host's,
+        nothing is known: what it left is removed only after the sweep's grace period)."""
+        return (
+            self.finished_at is None
+            and self.host is not None
+            and owner_dead(self.owner or f"{self.host}:{self.pid}") is True
+        )
+
     def running(self) -> bool:
         return self.finished_at is None and self.host is not None and not self.died()
 

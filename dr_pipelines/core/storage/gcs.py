@@ -50,19 +50,18 @@ class _GCSUpload:
             raise self._loc._err("finish", self._key, e, prefixed=True) from e
 
     def abort(self) -> None:
-        # A dropped BlobWriter finalizes itself when garbage-collected (io objects close in
-        # __del__), so an abandoned upload would appear: finish it, then delete what it made.
+        """Cancel the resumable session, so nothing is finalized: not now, and not when the writer is
+        garbage-collected (a dropped BlobWriter closes, which would finalize a partial object)."""
         writer, self._writer = self._writer, None
         if writer is None:
             return
         try:
-            writer.close()
-        except Exception:
-            pass  # GCS is unreachable: the unfinished session expires on its own
-        try:
-            self._loc.bucket.blob(self._key).delete()
-        except Exception:
-            pass
+            writer.terminate()
+        except Exception:  # GCS unreachable: the session expires on its own; never finalize it
+            try:
+                writer._buffer.close()
+            except Exception:
+                pass
 
 
 class _Reader:
