@@ -5,6 +5,8 @@
 
 REPO is a copy of one location's root (a local location as it is; for S3 or GCS first
 `aws s3 cp --recursive s3://BUCKET/PREFIX/_files REPO/_files`, or `gcloud storage cp -r`).
+A snapshot is `REPO/_files/sets/SET/SNAPSHOT_ID/`: index.json, chunks.bin (36-byte records: a chunk
+id, then the big-endian position of its pack in the index's `packs`), manifest.jsonl.zst[.age].
 Every file is checked against its SHA-256 from the manifest.
 """
 
@@ -22,17 +24,24 @@ def decode(cmd, data):
 
 
 def main(repo, file_set, snapshot, identity, into):
-    snap = os.path.join(repo, "_files", file_set, snapshot)
-    index = json.load(open(os.path.join(snap, "index.json")))
+    snap = os.path.join(repo, "_files", "sets", file_set, snapshot)
+    with open(os.path.join(snap, "index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(snap, "chunks.bin"), "rb") as f:
+        records = f.read()
     encrypted = index["encryption"]["method"] == "age"
     age = ["age", "--decrypt", "--identity", identity]
 
     def open_object(path):
-        data = open(path + (".age" if encrypted else ""), "rb").read()
+        with open(path + (".age" if encrypted else ""), "rb") as f:
+            data = f.read()
         return decode(age, data) if encrypted else data
 
     manifest = decode(["zstd", "-d", "-c"], open_object(os.path.join(snap, "manifest.jsonl.zst")))
-    where = {c: index["packs"][i] for c, i in index["chunks"]}
+    where = {
+        records[i : i + 32].hex(): index["packs"][int.from_bytes(records[i + 32 : i + 36], "big")]
+        for i in range(0, len(records), 36)
+    }
     packs = {}
 
     def chunk(cid):

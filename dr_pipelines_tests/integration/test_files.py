@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -709,3 +710,143 @@ def test_the_snapshot_job_and_its_restore_test_through_dagster(tmp_path, tree, a
         if e.is_step_failure and e.step_failure_data.user_failure_data is not None
     ]
     assert any("cannot be read from any location" in (m or "") for m in messages), messages
+
+
+def test_set_names_that_look_like_the_layout_are_safe(tmp_path, age_key):
+    """A set named like a part of the repository (packs, keys, logical...) is listed, kept and restored."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(os.urandom(100_000))
+    names = ["packs", "keys", "locks", "logical", "base"]
+    path = write_files_config(
+        tmp_path, {"local": local_location(tmp_path / "repo")}, age_key, {n: {"paths": [str(tree)]} for n in names}
+    )
+    for n in names:
+        snapshot(path, n)
+    assert sorted(s["file_set"] for s in cli_json(path, "snapshots", "list")["snapshots"]) == sorted(names)
+    assert run_cli("--config", str(path), "retention", "apply").returncode == 0
+    snapshot(path, "logical")  # its sweep looks for leftovers: none of these is one
+    assert len(cli_json(path, "snapshots", "list")["snapshots"]) == len(names)
+    for n in names:
+        into = tmp_path / f"out-{n}"
+        assert run_cli("--config", str(path), "restore-files", n, "--into", str(into)).returncode == 0
+        assert (restored_root(into, tree) / "f").read_bytes() == (tree / "f").read_bytes()
+
+
+def test_a_change_of_compression_or_recipients_never_reuses_a_pack_of_the_old_format(tmp_path, age_key):
+    import pyrage
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"same content in every snapshot " * 40_000)
+    repo = tmp_path / "repo"
+    other = pyrage.x25519.Identity.generate()
+    (tmp_path / "other.txt").write_text(f"{other}\n")
+    both = tmp_path / "both.txt"
+    both.write_text(f"{age_key.identity_file.read_text()}{other}\n")
+    snapshots = []
+    for compression, recipients in (
+        ("none", [age_key.recipient]),
+        ("zstd", [age_key.recipient]),
+        ("zstd", [str(other.to_public())]),
+    ):
+        path = write_files_config(
+            tmp_path,
+            {"local": local_location(repo)},
+            age_key,
+            {"app": {"paths": [str(tree)]}},
+            compression={"method": compression},
+        )
+        data = yaml.safe_load(path.read_text())
+        data["encryption"] = {"method": "age", "recipients": recipients, "identity_file": str(both)}
+        path.write_text(yaml.safe_dump(data))
+        sid = snapshot(path)
+        assert stats_of(path, sid)["bytes_new"] > 0  # the old format's pack is not reused
+        snapshots.append((path, sid))
+    for path, sid in snapshots:  # each restores, with an identity for each of its recipients
+        into = tmp_path / f"out-{sid}"
+        r = run_cli("--config", str(path), "restore-files", "app", "--snapshot", sid, "--into", str(into))
+        assert r.returncode == 0, r.stderr
+        assert (restored_root(into, tree) / "f").read_bytes() == (tree / "f").read_bytes()
+    path, sid = snapshots[-1]
+    data = yaml.safe_load(path.read_text())
+    data["encryption"]["identity_file"] = str(age_key.identity_file)  # the old identity only
+    path.write_text(yaml.safe_dump(data))
+    r = run_cli("--config", str(path), "restore-files", "app", "--snapshot", sid, "--into", str(tmp_path / "no"))
+    assert r.returncode == 2 and "is not one of its recipients" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_backup_host_without_the_identity_runs_its_snapshot_job_and_warns_on_the_restore_test(
+    tmp_path, tree, age_key
+):
+    import dagster as dg
+
+    from dr_pipelines.defs.build import build_definitions
+
+    path = write_files_config(
+        tmp_path, {"local": local_location(tmp_path / "repo")}, age_key, {"app": {"paths": [str(tree)]}}, identity=False
+    )
+    defs = build_definitions(load_config(path), str(path))
+    result = defs.resolve_job_def("files_app__snapshot_job").execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "files_restore_test_passed"]
+    assert (
+        not check.passed
+        and check.severity == dg.AssetCheckSeverity.WARN
+        and "no readable age identity" in (check.description or "")
+    )
+
+
+def test_a_hardlink_group_survives_its_first_name_vanishing(tmp_path, age_key, monkeypatch):
+    from dr_pipelines.core.files import snapshot as snapshot_module
+    from dr_pipelines.core.files.snapshot import take_snapshot
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("shared content")
+    os.link(tree / "a.txt", tree / "b.txt")
+    path = write_files_config(
+        tmp_path, {"local": local_location(tmp_path / "repo")}, age_key, {"app": {"paths": [str(tree)]}}
+    )
+    config = load_config(path)
+    real_open = os.open
+
+    def renaming_open(p, flags, *a):
+        if os.fsdecode(p).endswith("/a.txt"):
+            os.rename(p, tmp_path / "moved-away")
+        return real_open(p, flags, *a)
+
+    monkeypatch.setattr(snapshot_module.os, "open", renaming_open)
+    take_snapshot(config, "app", open_locations(config), log=lambda m: None)
+    monkeypatch.undo()
+    into = tmp_path / "out"
+    assert run_cli("--config", str(path), "restore-files", "app", "--into", str(into)).returncode == 0
+    assert (restored_root(into, tree) / "b.txt").read_text() == "shared content"
+
+
+def test_an_in_place_restore_never_writes_through_a_symlink(tmp_path, age_key):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "x").write_text("x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chmod(elsewhere, 0o700)
+    path = write_files_config(
+        tmp_path, {"local": local_location(tmp_path / "repo")}, age_key, {"app": {"paths": [str(tree)]}}
+    )
+    snapshot(path)
+    shutil.rmtree(tree / "sub")
+    os.symlink(elsewhere, tree / "sub")  # an attacker's link where a directory was
+    r = run_cli("--config", str(path), "restore-files", "app", "--in-place", "--yes", str(tree))
+    assert r.returncode == 0, r.stderr
+    assert list(elsewhere.iterdir()) == [] and stat.S_IMODE(elsewhere.stat().st_mode) == 0o700
+    assert not (tree / "sub").is_symlink() and (tree / "sub" / "x").read_text() == "x"
+
+
+def test_a_missing_path_is_a_clear_error(tmp_path, age_key):
+    path = write_files_config(
+        tmp_path, {"local": local_location(tmp_path / "repo")}, age_key, {"app": {"paths": [str(tmp_path / "nope")]}}
+    )
+    r = run_cli("--config", str(path), "snapshot", "app")
+    assert r.returncode == 1 and "does not exist" in r.stderr and "file_sets.app.paths" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -64,7 +64,7 @@ class SnapshotCatalog:
 def load_snapshots(locations: dict[str, Location], file_set: str | None = None) -> SnapshotCatalog:
     by_id: dict[tuple[str, str], SnapshotEntry] = {}
     problems: list[str] = []
-    prefix = f"{fmt.set_prefix(file_set)}/" if file_set else f"{fmt.ROOT}/"
+    prefix = f"{fmt.set_prefix(file_set)}/" if file_set else f"{fmt.SETS}/"
     for name, loc in locations.items():
         try:
             objs = list(loc.list(prefix))
@@ -73,25 +73,26 @@ def load_snapshots(locations: dict[str, Location], file_set: str | None = None) 
             continue
         keys = {o.key for o in objs}
         for key in sorted(keys):
-            parts = key.split("/")
-            if len(parts) != 4 or not parts[3].startswith(fmt.MANIFEST_NAME) or parts[1] in ("packs", "keys", "locks"):
+            parsed = fmt.parse_snapshot_key(key)
+            if parsed is None or not parsed[2].startswith(fmt.MANIFEST_NAME):
                 continue
-            index_key = f"{parts[0]}/{parts[1]}/{parts[2]}/{fmt.INDEX}"
+            file_set_name, snapshot_id, _ = parsed
+            index_key = fmt.index_key(file_set_name, snapshot_id)
             try:
                 index = SnapshotIndex.model_validate_json(loc.get_bytes(index_key))
             except ObjectNotFound:
-                problems.append(f"{name}: snapshot {parts[1]}/{parts[2]} has a manifest but no index")
+                problems.append(f"{name}: snapshot {file_set_name}/{snapshot_id} has a manifest but no index")
                 continue
             except (LocationError, ValueError) as e:
                 problems.append(f"{name}: unreadable index {index_key}: {str(e).splitlines()[0]}")
                 continue
-            if (index.file_set, index.id) != (parts[1], parts[2]):
+            if (index.file_set, index.id) != (file_set_name, snapshot_id):
                 problems.append(f"{name}: index {index_key} describes {index.file_set}/{index.id}; ignored")
                 continue
             entry = by_id.setdefault((index.file_set, index.id), SnapshotEntry(index))
             entry.locations.append(name)
             entry.manifest_keys[name] = key
-            entry.pinned |= f"{parts[0]}/{parts[1]}/{parts[2]}/{fmt.PIN}" in keys
+            entry.pinned |= f"{fmt.snapshot_prefix(file_set_name, snapshot_id)}/{fmt.PIN}" in keys
     entries = sorted(by_id.values(), key=lambda e: (e.index.created_at, e.id), reverse=True)
     return SnapshotCatalog(entries, problems)
 
@@ -123,7 +124,15 @@ def verify_snapshot(location: Location, entry: SnapshotEntry) -> SnapshotVerify:
     bad, checked = [], 0
     encrypted = index.encryption.get("method") == "age"
     key = entry.manifest_keys.get(location.name) or fmt.manifest_key(index.file_set, index.id, encrypted)
-    objects = [(key, index.manifest_size, index.manifest_sha256, "manifest")]
+    objects = [
+        (key, index.manifest_size, index.manifest_sha256, "manifest"),
+        (
+            fmt.chunks_key(index.file_set, index.id),
+            index.chunks_count * fmt.CHUNK_RECORD,
+            index.chunks_sha256,
+            "chunk list",
+        ),
+    ]
     objects += [
         (fmt.pack_key(p, encrypted), size, p, f"pack {p[:16]}")
         for p, size in zip(index.packs, index.pack_sizes, strict=True)

@@ -2,13 +2,14 @@
 
 Layout on every location (beside the databases; `_` cannot start a database name)::
 
-    _files/keys/<key id>.age                     the dedup key, encrypted to the recipients
+    _files/keys/<key id>-<recipients>.age        the dedup key, encrypted to the recipients (one per set of them)
     _files/packs/<2 hex>/<pack id>.pack[.age]    chunks; the pack id is the SHA-256 of the stored bytes
-    _files/<set>/<snapshot id>/index.json        plaintext: stats, key id, packs and chunk ids it uses
-    _files/<set>/<snapshot id>/manifest.jsonl.zst[.age]   the tree (encrypted); written last: the commit marker
-    _files/<set>/<snapshot id>/pin.json          retention never removes a pinned snapshot
-    _files/<set>/reports/<kind>/<time>.json      attempt and restore-test records
-    _files/locks/<owner>.json                    a snapshot or a pack collection in progress
+    _files/sets/<set>/<snapshot id>/chunks.bin   plaintext: the chunk ids it uses and their packs (36 bytes each)
+    _files/sets/<set>/<snapshot id>/index.json   plaintext: stats, key id, format, packs (no names)
+    _files/sets/<set>/<snapshot id>/manifest.jsonl.zst[.age]   the tree (encrypted); written last: the commit marker
+    _files/sets/<set>/<snapshot id>/pin.json     retention never removes a pinned snapshot
+    _files/sets/<set>/reports/<kind>/<time>.json attempt and restore-test records
+    _files/locks/<kind>-<owner>.json             a snapshot or a pack collection in progress
 
 A pack, before encryption (age, to the recipients)::
 
@@ -36,16 +37,45 @@ ROOT = "_files"
 PACK_MAGIC = b"DRPACK1\n"
 MANIFEST_NAME = "manifest.jsonl.zst"
 INDEX = "index.json"
+CHUNKS = "chunks.bin"
 PIN = "pin.json"
 FORMAT = "dr-files/1"
 
 
+SETS = f"{ROOT}/sets"
+
+
 def set_prefix(file_set: str) -> str:
-    return f"{ROOT}/{file_set}"
+    return f"{SETS}/{file_set}"
 
 
 def snapshot_prefix(file_set: str, snapshot_id: str) -> str:
-    return f"{ROOT}/{file_set}/{snapshot_id}"
+    return f"{SETS}/{file_set}/{snapshot_id}"
+
+
+def parse_snapshot_key(key: str) -> tuple[str, str, str] | None:
+    """(set, snapshot id, object name) of an object of a snapshot; None for anything else."""
+    parts = key.split("/")
+    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != SETS or parts[3] == "reports":
+        return None
+    return parts[2], parts[3], parts[4]
+
+
+def chunks_key(file_set: str, snapshot_id: str) -> str:
+    return f"{snapshot_prefix(file_set, snapshot_id)}/{CHUNKS}"
+
+
+CHUNK_RECORD = 36  # chunk id (32 bytes) + the position of its pack in the index's `packs` (4, big-endian)
+
+
+def encode_chunk_record(cid: bytes, position: int) -> bytes:
+    return cid + position.to_bytes(4, "big")
+
+
+def decode_chunk_records(data: bytes) -> list[tuple[bytes, int]]:
+    if len(data) % CHUNK_RECORD:
+        raise ValueError("a chunk list whose size is not a multiple of 36 bytes")
+    return [(data[i : i + 32], int.from_bytes(data[i + 32 : i + 36], "big")) for i in range(0, len(data), CHUNK_RECORD)]
 
 
 def manifest_key(file_set: str, snapshot_id: str, encrypted: bool) -> str:
@@ -64,8 +94,9 @@ def pack_id_of(key: str) -> str:
     return key.rsplit("/", 1)[1].split(".", 1)[0]
 
 
-def key_object(key_id: str) -> str:
-    return f"{ROOT}/keys/{key_id}.age"
+def key_object(key_id: str, recipients: str) -> str:
+    """`recipients`: a fingerprint of the recipient set, so a rotation stores the key anew for the new ones."""
+    return f"{ROOT}/keys/{key_id}-{recipients}.age"
 
 
 def records_owner(file_set: str) -> str:

@@ -47,13 +47,20 @@ def local_key_path(config: DrConfig) -> Path:
     return config.files.resolved_state_dir(config.base_dir) / "dedup.key"
 
 
+def recipients_fingerprint(config: DrConfig) -> str:
+    if config.encryption.method != "age":
+        return "plain"
+    return hashlib.sha256("\n".join(sorted(config.encryption.recipients)).encode()).hexdigest()[:12]
+
+
 def _store_everywhere(config: DrConfig, locations: dict[str, Location], key: DedupKey, log: Log) -> None:
     data = key.secret.hex().encode()
     if config.encryption.method == "age":
         data = pyrage.encrypt(data, age_recipients(config.encryption))
     for name, loc in locations.items():
         try:
-            loc.create(key_object(key.key_id), data)  # never overwritten: an existing one is the same key
+            # never overwritten: an existing one is the same key for the same recipients
+            loc.create(key_object(key.key_id, recipients_fingerprint(config)), data)
         except LocationError as e:
             log(f"warning: could not store the dedup key on {name}: {e}")
 
@@ -102,7 +109,7 @@ def restore_keys(config: DrConfig, locations: dict[str, Location]) -> dict[str, 
         except LocationError:
             continue
         for obj in objs:
-            key_id = obj.rsplit("/", 1)[1].removesuffix(".age")
+            key_id = obj.rsplit("/", 1)[1].removesuffix(".age").split("-", 1)[0]
             if key_id in keys:
                 continue
             try:

@@ -86,13 +86,28 @@ class Lock:
         self.owner = owner_tag()
         self.key = _key(kind, self.owner)
         self.held: dict[str, Location] = {}
-        data = json.dumps({"owner": self.owner, "started_at": datetime.now(timezone.utc).isoformat()}).encode()
         for name, loc in locations.items():
             try:
-                loc.put_bytes(self.key, data)
+                loc.put_bytes(self.key, self._body())
                 self.held[name] = loc
             except LocationError:
                 pass  # a location that cannot take a lock cannot take the snapshot's objects either
+        self._refreshed = time.monotonic()
+
+    def _body(self) -> bytes:
+        # started_at is when it was last written: another host's lock counts as live for GRACE after it
+        return json.dumps({"owner": self.owner, "started_at": datetime.now(timezone.utc).isoformat()}).encode()
+
+    def refresh(self, every: float = 60.0) -> None:
+        """Write it again (at most once a minute), so a long run's lock never looks stale."""
+        if time.monotonic() - self._refreshed < every:
+            return
+        self._refreshed = time.monotonic()
+        for loc in self.held.values():
+            try:
+                loc.put_bytes(self.key, self._body())
+            except LocationError:
+                pass
 
     def release(self) -> None:
         for loc in self.held.values():

@@ -86,6 +86,19 @@ def read_manifest(
     raise FileRestoreFailed(f"no location holds a readable manifest of snapshot {entry.id}: " + "; ".join(errors))
 
 
+def _chunk_map(locations: list[Location], entry: SnapshotEntry) -> dict[bytes, str]:
+    """Chunk id -> pack id, from the snapshot's chunk list on the first location whose copy is whole."""
+    from dr_pipelines.core.files.snapshot import read_chunk_list
+
+    errors = []
+    for loc in locations:
+        try:
+            return {cid: entry.index.packs[i] for cid, i in read_chunk_list(loc, entry.index)}
+        except (LocationError, ValueError) as e:
+            errors.append(str(e))
+    raise FileRestoreFailed(f"no location holds a readable chunk list of snapshot {entry.id}: {'; '.join(errors)}")
+
+
 class PackSource:
     """Chunks by id, from the packs of one snapshot: each pack from the first location whose copy
     is whole, a few decrypted packs kept in memory."""
@@ -95,7 +108,7 @@ class PackSource:
         self.locations += [loc for n, loc in locations.items() if n not in entry.locations]
         self.encrypted = entry.index.encryption.get("method") == "age"
         self.identities = _identities(config, entry)
-        self.where = {bytes.fromhex(c): entry.index.packs[i] for c, i in entry.index.chunks}
+        self.where = _chunk_map(self.locations, entry)
         self.compressed = entry.index.compression == "zstd"
         self.key: DedupKey | None = restore_keys(config, locations).get(entry.index.key_id)
         self.cache: OrderedDict[str, tuple[bytes, dict, int]] = OrderedDict()
@@ -120,7 +133,12 @@ class PackSource:
                 errors.append(f"{loc.name}: corrupt (checksum)")
                 self.log(f"warning: pack {pack_id[:16]} on {loc.name} fails its checksum; trying the next location")
                 continue
-            body = pyrage.decrypt(data, self.identities) if self.identities is not None else data
+            try:
+                body = pyrage.decrypt(data, self.identities) if self.identities is not None else data
+            except Exception:
+                raise FileRestoreFailed(
+                    f"cannot decrypt pack {pack_id[:16]}: the identity is not one of the recipients it was written to"
+                ) from None
             table, start = fmt.decode_pack_table(body)
             self.cache[pack_id] = (body, table, start)
             self.used.add(loc.name)
@@ -263,13 +281,15 @@ def restore_files(
                 os.makedirs(parent, exist_ok=True)
             report.entries += 1
             if e.type == "dir":
+                if os.path.islink(target):  # in place: a link where a directory was must not lead outside
+                    os.unlink(target)
                 if not os.path.isdir(target):
                     os.mkdir(target, 0o700)
                 dirs.append((target, e))
                 continue
             if e.type == "file":
-                _write_file(target, e, source, report, in_place, quiet)
-                _set_meta(target, e, as_root)
+                if _write_file(target, e, source, report, in_place, quiet):
+                    _set_meta(target, e, as_root)
             elif e.type == "hardlink":
                 first = restored.get(e.target or b"")
                 if first is None:  # its group's first name was not selected: this name gets the content
@@ -279,9 +299,9 @@ def restore_files(
                             f"warning: hardlink {'(secrets set)' if quiet else e.shown()}: its group's file is not in the snapshot"
                         )
                         continue
-                    _write_file(target, leader, source, report, in_place, quiet)
-                    _set_meta(target, leader, as_root)
-                    restored[leader.path] = target
+                    if _write_file(target, leader, source, report, in_place, quiet):
+                        _set_meta(target, leader, as_root)
+                        restored[leader.path] = target
                 else:
                     _replace(target, in_place)
                     os.link(first, target)
@@ -309,7 +329,9 @@ def restore_files(
         if created and not in_place:
             shutil.rmtree(dest, ignore_errors=True)  # nothing half-restored stays behind
         if isinstance(e, (OSError, zstandard.ZstdError, fmt.PackFormatError)):
-            raise FileRestoreFailed(f"restore of snapshot {entry.id} into {dest} failed: {e}") from e
+            # of a secrets set, the error's text may hold a file name: say only what went wrong
+            detail = (e.strerror or type(e).__name__) if quiet and isinstance(e, OSError) else str(e)
+            raise FileRestoreFailed(f"restore of snapshot {entry.id} into {dest} failed: {detail}") from e
         raise
     report.locations_used = sorted(source.used)
     report.rto_s = round(time.monotonic() - t0, 3)
@@ -332,7 +354,7 @@ def _replace(target: bytes, in_place: bool) -> None:
 
 def _write_file(
     target: bytes, e: fmt.Entry, source: PackSource, report: FileRestoreReport, in_place: bool, quiet: bool
-) -> None:
+) -> bool:
     tmp = target + b".dr-restore-tmp"
     h = hashlib.sha256()
     with open(tmp, "wb") as f:
@@ -350,12 +372,13 @@ def _write_file(
     if h.hexdigest() != e.sha256:
         os.unlink(tmp)
         report.mismatches.append("(a file of a secrets set)" if quiet else e.shown())
-        return
+        return False
     _replace(target, in_place)
-    os.rename(tmp, target)
+    os.rename(tmp, target)  # over a link, the link itself is replaced: nothing is written outside the tree
     report.files += 1
     report.bytes += e.size
     report.verified_files += 1
+    return True
 
 
 # --------------------------------------------------------------------------- restore test

@@ -100,7 +100,7 @@ def apply_files_retention(locations: dict[str, Location], plan: FilesPlan, log: 
             loc = locations[name]
             try:
                 loc.delete(entry.manifest_keys[name])
-                for key in (f"{prefix}/{fmt.INDEX}", f"{prefix}/{fmt.PIN}"):
+                for key in (f"{prefix}/{fmt.INDEX}", f"{prefix}/{fmt.CHUNKS}", f"{prefix}/{fmt.PIN}"):
                     loc.delete(key)
                 out.removed.append(f"{entry.id}@{name}")
                 log(f"removed snapshot {entry.id} of {entry.index.file_set} from {name}")

@@ -82,7 +82,8 @@ class SnapshotStats(BaseModel):
 
     @property
     def dedup_ratio(self) -> float:
-        return round(self.bytes_scanned / self.bytes_new, 2) if self.bytes_new else float(self.bytes_scanned > 0) or 1.0
+        # nothing new at all: every scanned byte was already stored (a ratio of the tree's size to one byte)
+        return round(self.bytes_scanned / max(self.bytes_new, 1), 2) if self.bytes_scanned else 1.0
 
 
 class SnapshotIndex(BaseModel):
@@ -106,7 +107,17 @@ class SnapshotIndex(BaseModel):
     manifest_sha256: str
     packs: list[str]  # pack ids, with their stored sizes
     pack_sizes: list[int]
-    chunks: list[tuple[str, int]]  # (chunk id hex, position of its pack in `packs`)
+    chunks_count: int  # records in chunks.bin: (chunk id, position of its pack in `packs`)
+    chunks_sha256: str
+
+    def same_format(self, config: DrConfig) -> bool:
+        """Packs of this snapshot can serve a snapshot taken under `config` (same compression,
+        encryption and recipients): a pack is reused only in the format it was written in."""
+        return (
+            self.compression == ("none" if config.compression.method == "none" else "zstd")
+            and self.encryption.get("method") == config.encryption.method
+            and sorted(self.encryption.get("recipients", [])) == sorted(recipient_fingerprints(config.encryption))
+        )
 
     @property
     def size_bytes(self) -> int:
@@ -127,7 +138,10 @@ class _Packer:
     """Collects new chunks into packs of ~pack_size; each finished pack is shuffled, encrypted,
     written to every live location and read back there before any index refers to it."""
 
-    def __init__(self, config: DrConfig, locations: dict[str, Location], cache: FilesCache, key: DedupKey, log: Log):
+    def __init__(
+        self, config: DrConfig, locations: dict[str, Location], cache: FilesCache, key: DedupKey, log: Log, lock: Lock
+    ):
+        self.lock = lock
         self.config = config
         self.encrypted = config.encryption.method == "age"
         self.recipients = age_recipients(config.encryption) if self.encrypted else None
@@ -145,6 +159,7 @@ class _Packer:
         self.sizes: dict[str, int] = {}
         self.seq = 0
         self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.done: queue.Queue = queue.Queue()  # stored packs, for the main thread to record in the cache
         self.error: BaseException | None = None
         self.bytes_new = 0
         self.uploader = threading.Thread(target=self._upload_loop, name="pack-upload", daemon=True)
@@ -153,9 +168,27 @@ class _Packer:
     def _blob(self, data: bytes) -> bytes:
         return zstandard.ZstdCompressor(level=self.level).compress(data) if self.compress else data
 
+    def record_stored(self) -> None:
+        """In the main thread (the cache's connection is its own): chunks of stored packs are now known."""
+        while True:
+            try:
+                seq, pack_id, chunk_ids = self.done.get_nowait()
+            except queue.Empty:
+                return
+            self.cache.add_chunks(pack_id, self.key.key_id, chunk_ids)
+            for c in chunk_ids:
+                if self.pending.get(c) == seq:
+                    del self.pending[c]
+
+    def known(self, cid: bytes) -> str | int | None:
+        """The pack of a chunk: stored (its id), in a pack of this run not yet stored (its number), or None."""
+        where = self.pending.get(cid)
+        return where if where is not None else self.cache.pack_of(cid, self.key.key_id)
+
     def add(self, cid: bytes, data) -> None:
         if self.error is not None:
             raise self.error
+        self.record_stored()
         plain = bytes(data)
         self.current.append((cid, self.pool.submit(self._blob, plain), len(plain)))
         self.pending[cid] = self.seq
@@ -200,9 +233,10 @@ class _Packer:
                         self.log(f"warning: location {name} failed; the snapshot goes on without it: {e}")
                 if not self.locations:
                     raise SnapshotFailed("every location failed: " + "; ".join(self.failed.values()))
-                self.cache.add_chunks(pack_id, self.key.key_id, [c for c, _, _ in chunks])
+                self.done.put((seq, pack_id, [c for c, _, _ in chunks]))  # the main thread records them
                 self.stored[seq] = pack_id
                 self.sizes[pack_id] = len(stored)
+                self.lock.refresh()  # a long snapshot's lock stays fresh: its packs are never collected
             except BaseException as e:
                 self.error = e
 
@@ -213,6 +247,7 @@ class _Packer:
         self.pool.shutdown()
         if self.error is not None:
             raise self.error
+        self.record_stored()
 
     def abort(self) -> None:
         self.error = self.error or SnapshotFailed("aborted")
@@ -227,11 +262,20 @@ class _Packer:
 
 
 def repository_name(config: DrConfig) -> str:
-    """What names the repository for the host's cache: its locations."""
-    return "|".join(f"{n}={config.locations[n].model_dump_json()}" for n in sorted(config.locations))
+    """What names the host's cache: the repository (its locations) and the format packs are written
+    in, so a change of compression, encryption or recipients never reuses a pack of the old one."""
+    where = "|".join(f"{n}={config.locations[n].model_dump_json()}" for n in sorted(config.locations))
+    return f"{where}|{config.compression.method}|{config.encryption.method}|{recipient_fingerprints(config.encryption)}"
 
 
-def refresh_known(cache: FilesCache, locations: dict[str, Location], log: Log) -> dict[str, set[str]]:
+def read_chunk_list(location: Location, index: SnapshotIndex) -> list[tuple[bytes, int]]:
+    data = location.get_bytes(fmt.chunks_key(index.file_set, index.id))
+    if hashlib.sha256(data).hexdigest() != index.chunks_sha256:
+        raise LocationError(location.name, f"the chunk list of snapshot {index.id} fails its checksum (corrupt)")
+    return fmt.decode_chunk_records(data)
+
+
+def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Location], log: Log) -> dict[str, set[str]]:
     """Bring the chunk table up to date with the repository; returns the packs on each location."""
     on: dict[str, set[str]] = {}
     sizes: dict[str, int] = {}
@@ -248,7 +292,7 @@ def refresh_known(cache: FilesCache, locations: dict[str, Location], log: Log) -
                 pid = fmt.pack_id_of(o.key)
                 on[name].add(pid)
                 sizes[pid] = o.size
-            elif o.key.endswith("/" + fmt.INDEX) and o.key not in indexes:
+            elif o.key.startswith(fmt.SETS + "/") and o.key.endswith("/" + fmt.INDEX) and o.key not in indexes:
                 indexes[o.key] = loc
     cache.set_packs(sizes)
     for key, loc in indexes.items():
@@ -256,9 +300,13 @@ def refresh_known(cache: FilesCache, locations: dict[str, Location], log: Log) -
             continue
         try:
             idx = SnapshotIndex.model_validate_json(loc.get_bytes(key))
+            if not idx.same_format(config):
+                cache.add_index(key, idx.key_id, idx.packs, [])  # packs in another format: never reused
+                continue
+            chunks = read_chunk_list(loc, idx)
         except (LocationError, ValueError):
             continue  # another location's copy, or the next run
-        cache.add_index(key, idx.key_id, idx.packs, [(bytes.fromhex(c), i) for c, i in idx.chunks])
+        cache.add_index(key, idx.key_id, idx.packs, chunks)
     cache.set_packs(sizes)  # chunks of indexes whose packs are gone are dropped again
     return on
 
@@ -291,7 +339,9 @@ def take_snapshot(config: DrConfig, file_set: str, locations: dict[str, Location
         )
     except BaseException as e:
         stored_on = e.committed if isinstance(e, PartialSnapshot) else []
-        record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
+        # the record is plaintext: of a secrets set, only our own messages (which name no file) go in
+        said = str(e) if isinstance(e, DrError) or not config.file_set(file_set).secrets else type(e).__name__
+        record.update(succeeded=False, error=said[:2000], stored_on=stored_on)
         raise
     else:
         st = result.index.stats
@@ -345,7 +395,10 @@ def _snapshot(
         return "(a file of a secrets set)" if quiet else os.fsdecode(path)
 
     with Lock("snapshot", locations) as lock:
+        if not lock.held:
+            raise SnapshotFailed("no location accepted the snapshot's lock: " + ", ".join(locations))
         wait_for_no_gc(lock, log)
+        locations = dict(lock.held)  # packs go only where the lock protects them from a pack collection
         key = backup_key(config, locations, log)
         state = config.files.resolved_state_dir(config.base_dir)
         cache = FilesCache(state, repository_name(config))
@@ -355,8 +408,8 @@ def _snapshot(
         sealed_manifest = plain_manifest.with_suffix(".sealed")
         packer = None
         try:
-            refresh_known(cache, locations, log)
-            packer = _Packer(config, locations, cache, key, log)
+            refresh_known(config, cache, locations, log)
+            packer = _Packer(config, locations, cache, key, log, lock)
             stats = SnapshotStats()
             problems: list[Problem] = []
             used: dict[bytes, str | int] = {}  # chunk id -> pack id (stored) or sequence number (this run's)
@@ -373,6 +426,11 @@ def _snapshot(
                     "roots": [os.fsdecode(os.path.abspath(p)) for p in fs.resolved_paths(config.base_dir)],
                 }
                 out.write(json.dumps(header).encode() + b"\n")
+                missing = [str(p) for p in fs.resolved_paths(config.base_dir) if not os.path.lexists(p)]
+                if missing:
+                    raise SnapshotFailed(
+                        f"file set {file_set!r}: {', '.join(missing)} does not exist; fix file_sets.{file_set}.paths"
+                    )
                 for path, st in walk(fs.resolved_paths(config.base_dir), fs, problems.append):
                     entry = _entry(path, st)
                     if entry.type == "dir":
@@ -381,9 +439,6 @@ def _snapshot(
                         entry.type, entry.target = "hardlink", hardlinks[(st.st_dev, st.st_ino)]
                         stats.others += 1
                     elif entry.type == "file":
-                        if st.st_nlink > 1:
-                            hardlinks[(st.st_dev, st.st_ino)] = path
-                            entry.nlink = st.st_nlink
                         try:
                             _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
                         except FileNotFoundError:
@@ -392,6 +447,9 @@ def _snapshot(
                         except OSError as e:
                             problems.append(Problem(path, "unreadable", e.strerror or str(e)))
                             continue
+                        if st.st_nlink > 1:  # only once its content is in: later names link to it
+                            hardlinks[(st.st_dev, st.st_ino)] = path
+                            entry.nlink = st.st_nlink
                         stats.files += 1
                         stats.bytes_scanned += entry.size
                         if entry.changed_while_read:
@@ -401,7 +459,11 @@ def _snapshot(
                             )
                     else:
                         if entry.type == "symlink":
-                            entry.target = os.readlink(path)
+                            try:
+                                entry.target = os.readlink(path)
+                            except OSError:  # removed (or replaced) since it was listed
+                                problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
+                                continue
                         stats.others += 1
                     out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
             packer.finish()
@@ -418,19 +480,23 @@ def _snapshot(
                 )
             stats.skipped = len(unreadable)
 
-            # every pack this snapshot refers to, by id
-            packs_used: dict[str, None] = {}
-            chunk_rows: list[tuple[str, str]] = []
-            for cid, where in used.items():
-                pack_id = packer.stored[where] if isinstance(where, int) else where
-                packs_used[pack_id] = None
-                chunk_rows.append((cid.hex(), pack_id))
+            # every pack this snapshot refers to, by id, and its chunk list (streamed to a temp file)
+            position: dict[str, int] = {}
+            chunk_list = tmp_dir / f"chunks-{snapshot_id}.{owner_tag().replace(':', '+')}.bin"
+            chunk_hash = hashlib.sha256()
+            with open(chunk_list, "wb") as cl:
+                for cid, where in used.items():
+                    pack_id = packer.stored[where] if isinstance(where, int) else where
+                    record = fmt.encode_chunk_record(cid, position.setdefault(pack_id, len(position)))
+                    chunk_hash.update(record)
+                    cl.write(record)
+            chunks_count = len(used)
+            used.clear()
             live = dict(packer.locations)
-            _ensure_packs_everywhere(list(packs_used), live, packer.failed, config.encryption.method == "age", log)
+            pack_list = list(position)
+            _ensure_packs_everywhere(pack_list, live, packer.failed, config.encryption.method == "age", log)
             if not live:
                 raise SnapshotFailed("every location failed: " + "; ".join(packer.failed.values()))
-            pack_list = list(packs_used)
-            position = {p: i for i, p in enumerate(pack_list)}
             stats.new_packs = len(packer.stored)
             stats.bytes_new = packer.bytes_new
             stats.bytes_stored = sum(packer.sizes.values())
@@ -457,17 +523,18 @@ def _snapshot(
                 manifest_sha256=manifest_sha,
                 packs=pack_list,
                 pack_sizes=[_pack_size(p, packer.sizes, cache) for p in pack_list],
-                chunks=[(c, position[p]) for c, p in chunk_rows],
+                chunks_count=chunks_count,
+                chunks_sha256=chunk_hash.hexdigest(),
             )
-            committed = _commit(index, sealed_manifest, live, packer.failed, packer.encrypted, log)
+            committed = _commit(index, chunk_list, sealed_manifest, live, packer.failed, packer.encrypted, log)
         except BaseException:
             if packer is not None:
                 packer.abort()
             raise
         finally:
             cache.close()
-            plain_manifest.unlink(missing_ok=True)
-            sealed_manifest.unlink(missing_ok=True)
+            for temp in tmp_dir.glob(f"*-{snapshot_id}.{owner_tag().replace(':', '+')}.*"):
+                temp.unlink(missing_ok=True)
     st = index.stats
     log(
         f"snapshot {snapshot_id} of {file_set}: {st.files} files, {st.bytes_scanned} bytes scanned, "
@@ -516,7 +583,7 @@ def _content(
     hit = cache.lookup(file_set, entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id)
     if hit is not None:
         sha, chunks = hit
-        packs = [used.get(c) or packer.pending.get(c) or cache.pack_of(c, key.key_id) for c, _ in chunks]
+        packs = [used[c] if c in used else packer.known(c) for c, _ in chunks]
         if all(p is not None for p in packs):
             for (c, _), p in zip(chunks, packs, strict=True):
                 used.setdefault(c, p)  # type: ignore[arg-type]
@@ -548,9 +615,7 @@ def _content(
                 chunks.append((cid, len(data)))
                 size += len(data)
                 if cid not in used:
-                    known = packer.pending.get(cid)
-                    if known is None:
-                        known = cache.pack_of(cid, key.key_id)
+                    known = packer.known(cid)
                     if known is None:
                         packer.add(cid, data)
                         known = packer.pending[cid]
@@ -634,24 +699,35 @@ def _seal(plain: Path, sealed: Path, recipients) -> tuple[int, str]:
     return sealed.stat().st_size, h.hexdigest()
 
 
+def _upload_file(loc: Location, key: str, path: Path) -> None:
+    up = loc.open_upload(key)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                up.write(block)
+    except BaseException:
+        up.abort()
+        raise
+    up.commit()
+
+
 def _commit(
-    index: SnapshotIndex, sealed: Path, live: dict[str, Location], failed: dict[str, str], encrypted: bool, log: Log
+    index: SnapshotIndex,
+    chunk_list: Path,
+    sealed: Path,
+    live: dict[str, Location],
+    failed: dict[str, str],
+    encrypted: bool,
+    log: Log,
 ) -> list[str]:
-    """The index, then the manifest (the commit marker), on each location holding every pack."""
+    """The chunk list, the index, then the manifest (the commit marker), on each location holding every pack."""
     committed = []
     body = index.model_dump_json().encode()
     for name, loc in live.items():
         try:
+            _upload_file(loc, fmt.chunks_key(index.file_set, index.id), chunk_list)
             loc.put_bytes(fmt.index_key(index.file_set, index.id), body)
-            up = loc.open_upload(fmt.manifest_key(index.file_set, index.id, encrypted))
-            try:
-                with open(sealed, "rb") as f:
-                    while block := f.read(1 << 20):
-                        up.write(block)
-            except BaseException:
-                up.abort()
-                raise
-            up.commit()
+            _upload_file(loc, fmt.manifest_key(index.file_set, index.id, encrypted), sealed)
             committed.append(name)
         except LocationError as e:
             failed[name] = str(e)

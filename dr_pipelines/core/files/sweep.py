@@ -20,8 +20,9 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
     tmp = config.files.resolved_state_dir(config.base_dir) / "tmp"
     if tmp.is_dir():
         for path in tmp.iterdir():
-            parts = path.name.split(".")
-            owner = parts[1].replace("+", ":") if len(parts) > 2 else None
+            # <what>-<snapshot id>.<owner, ':' as '+'>.<suffix>; a host name may hold dots
+            rest = path.name.split(".", 1)[1] if "." in path.name else ""
+            owner = rest.rsplit(".", 1)[0].replace("+", ":") if "." in rest else None
             started = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
             if why := _stale(owner, started, now):
                 out.append(Leftover("snapshot temp file (file names)", "this host", str(path), why, path.unlink))
@@ -33,9 +34,9 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
             try:
                 found: dict[str, list] = {}
                 for obj in loc.list(fmt.set_prefix(file_set) + "/"):
-                    parts = obj.key.split("/")
-                    if len(parts) == 4 and parts[2] not in ("reports",):
-                        found.setdefault(parts[2], []).append(obj)
+                    parsed = fmt.parse_snapshot_key(obj.key)
+                    if parsed is not None:
+                        found.setdefault(parsed[1], []).append(obj)
             except LocationError:
                 continue
             for snapshot_id, objs in found.items():
