@@ -61,6 +61,7 @@ class FilesCache:
 
     def add_index(self, key: str, key_id: str, packs: list[str], chunks: list[tuple[bytes, int]]) -> None:
         """Chunk ids of one snapshot's index (chunk, position of its pack in `packs`)."""
+        self.commit()
         self.db.execute("BEGIN")
         self.db.executemany(
             "INSERT OR IGNORE INTO chunks(id, pack, key_id) VALUES (?, ?, ?)",
@@ -71,6 +72,7 @@ class FilesCache:
 
     def set_packs(self, packs: dict[str, int]) -> None:
         """The packs the repository lists now; chunks in packs gone (retention) are forgotten."""
+        self.commit()
         self.db.execute("BEGIN")
         self.db.execute("DELETE FROM packs")
         self.db.executemany("INSERT INTO packs(id, size) VALUES (?, ?)", packs.items())
@@ -81,10 +83,17 @@ class FilesCache:
         row = self.db.execute("SELECT pack FROM chunks WHERE id=? AND key_id=?", (chunk_id, key_id)).fetchone()
         return row[0] if row else None
 
+    _writes = 0
+
     def add_chunks(self, pack: str, key_id: str, chunk_ids: list[bytes]) -> None:
+        """A stored pack's chunks: committed at once, so a run killed later still knows them (its
+        packs are reused by the next run, not uploaded again)."""
         self.db.executemany(
             "INSERT OR REPLACE INTO chunks(id, pack, key_id) VALUES (?, ?, ?)", ((c, pack, key_id) for c in chunk_ids)
         )
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+            self.begin()
 
     # -- what the tree held
 
@@ -105,6 +114,15 @@ class FilesCache:
             self.db.execute("SELECT 1 FROM files WHERE file_set=? AND path=?", (file_set, path)).fetchone() is not None
         )
 
+    def begin(self) -> None:
+        """Group the writes of a run in transactions (one commit per many files, not one per file)."""
+        self.db.execute("BEGIN")
+        self._writes = 0
+
+    def commit(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+
     def remember(
         self,
         file_set: str,
@@ -121,3 +139,8 @@ class FilesCache:
             "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (file_set, path, size, mtime_ns, ctime_ns, ino, key_id, sha256, _pack_chunks(chunks)),
         )
+        if self.db.in_transaction:
+            self._writes += 1
+            if self._writes >= 2000:  # a kill loses at most this many files' entries: a re-read, no more
+                self.db.execute("COMMIT")
+                self.begin()

@@ -172,6 +172,8 @@ class Entry:
     rdev: int = 0
     changed_while_read: bool = False
     nlink: int = 1  # a regular file's link count: >1 heads a hardlink group
+    ctime_ns: int = 0  # not stored: what the backup host's cache compares
+    ino: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {

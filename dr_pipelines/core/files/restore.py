@@ -9,15 +9,17 @@ times, symlinks, hardlinks, xattrs and sparse regions are restored.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import json
 import os
 import shutil
 import stat
+import subprocess
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,17 +27,18 @@ from pathlib import Path
 import pyrage
 import zstandard
 
+from dr_pipelines.core.child_env import tool_env
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.errors import DrError, UsageError
 from dr_pipelines.core.files import format as fmt
 from dr_pipelines.core.files.catalog import SnapshotEntry, load_snapshots
-from dr_pipelines.core.files.keys import DedupKey, restore_keys
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.storage.base import Location, LocationError, ObjectNotFound
 
 HOLE = 64 << 10
 ZEROS = bytes(HOLE)
-PACK_CACHE = 4  # decrypted packs kept in memory while restoring (16 MiB each by default)
+PACK_CACHE = 6
+WRITERS = 4  # files written at once (creating a file costs a round trip to the file system)  # decrypted packs kept in memory while restoring (16 MiB each by default)
 
 
 class FileRestoreFailed(DrError):
@@ -101,24 +104,71 @@ def _chunk_map(locations: list[Location], entry: SnapshotEntry) -> dict[bytes, s
 
 class PackSource:
     """Chunks by id, from the packs of one snapshot: each pack from the first location whose copy
-    is whole, a few decrypted packs kept in memory."""
+    is whole (its id is its SHA-256), decrypted (age authenticates it), a few kept in memory. For a
+    whole restore, the packs are fetched and decrypted ahead, in the order the files need them
+    (the index lists them so), beside the writing."""
+
+    AHEAD = 3
 
     def __init__(self, config: DrConfig, locations: dict[str, Location], entry: SnapshotEntry, log: Log):
         self.locations = [locations[n] for n in entry.locations if n in locations]
         self.locations += [loc for n, loc in locations.items() if n not in entry.locations]
         self.encrypted = entry.index.encryption.get("method") == "age"
         self.identities = _identities(config, entry)
+        self.identity_file = config.encryption.identity_path() if self.encrypted else None
         self.where = _chunk_map(self.locations, entry)
         self.compressed = entry.index.compression == "zstd"
-        self.key: DedupKey | None = restore_keys(config, locations).get(entry.index.key_id)
         self.cache: OrderedDict[str, tuple[bytes, dict, int]] = OrderedDict()
         self.used: set[str] = set()
         self.log = log
+        self.ahead: dict[str, Future] = {}
+        self.slots = threading.Semaphore(self.AHEAD)
+        self.pool: ThreadPoolExecutor | None = None
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
 
-    def _pack(self, pack_id: str) -> tuple[bytes, dict, int]:
-        if pack_id in self.cache:
-            self.cache.move_to_end(pack_id)
-            return self.cache[pack_id]
+    def prefetch(self, order: list[str]) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pack-fetch")
+
+        def feed() -> None:
+            for pack_id in order:
+                while not self.slots.acquire(timeout=0.5):
+                    if self.stop.is_set():
+                        return
+                if self.stop.is_set():
+                    return
+                self.ahead[pack_id] = self.pool.submit(self._load, pack_id)  # type: ignore[union-attr]
+
+        threading.Thread(target=feed, name="pack-prefetch", daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _decrypt(self, pack_id: str, data: bytes) -> bytes:
+        if self.identities is None:
+            return data
+        age = shutil.which("age")
+        if age and self.identity_file:  # the tool runs on another core (pyrage holds the GIL)
+            done = subprocess.run(
+                [age, "--decrypt", "--identity", str(self.identity_file)],
+                input=data,
+                capture_output=True,
+                env=tool_env(),
+            )
+            if done.returncode == 0:
+                return done.stdout
+        else:
+            try:
+                return pyrage.decrypt(data, self.identities)
+            except Exception:
+                pass
+        raise FileRestoreFailed(
+            f"cannot decrypt pack {pack_id[:16]}: the identity is not one of the recipients it was written to"
+        )
+
+    def _load(self, pack_id: str) -> tuple[tuple[bytes, dict, int], str]:
         errors = []
         for loc in self.locations:
             try:
@@ -133,21 +183,33 @@ class PackSource:
                 errors.append(f"{loc.name}: corrupt (checksum)")
                 self.log(f"warning: pack {pack_id[:16]} on {loc.name} fails its checksum; trying the next location")
                 continue
-            try:
-                body = pyrage.decrypt(data, self.identities) if self.identities is not None else data
-            except Exception:
-                raise FileRestoreFailed(
-                    f"cannot decrypt pack {pack_id[:16]}: the identity is not one of the recipients it was written to"
-                ) from None
+            body = self._decrypt(pack_id, data)
             table, start = fmt.decode_pack_table(body)
-            self.cache[pack_id] = (body, table, start)
-            self.used.add(loc.name)
-            if len(self.cache) > PACK_CACHE:
-                self.cache.popitem(last=False)
-            return self.cache[pack_id]
+            return (body, table, start), loc.name
         raise FileRestoreFailed(f"pack {pack_id} cannot be read from any location: {'; '.join(errors)}")
 
+    def _pack(self, pack_id: str) -> tuple[bytes, dict, int]:
+        with self.lock:  # files are written by several threads
+            return self._pack_locked(pack_id)
+
+    def _pack_locked(self, pack_id: str) -> tuple[bytes, dict, int]:
+        if pack_id in self.cache:
+            self.cache.move_to_end(pack_id)
+            return self.cache[pack_id]
+        future = self.ahead.pop(pack_id, None)
+        if future is not None:
+            self.slots.release()
+            loaded, where = future.result()
+        else:
+            loaded, where = self._load(pack_id)
+        self.cache[pack_id] = loaded
+        self.used.add(where)
+        if len(self.cache) > PACK_CACHE:
+            self.cache.popitem(last=False)
+        return loaded
+
     def chunk(self, cid: bytes) -> bytes:
+        """The chunk's bytes; each file is checked whole against its SHA-256 as it is written."""
         pack_id = self.where.get(cid)
         if pack_id is None:
             raise FileRestoreFailed(f"chunk {cid.hex()[:16]} is in no pack of the snapshot's index")
@@ -155,8 +217,8 @@ class PackSource:
         offset, stored, plain = table[cid]
         blob = body[start + offset : start + offset + stored]
         data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=plain) if self.compressed else blob
-        if len(data) != plain or (self.key is not None and not hmac.compare_digest(self.key.chunk_id(data), cid)):
-            raise FileRestoreFailed(f"chunk {cid.hex()[:16]} of pack {pack_id[:16]} does not match its id (corrupt)")
+        if len(data) != plain:
+            raise FileRestoreFailed(f"chunk {cid.hex()[:16]} of pack {pack_id[:16]} has the wrong length (corrupt)")
         return data
 
 
@@ -261,6 +323,8 @@ def restore_files(
     )
     _, entries = read_manifest(config, locations, entry, log)  # the identity is checked before anything is written
     source = PackSource(config, locations, entry, log)
+    if not paths:
+        source.prefetch(entry.index.packs)  # the order the files need them in
     wanted = [os.fsencode(os.path.abspath(p)) for p in (paths or [])]
     as_root = os.geteuid() == 0
     created = not dest.exists()
@@ -268,6 +332,23 @@ def restore_files(
     restored: dict[bytes, bytes] = {}  # snapshot path -> where it was written (hardlink targets)
     leaders: dict[bytes, fmt.Entry] = {}  # the first file of each hardlink group
     quiet = entry.index.secrets
+    writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="restore-write")
+    inflight: deque = deque()  # (future, entry) of files being written, settled in order
+
+    def settle() -> None:
+        future, e = inflight.popleft()
+        if future.result():
+            report.files += 1
+            report.bytes += e.size
+            report.verified_files += 1
+        else:
+            report.mismatches.append("(a file of a secrets set)" if quiet else e.shown())
+
+    def write(target: bytes, e: fmt.Entry) -> None:
+        inflight.append((writers.submit(_write_file, target, e, source, in_place, as_root), e))
+        while len(inflight) > 4 * WRITERS:
+            settle()
+
     try:
         dest.mkdir(parents=True, exist_ok=True)
         for e in entries:
@@ -288,8 +369,7 @@ def restore_files(
                 dirs.append((target, e))
                 continue
             if e.type == "file":
-                if _write_file(target, e, source, report, in_place, quiet):
-                    _set_meta(target, e, as_root)
+                write(target, e)
             elif e.type == "hardlink":
                 first = restored.get(e.target or b"")
                 if first is None:  # its group's first name was not selected: this name gets the content
@@ -299,10 +379,13 @@ def restore_files(
                             f"warning: hardlink {'(secrets set)' if quiet else e.shown()}: its group's file is not in the snapshot"
                         )
                         continue
-                    if _write_file(target, leader, source, report, in_place, quiet):
-                        _set_meta(target, leader, as_root)
-                        restored[leader.path] = target
+                    write(target, leader)
+                    restored[leader.path] = target
                 else:
+                    while inflight:  # its group's file is written first
+                        settle()
+                    if not os.path.exists(first):
+                        continue  # that file failed its SHA-256: reported with it
                     _replace(target, in_place)
                     os.link(first, target)
             elif e.type == "symlink":
@@ -318,6 +401,8 @@ def restore_files(
                 os.mknod(target, e.mode | (stat.S_IFCHR if e.type == "chardev" else stat.S_IFBLK), e.rdev)
                 _set_meta(target, e, as_root)
             restored[e.path] = target
+        while inflight:
+            settle()
         for target, e in reversed(dirs):  # deepest first, so writing inside does not change a parent's time
             _set_meta(target, e, as_root)
         if report.mismatches:
@@ -326,6 +411,8 @@ def restore_files(
                 + "; ".join(report.mismatches[:5])
             )
     except BaseException as e:
+        writers.shutdown(wait=True, cancel_futures=True)
+        source.close()
         if created and not in_place:
             shutil.rmtree(dest, ignore_errors=True)  # nothing half-restored stays behind
         if isinstance(e, (OSError, zstandard.ZstdError, fmt.PackFormatError)):
@@ -333,6 +420,8 @@ def restore_files(
             detail = (e.strerror or type(e).__name__) if quiet and isinstance(e, OSError) else str(e)
             raise FileRestoreFailed(f"restore of snapshot {entry.id} into {dest} failed: {detail}") from e
         raise
+    writers.shutdown()
+    source.close()
     report.locations_used = sorted(source.used)
     report.rto_s = round(time.monotonic() - t0, 3)
     report.passed = True
@@ -352,9 +441,9 @@ def _replace(target: bytes, in_place: bool) -> None:
             os.unlink(target)
 
 
-def _write_file(
-    target: bytes, e: fmt.Entry, source: PackSource, report: FileRestoreReport, in_place: bool, quiet: bool
-) -> bool:
+def _write_file(target: bytes, e: fmt.Entry, source: PackSource, in_place: bool, as_root: bool) -> bool:
+    """In a writer thread: the file's chunks to a temp name, its SHA-256 checked, renamed into place
+    with its metadata. False: the content did not match (nothing is left under its name)."""
     tmp = target + b".dr-restore-tmp"
     h = hashlib.sha256()
     with open(tmp, "wb") as f:
@@ -371,13 +460,10 @@ def _write_file(
         f.truncate(e.size)
     if h.hexdigest() != e.sha256:
         os.unlink(tmp)
-        report.mismatches.append("(a file of a secrets set)" if quiet else e.shown())
         return False
     _replace(target, in_place)
     os.rename(tmp, target)  # over a link, the link itself is replaced: nothing is written outside the tree
-    report.files += 1
-    report.bytes += e.size
-    report.verified_files += 1
+    _set_meta(target, e, as_root)
     return True
 
 

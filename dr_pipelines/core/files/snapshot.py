@@ -19,8 +19,10 @@ import random
 import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,13 +42,13 @@ from dr_pipelines.core.files.locks import Lock, wait_for_no_gc
 from dr_pipelines.core.files.scan import Problem, group_name, type_of, user_name, walk, xattrs_of
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.owner import owner_tag
-from dr_pipelines.core.repository.catalog import hash_object
 from dr_pipelines.core.repository.manifest import new_backup_id
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location, LocationError
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 256 << 10, 1 << 20, 4 << 20
-READ_TRIES = 3  # a file that changes while it is read is read again this often
+READ_TRIES = 3
+UPLOADERS = 3  # packs encrypted and written at once (the age tool runs beside us)  # a file that changes while it is read is read again this often
 
 
 class SnapshotFailed(DrError):
@@ -152,21 +154,33 @@ class _Packer:
         self.failed: dict[str, str] = {}
         self.cache, self.key, self.log = cache, key, log
         self.pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="compress")
-        self.current: list[tuple[bytes, Future, int]] = []
+        self.current: list[tuple[bytes, bytes, int]] = []  # (chunk id, stored blob, plain length)
         self.current_bytes = 0
         self.pending: dict[bytes, int] = {}  # chunk id -> sequence number of its pack, until stored
         self.stored: dict[int, str] = {}  # pack sequence number -> pack id
         self.sizes: dict[str, int] = {}
         self.seq = 0
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.queue: queue.Queue = queue.Queue(maxsize=UPLOADERS)
         self.done: queue.Queue = queue.Queue()  # stored packs, for the main thread to record in the cache
         self.error: BaseException | None = None
         self.bytes_new = 0
-        self.uploader = threading.Thread(target=self._upload_loop, name="pack-upload", daemon=True)
-        self.uploader.start()
+        self.failing = threading.Lock()
+        self.uploaders = [
+            threading.Thread(target=self._upload_loop, name=f"pack-upload-{i}", daemon=True) for i in range(UPLOADERS)
+        ]
+        for t in self.uploaders:
+            t.start()
 
-    def _blob(self, data: bytes) -> bytes:
-        return zstandard.ZstdCompressor(level=self.level).compress(data) if self.compress else data
+    def _work(self, data: bytes) -> tuple[bytes, bytes]:
+        """In a worker thread (hashing and zstd release the GIL): the chunk's id, and its stored form
+        (compressed ahead of knowing whether it is new: a changed file's chunks mostly are)."""
+        blob = zstandard.ZstdCompressor(level=self.level).compress(data) if self.compress else data
+        return self.key.chunk_id(data), blob
+
+    def submit(self, data) -> Future:
+        if self.error is not None:
+            raise self.error
+        return self.pool.submit(self._work, bytes(data))
 
     def record_stored(self) -> None:
         """In the main thread (the cache's connection is its own): chunks of stored packs are now known."""
@@ -185,22 +199,24 @@ class _Packer:
         where = self.pending.get(cid)
         return where if where is not None else self.cache.pack_of(cid, self.key.key_id)
 
-    def add(self, cid: bytes, data) -> None:
+    def add(self, cid: bytes, blob: bytes, plain_len: int) -> int:
+        """A new chunk into the open pack; returns the pack's sequence number."""
         if self.error is not None:
             raise self.error
         self.record_stored()
-        plain = bytes(data)
-        self.current.append((cid, self.pool.submit(self._blob, plain), len(plain)))
-        self.pending[cid] = self.seq
-        self.current_bytes += len(plain)
-        self.bytes_new += len(plain)
+        seq = self.seq
+        self.current.append((cid, blob, plain_len))
+        self.pending[cid] = seq
+        self.current_bytes += plain_len
+        self.bytes_new += plain_len
         if self.current_bytes >= self.pack_size:
             self.seal()
+        return seq
 
     def seal(self) -> None:
         if not self.current:
             return
-        chunks = [(cid, fut.result(), n) for cid, fut, n in self.current]
+        chunks = list(self.current)
         random.shuffle(chunks)  # chunk order inside a pack says nothing of the files
         self.queue.put((self.seq, chunks))  # waits while the previous pack is still being written
         self.current, self.current_bytes = [], 0
@@ -218,18 +234,20 @@ class _Packer:
             seq, chunks = item
             try:
                 body = fmt.encode_pack_body(chunks)
-                stored = pyrage.encrypt(body, self.recipients) if self.recipients else body
+                stored = encrypt_pack(body, self.config) if self.recipients else body
                 pack_id = hashlib.sha256(stored).hexdigest()
                 key = fmt.pack_key(pack_id, self.encrypted)
                 for name, loc in list(self.locations.items()):
                     try:
+                        # durable when this returns (local: fsync and rename; S3 and GCS check the bytes
+                        # they received against a checksum the client sends); then confirmed whole there
                         loc.put_bytes(key, stored)
-                        size, digest = hash_object(loc, key)  # read back: written and verified
-                        if (size, digest) != (len(stored), pack_id):
-                            raise LocationError(name, f"pack {pack_id} read back differs from what was written")
+                        if loc.size(key) != len(stored):
+                            raise LocationError(name, f"pack {pack_id} is not whole after it was written")
                     except LocationError as e:
-                        self.failed[name] = str(e)
-                        del self.locations[name]
+                        with self.failing:
+                            self.failed[name] = str(e)
+                            self.locations.pop(name, None)
                         self.log(f"warning: location {name} failed; the snapshot goes on without it: {e}")
                 if not self.locations:
                     raise SnapshotFailed("every location failed: " + "; ".join(self.failed.values()))
@@ -242,8 +260,10 @@ class _Packer:
 
     def finish(self) -> None:
         self.seal()
-        self.queue.put(None)
-        self.uploader.join()
+        for _ in self.uploaders:
+            self.queue.put(None)
+        for t in self.uploaders:
+            t.join()
         self.pool.shutdown()
         if self.error is not None:
             raise self.error
@@ -251,14 +271,30 @@ class _Packer:
 
     def abort(self) -> None:
         self.error = self.error or SnapshotFailed("aborted")
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
-            pass
+        for _ in self.uploaders:
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                pass
         self.pool.shutdown(cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- the snapshot
+
+
+def encrypt_pack(body: bytes, config: DrConfig) -> bytes:
+    """To the recipients: with the age tool where installed (another core: pyrage holds the GIL
+    while it encrypts), else in process."""
+    age = shutil.which("age")
+    if age is None:
+        return pyrage.encrypt(body, age_recipients(config.encryption))
+    from dr_pipelines.core.child_env import tool_env
+
+    argv = [age, "--encrypt", *(a for r in config.encryption.recipients for a in ("-r", r))]
+    done = subprocess.run(argv, input=body, capture_output=True, env=tool_env())
+    if done.returncode != 0:
+        raise SnapshotFailed(f"age could not encrypt a pack: {done.stderr.decode(errors='replace').strip()[-300:]}")
+    return done.stdout
 
 
 def repository_name(config: DrConfig) -> str:
@@ -409,6 +445,7 @@ def _snapshot(
         packer = None
         try:
             refresh_known(config, cache, locations, log)
+            cache.begin()
             packer = _Packer(config, locations, cache, key, log, lock)
             stats = SnapshotStats()
             problems: list[Problem] = []
@@ -426,6 +463,7 @@ def _snapshot(
                     "roots": [os.fsdecode(os.path.abspath(p)) for p in fs.resolved_paths(config.base_dir)],
                 }
                 out.write(json.dumps(header).encode() + b"\n")
+                pipeline = _Pipeline(out, file_set, cache, key, packer, used)
                 missing = [str(p) for p in fs.resolved_paths(config.base_dir) if not os.path.lexists(p)]
                 if missing:
                     raise SnapshotFailed(
@@ -440,7 +478,7 @@ def _snapshot(
                         stats.others += 1
                     elif entry.type == "file":
                         try:
-                            _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
+                            futures = _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
                         except FileNotFoundError:
                             problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
                             continue
@@ -457,6 +495,8 @@ def _snapshot(
                             log(
                                 f"warning: {shown(path)} kept changing while it was read; the snapshot holds its last read"
                             )
+                        pipeline.push(entry, st, futures)
+                        continue
                     else:
                         if entry.type == "symlink":
                             try:
@@ -465,8 +505,10 @@ def _snapshot(
                                 problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
                                 continue
                         stats.others += 1
-                    out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
+                    pipeline.push(entry, st, None)
+                pipeline.drain()
             packer.finish()
+            cache.commit()
 
             unreadable = [p for p in problems if p.what == "unreadable"]
             stats.vanished = sum(p.what == "vanished" for p in problems)
@@ -577,9 +619,9 @@ def _content(
     cdc,
     used: dict[bytes, str | int],
     stats: SnapshotStats,
-) -> None:
-    """A regular file's chunks and SHA-256: from the cache when it is unchanged (one stat), else
-    read, cut and hashed. New chunks go to the packer; known ones are only referred to."""
+) -> list[tuple[Future, int]] | None:
+    """A regular file's SHA-256, and its chunks: from the cache when it is unchanged (one stat;
+    None is returned), else read, cut and handed to the workers (their futures, in order)."""
     hit = cache.lookup(file_set, entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id)
     if hit is not None:
         sha, chunks = hit
@@ -589,8 +631,9 @@ def _content(
                 used.setdefault(c, p)  # type: ignore[arg-type]
             entry.size, entry.sha256, entry.chunks = st.st_size, sha, chunks
             stats.unchanged_files += 1
-            return
+            return None
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0)
+    futures: list[tuple[Future, int]] = []
     for attempt in range(READ_TRIES):
         try:
             fd = os.open(entry.path, flags)
@@ -602,7 +645,7 @@ def _content(
                 raise
         with open(fd, "rb", buffering=0) as f:
             before = os.fstat(f.fileno())
-            digest, chunks, size = hashlib.sha256(), [], 0
+            digest, futures, size = hashlib.sha256(), [], 0
             if before.st_size < MIN_CHUNK:
                 pieces = [f.read()]
             else:
@@ -611,15 +654,8 @@ def _content(
                 if not len(data):
                     continue
                 digest.update(data)
-                cid = key.chunk_id(data)
-                chunks.append((cid, len(data)))
+                futures.append((packer.submit(data), len(data)))
                 size += len(data)
-                if cid not in used:
-                    known = packer.known(cid)
-                    if known is None:
-                        packer.add(cid, data)
-                        known = packer.pending[cid]
-                    used[cid] = known
             after = os.fstat(f.fileno())
         stats.bytes_read += size
         same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
@@ -632,16 +668,63 @@ def _content(
         if attempt == READ_TRIES - 1:
             entry.changed_while_read = True
         st = after
-    entry.size, entry.sha256, entry.chunks = size, digest.hexdigest(), chunks
+    entry.size, entry.sha256 = size, digest.hexdigest()
     entry.mtime_ns = st.st_mtime_ns
-    if cache.has_path(file_set, entry.path):
+    entry.ctime_ns, entry.ino = st.st_ctime_ns, st.st_ino  # for the cache, once its chunks are known
+    if hit is not None or cache.has_path(file_set, entry.path):
         stats.changed_files += 1
     else:
         stats.new_files += 1
-    if not entry.changed_while_read:
-        cache.remember(
-            file_set, entry.path, size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id, entry.sha256, chunks
-        )
+    return futures
+
+
+class _Pipeline:
+    """Entries in scan order, each written to the manifest once its chunks are known: the workers
+    hash and compress ahead, across files, within a bounded window (memory stays flat)."""
+
+    WINDOW = 16  # chunks in flight (at most 4 MiB each, plain and compressed)
+
+    def __init__(self, out, file_set: str, cache: FilesCache, key: DedupKey, packer: _Packer, used: dict):
+        self.out, self.file_set, self.cache, self.key, self.packer, self.used = out, file_set, cache, key, packer, used
+        self.items: deque = deque()
+        self.in_flight = 0
+
+    def push(self, entry: fmt.Entry, st: os.stat_result, futures: list[tuple[Future, int]] | None) -> None:
+        self.items.append((entry, futures))
+        self.in_flight += len(futures or ())
+        while self.in_flight > self.WINDOW:
+            self._finish_first()
+
+    def drain(self) -> None:
+        while self.items:
+            self._finish_first()
+
+    def _finish_first(self) -> None:
+        self.packer.record_stored()  # as soon as packs are stored: a kill after this loses no upload
+        entry, futures = self.items.popleft()
+        if futures is not None:
+            self.in_flight -= len(futures)
+            chunks = []
+            for future, n in futures:
+                cid, blob = future.result()
+                chunks.append((cid, n))
+                if cid not in self.used:
+                    known = self.packer.known(cid)
+                    self.used[cid] = self.packer.add(cid, blob, n) if known is None else known
+            entry.chunks = chunks
+            if not entry.changed_while_read:
+                self.cache.remember(
+                    self.file_set,
+                    entry.path,
+                    entry.size,
+                    entry.mtime_ns,
+                    entry.ctime_ns,
+                    entry.ino,
+                    self.key.key_id,
+                    entry.sha256 or "",
+                    chunks,
+                )
+        self.out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
 
 
 def _pack_size(pack_id: str, new: dict[str, int], cache: FilesCache) -> int:
