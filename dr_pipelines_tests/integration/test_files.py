@@ -211,6 +211,7 @@ def test_identical_content_is_stored_once_across_sets(tmp_path, age_key):
     assert second["bytes_scanned"] == 2 << 20 and second["bytes_new"] == 0
 
 
+@pytest.mark.faults
 def test_the_backup_host_cannot_read_and_a_wrong_identity_writes_nothing(tmp_path, tree, age_key):
     import pyrage
 
@@ -303,6 +304,7 @@ def test_excludes_caches_markers_and_a_symlink_loop(tmp_path, age_key):
     assert stats_of(path, sid)["files"] == 1
 
 
+@pytest.mark.faults
 def test_a_file_that_changes_while_read_is_reported_and_one_that_vanishes_is_skipped(tmp_path, age_key, monkeypatch):
     from dr_pipelines.core.files import snapshot as snapshot_module
     from dr_pipelines.core.files.snapshot import take_snapshot
@@ -435,6 +437,7 @@ def _pack_files(repo: Path) -> list[Path]:
     return sorted((repo / "_files" / "packs").rglob("*.pack*"))
 
 
+@pytest.mark.faults
 def test_a_corrupt_or_missing_pack_is_found_and_the_restore_uses_another_location(tmp_path, tree, age_key, s3):
     repo = tmp_path / "repo"
     path = write_files_config(
@@ -463,6 +466,7 @@ def test_a_corrupt_or_missing_pack_is_found_and_the_restore_uses_another_locatio
     assert not (tmp_path / "x").exists()  # nothing half-restored stays
 
 
+@pytest.mark.faults
 def test_a_killed_snapshot_leaves_nothing_listed_and_the_next_reuses_or_collects_its_packs(tmp_path, age_key):
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -505,6 +509,7 @@ def test_a_killed_snapshot_leaves_nothing_listed_and_the_next_reuses_or_collects
     assert tree_facts(restored_root(into, tree)) == tree_facts(tree)
 
 
+@pytest.mark.faults
 def test_a_full_disk_fails_the_snapshot_cleanly_and_the_next_one_succeeds(tmp_path, age_key):
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -798,6 +803,7 @@ def test_a_backup_host_without_the_identity_runs_its_snapshot_job_and_warns_on_t
     )
 
 
+@pytest.mark.faults
 def test_a_hardlink_group_survives_its_first_name_vanishing(tmp_path, age_key, monkeypatch):
     from dr_pipelines.core.files import snapshot as snapshot_module
     from dr_pipelines.core.files.snapshot import take_snapshot

@@ -17,6 +17,8 @@ from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN
 pytestmark = pytest.mark.faults
 
 DB_PASSWORD = "DBPASS-marker-5f1e"
+ENV_VALUE = "ENVVALUE-marker-3c9d"  # a value in a secrets file set's .env
+ENV_NAME = "credentials-marker-a41b.env"  # and its name: a secrets set's names never show either
 S3_SECRET = "S3SECRET-marker-77ab"
 OURS = {"pg_dump", "pg_restore", "psql", "pg_basebackup", "age", "zstd", "gzip", "tar", "postgres", "pg_ctl"}
 
@@ -78,7 +80,11 @@ def test_no_secret_in_children_instance_repository_or_output(pg, s3, write_confi
         {"offsite": location, "local": {"type": "local", "path": str(tmp_path / "repo")}},
         {"method": "age", "recipients": [age_key.recipient], "identity_file_env": "DR_AGE_IDENTITY_FILE"},
         database={"password_env": "DR_TEST_DB_PASSWORD"},
+        files={"state_dir": str(tmp_path / "state")},
+        file_sets={"env": {"paths": [str(tmp_path / "secrets")], "secrets": True}},
     )
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / ENV_NAME).write_text(f"API_TOKEN={ENV_VALUE}\n")
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster.yaml").read_text())
@@ -93,6 +99,8 @@ def test_no_secret_in_children_instance_repository_or_output(pg, s3, write_confi
     runs = [
         _run_watched(["--config", str(path), "backup", "app"], env),
         _run_watched(["--config", str(path), "restore", "app", "--latest", "--into", "app_copy"], env),
+        _run_watched(["--config", str(path), "snapshot", "env"], env),  # with its restore test
+        _run_watched(["--config", str(path), "restore-files", "env", "--into", str(tmp_path / "restored")], env),
     ]
     children: dict = {}
     for result, seen in runs:
@@ -112,7 +120,7 @@ def test_no_secret_in_children_instance_repository_or_output(pg, s3, write_confi
             assert DB_PASSWORD.encode() not in environ, f"the database password in the environment of {tool}"
 
     def scan(where: str, data: bytes) -> None:
-        for secret in (DB_PASSWORD, S3_SECRET, identity):
+        for secret in (DB_PASSWORD, S3_SECRET, identity, ENV_VALUE, ENV_NAME):
             assert secret.encode() not in data, f"{secret[:8]}... in {where}"
 
     for result, _ in runs:
@@ -124,3 +132,5 @@ def test_no_secret_in_children_instance_repository_or_output(pg, s3, write_confi
     for obj in s3c.list_objects_v2(Bucket=BUCKET).get("Contents", []):
         scan(f"s3://{BUCKET}/{obj['Key']}", s3c.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read())
     assert Path(tmp_path / "repo").exists() and pg.table_checksums("app_copy") == pg.table_checksums("app")
+    restored = tmp_path / "restored" / str(tmp_path / "secrets").lstrip("/") / ENV_NAME
+    assert restored.read_text() == f"API_TOKEN={ENV_VALUE}\n"  # the scan above saw real work
