@@ -48,7 +48,7 @@ from dr_pipelines.core.storage.base import Location, LocationError
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 256 << 10, 1 << 20, 4 << 20
 READ_TRIES = 3
-UPLOADERS = 3  # packs encrypted and written at once (the age tool runs beside us)  # a file that changes while it is read is read again this often
+UPLOADERS = 2  # packs encrypted and written at once (the age tool runs beside us)  # a file that changes while it is read is read again this often
 
 
 class SnapshotFailed(DrError):
@@ -682,7 +682,7 @@ class _Pipeline:
     """Entries in scan order, each written to the manifest once its chunks are known: the workers
     hash and compress ahead, across files, within a bounded window (memory stays flat)."""
 
-    WINDOW = 16  # chunks in flight (at most 4 MiB each, plain and compressed)
+    WINDOW = 12  # chunks in flight (at most 4 MiB each, plain and compressed)
 
     def __init__(self, out, file_set: str, cache: FilesCache, key: DedupKey, packer: _Packer, used: dict):
         self.out, self.file_set, self.cache, self.key, self.packer, self.used = out, file_set, cache, key, packer, used

@@ -240,7 +240,9 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
                 "location": name,
                 "backups": sum(name in e.locations for e in h.catalog.entries),
                 "bytes": sum(e.manifest.size_bytes for e in h.catalog.entries if name in e.locations),
-                "snapshots": sum(name in e.locations for e in snaps),
+                **(
+                    {"snapshots": sum(name in e.locations for e in snaps)} if config.file_sets else {}
+                ),  # (their packs are shared: `snapshots list` says what each one added)
             }
             for name in config.locations
         ]
