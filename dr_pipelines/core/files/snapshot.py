@@ -47,8 +47,8 @@ from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location, LocationError
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 256 << 10, 1 << 20, 4 << 20
-READ_TRIES = 3
-UPLOADERS = 2  # packs encrypted and written at once (the age tool runs beside us)  # a file that changes while it is read is read again this often
+READ_TRIES = 3  # a file that changes while it is read is read again this often
+UPLOADERS = 2  # packs encrypted and written at once (the age tool runs beside us)
 
 
 class SnapshotFailed(DrError):
