@@ -232,15 +232,3 @@ def sweep(leftovers: list[Leftover], log: Log) -> list[Leftover]:
         log(f"removed a leftover of a killed run: {item.describe()}")
         removed.append(item)
     return removed
-
-
-def all_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime | None = None) -> list[Leftover]:
-    now = now or datetime.now(timezone.utc)
-    out = scratch_leftovers(config, now)
-    for database in config.databases:
-        out += repository_leftovers(locations, database, now) + staging_leftovers(config, database)
-    if config.file_sets:
-        from dr_pipelines.core.files.sweep import snapshot_leftovers
-
-        out += snapshot_leftovers(config, locations, now)
-    return out

@@ -8,7 +8,7 @@ from datetime import datetime
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.files import format as fmt
 from dr_pipelines.core.files.catalog import SnapshotCatalog, SnapshotEntry, verify_snapshot
-from dr_pipelines.core.monitoring.health import ERROR, WARNING, Outcome
+from dr_pipelines.core.monitoring.outcome import ERROR, WARNING, Outcome
 from dr_pipelines.core.repository.records import Record, RecordKind, load_reports
 from dr_pipelines.core.storage.base import Location
 

@@ -13,9 +13,9 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.files import format as fmt
 from dr_pipelines.core.files.catalog import SnapshotEntry, load_snapshots
 from dr_pipelines.core.files.locks import Lock, live_locks
+from dr_pipelines.core.gfs import BackupFacts, Decision, plan_retention
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.records import RecordKind, load_reports
-from dr_pipelines.core.retention import BackupFacts, Decision, plan_retention
 from dr_pipelines.core.storage.base import Location, LocationError
 
 KIND = "snapshot"

@@ -6,11 +6,12 @@ compliance report, so the UI, the shell and the dashboards never disagree.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.monitoring.outcome import ERROR, WARNING, Outcome
 from dr_pipelines.core.repository.catalog import (
     Catalog,
     CatalogEntry,
@@ -22,12 +23,6 @@ from dr_pipelines.core.storage.base import Location
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-ERROR = "error"
-
-
-WARNING = "warning"
 
 
 FRESHNESS = "backup_fresh"
@@ -58,23 +53,6 @@ REPOSITORY = "repository_readable"
 
 
 LEFTOVERS = "no_leftovers"
-
-
-@dataclass
-class Outcome:
-    database: str
-    check: str
-    passed: bool
-    severity: str  # what a failure means: ERROR (page someone) or WARNING (look at it)
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def status(self) -> str:
-        return "ok" if self.passed else self.severity
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "status": self.status}
 
 
 def _hours(td: timedelta) -> float:
@@ -487,8 +465,6 @@ def _named(outcome: Outcome, kind: str) -> Outcome:
 
 def check_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> Outcome:
     """What killed runs left behind (the next backup or restore sweeps it)."""
-    from dr_pipelines.core.sweep import all_leftovers
-
     found = all_leftovers(config, locations, now)
     if not found:
         return Outcome("*", LEFTOVERS, True, WARNING, "nothing left behind by killed runs")
@@ -503,3 +479,19 @@ def check_leftovers(config: DrConfig, locations: dict[str, Location], now: datet
         f"{len(found)} leftovers of killed runs: {shown}. The next backup or restore removes them",
         {"leftovers": len(found)},
     )
+
+
+def all_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime | None = None) -> list:
+    """Everything killed runs left, on this host and in the repository (what the next runs sweep)."""
+    from datetime import timezone
+
+    from dr_pipelines.core.files.sweep import snapshot_leftovers
+    from dr_pipelines.core.sweep import repository_leftovers, scratch_leftovers, staging_leftovers
+
+    now = now or datetime.now(timezone.utc)
+    out = scratch_leftovers(config, now)
+    for database in config.databases:
+        out += repository_leftovers(locations, database, now) + staging_leftovers(config, database)
+    if config.file_sets:
+        out += snapshot_leftovers(config, locations, now)
+    return out
