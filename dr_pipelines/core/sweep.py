@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +22,7 @@ from dr_pipelines.core.log import Log
 from dr_pipelines.core.owner import owner_dead, owner_tag
 from dr_pipelines.core.repository.manifest import MANIFEST
 from dr_pipelines.core.repository.records import RecordKind, load_reports
-from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.storage.base import Location, LocationError, ObjectInfo
 
 GRACE = timedelta(hours=6)  # for what no process can be asked about
 SCRATCH_PREFIX = "dr-restore-"
@@ -84,30 +84,29 @@ def repository_leftovers(locations: dict[str, Location], database: str, now: dat
             backup_id = prefix.rsplit("/", 1)[1]
             if any(o.key.endswith("/" + MANIFEST) for o in objs) or backup_id in running:
                 continue
-            newest = max((o.modified for o in objs if o.modified), default=None)
-            why = (
-                "its backup attempt died"
-                if backup_id in dead
-                else "its backup finished without a manifest here (failed, or removed by a retention that was killed)"
-                if backup_id in finished
-                else (
-                    f"no manifest, untouched for {(now - newest).total_seconds() / 3600:.0f} h"
-                    if newest and now - newest >= GRACE
-                    else None
-                )
-            )
-            if why:
-                for o in objs:
-                    out.append(
-                        Leftover(
-                            "object without a manifest",
-                            loc.name,
-                            o.key,
-                            why,
-                            lambda loc=loc, key=o.key: loc.delete(key),
-                        )
-                    )
+            out += orphans(loc, objs, orphan_reason(backup_id, objs, dead, finished, now), "object without a manifest")
     return out
+
+
+def orphan_reason(
+    backup_id: str, objs: list[ObjectInfo], dead: Container[str | None], finished: Container[str | None], now: datetime
+) -> str | None:
+    """Why the objects of a backup (or snapshot) that has no manifest are leftovers, or None while
+    a run may still be writing them. The one rule, for backups and snapshots alike."""
+    if backup_id in dead:
+        return "its attempt died"
+    if backup_id in finished:
+        return "its attempt finished without a manifest here (failed, or removed by a retention that was killed)"
+    newest = max((o.modified for o in objs if o.modified), default=None)
+    if newest and now - newest >= GRACE:
+        return f"no manifest, untouched for {(now - newest).total_seconds() / 3600:.0f} h"
+    return None
+
+
+def orphans(loc: Location, objs: list[ObjectInfo], why: str | None, what: str) -> list[Leftover]:
+    if why is None:
+        return []
+    return [Leftover(what, loc.name, o.key, why, lambda loc=loc, key=o.key: loc.delete(key)) for o in objs]
 
 
 def scratch_base(db: DatabaseConfig) -> Path:

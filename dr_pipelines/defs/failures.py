@@ -20,3 +20,16 @@ def domain_failures(metadata: dict | None = None):
             raise  # a bug, not an operational failure: keep Dagster's full stack trace
         # the exit code travels with it, so the shell exits as it would had it run the step itself
         raise dg.Failure(description=str(e), metadata={**(metadata or {}), "exit_code": code}) from e
+
+
+def partial_failure(failure: dg.Failure, made_key: str, made_id: str, committed: list[str], failed) -> dg.Failure:
+    """A run that stored its backup (or snapshot) on some locations but not all: say which."""
+    return dg.Failure(
+        description=failure.description,
+        metadata={
+            **failure.metadata,
+            made_key: dg.MetadataValue.text(made_id),
+            "stored_on": dg.MetadataValue.text(", ".join(committed)),
+            "failed_on": dg.MetadataValue.text(", ".join(failed)),
+        },
+    )

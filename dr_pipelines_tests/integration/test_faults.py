@@ -67,7 +67,8 @@ def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config,
     while time.monotonic() < deadline and proc.poll() is None and not (attempts.exists() and any(attempts.iterdir())):
         time.sleep(0.02)
     assert proc.poll() is None, "the backup ended before it could be killed: " + proc.stderr.read().decode()
-    time.sleep(0.3)  # inside the dump
+    while time.monotonic() < deadline and proc.poll() is None and not _temp_files(repo):
+        time.sleep(0.01)  # until the dump streams into its upload
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 

@@ -12,7 +12,7 @@ from dr_pipelines.core.files import format as fmt
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.storage.base import Location, LocationError
-from dr_pipelines.core.sweep import GRACE, Leftover, _stale, repository_leftovers, sweep_safely
+from dr_pipelines.core.sweep import Leftover, _stale, orphan_reason, orphans, repository_leftovers, sweep_safely
 
 
 def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> list[Leftover]:
@@ -30,6 +30,7 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
         attempts = load_reports(locations, fmt.records_owner(file_set), RecordKind.BACKUP_ATTEMPT)
         dead = {a.backup_id for a in attempts if a.known_dead()}  # another host's: the grace period
         running = {a.backup_id for a in attempts if a.running()}
+        finished = {a.backup_id for a in attempts if a.finished_at is not None}
         for loc in locations.values():
             try:
                 found: dict[str, list] = {}
@@ -44,23 +45,8 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
                     continue
                 if all(o.key.endswith("/" + fmt.PIN) for o in objs):
                     continue  # a pin left after the snapshot went: harmless, removed with retention
-                newest = max((o.modified for o in objs if o.modified), default=None)
-                if snapshot_id in dead:
-                    why = "its snapshot attempt died"
-                elif newest and now - newest >= GRACE:
-                    why = f"no manifest, untouched for {(now - newest).total_seconds() / 3600:.0f} h"
-                else:
-                    continue
-                for o in objs:
-                    out.append(
-                        Leftover(
-                            "snapshot object without a manifest",
-                            loc.name,
-                            o.key,
-                            why,
-                            lambda loc=loc, k=o.key: loc.delete(k),
-                        )
-                    )
+                why = orphan_reason(snapshot_id, objs, dead, finished, now)
+                out += orphans(loc, objs, why, "snapshot object without a manifest")
     return out
 
 

@@ -9,7 +9,7 @@ from dr_pipelines.core.backup.attempts import PartialBackup
 from dr_pipelines.core.backup.base import run_base_backup
 from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.failures import domain_failures, partial_failure
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -77,14 +77,8 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
-                raise dg.Failure(
-                    description=failure.description,
-                    metadata={
-                        **failure.metadata,
-                        "backup_id": dg.MetadataValue.text(partial.manifest.id),
-                        "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
-                        "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
-                    },
+                raise partial_failure(
+                    failure, "backup_id", partial.manifest.id, partial.committed, partial.failed
                 ) from partial
             raise
         return dg.MaterializeResult(

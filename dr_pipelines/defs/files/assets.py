@@ -15,7 +15,7 @@ from dr_pipelines.core.files.restore import FileRestoreReport, test_restore_file
 from dr_pipelines.core.files.snapshot import PartialSnapshot, SnapshotIndex, take_snapshot
 from dr_pipelines.core.repository.records import RecordKind, load_reports, store_json_record
 from dr_pipelines.defs.backup.checks import check_result
-from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.failures import domain_failures, partial_failure
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -74,14 +74,8 @@ def build_snapshot_asset(config: DrConfig, file_set: str) -> dg.AssetsDefinition
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialSnapshot):
-                raise dg.Failure(
-                    description=failure.description,
-                    metadata={
-                        **failure.metadata,
-                        "snapshot_id": dg.MetadataValue.text(partial.index.id),
-                        "stored_on": dg.MetadataValue.text(", ".join(partial.committed)),
-                        "failed_on": dg.MetadataValue.text(", ".join(partial.failed)),
-                    },
+                raise partial_failure(
+                    failure, "snapshot_id", partial.index.id, partial.committed, partial.failed
                 ) from partial
             raise
         return dg.MaterializeResult(
