@@ -155,6 +155,9 @@ def cmd_restore_files(args) -> int:
     if not args.into and not args.in_place:
         err("say where: --into DIR (a new or empty directory), or --in-place --yes PATHS")
         return 2
+    if args.into and args.in_place:
+        err("--into and --in-place exclude each other: a new directory, or over the originals")
+        return 2
     options = {
         "file_set": args.file_set,
         "snapshot": args.snapshot or "latest",

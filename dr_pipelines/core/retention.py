@@ -331,7 +331,7 @@ class RetentionOutcome:
             f"moved {len([m for m in self.moves if not m.error])} copies to a colder storage class; "
             f"removed {len(self.plan.wal)} WAL files"
             + (
-                f"; removed {len(self.plan.files.removed)} file snapshots and {self.files.packs_deleted} packs "
+                f"; removed {len(self.plan.files.removed)} file snapshots and {self.files.packs_deleted} pack copies "
                 f"({self.files.bytes_freed} bytes)"
                 + (
                     f", packs on {', '.join(self.files.deferred)} left for next time (a snapshot was running)"

@@ -503,8 +503,9 @@ def test_a_killed_snapshot_leaves_nothing_listed_and_the_next_reuses_or_collects
     assert again.returncode == 0, again.stderr
     assert "removed a leftover of a killed run" in again.stderr
     sid = again.stdout.strip().splitlines()[-1]
-    # the killed run's packs whose chunks it had recorded are reused; the others are collected below
-    assert stats_of(path, sid)["bytes_new"] <= 12 * (16 << 20) and left >= 3
+    # the killed run's packs are reused (its journal says what they hold): not uploaded again
+    assert "a killed snapshot stored" in again.stderr
+    assert stats_of(path, sid)["bytes_new"] <= 12 * (16 << 20) - (left - 1) * (3 << 20), stats_of(path, sid)
     assert not list((tmp_path / "state" / "tmp").iterdir())  # no manifest temp file (names) stays
     assert not [p for p in repo.rglob(".*") if ".tmp-" in p.name]
     assert run_cli("--config", str(path), "retention", "apply").returncode == 0
@@ -864,3 +865,96 @@ def test_a_missing_path_is_a_clear_error(tmp_path, age_key):
     r = run_cli("--config", str(path), "snapshot", "app")
     assert r.returncode == 1 and "does not exist" in r.stderr and "file_sets.app.paths" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_snapshots_at_once_a_location_down_from_the_start_and_paths_that_match_nothing(tmp_path, age_key):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for d in (a, b):
+        for i in range(200):
+            (d / f"f{i}").write_bytes(os.urandom(50_000))
+    repo = tmp_path / "repo"
+    sets = {"one": {"paths": [str(a)]}, "two": {"paths": [str(b)]}}
+    path = write_files_config(tmp_path, {"local": local_location(repo)}, age_key, sets)
+    procs = [
+        subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "snapshot", name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("one", "two", "one")
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]  # the host's cache is shared
+    for _, err in outs:
+        assert "Traceback" not in err
+    assert len(cli_json(path, "snapshots", "list")["snapshots"]) == 3
+
+    # a location that is down from the start fails the run, as one lost midway does
+    dead = write_files_config(
+        tmp_path,
+        {"local": local_location(repo), "s3": {"type": "s3", "bucket": "b", "endpoint_url": "http://127.0.0.1:9"}},
+        age_key,
+        sets,
+    )
+    r = run_cli("--config", str(dead), "snapshot", "one")
+    assert r.returncode == 1 and "FAILED on s3" in r.stderr and "stored on local" in r.stderr, r.stderr
+
+    nothing = run_cli(
+        "--config", str(path), "restore-files", "one", "--path", f"{a}/nope", "--into", str(tmp_path / "x")
+    )
+    assert nothing.returncode == 2 and f"{a}/nope" in nothing.stderr and "nothing was restored" in nothing.stderr
+    assert not (tmp_path / "x").exists()
+    both = run_cli("--config", str(path), "restore-files", "one", "--into", str(tmp_path / "x"), "--in-place")
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+@pytest.mark.faults
+def test_an_s3_server_that_hangs_costs_its_timeout_once_and_the_local_copy_is_kept(tmp_path, age_key):
+    import boto3
+
+    from dr_pipelines_tests.support.configs import BUCKET
+    from dr_pipelines_tests.support.servers import start_moto
+
+    server = start_moto()
+    try:
+        boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        for i in range(6):
+            (tree / f"f{i}").write_bytes(os.urandom(4 << 20))
+        s3 = {**s3_location(server), "read_timeout": "2s", "retry_for": "2s"}
+        path = write_files_config(
+            tmp_path,
+            {"local": local_location(tmp_path / "repo"), "s3": s3},
+            age_key,
+            {"app": {"paths": [str(tree)]}},
+            files={"pack_size_mb": 2},
+        )
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "--config", str(path), "snapshot", "app"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and len(_pack_files(tmp_path / "repo")) < 1:
+            time.sleep(0.01)
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the server hangs: connections open, no answer
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+        os.kill(server.proc.pid, signal.SIGCONT)
+        assert proc.returncode == 1 and "FAILED on s3" in err and "Traceback" not in err, err
+        print(f"S3 hung mid-snapshot: the run ended {took:.1f}s later")
+        assert took < 40
+        [kept] = cli_json(path, "snapshots", "list", "--location", "local")["snapshots"]
+        assert (
+            run_cli("--config", str(path), "snapshots", "verify", "app", kept["id"], "--location", "local").returncode
+            == 0
+        )
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()

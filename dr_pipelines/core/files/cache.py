@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 _SCHEMA = """
@@ -39,22 +40,52 @@ class FilesCache:
     def __init__(self, state_dir: Path, repository: str):
         """One cache per repository (named by its locations), in the host's state directory."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = hashlib.sha256(repository.encode()).hexdigest()[:16]
-        self.path = state_dir / f"files-cache-{name}.sqlite"
+        self.name = hashlib.sha256(repository.encode()).hexdigest()[:16]
+        self.path = state_dir / f"files-cache-{self.name}.sqlite"
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.executescript(_SCHEMA)
+            self.db = self._open()
+        except sqlite3.OperationalError:
+            raise  # busy beyond the timeout: another snapshot holds it; a real error, not damage
         except sqlite3.DatabaseError:  # a damaged cache is only a cache
             self.path.unlink(missing_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.executescript(_SCHEMA)
+            self.db = self._open()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF")  # a cache: a crash may lose it, which costs a re-read
 
+    def _open(self) -> sqlite3.Connection:
+        # several snapshots (of one set or several) may run at once: each waits its turn to write,
+        # and none holds a write for more than a moment (commits are frequent)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=300)
+        db.executescript(_SCHEMA)
+        return db
+
     def close(self) -> None:
+        self.commit()
         self.db.close()
 
     # -- what the repository holds
+
+    def adopt_journals(self, tmp_dir: Path, log) -> None:
+        """Packs a killed run stored (its journal says which chunks each holds): known from now on,
+        so the next run reuses them instead of uploading their content again."""
+        import json
+
+        from dr_pipelines.core.owner import owner_dead
+
+        for journal in sorted(tmp_dir.glob(f"packs-{self.name}-*")):
+            owner = journal.name.split(".", 1)[1].rsplit(".", 1)[0].replace("+", ":")
+            if not owner_dead(owner):
+                continue  # a run in progress (or another host's): not ours to take
+            packs = 0
+            for line in journal.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue  # the last line, cut by the kill
+                self.add_chunks(item["pack"], item["key_id"], [bytes.fromhex(c) for c in item["chunks"]])
+                packs += 1
+            journal.unlink()
+            log(f"a killed snapshot stored {packs} packs: their chunks are reused")
 
     def seen_index(self, key: str) -> bool:
         return self.db.execute("SELECT 1 FROM indexes WHERE key=?", (key,)).fetchone() is not None
@@ -62,7 +93,7 @@ class FilesCache:
     def add_index(self, key: str, key_id: str, packs: list[str], chunks: list[tuple[bytes, int]]) -> None:
         """Chunk ids of one snapshot's index (chunk, position of its pack in `packs`)."""
         self.commit()
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")
         self.db.executemany(
             "INSERT OR IGNORE INTO chunks(id, pack, key_id) VALUES (?, ?, ?)",
             ((c, packs[i], key_id) for c, i in chunks),
@@ -73,7 +104,7 @@ class FilesCache:
     def set_packs(self, packs: dict[str, int]) -> None:
         """The packs the repository lists now; chunks in packs gone (retention) are forgotten."""
         self.commit()
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("DELETE FROM packs")
         self.db.executemany("INSERT INTO packs(id, size) VALUES (?, ?)", packs.items())
         self.db.execute("DELETE FROM chunks WHERE pack NOT IN (SELECT id FROM packs)")
@@ -83,7 +114,7 @@ class FilesCache:
         row = self.db.execute("SELECT pack FROM chunks WHERE id=? AND key_id=?", (chunk_id, key_id)).fetchone()
         return row[0] if row else None
 
-    _writes = 0
+    _writes, _since = 0, 0.0
 
     def add_chunks(self, pack: str, key_id: str, chunk_ids: list[bytes]) -> None:
         """A stored pack's chunks: committed at once, so a run killed later still knows them (its
@@ -116,8 +147,8 @@ class FilesCache:
 
     def begin(self) -> None:
         """Group the writes of a run in transactions (one commit per many files, not one per file)."""
-        self.db.execute("BEGIN")
-        self._writes = 0
+        self.db.execute("BEGIN IMMEDIATE")
+        self._writes, self._since = 0, time.monotonic()
 
     def commit(self) -> None:
         if self.db.in_transaction:
@@ -141,6 +172,7 @@ class FilesCache:
         )
         if self.db.in_transaction:
             self._writes += 1
-            if self._writes >= 2000:  # a kill loses at most this many files' entries: a re-read, no more
+            # a kill loses at most these entries (a re-read, no more); another snapshot waits at most this
+            if self._writes >= 2000 or time.monotonic() - self._since > 1.0:
                 self.db.execute("COMMIT")
                 self.begin()

@@ -74,7 +74,14 @@ def backup_key(config: DrConfig, locations: dict[str, Location], log: Log) -> De
     if path.exists():
         key = _parse(path.read_text())
     else:
-        key = _recover(config, locations) or DedupKey("", secrets.token_bytes(32))
+        recovered = _recover(config, locations)
+        if recovered is None and _stored_keys(locations):
+            log(
+                f"warning: the repository's dedup key is not in {path} (the state directory was lost?) and this host "
+                "has no identity to recover it: a new key is made, and everything is stored again once. To avoid "
+                f"that, put the key file back, or run one snapshot with the identity set (it recovers the key)"
+            )
+        key = recovered or DedupKey("", secrets.token_bytes(32))
         key = DedupKey(_key_id(key.secret), key.secret)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -85,6 +92,16 @@ def backup_key(config: DrConfig, locations: dict[str, Location], log: Log) -> De
         log(f"file snapshots: dedup key {key.key_id} kept in {path} (keep it; it is also in the repository, encrypted)")
     _store_everywhere(config, locations, key, log)
     return key
+
+
+def _stored_keys(locations: dict[str, Location]) -> bool:
+    for loc in locations.values():
+        try:
+            if any(o.key.endswith(".age") for o in loc.list(f"{ROOT}/keys/")):
+                return True
+        except LocationError:
+            continue
+    return False
 
 
 def _recover(config: DrConfig, locations: dict[str, Location]) -> DedupKey | None:

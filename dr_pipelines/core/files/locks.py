@@ -86,12 +86,13 @@ class Lock:
         self.owner = owner_tag()
         self.key = _key(kind, self.owner)
         self.held: dict[str, Location] = {}
+        self.refused: dict[str, str] = {}  # locations that could not take it, and why
         for name, loc in locations.items():
             try:
                 loc.put_bytes(self.key, self._body())
                 self.held[name] = loc
-            except LocationError:
-                pass  # a location that cannot take a lock cannot take the snapshot's objects either
+            except LocationError as e:
+                self.refused[name] = str(e)  # it cannot take the snapshot's objects either
         self._refreshed = time.monotonic()
 
     def _body(self) -> bytes:

@@ -331,6 +331,7 @@ def restore_files(
     dirs: list[tuple[bytes, fmt.Entry]] = []
     restored: dict[bytes, bytes] = {}  # snapshot path -> where it was written (hardlink targets)
     leaders: dict[bytes, fmt.Entry] = {}  # the first file of each hardlink group
+    matched: set[bytes] = set()  # the requested paths found in the snapshot
     quiet = entry.index.secrets
     writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="restore-write")
     inflight: deque = deque()  # (future, entry) of files being written, settled in order
@@ -356,6 +357,8 @@ def restore_files(
                 leaders[e.path] = e  # a later name of its group may be selected without it
             if not _selected(e.path, wanted):
                 continue
+            if wanted:
+                matched.update(w for w in wanted if e.path == w or e.path.startswith(w.rstrip(b"/") + b"/"))
             target = _target(dest, e.path)
             parent = os.path.dirname(target)
             if not os.path.isdir(parent):
@@ -403,6 +406,13 @@ def restore_files(
             restored[e.path] = target
         while inflight:
             settle()
+        unmatched = [os.fsdecode(w) for w in wanted if w not in matched]
+        if unmatched:
+            raise UsageError(
+                f"not in snapshot {entry.id} of {file_set!r}: {', '.join(unmatched)} (paths are absolute, as "
+                f"`snapshots diff` and the set's paths show them); "
+                + ("the paths that were found are restored" if in_place else "nothing was restored")
+            )
         for target, e in reversed(dirs):  # deepest first, so writing inside does not change a parent's time
             _set_meta(target, e, as_root)
         if report.mismatches:

@@ -140,5 +140,8 @@ def apply_files_retention(locations: dict[str, Location], plan: FilesPlan, log: 
             except LocationError as e:
                 out.errors.append(f"{name}: {e}")
     if out.packs_deleted:
-        log(f"collected {out.packs_deleted} packs no retained snapshot refers to ({out.bytes_freed} bytes)")
+        log(
+            f"collected {out.packs_deleted} pack copies no retained snapshot refers to, over every location "
+            f"({out.bytes_freed} bytes)"
+        )
     return out

@@ -141,9 +141,19 @@ class _Packer:
     written to every live location and read back there before any index refers to it."""
 
     def __init__(
-        self, config: DrConfig, locations: dict[str, Location], cache: FilesCache, key: DedupKey, log: Log, lock: Lock
+        self,
+        config: DrConfig,
+        locations: dict[str, Location],
+        cache: FilesCache,
+        key: DedupKey,
+        log: Log,
+        lock: Lock,
+        journal: Path,
     ):
         self.lock = lock
+        # which chunks each stored pack holds, as soon as it is stored: a run killed before the cache
+        # learns them leaves this, and the next run adopts it (FilesCache.adopt_journals)
+        self.journal = open(journal, "a")  # noqa: SIM115 -- closed by finish() or abort()
         self.config = config
         self.encrypted = config.encryption.method == "age"
         self.recipients = age_recipients(config.encryption) if self.encrypted else None
@@ -251,7 +261,12 @@ class _Packer:
                         self.log(f"warning: location {name} failed; the snapshot goes on without it: {e}")
                 if not self.locations:
                     raise SnapshotFailed("every location failed: " + "; ".join(self.failed.values()))
-                self.done.put((seq, pack_id, [c for c, _, _ in chunks]))  # the main thread records them
+                ids = [c for c, _, _ in chunks]
+                with self.failing:
+                    line = {"pack": pack_id, "key_id": self.key.key_id, "chunks": [c.hex() for c in ids]}
+                    self.journal.write(json.dumps(line) + "\n")
+                    self.journal.flush()
+                self.done.put((seq, pack_id, ids))  # the main thread records them
                 self.stored[seq] = pack_id
                 self.sizes[pack_id] = len(stored)
                 self.lock.refresh()  # a long snapshot's lock stays fresh: its packs are never collected
@@ -265,11 +280,13 @@ class _Packer:
         for t in self.uploaders:
             t.join()
         self.pool.shutdown()
+        self.journal.close()
         if self.error is not None:
             raise self.error
         self.record_stored()
 
     def abort(self) -> None:
+        self.journal.close()
         self.error = self.error or SnapshotFailed("aborted")
         for _ in self.uploaders:
             try:
@@ -432,7 +449,7 @@ def _snapshot(
 
     with Lock("snapshot", locations) as lock:
         if not lock.held:
-            raise SnapshotFailed("no location accepted the snapshot's lock: " + ", ".join(locations))
+            raise SnapshotFailed("every location failed: " + "; ".join(lock.refused.values()))
         wait_for_no_gc(lock, log)
         locations = dict(lock.held)  # packs go only where the lock protects them from a pack collection
         key = backup_key(config, locations, log)
@@ -440,13 +457,18 @@ def _snapshot(
         cache = FilesCache(state, repository_name(config))
         tmp_dir = state / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache.adopt_journals(tmp_dir, log)
         plain_manifest = tmp_dir / f"manifest-{snapshot_id}.{owner_tag().replace(':', '+')}.zst"
         sealed_manifest = plain_manifest.with_suffix(".sealed")
         packer = None
         try:
             refresh_known(config, cache, locations, log)
             cache.begin()
-            packer = _Packer(config, locations, cache, key, log, lock)
+            journal = tmp_dir / f"packs-{cache.name}-{snapshot_id}.{owner_tag().replace(':', '+')}.jsonl"
+            packer = _Packer(config, locations, cache, key, log, lock, journal)
+            packer.failed.update(lock.refused)  # a location down from the start fails the run as one lost later
+            for name, why in lock.refused.items():
+                log(f"warning: location {name} failed; the snapshot goes on without it: {why}")
             stats = SnapshotStats()
             problems: list[Problem] = []
             used: dict[bytes, str | int] = {}  # chunk id -> pack id (stored) or sequence number (this run's)
@@ -466,8 +488,9 @@ def _snapshot(
                 pipeline = _Pipeline(out, file_set, cache, key, packer, used)
                 missing = [str(p) for p in fs.resolved_paths(config.base_dir) if not os.path.lexists(p)]
                 if missing:
+                    named = f"{len(missing)} of its paths" if quiet else ", ".join(missing)
                     raise SnapshotFailed(
-                        f"file set {file_set!r}: {', '.join(missing)} does not exist; fix file_sets.{file_set}.paths"
+                        f"file set {file_set!r}: {named} does not exist; fix file_sets.{file_set}.paths"
                     )
                 for path, st in walk(fs.resolved_paths(config.base_dir), fs, problems.append):
                     entry = _entry(path, st)

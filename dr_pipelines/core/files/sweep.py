@@ -5,14 +5,17 @@ host's chunk table knows them), and pack collection removes them once no snapsho
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.files import format as fmt
+from dr_pipelines.core.files.locks import LOCKS
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.owner import owner_dead
 from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.storage.base import Location, LocationError
-from dr_pipelines.core.sweep import Leftover, _stale, orphan_reason, orphans, repository_leftovers, sweep_safely
+from dr_pipelines.core.sweep import GRACE, Leftover, _stale, orphan_reason, orphans, repository_leftovers, sweep_safely
 
 
 def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: datetime) -> list[Leftover]:
@@ -24,8 +27,29 @@ def snapshot_leftovers(config: DrConfig, locations: dict[str, Location], now: da
             rest = path.name.split(".", 1)[1] if "." in path.name else ""
             owner = rest.rsplit(".", 1)[0].replace("+", ":") if "." in rest else None
             started = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            if path.name.startswith("packs-") and now - started < GRACE:
+                continue  # a killed run's journal of stored packs: the next snapshot adopts it
             if why := _stale(owner, started, now):
                 out.append(Leftover("snapshot temp file (file names)", "this host", str(path), why, path.unlink))
+    for loc in locations.values():  # locks of snapshots or collections whose process died
+        try:
+            for obj in loc.list(LOCKS):
+                try:
+                    owner = json.loads(loc.get_bytes(obj.key))["owner"]
+                except (LocationError, ValueError, KeyError):
+                    continue
+                if owner_dead(owner):
+                    out.append(
+                        Leftover(
+                            "lock",
+                            loc.name,
+                            obj.key,
+                            f"its process ({owner}) is gone",
+                            lambda loc=loc, k=obj.key: loc.delete(k),
+                        )
+                    )
+        except LocationError:
+            continue
     for file_set in config.file_sets:
         attempts = load_reports(locations, fmt.records_owner(file_set), RecordKind.BACKUP_ATTEMPT)
         dead = {a.backup_id for a in attempts if a.known_dead()}  # another host's: the grace period

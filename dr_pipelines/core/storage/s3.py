@@ -258,7 +258,8 @@ class S3Location:
 
 
 def _s3_not_found(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    # a timeout or a dropped connection has no response (None): not "not found", the location is down
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
     return code in ("NoSuchKey", "404", "NotFound")
 
 
