@@ -37,7 +37,7 @@ from dr_pipelines.core.storage.base import Location, LocationError, ObjectNotFou
 
 HOLE = 64 << 10
 ZEROS = bytes(HOLE)
-PACK_CACHE = 6
+PACK_CACHE = 3
 WRITERS = 4  # files written at once (creating a file costs a round trip to the file system)  # decrypted packs kept in memory while restoring (16 MiB each by default)
 
 
@@ -108,7 +108,7 @@ class PackSource:
     whole restore, the packs are fetched and decrypted ahead, in the order the files need them
     (the index lists them so), beside the writing."""
 
-    AHEAD = 3
+    AHEAD = 2
 
     def __init__(self, config: DrConfig, locations: dict[str, Location], entry: SnapshotEntry, log: Log):
         self.locations = [locations[n] for n in entry.locations if n in locations]
@@ -126,6 +126,7 @@ class PackSource:
         self.pool: ThreadPoolExecutor | None = None
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        self.loading: dict[str, Future] = {}  # packs being fetched, for whichever thread asked first
 
     def prefetch(self, order: list[str]) -> None:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pack-fetch")
@@ -189,23 +190,28 @@ class PackSource:
         raise FileRestoreFailed(f"pack {pack_id} cannot be read from any location: {'; '.join(errors)}")
 
     def _pack(self, pack_id: str) -> tuple[bytes, dict, int]:
-        with self.lock:  # files are written by several threads
-            return self._pack_locked(pack_id)
-
-    def _pack_locked(self, pack_id: str) -> tuple[bytes, dict, int]:
-        if pack_id in self.cache:
-            self.cache.move_to_end(pack_id)
-            return self.cache[pack_id]
-        future = self.ahead.pop(pack_id, None)
-        if future is not None:
-            self.slots.release()
-            loaded, where = future.result()
-        else:
-            loaded, where = self._load(pack_id)
-        self.cache[pack_id] = loaded
-        self.used.add(where)
-        if len(self.cache) > PACK_CACHE:
-            self.cache.popitem(last=False)
+        """Several writer threads ask at once: the lock guards the bookkeeping only, never a wait."""
+        with self.lock:
+            if pack_id in self.cache:
+                self.cache.move_to_end(pack_id)
+                return self.cache[pack_id]
+            future = self.loading.get(pack_id)
+            if future is None:
+                future = self.ahead.pop(pack_id, None)
+                if future is not None:
+                    self.slots.release()
+                else:
+                    if self.pool is None:
+                        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pack-fetch")
+                    future = self.pool.submit(self._load, pack_id)
+                self.loading[pack_id] = future
+        loaded, where = future.result()
+        with self.lock:
+            self.loading.pop(pack_id, None)
+            self.cache[pack_id] = loaded
+            self.used.add(where)
+            if len(self.cache) > PACK_CACHE:
+                self.cache.popitem(last=False)
         return loaded
 
     def chunk(self, cid: bytes) -> bytes:

@@ -501,7 +501,7 @@ def _snapshot(
                         stats.others += 1
                     elif entry.type == "file":
                         try:
-                            futures = _content(entry, st, file_set, cache, key, packer, cdc, used, stats)
+                            reading = _content(entry, st, file_set, cache, key, packer, cdc, used, stats, pipeline)
                         except FileNotFoundError:
                             problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
                             continue
@@ -518,7 +518,7 @@ def _snapshot(
                             log(
                                 f"warning: {shown(path)} kept changing while it was read; the snapshot holds its last read"
                             )
-                        pipeline.push(entry, st, futures)
+                        pipeline.push(entry, reading)
                         continue
                     else:
                         if entry.type == "symlink":
@@ -528,7 +528,7 @@ def _snapshot(
                                 problems.append(Problem(path, "vanished", "removed while the snapshot ran"))
                                 continue
                         stats.others += 1
-                    pipeline.push(entry, st, None)
+                    pipeline.push(entry, None)
                 pipeline.drain()
             packer.finish()
             cache.commit()
@@ -642,7 +642,8 @@ def _content(
     cdc,
     used: dict[bytes, str | int],
     stats: SnapshotStats,
-) -> list[tuple[Future, int]] | None:
+    pipeline: _Pipeline,
+) -> _Reading | None:
     """A regular file's SHA-256, and its chunks: from the cache when it is unchanged (one stat;
     None is returned), else read, cut and handed to the workers (their futures, in order)."""
     hit = cache.lookup(file_set, entry.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key.key_id)
@@ -656,7 +657,7 @@ def _content(
             stats.unchanged_files += 1
             return None
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOATIME", 0)
-    futures: list[tuple[Future, int]] = []
+    reading = _Reading()
     for attempt in range(READ_TRIES):
         try:
             fd = os.open(entry.path, flags)
@@ -668,7 +669,7 @@ def _content(
                 raise
         with open(fd, "rb", buffering=0) as f:
             before = os.fstat(f.fileno())
-            digest, futures, size = hashlib.sha256(), [], 0
+            digest, reading, size = hashlib.sha256(), _Reading(), 0  # a re-read starts afresh
             if before.st_size < MIN_CHUNK:
                 pieces = [f.read()]
             else:
@@ -677,7 +678,7 @@ def _content(
                 if not len(data):
                     continue
                 digest.update(data)
-                futures.append((packer.submit(data), len(data)))
+                pipeline.submit(reading, data)
                 size += len(data)
             after = os.fstat(f.fileno())
         stats.bytes_read += size
@@ -698,56 +699,73 @@ def _content(
         stats.changed_files += 1
     else:
         stats.new_files += 1
-    return futures
+    return reading
+
+
+class _Reading:
+    """One read of one file: its chunks as the workers return them, in order."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[bytes, int]] = []
+        self.waiting = 0  # chunks still with the workers
 
 
 class _Pipeline:
-    """Entries in scan order, each written to the manifest once its chunks are known: the workers
-    hash and compress ahead, across files, within a bounded window (memory stays flat)."""
+    """Entries in scan order, each written to the manifest once its chunks are known. The workers
+    hash and compress ahead, within a window of chunks that spans files and bounds a large one
+    too: memory stays flat however large a file or the tree."""
 
     WINDOW = 12  # chunks in flight (at most 4 MiB each, plain and compressed)
 
     def __init__(self, out, file_set: str, cache: FilesCache, key: DedupKey, packer: _Packer, used: dict):
         self.out, self.file_set, self.cache, self.key, self.packer, self.used = out, file_set, cache, key, packer, used
-        self.items: deque = deque()
-        self.in_flight = 0
+        self.items: deque = deque()  # (entry, its reading or None), in scan order
+        self.futures: deque = deque()  # (future, plain length, reading), in submission order
 
-    def push(self, entry: fmt.Entry, st: os.stat_result, futures: list[tuple[Future, int]] | None) -> None:
-        self.items.append((entry, futures))
-        self.in_flight += len(futures or ())
-        while self.in_flight > self.WINDOW:
-            self._finish_first()
+    def submit(self, reading: _Reading, data) -> None:
+        self.futures.append((self.packer.submit(data), len(data), reading))
+        reading.waiting += 1
+        while len(self.futures) > self.WINDOW:
+            self._resolve_first()
+
+    def push(self, entry: fmt.Entry, reading: _Reading | None) -> None:
+        self.items.append((entry, reading))
+        self._write_ready()
 
     def drain(self) -> None:
-        while self.items:
-            self._finish_first()
+        while self.futures:
+            self._resolve_first()
+        self._write_ready()
 
-    def _finish_first(self) -> None:
+    def _resolve_first(self) -> None:
         self.packer.record_stored()  # as soon as packs are stored: a kill after this loses no upload
-        entry, futures = self.items.popleft()
-        if futures is not None:
-            self.in_flight -= len(futures)
-            chunks = []
-            for future, n in futures:
-                cid, blob = future.result()
-                chunks.append((cid, n))
-                if cid not in self.used:
-                    known = self.packer.known(cid)
-                    self.used[cid] = self.packer.add(cid, blob, n) if known is None else known
-            entry.chunks = chunks
-            if not entry.changed_while_read:
-                self.cache.remember(
-                    self.file_set,
-                    entry.path,
-                    entry.size,
-                    entry.mtime_ns,
-                    entry.ctime_ns,
-                    entry.ino,
-                    self.key.key_id,
-                    entry.sha256 or "",
-                    chunks,
-                )
-        self.out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
+        future, n, reading = self.futures.popleft()
+        cid, blob = future.result()
+        reading.chunks.append((cid, n))
+        reading.waiting -= 1
+        if cid not in self.used:  # (a discarded re-read's chunks are stored too: harmless, collected later)
+            known = self.packer.known(cid)
+            self.used[cid] = self.packer.add(cid, blob, n) if known is None else known
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        while self.items and (self.items[0][1] is None or self.items[0][1].waiting == 0):
+            entry, reading = self.items.popleft()
+            if reading is not None:
+                entry.chunks = reading.chunks
+                if not entry.changed_while_read:
+                    self.cache.remember(
+                        self.file_set,
+                        entry.path,
+                        entry.size,
+                        entry.mtime_ns,
+                        entry.ctime_ns,
+                        entry.ino,
+                        self.key.key_id,
+                        entry.sha256 or "",
+                        entry.chunks,
+                    )
+            self.out.write(json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n")
 
 
 def _pack_size(pack_id: str, new: dict[str, int], cache: FilesCache) -> int:
