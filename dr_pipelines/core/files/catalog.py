@@ -6,7 +6,6 @@ indexes, so it needs no identity and works from any one surviving location."""
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -150,7 +149,3 @@ def verify_snapshot(location: Location, entry: SnapshotEntry) -> SnapshotVerify:
         if got_sha != sha or (size and got_size != size):
             bad.append(f"{what}: SHA-256 {got_sha[:16]}..., expected {sha[:16]}... (corrupt)")
     return SnapshotVerify(index.id, location.name, bad, checked)
-
-
-def pack_ok(data: bytes, pack_id: str) -> bool:
-    return hashlib.sha256(data).hexdigest() == pack_id
