@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -67,34 +68,48 @@ def record_attempt(
         raise BackupFailed("no location to write to")
     started = datetime.now(timezone.utc)
     backup_id = new_backup_id(started)
+    # what killed backups of this database left behind (temp files, unfinished uploads, objects
+    # without a manifest) goes first
+    sweep_safely(lambda: repository_leftovers(locations, database, started), log)
+    with recorded_attempt(locations, database, started, backup_id, {"kind": kind, "database": database}, log) as record:
+        result = run(config, database, locations, log, started, backup_id)
+        record.update(succeeded=True, error=None, stored_on=result.locations, size_bytes=result.manifest.size_bytes)
+    return result
+
+
+@contextmanager
+def recorded_attempt(
+    locations: dict[str, Location],
+    owner: str,
+    started: datetime,
+    attempt_id: str,
+    subject: dict[str, object],
+    log: Log,
+    said: Callable[[BaseException], str] = str,
+) -> Iterator[dict[str, object]]:
+    """An attempt (of a backup or a snapshot) recorded under `owner` before it starts, and the record
+    overwritten when it ends: one killed midway leaves it unfinished, which the checks report. The
+    caller records its success in the yielded record; a failure is recorded here (`said` words it,
+    so a secrets set's record names no file), with the locations that hold a partial result."""
     started_at = started.isoformat()
     record: dict[str, object] = {
-        "kind": kind,
-        "database": database,
+        **subject,
         "started_at": started_at,
-        "backup_id": backup_id,
+        "backup_id": attempt_id,
         "host": socket.gethostname(),
         "owner": owner_tag(),
         "pid": os.getpid(),
         "finished_at": None,
     }
-    # what killed backups of this database left behind (temp files, unfinished uploads, objects
-    # without a manifest) goes first; then this attempt is recorded before it starts, and the record
-    # overwritten when it ends: one killed midway leaves it unfinished, which the checks report.
-    sweep_safely(lambda: repository_leftovers(locations, database, started), log)
-    store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
+    store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
     try:
-        result = run(config, database, locations, log, started, backup_id)
+        yield record
     except BaseException as e:
-        stored_on = e.committed if isinstance(e, PartialBackup) else []
-        record.update(succeeded=False, error=str(e)[:2000], stored_on=stored_on)
+        record.update(succeeded=False, error=said(e)[:2000], stored_on=getattr(e, "committed", []))
         raise
-    else:
-        record.update(succeeded=True, error=None, stored_on=result.locations, size_bytes=result.manifest.size_bytes)
-        return result
     finally:
         record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        store_json_record(locations, database, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
+        store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started_at, record, log)
 
 
 def commit_manifest(

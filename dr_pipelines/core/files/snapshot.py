@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import pyrage
 import zstandard
 from pydantic import BaseModel, ConfigDict
 
+from dr_pipelines.core.backup.attempts import recorded_attempt
 from dr_pipelines.core.codec.keys import age_recipients, recipient_fingerprints
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import DrError
@@ -43,7 +44,6 @@ from dr_pipelines.core.files.scan import Problem, group_name, type_of, user_name
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.repository.manifest import new_backup_id
-from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.core.storage.base import Location, LocationError
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 256 << 10, 1 << 20, 4 << 20
@@ -130,7 +130,6 @@ class SnapshotIndex(BaseModel):
 class SnapshotResult:
     index: SnapshotIndex
     locations: list[str]
-    problems: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- packs
@@ -328,9 +327,9 @@ def read_chunk_list(location: Location, index: SnapshotIndex) -> list[tuple[byte
     return fmt.decode_chunk_records(data)
 
 
-def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Location], log: Log) -> dict[str, set[str]]:
-    """Bring the chunk table up to date with the repository; returns the packs on each location."""
-    on: dict[str, set[str]] = {}
+def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Location], log: Log) -> None:
+    """Bring the chunk table up to date with the repository: the chunks of indexes not seen yet, and
+    none whose pack is gone (removed by retention)."""
     sizes: dict[str, int] = {}
     indexes: dict[str, Location] = {}
     for name, loc in locations.items():
@@ -339,15 +338,11 @@ def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Loca
         except LocationError as e:
             log(f"warning: cannot list {name}: {e}")
             continue
-        on[name] = set()
         for o in objs:
             if o.key.startswith(f"{fmt.ROOT}/packs/"):
-                pid = fmt.pack_id_of(o.key)
-                on[name].add(pid)
-                sizes[pid] = o.size
+                sizes[fmt.pack_id_of(o.key)] = o.size
             elif o.key.startswith(fmt.SETS + "/") and o.key.endswith("/" + fmt.INDEX) and o.key not in indexes:
                 indexes[o.key] = loc
-    cache.set_packs(sizes)
     for key, loc in indexes.items():
         if cache.seen_index(key):
             continue
@@ -360,8 +355,7 @@ def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Loca
         except (LocationError, ValueError):
             continue  # another location's copy, or the next run
         cache.add_index(key, idx.key_id, idx.packs, chunks)
-    cache.set_packs(sizes)  # chunks of indexes whose packs are gone are dropped again
-    return on
+    cache.set_packs(sizes)
 
 
 def return_large_buffers() -> None:
@@ -385,32 +379,19 @@ def take_snapshot(config: DrConfig, file_set: str, locations: dict[str, Location
         raise SnapshotFailed("no location to write to")
     started = datetime.now(timezone.utc)
     snapshot_id = new_backup_id(started)
-    owner = fmt.records_owner(file_set)
-    record: dict[str, object] = {
-        "kind": "snapshot",
-        "file_set": file_set,
-        "started_at": started.isoformat(),
-        "backup_id": snapshot_id,
-        "host": socket.gethostname(),
-        "owner": owner_tag(),
-        "pid": os.getpid(),
-        "finished_at": None,
-    }
     from dr_pipelines.core.files.sweep import sweep_snapshot_leftovers
 
     sweep_snapshot_leftovers(config, locations, log)
-    store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started.isoformat(), record, log)
-    try:
+
+    def said(e: BaseException) -> str:  # the record is plaintext: of a secrets set, only our own messages
+        return str(e) if isinstance(e, DrError) or not config.file_set(file_set).secrets else type(e).__name__
+
+    subject: dict[str, object] = {"kind": "snapshot", "file_set": file_set}
+    owner = fmt.records_owner(file_set)
+    with recorded_attempt(locations, owner, started, snapshot_id, subject, log, said) as record:
         result = _run_hooks_around(
             config, file_set, lambda: _snapshot(config, file_set, locations, log, started, snapshot_id), log
         )
-    except BaseException as e:
-        stored_on = e.committed if isinstance(e, PartialSnapshot) else []
-        # the record is plaintext: of a secrets set, only our own messages (which name no file) go in
-        said = str(e) if isinstance(e, DrError) or not config.file_set(file_set).secrets else type(e).__name__
-        record.update(succeeded=False, error=said[:2000], stored_on=stored_on)
-        raise
-    else:
         st = result.index.stats
         record.update(
             succeeded=True,
@@ -421,10 +402,7 @@ def take_snapshot(config: DrConfig, file_set: str, locations: dict[str, Location
             bytes_scanned=st.bytes_scanned,
             changed_files=st.changed_files + st.new_files,
         )
-        return result
-    finally:
-        record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        store_json_record(locations, owner, RecordKind.BACKUP_ATTEMPT, started.isoformat(), record, log)
+    return result
 
 
 def _run_hooks_around(config: DrConfig, file_set: str, work, log: Log):
