@@ -24,6 +24,7 @@ from dr_pipelines.core.restore.pg_restore import (
     run_post_data,
     spool_fits,
 )
+from dr_pipelines.core.restore.plain_sql import is_plain_sql, load_plain_sql
 from dr_pipelines.core.restore.request import RestoreRequest
 from dr_pipelines.core.restore.target import drop_database
 from dr_pipelines.core.storage.base import Location
@@ -69,6 +70,16 @@ def restore_into(
         lambda: scratch_leftovers(config, datetime.now(timezone.utc)) + staging_leftovers(config, request.database), log
     )
     t0 = time.monotonic()
+    if request.from_file and is_plain_sql(Path(request.backup)):  # the runbooks' `pg_dump | gzip` files
+        create_database(server, request.database, dbname, create)
+        try:
+            load_plain_sql(server, request.database, dbname, Path(request.backup), log)
+        except BaseException:
+            if create:
+                drop_database(server, request.database, dbname)
+            raise
+        log(f"warning: {request.backup} is a plain SQL dump with no manifest: row counts cannot be compared")
+        return Fetched(None, None), {"psql": round(time.monotonic() - t0, 3)}
     plaintext = workdir / "restore.pgdump"
     db = config.database(request.database)
     sinks: list[RestoreSink | PlaintextSpool] = []

@@ -84,7 +84,9 @@ def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfi
                 f"confirm: {target!r} (shell: --clean --yes) to go ahead"
             )
         return TargetPlan(target, True, None, is_source)
-    if is_source and not confirmed:
+    # a database that does not exist yet (a new server) or holds nothing is simply created or filled;
+    # only one holding objects needs the confirmation
+    if is_source and exists and not confirmed and _user_object_count(server, request.database, target):
         raise UnsafeRestore(
             f"{target!r} is the source database {request.database!r} itself: restoring over it needs clean: true "
             f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere with target/--into. Nothing was touched."
