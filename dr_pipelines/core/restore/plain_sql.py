@@ -96,4 +96,3 @@ def load_plain_sql(server: DatabaseConfig, db_name: str, dbname: str, path: Path
         )
     log(f"loaded the plain SQL dump {path} ({size / 1e6:.1f} MB of SQL) with psql in one transaction")
     return size
-
