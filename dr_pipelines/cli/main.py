@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--yes", metavar="DIR", help="the --data-dir again, to confirm --overwrite")
     pt.add_argument("--archive", action="store_true", help="keep archiving WAL from the recovered cluster")
     pt.add_argument("--timeout", type=float, default=600, metavar="S", help="replay timeout (default 600 s)")
+    pt.add_argument(
+        "--location",
+        action="append",
+        metavar="NAME",
+        help="recover from this location only (repeat for more); default: every location that answers",
+    )
     pt.set_defaults(func=cmd_pitr)
 
     wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
@@ -179,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("name", metavar="NAME")
     wf.add_argument("dest", metavar="DEST")
     wf.add_argument("--db", metavar="DB")
+    wf.add_argument(
+        "--location", action="append", metavar="NAME", help="read only this location (repeat for more); default: all"
+    )
     wf.set_defaults(func=cmd_wal_fetch)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])

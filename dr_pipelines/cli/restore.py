@@ -92,6 +92,7 @@ def cmd_pitr(args) -> int:
         "archive": args.archive,
         "timeout_s": args.timeout,
         "backup_id": args.backup,
+        "locations": args.location,
     }
     report = point_in_time_recovery(config, args.config, options)
     print(json.dumps(report.to_dict(), indent=2))

@@ -70,6 +70,8 @@ def cmd_wal_fetch(args) -> int:
     try:
         config = _named_config(args)
         db = _wal_database(config, args.db)
+        for name in args.location or []:
+            config.location_names(name)
         identities = None
         if config.encryption.method == "age":
             from dr_pipelines.core.codec.keys import load_identities
@@ -80,7 +82,7 @@ def cmd_wal_fetch(args) -> int:
             db,
             args.name,
             args.dest,
-            open_cli_locations(config),
+            {n: loc for n, loc in open_cli_locations(config).items() if not args.location or n in args.location},
             identities,
             retries=config.wal.fetch_retries,
             backoff_s=config.wal.fetch_backoff.total_seconds(),

@@ -1,6 +1,7 @@
 """Point-in-time recovery for real: a base backup and WAL archived by PostgreSQL through our command
 while pgbench runs, then recovery to a moment during the load into a new directory and port."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -599,3 +600,49 @@ def test_tar_that_cannot_write_fails_once_and_says_why(archived, restored_dirs):
     with pytest.raises(PitrError, match=r"tar could not extract base backup .*Permission denied.*no other copy"):
         extract(setup.config, entry, locs, data_dir, load_identities(setup.config), messages.append)
     assert list(data_dir.iterdir()) == []
+
+
+def test_pitr_while_a_location_is_down_recovers_from_the_reachable_ones(pg, restored_dirs):
+    """The region-failure case: S3 is down, the local copy answers. PostgreSQL probes files that exist
+    nowhere (00000002.history): asked of a down S3, wal-fetch could not rule them out and recovery
+    aborted. The recovery reads only the locations that answer, and the report says which it left out."""
+    import boto3
+
+    from dr_pipelines_tests.support.configs import BUCKET, s3_location
+    from dr_pipelines_tests.support.servers import start_moto
+
+    doomed = start_moto()
+    boto3.client("s3", endpoint_url=doomed.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    setup = WalSetup(pg, {"s3": s3_location(doomed)})
+    try:
+        setup.enable_archiving()
+        base = setup.cli("backup", "app", "--kind", "base")
+        assert base.returncode == 0, base.stderr
+        with setup.server.connect("app") as conn:
+            conn.execute("CREATE TABLE after_base AS SELECT generate_series(1, 5000) AS n")
+        _archive_everything(setup)
+        doomed.stop()
+
+        data_dir = restored_dirs()
+        r = setup.cli("pitr", "app", "--latest", "--data-dir", str(data_dir))
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["locations_used"] == ["local"] and list(report["left_out"]) == ["s3"]
+        assert any("location s3 was left out" in w for w in report["warnings"])
+        with _connect(report["port"]) as conn:
+            assert conn.execute("SELECT count(*) FROM after_base").fetchone()[0] == 5000
+        LocalCluster(data_dir, report["port"]).stop("fast")
+
+        named = restored_dirs()  # a person may name the locations: the same recovery, from local alone
+        r = setup.cli("pitr", "app", "--latest", "--data-dir", str(named), "--location", "local")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["left_out"] == {"s3": "not chosen (locations)"}
+        assert "--location local" in (named / "postgresql.auto.conf").read_text()
+        with _connect(report["port"]) as conn:
+            assert conn.execute("SELECT count(*) FROM after_base").fetchone()[0] == 5000
+        r = setup.cli("pitr", "app", "--latest", "--data-dir", str(restored_dirs()), "--location", "nowhere")
+        assert r.returncode == 2 and "no location named 'nowhere'" in r.stderr
+    finally:
+        doomed.stop()
+        setup.cleanup()

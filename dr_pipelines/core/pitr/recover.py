@@ -42,6 +42,7 @@ from dr_pipelines.core.repository.catalog import (
 )
 from dr_pipelines.core.storage.base import Location
 from dr_pipelines.core.wal.archive import list_archive
+from dr_pipelines.core.storage.probe import reachable
 from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
 
 
@@ -82,6 +83,8 @@ class PitrRequest:
     archive: bool = False  # keep archiving from the restored cluster (it becomes the new primary)
     timeout_s: float = 600
     backup_id: str | None = None
+    # read only these locations (names); None: every location that answers when recovery starts
+    locations: list[str] | None = None
 
     def __post_init__(self):
         targets = [t for t in (self.target_time, self.target_lsn, self.target_xid, self.target_name) if t]
@@ -120,6 +123,8 @@ class PitrReport:
     started_at: str
     backup_id: str | None = None
     location: str | None = None
+    locations_used: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # location -> why recovery did not read it
     reached_time: str | None = None
     reached_lsn: str | None = None
     stop_reason: str | None = None
@@ -304,7 +309,7 @@ RECOVERY_TARGETS = (
 
 def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
     s = {
-        "restore_command": pg_quote(restore_command(config_file, request.database)),
+        "restore_command": pg_quote(restore_command(config_file, request.database, request.locations)),
         "recovery_target_action": "'promote'",
         "recovery_target_timeline": "'latest'",
         "port": str(request.port),
@@ -540,6 +545,38 @@ def _replay(
         time.sleep(0.3)
 
 
+def recovery_locations(
+    config: DrConfig, request: PitrRequest, locations: dict[str, Location], report: PitrReport, log: Log
+) -> dict[str, Location]:
+    """The locations recovery reads: those named, or those that answer now. PostgreSQL's recovery
+    aborts when restore_command cannot rule a file out, so a down location must not be asked at all;
+    the report says which was left out and what that may cost."""
+    if request.locations:
+        for name in request.locations:
+            config.location_names(name)  # an unknown name is a config error naming the configured ones
+        chosen = {n: locations[n] for n in request.locations}
+        left = {n: "not chosen (locations)" for n in locations if n not in chosen}
+    else:
+        chosen, left = reachable(locations)
+        if not chosen:
+            raise PitrError(
+                "no location answers: "
+                + "; ".join(f"{n}: {why}" for n, why in left.items())
+                + ". Nothing was touched; bring one back (or fix its credentials) and run the recovery again"
+            )
+        if left:
+            request.locations = list(chosen)
+    report.locations_used, report.left_out = list(chosen), left
+    for name, why in left.items():
+        warning = (
+            f"location {name} was left out ({why}): a base backup or WAL held only there was not used, "
+            "so recovery may stop earlier than the newest point"
+        )
+        report.warnings.append(warning)
+        log(f"WARNING: {warning}")
+    return chosen
+
+
 def run_pitr(
     config: DrConfig,
     config_file: str | None,
@@ -556,6 +593,7 @@ def run_pitr(
             f"the postgres user cannot read {config_file}; restore_command runs as postgres. "
             "Move the config (and the age identity) where postgres can read them"
         )
+    locations = recovery_locations(config, request, locations, report, log)
     catalog = load_catalog(locations.values(), request.database, "base")
     entry = choose_base_backup(catalog.entries, request, now)
     report.backup_id = entry.id

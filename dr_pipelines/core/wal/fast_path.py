@@ -50,7 +50,7 @@ def _command_positionals(argv: list[str], command: str) -> list[str]:
     for arg in rest:
         if skip:
             skip = False
-        elif arg in ("--db",):
+        elif arg in ("--db", "--location"):  # options that take a value
             skip = True
         elif not arg.startswith("-"):
             positional.append(arg)

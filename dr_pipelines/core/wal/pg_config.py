@@ -32,8 +32,10 @@ def archive_timeout_s(config: DrConfig, database: str) -> int:
     return max(60, int(config.database(database).objectives.rpo.total_seconds() // 2))
 
 
-def restore_command(config_file: str | None, database: str) -> str:
-    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, "%f", "%p"])
+def restore_command(config_file: str | None, database: str, only: list[str] | None = None) -> str:
+    """`only`: the locations recovery may read (the reachable ones during an outage)."""
+    restrict = [a for name in only or [] for a in ("--location", name)]
+    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, "%f", "%p"])
 
 
 def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:

@@ -48,6 +48,11 @@ class PitrConfig(dg.Config):
     backup_id: Optional[str] = Field(
         default=None, description="A base backup id; default: the newest before the target."
     )
+    locations: Optional[list[str]] = Field(
+        default=None,
+        description="Recover from these locations only; default: every location that answers when recovery starts "
+        "(a down one is left out, and the report says so).",
+    )
 
     def request(self) -> PitrRequest:
         data_dir = Path(self.data_dir).expanduser().resolve()
@@ -65,6 +70,7 @@ class PitrConfig(dg.Config):
             archive=self.archive,
             timeout_s=self.timeout_s,
             backup_id=self.backup_id,
+            locations=self.locations,
         )
 
 
@@ -102,6 +108,8 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
                 "data_loss_window_s": report.data_loss_window_s or 0.0,
                 "port": report.port,
                 "data_dir": report.data_dir,
+                "locations_used": ", ".join(report.locations_used),
+                "left_out": "; ".join(f"{n}: {why}" for n, why in report.left_out.items()) or "none",
             }
         )
         return report
