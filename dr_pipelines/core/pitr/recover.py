@@ -41,8 +41,8 @@ from dr_pipelines.core.repository.catalog import (
     load_catalog,
 )
 from dr_pipelines.core.storage.base import Location
-from dr_pipelines.core.wal.archive import list_archive
 from dr_pipelines.core.storage.probe import reachable
+from dr_pipelines.core.wal.archive import list_archive
 from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
 
 

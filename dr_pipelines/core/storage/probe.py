@@ -26,7 +26,7 @@ def probe(locations: dict[str, Location]) -> dict[str, str | None]:
     if not locations:
         return {}
     with ThreadPoolExecutor(max_workers=len(locations), thread_name_prefix="probe") as pool:
-        answers = dict(zip(locations, pool.map(probe_one, locations.values())))
+        answers = dict(zip(locations, pool.map(probe_one, locations.values()), strict=True))
     return {name: answers[name] for name in locations}
 
 
