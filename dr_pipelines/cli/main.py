@@ -27,6 +27,7 @@ from dr_pipelines.cli.operations import (
     cmd_retention,
     cmd_status,
 )
+from dr_pipelines.cli.recover import add_recover_parser
 from dr_pipelines.cli.restore import cmd_pitr, cmd_restore, cmd_test_restore
 from dr_pipelines.cli.wal import (
     cmd_pg_config,
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="recover from this location only (repeat for more); default: every location that answers",
     )
     pt.set_defaults(func=cmd_pitr)
+
+    add_recover_parser(sub)
 
     wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
     wp.add_argument("path", metavar="PATH")

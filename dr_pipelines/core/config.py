@@ -256,6 +256,7 @@ class DatabaseConfig(_Model):
 class LocalLocationConfig(_Model):
     type: Literal["local"]
     path: str
+    region: str | None = Field(default=None, description="where it is (a label): failover reports the region used")
 
     def resolved_path(self, base_dir: Path) -> Path:
         p = Path(self.path).expanduser()
@@ -266,6 +267,8 @@ class RemoteLocation(_Model):
     """How long a remote location may take to answer before it counts as down: a dead location
     must cost seconds, not the client libraries' default minutes of retries."""
 
+    region: str | None = Field(default=None, description="where it is (a label): failover reports the region used")
+
     connect_timeout: Duration = Field(default=timedelta(seconds=3), description="to open a connection")
     read_timeout: Duration = Field(default=timedelta(seconds=60), description="for an answer once connected")
     retry_for: Duration = Field(
@@ -273,6 +276,17 @@ class RemoteLocation(_Model):
         description="how long a retryable error (timeout, 5xx, connection refused) is retried before the location "
         "counts as down; a down location is skipped, with a warning, for the next 5 minutes of the run",
     )
+
+
+class ObjectLock(_Model):
+    """S3 Object Lock: every object is written with this retention, so nobody (ransomware with the backup
+    host's keys included) can delete or overwrite it before it expires. The bucket must have been created
+    with Object Lock enabled."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"] = Field(
+        description="COMPLIANCE: no one can delete before expiry; GOVERNANCE: only with the bypass permission"
+    )
+    days: int = Field(ge=1, le=36500, description="retention of each object from when it is written")
 
 
 class S3LocationConfig(RemoteLocation):
@@ -293,6 +307,9 @@ class S3LocationConfig(RemoteLocation):
         "GLACIER/DEEP_ARCHIVE need an S3 restore before they can be read",
     )
     monthly_storage_class: str | None = Field(default=None, description="monthly keepers (e.g. GLACIER_IR)")
+    object_lock: ObjectLock | None = Field(
+        default=None, description="write every object locked for this long (immutable storage against ransomware)"
+    )
 
     def credentials(self, name: str) -> dict[str, str]:
         if not self.access_key_id_env and not self.secret_access_key_env:
@@ -314,6 +331,12 @@ class GCSLocationConfig(RemoteLocation):
     chunk_mb: int = Field(default=16, ge=1, le=1024)
     weekly_storage_class: str | None = Field(default=None, description="retention moves weekly keepers here (NEARLINE)")
     monthly_storage_class: str | None = Field(default=None, description="monthly keepers (COLDLINE or ARCHIVE)")
+    retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="the bucket's retention policy (objects cannot be deleted or replaced before this age); "
+        "set on the bucket at start and read back",
+    )
 
 
 LocationConfig = Annotated[Union[LocalLocationConfig, S3LocationConfig, GCSLocationConfig], Field(discriminator="type")]
@@ -511,6 +534,46 @@ class FilesConfig(_Model):
         return p if p.is_absolute() else (base_dir / p)
 
 
+class ServiceConfig(ApplicationHooks):
+    """A part of the system recovery starts (SongNodes: database, cache, queue, then API and workers, then
+    the frontend): how to stop and start it, how to know it is healthy, what it needs first."""
+
+    after: list[str] = Field(default_factory=list, description="services that must be healthy before this one starts")
+    databases: list[str] = Field(default_factory=list, description="configured databases this service owns")
+    file_sets: list[str] = Field(default_factory=list, description="configured file sets this service owns")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="its own files inside those file sets (a rollback restores only these); default: the whole sets",
+    )
+    rto: Duration | None = Field(default=None, description="recovery time objective of this service")
+
+
+class RecoveryConfig(_Model):
+    """Whole-system recovery: where drills restore, where a compromised system is quarantined, the objectives."""
+
+    drill_dir: str = Field(
+        default="~/.local/state/dr_pipelines/drills",
+        description="scratch targets of the weekly full-system drill (relative to the config file)",
+    )
+    drill_schedule: Cron = Field(default="0 3 * * 0", description="the full-system drill, cron UTC (weekly)")
+    drill_enabled: bool = True
+    quarantine_dir: str = Field(
+        default="~/.local/state/dr_pipelines/quarantine",
+        description="where ransomware recovery captures the compromised data (hashed; never restored from, "
+        "never touched by retention)",
+    )
+    incident_margin: Duration = Field(
+        default=timedelta(minutes=30),
+        description="ransomware: the last good point must be this much older than the incident time",
+    )
+    rto: Duration = Field(default=timedelta(hours=4), description="the whole system's recovery time objective")
+    rpo: Duration = Field(default=timedelta(hours=1), description="the whole system's recovery point objective")
+
+    def resolved(self, value: str, base_dir: Path) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+
 class SchedulesConfig(_Model):
     running: bool | None = Field(
         default=None, description="Start schedules and sensors RUNNING; default: yes outside the sandbox"
@@ -533,6 +596,8 @@ class DrConfig(_Model):
     alerts: dict[str, AlertConfig] = Field(default_factory=dict)
     file_sets: dict[str, FileSetConfig] = Field(default_factory=dict)
     files: FilesConfig = FilesConfig()
+    services: dict[str, ServiceConfig] = Field(default_factory=dict)
+    recovery: RecoveryConfig = RecoveryConfig()
     checks: ChecksConfig = ChecksConfig()
     wal: WalConfig = WalConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -553,7 +618,7 @@ class DrConfig(_Model):
                 raise ValueError(f"name {name!r} must start with a letter and hold only letters, digits and _")
         return v
 
-    @field_validator("file_sets")
+    @field_validator("file_sets", "services")
     @classmethod
     def _set_names(cls, v: dict) -> dict:
         for name in v:
@@ -570,6 +635,36 @@ class DrConfig(_Model):
                     "set encryption.method: age with recipients, or the secrets would be stored in the clear"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _services(self) -> DrConfig:
+        for name, svc in self.services.items():
+            for field_name, known in (
+                ("after", self.services),
+                ("databases", self.databases),
+                ("file_sets", self.file_sets),
+            ):
+                for ref in getattr(svc, field_name):
+                    if ref not in known:
+                        raise ValueError(
+                            f"services.{name}.{field_name}: {ref!r} is not configured; "
+                            f"configured: {', '.join(known) or 'none'}"
+                        )
+            if name in svc.after:
+                raise ValueError(f"services.{name}.after: a service cannot start after itself")
+        cycle = _cycle({n: s.after for n, s in self.services.items()})
+        if cycle:
+            raise ValueError(
+                f"services: the `after` dependencies form a cycle ({' -> '.join(cycle)}); no start order exists"
+            )
+        return self
+
+    def service(self, name: str) -> ServiceConfig:
+        try:
+            return self.services[name]
+        except KeyError:
+            configured = ", ".join(self.services) or "none"
+            raise ConfigError(f"no service named {name!r} in the config; configured: {configured}") from None
 
     def file_set(self, name: str) -> FileSetConfig:
         try:
@@ -592,6 +687,29 @@ class DrConfig(_Model):
         if only not in self.locations:
             raise ConfigError(f"no location named {only!r} in the config; configured: {', '.join(self.locations)}")
         return [only]
+
+
+def _cycle(after: dict[str, list[str]]) -> list[str] | None:
+    """A dependency cycle, as the path that closes it, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in after.get(node, []):
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in after:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

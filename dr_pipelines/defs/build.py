@@ -11,6 +11,7 @@ from dr_pipelines.defs.backup.definitions import build_backup_definitions
 from dr_pipelines.defs.files.definitions import build_files_definitions
 from dr_pipelines.defs.monitoring.definitions import build_monitoring_definitions
 from dr_pipelines.defs.pitr.definitions import build_pitr_definitions
+from dr_pipelines.defs.recovery.definitions import build_recovery_definitions
 from dr_pipelines.defs.resources import dr_resource
 from dr_pipelines.defs.restore.definitions import build_restore_definitions
 from dr_pipelines.defs.retention.definitions import build_retention_definitions
@@ -25,6 +26,7 @@ DOMAINS = (
     build_pitr_definitions,
     build_retention_definitions,
     build_monitoring_definitions,
+    build_recovery_definitions,
 )
 
 

@@ -214,3 +214,32 @@ class IncidentBook:
             if not inc["open"] and all(inc["sent"].get(name) == RESOLVE for name in expected):
                 del self.incidents[key]
         return errors
+
+
+def notify(config: DrConfig, title: str, detail: str, source: str, log, severity: str = "info") -> list[str]:
+    """A notice to every channel (the runbooks' "stakeholders notified": a recovery started, ended). An
+    informational notice never pages: PagerDuty gets only failures. Returns the channels reached."""
+    from datetime import datetime, timezone
+
+    channels, broken = channels_from_config(config)
+    for why in broken:
+        log(f"warning: {why}")
+    alert = Alert(
+        key=f"notice:{source}",
+        title=title,
+        detail=detail,
+        source=source,
+        since=datetime.now(timezone.utc).isoformat(),
+        url=config.webserver_url,
+        severity=severity,
+    )
+    reached = []
+    for channel in channels:
+        if severity == "info" and isinstance(channel, PagerDutyChannel):
+            continue
+        try:
+            channel.send(TRIGGER, alert)
+            reached.append(channel.name)
+        except DeliveryError as e:
+            log(f"warning: {e}")
+    return reached

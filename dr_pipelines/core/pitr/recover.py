@@ -85,6 +85,7 @@ class PitrRequest:
     backup_id: str | None = None
     # read only these locations (names); None: every location that answers when recovery starts
     locations: list[str] | None = None
+    accept_gaps: bool = False  # recover to the last reachable point before a gap in the WAL (confirmed)
 
     def __post_init__(self):
         targets = [t for t in (self.target_time, self.target_lsn, self.target_xid, self.target_name) if t]
@@ -598,7 +599,12 @@ def run_pitr(
     entry = choose_base_backup(catalog.entries, request, now)
     report.backup_id = entry.id
     report.gaps = archive_gaps(locations, entry)
-    if report.gaps and not (request.target_time or request.target_lsn or request.target_xid or request.target_name):
+    if report.gaps and request.accept_gaps:
+        report.warnings.append(
+            f"the WAL archive has a gap after base backup {entry.id} (missing {', '.join(report.gaps)}): "
+            "recovery stops at the last segment before it, as confirmed"
+        )
+    elif report.gaps and not (request.target_time or request.target_lsn or request.target_xid or request.target_name):
         raise PitrError(
             f"the WAL archive has a gap after base backup {entry.id}: missing {', '.join(report.gaps)}. "
             "Recovery to 'latest' would stop at the gap and promote early; choose a target before "

@@ -25,6 +25,8 @@ class RecordKind(StrEnum):
     RESTORE_TEST = "restore_test"  # a restore drill into a scratch database
     PITR = "pitr"  # a real point-in-time recovery
     PITR_TEST = "pitr_test"  # a PITR drill
+    RECOVERY = "recovery"  # a whole-system scenario (full system, failover, ransomware, rollback)
+    RECOVERY_DRILL = "recovery_drill"  # the scheduled full-system drill
 
 
 class Record(BaseModel):

@@ -1,0 +1,170 @@
+"""Service rollback (SongNodes "Bad deployment / rollback"): one service's files (its `paths`, or its
+file sets) and, optionally, its databases back to a point before a deployment; restart; health-check.
+What was there is kept aside, never deleted; if the service does not come back healthy, it is put back
+and the rollback fails loudly."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dr_pipelines.core.config import ConfigError, DrConfig
+from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.files.restore import choose_snapshot, restore_files
+from dr_pipelines.core.log import Log
+from dr_pipelines.core.postgres.client import connect
+from dr_pipelines.core.recovery.services import ServiceFailed, start_services, stop_services
+from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.restore.database import restore_logical
+from dr_pipelines.core.restore.request import RestoreRequest
+from dr_pipelines.core.storage.base import Location
+
+
+class RollbackFailed(DrError):
+    def __init__(self, message: str, report: RollbackReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class RollbackReport:
+    service: str
+    before: str
+    started_at: str
+    snapshots: dict[str, str] = field(default_factory=dict)  # file set -> snapshot restored
+    backups: dict[str, str] = field(default_factory=dict)  # database -> backup restored
+    kept_aside: dict[str, str] = field(default_factory=dict)  # path or database -> where the deployed one is
+    rto_s: float | None = None
+    passed: bool = False
+    put_back: bool = False
+    error: str | None = None
+    kind: str = "service_rollback"
+
+
+def _rollback_paths(config: DrConfig, service: str) -> dict[str, list[Path]]:
+    """file set -> the absolute paths this service's rollback replaces."""
+    svc = config.service(service)
+    out: dict[str, list[Path]] = {}
+    for name in svc.file_sets:
+        roots = config.file_set(name).resolved_paths(config.base_dir)
+        if not svc.paths:
+            out[name] = roots
+            continue
+        mine = [Path(p) if Path(p).is_absolute() else config.base_dir / p for p in svc.paths]
+        out[name] = [p for p in mine if any(p == r or r in p.parents for r in roots)]
+    return out
+
+
+def _swap_database(config: DrConfig, name: str, current: str, back: str, log: Log) -> None:
+    from psycopg import sql
+
+    db = config.database(name)
+    with connect(db, name, dbname="postgres", autocommit=True) as conn:
+        for datname in (current, back):
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (datname,),
+            )
+        failed = f"{db.dbname[:30]}__failed_rollback_{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(current), sql.Identifier(failed)))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(back), sql.Identifier(current)))
+    log(f"database {current!r} put back; the rolled-back one is kept as {failed!r}")
+
+
+def service_rollback(
+    config: DrConfig,
+    locations: dict[str, Location],
+    service: str,
+    before: datetime,
+    with_database: bool,
+    confirm: str | None,
+    log: Log,
+) -> RollbackReport:
+    svc = config.service(service)
+    if confirm != service:
+        raise ConfigError(
+            f"a rollback replaces the files{' and databases' if with_database else ''} of service {service!r}: "
+            f"confirm by naming it (Launchpad: confirm: {service}; shell: --yes {service})"
+        )
+    if before.tzinfo is None:
+        raise ConfigError("the rollback point needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+    t0 = time.monotonic()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    report = RollbackReport(service, before.isoformat(), datetime.now(timezone.utc).isoformat())
+    targets = _rollback_paths(config, service)
+    # decided and fetched before the service is touched: a missing point or a corrupt snapshot stops here
+    staging = config.files.resolved_state_dir(config.base_dir) / f"rollback-{service}-{stamp}"
+    backups = {}
+    if with_database:
+        for name in svc.databases:
+            logicals = [
+                e
+                for e in load_catalog(locations.values(), name, "logical").entries
+                if e.manifest.database == name and e.manifest.finished_at <= before
+            ]
+            if not logicals:
+                raise DrError(f"database {name!r}: no logical backup before {before.isoformat()}; nothing was touched")
+            backups[name] = logicals[0].id
+    try:
+        for name, paths in targets.items():
+            entry = choose_snapshot(locations, name, before=before)
+            restore_files(config, locations, name, staging / name, entry=entry, paths=[str(p) for p in paths], log=log)
+            report.snapshots[name] = entry.id
+        stop_services(config, [service], log)
+        moved: list[tuple[Path, Path]] = []  # (path, where the deployed one went)
+        for name, paths in targets.items():
+            for path in paths:
+                restored = staging / name / str(path).lstrip("/")
+                aside = path.with_name(f"{path.name}.pre_rollback_{stamp}")
+                if path.exists() or path.is_symlink():
+                    path.rename(aside)
+                    moved.append((path, aside))
+                    report.kept_aside[str(path)] = str(aside)
+                if restored.exists() or restored.is_symlink():
+                    shutil.move(str(restored), str(path))
+        for name, backup_id in backups.items():
+            target = config.database(name).dbname
+            done = restore_logical(
+                config,
+                locations,
+                RestoreRequest(name, backup=backup_id, clean=True, confirm=target, keep_previous=True),
+                log,
+            )
+            report.backups[name] = backup_id
+            if done.previous:
+                report.kept_aside[f"database {target}"] = done.previous
+        try:
+            start_services(config, [service], log)
+        except ServiceFailed as e:
+            report.error = str(e)
+            log(f"ROLLBACK FAILED: {e}. Putting back what was deployed")
+            stop_services(config, [service], log)
+            for path, aside in moved:
+                failed = path.with_name(f"{path.name}.failed_rollback_{stamp}")
+                if path.exists() or path.is_symlink():
+                    path.rename(failed)
+                aside.rename(path)
+            for key, previous in list(report.kept_aside.items()):
+                if key.startswith("database "):
+                    name = next(n for n in backups if config.database(n).dbname == key.split(" ", 1)[1])
+                    _swap_database(config, name, key.split(" ", 1)[1], previous, log)
+            report.put_back = True
+            report.kept_aside = {}
+            start_services(config, [service], log)
+            raise RollbackFailed(
+                f"the rolled-back {service!r} did not come back healthy ({e}); what was deployed is back in place "
+                f"and running. The rolled-back files are kept beside it as *.failed_rollback_{stamp}",
+                report,
+            ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.passed = True
+    report.rto_s = round(time.monotonic() - t0, 3)
+    log(
+        f"service {service} rolled back to before {before.isoformat()} in {report.rto_s:.1f}s; what was deployed is "
+        f"kept aside: {', '.join(f'{k} -> {v}' for k, v in report.kept_aside.items()) or 'nothing'}"
+    )
+    return report

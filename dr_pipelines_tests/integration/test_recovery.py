@@ -1,0 +1,293 @@
+"""Whole-system recovery as an operator runs it (`dr-pipelines recover ...`, which launches the jobs the
+Launchpad launches), against a real cluster archiving WAL, real file snapshots and real services
+(small HTTP servers started by the configured commands). Restored data is compared with the source."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
+from dr_pipelines_tests.integration.test_files import make_tree, restored_root, tree_facts
+from dr_pipelines_tests.support.processes import VENV_BIN
+from dr_pipelines_tests.support.wal import WalSetup
+
+
+def _service(root: Path, name: str, healthy: bool = True) -> dict:
+    """A service the way a runbook's would be: a start command that backgrounds a server, a stop command,
+    an HTTP health check; each start is recorded, so the order can be checked."""
+    port = free_port()
+    pidfile = root / f"{name}.pid"
+    serve = f"{sys.executable} -m http.server {port if healthy else free_port()} --bind 127.0.0.1 --directory {root}"
+    return {
+        "start": [
+            {
+                "command": [
+                    "sh",
+                    "-c",
+                    f"echo {name} >> {root}/started.log; nohup {serve} >/dev/null 2>&1 & echo $! > {pidfile}",
+                ]
+            }
+        ],
+        "stop": [{"command": ["sh", "-c", f"[ -f {pidfile} ] && kill $(cat {pidfile}) || true"]}],
+        "health_checks": [{"url": f"http://127.0.0.1:{port}/", "method": "GET", "expect_status": 200}],
+        "health_retries": 20,
+        "health_interval": "0.25s",
+        "timeout": "5s",
+    }
+
+
+class System:
+    """A cluster archiving WAL, an application file tree, and two services (api, then frontend)."""
+
+    def __init__(self, server, unhealthy: str | None = None):
+        self.wal = WalSetup(server)
+        self.root = self.wal.root
+        self.tree = self.root / "app_files"
+        self.tree.mkdir()
+        make_tree(self.tree)
+        self.services_dir = self.root / "services"
+        self.services_dir.mkdir()
+        data = yaml.safe_load(self.wal.config_path.read_text())
+        data["databases"]["app"]["pgdata"] = None
+        data["file_sets"] = {"app": {"paths": [str(self.tree)]}}
+        data["files"] = {"state_dir": str(self.root / "state")}
+        data["services"] = {
+            "api": {
+                **_service(self.services_dir, "api", unhealthy != "api"),
+                "databases": ["app"],
+                "file_sets": ["app"],
+            },
+            "frontend": {**_service(self.services_dir, "frontend", unhealthy != "frontend"), "after": ["api"]},
+        }
+        data["recovery"] = {
+            "drill_dir": str(self.root / "drills"),
+            "quarantine_dir": str(self.root / "quarantine"),
+            "incident_margin": "1s",
+        }
+        self.wal.config_path.write_text(yaml.safe_dump(data))
+        self.wal.enable_archiving()
+
+    @property
+    def config(self) -> str:
+        return str(self.wal.config_path)
+
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        from dr_pipelines_tests.support.processes import run_cli
+
+        return run_cli("--config", self.config, *args, env=env, timeout=600)
+
+    def backed_up(self) -> None:
+        assert self.cli("backup", "app", "--kind", "base").returncode == 0
+        assert self.cli("snapshot", "app").returncode == 0
+        with self.wal.server.connect("app") as conn:
+            conn.execute("CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 20000) g")
+        self.wal.switch_and_wait(timeout=60)
+
+    def started(self) -> list[str]:
+        log = self.services_dir / "started.log"
+        return log.read_text().split() if log.exists() else []
+
+    def stop_services(self) -> None:
+        for pidfile in self.services_dir.glob("*.pid"):
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+    def cleanup(self, *roots: Path) -> None:
+        self.stop_services()
+        for root in roots:
+            for data_dir in (root / "postgres").glob("*"):
+                LocalCluster(data_dir, 0).stop("immediate")
+        self.wal.cleanup()
+
+
+@pytest.fixture
+def system(pg):
+    made: list[System] = []
+    roots: list[Path] = []
+
+    def make(**kw) -> System:
+        made.append(System(pg, **kw))
+        return made[-1]
+
+    make.roots = roots
+    yield make
+    for s in made:
+        s.cleanup(*roots)
+
+
+def _rows(port: int, sql: str):
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app", autocommit=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_full_system_recovery_rebuilds_databases_files_and_services_in_order(system, pg):
+    s = system()
+    s.backed_up()
+    source_orders = _rows(pg.port, "SELECT * FROM orders ORDER BY id")
+    target = s.root / "rebuilt"
+    system.roots.append(target)
+
+    plan = s.cli("recover", "system", "--into", str(target), "--plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "database app: base backup" in plan.stdout and "file set app: snapshot" in plan.stdout
+    assert "start services in order" in plan.stdout and "api -> frontend" in plan.stdout
+    assert not target.exists()  # --plan touches nothing
+
+    r = s.cli("recover", "system", "--into", str(target))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["scenario"] == "full_system_recovery"
+    [db] = [c for c in report["components"] if c["kind"] == "database"]
+    [files] = [c for c in report["components"] if c["kind"] == "files"]
+    assert db["ok"] and db["method"] == "pitr" and files["ok"]
+    port = int(db["where"].rsplit(" ", 1)[-1])
+    assert _rows(port, "SELECT * FROM orders ORDER BY id") == source_orders  # the WAL after the base backup too
+    assert tree_facts(restored_root(target / "files" / "app", s.tree)) == tree_facts(s.tree)
+    assert s.started() == ["api", "frontend"]  # dependency order, each after the previous was healthy
+    assert [x["name"] for x in report["services"]] == ["api", "frontend"]
+    assert all(x["healthy"] for x in report["services"])
+    assert report["rto_s"] > 0 and db["data_loss_s"] is not None and "restore" in report["steps_s"]
+    assert not (target / ".dr_recovery.json").exists()
+    # stored in the repository, where the report and the UI read it
+    stored = list((s.wal.repo / "_system" / "reports" / "recovery").glob("*.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["passed"]
+
+    again = s.cli("recover", "system", "--into", str(target))  # not empty now: refused before any change
+    assert again.returncode != 0 and "is not empty" in again.stderr and "nothing was touched" in again.stderr
+
+
+def test_a_service_that_never_becomes_healthy_stops_the_start_there(system):
+    s = system(unhealthy="frontend")
+    s.backed_up()
+    target = s.root / "rebuilt"
+    system.roots.append(target)
+    r = s.cli("recover", "system", "--into", str(target), "--method", "logical", "--db", "app")
+    assert r.returncode != 0
+    assert "no usable logical backup" in r.stderr  # only a base backup exists: said before anything
+    assert not target.exists()
+    r = s.cli("recover", "system", "--into", str(target))
+    assert r.returncode != 0
+    assert "service 'frontend' did not start healthy" in r.stderr and "Left running: api" in r.stderr
+    assert "dr-pipelines recover services frontend" in r.stderr
+    assert s.started() == ["api", "frontend"]
+    [stored] = list((s.wal.repo / "_system" / "reports" / "recovery").glob("*.json"))
+    record = json.loads(stored.read_text())
+    assert not record["passed"] and [x["healthy"] for x in record["services"]] == [True, False]
+
+
+def test_every_location_down_and_a_wal_gap_are_refused_before_any_change(system, tmp_path):
+    s = system()
+    s.backed_up()
+    target = s.root / "rebuilt"
+    system.roots.append(target)
+    # a gap: one archived segment (and its sidecar) lost, before the newest
+    wal_dir = s.wal.repo / "app" / "wal"
+    segments = sorted({p.name.split(".")[0] for p in wal_dir.rglob("*") if len(p.name.split(".")[0]) == 24})
+    lost = list(wal_dir.rglob(segments[-2] + "*"))
+    for p in lost:
+        p.rename(tmp_path / p.name)
+    r = s.cli("recover", "system", "--into", str(target), "--no-services")
+    assert r.returncode != 0 and "WAL archive has a gap" in r.stderr and "--accept-gaps" in r.stderr
+    assert not target.exists()
+    r = s.cli("recover", "system", "--into", str(target), "--no-services", "--accept-gaps")
+    assert r.returncode == 0, r.stderr
+    [db] = [c for c in json.loads(r.stdout)["components"] if c["kind"] == "database"]
+    assert db["ok"] and any("gap" in w for w in db["warnings"]), db
+    for p in lost:
+        (tmp_path / p.name).rename(p)
+
+    # every location down: a config whose only location is an S3 endpoint nothing answers on
+    data = yaml.safe_load(Path(s.config).read_text())
+    data["locations"] = {
+        "s3": {
+            "type": "s3",
+            "bucket": "gone",
+            "endpoint_url": f"http://127.0.0.1:{free_port()}",
+            "connect_timeout": "1s",
+            "retry_for": "1s",
+        }
+    }
+    dead = tmp_path / "dead.yaml"
+    dead.write_text(yaml.safe_dump(data))
+    other = s.root / "other"
+    from dr_pipelines_tests.support.processes import run_cli
+
+    r = run_cli("--config", str(dead), "recover", "system", "--into", str(other), "--no-services")
+    assert r.returncode != 0 and "no location answers" in r.stderr and "s3:" in r.stderr
+    assert not other.exists()
+
+
+def test_a_killed_recovery_is_cleaned_up_by_the_next_one(system):
+    s = system()
+    s.backed_up()
+    target = s.root / "rebuilt"
+    system.roots.append(target)
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "dr-pipelines"),
+            "--config",
+            s.config,
+            "recover",
+            "system",
+            "--into",
+            str(target),
+            "--no-services",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (target / "postgres" / "app" / "PG_VERSION").exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (target / ".dr_recovery.json").exists()  # what it was doing is on disk
+    r = s.cli("recover", "system", "--into", str(target), "--no-services")
+    assert r.returncode == 0, r.stderr
+    assert "was killed midway" in r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and any("killed midway" in n for n in report["notes"])
+    [db] = [c for c in report["components"] if c["kind"] == "database"]
+    port = int(db["where"].rsplit(" ", 1)[-1])
+    assert _rows(port, "SELECT count(*) FROM orders") == [(20000,)]
+
+
+def test_a_corrupt_snapshot_at_the_point_falls_back_to_the_older_one(system):
+    s = system()
+    s.backed_up()
+    (s.tree / "late.bin").write_bytes(os.urandom(1 << 20))  # the newest snapshot gets a pack of its own
+    assert s.cli("snapshot", "app").returncode == 0
+    listed = json.loads(s.cli("snapshots", "list", "--json").stdout)["snapshots"]
+    newest, older = listed[0]["id"], listed[1]["id"]
+    sets = s.wal.repo / "_files" / "sets" / "app"
+    own = set(json.loads((sets / newest / "index.json").read_text())["packs"])
+    own -= set(json.loads((sets / older / "index.json").read_text())["packs"])
+    assert own
+    [pack] = [p for p in (s.wal.repo / "_files" / "packs").rglob("*") if p.name.split(".")[0] == sorted(own)[0]]
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 1
+    pack.write_bytes(bytes(data))
+    target = s.root / "rebuilt"
+    system.roots.append(target)
+    r = s.cli("recover", "system", "--into", str(target), "--no-services")
+    assert r.returncode == 0, r.stderr
+    [files] = [c for c in json.loads(r.stdout)["components"] if c["kind"] == "files"]
+    assert files["ok"] and files["point_id"] == older
+    assert files["fallback"] and newest in files["fallback"][0]
+    (s.tree / "late.bin").unlink()  # the older snapshot is the tree without it
+    assert {k for k in tree_facts(restored_root(target / "files" / "app", s.tree))} == set(tree_facts(s.tree))
