@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import LiteralString
 
 import psycopg
 import pytest
@@ -127,7 +128,7 @@ def system(pg):
         s.cleanup(*roots)
 
 
-def _rows(port: int, sql: str):
+def _rows(port: int, sql: LiteralString):
     with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app", autocommit=True) as conn:
         return conn.execute(sql).fetchall()
 
