@@ -291,3 +291,235 @@ def test_a_corrupt_snapshot_at_the_point_falls_back_to_the_older_one(system):
     assert files["fallback"] and newest in files["fallback"][0]
     (s.tree / "late.bin").unlink()  # the older snapshot is the tree without it
     assert {k for k in tree_facts(restored_root(target / "files" / "app", s.tree))} == set(tree_facts(s.tree))
+
+
+# --------------------------------------------------------------------------- failover, ransomware, rollback, drill
+
+
+def _own_servers():
+    import boto3
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from dr_pipelines_tests.support.configs import BUCKET
+    from dr_pipelines_tests.support.servers import start_gcs_emulator, start_moto
+
+    s3, gcs = start_moto(), start_gcs_emulator()
+    boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs.url}
+    ).create_bucket(BUCKET)
+    return s3, gcs
+
+
+def _logical_system(pg, tmp_path: Path, locations: dict, **extra) -> Path:
+    """The pg fixture's `app` database (the SoundHash sample), a file tree, logical backups."""
+    tree = tmp_path / "app_files"
+    tree.mkdir()
+    make_tree(tree)
+    path = tmp_path / "dr.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "databases": {"app": {"host": "127.0.0.1", "port": pg.port, "user": "postgres", "dbname": "app"}},
+                "locations": locations,
+                "file_sets": {"app": {"paths": [str(tree)]}},
+                "files": {"state_dir": str(tmp_path / "state")},
+                "recovery": {"quarantine_dir": str(tmp_path / "quarantine"), "incident_margin": "1s"},
+                **extra,
+            },
+            sort_keys=False,  # the locations' order is the config's order of preference
+        )
+    )
+    return path
+
+
+def test_cross_region_failover_recovers_from_the_first_reachable_location(pg, tmp_path):
+    from dr_pipelines_tests.support.configs import gcs_location, s3_location
+    from dr_pipelines_tests.support.processes import run_cli
+
+    s3, gcs = _own_servers()
+    env = {"STORAGE_EMULATOR_HOST": gcs.url}
+    try:
+        locations = {
+            "s3": {**s3_location(s3), "region": "eu-west-1", "connect_timeout": "1s", "retry_for": "1s"},
+            "gcs": {**gcs_location(), "region": "us-central1", "connect_timeout": "1s", "retry_for": "1s"},
+            "local": {"type": "local", "path": str(tmp_path / "repo"), "region": "on-site"},
+        }
+        path = _logical_system(pg, tmp_path, locations)
+        cfg = ["--config", str(path)]
+        assert run_cli(*cfg, "backup", "app", env=env).returncode == 0
+        assert run_cli(*cfg, "snapshot", "app", env=env).returncode == 0
+        source = pg.table_checksums("app")
+        tree = tmp_path / "app_files"
+        s3.stop()  # the primary region is gone
+
+        plan = run_cli(*cfg, "recover", "failover", "--into", str(tmp_path / "plan"), "--plan", env=env)
+        assert plan.returncode == 0, plan.stderr
+        assert "read from: gcs (region us-central1)" in plan.stdout and "left out: s3: down" in plan.stdout, plan.stdout
+
+        for survivor, stop in (("gcs", None), ("local", gcs)):
+            if stop is not None:
+                stop.stop()
+            with pg.connect() as conn:  # the new server: the database is not there yet
+                conn.execute("DROP DATABASE IF EXISTS app WITH (FORCE)")
+            into = tmp_path / f"from-{survivor}"
+            r = run_cli(*cfg, "recover", "failover", "--into", str(into), env=env)
+            assert r.returncode == 0, r.stderr
+            report = json.loads(r.stdout)
+            assert report["passed"] and report["locations_used"] == [survivor]
+            assert report["left_out"]["s3"].startswith("down")
+            assert any(f"failover to location {survivor}" in n for n in report["notes"])
+            assert pg.table_checksums("app") == source
+            assert tree_facts(restored_root(into / "files" / "app", tree)) == tree_facts(tree)
+    finally:
+        s3.stop()
+        gcs.stop()
+
+
+def test_ransomware_recovery_quarantines_and_restores_the_last_proven_point_into_fresh_targets(pg, tmp_path):
+    from dataclasses import asdict
+
+    from dr_pipelines.core.files import format as fmt
+    from dr_pipelines.core.files.restore import test_restore_files
+    from dr_pipelines.core.repository.records import RecordKind, store_json_record
+    from dr_pipelines.core.storage.locations import open_locations
+    from dr_pipelines_tests.support.configs import config_from
+    from dr_pipelines_tests.support.processes import run_cli
+
+    path = _logical_system(pg, tmp_path, {"local": {"type": "local", "path": str(tmp_path / "repo")}})
+    cfg = ["--config", str(path)]
+    tree = tmp_path / "app_files"
+    assert run_cli(*cfg, "backup", "app").returncode == 0
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+    into = tmp_path / "clean"
+    time.sleep(1.1)  # older than the incident margin (1 s)
+
+    # nothing restore-tested yet: refused, and the reason for each candidate is given
+    r = run_cli(*cfg, "recover", "ransomware", "--into", str(into), "--lookback", "0s", "--plan")
+    assert r.returncode != 0 and "no passed restore test of it" in r.stderr and not into.exists()
+
+    assert run_cli(*cfg, "test-restore", "app").returncode == 0
+    config = config_from(path)
+    locations = open_locations(config)
+    test = test_restore_files(config, locations, "app", log=lambda m: None)
+    assert test.passed
+    store_json_record(locations, fmt.records_owner("app"), RecordKind.RESTORE_TEST, test.started_at, asdict(test))
+    good_rows, good_tree = pg.table_checksums("app"), tree_facts(tree)
+    assert run_cli(*cfg, "backup", "app").returncode == 0  # a later backup, never restore-tested
+    time.sleep(2)
+    from datetime import datetime, timezone
+
+    incident = datetime.now(timezone.utc).isoformat()
+    with pg.connect("app") as conn:  # the attack: rows gone, files encrypted
+        conn.execute("DELETE FROM fingerprints")
+    for f in [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]:
+        f.write_bytes(os.urandom(64))
+    assert run_cli(*cfg, "backup", "app").returncode == 0  # backups after the attack exist too
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+
+    r = run_cli(*cfg, "recover", "ransomware", "--into", str(into), "--incident-time", incident)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["scenario"] == "ransomware_recovery"
+    [db] = [c for c in report["components"] if c["kind"] == "database"]
+    target = db["where"].split("'")[1]
+    assert target.startswith("app_recovered_")  # a fresh database: the compromised one is left as it is
+    assert pg.table_checksums(target) == good_rows
+    assert pg.row_counts("app")["public.fingerprints"] == 0  # the compromised database is left as it was
+    assert tree_facts(restored_root(into / "files" / "app", tree)) == good_tree
+    extra = report["extra"]
+    captured = extra["quarantine"]["captured"]
+    assert "files-app.tar" in captured and "database-app.pgdump" in captured
+    quarantine = Path(extra["quarantine"]["path"])
+    sums = (quarantine / "SHA256SUMS").read_text()
+    assert captured["files-app.tar"]["sha256"] in sums and oct(quarantine.stat().st_mode)[-3:] == "500"
+    changed = extra["changed_since_last_good"]["app"]
+    assert changed["changed"] > 0 and changed["paths"]["changed"]
+    assert any("role 'postgres'" in item for item in extra["rotate"])
+    plan = run_cli(*cfg, "recover", "ransomware", "--into", str(tmp_path / "x"), "--incident-time", incident, "--plan")
+    assert "no passed restore test of it" in plan.stdout  # the later, untested backup: rejected, and why
+
+
+def test_service_rollback_puts_back_the_deployment_when_the_old_version_is_unhealthy(pg, tmp_path):
+    from datetime import datetime, timezone
+
+    from dr_pipelines_tests.support.processes import run_cli
+
+    services = tmp_path / "services"
+    services.mkdir()
+    api = _service(services, "api")
+    # healthy only while the deployed files say so: a rollback to a version without it fails its checks
+    health_port = int(api["health_checks"][0]["url"].rsplit(":", 1)[1].strip("/"))
+    tree = tmp_path / "app_files"
+    start = (
+        f"echo api >> {services}/started.log; grep -q healthy {tree}/VERSION && "
+        f"(nohup {sys.executable} -m http.server {health_port} --bind 127.0.0.1 --directory {services} "
+        f">/dev/null 2>&1 & echo $! > {services}/api.pid) || true"
+    )
+    api["start"] = [{"command": ["sh", "-c", start]}]
+    path = _logical_system(
+        pg,
+        tmp_path,
+        {"local": {"type": "local", "path": str(tmp_path / "repo")}},
+        services={"api": {**api, "file_sets": ["app"], "databases": ["app"], "paths": [str(tree / "VERSION")]}},
+    )
+    cfg = ["--config", str(path)]
+    (tree / "VERSION").write_text("v1 healthy\n")
+    assert run_cli(*cfg, "backup", "app").returncode == 0
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+    time.sleep(1.1)
+    before = datetime.now(timezone.utc).isoformat()
+    time.sleep(1.1)
+    (tree / "VERSION").write_text("v2 healthy\n")  # the deployment
+    (tree / "other.txt").write_text("not the service's: never rolled back\n")
+
+    r = run_cli(*cfg, "recover", "rollback", "api", "--before", before)
+    assert r.returncode == 2 and "confirm by naming it" in r.stderr
+    r = run_cli(*cfg, "recover", "rollback", "api", "--before", before, "--yes", "api")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and (tree / "VERSION").read_text() == "v1 healthy\n"
+    [aside] = report["kept_aside"].values()
+    assert Path(aside).read_text() == "v2 healthy\n"  # the deployment is kept, not deleted
+    assert (tree / "other.txt").exists()
+    Path(aside).unlink()
+
+    # a deployment whose previous version cannot start: the rollback puts the deployment back, loudly
+    for pid in services.glob("*.pid"):
+        subprocess.run(["sh", "-c", f"kill $(cat {pid}) 2>/dev/null || true"])
+    (tree / "VERSION").write_text("v3 broken\n")
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+    time.sleep(1.1)
+    before = datetime.now(timezone.utc).isoformat()
+    (tree / "VERSION").write_text("v4 healthy\n")
+    r = run_cli(*cfg, "recover", "rollback", "api", "--before", before, "--yes", "api")
+    assert r.returncode != 0 and "did not come back healthy" in r.stderr and "back in place" in r.stderr
+    assert (tree / "VERSION").read_text() == "v4 healthy\n"
+    assert [p.read_text() for p in tree.glob("VERSION.failed_rollback_*")] == ["v3 broken\n"]
+    for pid in services.glob("*.pid"):
+        subprocess.run(["sh", "-c", f"kill $(cat {pid}) 2>/dev/null || true"])
+
+
+def test_the_full_system_drill_measures_and_leaves_nothing(pg, tmp_path):
+    from dr_pipelines_tests.support.processes import run_cli
+
+    path = _logical_system(pg, tmp_path, {"local": {"type": "local", "path": str(tmp_path / "repo")}})
+    data = yaml.safe_load(path.read_text())
+    data["recovery"]["drill_dir"] = str(tmp_path / "drills")
+    path.write_text(yaml.safe_dump(data))
+    cfg = ["--config", str(path)]
+    assert run_cli(*cfg, "backup", "app").returncode == 0
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+    before = {r[0] for r in pg.connect().execute("SELECT datname FROM pg_database")}
+    r = run_cli(*cfg, "recover", "drill")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["scenario"] == "drill" and report["rto_s"] > 0
+    assert {c["component"] if "component" in c else c["kind"] + "/" + c["name"] for c in report["components"]}
+    assert {r[0] for r in pg.connect().execute("SELECT datname FROM pg_database")} == before
+    assert list((tmp_path / "drills").iterdir()) == []
+    assert len(list((tmp_path / "repo" / "_system" / "reports" / "recovery_drill").glob("*.json"))) == 1
+    status = run_cli(*cfg, "report", "--json")
+    assert status.returncode == 0, status.stderr
+    assert "system" in json.loads(status.stdout)

@@ -384,6 +384,8 @@ class Health:
     wal: dict = field(default_factory=dict)  # database -> WalStatus, where a WAL archive exists
     pitr_tests: dict[str, list[Record]] = field(default_factory=dict)
     snapshots: Any = None  # the file snapshots' catalog (core.files.catalog.SnapshotCatalog)
+    # real recoveries and drills: "restore" and "pitr" (every database's), "system", "drill"
+    recoveries: dict[str, list[Record]] = field(default_factory=dict)
 
     @property
     def worst(self) -> str:
@@ -456,7 +458,72 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
             ]
             tests[subject(file_set)] = load_reports(locations, owner, RecordKind.RESTORE_TEST)
     outcomes.append(check_leftovers(config, locations, now))
-    return Health(now, catalog, attempts, tests, outcomes, wal, drills, snapshots)
+    from dr_pipelines.core.recovery.run import SYSTEM_RECORDS
+
+    recoveries = {
+        "restore": [r for db in config.databases for r in load_reports(locations, db, RecordKind.RESTORE)],
+        "pitr": [r for db in config.databases for r in load_reports(locations, db, RecordKind.PITR)],
+        "system": load_reports(locations, SYSTEM_RECORDS, RecordKind.RECOVERY),
+        "drill": load_reports(locations, SYSTEM_RECORDS, RecordKind.RECOVERY_DRILL),
+    }
+    if config.recovery.drill_enabled and (config.file_sets or config.services):
+        outcomes.append(check_system_drill(config, recoveries["drill"], now))
+    outcomes += check_secondary_lag(config, locations, now)
+    return Health(now, catalog, attempts, tests, outcomes, wal, drills, snapshots, recoveries)
+
+
+SYSTEM_DRILL = "system_drill_passed"
+SECONDARY_LAG = "secondary_within_rpo"
+
+
+def check_system_drill(config: DrConfig, drills: list[Record], now: datetime) -> Outcome:
+    """The newest full-system drill passed, within the whole system's RTO and RPO, and is recent."""
+    rec = config.recovery
+    if not drills:
+        return Outcome(
+            "system", SYSTEM_DRILL, False, WARNING, "no full-system drill yet: run `dr-pipelines recover drill`"
+        )
+    d = drills[0]
+    extra = d.model_extra or {}
+    loss = extra.get("data_loss_s")
+    age = now - datetime.fromisoformat(d.started_at)
+    problems = []
+    if not d.passed:
+        problems.append(f"FAILED: {d.error}")
+    if d.rto_s is not None and d.rto_s > rec.rto.total_seconds():
+        problems.append(f"RTO {d.rto_s:.0f} s over the objective {rec.rto.total_seconds():.0f} s")
+    if loss is not None and loss > rec.rpo.total_seconds():
+        problems.append(f"data loss {loss:.0f} s over the objective {rec.rpo.total_seconds():.0f} s")
+    if age > timedelta(days=8):
+        problems.append(f"{age.days} days old (the drill runs weekly)")
+    return Outcome(
+        "system",
+        SYSTEM_DRILL,
+        not problems,
+        ERROR if not d.passed else WARNING,
+        f"full-system drill of {d.started_at}: " + ("; ".join(problems) if problems else f"passed, RTO {d.rto_s} s"),
+        {"rto_s": d.rto_s or 0.0, "data_loss_s": loss if loss is not None else -1.0},
+    )
+
+
+def check_secondary_lag(config: DrConfig, locations: dict[str, Location], now: datetime) -> list[Outcome]:
+    """A failover to a secondary location would lose what it lacks: over the RPO is an incident."""
+    from dr_pipelines.core.recovery.failover import secondary_lag
+
+    out = []
+    for lag in secondary_lag(config, locations, now):
+        subject = lag.component.replace("database ", "").replace("files ", "files/")
+        if lag.behind_s is None:
+            text = f"{lag.location} holds nothing of {lag.component} that {lag.primary} holds"
+        else:
+            text = (
+                f"{lag.location} is {lag.behind_s:.0f} s behind {lag.primary} for {lag.component} "
+                f"(RPO {lag.limit_s:.0f} s)"
+            )
+        out.append(
+            Outcome(subject, f"{SECONDARY_LAG}_{lag.location}", lag.ok, ERROR, text, {"behind_s": lag.behind_s or -1.0})
+        )
+    return out
 
 
 def _named(outcome: Outcome, kind: str) -> Outcome:

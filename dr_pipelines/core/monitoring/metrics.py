@@ -106,6 +106,17 @@ def build_registry(config: DrConfig, h: Health) -> CollectorRegistry:
     for o in h.outcomes:
         if o.database != "*":
             status.labels(o.database, o.check).set(1 if o.passed else 0)
+    drills = h.recoveries.get("drill", [])
+    if drills:  # the whole system, as the weekly drill measured it, beside its objectives
+        sys_rto = Gauge("system_drill_rto_seconds", "Whole-system RTO of the newest full-system drill", registry=reg)
+        sys_loss = Gauge("system_drill_data_loss_seconds", "Data loss of the newest full-system drill", registry=reg)
+        sys_ok = Gauge("system_drill_success", "1 if the newest full-system drill passed, else 0", registry=reg)
+        objective = Gauge("system_objective_seconds", "The whole system's objectives", ["objective"], registry=reg)
+        sys_rto.set(drills[0].rto_s or 0)
+        sys_loss.set((drills[0].model_extra or {}).get("data_loss_s") or 0)
+        sys_ok.set(1 if drills[0].passed else 0)
+        objective.labels("rto").set(config.recovery.rto.total_seconds())
+        objective.labels("rpo").set(config.recovery.rpo.total_seconds())
     return reg
 
 

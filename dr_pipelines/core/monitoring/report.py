@@ -29,9 +29,11 @@ class ComplianceReport:
     summary: pd.DataFrame  # one row per database and kind
     storage: pd.DataFrame  # one row per location
     recommendations: list[str]
+    system: dict | None = None  # the whole system: drills and real recoveries against its objectives
 
     def to_dict(self) -> dict:
         return {
+            "system": self.system,
             "generated_at": self.generated_at.isoformat(),
             "days": self.days,
             "summary": json.loads(self.summary.to_json(orient="records") or "[]"),
@@ -44,7 +46,8 @@ class ComplianceReport:
         return (
             f"# DR compliance report, last {self.days} days ({self.generated_at:%Y-%m-%d %H:%M} UTC)\n\n"
             f"{self.summary.to_markdown(index=False)}\n\n## Storage per location\n\n"
-            f"{self.storage.to_markdown(index=False)}\n\n## Recommendations\n\n{recs}\n"
+            f"{self.storage.to_markdown(index=False)}\n\n## Whole system\n\n{_system_markdown(self.system)}\n\n"
+            f"## Recommendations\n\n{recs}\n"
         )
 
     def to_html(self) -> str:
@@ -55,6 +58,49 @@ class ComplianceReport:
             f"<h1>{title}</h1>{self.summary.to_html(index=False)}<h2>Storage per location</h2>"
             f"{self.storage.to_html(index=False)}<h2>Recommendations</h2><ul>{recs}</ul></body></html>"
         )
+
+
+def _system_markdown(system: dict | None) -> str:
+    if not system:
+        return "no whole-system figures"
+    return "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in system.items())
+
+
+def system_section(config: DrConfig, h: Health, start: datetime, recs: list[str]) -> dict:
+    """Drills of the whole system and every real recovery (restores, PITRs, scenarios) in the window:
+    success rate and RTO, against the whole system's objectives."""
+    rec = config.recovery
+
+    def window(records: list[Record]) -> list[Record]:
+        return [r for r in records if datetime.fromisoformat(r.started_at) >= start and r.finished_at]
+
+    drills = window(h.recoveries.get("drill", []))
+    real = [r for kind in ("restore", "pitr", "system") for r in window(h.recoveries.get(kind, []))]
+    real_rto = pd.Series([r.rto_s for r in real if r.rto_s is not None], dtype=float)
+    drill_rto = pd.Series([r.rto_s for r in drills if r.rto_s is not None], dtype=float)
+    losses = [(r.model_extra or {}).get("data_loss_s") for r in drills]
+    losses = [x for x in losses if x is not None]
+    out = {
+        "rto_objective_s": rec.rto.total_seconds(),
+        "rpo_objective_s": rec.rpo.total_seconds(),
+        "drills": len(drills),
+        "drill_pass_rate_pct": round(100 * sum(d.passed for d in drills) / len(drills), 1) if drills else None,
+        "drill_rto_max_s": round(float(drill_rto.max()), 1) if len(drill_rto) else None,
+        "drill_data_loss_max_s": round(max(losses), 1) if losses else None,
+        "recoveries": len(real),
+        "recovery_success_rate_pct": round(100 * sum(r.passed for r in real) / len(real), 1) if real else None,
+        "recovery_rto_median_s": round(float(real_rto.median()), 1) if len(real_rto) else None,
+        "recovery_rto_max_s": round(float(real_rto.max()), 1) if len(real_rto) else None,
+    }
+    out["rto_met"] = bool(len(drill_rto)) and float(drill_rto.max()) <= rec.rto.total_seconds()
+    out["rpo_met"] = bool(losses) and max(losses) <= rec.rpo.total_seconds()
+    if (config.file_sets or config.services) and rec.drill_enabled and not drills:
+        recs.append("no full-system drill in the window: run `dr-pipelines recover drill` or enable its schedule")
+    elif drills and not out["rto_met"]:
+        recs.append(
+            f"the whole-system drill took {out['drill_rto_max_s']} s, over the RTO {out['rto_objective_s']:.0f} s"
+        )
+    return out
 
 
 def _gaps(points: list[datetime], start: datetime, now: datetime) -> float | None:
@@ -255,7 +301,8 @@ def build_report(config: DrConfig, h: Health, days: int) -> ComplianceReport:
             )
     for p in h.catalog.problems:
         recs.append(f"repository problem: {p}")
-    return ComplianceReport(now, days, pd.DataFrame(rows), storage, recs)
+    system = system_section(config, h, start, recs)
+    return ComplianceReport(now, days, pd.DataFrame(rows), storage, recs, system)
 
 
 def store_report(locations: dict[str, Location], report: ComplianceReport) -> dict[str, list[str]]:

@@ -57,14 +57,14 @@ def choose_failover(config: DrConfig, locations: dict[str, Location], request: P
             + "\n  - ".join(f"{n}: {why}" for n, why in tried.items())
         )
     chosen = plan.locations[0]
-    plan.left_out = {
-        **tried,
-        **{
-            n: "reachable, not needed (an earlier location in config order covers the request)"
-            for n in locations
-            if n not in tried and n != chosen
-        },
-    }
+    for name in locations:
+        if name not in tried and name != chosen:
+            tried[name] = (
+                f"down ({answers[name]})"
+                if answers[name] is not None
+                else "reachable, not needed (an earlier location in config order covers the request)"
+            )
+    plan.left_out = tried
     region = getattr(config.locations[chosen], "region", None)
     plan.notes.append(
         f"failover to location {chosen} (region {region or 'not set'}), the first in config order that answers and covers the request"

@@ -40,7 +40,7 @@ class Incident:
 def incident_time(at: datetime | None, lookback: timedelta | None) -> datetime:
     if at is not None:
         return at
-    return datetime.now(timezone.utc) - (lookback or timedelta(hours=24))
+    return datetime.now(timezone.utc) - (lookback if lookback is not None else timedelta(hours=24))
 
 
 def judge_last_good(config: DrConfig, locations: dict[str, Location]) -> Judge:
