@@ -34,6 +34,7 @@ def cmd_retention(args) -> int:
                     {
                         "backups": plan_json(plan.decisions),
                         "wal": [{"database": w.database, "name": w.name, "reason": w.reason} for w in plan.wal],
+                        "locked": plan.locked_notes(),
                         "snapshots": plan_json(plan.files.decisions) if plan.files else [],
                         "packs": {"remove": sorted(plan.files.packs), "bytes_freed": plan.files.bytes_freed}
                         if plan.files
@@ -44,6 +45,8 @@ def cmd_retention(args) -> int:
             )
         else:
             print(plan_table(plan.decisions))
+            for note in plan.locked_notes():
+                print(f"kept for now: {note}")
             if plan.files and plan.files.decisions:
                 print("\n" + plan_table(plan.files.decisions))
                 print(

@@ -77,11 +77,19 @@ class Removal:
     error: str | None = None
 
 
+def locked_until(location: Location, written: datetime, now: datetime) -> datetime | None:
+    """When a copy written at `written` becomes deletable on immutable storage, if that is still ahead."""
+    lock_until = getattr(location, "lock_until", None)
+    until = lock_until(written) if lock_until else None
+    return until if until is not None and until > now else None
+
+
 def apply_retention(
     locations: dict[str, Location],
     entries: dict[str, CatalogEntry],
     decisions: list[Decision],
     log: Callable[[str], None] = lambda m: None,
+    locked: dict[tuple[str, str], datetime] | None = None,
 ) -> list[Removal]:
     """Remove what the plan removes, on every location: the manifest first, so the backup is gone
     as a whole at once; then its objects (leftovers of a failure are invisible and retried)."""
@@ -92,6 +100,8 @@ def apply_retention(
         entry = entries[d.backup.id]
         for name in entry.locations:
             loc = locations[name]
+            if (d.backup.id, name) in (locked or {}):
+                continue  # immutable there until then: never tried (the plan says when it can go)
             try:
                 loc.delete(f"{entry.manifest.prefix}/{MANIFEST}")
                 for obj in entry.manifest.objects:
@@ -210,6 +220,13 @@ class RetentionPlan:
     problems: list[str]
     wal: list[WalRemoval] = field(default_factory=list)
     files: FilesPlan | None = None  # file snapshots and the packs they leave unreferenced
+    locked: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (backup id, location) -> deletable at
+
+    def locked_notes(self) -> list[str]:
+        return [
+            f"{backup_id} on {location}: under object lock, deletable after {until.isoformat()}"
+            for (backup_id, location), until in sorted(self.locked.items())
+        ]
 
     @property
     def removed(self) -> list[Decision]:
@@ -234,7 +251,15 @@ def build_plan(config, locations: dict[str, Location], now: datetime) -> Retenti
     from dr_pipelines.core.files.retention import plan_files_retention
 
     files = plan_files_retention(config, locations, now)
-    return RetentionPlan(decisions, entries, catalog.problems + files.problems, wal, files)
+    locked = {}
+    for d in decisions:
+        if not d.keep:
+            for name in entries[d.backup.id].locations:
+                until = locked_until(locations[name], entries[d.backup.id].manifest.finished_at, now)
+                if until:
+                    locked[(d.backup.id, name)] = until
+    wal = [w for w in wal if not any(locked_until(loc, w.pushed_at, now) for loc in locations.values())]
+    return RetentionPlan(decisions, entries, catalog.problems + files.problems, wal, files, locked)
 
 
 @dataclass
@@ -243,6 +268,7 @@ class WalRemoval:
     name: str
     keys: list[str]  # sidecar first (the commit marker), then the object
     reason: str
+    pushed_at: datetime
 
 
 def plan_wal_retention(
@@ -283,7 +309,7 @@ def plan_wal_retention(
                 else f"older than {config.retention.wal_days} days and no base backup is kept"
             )
             prefix = f"{wal_prefix(db)}/{timeline_of(name)}"
-            out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{f.object_name}"], why))
+            out.append(WalRemoval(db, name, [f"{prefix}/{name}.json", f"{prefix}/{f.object_name}"], why, f.pushed_at))
     return out
 
 
@@ -359,7 +385,9 @@ def apply_plan(
     for db in config.databases:
         sweep_safely(lambda db=db: repository_leftovers(locations, db, now), log)
     sweep_snapshot_leftovers(config, locations, log)
-    removals = apply_retention(locations, plan.entries, plan.decisions, log=log)
+    removals = apply_retention(locations, plan.entries, plan.decisions, log=log, locked=plan.locked)
+    for note in plan.locked_notes():
+        log(note)
     moves = apply_tiering(config, locations, plan.entries, plan.decisions, log=log)
     wal_errors = apply_wal_retention(locations, plan.wal, log=log)
     files = None

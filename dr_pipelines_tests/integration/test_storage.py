@@ -3,12 +3,13 @@
 import time
 
 import pytest
+import yaml
 
 from dr_pipelines.core.config import GCSLocationConfig, S3LocationConfig
 from dr_pipelines.core.storage.base import LocationDown, ObjectNotFound, forget_down
 from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.storage.locations import open_location
-from dr_pipelines_tests.support.configs import gcs_location, s3_location
+from dr_pipelines_tests.support.configs import BUCKET, gcs_location, s3_location
 
 
 @pytest.fixture(params=["local", "s3", "gcs"])
@@ -98,3 +99,56 @@ def test_an_upload_error_names_the_object_once(tmp_path):
     with pytest.raises(LocationDown) as e:
         upload.commit()
     assert "s3://b/pre/app/logical/x/dump" in str(e.value) and "pre/pre/" not in str(e.value)
+
+
+def test_object_lock_writes_every_object_locked_and_retention_waits_for_it(pg, write_config, s3, tmp_path):
+    """Immutable storage: each object carries its retention; moto refuses a delete under COMPLIANCE; the
+    retention plan never tries, and says when each copy becomes deletable."""
+    import boto3
+
+    from dr_pipelines_tests.support.processes import run_cli
+
+    client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+    client.create_bucket(Bucket="locked", ObjectLockEnabledForBucket=True)
+    locked = {**s3_location(s3), "bucket": "locked", "object_lock": {"mode": "COMPLIANCE", "days": 1}}
+    path = write_config(pg, {"s3": locked}, None)
+    data = yaml.safe_load(path.read_text())
+    data["retention"] = {"daily_days": 0, "weekly_days": 0, "monthly_days": 0, "min_keep": 1}
+    path.write_text(yaml.safe_dump(data))
+    first = run_cli("--config", str(path), "backup", "app")
+    assert first.returncode == 0, first.stderr
+    second = run_cli("--config", str(path), "backup", "app")
+    assert second.returncode == 0, second.stderr
+    old_id = first.stdout.strip().splitlines()[-1]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="locked")["Contents"] if old_id in o["Key"]]
+    assert keys
+    for key in keys:
+        head = client.head_object(Bucket="locked", Key=key)
+        assert head["ObjectLockMode"] == "COMPLIANCE" and head["ObjectLockRetainUntilDate"]
+    version = client.list_object_versions(Bucket="locked", Prefix=keys[0])["Versions"][0]["VersionId"]
+    with pytest.raises(Exception, match="AccessDenied"):
+        client.delete_object(Bucket="locked", Key=keys[0], VersionId=version)  # nobody deletes it early
+
+    plan = run_cli("--config", str(path), "retention", "plan")
+    assert plan.returncode == 0, plan.stderr
+    assert f"kept for now: {old_id} on s3: under object lock, deletable after" in plan.stdout
+    applied = run_cli("--config", str(path), "retention", "apply")
+    assert applied.returncode == 0, applied.stderr
+    assert all(client.head_object(Bucket="locked", Key=k) for k in keys)  # still there, never tried
+
+    plain = {**s3_location(s3), "bucket": BUCKET, "object_lock": {"mode": "GOVERNANCE", "days": 1}}
+    bad = write_config(pg, {"s3": plain}, None)
+    r = run_cli("--config", str(bad), "backups", "list")
+    assert r.returncode == 2 and "locations.s3.object_lock" in r.stderr and "cannot lock objects" in r.stderr
+
+
+def test_gcs_retention_policy_is_set_and_read_back(gcs):
+    from dr_pipelines.core.config import GCSLocationConfig
+    from dr_pipelines.core.storage.gcs import GCSLocation, gcs_client
+
+    cfg = GCSLocationConfig(type="gcs", bucket=BUCKET, retention_days=7)
+    location = GCSLocation("gcs", cfg, gcs_client(cfg))
+    assert location.ensure_retention_policy() == 7 * 86400
+    again = GCSLocation("gcs", cfg, gcs_client(cfg))
+    again.bucket.reload()
+    assert again.bucket.retention_period == 7 * 86400  # read back from the server, not our memory

@@ -19,6 +19,10 @@ class LocationError(DrError):
         self.location = location
 
 
+class ObjectLocked(LocationError):
+    """Immutable storage refused a delete: the object's retention has not expired."""
+
+
 class ObjectNotFound(LocationError):
     pass
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
 from dr_pipelines.core.config import (
@@ -102,6 +103,48 @@ class GCSLocation:
         self.prefix = cfg.prefix
         self.storage_class = cfg.storage_class
         self.chunk_size = cfg.chunk_mb << 20
+        self.retention_days = cfg.retention_days
+
+    def lock_until(self, written: datetime) -> datetime | None:
+        """When an object written at `written` can be deleted under the bucket's retention policy."""
+        return written + timedelta(days=self.retention_days) if self.retention_days else None
+
+    def ensure_retention_policy(self) -> int | None:
+        """Set the bucket's retention policy to retention_days and read it back (the seconds GCS holds).
+        A location that does not answer is left for later. (The GCS emulator stores the policy but does
+        not enforce it: only real GCS refuses an early delete.)"""
+        from dr_pipelines.core.config import ConfigError
+
+        if not self.retention_days:
+            return None
+        want = self.retention_days * 86400
+        try:
+            self.bucket.reload(timeout=self.timeout, retry=self.retry)
+            if self.bucket.retention_period != want:
+                if self.bucket.retention_policy_locked:
+                    raise ConfigError(
+                        f"locations.{self.name}.retention_days: bucket {self.bucket_name!r} has a locked retention "
+                        f"policy of {self.bucket.retention_period} s, which cannot change; set retention_days to match"
+                    )
+                self.bucket.retention_period = want
+                self.bucket.patch(timeout=self.timeout, retry=self.retry)
+                self.bucket.reload(timeout=self.timeout, retry=self.retry)
+        except ConfigError:
+            raise
+        except Exception as e:
+            if _unreachable(e):
+                return None
+            raise ConfigError(
+                f"locations.{self.name}.retention_days: cannot set the retention policy of bucket "
+                f"{self.bucket_name!r}: {describe_error(e)} (the backup host needs storage.buckets.update once, "
+                "or set the policy yourself)"
+            ) from None
+        if self.bucket.retention_period != want:
+            raise ConfigError(
+                f"locations.{self.name}.retention_days: bucket {self.bucket_name!r} reports a retention period of "
+                f"{self.bucket.retention_period} s after it was set to {want} s"
+            )
+        return want
 
     def url(self, key: str = "") -> str:
         return f"gs://{self.bucket_name}/{self.prefix}{key}"

@@ -20,9 +20,13 @@ def open_location(name: str, cfg, base_dir: Path, client: Any = None) -> Locatio
     if isinstance(cfg, LocalLocationConfig):
         return LocalLocation.from_config(name, cfg, base_dir)
     if isinstance(cfg, S3LocationConfig):
-        return S3Location(name, cfg, client or s3_client(name, cfg))
+        location = S3Location(name, cfg, client or s3_client(name, cfg))
+        location.check_object_lock()
+        return location
     if isinstance(cfg, GCSLocationConfig):
-        return GCSLocation(name, cfg, client or gcs_client(cfg))
+        gcs = GCSLocation(name, cfg, client or gcs_client(cfg))
+        gcs.ensure_retention_policy()
+        return gcs
     raise TypeError(f"unknown location config {cfg!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, BinaryIO
 
 from dr_pipelines.core.config import (
@@ -12,6 +13,7 @@ from dr_pipelines.core.storage.base import (
     LocationDown,
     LocationError,
     ObjectInfo,
+    ObjectLocked,
     ObjectNotFound,
     Unfinished,
     Upload,
@@ -43,7 +45,7 @@ class _S3Upload:
                 loc.client.create_multipart_upload,
                 Bucket=loc.bucket,
                 Key=self._key,
-                **loc.put_args,
+                **loc.write_args(),
             )
             self._upload_id = resp["UploadId"]
         number = len(self._parts) + 1
@@ -75,7 +77,7 @@ class _S3Upload:
                 Bucket=loc.bucket,
                 Key=self._key,
                 Body=bytes(self._buf),
-                **loc.put_args,
+                **loc.write_args(),
             )
             return
         if self._buf:
@@ -137,6 +139,46 @@ class S3Location:
             self.put_args["ServerSideEncryption"] = cfg.sse
             if cfg.sse == "aws:kms" and cfg.sse_kms_key_id:
                 self.put_args["SSEKMSKeyId"] = cfg.sse_kms_key_id
+        self.lock = cfg.object_lock
+
+    def write_args(self) -> dict[str, Any]:
+        """What every write carries: the storage class, encryption and, under Object Lock, the retention
+        (from now: each object is immutable for `days` after it is written)."""
+        if self.lock is None:
+            return dict(self.put_args)
+        from datetime import datetime, timedelta, timezone
+
+        until = datetime.now(timezone.utc) + timedelta(days=self.lock.days)
+        return {**self.put_args, "ObjectLockMode": self.lock.mode, "ObjectLockRetainUntilDate": until}
+
+    def lock_until(self, written: datetime) -> datetime | None:
+        """When an object written at `written` can be deleted (None: no lock)."""
+        from datetime import timedelta
+
+        return written + timedelta(days=self.lock.days) if self.lock else None
+
+    def check_object_lock(self) -> None:
+        """A location configured with object_lock whose bucket has no Object Lock would write objects
+        anyone can delete: refused at start. A location that does not answer is checked when it does."""
+        from dr_pipelines.core.config import ConfigError
+
+        if self.lock is None:
+            return
+        try:
+            resp = self.client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+            why = "its Object Lock is not enabled"
+        except Exception as e:
+            if _unreachable(e):
+                return
+            enabled = False
+            why = f"reading its Object Lock configuration failed: {describe_error(e)}"
+        if not enabled:
+            raise ConfigError(
+                f"locations.{self.name}.object_lock: bucket {self.bucket!r} cannot lock objects ({why}). Object Lock "
+                "is chosen when a bucket is created: create one with it enabled (aws s3api create-bucket "
+                "--object-lock-enabled-for-bucket), or remove object_lock from this location"
+            )
 
     def _call(self, what: str, key: str, fn, **kw):
         check_up(self.name)
@@ -162,7 +204,13 @@ class S3Location:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(
-            "write", key, self.client.put_object, Bucket=self.bucket, Key=self.prefix + key, Body=data, **self.put_args
+            "write",
+            key,
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self.prefix + key,
+            Body=data,
+            **self.write_args(),
         )
 
     def create(self, key: str, data: bytes) -> bool:
@@ -175,7 +223,7 @@ class S3Location:
                 Key=self.prefix + key,
                 Body=data,
                 IfNoneMatch="*",
-                **self.put_args,
+                **self.write_args(),
             )
         except LocationError as e:
             code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
@@ -212,7 +260,32 @@ class S3Location:
             raise self._error("list", prefix, e) from e
 
     def delete(self, key: str) -> None:
-        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+        if self.lock is None:
+            self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+            return
+        # a locked bucket is versioned: a plain delete would only hide the object behind a delete marker
+        # (and keep paying for it); every version goes, or the lock says when it can
+        full = self.prefix + key
+        resp = self._call(
+            "list the versions of", key, self.client.list_object_versions, Bucket=self.bucket, Prefix=full
+        )
+        versions = [v for v in resp.get("Versions", []) + resp.get("DeleteMarkers", []) if v["Key"] == full]
+        for v in versions:
+            try:
+                self._call(
+                    "delete", key, self.client.delete_object, Bucket=self.bucket, Key=full, VersionId=v["VersionId"]
+                )
+            except LocationError as e:
+                if "AccessDenied" not in str(e):
+                    raise
+                head = self._call(
+                    "inspect", key, self.client.head_object, Bucket=self.bucket, Key=full, VersionId=v["VersionId"]
+                )
+                raise ObjectLocked(
+                    self.name,
+                    f"{self.url(key)} is under object lock ({head.get('ObjectLockMode')}) until "
+                    f"{head.get('ObjectLockRetainUntilDate')}: it can be deleted after that",
+                ) from None
 
     def unfinished(self, prefix: str = "") -> Iterator[Unfinished]:
         """Multipart uploads never completed nor aborted (billed by S3 until they are)."""
@@ -245,7 +318,7 @@ class S3Location:
 
     def set_storage_class(self, key: str, storage_class: str) -> None:
         """Copy the object onto itself in the new class (boto3's managed copy: multipart when large)."""
-        extra = {**self.put_args, "StorageClass": storage_class, "MetadataDirective": "COPY"}
+        extra = {**self.write_args(), "StorageClass": storage_class, "MetadataDirective": "COPY"}
         self._call(
             "change the storage class of",
             key,
