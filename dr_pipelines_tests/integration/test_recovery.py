@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -523,3 +524,37 @@ def test_the_full_system_drill_measures_and_leaves_nothing(pg, tmp_path):
     status = run_cli(*cfg, "report", "--json")
     assert status.returncode == 0, status.stderr
     assert "system" in json.loads(status.stdout)
+
+
+def test_a_secondary_behind_the_primary_by_more_than_the_rpo_fails_its_check(pg, tmp_path):
+    from dr_pipelines_tests.support.configs import config_from
+    from dr_pipelines_tests.support.processes import run_cli
+
+    locations = {
+        "primary": {"type": "local", "path": str(tmp_path / "primary")},
+        "secondary": {"type": "local", "path": str(tmp_path / "secondary")},
+    }
+    path = _logical_system(pg, tmp_path, locations)
+    data = yaml.safe_load(path.read_text())
+    data["databases"]["app"]["objectives"] = {"rpo": "1s"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    cfg = ["--config", str(path)]
+    assert run_cli(*cfg, "backup", "app").returncode == 0
+
+    def secondary_check() -> dict:
+        status = json.loads(run_cli(*cfg, "status", "--json").stdout)
+        [check] = [c for c in status["checks"] if c["check"] == "secondary_within_rpo" and c["database"] == "app"]
+        return check
+
+    assert secondary_check()["passed"], secondary_check()
+    time.sleep(2)
+    newest = run_cli(*cfg, "backup", "app").stdout.strip().splitlines()[-1]
+    shutil.rmtree(tmp_path / "secondary" / "app" / "logical" / newest)  # the secondary missed it
+    check = secondary_check()
+    assert not check["passed"] and "secondary" in check["description"] and "behind primary" in check["description"]
+    # the same verdict as an asset check of DB/logical_backup (the failed-check sensor alerts on it)
+    from dr_pipelines.defs import runner
+
+    result = runner.run_job(config_from(path), str(path), "dr_health_checks", allow_failure=True)
+    [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == "secondary_within_rpo"]
+    assert not evaluation.passed and "behind primary" in (evaluation.description or "")

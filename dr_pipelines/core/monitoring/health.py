@@ -510,20 +510,42 @@ def check_secondary_lag(config: DrConfig, locations: dict[str, Location], now: d
     """A failover to a secondary location would lose what it lacks: over the RPO is an incident."""
     from dr_pipelines.core.recovery.failover import secondary_lag
 
-    out = []
+    by_component: dict[str, list] = {}
     for lag in secondary_lag(config, locations, now):
-        subject = lag.component.replace("database ", "").replace("files ", "files/")
-        if lag.behind_s is None:
-            text = f"{lag.location} holds nothing of {lag.component} that {lag.primary} holds"
-        else:
-            text = (
-                f"{lag.location} is {lag.behind_s:.0f} s behind {lag.primary} for {lag.component} "
-                f"(RPO {lag.limit_s:.0f} s)"
-            )
-        out.append(
-            Outcome(subject, f"{SECONDARY_LAG}_{lag.location}", lag.ok, ERROR, text, {"behind_s": lag.behind_s or -1.0})
-        )
-    return out
+        by_component.setdefault(lag.component, []).append(lag)
+    return [_secondary_outcome(component, lags) for component, lags in by_component.items()]
+
+
+def check_secondaries(config: DrConfig, locations: dict[str, Location], component: str, now: datetime) -> Outcome:
+    """One component's secondaries (`database NAME` or `files NAME`), for its asset check."""
+    from dr_pipelines.core.recovery.failover import secondary_lag
+
+    lags = [lag for lag in secondary_lag(config, locations, now) if lag.component == component]
+    return _secondary_outcome(component, lags)
+
+
+def _secondary_outcome(component: str, lags: list) -> Outcome:
+    subject = component.replace("database ", "").replace("files ", "files/")
+    if not lags:
+        return Outcome(subject, SECONDARY_LAG, True, ERROR, "one location holds it (or none yet): nothing to compare")
+    texts = [
+        f"{lag.location} holds nothing of it"
+        if lag.behind_s is None
+        else f"{lag.location} {lag.behind_s:.0f} s behind {lag.primary}"
+        for lag in lags
+    ]
+    ok = all(lag.ok for lag in lags)
+    return Outcome(
+        subject,
+        SECONDARY_LAG,
+        ok,
+        ERROR,
+        f"{component}: "
+        + "; ".join(texts)
+        + f" (RPO {lags[0].limit_s:.0f} s)"
+        + ("" if ok else ": a failover to it would lose more than the RPO; check why it falls behind"),
+        {"max_behind_s": max((lag.behind_s for lag in lags if lag.behind_s is not None), default=-1.0)},
+    )
 
 
 def _named(outcome: Outcome, kind: str) -> Outcome:

@@ -49,6 +49,8 @@ def _evaluate(kind: str, cfg: DrConfig, db: str, locations) -> health.Outcome:
         return health.check_integrity(cfg, db, catalog, locations)
     if kind == health.LAST_ATTEMPT:
         return health.check_last_attempt(db, load_reports(locations, db, RecordKind.BACKUP_ATTEMPT))
+    if kind == health.SECONDARY_LAG:
+        return health.check_secondaries(cfg, locations, f"database {db}", datetime.now(timezone.utc))
     raise ValueError(kind)
 
 
@@ -58,6 +60,11 @@ CHECKS: dict[str, tuple[bool, str]] = {  # name -> (blocking, description)
     health.REPLICATION: (False, "The newest backup exists on every configured location."),
     health.INTEGRITY: (True, "Every object of the newest backup reads back from every location with its SHA-256."),
     health.LAST_ATTEMPT: (False, "The most recent backup attempt succeeded."),
+    health.SECONDARY_LAG: (
+        False,
+        "Every secondary location is behind the first by less than the RPO (backups and WAL): a failover to it "
+        "would lose no more than the objective.",
+    ),
 }
 
 
