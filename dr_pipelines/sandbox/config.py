@@ -73,6 +73,32 @@ def _ensure_age_key(base: Path) -> str:
     raise RuntimeError(f"{path} has no '# public key:' line; delete it to make a new sandbox key")
 
 
+def _services(base: Path, port: int) -> dict:
+    """SoundHash's application as the recovery starts it: the API (serving its files) once the database
+    and the files are back, then the frontend after the API; each answers HTTP when healthy. Only the
+    full_system_recovery job starts them (never the drill), on ports beside the sandbox's."""
+    import sys
+
+    out = {}
+    for offset, (name, after, serves) in enumerate(
+        (("api", [], app_files_dir(base)), ("frontend", ["api"], app_files_dir(base) / "config")), start=1
+    ):
+        pidfile = base / f"{name}.pid"
+        serve = f"{sys.executable} -m http.server {port + offset} --bind 127.0.0.1 --directory {serves}"
+        out[name] = {
+            "start": [{"command": ["sh", "-c", f"nohup {serve} >/dev/null 2>&1 & echo $! > {pidfile}"]}],
+            "stop": [
+                {"command": ["sh", "-c", f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}"]}
+            ],
+            "health_checks": [{"url": f"http://127.0.0.1:{port + offset}/"}],
+            "health_retries": 20,
+            "health_interval": "0.5s",
+            "after": after,
+            **({"databases": [DATABASE], "file_sets": ["app", "secrets"]} if name == "api" else {}),
+        }
+    return out
+
+
 def sandbox_config() -> DrConfig:
     base = sandbox_dir()
     recipient = _ensure_age_key(base)
@@ -100,6 +126,14 @@ def sandbox_config() -> DrConfig:
                 "objectives": {"rpo": "8h"},
             },
             "secrets": {"paths": [str(secrets_dir(base))], "secrets": True, "objectives": {"rpo": "8h"}},
+        },
+        "services": _services(base, sandbox_port()),
+        # the drill's PITR clusters need a directory the postgres user reaches (like the sandbox cluster's)
+        "recovery": {
+            "drill_dir": str(_cluster_dir(base).parent / "drills"),
+            "quarantine_dir": str(base / "quarantine"),
+            "rto": "1h",
+            "rpo": "8h",
         },
     }
     return parse_config(data, source="the embedded sandbox", base_dir=base, sandbox=True)

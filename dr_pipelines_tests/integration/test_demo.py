@@ -57,6 +57,7 @@ def test_demo_backup_visible_in_ui():
         assert "backup id:" in output and "age -d -i" in output and "pg_restore" in output
         assert "restore test PASSED" in output and "measured RTO" in output
         assert "point-in-time recovery PASSED" in output, output
+        assert "file restore PASSED" in output and "drill PASSED" in output and "whole-system RTO" in output, output
     finally:
         stop_process(proc)
         from dr_pipelines.core.postgres.cluster import LocalCluster

@@ -160,3 +160,59 @@ def test_file_snapshots_and_restore_files_launched_as_the_ui_does(sandbox_defs):
         assert report.files > 0 and report.rto_s is not None
     finally:
         shutil.rmtree(report.into, ignore_errors=True)
+
+
+def test_full_system_recovery_and_the_drill_launched_as_the_ui_does(sandbox_defs):
+    """The Launchpad's form for full_system_recovery needs one field (target_root); the rest defaults.
+    The sandbox's services start in order on the recovered data; the drill touches nothing running."""
+    sandbox, defs = sandbox_defs
+    instance = dg.DagsterInstance.ephemeral()
+    for job in ("soundhash__base_backup_job", "files_app__snapshot_job", "files_secrets__snapshot_job"):
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False)
+        assert result.success, _failure(result)
+    from dr_pipelines.sandbox.config import config_and_file
+
+    config = config_and_file()[0]
+    _archived(config.databases["soundhash"].port)
+    drill = defs.resolve_job_def("full_system_drill").execute_in_process(instance=instance, raise_on_error=False)
+    assert drill.success, _failure(drill)
+    drilled = drill.output_for_node("full_system_drill_op")
+    assert drilled.passed and {c.component for c in drilled.components} == {
+        "database/soundhash",
+        "files/app",
+        "files/secrets",
+    }
+    assert not [p for p in Path(config.recovery.drill_dir).glob("*")]  # its scratch targets are gone
+
+    target = reachable_tmpdir("drpt-uipath-system-") / "rebuilt"
+    result = defs.resolve_job_def("full_system_recovery").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"plan_full_system_recovery": {"config": {"target_root": str(target)}}}},
+        raise_on_error=False,
+    )
+    try:
+        assert result.success, _failure(result)
+        report = result.output_for_node("recovery_report")
+        assert report.passed and [s.name for s in report.services] == ["api", "frontend"]
+        [db] = [c for c in report.components if c.kind == "database"]
+        port = int(db.where.rsplit(" ", 1)[-1])
+        assert (
+            query_as_postgres(target / "postgres" / "soundhash", port, "SELECT count(*) FROM after_base", "soundhash")
+            == "321"
+        )
+        settings = sandbox / "app_files" / "config" / "settings.yaml"
+        restored = target / "files" / "app" / str(settings).lstrip("/")
+        assert restored.read_bytes() == settings.read_bytes()
+        # the report op's output: a Markdown summary and the figures the UI plots, under stable keys
+        [out] = [
+            e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "recovery_report"
+        ]
+        metadata = out.event_specific_data.metadata  # type: ignore[union-attr]
+        assert "| database/soundhash |" in str(metadata["summary"].value) and float(metadata["rto_s"].value) > 0
+    finally:
+        from dr_pipelines.core.recovery.services import stop_services
+
+        stop_services(config, ["api", "frontend"], lambda m: None)
+        for data_dir in (target / "postgres").glob("*"):
+            LocalCluster(data_dir, 0).stop("immediate")
+        shutil.rmtree(target.parent, ignore_errors=True)
