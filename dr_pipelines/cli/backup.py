@@ -27,14 +27,14 @@ def cmd_backup(args) -> int:
         # Recorded in the Dagster instance, so the backup shows in the UI like a scheduled one.
         from dr_pipelines.defs.runner import materialize_logical_backup
 
-        manifest = materialize_logical_backup(config, args.db, args.config)
+        manifest = materialize_logical_backup(config, args.db, args.config, label=args.label)
     else:
         from dr_pipelines.core.backup.logical import run_logical_backup
         from dr_pipelines.sandbox.config import ensure_sandbox_running
 
         if config.sandbox:
             ensure_sandbox_running(config, log=log)
-        manifest = run_logical_backup(config, args.db, open_cli_locations(config), log=log).manifest
+        manifest = run_logical_backup(config, args.db, open_cli_locations(config), log=log, label=args.label).manifest
     print(manifest.id)
     return EXIT_OK
 
@@ -56,12 +56,15 @@ def cmd_backups_list(args) -> int:
         if not catalog.entries:
             print("no backups found")
         else:
-            print(f"{'DATABASE':<14} {'KIND':<8} {'BACKUP ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10}  LOCATIONS")
+            print(
+                f"{'DATABASE':<14} {'KIND':<8} {'BACKUP ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10}  "
+                f"{'LOCATIONS':<20} LABEL"
+            )
             for e in catalog.entries:
                 m = e.manifest
                 print(
                     f"{m.database:<14} {m.kind:<8} {m.id:<24} {m.created_at:%Y-%m-%d %H:%M:%S}  "
-                    f"{human_size(m.size_bytes):>10}  {','.join(e.locations)}"
+                    f"{human_size(m.size_bytes):>10}  {','.join(e.locations):<20} {m.label or ''}".rstrip()
                 )
         for p in catalog.problems:
             err(f"warning: {p}")
@@ -111,10 +114,10 @@ def cmd_base_backup(args, config) -> int:
     if os.environ.get("DAGSTER_HOME"):  # recorded in the instance, as from the UI
         from dr_pipelines.defs.runner import materialize_base_backup
 
-        backup_id = materialize_base_backup(config, args.db, args.config)
+        backup_id = materialize_base_backup(config, args.db, args.config, label=args.label)
     else:
         from dr_pipelines.core.backup.base import run_base_backup
 
-        backup_id = run_base_backup(config, args.db, open_cli_locations(config), log=log).manifest.id
+        backup_id = run_base_backup(config, args.db, open_cli_locations(config), log=log, label=args.label).manifest.id
     print(backup_id)
     return EXIT_OK

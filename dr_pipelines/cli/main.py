@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backup", help="take a backup now; prints the new backup id")
     b.add_argument("db", metavar="DB")
     b.add_argument("--kind", choices=["logical", "base"], default="logical")
+    b.add_argument(
+        "--label", metavar="TEXT", help="name this backup (e.g. pre-migration); restore --backup TEXT picks it"
+    )
     b.set_defaults(func=cmd_backup)
 
     bs = sub.add_parser("backups", help="list or verify backups in the repository")
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("db", metavar="DB")
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--latest", action="store_true", help="the newest valid backup (falls back if it is bad)")
-    which.add_argument("--backup", metavar="ID", help="this backup id (fails if it is unusable)")
+    which.add_argument("--backup", metavar="ID", help="this backup id or label (fails if it is unusable)")
     which.add_argument("--file", metavar="PATH", help="a backup object or pg_dump -Fc file on this host")
     r.add_argument("--location", metavar="NAME", help="read only this location")
     r.add_argument("--into", metavar="DBNAME", help="target database (default: the configured one)")

@@ -235,8 +235,9 @@ def run_job(
         return result
 
 
-def materialize_logical_backup(config: DrConfig, db: str, config_file: str) -> Manifest:
-    result = run_job(config, config_file, logical_backup_job_name(db))
+def materialize_logical_backup(config: DrConfig, db: str, config_file: str, label: str | None = None) -> Manifest:
+    node = logical_backup_key(db).to_python_identifier()
+    result = run_job(config, config_file, logical_backup_job_name(db), {"ops": {node: {"config": {"label": label}}}})
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = str(mat[0].metadata["backup_id"].value)
     from dr_pipelines.core.repository.catalog import load_catalog
@@ -271,8 +272,9 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
     return md
 
 
-def materialize_base_backup(config: DrConfig, db: str, config_file: str) -> str:
-    result = run_job(config, config_file, base_backup_job_name(db))
+def materialize_base_backup(config: DrConfig, db: str, config_file: str, label: str | None = None) -> str:
+    node = base_backup_key(db).to_python_identifier()
+    result = run_job(config, config_file, base_backup_job_name(db), {"ops": {node: {"config": {"label": label}}}})
     [mat] = result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())
     return str(mat.metadata["backup_id"].value)
 

@@ -577,3 +577,26 @@ def test_plain_sql_dumps_of_the_runbooks_are_imported(pg, setup, tmp_path):
     assert r.returncode != 0 and "no_such_function" in r.stderr and "one transaction" in r.stderr
     assert not {"from_cut", "from_failing"} & databases(pg)
     assert not [d for d in databases(pg) if "__restoring_" in d]  # no staging database stays
+
+
+def test_a_labelled_backup_is_listed_with_its_label_and_restored_by_it(pg, setup, tmp_path):
+    path, cfg, _ = setup()
+    labelled = run_cli("--config", str(path), "backup", "app", "--label", "pre-migration")
+    assert labelled.returncode == 0, labelled.stderr
+    backup_id = labelled.stdout.strip().splitlines()[-1]
+    with pg.connect("app") as conn:  # the migration
+        conn.execute("ALTER TABLE fingerprints ADD COLUMN migrated int DEFAULT 1")
+    assert run_cli("--config", str(path), "backup", "app").returncode == 0  # a newer, unlabelled backup
+    listed = run_cli("--config", str(path), "backups", "list", "app")
+    [line] = [ln for ln in listed.stdout.splitlines() if backup_id in ln]
+    assert line.rstrip().endswith("pre-migration")
+    r = run_cli("--config", str(path), "restore", "app", "--backup", "pre-migration", "--into", "before_migration")
+    assert r.returncode == 0, r.stderr
+    with pg.connect("before_migration") as conn:
+        columns = [
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'fingerprints'"
+            )
+        ]
+    assert "migrated" not in columns

@@ -60,6 +60,7 @@ def record_attempt(
     locations: dict[str, Location],
     log: Log,
     run: Callable[..., BackupResult],
+    label: str | None = None,
 ) -> BackupResult:
     """Take the backup, and record the attempt (success or failure) in the repository: the
     compliance report's success rate counts attempts, which a failed backup's absent manifest can't."""
@@ -72,7 +73,7 @@ def record_attempt(
     # without a manifest) goes first
     sweep_safely(lambda: repository_leftovers(locations, database, started), log)
     with recorded_attempt(locations, database, started, backup_id, {"kind": kind, "database": database}, log) as record:
-        result = run(config, database, locations, log, started, backup_id)
+        result = run(config, database, locations, log, started, backup_id, label)
         record.update(succeeded=True, error=None, stored_on=result.locations, size_bytes=result.manifest.size_bytes)
     return result
 

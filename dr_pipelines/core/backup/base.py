@@ -179,13 +179,23 @@ def _next_xid(db, database: str) -> str | None:
 
 
 def run_base_backup(
-    config: DrConfig, database: str, locations: dict[str, Location], log: Log = lambda msg: None
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    log: Log = lambda msg: None,
+    label: str | None = None,
 ) -> BackupResult:
-    return record_attempt("base", config, database, locations, log, _run)
+    return record_attempt("base", config, database, locations, log, _run, label)
 
 
 def _run(
-    config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime, backup_id: str
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    log: Log,
+    started: datetime,
+    backup_id: str,
+    label: str | None = None,
 ) -> BackupResult:
     db = config.database(database)
     t0 = time.monotonic()
@@ -297,6 +307,7 @@ def _run(
         raise
     manifest = Manifest(
         id=backup_id,
+        label=label,
         kind="base",
         database=database,
         dbname=db.dbname,

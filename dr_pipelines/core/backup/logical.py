@@ -53,13 +53,23 @@ def _tail_stderr(proc: subprocess.Popen, lines: deque) -> threading.Thread:
 
 
 def run_logical_backup(
-    config: DrConfig, database: str, locations: dict[str, Location], log: Log = lambda msg: None
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    log: Log = lambda msg: None,
+    label: str | None = None,
 ) -> BackupResult:
-    return record_attempt("logical", config, database, locations, log, _run_logical_backup)
+    return record_attempt("logical", config, database, locations, log, _run_logical_backup, label)
 
 
 def _run_logical_backup(
-    config: DrConfig, database: str, locations: dict[str, Location], log: Log, started: datetime, backup_id: str
+    config: DrConfig,
+    database: str,
+    locations: dict[str, Location],
+    log: Log,
+    started: datetime,
+    backup_id: str,
+    label: str | None = None,
 ) -> BackupResult:
     db = config.database(database)
     t0 = time.monotonic()
@@ -136,6 +146,7 @@ def _run_logical_backup(
     finished = datetime.now(timezone.utc)
     manifest = Manifest(
         id=backup_id,
+        label=label,
         kind="logical",
         database=database,
         dbname=db.dbname,

@@ -61,8 +61,12 @@ class Catalog:
     problems: list[str]  # unreachable locations, unreadable manifests: reported, never fatal here
 
     def find(self, database: str, backup_id: str) -> CatalogEntry:
+        """By id, else by label (the newest backup carrying it)."""
         for e in self.entries:
             if e.id == backup_id and e.manifest.database == database:
+                return e
+        for e in self.entries:  # newest first
+            if e.manifest.label == backup_id and e.manifest.database == database:
                 return e
         ids = [e.id for e in self.entries if e.manifest.database == database]
         near = difflib.get_close_matches(backup_id, ids, n=3, cutoff=0.3) or ids[:3]

@@ -65,6 +65,7 @@ class Manifest(BaseModel):
     schema_fingerprint: str | None = None
     producer: str = "dr_pipelines"
     extra: dict[str, Any] = {}
+    label: str | None = None  # given when it was taken (e.g. pre-migration): shown in lists, usable to pick it
 
     @property
     def base(self) -> BaseBackupFacts:

@@ -2,8 +2,10 @@
 `DB/base_backup` (pg_basebackup), each streamed to every location."""
 
 from datetime import datetime, timedelta, timezone
+from typing import Optional
 
 import dagster as dg
+from pydantic import Field
 
 from dr_pipelines.core.backup.attempts import PartialBackup
 from dr_pipelines.core.backup.base import run_base_backup
@@ -11,6 +13,13 @@ from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.defs.failures import domain_failures, partial_failure
 from dr_pipelines.defs.resources import DrResource
+
+
+class BackupRunConfig(dg.Config):
+    label: Optional[str] = Field(
+        default=None,
+        description="A name for this backup (e.g. pre-migration): shown in the lists, and a restore can pick it by it.",
+    )
 
 
 def database_key(db: str) -> dg.AssetKey:
@@ -46,6 +55,7 @@ def backup_metadata(manifest, locations: list[str], ratio: float) -> dict:
         "tables": len(manifest.tables),
         "rows": sum(manifest.tables.values()),
         "created_at": dg.MetadataValue.timestamp(manifest.created_at),
+        "label": manifest.label or "",
     }
 
 
@@ -69,11 +79,15 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
             fail_window=max(cfg.freshness_limit(datetime.now(timezone.utc)), timedelta(minutes=1))
         ),
     )
-    def logical_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
+    def logical_backup(
+        context: dg.AssetExecutionContext, config: BackupRunConfig, dr: DrResource
+    ) -> dg.MaterializeResult:
         try:
             with domain_failures():
                 run_config = dr.config()
-                result = run_logical_backup(run_config, db, dr.locations(run_config), log=context.log.info)
+                result = run_logical_backup(
+                    run_config, db, dr.locations(run_config), log=context.log.info, label=config.label or None
+                )
         except dg.Failure as failure:
             partial = failure.__cause__
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
@@ -104,10 +118,10 @@ def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
         "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
         pool=f"pg_{db}",
     )
-    def base_backup(context: dg.AssetExecutionContext, dr: DrResource) -> dg.MaterializeResult:
+    def base_backup(context: dg.AssetExecutionContext, config: BackupRunConfig, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():
             cfg = dr.config()
-            result = run_base_backup(cfg, db, dr.locations(cfg), log=context.log.info)
+            result = run_base_backup(cfg, db, dr.locations(cfg), log=context.log.info, label=config.label or None)
         m, facts = result.manifest, result.manifest.base
         return dg.MaterializeResult(
             metadata={
