@@ -502,12 +502,19 @@ def test_service_rollback_puts_back_the_deployment_when_the_old_version_is_unhea
         subprocess.run(["sh", "-c", f"kill $(cat {pid}) 2>/dev/null || true"])
 
 
-def test_the_full_system_drill_measures_and_leaves_nothing(pg, tmp_path):
+def test_the_full_system_drill_measures_and_leaves_nothing(pg, tmp_path, receiver, monkeypatch):
     from dr_pipelines_tests.support.processes import run_cli
 
+    receiver.start()
+    monkeypatch.setenv("DR_TEST_WEBHOOK", f"{receiver.url}/hook")
+    monkeypatch.setenv("DR_TEST_PD_KEY", "routing-key")
     path = _logical_system(pg, tmp_path, {"local": {"type": "local", "path": str(tmp_path / "repo")}})
     data = yaml.safe_load(path.read_text())
     data["recovery"]["drill_dir"] = str(tmp_path / "drills")
+    data["alerts"] = {
+        "chat": {"type": "webhook", "url_env": "DR_TEST_WEBHOOK", "format": "generic"},
+        "pager": {"type": "pagerduty", "routing_key_env": "DR_TEST_PD_KEY", "url": f"{receiver.url}/pd"},
+    }
     path.write_text(yaml.safe_dump(data))
     cfg = ["--config", str(path)]
     assert run_cli(*cfg, "backup", "app").returncode == 0
@@ -523,7 +530,20 @@ def test_the_full_system_drill_measures_and_leaves_nothing(pg, tmp_path):
     assert len(list((tmp_path / "repo" / "_system" / "reports" / "recovery_drill").glob("*.json"))) == 1
     status = run_cli(*cfg, "report", "--json")
     assert status.returncode == 0, status.stderr
-    assert "system" in json.loads(status.stdout)
+    system = json.loads(status.stdout)["system"]
+    assert system["drills"] == 1 and system["drill_pass_rate_pct"] == 100.0 and system["rto_met"]
+
+    # a real recovery notifies the channels when it starts and when it ends; the pager is never paged for it
+    with pg.connect() as conn:
+        conn.execute("DROP DATABASE app WITH (FORCE)")
+    r = run_cli(*cfg, "recover", "system", "--into", str(tmp_path / "rebuilt"))
+    assert r.returncode == 0, r.stderr
+    texts = [b["text"] for b in receiver.bodies("/hook")]
+    assert any("recovery started: full_system_recovery" in t for t in texts), texts
+    assert any("recovery finished: full_system_recovery" in t for t in texts), texts
+    assert receiver.bodies("/pd") == []
+    system = json.loads(run_cli(*cfg, "report", "--json").stdout)["system"]
+    assert system["recoveries"] == 1 and system["recovery_success_rate_pct"] == 100.0
 
 
 def test_a_secondary_behind_the_primary_by_more_than_the_rpo_fails_its_check(pg, tmp_path):

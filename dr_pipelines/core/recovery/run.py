@@ -55,6 +55,15 @@ class ComponentResult:
     where: str = ""  # the data directory and port, the database, the directory
     fallback: list[str] = field(default_factory=list)  # why a newer point could not be used
     warnings: list[str] = field(default_factory=list)
+    rto_objective_s: float | None = None  # the component's own objective (databases.X / file_sets.X objectives)
+    rpo_objective_s: float | None = None
+
+    @property
+    def objectives_met(self) -> bool | None:
+        if self.rto_objective_s is None:
+            return None
+        loss_ok = self.rpo_objective_s is None or self.data_loss_s is None or self.data_loss_s <= self.rpo_objective_s
+        return self.ok and self.seconds <= self.rto_objective_s and loss_ok
 
     @property
     def component(self) -> str:
@@ -98,23 +107,29 @@ class RecoveryReport:
             f"- RTO: **{self.rto_s or 0:.1f} s** (objective {self.objectives.get('rto_s', 0):.0f} s); "
             f"data loss: **{_seconds(self.data_loss_s)}** (objective {self.objectives.get('rpo_s', 0):.0f} s)",
             "",
-            "| component | restored | from | took | data loss | result |",
-            "|---|---|---|---|---|---|",
+            "| component | restored | from | took | data loss | objectives (RTO / RPO) | result |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in self.components:
             result = "ok" if c.ok else f"FAILED: {c.error}"
             if c.fallback:
                 result += f" (fell back: {'; '.join(c.fallback)})"
+            met = {True: "met", False: "MISSED", None: "-"}[c.objectives_met]
             lines.append(
                 f"| {c.component} | {c.method} {c.point_id} -> {c.where} | {c.point_time or '-'} | {c.seconds:.1f} s "
-                f"| {_seconds(c.data_loss_s)} | {result} |"
+                f"| {_seconds(c.data_loss_s)} | {_seconds(c.rto_objective_s)} / {_seconds(c.rpo_objective_s)}: {met} "
+                f"| {result} |"
             )
         if self.services:
-            lines += ["", "| service (start order) | healthy | took | checks |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "| service (start order) | healthy | took | RTO objective | checks |",
+                "|---|---|---|---|---|",
+            ]
             for s in self.services:
                 lines.append(
                     f"| {s.name} | {'yes' if s.healthy else 'NO: ' + (s.error or '')} | {s.seconds:.1f} s "
-                    f"| {', '.join(s.checks)} |"
+                    f"| {_seconds(s.rto_objective_s)} | {', '.join(s.checks)} |"
                 )
         if self.steps_s:
             lines += ["", "steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.steps_s.items())]
@@ -191,7 +206,16 @@ def _restore_database(
     reference: datetime,
     log: Log,
 ) -> ComponentResult:
-    result = ComponentResult("database", step.database, step.method, step.backup_id, step.backup_time)
+    objectives = config.database(step.database).objectives
+    result = ComponentResult(
+        "database",
+        step.database,
+        step.method,
+        step.backup_id,
+        step.backup_time,
+        rto_objective_s=objectives.rto.total_seconds(),
+        rpo_objective_s=objectives.rpo.total_seconds(),
+    )
     t0 = time.monotonic()
     try:
         if step.method == "pitr":
@@ -238,7 +262,16 @@ def _restore_file_set(
     config: DrConfig, step: FileSetStep, locations: dict[str, Location], reference: datetime, log: Log
 ) -> ComponentResult:
     """The chosen snapshot; if it proves corrupt on every location, the next older one (reported)."""
-    result = ComponentResult("files", step.file_set, "snapshot", step.snapshot_id, step.snapshot_time)
+    fs = config.file_set(step.file_set)
+    result = ComponentResult(
+        "files",
+        step.file_set,
+        "snapshot",
+        step.snapshot_id,
+        step.snapshot_time,
+        rto_objective_s=fs.objectives.rto.total_seconds(),
+        rpo_objective_s=fs.rpo(datetime.now(timezone.utc)).total_seconds(),
+    )
     t0 = time.monotonic()
     for snapshot in [step.snapshot_id, *step.older]:
         into = Path(step.into) / step.file_set if step.into else Path("/")

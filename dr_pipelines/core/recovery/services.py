@@ -19,6 +19,7 @@ class ServiceOutcome:
     seconds: float = 0.0
     checks: list[str] = field(default_factory=list)
     error: str | None = None
+    rto_objective_s: float | None = None  # services.X.rto: how long it may take to come back healthy
 
 
 class ServiceFailed(DrError):
@@ -60,7 +61,7 @@ def start_services(config: DrConfig, names: list[str], log: Log) -> list[Service
     order = start_order(config, names)
     for i, name in enumerate(order):
         svc = config.services[name]
-        outcome = ServiceOutcome(name)
+        outcome = ServiceOutcome(name, rto_objective_s=svc.rto.total_seconds() if svc.rto else None)
         outcomes.append(outcome)
         t0 = time.monotonic()
         try:
