@@ -176,6 +176,8 @@ def main() -> int:
                         report = json.loads(proc.stdout)
                         rto.append(report["rto_s"])
                         steps.append({c["kind"] + "/" + c["name"]: c["seconds"] for c in report["components"]})
+                        inside = [c["steps_s"] for c in report["components"] if c["kind"] == "database"]
+                        print(f"  round {i + 1}: database steps {inside}", flush=True)
                     else:
                         _drop("bench_bare")
                         with _connect() as c:

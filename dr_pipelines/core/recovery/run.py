@@ -55,6 +55,7 @@ class ComponentResult:
     where: str = ""  # the data directory and port, the database, the directory
     fallback: list[str] = field(default_factory=list)  # why a newer point could not be used
     warnings: list[str] = field(default_factory=list)
+    steps_s: dict[str, float] = field(default_factory=dict)  # inside the component (fetch, pg_restore, validate...)
     rto_objective_s: float | None = None  # the component's own objective (databases.X / file_sets.X objectives)
     rpo_objective_s: float | None = None
 
@@ -237,6 +238,7 @@ def _restore_database(
             )
             result.point_time = pitr.reached_time or step.backup_time
             result.warnings = pitr.warnings
+            result.steps_s = dict(pitr.steps_s)
             result.where = f"{step.data_dir} on port {step.port}"
             if query_as_postgres(Path(step.data_dir), step.port, "SELECT pg_is_in_recovery()") != "f":
                 raise DrError(f"the recovered cluster of {step.database} on port {step.port} is not a promoted primary")
@@ -249,6 +251,7 @@ def _restore_database(
                 log,
             )
             result.where = f"database {done.target!r}"
+            result.steps_s = dict(done.steps_s)
         result.ok = True
     except Exception as e:
         result.error = str(e) or type(e).__name__

@@ -43,5 +43,7 @@ def restore_logical(
     if not result.passed:
         drop_database(db, request.database, plan.staging)
         raise ValidationFailed(result)
+    t0 = time.monotonic()
     previous = swap_in(db, request.database, plan, request.keep_previous, log)
+    steps["swap"] = round(time.monotonic() - t0, 3)
     return LogicalRestore(plan.target, fetched, result, previous, steps)
