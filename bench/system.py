@@ -26,6 +26,7 @@ from pathlib import Path
 import psycopg
 import pyrage
 import yaml
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +44,7 @@ def _connect():
 
 def _drop(name: str) -> None:
     with _connect() as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _wall(cmd: list[str], env: dict | None = None) -> float:

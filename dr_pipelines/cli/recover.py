@@ -50,6 +50,7 @@ def add_recover_parser(sub) -> None:
     b.add_argument("--before", required=True, metavar="TS", help="a moment before the deployment (with a time zone)")
     b.add_argument("--with-database", action="store_true", help="also restore its databases to that point")
     b.add_argument("--yes", metavar="SERVICE", help="the service's name again, to confirm")
+    b.add_argument("--plan", action="store_true", help="print what it would restore and replace; touch nothing")
     b.set_defaults(func=cmd_recover_rollback)
 
     v = rsub.add_parser("services", help="start services in dependency order, each waiting for its health checks")
@@ -163,6 +164,15 @@ def cmd_recover_rollback(args) -> int:
 
     config = config_from_args(args)
     config.service(args.service)
+    if args.plan:
+        from dr_pipelines.core.pitr.recover import parse_target_time
+        from dr_pipelines.core.recovery.rollback import plan_rollback
+
+        plan = plan_rollback(
+            config, open_cli_locations(config), args.service, parse_target_time(args.before), args.with_database
+        )
+        print(plan.describe())
+        return EXIT_OK
     options = {
         "service": args.service,
         "before": args.before,

@@ -475,6 +475,10 @@ def test_service_rollback_puts_back_the_deployment_when_the_old_version_is_unhea
     (tree / "VERSION").write_text("v2 healthy\n")  # the deployment
     (tree / "other.txt").write_text("not the service's: never rolled back\n")
 
+    plan = run_cli(*cfg, "recover", "rollback", "api", "--before", before, "--plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "file set app: snapshot" in plan.stdout and str(tree / "VERSION") in plan.stdout
+    assert (tree / "VERSION").read_text() == "v2 healthy\n"  # --plan touches nothing
     r = run_cli(*cfg, "recover", "rollback", "api", "--before", before)
     assert r.returncode == 2 and "confirm by naming it" in r.stderr
     r = run_cli(*cfg, "recover", "rollback", "api", "--before", before, "--yes", "api")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.errors import DrError
+from dr_pipelines.core.files.catalog import SnapshotEntry
 from dr_pipelines.core.files.restore import choose_snapshot, restore_files
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect
@@ -58,6 +59,51 @@ def _rollback_paths(config: DrConfig, service: str) -> dict[str, list[Path]]:
     return out
 
 
+@dataclass
+class RollbackPlan:
+    service: str
+    before: datetime
+    targets: dict[str, list[Path]]  # file set -> the paths replaced
+    snapshots: dict[str, SnapshotEntry]  # file set -> the snapshot restored
+    backups: dict[str, str]  # database -> the logical backup restored
+
+    def describe(self) -> str:
+        lines = [f"service_rollback of {self.service} to before {self.before.isoformat()}"]
+        lines.append("1. restore into a staging directory (the service still runs):")
+        for name, entry in self.snapshots.items():
+            paths = ", ".join(str(p) for p in self.targets[name])
+            lines.append(f"   - file set {name}: snapshot {entry.id} ({entry.index.created_at.isoformat()}): {paths}")
+        lines.append(f"2. stop {self.service}")
+        lines.append("3. move what is deployed aside (*.pre_rollback_<time>), move the restored files in")
+        for name, backup_id in self.backups.items():
+            lines.append(f"   - database {name}: logical backup {backup_id}; the current one kept as *__pre_restore_*")
+        lines.append(f"4. start {self.service} and wait for its health checks; if they fail, put the deployment back")
+        return "\n".join(lines)
+
+
+def plan_rollback(
+    config: DrConfig, locations: dict[str, Location], service: str, before: datetime, with_database: bool
+) -> RollbackPlan:
+    """What the rollback will restore, decided before anything is touched."""
+    svc = config.service(service)
+    if before.tzinfo is None:
+        raise ConfigError("the rollback point needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+    targets = _rollback_paths(config, service)
+    snapshots = {name: choose_snapshot(locations, name, before=before) for name in targets}
+    backups = {}
+    if with_database:
+        for name in svc.databases:
+            logicals = [
+                e
+                for e in load_catalog(locations.values(), name, "logical").entries
+                if e.manifest.database == name and e.manifest.finished_at <= before
+            ]
+            if not logicals:
+                raise DrError(f"database {name!r}: no logical backup before {before.isoformat()}; nothing was touched")
+            backups[name] = logicals[0].id
+    return RollbackPlan(service, before, targets, snapshots, backups)
+
+
 def _swap_database(config: DrConfig, name: str, current: str, back: str, log: Log) -> None:
     from psycopg import sql
 
@@ -83,34 +129,21 @@ def service_rollback(
     confirm: str | None,
     log: Log,
 ) -> RollbackReport:
-    svc = config.service(service)
     if confirm != service:
         raise ConfigError(
             f"a rollback replaces the files{' and databases' if with_database else ''} of service {service!r}: "
             f"confirm by naming it (Launchpad: confirm: {service}; shell: --yes {service})"
         )
-    if before.tzinfo is None:
-        raise ConfigError("the rollback point needs a time zone (e.g. 2026-11-23T10:15:00+00:00)")
+    plan = plan_rollback(config, locations, service, before, with_database)
     t0 = time.monotonic()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report = RollbackReport(service, before.isoformat(), datetime.now(timezone.utc).isoformat())
-    targets = _rollback_paths(config, service)
-    # decided and fetched before the service is touched: a missing point or a corrupt snapshot stops here
+    targets, backups = plan.targets, plan.backups
+    # fetched before the service is touched: a corrupt snapshot stops here
     staging = config.files.resolved_state_dir(config.base_dir) / f"rollback-{service}-{stamp}"
-    backups = {}
-    if with_database:
-        for name in svc.databases:
-            logicals = [
-                e
-                for e in load_catalog(locations.values(), name, "logical").entries
-                if e.manifest.database == name and e.manifest.finished_at <= before
-            ]
-            if not logicals:
-                raise DrError(f"database {name!r}: no logical backup before {before.isoformat()}; nothing was touched")
-            backups[name] = logicals[0].id
     try:
         for name, paths in targets.items():
-            entry = choose_snapshot(locations, name, before=before)
+            entry = plan.snapshots[name]
             restore_files(config, locations, name, staging / name, entry=entry, paths=[str(p) for p in paths], log=log)
             report.snapshots[name] = entry.id
         stop_services(config, [service], log)

@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.monitoring.alerts import notify
 from dr_pipelines.core.monitoring.health import PITR_TEST
 from dr_pipelines.core.pitr.drill import run_pitr_drill
 from dr_pipelines.core.pitr.recover import (
@@ -83,8 +84,11 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
         with domain_failures():
             cfg = dr.config()
             locations = dr.locations(cfg)
+            request = config.request()
+            source = f"point_in_time_recovery run {context.run_id}"
+            notify(cfg, f"PITR started: {request.database}", f"to {request.target_text}", source, context.log.info)
             try:
-                report = run_pitr(cfg, dr.config_file, config.request(), locations, log=context.log.info)
+                report = run_pitr(cfg, dr.config_file, request, locations, log=context.log.info)
             except PitrFailed as e:
                 store_json_record(
                     locations,
@@ -97,6 +101,13 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
                 raise
             store_json_record(
                 locations, report.database, RecordKind.PITR, report.started_at, report.to_dict(), context.log.info
+            )
+            notify(
+                cfg,
+                f"PITR finished: {request.database}",
+                f"recovered to {report.reached_time} in {report.rto_s}s on port {report.port}",
+                source,
+                context.log.info,
             )
         context.add_output_metadata(
             {

@@ -21,6 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from dr_pipelines.core.config import DatabaseConfig, DrConfig
+from dr_pipelines.core.monitoring.alerts import notify
 from dr_pipelines.core.postgres.client import connect
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.repository.records import RecordKind
@@ -140,6 +141,13 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                     f"backup {entry.id} ({entry.manifest.created_at:%Y-%m-%d %H:%M:%S} UTC) "
                     f"on {', '.join(entry.locations)}"
                 )
+            notify(
+                cfg,
+                f"restore started: {request.database}",
+                f"backup {request.backup} into {plan.target!r}",
+                f"restore_database run {context.run_id}",
+                context.log.info,
+            )
         return RestoreState(request, plan, started, time.time())
 
     @dg.op(
@@ -305,10 +313,18 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                 metadata={"restored_from": report.backup_id or "file", "rto_s": report.rto_s},
             )
         )
-        context.log.info(
+        done = (
             f"restore of {request.database} into {report.target} done: backup {report.backup_id}, "
             f"RTO {report.rto_s:.1f}s, data-loss window {report.data_loss_window_s}s"
             + (" (FALLBACK)" if report.fallback else "")
+        )
+        context.log.info(done)
+        notify(
+            dr.config(),
+            f"restore finished: {request.database}",
+            done,
+            f"restore_database run {context.run_id}",
+            context.log.info,
         )
         return report
 
