@@ -156,6 +156,8 @@ def apply_tiering(
             if not target:
                 continue
             loc, moved = locations[name], 0
+            if getattr(loc, "lock", None) or getattr(loc, "retention_days", None):
+                continue  # a copy onto itself would be a new locked version beside the old: use lifecycle rules
             if not isinstance(loc, TieredLocation):  # a class configured where there are none (local disk)
                 continue
             try:

@@ -36,7 +36,9 @@ def _service(root: Path, name: str, healthy: bool = True) -> dict:
                 "command": [
                     "sh",
                     "-c",
-                    f"echo {name} >> {root}/started.log; nohup {serve} >/dev/null 2>&1 & echo $! > {pidfile}",
+                    # the recovery says where the data went: the recovered cluster's port, for one
+                    f"echo {name}:${{DR_DB_APP_PORT:-unset}} >> {root}/started.log; "
+                    f"nohup {serve} >/dev/null 2>&1 & echo $! > {pidfile}",
                 ]
             }
         ],
@@ -97,7 +99,10 @@ class System:
 
     def started(self) -> list[str]:
         log = self.services_dir / "started.log"
-        return log.read_text().split() if log.exists() else []
+        return [line.split(":")[0] for line in log.read_text().split()] if log.exists() else []
+
+    def ports_seen(self) -> set[str]:
+        return {line.split(":")[1] for line in (self.services_dir / "started.log").read_text().split()}
 
     def stop_services(self) -> None:
         for pidfile in self.services_dir.glob("*.pid"):
@@ -158,6 +163,7 @@ def test_full_system_recovery_rebuilds_databases_files_and_services_in_order(sys
     assert _rows(port, "SELECT * FROM orders ORDER BY id") == source_orders  # the WAL after the base backup too
     assert tree_facts(restored_root(target / "files" / "app", s.tree)) == tree_facts(s.tree)
     assert s.started() == ["api", "frontend"]  # dependency order, each after the previous was healthy
+    assert s.ports_seen() == {str(port)}  # the services were told where the recovered database runs
     assert [x["name"] for x in report["services"]] == ["api", "frontend"]
     assert all(x["healthy"] for x in report["services"])
     assert report["rto_s"] > 0 and db["data_loss_s"] is not None and "restore" in report["steps_s"]
@@ -499,7 +505,7 @@ def test_service_rollback_puts_back_the_deployment_when_the_old_version_is_unhea
     before = datetime.now(timezone.utc).isoformat()
     (tree / "VERSION").write_text("v4 healthy\n")
     r = run_cli(*cfg, "recover", "rollback", "api", "--before", before, "--yes", "api")
-    assert r.returncode != 0 and "did not come back healthy" in r.stderr and "back in place" in r.stderr
+    assert r.returncode != 0 and "rollback of 'api' failed" in r.stderr and "back in place and running" in r.stderr
     assert (tree / "VERSION").read_text() == "v4 healthy\n"
     assert [p.read_text() for p in tree.glob("VERSION.failed_rollback_*")] == ["v3 broken\n"]
     for pid in services.glob("*.pid"):
@@ -582,3 +588,20 @@ def test_a_secondary_behind_the_primary_by_more_than_the_rpo_fails_its_check(pg,
     result = runner.run_job(config_from(path), str(path), "dr_health_checks", allow_failure=True)
     [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == "secondary_within_rpo"]
     assert not evaluation.passed and "behind primary" in (evaluation.description or "")
+
+
+def test_a_refused_logical_restore_never_drops_the_live_database_on_a_rerun(pg, tmp_path):
+    """The target exists and holds data: the recovery refuses that component, and running it again (as its
+    message says to) must not take the live database for one the failed run created."""
+    from dr_pipelines_tests.support.processes import run_cli
+
+    path = _logical_system(pg, tmp_path, {"local": {"type": "local", "path": str(tmp_path / "repo")}})
+    cfg = ["--config", str(path)]
+    assert run_cli(*cfg, "backup", "app").returncode == 0
+    assert run_cli(*cfg, "snapshot", "app").returncode == 0
+    live = pg.table_checksums("app")
+    into = tmp_path / "rebuilt"
+    for _ in range(2):
+        r = run_cli(*cfg, "recover", "system", "--into", str(into), "--method", "logical", "--no-services")
+        assert r.returncode != 0 and "source database 'app' itself" in r.stderr
+        assert pg.table_checksums("app") == live

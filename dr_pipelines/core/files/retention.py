@@ -16,7 +16,7 @@ from dr_pipelines.core.files.locks import Lock, live_locks
 from dr_pipelines.core.gfs import BackupFacts, Decision, plan_retention
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.records import RecordKind, load_reports
-from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.storage.base import Location, LocationError, ObjectLocked
 
 KIND = "snapshot"
 
@@ -87,6 +87,7 @@ class FilesOutcome:
     bytes_freed: int = 0
     deferred: list[str] = field(default_factory=list)  # locations where a snapshot was running
     errors: list[str] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # packs under object lock: collected once it expires
 
 
 def apply_files_retention(locations: dict[str, Location], plan: FilesPlan, log: Log = lambda m: None) -> FilesOutcome:
@@ -134,11 +135,17 @@ def apply_files_retention(locations: dict[str, Location], plan: FilesPlan, log: 
                 stored = [(fmt.pack_id_of(o.key), o.key, o.size) for o in loc.list(f"{fmt.ROOT}/packs/")]
                 for pack_id, key, size in stored:
                     if pack_id not in referenced:
-                        loc.delete(key)
+                        try:
+                            loc.delete(key)
+                        except ObjectLocked as e:  # immutable until then: a later run collects it
+                            out.locked.append(str(e))
+                            continue
                         out.packs_deleted += 1
                         out.bytes_freed += size
             except LocationError as e:
                 out.errors.append(f"{name}: {e}")
+    if out.locked:
+        log(f"{len(out.locked)} unreferenced pack copies are under object lock: collected once it expires")
     if out.packs_deleted:
         log(
             f"collected {out.packs_deleted} pack copies no retained snapshot refers to, over every location "

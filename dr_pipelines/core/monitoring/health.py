@@ -529,17 +529,20 @@ def _secondary_outcome(component: str, lags: list) -> Outcome:
     if not lags:
         return Outcome(subject, SECONDARY_LAG, True, ERROR, "one location holds it (or none yet): nothing to compare")
     texts = [
-        f"{lag.location} holds nothing of it"
+        f"{lag.location}: unknown ({lag.unknown})"
+        if lag.unknown
+        else f"{lag.location} holds nothing of it"
         if lag.behind_s is None
         else f"{lag.location} {lag.behind_s:.0f} s behind {lag.primary}"
         for lag in lags
     ]
     ok = all(lag.ok for lag in lags)
+    known_bad = any(not lag.ok and lag.unknown is None for lag in lags)
     return Outcome(
         subject,
         SECONDARY_LAG,
         ok,
-        ERROR,
+        ERROR if known_bad else WARNING,  # a location that does not answer is reported as such elsewhere
         f"{component}: "
         + "; ".join(texts)
         + f" (RPO {lags[0].limit_s:.0f} s)"

@@ -93,13 +93,14 @@ def choose_failover(config: DrConfig, locations: dict[str, Location], request: P
 class Lag:
     component: str  # database NAME / files NAME
     location: str
-    behind_s: float | None  # None: it holds nothing of the component
+    behind_s: float | None  # None: it holds nothing of the component (or `unknown` says why not known)
     primary: str
     limit_s: float
+    unknown: str | None = None  # a location did not answer: the lag cannot be known, which is no pass
 
     @property
     def ok(self) -> bool:
-        return self.behind_s is not None and self.behind_s <= self.limit_s
+        return self.unknown is None and self.behind_s is not None and self.behind_s <= self.limit_s
 
 
 def secondary_lag(config: DrConfig, locations: dict[str, Location], now: datetime) -> list[Lag]:
@@ -112,12 +113,20 @@ def secondary_lag(config: DrConfig, locations: dict[str, Location], now: datetim
     out = []
     components = [("database", d, config.databases[d].objectives.rpo) for d in config.databases]
     components += [("files", f, config.file_sets[f].rpo(now)) for f in config.file_sets]
+    down = {n: why for n, why in probe(locations).items() if why}
     for kind, name, rpo in components:
+        component, limit = f"{kind} {name}", rpo.total_seconds()
+        if primary in down:
+            out += [Lag(component, o, None, primary, limit, f"{primary} does not answer") for o in names[1:]]
+            continue
         head = newest_point(config, {primary: locations[primary]}, kind, name)
         if head is None:
             continue
         for other in names[1:]:
+            if other in down:
+                out.append(Lag(component, other, None, primary, limit, f"{other} does not answer"))
+                continue
             t = newest_point(config, {other: locations[other]}, kind, name)
             behind = None if t is None else max(0.0, (head - t).total_seconds())
-            out.append(Lag(f"{kind} {name}", other, behind, primary, rpo.total_seconds()))
+            out.append(Lag(component, other, behind, primary, limit))
     return out

@@ -46,14 +46,14 @@ def incident_time(at: datetime | None, lookback: timedelta | None) -> datetime:
 def judge_last_good(config: DrConfig, locations: dict[str, Location]) -> Judge:
     """A point is good only if a restore of it was proven (restore test, PITR drill) and, for files,
     its change rate was normal: mass encryption shows as a change far above the usual."""
-    proven: dict[str, set[str]] = {}
+    proven: dict[tuple, set[str]] = {}
 
     def proven_ids(owner: str, *kinds: RecordKind) -> set[str]:
-        if owner not in proven:
-            proven[owner] = {
+        if (owner, kinds) not in proven:
+            proven[(owner, kinds)] = {
                 r.backup_id for k in kinds for r in load_reports(locations, owner, k) if r.passed and r.backup_id
             }
-        return proven[owner]
+        return proven[(owner, kinds)]
 
     snapshots: dict[str, list[SnapshotEntry]] = {}
 

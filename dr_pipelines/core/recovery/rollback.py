@@ -17,7 +17,7 @@ from dr_pipelines.core.files.catalog import SnapshotEntry
 from dr_pipelines.core.files.restore import choose_snapshot, restore_files
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.client import connect
-from dr_pipelines.core.recovery.services import ServiceFailed, start_services, stop_services
+from dr_pipelines.core.recovery.services import start_services, stop_services
 from dr_pipelines.core.repository.catalog import load_catalog
 from dr_pipelines.core.restore.database import restore_logical
 from dr_pipelines.core.restore.request import RestoreRequest
@@ -104,16 +104,38 @@ def plan_rollback(
     return RollbackPlan(service, before, targets, snapshots, backups)
 
 
+def _put_back(
+    config: DrConfig,
+    service: str,
+    moved: list[tuple[Path, Path | None]],
+    swapped: list[tuple[str, str, str]],
+    stamp: str,
+    log: Log,
+) -> None:
+    """The deployment back in place (the rolled-back files kept as *.failed_rollback_*), then started."""
+    try:
+        stop_services(config, [service], log)
+    except Exception as e:  # it may not have started at all
+        log(f"warning: stopping {service} before putting the deployment back: {e}")
+    for path, aside in reversed(moved):
+        if path.exists() or path.is_symlink():
+            path.rename(path.with_name(f"{path.name}.failed_rollback_{stamp}"))
+        if aside is not None:
+            aside.rename(path)
+    for name, current, previous in swapped:
+        _swap_database(config, name, current, previous, log)
+    start_services(config, [service], log)
+
+
 def _swap_database(config: DrConfig, name: str, current: str, back: str, log: Log) -> None:
     from psycopg import sql
+
+    from dr_pipelines.core.restore.target import _terminate
 
     db = config.database(name)
     with connect(db, name, dbname="postgres", autocommit=True) as conn:
         for datname in (current, back):
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (datname,),
-            )
+            _terminate(conn, datname)  # waits until each session is gone: a rename needs none left
         failed = f"{db.dbname[:30]}__failed_rollback_{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(current), sql.Identifier(failed)))
         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(back), sql.Identifier(current)))
@@ -147,49 +169,50 @@ def service_rollback(
             restore_files(config, locations, name, staging / name, entry=entry, paths=[str(p) for p in paths], log=log)
             report.snapshots[name] = entry.id
         stop_services(config, [service], log)
-        moved: list[tuple[Path, Path]] = []  # (path, where the deployed one went)
-        for name, paths in targets.items():
-            for path in paths:
-                restored = staging / name / str(path).lstrip("/")
-                aside = path.with_name(f"{path.name}.pre_rollback_{stamp}")
-                if path.exists() or path.is_symlink():
-                    path.rename(aside)
-                    moved.append((path, aside))
-                    report.kept_aside[str(path)] = str(aside)
-                if restored.exists() or restored.is_symlink():
-                    shutil.move(str(restored), str(path))
-        for name, backup_id in backups.items():
-            target = config.database(name).dbname
-            done = restore_logical(
-                config,
-                locations,
-                RestoreRequest(name, backup=backup_id, clean=True, confirm=target, keep_previous=True),
-                log,
-            )
-            report.backups[name] = backup_id
-            if done.previous:
-                report.kept_aside[f"database {target}"] = done.previous
+        moved: list[tuple[Path, Path | None]] = []  # (path, where the deployed one went; None: there was none)
+        swapped: list[tuple[str, str, str]] = []  # (database, its name, where the deployed one went)
         try:
+            for name, paths in targets.items():
+                for path in paths:
+                    restored = staging / name / str(path).lstrip("/")
+                    aside = None
+                    if path.exists() or path.is_symlink():
+                        aside = path.with_name(f"{path.name}.pre_rollback_{stamp}")
+                        path.rename(aside)
+                        report.kept_aside[str(path)] = str(aside)
+                    moved.append((path, aside))
+                    if restored.exists() or restored.is_symlink():
+                        shutil.move(str(restored), str(path))
+            for name, backup_id in backups.items():
+                target = config.database(name).dbname
+                done = restore_logical(
+                    config,
+                    locations,
+                    RestoreRequest(name, backup=backup_id, clean=True, confirm=target, keep_previous=True),
+                    log,
+                )
+                report.backups[name] = backup_id
+                if done.previous:
+                    report.kept_aside[f"database {target}"] = done.previous
+                    swapped.append((name, target, done.previous))
             start_services(config, [service], log)
-        except ServiceFailed as e:
+        except Exception as e:  # unhealthy, or a step of the swap failed: what was deployed goes back
             report.error = str(e)
             log(f"ROLLBACK FAILED: {e}. Putting back what was deployed")
-            stop_services(config, [service], log)
-            for path, aside in moved:
-                failed = path.with_name(f"{path.name}.failed_rollback_{stamp}")
-                if path.exists() or path.is_symlink():
-                    path.rename(failed)
-                aside.rename(path)
-            for key, previous in list(report.kept_aside.items()):
-                if key.startswith("database "):
-                    name = next(n for n in backups if config.database(n).dbname == key.split(" ", 1)[1])
-                    _swap_database(config, name, key.split(" ", 1)[1], previous, log)
+            try:
+                _put_back(config, service, moved, swapped, stamp, log)
+            except Exception as again:
+                raise RollbackFailed(
+                    f"the rollback of {service!r} failed ({e}) AND putting the deployment back failed ({again}). "
+                    f"The service is stopped. Deployed files kept aside: {report.kept_aside or 'none'}; put them "
+                    "back by hand (rename *.pre_rollback_* over the rolled-back paths) and start it",
+                    report,
+                ) from None
             report.put_back = True
             report.kept_aside = {}
-            start_services(config, [service], log)
             raise RollbackFailed(
-                f"the rolled-back {service!r} did not come back healthy ({e}); what was deployed is back in place "
-                f"and running. The rolled-back files are kept beside it as *.failed_rollback_{stamp}",
+                f"the rollback of {service!r} failed ({e}); what was deployed is back in place and running. "
+                f"The rolled-back files are kept beside it as *.failed_rollback_{stamp}",
                 report,
             ) from None
     finally:

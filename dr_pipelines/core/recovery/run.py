@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from dr_pipelines.core.files.restore import restore_files
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.owner import owner_dead, owner_tag
 from dr_pipelines.core.pitr.recover import PitrRequest, query_as_postgres, run_pitr
-from dr_pipelines.core.postgres.cluster import LocalCluster
+from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
 from dr_pipelines.core.recovery.plan import MARKER, DatabaseStep, FileSetStep, RecoveryPlan, files_root_roots
 from dr_pipelines.core.recovery.services import ServiceFailed, ServiceOutcome, start_services
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
@@ -145,9 +146,27 @@ def _seconds(value: float | None) -> str:
 # --------------------------------------------------------------------------- a killed recovery
 
 
+_MARKER_LOCK = threading.Lock()  # the restores of one recovery update its marker from several threads
+
+
 def _write_marker(root: Path, data: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text(json.dumps(data, indent=2, default=str))
+    tmp = root / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.rename(root / MARKER)
+
+
+def _update_marker(root: Path, **changes) -> None:
+    from dr_pipelines.core.recovery.plan import owner_of_marker
+
+    with _MARKER_LOCK:
+        data = owner_of_marker(root) or {}
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        _write_marker(root, data)
 
 
 def clear_killed_recovery(config: DrConfig, root: Path, log: Log) -> str | None:
@@ -157,10 +176,16 @@ def clear_killed_recovery(config: DrConfig, root: Path, log: Log) -> str | None:
     marker = owner_of_marker(root)
     if marker is None:
         return None
-    if owner_dead(marker.get("owner")) is False:
+    if owner_dead(marker.get("owner")) is not True:  # alive, or another host's: never taken
         raise RecoveryRefused(
-            f"another recovery into {root} is running (started {marker.get('started_at')}, {marker.get('owner')}); "
-            "wait for it, or choose another target"
+            f"another recovery into {root} is running or cannot be known dead (started {marker.get('started_at')}, "
+            f"{marker.get('owner')}); wait for it, or choose another target. Nothing was touched"
+        )
+    if marker.get("restored"):
+        raise RecoveryRefused(
+            f"a recovery into {root} restored every component ({marker.get('started_at')}, {marker.get('scenario')}) "
+            "and services may run on it: it is not removed. Choose another target, or take it down and remove "
+            f"{root / MARKER} with what it lists yourself. Nothing was touched"
         )
     for step in marker.get("plan", {}).get("databases", []):
         if step.get("data_dir") and Path(step["data_dir"]).exists():
@@ -221,6 +246,8 @@ def _restore_database(
     try:
         if step.method == "pitr":
             assert step.data_dir and step.port
+            if not _port_free(step.port):  # chosen when planned; something took it since
+                step.port = free_port()
             pitr = run_pitr(
                 config,
                 config_file,
@@ -250,6 +277,8 @@ def _restore_database(
                 RestoreRequest(step.database, backup=step.backup_id, target=step.target_database),
                 log,
             )
+            if done.created:  # new on this server: a killed run's re-run may drop it; an existing one, never
+                _update_marker(Path(plan.target_root), databases_created={step.database: done.target})
             result.where = f"database {done.target!r}"
             result.steps_s = dict(done.steps_s)
         result.ok = True
@@ -259,6 +288,17 @@ def _restore_database(
     result.seconds = round(time.monotonic() - t0, 3)
     result.data_loss_s = _loss(reference, result.point_time)
     return result
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _restore_file_set(
@@ -292,9 +332,10 @@ def _restore_file_set(
             )
         except Exception as e:
             result.fallback.append(f"snapshot {snapshot}: {e}")
+            if step.into is None:  # in place: an older snapshot over a half-restored newer one would mix them
+                break
             log(f"file set {step.file_set}: snapshot {snapshot} could not be restored ({e}); trying an older one")
-            if into != Path("/"):
-                shutil.rmtree(into, ignore_errors=True)
+            shutil.rmtree(into, ignore_errors=True)
             continue
         result.point_id, result.point_time = report.snapshot_id, report.snapshot_created_at
         result.where = str(into) if step.into else "the original paths"
@@ -366,10 +407,32 @@ def begin(config: DrConfig, plan: RecoveryPlan) -> None:
             "scenario": plan.scenario,
             "started_at": datetime.now(timezone.utc).isoformat(),
             "plan": plan.to_dict(),
-            "databases_created": {d.database: d.target_database for d in plan.databases if d.target_database},
+            "databases_created": {},  # filled in once each is created (a database that existed is never listed)
             "in_place_paths": in_place,
+            "restored": False,
         },
     )
+
+
+def _env_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).upper()
+
+
+def recovery_env(config: DrConfig, plan: RecoveryPlan, components: list[ComponentResult]) -> dict[str, str]:
+    """Where the recovery put each component, for the services' start commands and health checks: a
+    recovered cluster runs on a new port, files may be under the target root, a database may have a
+    new name. DR_RECOVERY_ROOT; DR_DB_<NAME>_HOST/_PORT/_DBNAME (and _DATA_DIR for PITR); DR_FILES_<SET>_ROOT."""
+    env = {"DR_RECOVERY_ROOT": plan.target_root, "DR_RECOVERY_POINT": plan.point}
+    for step in plan.databases:
+        key, db = f"DR_DB_{_env_name(step.database)}", config.database(step.database)
+        if step.method == "pitr":
+            env |= {f"{key}_HOST": "127.0.0.1", f"{key}_PORT": str(step.port), f"{key}_DBNAME": db.dbname}
+            env[f"{key}_DATA_DIR"] = step.data_dir or ""
+        else:
+            env |= {f"{key}_HOST": db.host, f"{key}_PORT": str(db.port), f"{key}_DBNAME": step.target_database or ""}
+    for step in plan.file_sets:
+        env[f"DR_FILES_{_env_name(step.file_set)}_ROOT"] = str(Path(step.into) / step.file_set) if step.into else "/"
+    return env
 
 
 def start_after_restore(
@@ -385,6 +448,8 @@ def start_after_restore(
     losses = [c.data_loss_s for c in components if c.data_loss_s is not None]
     report.data_loss_s = max(losses) if losses else None
     failed = [c for c in components if not c.ok]
+    if not failed and components:  # from here on the targets are the system: no re-run removes them
+        _update_marker(Path(plan.target_root), restored=True)
     if failed:
         report.error = "; ".join(f"{c.component}: {c.error}" for c in failed)
         done = [f"{c.component} ({c.where})" for c in components if c.ok]
@@ -396,7 +461,7 @@ def start_after_restore(
     elif start and plan.services:
         t = time.monotonic()
         try:
-            report.services = start_services(config, plan.services, log)
+            report.services = start_services(config, plan.services, log, recovery_env(config, plan, components))
         except ServiceFailed as e:
             report.services, report.error = e.outcomes, str(e)
         report.steps_s["services"] = round(time.monotonic() - t, 3)
@@ -449,7 +514,15 @@ def run_drill(config: DrConfig, config_file: str | None, locations: dict[str, Lo
     from dr_pipelines.core.recovery.plan import PlanRequest, make_plan, preflight
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    root = config.recovery.resolved(config.recovery.drill_dir, config.base_dir) / stamp
+    drills = config.recovery.resolved(config.recovery.drill_dir, config.base_dir)
+    for earlier in sorted(drills.glob(f"*/{MARKER}")) if drills.exists() else []:
+        from dr_pipelines.core.recovery.plan import owner_of_marker
+
+        marker = owner_of_marker(earlier.parent) or {}
+        if owner_dead(marker.get("owner")) is True:  # a drill killed midway: its clusters and databases go now
+            remove_targets(config, RecoveryPlan(**_plan_fields(marker.get("plan", {}))), log)
+            log(f"removed the targets of a drill killed midway ({earlier.parent})")
+    root = drills / stamp
     request = PlanRequest(root, database_suffix=f"_drill_{secrets.token_hex(3)}", start_services=False)
     plan = make_plan(config, locations, "drill", request, log)
     preflight(config, plan, files_in_place=False)
@@ -457,6 +530,15 @@ def run_drill(config: DrConfig, config_file: str | None, locations: dict[str, Lo
         return run_plan(config, config_file, plan, locations, log, start=False)
     finally:
         remove_targets(config, plan, log)
+
+
+def _plan_fields(data: dict) -> dict:
+    """A plan as the marker stored it (JSON) back into its dataclasses."""
+    return {
+        **data,
+        "databases": [DatabaseStep(**d) for d in data.get("databases", [])],
+        "file_sets": [FileSetStep(**f) for f in data.get("file_sets", [])],
+    }
 
 
 def remove_targets(config: DrConfig, plan: RecoveryPlan, log: Log) -> None:

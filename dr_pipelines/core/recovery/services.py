@@ -54,7 +54,9 @@ def services_of(config: DrConfig, databases: list[str], file_sets: list[str]) ->
     return [n for n in config.services if n in owners]
 
 
-def start_services(config: DrConfig, names: list[str], log: Log) -> list[ServiceOutcome]:
+def start_services(
+    config: DrConfig, names: list[str], log: Log, env: dict[str, str] | None = None
+) -> list[ServiceOutcome]:
     """Start in dependency order; each must pass its health checks before the next starts. The first
     that does not stops the start there: those before it are left running, and the error says so."""
     outcomes: list[ServiceOutcome] = []
@@ -65,8 +67,8 @@ def start_services(config: DrConfig, names: list[str], log: Log) -> list[Service
         outcomes.append(outcome)
         t0 = time.monotonic()
         try:
-            run_hooks(svc.start, svc, f"start {name}", log)
-            outcome.checks = wait_healthy(svc, log)
+            run_hooks(svc.start, svc, f"start {name}", log, env)
+            outcome.checks = wait_healthy(svc, log, env)
             outcome.healthy = True
         except HookFailed as e:
             outcome.error = str(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -31,11 +32,18 @@ def describe(hook: Hook) -> str:
     return f"tcp {hook.tcp}"
 
 
-def run_hook(hook: Hook, timeout: float) -> None:
-    """Run one hook; raise HookFailed saying what it did and what came back."""
+def run_hook(hook: Hook, timeout: float, env: dict[str, str] | None = None) -> None:
+    """Run one hook; raise HookFailed saying what it did and what came back. `env`: added to a command's
+    environment (a recovery says where it put the data: DR_RECOVERY_ROOT, DR_DB_<NAME>_PORT, ...)."""
     if isinstance(hook, CommandHook):
         try:
-            proc = subprocess.run(hook.command, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                hook.command,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **env} if env else None,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise HookFailed(f"{describe(hook)}: {e}") from None
         if proc.returncode != 0:
@@ -60,22 +68,28 @@ def run_hook(hook: Hook, timeout: float) -> None:
             raise HookFailed(f"{describe(hook)}: {e}") from None
 
 
-def run_hooks(hooks: list[Hook], app: ApplicationHooks, what: str, log: Callable[[str], None]) -> list[str]:
+def run_hooks(
+    hooks: list[Hook],
+    app: ApplicationHooks,
+    what: str,
+    log: Callable[[str], None],
+    env: dict[str, str] | None = None,
+) -> list[str]:
     done = []
     for hook in hooks:
         log(f"{what}: {describe(hook)}")
-        run_hook(hook, app.timeout.total_seconds())
+        run_hook(hook, app.timeout.total_seconds(), env)
         done.append(describe(hook))
     return done
 
 
-def wait_healthy(app: ApplicationHooks, log: Callable[[str], None]) -> list[str]:
+def wait_healthy(app: ApplicationHooks, log: Callable[[str], None], env: dict[str, str] | None = None) -> list[str]:
     """Every health check must pass; each is retried (the application may still be starting)."""
     passed = []
     for hook in app.health_checks:
         for attempt in range(1, app.health_retries + 1):
             try:
-                run_hook(hook, min(app.timeout.total_seconds(), 10))
+                run_hook(hook, min(app.timeout.total_seconds(), 10), env)
                 passed.append(describe(hook))
                 break
             except HookFailed as e:

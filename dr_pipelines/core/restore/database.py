@@ -24,6 +24,7 @@ class LogicalRestore:
     validation: ValidationResult
     previous: str | None
     steps_s: dict[str, float]
+    created: bool  # the target did not exist before (a new server, a new name)
 
 
 def restore_logical(
@@ -46,4 +47,4 @@ def restore_logical(
     t0 = time.monotonic()
     previous = swap_in(db, request.database, plan, request.keep_previous, log)
     steps["swap"] = round(time.monotonic() - t0, 3)
-    return LogicalRestore(plan.target, fetched, result, previous, steps)
+    return LogicalRestore(plan.target, fetched, result, previous, steps, not plan.exists)

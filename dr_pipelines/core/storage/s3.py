@@ -169,10 +169,10 @@ class S3Location:
             enabled = resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
             why = "its Object Lock is not enabled"
         except Exception as e:
-            if _unreachable(e):
-                return
-            enabled = False
-            why = f"reading its Object Lock configuration failed: {describe_error(e)}"
+            code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code")
+            if code != "ObjectLockConfigurationNotFoundError":
+                return  # down, or these credentials may not read it (a restore host): the writes will tell
+            enabled, why = False, "it has no Object Lock configuration"
         if not enabled:
             raise ConfigError(
                 f"locations.{self.name}.object_lock: bucket {self.bucket!r} cannot lock objects ({why}). Object Lock "
@@ -266,11 +266,13 @@ class S3Location:
         # a locked bucket is versioned: a plain delete would only hide the object behind a delete marker
         # (and keep paying for it); every version goes, or the lock says when it can
         full = self.prefix + key
-        resp = self._call(
-            "list the versions of", key, self.client.list_object_versions, Bucket=self.bucket, Prefix=full
+        pages = self._call(
+            "list the versions of",
+            key,
+            lambda: list(self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=full)),
         )
-        versions = [v for v in resp.get("Versions", []) + resp.get("DeleteMarkers", []) if v["Key"] == full]
-        for v in versions:
+        versions = [v for page in pages for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+        for v in [v for v in versions if v["Key"] == full]:
             try:
                 self._call(
                     "delete", key, self.client.delete_object, Bucket=self.bucket, Key=full, VersionId=v["VersionId"]
@@ -281,10 +283,13 @@ class S3Location:
                 head = self._call(
                     "inspect", key, self.client.head_object, Bucket=self.bucket, Key=full, VersionId=v["VersionId"]
                 )
+                until = head.get("ObjectLockRetainUntilDate")
+                if until is None or until <= datetime.now(until.tzinfo):
+                    raise  # not the lock: these credentials lack s3:DeleteObjectVersion, say
                 raise ObjectLocked(
                     self.name,
-                    f"{self.url(key)} is under object lock ({head.get('ObjectLockMode')}) until "
-                    f"{head.get('ObjectLockRetainUntilDate')}: it can be deleted after that",
+                    f"{self.url(key)} is under object lock ({head.get('ObjectLockMode')}) until {until}: "
+                    "it can be deleted after that",
                 ) from None
 
     def unfinished(self, prefix: str = "") -> Iterator[Unfinished]:

@@ -302,7 +302,8 @@ def recovery_report(context: dg.OpExecutionContext, state: RecoveryState, dr: Dr
 
 
 def _scenario_job(name: str, first, description: str) -> dg.JobDefinition:
-    @dg.job(name=name, tags={"dr/operation": "recovery"}, description=description)
+    # in one process: the recovery's marker names the process that runs it, for as long as it runs
+    @dg.job(name=name, tags={"dr/operation": "recovery"}, description=description, executor_def=dg.in_process_executor)
     def scenario():
         recovery_report(start_services_in_order(restore_system_data(first())))
 
@@ -386,6 +387,7 @@ def full_system_drill_op(context: dg.OpExecutionContext, dr: DrResource) -> Reco
 
 def build_recovery_jobs() -> list[dg.JobDefinition]:
     @dg.job(
+        executor_def=dg.in_process_executor,
         name="service_rollback",
         tags={"dr/operation": "recovery"},
         description="Roll one service back to before a deployment (SongNodes 'Bad deployment / rollback').",
@@ -394,6 +396,7 @@ def build_recovery_jobs() -> list[dg.JobDefinition]:
         rollback_report(roll_back_service())
 
     @dg.job(
+        executor_def=dg.in_process_executor,
         name="full_system_drill",
         tags={"dr/operation": "drill"},
         description="The weekly whole-system drill into scratch targets: RTO and RPO achieved.",
