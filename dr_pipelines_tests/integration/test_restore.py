@@ -600,3 +600,18 @@ def test_a_labelled_backup_is_listed_with_its_label_and_restored_by_it(pg, setup
             )
         ]
     assert "migrated" not in columns
+
+
+def test_the_restore_run_ends_with_a_readable_summary_and_nearest_ids_in_time_order(pg, setup):
+    path, cfg, manifest = setup()
+    run_config = {"ops": {"choose_backup": {"config": {"database": "app", "target_database": "summary_db"}}}}
+    result = runner.run_job(cfg, str(path), "restore_database", run_config)
+    [out] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "restore_report"]
+    summary = str(out.event_specific_data.metadata["summary"].value)  # type: ignore[union-attr]
+    assert "restore of `app` into `summary_db`: PASSED" in summary
+    assert f"`{manifest.id}`" in summary and "| RTO |" in summary and "validation passed" in summary
+    newer = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
+    with pytest.raises(RunFailed, match="nearest: ") as refused:
+        restore(cfg, path, backup="2026", target_database="x")
+    listed = str(refused.value).split("nearest: ")[1].split(";")[0].split(" (")[0].split(", ")
+    assert listed == sorted(listed, reverse=True) and newer.id in listed  # newest first

@@ -21,6 +21,12 @@ from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
 from dr_pipelines_tests.support.processes import reachable_tmpdir
 
 
+def _output_metadata(result: dg.ExecuteInProcessResult, step: str) -> dict:
+    """What a step attached to its output: the UI shows it on the run's page."""
+    [out] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == step]
+    return dict(out.event_specific_data.metadata)  # type: ignore[union-attr]
+
+
 def _failure(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data.user_failure_data is not None:
@@ -88,6 +94,9 @@ def test_pitr_and_the_drill_launched_as_the_ui_does(sandbox_defs):
         auto = (data_dir / "postgresql.auto.conf").read_text()
         assert f"--config {sandbox / 'sandbox.yaml'}" in auto  # restore_command names the sandbox's config
         assert not list(data_dir.rglob("age-identity.txt"))  # no second sandbox was built in the data directory
+        summary = str(_output_metadata(result, "validate_recovered")["summary"].value)
+        assert "point-in-time recovery of `soundhash`: promoted" in summary and "| RTO |" in summary
+        assert f"127.0.0.1:{new_port}" in summary and "| base backup used |" in summary
     finally:
         LocalCluster(data_dir, new_port).stop("immediate")
 
@@ -204,10 +213,7 @@ def test_full_system_recovery_and_the_drill_launched_as_the_ui_does(sandbox_defs
         restored = target / "files" / "app" / str(settings).lstrip("/")
         assert restored.read_bytes() == settings.read_bytes()
         # the report op's output: a Markdown summary and the figures the UI plots, under stable keys
-        [out] = [
-            e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "recovery_report"
-        ]
-        metadata = out.event_specific_data.metadata  # type: ignore[union-attr]
+        metadata = _output_metadata(result, "recovery_report")
         assert "| database/soundhash |" in str(metadata["summary"].value) and float(metadata["rto_s"].value) > 0
     finally:
         from dr_pipelines.core.recovery.services import stop_services

@@ -45,7 +45,8 @@ class SnapshotCatalog:
             if e.id == snapshot_id:
                 return e
         ids = [e.id for e in self.of(file_set)]
-        near = difflib.get_close_matches(snapshot_id, ids, n=3, cutoff=0.3) or ids[:3]
+        # the closest by name, listed newest first (ids sort by time)
+        near = sorted(difflib.get_close_matches(snapshot_id, ids, n=3, cutoff=0.3) or ids[:3], reverse=True)
         hint = f"; nearest: {', '.join(near)}" if near else "; there are no snapshots of it"
         raise SnapshotNotFound(f"snapshot {snapshot_id!r} of file set {file_set!r} not found{hint}{self._where()}")
 

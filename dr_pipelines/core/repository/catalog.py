@@ -69,7 +69,8 @@ class Catalog:
             if e.manifest.label == backup_id and e.manifest.database == database:
                 return e
         ids = [e.id for e in self.entries if e.manifest.database == database]
-        near = difflib.get_close_matches(backup_id, ids, n=3, cutoff=0.3) or ids[:3]
+        # the closest by name, listed newest first (ids sort by time)
+        near = sorted(difflib.get_close_matches(backup_id, ids, n=3, cutoff=0.3) or ids[:3], reverse=True)
         hint = f"; nearest: {', '.join(near)}" if near else "; there are no backups of it"
         where = f" ({'; '.join(self.problems)})" if self.problems else ""
         raise BackupNotFound(f"backup {backup_id!r} of database {database!r} not found{hint}{where}")

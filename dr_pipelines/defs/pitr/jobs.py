@@ -75,6 +75,29 @@ class PitrConfig(dg.Config):
         )
 
 
+def pitr_summary(report: PitrReport, databases: list[str]) -> str:
+    """The run's result at a glance, as the UI shows a step's Markdown metadata."""
+    rows = [
+        ("recovered to", f"{report.reached_time} (LSN `{report.reached_lsn}`, timeline {report.timeline})"),
+        ("asked for", report.target),
+        ("why it stopped", report.stop_reason or "-"),
+        ("base backup used", f"`{report.backup_id}` from {report.location}"),
+        ("RTO", f"{report.rto_s or 0:.1f} s"),
+        ("data-loss window", f"{report.data_loss_window_s or 0:.0f} s (from the point reached to the start)"),
+        (
+            "the cluster",
+            f"127.0.0.1:{report.port}, data directory `{report.data_dir}`, databases {', '.join(databases)}",
+        ),
+        ("locations read", ", ".join(report.locations_used) or "-"),
+    ]
+    rows += [("left out", f"{n}: {why}") for n, why in report.left_out.items()]
+    rows += [("WARNING", w) for w in report.warnings]
+    return "\n".join(
+        [f"### point-in-time recovery of `{report.database}`: promoted", "", "| | |", "|---|---|"]
+        + [f"| {k} | {v} |" for k, v in rows]
+    )
+
+
 def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
     @dg.op(
         description="Pick the newest base backup before the target, restore it into the new directory, replay "
@@ -140,7 +163,13 @@ def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
                 description=f"the recovered cluster on port {port} is not a promoted primary "
                 f"(pg_is_in_recovery: {in_recovery!r})"
             )
-        context.add_output_metadata({"databases": ", ".join(dbs), "warnings": "; ".join(report.warnings)})
+        context.add_output_metadata(
+            {
+                "databases": ", ".join(dbs),
+                "warnings": "; ".join(report.warnings),
+                "summary": dg.MetadataValue.md(pitr_summary(report, dbs)),
+            }
+        )
         return report
 
     @dg.job(

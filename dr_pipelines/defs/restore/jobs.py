@@ -120,6 +120,31 @@ def remove_plaintext_on_failure(context: dg.HookContext) -> None:
         shutil.rmtree(_plaintext_dir(config, db, context.run_id), ignore_errors=True)
 
 
+def restore_summary(report: RestoreReport, validation: ValidationResult) -> str:
+    """The run's result at a glance, as the UI shows a step's Markdown metadata."""
+    why = (
+        f"FELL BACK from the newest: {'; '.join(report.fallback_reasons)}"
+        if report.fallback
+        else "the one asked for"
+        if report.backup_id
+        else "a file"
+    )
+    loss = f"{report.data_loss_window_s:.0f} s" if report.data_loss_window_s is not None else "unknown (no manifest)"
+    lines = [
+        f"### restore of `{report.database}` into `{report.target}`: PASSED",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| backup used | `{report.backup_id or 'file'}` ({report.backup_created_at or '-'}) from {report.location or 'a file'} |",
+        f"| why this backup | {why} |",
+        f"| RTO | {report.rto_s:.1f} s |",
+        f"| data-loss window | {loss} (the backup's age when the restore started) |",
+        f"| validation | {validation.summary()} |",
+        f"| previous database | {report.previous_database or 'none (the target was new)'} |",
+    ]
+    return "\n".join(lines)
+
+
 def build_restore_job(config: DrConfig) -> dg.JobDefinition:
     @dg.op(
         description="Check the request and the target (nothing is touched yet) and find the backup in the repository."
@@ -306,6 +331,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         }
         if report.fallback:
             metadata["fallback_reasons"] = dg.MetadataValue.md("\n".join(f"- {r}" for r in report.fallback_reasons))
+        metadata["summary"] = dg.MetadataValue.md(restore_summary(report, state.validation))
         context.add_output_metadata(metadata)
         context.log_event(
             dg.AssetObservation(
