@@ -40,6 +40,31 @@ def test_sandbox_definitions_load(tmp_path, monkeypatch):
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # the sandbox starts quiet
 
 
+def test_the_launchpad_offers_the_configured_names_and_refuses_others(tmp_path, monkeypatch):
+    """The database, file set (...) fields are enums of the configured names: the Launchpad completes
+    them, and a name that is not configured is refused before the run starts."""
+    monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(tmp_path / "sb"))
+    monkeypatch.delenv("DR_PIPELINES_CONFIG", raising=False)
+    from dr_pipelines.sandbox.config import config_and_file
+
+    defs = build_definitions(*config_and_file())
+    expected = {
+        ("restore_database", "choose_backup", "database"): ["soundhash"],
+        ("point_in_time_recovery", "recover_to_point", "database"): ["soundhash"],
+        ("restore_files", "choose_snapshot_to_restore", "file_set"): ["app", "secrets"],
+    }
+    for (job, op, field), names in expected.items():
+        ops = defs.resolve_job_def(job).run_config_schema.config_type.fields["ops"].config_type  # type: ignore[attr-defined]
+        fields = ops.fields[op].config_type.fields["config"].config_type.fields
+        assert [v.config_value for v in fields[field].config_type.enum_values] == names
+        assert fields[field].description  # the form explains the field
+    with pytest.raises(dg.DagsterInvalidConfigError, match="soundhsah"):
+        defs.resolve_job_def("restore_database").execute_in_process(
+            run_config={"ops": {"choose_backup": {"config": {"database": "soundhsah"}}}},
+            instance=dg.DagsterInstance.ephemeral(),
+        )
+
+
 def test_materialize_to_every_location(pg, three_locations, write_config, age_key):
     path = write_config(
         pg,

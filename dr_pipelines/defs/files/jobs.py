@@ -14,6 +14,7 @@ from dr_pipelines.core.files.format import records_owner
 from dr_pipelines.core.files.restore import FileRestoreReport, choose_snapshot, restore_files
 from dr_pipelines.core.pitr.recover import parse_target_time
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
+from dr_pipelines.defs.choices import with_choices
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
 
@@ -38,8 +39,10 @@ class RestoreFilesConfig(dg.Config):
 
 
 def build_restore_files_job(config: DrConfig) -> dg.JobDefinition:
+    Choices = with_choices(RestoreFilesConfig, file_set=list(config.file_sets))
+
     @dg.op(out=dg.Out(dict), description="Pick the snapshot (by id, time or the newest) from the repository.")
-    def choose_snapshot_to_restore(context: dg.OpExecutionContext, config: RestoreFilesConfig, dr: DrResource) -> dict:
+    def choose_snapshot_to_restore(context: dg.OpExecutionContext, config: Choices, dr: DrResource) -> dict:  # type: ignore[valid-type]
         with domain_failures():
             cfg = dr.config()
             cfg.file_set(config.file_set)

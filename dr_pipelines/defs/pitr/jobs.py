@@ -21,6 +21,7 @@ from dr_pipelines.core.pitr.recover import (
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.defs.backup.assets import base_backup_key
+from dr_pipelines.defs.choices import with_choices
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
 from dr_pipelines.defs.wal.assets import wal_archive_key
@@ -99,11 +100,13 @@ def pitr_summary(report: PitrReport, databases: list[str]) -> str:
 
 
 def build_pitr_job(config: DrConfig) -> dg.JobDefinition:
+    Choices = with_choices(PitrConfig, database=list(config.databases))
+
     @dg.op(
         description="Pick the newest base backup before the target, restore it into the new directory, replay "
         "archived WAL to the target, promote; report the point reached and the RTO."
     )
-    def recover_to_point(context: dg.OpExecutionContext, config: PitrConfig, dr: DrResource) -> PitrReport:
+    def recover_to_point(context: dg.OpExecutionContext, config: Choices, dr: DrResource) -> PitrReport:  # type: ignore[valid-type]
         with domain_failures():
             cfg = dr.config()
             locations = dr.locations(cfg)

@@ -43,6 +43,7 @@ from dr_pipelines.core.restore.target import (
 from dr_pipelines.core.restore.validation import ValidationResult, diff_table, validate_database
 from dr_pipelines.core.sweep import make_scratch_dir
 from dr_pipelines.defs.backup.assets import database_key
+from dr_pipelines.defs.choices import with_choices
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
 
@@ -146,10 +147,12 @@ def restore_summary(report: RestoreReport, validation: ValidationResult) -> str:
 
 
 def build_restore_job(config: DrConfig) -> dg.JobDefinition:
+    Choices = with_choices(RestoreDatabaseConfig, database=list(config.databases))
+
     @dg.op(
         description="Check the request and the target (nothing is touched yet) and find the backup in the repository."
     )
-    def choose_backup(context: dg.OpExecutionContext, config: RestoreDatabaseConfig, dr: DrResource) -> RestoreState:
+    def choose_backup(context: dg.OpExecutionContext, config: Choices, dr: DrResource) -> RestoreState:  # type: ignore[valid-type]
         with domain_failures():
             cfg = dr.config()
             request = config.request()
