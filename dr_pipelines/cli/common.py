@@ -33,9 +33,4 @@ def open_cli_locations(config, only: str | None = None):
 # --------------------------------------------------------------------------- backups list / verify
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from dr_pipelines.core.units import human_size  # noqa: E402,F401  (the commands print sizes with it)

@@ -302,8 +302,12 @@ def test_dagster_layer_base_backup_wal_checks_pitr_job_and_drill(archived, resto
     # the observer records the archive on the asset; the checks pass
     with dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources) as ctx:
         tick = defs.resolve_sensor_def(WAL_OBSERVER).evaluate_tick(ctx)
-    [obs] = tick.asset_events
-    assert obs.asset_key == wal_archive_key("app") and obs.metadata["gaps"].value == 0
+    [obs] = [e for e in tick.asset_events if e.asset_key == wal_archive_key("app")]
+    assert obs.metadata["gaps"].value == 0
+    # and the backup catalog on app/database: the id an operator pastes into a restore, no event log needed
+    [catalog] = [e for e in tick.asset_events if e.asset_key == dg.AssetKey(["app", "database"])]
+    table = str(catalog.metadata["backup_catalog"].value)
+    assert f"| `{md['backup_id']}` | base |" in table and "| restore test |" in table
     checks = defs.resolve_job_def("dr_health_checks").execute_in_process(instance=instance, raise_on_error=False)
     evals = {(e.asset_key, e.check_name): e for e in checks.get_asset_check_evaluations()}
     assert evals[(wal_archive_key("app"), WAL_CONTINUOUS)].passed

@@ -171,3 +171,26 @@ def verify_backup(location: Location, manifest: Manifest) -> VerifyReport:
         else:
             checks.append(ObjectCheck(obj.name, True, "ok"))
     return VerifyReport(manifest.id, location.name, checks)
+
+
+def catalog_markdown(entries: list[CatalogEntry], tested: dict[str, bool], limit: int = 20) -> str:
+    """A database's backups, newest first, as the UI shows them: the id to paste into a restore, when,
+    how big, where, and whether a restore of it was proven (`tested`: backup id -> the test passed)."""
+    from dr_pipelines.core.units import human_size
+
+    if not entries:
+        return "no backup in the repository yet"
+    lines = [
+        "| backup id (paste into `backup`) | kind | label | created (UTC) | size | locations | restore test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in entries[:limit]:
+        m = e.manifest
+        proof = {True: "passed", False: "FAILED"}[tested[e.id]] if e.id in tested else "-"
+        lines.append(
+            f"| `{m.id}` | {m.kind} | {m.label or ''} | {m.created_at:%Y-%m-%d %H:%M:%S} | {human_size(m.size_bytes)} "
+            f"| {', '.join(e.locations)} | {proof} |"
+        )
+    if len(entries) > limit:
+        lines.append(f"\n{len(entries) - limit} older backups: `dr-pipelines backups list`")
+    return "\n".join(lines)

@@ -5,7 +5,8 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.core.repository.catalog import load_catalog
+from dr_pipelines.core.repository.catalog import catalog_markdown, load_catalog
+from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.wal.archive import WalStatus, wal_status
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.resources import DrResource
@@ -43,18 +44,37 @@ def wal_metadata(s: WalStatus) -> dict:
     }
 
 
+def catalog_metadata(db: str, locations) -> dict:
+    """The backups of a database as a Markdown table, with whether a restore of each was proven."""
+    catalog = load_catalog(locations.values(), db)
+    tested = {}
+    for record in reversed(
+        load_reports(locations, db, RecordKind.RESTORE_TEST) + load_reports(locations, db, RecordKind.PITR_TEST)
+    ):
+        if record.backup_id and record.finished_at:
+            tested[record.backup_id] = record.passed  # the newest test of a backup wins
+    entries = [e for e in catalog.entries if e.manifest.database == db]
+    return {
+        "backup_catalog": dg.MetadataValue.md(catalog_markdown(entries, tested)),
+        "backups": len(entries),
+        "newest_backup": entries[0].id if entries else "",
+    }
+
+
 def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
     @dg.sensor(
         name=WAL_OBSERVER,
         minimum_interval_seconds=config.schedules.sensor_interval_s,
         default_status=status,
-        description="Observes each WAL archive: newest segment, archive lag, gaps (plotted on the asset).",
+        description="Observes each WAL archive (newest segment, archive lag, gaps: plotted on the asset) and "
+        "refreshes each database's backup catalog (a table on DB/database: the ids to paste into a restore).",
     )
     def observe(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         locations = dr.locations(cfg)
         events = []
         for db in cfg.databases:
+            events.append(dg.AssetObservation(asset_key=database_key(db), metadata=catalog_metadata(db, locations)))
             s = current_wal_status(cfg, db, locations)
             if s.segments or s.failed_count:
                 events.append(dg.AssetObservation(asset_key=wal_archive_key(db), metadata=wal_metadata(s)))
