@@ -223,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_metrics)
 
     d = sub.add_parser("demo", help="the sandbox: backup, then the Dagster UI on 127.0.0.1")
-    d.add_argument("--no-ui", action="store_true", help="stop after the backup (no web UI)")
-    d.add_argument("--port", type=int, default=3000)
+    d.add_argument(
+        "--no-ui", action="store_true", help="run the demo's steps (backup, restore, PITR, files, drill), then exit"
+    )
+    d.add_argument("--port", type=int, default=3000, help="the Dagster UI's port on 127.0.0.1 (default 3000)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -12,19 +12,33 @@ from pathlib import Path
 from dr_pipelines.core.config import LocalLocationConfig
 from dr_pipelines.sandbox.config import config_and_file, ensure_sandbox_running, sandbox_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+INSTANCE_SETTINGS = """# Instance settings for the demo's `dagster dev`
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+run_monitoring:
+  enabled: true
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+  pools:
+    default_limit: 1
+"""
 
 
 def _dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or sandbox_dir() / "dagster_home")
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    if not (home / "dagster.yaml").exists():  # written, not copied: an installed package has no checkout beside it
+        (home / "dagster.yaml").write_text(INSTANCE_SETTINGS)
     return home
 
 
 def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     os.environ.pop("DR_PIPELINES_CONFIG", None)  # the demo is the embedded sandbox, always
+    # the UI's code server must find this sandbox whatever directory it starts in
+    os.environ["DR_PIPELINES_SANDBOX_DIR"] = str(sandbox_dir())
     config, config_file = config_and_file(None)
     ensure_sandbox_running(config)
     os.environ["DAGSTER_HOME"] = str(_dagster_home())
@@ -74,7 +88,12 @@ list and verify backups:
     drill_ok = demo_drill(config, config_file)
     if not serve_ui:
         return 0 if md["passed"] and pitr_ok is not False and files_ok and drill_ok else 1
-    print(f"== Dagster UI on http://127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    cluster = config.databases[db]
+    print(
+        f"== Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops it). The sandbox cluster keeps running on port "
+        f"{cluster.port}; stop it with: su postgres -c '/usr/lib/postgresql/15/bin/pg_ctl -D {cluster.pgdata} stop'",
+        flush=True,
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -85,10 +104,10 @@ list and verify backups:
             "127.0.0.1",
             "-p",
             str(port),
-            "-w",
-            str(PROJECT_ROOT / "workspace.yaml"),
+            "-m",  # the installed module, not a workspace file: works from any directory and from a wheel
+            "dr_pipelines.defs.definitions",
         ],
-        cwd=str(PROJECT_ROOT),
+        cwd=str(sandbox_dir()),
         env=os.environ.copy(),
         start_new_session=True,
     )
