@@ -38,6 +38,10 @@ def test_sandbox_definitions_load(tmp_path, monkeypatch):
     schedule = defs.resolve_schedule_def("soundhash__logical_backup_schedule")
     assert schedule.cron_schedule == "0 */6 * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # the sandbox starts quiet
+    # but what only looks runs: the WAL observer (and the backup catalog it refreshes) and the health checks
+    assert defs.resolve_sensor_def("dr_wal_archive_observer").default_status == dg.DefaultSensorStatus.RUNNING
+    health = defs.resolve_schedule_def("dr_health_checks_schedule")
+    assert health.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_the_launchpad_offers_the_configured_names_and_refuses_others(tmp_path, monkeypatch):

@@ -50,10 +50,12 @@ def build_monitoring_definitions(config: DrConfig, defaults: Defaults) -> dg.Def
     )
     metrics_job = build_metrics_job(config)
     schedules = [
+        cron_schedule(f"{job.name}_schedule", job, cron, defaults.observing(), "Health checks")
+        for job, cron in [(health_job, sch.health_checks)]
+    ] + [
         cron_schedule(f"{job.name}_schedule", job, cron, defaults, what)
         for job, cron, what in [
             (metrics_job, sch.metrics, "Prometheus export"),
-            (health_job, sch.health_checks, "Health checks"),
             (integrity_job, sch.integrity, "Integrity read-back of the newest backups"),
             (report_job, sch.report, "Compliance report"),
         ]

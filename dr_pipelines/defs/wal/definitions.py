@@ -12,5 +12,5 @@ def build_wal_definitions(config: DrConfig, defaults: Defaults) -> dg.Definition
     return dg.Definitions(
         assets=[wal_archive_spec(config, db) for db in config.databases],
         asset_checks=[c for db in config.databases for c in build_wal_checks(config, db)],
-        sensors=[build_wal_observer(config, defaults.sensor)],
+        sensors=[build_wal_observer(config, defaults.observing().sensor)],
     )
