@@ -56,11 +56,20 @@ def test_the_launchpad_offers_the_configured_names_and_refuses_others(tmp_path, 
         ("restore_database", "choose_backup", "database"): ["soundhash"],
         ("point_in_time_recovery", "recover_to_point", "database"): ["soundhash"],
         ("restore_files", "choose_snapshot_to_restore", "file_set"): ["app", "secrets"],
+        ("service_rollback", "roll_back_service", "service"): ["api", "frontend"],
+        ("full_system_recovery", "plan_full_system_recovery", "databases"): ["soundhash"],
+        ("full_system_recovery", "plan_full_system_recovery", "file_sets"): ["app", "secrets"],
+        ("full_system_recovery", "plan_full_system_recovery", "locations"): ["local"],
+        ("cross_region_failover", "choose_failover_location", "databases"): ["soundhash"],
+        ("ransomware_recovery", "quarantine_and_choose_last_good", "file_sets"): ["app", "secrets"],
     }
     for (job, op, field), names in expected.items():
         ops = defs.resolve_job_def(job).run_config_schema.config_type.fields["ops"].config_type  # type: ignore[attr-defined]
         fields = ops.fields[op].config_type.fields["config"].config_type.fields
-        assert [v.config_value for v in fields[field].config_type.enum_values] == names
+        kind = fields[field].config_type
+        kind = kind.inner_type if kind.kind.name == "NONEABLE" else kind  # Optional[...]
+        kind = kind.inner_type if kind.kind.name == "ARRAY" else kind  # list[...]
+        assert [v.config_value for v in kind.enum_values] == names, (job, field)
         assert fields[field].description  # the form explains the field
     with pytest.raises(dg.DagsterInvalidConfigError, match="soundhsah"):
         defs.resolve_job_def("restore_database").execute_in_process(

@@ -8,7 +8,7 @@ from dr_pipelines.defs.schedules import Defaults, cron_schedule
 
 
 def build_recovery_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
-    jobs = build_recovery_jobs()
+    jobs = build_recovery_jobs(config)
     schedules = []
     if config.recovery.drill_enabled:
         drill = next(j for j in jobs if j.name == "full_system_drill")

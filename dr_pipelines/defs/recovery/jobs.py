@@ -41,6 +41,7 @@ from dr_pipelines.core.recovery.run import (
     start_after_restore,
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
+from dr_pipelines.defs.choices import chosen, with_choices
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
 
@@ -81,13 +82,13 @@ class _SystemChoices(dg.Config):
         return PlanRequest(
             Path(self.target_root),
             at=parse_target_time(self.point_in_time) if self.point_in_time else None,
-            databases=self.databases or None,
-            file_sets=self.file_sets or None,
+            databases=chosen(self.databases) or None,
+            file_sets=chosen(self.file_sets) or None,
             method=self.method,
             files_in_place=self.files_in_place,
             start_services=self.start_services,
             accept_gaps=self.accept_gaps,
-            locations=locations,
+            locations=chosen(locations),
         )
 
 
@@ -156,11 +157,10 @@ def _killed_before(context, cfg: DrConfig, root: str) -> list[str]:
     return [note] if note else []
 
 
-@dg.op(
-    description="Probe the locations, choose one recovery point for every database and file set, check the "
-    "targets are empty, that there is room and the identity reads. Nothing is touched before this passes."
-)
 def plan_full_system_recovery(context: dg.OpExecutionContext, config: FullSystemConfig, dr: DrResource) -> RecoveryPlan:
+    """Probe the locations, choose one recovery point for every database and file set, check the targets are empty,
+    that there is room and the identity reads. Nothing is touched before this passes."""
+
     with domain_failures():
         cfg = dr.config()
         notes = _killed_before(context, cfg, config.target_root)
@@ -171,11 +171,10 @@ def plan_full_system_recovery(context: dg.OpExecutionContext, config: FullSystem
         return _ready(context, cfg, plan, config.files_in_place)
 
 
-@dg.op(
-    description="Probe every location; the first reachable one in config order that holds a recovery point "
-    "covering the request is used alone. Says which, its region, and what it lacks against the others."
-)
 def choose_failover_location(context: dg.OpExecutionContext, config: FailoverConfig, dr: DrResource) -> RecoveryPlan:
+    """Probe every location; the first reachable one in config order that holds a recovery point covering the
+    request is used alone. Says which, its region, and what it lacks against the others."""
+
     with domain_failures():
         cfg = dr.config()
         notes = _killed_before(context, cfg, config.target_root)
@@ -184,14 +183,13 @@ def choose_failover_location(context: dg.OpExecutionContext, config: FailoverCon
         return _ready(context, cfg, plan, config.files_in_place)
 
 
-@dg.op(
-    description="Quarantine first: the compromised files, data directory and server logs (or a dump) are "
-    "captured, hashed and made read-only outside the repository. Then the last known good point: before the "
-    "incident minus the margin, restore-tested, with a normal change rate; every newer point's rejection is said."
-)
 def quarantine_and_choose_last_good(
     context: dg.OpExecutionContext, config: RansomwareConfig, dr: DrResource
 ) -> RecoveryPlan:
+    """Quarantine first: the compromised files, data directory and server logs (or a dump) are captured, hashed and
+    made read-only outside the repository. Then the last known good point: before the incident minus the margin,
+    restore-tested, with a normal change rate; every newer point's rejection is said."""
+
     with domain_failures():
         cfg = dr.config()
         when = incident_time(
@@ -200,8 +198,8 @@ def quarantine_and_choose_last_good(
         )
         incident = Incident(
             when,
-            config.databases or list(cfg.databases),
-            config.file_sets or list(cfg.file_sets),
+            chosen(config.databases) or list(cfg.databases),
+            chosen(config.file_sets) or list(cfg.file_sets),
             cfg.recovery.incident_margin,
         )
         root = Path(config.target_root).expanduser().absolute()
@@ -317,11 +315,10 @@ class RollbackConfig(dg.Config):
     confirm: str = Field(description="Type the service's name again: its files (and databases) are replaced.")
 
 
-@dg.op(
-    description="Restore the service's files (and databases) from before the deployment, keep what was "
-    "deployed aside, restart, health-check; if unhealthy, put the deployment back and fail loudly."
-)
 def roll_back_service(context: dg.OpExecutionContext, config: RollbackConfig, dr: DrResource) -> RollbackReport:
+    """Restore the service's files (and databases) from before the deployment, keep what was deployed aside,
+    restart, health-check; if unhealthy, put the deployment back and fail loudly."""
+
     cfg = dr.config()
     locations = dr.locations(cfg)
     notify(
@@ -385,7 +382,31 @@ def full_system_drill_op(context: dg.OpExecutionContext, dr: DrResource) -> Reco
     return report
 
 
-def build_recovery_jobs() -> list[dg.JobDefinition]:
+def _first_op(fn, config_class: type[dg.Config], output: type) -> dg.OpDefinition:
+    """A scenario's first op, its Launchpad form restricted to the configured names (`with_choices`)."""
+
+    def compute(context: dg.OpExecutionContext, config, dr: DrResource):
+        return fn(context, config, dr)
+
+    compute.__annotations__ = {
+        "context": dg.OpExecutionContext,
+        "config": config_class,
+        "dr": DrResource,
+        "return": output,
+    }
+    return dg.op(name=fn.__name__, description=" ".join((fn.__doc__ or "").split()))(compute)
+
+
+def build_recovery_jobs(config: DrConfig) -> list[dg.JobDefinition]:
+    names = {"databases": list(config.databases), "file_sets": list(config.file_sets)}
+    full = with_choices(FullSystemConfig, locations=list(config.locations), **names)
+    plan_full = _first_op(plan_full_system_recovery, full, RecoveryPlan)
+    plan_failover = _first_op(choose_failover_location, with_choices(FailoverConfig, **names), RecoveryPlan)
+    plan_ransomware = _first_op(quarantine_and_choose_last_good, with_choices(RansomwareConfig, **names), RecoveryPlan)
+    roll_back = _first_op(
+        roll_back_service, with_choices(RollbackConfig, service=list(config.services)), RollbackReport
+    )
+
     @dg.job(
         executor_def=dg.in_process_executor,
         name="service_rollback",
@@ -393,7 +414,7 @@ def build_recovery_jobs() -> list[dg.JobDefinition]:
         description="Roll one service back to before a deployment (SongNodes 'Bad deployment / rollback').",
     )
     def rollback():
-        rollback_report(roll_back_service())
+        rollback_report(roll_back())
 
     @dg.job(
         executor_def=dg.in_process_executor,
@@ -407,19 +428,19 @@ def build_recovery_jobs() -> list[dg.JobDefinition]:
     return [
         _scenario_job(
             "full_system_recovery",
-            plan_full_system_recovery,
+            plan_full,
             "Rebuild the whole system onto an empty host or target: databases and files to one consistent point, "
             "in parallel, then the services in order (SoundHash 'Complete server failure', SongNodes 'Complete "
             "system failure').",
         ),
         _scenario_job(
             "cross_region_failover",
-            choose_failover_location,
+            plan_failover,
             "Rebuild from the first reachable location that covers the request (SoundHash 'Region failure').",
         ),
         _scenario_job(
             "ransomware_recovery",
-            quarantine_and_choose_last_good,
+            plan_ransomware,
             "Quarantine, then the last known good point into fresh targets; what changed and what to rotate "
             "(SongNodes 'Security breach / ransomware').",
         ),
