@@ -41,7 +41,7 @@ from dr_pipelines.core.repository.catalog import (
     load_catalog,
 )
 from dr_pipelines.core.storage.base import Location
-from dr_pipelines.core.storage.probe import reachable
+from dr_pipelines.core.storage.probe import usable_locations
 from dr_pipelines.core.wal.archive import list_archive
 from dr_pipelines.core.wal.pg_config import pg_quote, restore_command
 
@@ -552,21 +552,9 @@ def recovery_locations(
     """The locations recovery reads: those named, or those that answer now. PostgreSQL's recovery
     aborts when restore_command cannot rule a file out, so a down location must not be asked at all;
     the report says which was left out and what that may cost."""
-    if request.locations:
-        for name in request.locations:
-            config.location_names(name)  # an unknown name is a config error naming the configured ones
-        chosen = {n: locations[n] for n in request.locations}
-        left = {n: "not chosen (locations)" for n in locations if n not in chosen}
-    else:
-        chosen, left = reachable(locations)
-        if not chosen:
-            raise PitrError(
-                "no location answers: "
-                + "; ".join(f"{n}: {why}" for n, why in left.items())
-                + ". Nothing was touched; bring one back (or fix its credentials) and run the recovery again"
-            )
-        if left:
-            request.locations = list(chosen)
+    chosen, left = usable_locations(config, locations, request.locations)
+    if left and not request.locations:
+        request.locations = list(chosen)  # restore_command then names only these
     report.locations_used, report.left_out = list(chosen), left
     for name, why in left.items():
         warning = (

@@ -23,7 +23,7 @@ from dr_pipelines.core.pitr.recover import archive_gaps
 from dr_pipelines.core.postgres.cluster import free_port
 from dr_pipelines.core.repository.catalog import CatalogEntry, load_catalog
 from dr_pipelines.core.storage.base import Location
-from dr_pipelines.core.storage.probe import reachable
+from dr_pipelines.core.storage.probe import usable_locations
 
 MARKER = ".dr_recovery.json"  # in the target root while a recovery runs (a killed one leaves it)
 
@@ -152,20 +152,10 @@ def _accept_all(component: str, candidate: object) -> str | None:
 def choose_locations(
     config: DrConfig, locations: dict[str, Location], only: list[str] | None, log: Log
 ) -> tuple[dict[str, Location], dict[str, str]]:
-    if only:
-        for name in only:
-            config.location_names(name)
-        return {n: locations[n] for n in only}, {n: "not chosen" for n in locations if n not in only}
-    up, down = reachable(locations)
-    if not up:
-        raise RecoveryRefused(
-            "no location answers: "
-            + "; ".join(f"{n}: {why}" for n, why in down.items())
-            + ". Nothing was touched; bring one back (or fix its credentials) and run the recovery again"
-        )
-    for name, why in down.items():
-        log(f"WARNING: location {name} does not answer and is left out: {why}")
-    return up, down
+    chosen, left = usable_locations(config, locations, only)
+    for name, why in left.items():
+        log(f"WARNING: location {name} is left out: {why}")
+    return chosen, left
 
 
 def _database_step(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from dr_pipelines.core.errors import DrError
 from dr_pipelines.core.storage.base import Location, LocationError, describe_error
 
 PROBE_PREFIX = "_probe/"  # listed, never written: an answer (even empty) means the location is up
@@ -35,4 +36,27 @@ def reachable(locations: dict[str, Location]) -> tuple[dict[str, Location], dict
     answers = probe(locations)
     up = {n: loc for n, loc in locations.items() if answers[n] is None}
     down = {n: reason for n, reason in answers.items() if reason is not None}
+    return up, down
+
+
+class NoLocationAnswers(DrError):
+    """Every location is down: a recovery cannot start (nothing was touched)."""
+
+
+def usable_locations(
+    config, locations: dict[str, Location], only: list[str] | None
+) -> tuple[dict[str, Location], dict[str, str]]:
+    """What a recovery reads: the locations named (`only`), else those that answer now; and the others,
+    each with why it was left out. No location answering is an error saying what each one said."""
+    if only:
+        for name in only:
+            config.location_names(name)  # an unknown name is a config error naming the configured ones
+        return {n: locations[n] for n in only}, {n: "not chosen (locations)" for n in locations if n not in only}
+    up, down = reachable(locations)
+    if not up:
+        raise NoLocationAnswers(
+            "no location answers: "
+            + "; ".join(f"{n}: {why}" for n, why in down.items())
+            + ". Nothing was touched; bring one back (or fix its credentials) and run the recovery again"
+        )
     return up, down
