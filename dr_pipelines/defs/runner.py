@@ -15,7 +15,7 @@ import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.errors import RunFailed
-from dr_pipelines.core.owner import owner_dead, owner_tag, pid_alive
+from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.pitr.recover import PitrReport
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.report import RestoreReport
@@ -26,6 +26,7 @@ from dr_pipelines.defs.backup.assets import (
     logical_backup_key,
 )
 from dr_pipelines.defs.build import build_definitions
+from dr_pipelines.defs.dead_runs import RUN_HOST, RUN_OWNER, RUN_PID, fail_dead_runs
 from dr_pipelines.defs.restore.restore_test import restore_test_job_name, restore_test_key
 
 
@@ -46,42 +47,6 @@ def _instance():
             yield instance
     else:
         yield dg.DagsterInstance.ephemeral()
-
-
-# Shell runs carry their process, so a later run can tell one that is still going from one whose
-# process died (kill -9, out of memory, a reboot): Dagster keeps such a run STARTED, holding its
-# pool slot, and every later run of that database would wait for the slot forever.
-RUN_PID, RUN_HOST, RUN_OWNER = "dr/pid", "dr/host", "dr/owner"
-
-
-def fail_dead_runs(instance: dg.DagsterInstance, log=lambda m: print(m, file=sys.stderr)) -> list[str]:
-    """Mark failed, and free the pool slots of, the shell runs of this host whose process is gone."""
-    host = socket.gethostname()
-    records = instance.get_run_records(
-        filters=dg.RunsFilter(
-            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING],
-            tags={RUN_HOST: host},
-        )
-    )
-    failed = []
-    for record in records:
-        run = record.dagster_run
-        pid = int(run.tags.get(RUN_PID) or 0)
-        dead = owner_dead(run.tags.get(RUN_OWNER)) if run.tags.get(RUN_OWNER) else (not pid_alive(pid) if pid else None)
-        if not dead:
-            continue
-        instance.report_run_failed(
-            run,
-            message=f"the process that ran it ({host}, pid {pid}) is gone: killed, out of "
-            "memory or the host restarted. Marked failed by the next run.",
-        )
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        log(
-            f"run {run.run_id} of {run.job_name} was left STARTED by a process that died (pid {pid}): marked "
-            "failed and its pool slot freed"
-        )
-        failed.append(run.run_id)
-    return failed
 
 
 def run_failure(result: dg.ExecuteInProcessResult) -> RunFailed:

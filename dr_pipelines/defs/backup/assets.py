@@ -11,7 +11,8 @@ from dr_pipelines.core.backup.attempts import PartialBackup
 from dr_pipelines.core.backup.base import run_base_backup
 from dr_pipelines.core.backup.logical import run_logical_backup
 from dr_pipelines.core.config import DrConfig
-from dr_pipelines.defs.failures import domain_failures, partial_failure
+from dr_pipelines.defs.failures import domain_error, domain_failures, partial_failure
+from dr_pipelines.defs.pools import database_pool
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -72,7 +73,7 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
             f"{config.compression.method} and {config.encryption.method} encryption to "
             f"{', '.join(config.locations)}. The repository's manifest is the source of truth."
         ),
-        pool=f"pg_{db}",
+        pool=database_pool(db),
         # Dagster's own freshness (its daemon, from materializations); the `backup_fresh` check
         # reads the repository, so it also sees backups taken from the shell.
         freshness_policy=dg.FreshnessPolicy.time_window(  # Dagster's floor is one minute
@@ -89,11 +90,11 @@ def build_logical_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition
                     run_config, db, dr.locations(run_config), log=context.log.info, label=config.label or None
                 )
         except dg.Failure as failure:
-            partial = failure.__cause__
+            partial = domain_error(failure)
             if isinstance(partial, PartialBackup):  # say which copies exist and which don't
                 raise partial_failure(
                     failure, "backup_id", partial.manifest.id, partial.committed, partial.failed
-                ) from partial
+                ) from None
             raise
         return dg.MaterializeResult(
             metadata=backup_metadata(result.manifest, result.locations, result.compression_ratio),
@@ -116,7 +117,7 @@ def build_base_backup_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
         description=f"Physical base backup of {db}: `pg_basebackup -Ft` streamed through "
         f"{config.compression.method} and {config.encryption.method} encryption to every location, "
         "PostgreSQL's backup_manifest inside; complete only once its WAL is archived.",
-        pool=f"pg_{db}",
+        pool=database_pool(db),
     )
     def base_backup(context: dg.AssetExecutionContext, config: BackupRunConfig, dr: DrResource) -> dg.MaterializeResult:
         with domain_failures():

@@ -13,7 +13,10 @@ from dr_pipelines.defs.backup.assets import (
     logical_backup_key,
 )
 from dr_pipelines.defs.backup.checks import build_backup_checks
+from dr_pipelines.defs.pools import database_run_tags
 from dr_pipelines.defs.schedules import Defaults, cron_schedule
+
+BACKUP_RUN_RETRIES = 2
 
 
 def build_backup_definitions(config: DrConfig, defaults: Defaults) -> dg.Definitions:
@@ -34,7 +37,11 @@ def build_backup_definitions(config: DrConfig, defaults: Defaults) -> dg.Definit
         ):
             what = "logical" if kind == "logical" else "physical base"
             job = dg.define_asset_job(
-                name, selection=dg.AssetSelection.assets(key), description=f"Take a {what} backup of {db} now."
+                name,
+                selection=dg.AssetSelection.assets(key),
+                description=f"Take a {what} backup of {db} now.",
+                # a failed backup is run again (twice) by the instance's run retries; a restore never is
+                tags=database_run_tags(db, "backup", retries=BACKUP_RUN_RETRIES),
             )
             jobs.append(job)
             if when.enabled:

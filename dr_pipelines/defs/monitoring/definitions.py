@@ -7,6 +7,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.files.health import INTEGRITY as FILE_INTEGRITY
 from dr_pipelines.core.monitoring.health import INTEGRITY, WAL_CONTINUOUS, WAL_INTEGRITY, WAL_LAG
 from dr_pipelines.defs.backup.checks import check_selection
+from dr_pipelines.defs.dead_runs import build_dead_run_sensor
 from dr_pipelines.defs.files.assets import CHECKS as FILE_CHECKS
 from dr_pipelines.defs.files.assets import snapshot_key
 from dr_pipelines.defs.monitoring.report import COMPLIANCE_REPORT, build_metrics_job, build_report_asset
@@ -70,5 +71,9 @@ def build_monitoring_definitions(config: DrConfig, defaults: Defaults) -> dg.Def
         assets=[build_report_asset(config, [restore_test_key(db) for db in config.databases])],
         jobs=[health_job, integrity_job, report_job, metrics_job],
         schedules=schedules,
-        sensors=[automation, *build_alert_sensors(config, defaults.sensor)],
+        sensors=[
+            automation,
+            *build_alert_sensors(config, defaults.sensor),
+            build_dead_run_sensor(sch.sensor_interval_s, defaults.observing().sensor),
+        ],
     )

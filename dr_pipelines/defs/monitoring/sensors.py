@@ -76,6 +76,9 @@ def _failure_detail(instance: dg.DagsterInstance, run_id: str) -> str:
         if data and data.error:
             desc = data.user_failure_data.description if data.user_failure_data else None
             return f"step {event.step_key}: {desc or data.error.message.strip()}"
+    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records:
+        if record.event_log_entry.message:  # e.g. its process died, or it never started
+            return record.event_log_entry.message
     return "the run failed before any step failed (see the run's logs)"
 
 

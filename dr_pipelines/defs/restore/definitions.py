@@ -3,6 +3,7 @@
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.defs.pools import database_run_tags
 from dr_pipelines.defs.restore.jobs import build_restore_job
 from dr_pipelines.defs.restore.restore_test import (
     build_restore_test_asset,
@@ -25,6 +26,7 @@ def build_restore_definitions(config: DrConfig, defaults: Defaults) -> dg.Defini
             restore_test_job_name(db),
             selection=dg.AssetSelection.assets(restore_test_key(db)),
             description=f"Restore the latest backup of {db} into a scratch database and validate it.",
+            tags=database_run_tags(db, "restore_test"),
         )
         jobs.append(job)
         cron = cfg.restore_test.schedule or config.schedules.restore_test

@@ -13,6 +13,7 @@ from dr_pipelines.core.restore.validation import TableDiff, diff_table
 from dr_pipelines.defs.backup.assets import logical_backup_key
 from dr_pipelines.defs.backup.checks import check_result
 from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.pools import database_pool
 from dr_pipelines.defs.resources import DrResource
 
 PASSED = health.RESTORE_TEST
@@ -55,7 +56,7 @@ def build_restore_test_asset(config: DrConfig, db: str) -> dg.AssetsDefinition:
                 description="The restored database matched the manifest and passed every check.",
             )
         ],
-        pool=f"pg_{db}",
+        pool=database_pool(db),
     )
     def restore_test(
         context: dg.AssetExecutionContext, config: RestoreTestRunConfig, dr: DrResource
