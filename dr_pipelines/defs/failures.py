@@ -19,7 +19,15 @@ def domain_failures(metadata: dict | None = None):
         if code is None:
             raise  # a bug, not an operational failure: keep Dagster's full stack trace
         # the exit code travels with it, so the shell exits as it would had it run the step itself
-        raise dg.Failure(description=str(e), metadata={**(metadata or {}), "exit_code": code}) from e
+        failure = dg.Failure(description=str(e), metadata={**(metadata or {}), "exit_code": code})
+        failure.domain_error = e  # type: ignore[attr-defined]
+        # not chained: the UI would print the message three times, the last under the domain error's trace
+        raise failure from None
+
+
+def domain_error(failure: dg.Failure) -> Exception | None:
+    """The domain error a `domain_failures` block turned into this failure (e.g. a partial backup)."""
+    return getattr(failure, "domain_error", None)
 
 
 def partial_failure(failure: dg.Failure, made_key: str, made_id: str, committed: list[str], failed) -> dg.Failure:

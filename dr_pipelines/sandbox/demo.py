@@ -35,6 +35,16 @@ def _dagster_home() -> Path:
     return home
 
 
+def ui_environment() -> dict[str, str]:
+    """`dagster dev`'s environment, without its two start-up notices that ask nothing of the user:
+    "dev_command is superseded ... use 'dg dev'" (a FutureWarning; dg is not installed) and gRPC's
+    "skipping fork() handlers" (the code server starts pg_ctl; the child execs at once)."""
+    env = os.environ.copy()
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore::FutureWarning:click.core"]))
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    return env
+
+
 def run_demo(serve_ui: bool = True, port: int = 3000) -> int:
     os.environ.pop("DR_PIPELINES_CONFIG", None)  # the demo is the embedded sandbox, always
     # the UI's code server must find this sandbox whatever directory it starts in
@@ -108,7 +118,7 @@ list and verify backups:
             "dr_pipelines.defs.definitions",
         ],
         cwd=str(sandbox_dir()),
-        env=os.environ.copy(),
+        env=ui_environment(),
         start_new_session=True,
     )
 

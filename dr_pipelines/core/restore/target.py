@@ -89,7 +89,7 @@ def plan_target(config: DrConfig, request: RestoreRequest, server: DatabaseConfi
     if is_source and exists and not confirmed and _user_object_count(server, request.database, target):
         raise UnsafeRestore(
             f"{target!r} is the source database {request.database!r} itself: restoring over it needs clean: true "
-            f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere with target/--into. Nothing was touched."
+            f"and confirm: {target!r} (shell: --clean --yes); or restore elsewhere: target_database (shell: --into). Nothing was touched."
         )
     if exists and not confirmed and _user_object_count(server, request.database, target):
         raise UnsafeRestore(

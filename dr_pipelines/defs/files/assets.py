@@ -15,7 +15,7 @@ from dr_pipelines.core.files.restore import FileRestoreReport, test_restore_file
 from dr_pipelines.core.files.snapshot import PartialSnapshot, SnapshotIndex, take_snapshot
 from dr_pipelines.core.repository.records import RecordKind, load_reports, store_json_record
 from dr_pipelines.defs.backup.checks import check_result
-from dr_pipelines.defs.failures import domain_failures, partial_failure
+from dr_pipelines.defs.failures import domain_error, domain_failures, partial_failure
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -72,11 +72,11 @@ def build_snapshot_asset(config: DrConfig, file_set: str) -> dg.AssetsDefinition
                 cfg = dr.config()
                 result = take_snapshot(cfg, file_set, dr.locations(cfg), log=context.log.info)
         except dg.Failure as failure:
-            partial = failure.__cause__
+            partial = domain_error(failure)
             if isinstance(partial, PartialSnapshot):
                 raise partial_failure(
                     failure, "snapshot_id", partial.index.id, partial.committed, partial.failed
-                ) from partial
+                ) from None
             raise
         return dg.MaterializeResult(
             metadata=snapshot_metadata(result.index, result.locations),

@@ -42,7 +42,7 @@ from dr_pipelines.core.recovery.run import (
 )
 from dr_pipelines.core.repository.records import RecordKind, store_json_record
 from dr_pipelines.defs.choices import chosen, with_choices
-from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.failures import domain_error, domain_failures
 from dr_pipelines.defs.resources import DrResource
 
 Method = Literal["auto", "pitr", "logical"]
@@ -336,7 +336,7 @@ def roll_back_service(context: dg.OpExecutionContext, config: RollbackConfig, dr
                 context.log.info,
             )
     except dg.Failure as failure:
-        cause = failure.__cause__
+        cause = domain_error(failure)
         if isinstance(cause, RollbackFailed):
             store_json_record(
                 locations, SYSTEM_RECORDS, RecordKind.RECOVERY, cause.report.started_at, asdict(cause.report)

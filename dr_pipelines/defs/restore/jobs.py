@@ -12,6 +12,7 @@ only for the swap, and a failure anywhere before the swap leaves the target unto
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,7 @@ from dr_pipelines.core.sweep import make_scratch_dir
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.choices import with_choices
 from dr_pipelines.defs.failures import domain_failures
+from dr_pipelines.defs.pools import database_pool, holding_pool
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -121,12 +123,14 @@ def remove_plaintext_on_failure(context: dg.HookContext) -> None:
         shutil.rmtree(_plaintext_dir(config, db, context.run_id), ignore_errors=True)
 
 
-def restore_summary(report: RestoreReport, validation: ValidationResult) -> str:
+def restore_summary(report: RestoreReport, validation: ValidationResult, asked: str) -> str:
     """The run's result at a glance, as the UI shows a step's Markdown metadata."""
     why = (
         f"FELL BACK from the newest: {'; '.join(report.fallback_reasons)}"
         if report.fallback
-        else "the one asked for"
+        else "the newest (backup: latest)"
+        if asked == "latest"
+        else f"the one asked for ({asked})"
         if report.backup_id
         else "a file"
     )
@@ -192,7 +196,10 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
         make_scratch_dir(workdir)
         try:
-            with domain_failures():
+            # data_only loads into the target itself: never beside a backup of it (nor another restore)
+            into_live = plan.is_source and plan.staging is None
+            live = holding_pool(context, database_pool(request.database)) if into_live else nullcontext()
+            with live, domain_failures():
                 if plan.staging is None:  # data_only: rows go straight into the live target
                     run_hooks(db.application.stop, db.application, "stop application", context.log.info)
                 fetched, steps = restore_into(
@@ -276,7 +283,11 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
     def swap_database(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         previous = None
         if state.plan.staging is not None:
-            with domain_failures():
+            # replacing the live database: wait for a backup (or another restore) of it to end first
+            live = (
+                holding_pool(context, database_pool(state.request.database)) if state.plan.is_source else nullcontext()
+            )
+            with live, domain_failures():
                 previous = swap_in(
                     state.database(dr.config()),
                     state.request.database,
@@ -327,14 +338,15 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
             "data_loss_window_s": report.data_loss_window_s if report.data_loss_window_s is not None else -1.0,
             "fallback": report.fallback,
             "target": report.target,
-            "previous_database": report.previous_database or "",
             "tables": state.validation.tables,
             "rows": state.validation.rows,
             "report_stored_on": ", ".join(stored),
         }
+        if report.previous_database:
+            metadata["previous_database"] = report.previous_database
         if report.fallback:
             metadata["fallback_reasons"] = dg.MetadataValue.md("\n".join(f"- {r}" for r in report.fallback_reasons))
-        metadata["summary"] = dg.MetadataValue.md(restore_summary(report, state.validation))
+        metadata["summary"] = dg.MetadataValue.md(restore_summary(report, state.validation, request.backup))
         context.add_output_metadata(metadata)
         context.log_event(
             dg.AssetObservation(
