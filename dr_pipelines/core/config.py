@@ -400,6 +400,12 @@ class RetentionConfig(_Model):
     monthly_days: int = Field(default=365, ge=0)
     min_keep: int = Field(default=3, ge=1)
     wal_days: int = Field(default=30, ge=0)
+    run_history_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="delete Dagster's records of finished runs older than this (the repository's reports "
+        "stay); default: keep them",
+    )
 
 
 class ChecksConfig(_Model):

@@ -161,10 +161,39 @@ def test_apply_retention_job_plan_in_metadata(pg, write_config, tmp_path):
         run_config={"ops": {"plan_and_apply_retention": {"config": {"dry_run": False}}}},
     )
     assert result.success
-    [event] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    [event] = [
+        e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "plan_and_apply_retention"
+    ]
     md = {k: v.value for k, v in event.step_output_data.metadata.items()}
     assert md["removed"] == 1 and md["backups"] == 2 and "| REMOVE |" in text(md["plan"])
     assert len(load_catalog(open_locations(cfg).values(), "app").entries) == 1
+
+
+def test_apply_retention_prunes_the_run_history_past_its_days(pg, write_config, tmp_path):
+    import dagster as dg
+    from dagster._core.storage.runs.schema import RunsTable
+
+    from dr_pipelines.defs.build import build_definitions
+
+    path = write_config(pg, {"local": local_location(tmp_path / "b")}, retention={"run_history_days": 30})
+    job = build_definitions(config_from(path), str(path)).resolve_job_def("apply_retention")
+    instance = dg.DagsterInstance.ephemeral()
+    dry = {"ops": {"plan_and_apply_retention": {"config": {"dry_run": True}}}}
+    old, recent = (job.execute_in_process(instance=instance, run_config=dry).run_id for _ in range(2))
+    with instance.run_storage.connect() as conn:  # type: ignore[attr-defined]
+        conn.execute(
+            RunsTable.update()
+            .where(RunsTable.c.run_id == old)
+            .values(create_timestamp=datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=31))
+        )
+    pruning = job.execute_in_process(instance=instance, run_config=dry)
+    assert pruning.success
+    assert instance.get_run_by_id(old) is None  # 31 days old: deleted
+    assert instance.get_run_by_id(recent) is not None and instance.get_run_by_id(pruning.run_id) is not None
+    [event] = [
+        e for e in pruning.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "prune_run_history"
+    ]
+    assert event.step_output_data.metadata["runs_deleted"].value == 1
 
 
 def test_weekly_and_monthly_keepers_move_to_colder_classes(pg, s3, gcs, write_config, tmp_path):

@@ -1,6 +1,6 @@
 """`apply_retention`: the retention plan (a table in the run's metadata), then the removals."""
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 from pydantic import Field
@@ -9,6 +9,8 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.retention import apply_plan, build_plan, plan_table
 from dr_pipelines.defs.failures import domain_failures
 from dr_pipelines.defs.resources import DrResource
+
+RUN_HISTORY_BATCH = 1000  # per run: the next scheduled run deletes the next batch
 
 
 class RetentionRunConfig(dg.Config):
@@ -54,6 +56,24 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
                 + ". Fix the location and run apply_retention again; nothing kept was touched."
             )
 
+    @dg.op(
+        description="Delete Dagster's records of finished runs older than retention.run_history_days, a "
+        "batch per run; what happened stays in the repository's reports and the compliance report."
+    )
+    def prune_run_history(context: dg.OpExecutionContext, dr: DrResource) -> None:
+        days = dr.config().retention.run_history_days
+        if not days:
+            context.log.info("run history kept: retention.run_history_days is not set")
+            return
+        cutoff = datetime.now(timezone.utc) - timedelta(days=days)
+        finished = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+        old = context.instance.get_run_records(
+            filters=dg.RunsFilter(statuses=finished, created_before=cutoff), limit=RUN_HISTORY_BATCH
+        )
+        for record in old:
+            context.instance.delete_run(record.dagster_run.run_id)
+        context.add_output_metadata({"runs_deleted": len(old), "created_before": cutoff.isoformat(timespec="seconds")})
+
     @dg.job(
         name="apply_retention",
         description="Apply the retention policy to every location (dry_run to preview).",
@@ -61,5 +81,6 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
     )
     def apply_retention_job():
         plan_and_apply_retention()
+        prune_run_history()
 
     return apply_retention_job
