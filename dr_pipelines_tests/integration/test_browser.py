@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -46,7 +47,13 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+# the README's pictures: refreshed with DR_UPDATE_SCREENSHOTS=1 ./dev test -k browser; other runs keep
+# theirs out of the checkout
+SCREENSHOTS = (
+    PROJECT_ROOT / "docs" / "screenshots"
+    if os.environ.get("DR_UPDATE_SCREENSHOTS")
+    else Path(tempfile.gettempdir()) / "dr_pipelines_screenshots"
+)
 LOCATION = "dr_pipelines.defs.definitions"  # `dagster dev -m <module>` names the code location after it
 DB = "soundhash"
 RUN_TIMEOUT_MS = 180_000
