@@ -6,7 +6,7 @@ PGDATA=${PGDATA:-/var/lib/postgresql/data}
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   install -d -o postgres -m 0700 "$PGDATA"
   pwfile=$(mktemp) && cat "$APP_DB_PASSWORD_FILE" > "$pwfile" && chown postgres "$pwfile"
-  runuser -u postgres -- initdb -D "$PGDATA" -U postgres --pwfile="$pwfile" --auth=scram-sha-256 --data-checksums
+  runuser -u postgres -- initdb -D "$PGDATA" -U postgres --pwfile="$pwfile" --auth-local=peer --auth-host=scram-sha-256 --data-checksums
   rm -f "$pwfile"
   echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
   echo "host replication all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"

@@ -54,5 +54,10 @@ def owner_dead(tag: str | None) -> bool | None:
         return True
     if len(rest) == 2:  # a full tag: the same pid in another boot, or started later, is someone else
         boot, start = rest
-        return boot != _boot_id() or (start != "-" and start != _start_time(int(pid)))
+        if boot != _boot_id():
+            return True
+        now = _start_time(int(pid))
+        if start == "-" or now is None:
+            return None  # its start time cannot be read (e.g. /proc mounted hidepid): unknown, not dead
+        return start != now
     return False

@@ -3,6 +3,7 @@ such a run STARTED, holding its pool slot, and every later run of that database 
 slot forever. Run monitoring cannot see it with the default launcher (it has no worker health check),
 so the runs carry their process, and a later run or the watch sensor fails those whose process is gone."""
 
+import os
 import socket
 import sys
 
@@ -58,20 +59,44 @@ def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
     return None
 
 
-def adopt_launched_runs(instance: dg.DagsterInstance, jobs: set[str]) -> list[str]:
-    """Tag this location's active runs (launched by the daemon or the UI) with their process, as shell
-    runs are tagged at launch. Only with the default launcher: its runs are processes of the code
-    server, on the host that evaluates this sensor; a process already gone is tagged gone."""
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _launched_here(pid: int, depth: int = 4) -> bool:
+    """Whether `pid` descends from this process: the default launcher starts a run's process from the
+    code server that evaluates this sensor. A run of another code location, replica or host never does."""
+    me = os.getpid()
+    for _ in range(depth):
+        parent = _parent(pid)
+        if parent is None or parent <= 1:
+            return False
+        if parent == me:
+            return True
+        pid = parent
+    return False
+
+
+def adopt_launched_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Tag the active runs this code server launched (from the daemon or the UI) with their process,
+    as shell runs are tagged at launch: host, pid, boot and the process's start time, so a reused pid
+    is never taken for it. Only live processes of this server are adopted; a run whose process died
+    before its first look here stays with Dagster's own timeouts (run monitoring, `dagster/max_runtime`)."""
     adopted = []
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE)):
         run = record.dagster_run
-        if RUN_HOST in run.tags or run.job_name not in jobs:
+        if RUN_HOST in run.tags:
             continue
         pid = worker_pid(instance, run.run_id)
-        if pid is None:
-            continue  # not started yet: run monitoring's start timeout covers a launch that never comes up
-        owner = owner_tag(pid) if pid_alive(pid) else f"{socket.gethostname()}:{pid}"
-        instance.add_run_tags(run.run_id, {RUN_PID: str(pid), RUN_HOST: socket.gethostname(), RUN_OWNER: owner})
+        if pid is None or not pid_alive(pid) or not _launched_here(pid):
+            continue
+        instance.add_run_tags(
+            run.run_id, {RUN_PID: str(pid), RUN_HOST: socket.gethostname(), RUN_OWNER: owner_tag(pid)}
+        )
         adopted.append(run.run_id)
     return adopted
 
@@ -91,8 +116,7 @@ def build_dead_run_sensor(interval_s: int, status: dg.DefaultSensorStatus) -> dg
             return dg.SkipReason(
                 f"runs are launched by {type(instance.run_launcher).__name__}: its own run monitoring watches them"
             )
-        jobs = {job.name for job in context.repository_def.get_all_jobs()}
-        adopt_launched_runs(instance, jobs)
+        adopt_launched_runs(instance)
         failed = fail_dead_runs(instance, context.log.warning, by=f"the sensor {DEAD_RUNS}")
         return dg.SkipReason(f"failed {len(failed)} run(s) whose process died" if failed else "every active run lives")
 

@@ -1,10 +1,8 @@
-"""Pools held from inside a step: a step whose database is a choice of the run's config (a restore
+"""Pools held from inside a run: a step whose database is a choice of the run's config (a restore
 launched from the Launchpad) cannot name its pool in its definition, so it claims the slot itself,
-with the same storage calls Dagster's executor uses for a definition's `pool=`."""
+with the storage calls Dagster's executor makes for a definition's `pool=`."""
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import dagster as dg
 
@@ -23,28 +21,36 @@ def database_run_tags(database: str, operation: str, retries: int = 0) -> dict[s
     return tags
 
 
-@contextmanager
-def holding_pool(context: dg.OpExecutionContext, pool: str, poll_s: float = 1.0) -> Iterator[None]:
+def claim_pool(context: dg.OpExecutionContext, pool: str, claim: str, poll_s: float = 1.0) -> None:
+    """Wait for, then hold, a slot of `pool` under the name `claim` (freed by `free_pool`, or with the
+    run's slots when it ends)."""
     storage = context.instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
-        yield
         return
-    storage.initialize_concurrency_limit_to_default(pool)  # a no-op when the pool has a limit already
-    if storage.get_concurrency_info(pool).limit is None:
-        yield  # no limit for this pool on this instance: nothing to wait for
-        return
-    claim = f"{context.op_handle}[{pool}]"
+    info = storage.get_concurrency_info(pool)
+    if info.limit is None:
+        return  # no limit for this pool on this instance: nothing to wait for
+    if info.using_default_limit and info.slot_count == 0:
+        # the instance's default applies but no backup created the pool yet. Only then: on an existing
+        # pool this would reset an operator's limit (and on PostgreSQL abort the transaction)
+        storage.initialize_concurrency_limit_to_default(pool)
     said = False
-    while not storage.claim_concurrency_slot(pool, context.run_id, claim).is_claimed:
-        if not said:
-            holders = storage.get_concurrency_info(pool).active_run_ids - {context.run_id}
-            context.log.info(
-                f"waiting for pool {pool}: run {', '.join(sorted(holders)) or '(none yet)'} of the same "
-                "database holds it (a backup or another restore); this step goes on when it ends"
-            )
-            said = True
-        time.sleep(poll_s)
     try:
-        yield
-    finally:
+        while not storage.claim_concurrency_slot(pool, context.run_id, claim).is_claimed:
+            if not said:
+                holders = storage.get_concurrency_info(pool).active_run_ids - {context.run_id}
+                context.log.info(
+                    f"waiting for pool {pool}: run {', '.join(sorted(holders)) or '(none yet)'} of the same "
+                    "database holds it (a backup, a restore test or another restore); this goes on when it ends"
+                )
+                said = True
+            time.sleep(poll_s)
+    except BaseException:  # cancelled while waiting: leave no place in the queue behind
+        storage.free_concurrency_slot_for_step(context.run_id, claim)
+        raise
+
+
+def free_pool(context: dg.OpExecutionContext | dg.HookContext, claim: str) -> None:
+    storage = context.instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
         storage.free_concurrency_slot_for_step(context.run_id, claim)

@@ -19,6 +19,7 @@ nux:
   enabled: false
 run_monitoring:
   enabled: true
+  free_slots_after_run_end_seconds: 60
 concurrency:
   runs:
     max_concurrent_runs: 4

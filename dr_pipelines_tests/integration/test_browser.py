@@ -32,8 +32,8 @@ from dr_pipelines_tests.support.postgres import PgServer
 from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is not installed (Debian's chromium drives the UI tests)", allow_module_level=True)
+if not CHROMIUM.exists():  # not a skip: CI would pass without ever opening the UI
+    pytest.fail(f"{CHROMIUM} is not installed (Debian's chromium drives the UI tests); run ./dev setup", pytrace=False)
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError  # noqa: E402

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 
 from dr_pipelines.core.owner import pid_alive
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, free_port
-from dr_pipelines.defs.dead_runs import worker_pid
+from dr_pipelines.defs.dead_runs import RUN_OWNER, worker_pid
 from dr_pipelines_tests.support.postgres import PgServer
 from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir, run_cli, wait_for_port
 from dr_pipelines_tests.support.servers import AlertReceiver
@@ -93,11 +94,18 @@ class Deployment:
 
     def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(service)
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass  # it had exited
 
     def log(self, service: str) -> str:
-        return (self.root / f"{service}.log").read_text(errors="replace")
+        path = self.root / f"{service}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def instance(self) -> dg.DagsterInstance:
         return dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
@@ -133,12 +141,20 @@ def instance_settings(poll_s: int) -> dict:
 
 @pytest.fixture(scope="module")
 def deployment(pg_template: Path) -> Iterator[Deployment]:
+    with ExitStack() as cleanup:  # whatever fails on the way, what started is stopped
+        yield from _deployment(pg_template, cleanup)
+
+
+def _deployment(pg_template: Path, cleanup: ExitStack) -> Iterator[Deployment]:
     root = reachable_tmpdir("drpt-deploy-")
     instance_pg = _server(pg_template, root / "instance-pg")
+    cleanup.callback(instance_pg.cluster.stop, "immediate")
     instance_pg.create_database("dagster", sample_data=False)
     app_pg = _server(pg_template, root / "app-pg")
+    cleanup.callback(app_pg.cluster.stop, "immediate")
     app_pg.create_database("app")
     receiver = AlertReceiver().start()
+    cleanup.callback(receiver.stop)
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(instance_settings(poll_s=5)))
@@ -217,9 +233,6 @@ def deployment(pg_template: Path) -> Iterator[Deployment]:
         for service in ("user-code", "daemon", "webserver"):  # shown by pytest when a test failed
             lines = [line for line in deployment.log(service).splitlines() if " - " in line and "Traceback" not in line]
             print(f"==== {service} (last lines)", *lines[-40:], sep="\n")
-        receiver.stop()
-        for server in (app_pg, instance_pg):
-            server.cluster.stop("immediate")
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -321,7 +334,7 @@ def test_a_failing_backup_alerts_once_and_resolves_once(deployment):
         d.app_pg.cluster.start()
     assert f"{BACKUP_JOB} failed" in alert["text"] and "is unreachable" in alert["text"], alert["text"]
     wait_until("the resolved notice", lambda: sent("resolve"), timeout=240)
-    time.sleep(12)  # one more sensor tick: nothing is sent twice
+    time.sleep(16)  # one more sensor tick (every 10 s, looked at every 5 s): nothing is sent twice
     assert len(sent("trigger")) == 1 and len(sent("resolve")) == 1, d.receiver.bodies("/hook")[before:]
 
 
@@ -359,6 +372,59 @@ def test_daemon_and_webserver_killed_and_restarted(deployment):
     assert d.client().get_run_status(run_id) == dg.DagsterRunStatus.SUCCESS
 
 
+def _step_span(instance: dg.DagsterInstance, run_id: str, first: str, last: str) -> tuple[float, float]:
+    """From the start of step `first` to the end of step `last` (their event timestamps)."""
+    times = {
+        (e.step_key, e.dagster_event.event_type): e.timestamp
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.step_key in (first, last)
+    }
+    return times[(first, dg.DagsterEventType.STEP_START)], times[(last, dg.DagsterEventType.STEP_SUCCESS)]
+
+
+def test_a_restore_over_the_live_database_never_runs_beside_its_backup(deployment):
+    """On PostgreSQL storage, as the Launchpad launches it (no tags): the restore claims the database's
+    pool before it stops the application and holds it to the swap, so a running backup of that
+    database finishes first and no backup starts until the live database is back in place."""
+    d = deployment
+    before = d.app_pg.table_checksums("app")
+    client = d.client()
+    backup = client.submit_job_execution(BACKUP_JOB, tags={"test": "beside a restore"})
+    with d.instance() as instance:
+        wait_until(
+            "the backup step started",
+            lambda: any(
+                e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_START
+                for e in instance.all_logs(backup)
+            ),
+            120,
+            0.1,
+        )
+        restore = client.submit_job_execution(
+            "restore_database",
+            run_config={"ops": {"choose_backup": {"config": {"database": "app", "clean": True, "confirm": "app"}}}},
+        )
+        runs = wait_until(
+            "the backup and the restore ended",
+            lambda: (
+                (rs := [instance.get_run_by_id(i) for i in (backup, restore)])
+                and all(r is not None and r.is_finished for r in rs)
+                and rs
+            ),
+            timeout=300,
+        )
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2, _failures(instance, restore)
+        backup_start, backup_end = _step_span(instance, backup, "app__logical_backup", "app__logical_backup")
+        live_start, live_end = _step_span(instance, restore, "stop_application", "swap_database")
+        assert live_start >= backup_end or live_end <= backup_start, "the swap overlapped the backup"
+        assert restore not in instance.event_log_storage.get_concurrency_info("pg_app").active_run_ids
+    assert d.app_pg.table_checksums("app") == before  # the live database is the restored copy of itself
+
+
+def _failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [e.message for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.is_failure]
+
+
 def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deployment):
     """kill -9 of the code server and the run it executes (what a restarted user-code container does):
     Dagster's run monitoring has no worker health check under the default launcher and would leave
@@ -382,6 +448,12 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
             0.1,
         )
         worker = wait_until("the run's process", lambda: worker_pid(instance, run_id), 60, 0.2)
+        wait_until(
+            "the dead-run watch knows the run's process",
+            lambda: (r := instance.get_run_by_id(run_id)) and RUN_OWNER in r.tags,
+            timeout=60,
+        )
+        killed_at = datetime.now(timezone.utc)
         d.kill("user-code")  # its process group: the proxy, the server and the run's process
         if pid_alive(worker):
             os.kill(worker, signal.SIGKILL)
@@ -394,12 +466,14 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
         message = [e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)]
         assert f"pid {worker}) is gone" in message[-1], message
         assert run_id not in instance.event_log_storage.get_concurrency_info("pg_app").active_run_ids
-        # every backup the repository lists is one a run completed (materialized); the killed one is not
+        # every backup the repository lists from before the kill is one a run completed (materialized):
+        # the killed one is not. (Backups of app run one at a time, so none other was midway then.)
         materialized = {
             str(r.asset_materialization.metadata["backup_id"].value)  # type: ignore[union-attr]
             for r in instance.fetch_materializations(BACKUP, limit=1000).records
         }
-    assert listed_backups(d) <= materialized, listed_backups(d) - materialized
+    listed = listed_backups(d, before=killed_at)
+    assert listed and listed <= materialized, listed - materialized
     again = d.client().submit_job_execution(BACKUP_JOB, tags={"test": "after kill -9"})
     with d.instance() as instance:
         done = wait_until(
@@ -408,13 +482,14 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
         assert done.status == dg.DagsterRunStatus.SUCCESS
 
 
-def listed_backups(d: Deployment, db: str = "app") -> set[str]:
+def listed_backups(d: Deployment, db: str = "app", before: datetime | None = None) -> set[str]:
     from dr_pipelines.core.config import load_config
     from dr_pipelines.core.repository.catalog import load_catalog
     from dr_pipelines.core.storage.locations import open_locations
 
     config = load_config(d.config_file)
-    return {e.id for e in load_catalog(open_locations(config).values(), db, "logical").entries}
+    entries = load_catalog(open_locations(config).values(), db, "logical").entries
+    return {e.id for e in entries if before is None or e.manifest.created_at < before}
 
 
 def test_the_instance_database_is_backed_up_and_restorable(deployment):
@@ -453,7 +528,17 @@ def test_compose_file_is_consistent_with_the_image_and_these_commands():
     services = spec["services"]
     assert {"dagster-postgres", "user-code", "webserver", "daemon", "app-postgres", "s3"} <= set(services)
     dockerfile = (DOCKER / "Dockerfile").read_text()
+    one_shot = {
+        name
+        for service in services.values()
+        for name, needs in (service.get("depends_on") or {}).items()
+        if needs.get("condition") == "service_completed_successfully"
+    }
+    assert one_shot == {"s3-bucket"}
     for name, service in services.items():
+        if name in one_shot:  # runs once, then exits: retried on failure, no health to check
+            assert service.get("restart") == "on-failure", f"{name}: not retried"
+            continue
         assert service.get("restart") == "unless-stopped", f"{name}: no restart policy"
         assert "healthcheck" in service, f"{name}: no health check"
         for key in ("environment",):
@@ -464,13 +549,17 @@ def test_compose_file_is_consistent_with_the_image_and_these_commands():
                 )
         if service.get("image") == "dr_pipelines:latest":
             executable = service["command"][0]
-            if executable != "monitored-postgres":
+            if executable not in ("monitored-postgres", "python"):
                 assert (VENV_BIN / executable).exists(), f"{name}: {executable} is not an entry point of the image"
             check = service["healthcheck"]["test"]
             if check[0] == "CMD" and check[1].startswith(("dagster", "dr-pipelines")):
                 assert (VENV_BIN / check[1]).exists(), f"{name}: health check {check[1]} missing"
+    # the database host gets no private key and no other password than the archive's
+    assert "age_identity" not in services["app-postgres"].get("secrets", [])
+    assert not {"DR_AGE_IDENTITY_FILE", "DAGSTER_PG_PASSWORD"} & set(services["app-postgres"]["environment"])
     assert "COPY docker/monitored-postgres.sh" in dockerfile and (DOCKER / "monitored-postgres.sh").exists()
     for line in dockerfile.splitlines():
+        assert "#" not in line or line.lstrip().startswith("#"), f"Dockerfile: a comment inside an instruction: {line}"
         if line.startswith("COPY") and "--from" not in line:
             for src in shlex.split(line)[1:-1]:
                 assert (PROJECT_ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"

@@ -186,7 +186,10 @@ def test_apply_retention_prunes_the_run_history_past_its_days(pg, write_config, 
             .where(RunsTable.c.run_id == old)
             .values(create_timestamp=datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=31))
         )
-    pruning = job.execute_in_process(instance=instance, run_config=dry)
+    assert job.execute_in_process(instance=instance, run_config=dry).success
+    assert instance.get_run_by_id(old) is not None  # a dry run deletes nothing
+    apply = {"ops": {"plan_and_apply_retention": {"config": {"dry_run": False}}}}
+    pruning = job.execute_in_process(instance=instance, run_config=apply)
     assert pruning.success
     assert instance.get_run_by_id(old) is None  # 31 days old: deleted
     assert instance.get_run_by_id(recent) is not None and instance.get_run_by_id(pruning.run_id) is not None

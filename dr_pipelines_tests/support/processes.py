@@ -27,13 +27,20 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """Stop a process started in its own session, and whatever of its group outlived it."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    except ProcessLookupError:
+        return  # the group is gone
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children that ignored SIGTERM or outlived their parent
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 REACHABLE_DIRS: list[Path] = []

@@ -12,7 +12,6 @@ only for the swap, and a failure anywhere before the swap leaves the target unto
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +45,7 @@ from dr_pipelines.core.sweep import make_scratch_dir
 from dr_pipelines.defs.backup.assets import database_key
 from dr_pipelines.defs.choices import with_choices
 from dr_pipelines.defs.failures import domain_failures
-from dr_pipelines.defs.pools import database_pool, holding_pool
+from dr_pipelines.defs.pools import claim_pool, database_pool, free_pool
 from dr_pipelines.defs.resources import DrResource
 
 
@@ -115,9 +114,14 @@ def _plaintext_dir(config: DrConfig, database: str, run_id: str) -> Path:
     return scratch_path(config, database, run_id)
 
 
+LIVE_CLAIM = "restore_database[live database]"  # the pool claim held from stopping the application to the swap
+
+
 @dg.failure_hook(required_resource_keys={"dr"})  # hooks take resources by key only
 def remove_plaintext_on_failure(context: dg.HookContext) -> None:
-    """Whatever step failed, no plaintext dump stays behind on this host."""
+    """Whatever step failed, no plaintext dump stays behind on this host, and the live database's
+    pool is not held by a run that ended."""
+    free_pool(context, LIVE_CLAIM)
     config = context.resources.dr.config()
     for db in config.databases:
         shutil.rmtree(_plaintext_dir(config, db, context.run_id), ignore_errors=True)
@@ -196,10 +200,10 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         workdir = _plaintext_dir(cfg, request.database, context.run_id)
         make_scratch_dir(workdir)
         try:
-            # data_only loads into the target itself: never beside a backup of it (nor another restore)
-            into_live = plan.is_source and plan.staging is None
-            live = holding_pool(context, database_pool(request.database)) if into_live else nullcontext()
-            with live, domain_failures():
+            with domain_failures():
+                if plan.staging is None and plan.is_source:
+                    # data_only loads into the live database: never beside a backup of it (nor another restore)
+                    claim_pool(context, database_pool(request.database), LIVE_CLAIM)
                 if plan.staging is None:  # data_only: rows go straight into the live target
                     run_hooks(db.application.stop, db.application, "stop application", context.log.info)
                 fetched, steps = restore_into(
@@ -272,6 +276,10 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
         if state.plan.staging is None:
             return state  # data_only stopped it before loading rows
         db = state.database(dr.config())
+        if state.plan.is_source:
+            # the live database is replaced next: first wait for a backup (or another restore) of it to
+            # end, so the application is not left stopped while it runs; held until the swap is done
+            claim_pool(context, database_pool(state.request.database), LIVE_CLAIM)
         with domain_failures():
             run_hooks(db.application.stop, db.application, "stop application", context.log.info)
         return state
@@ -283,11 +291,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
     def swap_database(context: dg.OpExecutionContext, state: RestoreState, dr: DrResource) -> RestoreState:
         previous = None
         if state.plan.staging is not None:
-            # replacing the live database: wait for a backup (or another restore) of it to end first
-            live = (
-                holding_pool(context, database_pool(state.request.database)) if state.plan.is_source else nullcontext()
-            )
-            with live, domain_failures():
+            with domain_failures():
                 previous = swap_in(
                     state.database(dr.config()),
                     state.request.database,
@@ -295,6 +299,7 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                     state.request.keep_previous,
                     context.log.info,
                 )
+        free_pool(context, LIVE_CLAIM)  # the live database is in place: backups of it may run
         return replace(state, previous=previous)
 
     @dg.op(description="Run the configured start hooks.")

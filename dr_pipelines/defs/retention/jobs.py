@@ -22,7 +22,7 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
         description="Plan grandfather-father-son retention over every location (min_keep floor, pins, the "
         "newest restore-tested backup kept), then remove the rest: manifest first, then objects."
     )
-    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig, dr: DrResource) -> None:
+    def plan_and_apply_retention(context: dg.OpExecutionContext, config: RetentionRunConfig, dr: DrResource) -> bool:
         with domain_failures():
             cfg = dr.config()
             locations = dr.locations(cfg)
@@ -44,7 +44,7 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
             metadata["snapshot_plan"] = dg.MetadataValue.md(plan_table(plan.files.decisions))
         if config.dry_run:
             context.add_output_metadata(metadata)
-            return
+            return False
         outcome = apply_plan(cfg, locations, plan, log=context.log.info)
         context.add_output_metadata(
             {**metadata, "moved_to_colder_class": len([m for m in outcome.moves if not m.error])}
@@ -55,12 +55,17 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
                 + "; ".join(outcome.failures + plan.problems)
                 + ". Fix the location and run apply_retention again; nothing kept was touched."
             )
+        return True
 
     @dg.op(
-        description="Delete Dagster's records of finished runs older than retention.run_history_days, a "
-        "batch per run; what happened stays in the repository's reports and the compliance report."
+        description="After the retention plan was applied (not on a dry run): delete Dagster's records of "
+        "finished runs older than retention.run_history_days, a batch per run; what happened stays in the "
+        "repository's reports and the compliance report."
     )
-    def prune_run_history(context: dg.OpExecutionContext, dr: DrResource) -> None:
+    def prune_run_history(context: dg.OpExecutionContext, applied: bool, dr: DrResource) -> None:
+        if not applied:
+            context.log.info("dry run: no run history deleted")
+            return
         days = dr.config().retention.run_history_days
         if not days:
             context.log.info("run history kept: retention.run_history_days is not set")
@@ -80,7 +85,6 @@ def build_retention_job(config: DrConfig) -> dg.JobDefinition:
         tags={"dr/operation": "retention"},
     )
     def apply_retention_job():
-        plan_and_apply_retention()
-        prune_run_history()
+        prune_run_history(plan_and_apply_retention())
 
     return apply_retention_job
