@@ -3,7 +3,9 @@
 - base backup: `dr-pipelines backup --kind base` (pg_basebackup tar -> zstd -3 -> age -> SHA-256 -> local)
   vs `pg_basebackup -Ft --compress=client-zstd` (budget <= 1.20x) and vs `pgbackrest backup --type=full`
   (posix repo, zst level 3, process-max 2, aes-256-cbc: target faster);
-- wal-push per 16 MB segment vs `pgbackrest archive-push` (both as the postgres user, as archive_command);
+- wal-push per 16 MB segment vs `pgbackrest archive-push` (both as the postgres user, as archive_command):
+  our command alone (no agent: the segment is not in a running cluster's pg_wal), handed to a warm
+  resident agent, and a segment an earlier call archived ahead;
 - PITR to a time during load: `dr-pipelines pitr` (Dagster job, into a new directory, until promoted) vs
   `pgbackrest restore --type=time` + start + promotion;
 - archive backlog while pgbench runs flat out with our archive_command: the most .ready segments seen.
@@ -164,6 +166,20 @@ def bench_base_backup(s: Setup, rounds: int) -> dict:
     }
 
 
+def _agent_data_dir(s: Setup) -> Path:
+    """A data directory of our own holding pg_wal, pg_control and postmaster.pid, so `wal-push` sees
+    a running cluster's pg_wal and hands its segments to the resident agent (the bench cluster's own
+    pg_wal is left alone)."""
+    data = s.work / "agent-data"
+    (data / "global").mkdir(parents=True, exist_ok=True)
+    (data / "pg_wal").mkdir(exist_ok=True)
+    shutil.copy(s.cluster.data_dir / "global" / "pg_control", data / "global" / "pg_control")
+    shutil.copy(s.cluster.data_dir / "postmaster.pid", data / "postmaster.pid")
+    for p in (data, data / "global", data / "pg_wal", data / "global" / "pg_control", data / "postmaster.pid"):
+        chown_to_postgres(p)
+    return data
+
+
 def bench_wal_push(s: Setup, count: int) -> dict:
     with s.connect() as c:
         name = c.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
@@ -171,15 +187,36 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     seg_dir = s.work / "segments"
     seg_dir.mkdir(exist_ok=True)
     chown_to_postgres(seg_dir)
+    from dr_pipelines.core.wal.agent_client import NotListening, agent_stem, request
     from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 
-    ours_s, ahead_s, pgbr_s = [], [], []
+    agent_data = _agent_data_dir(s)
+    stem = agent_stem(str(agent_data / "pg_wal"), push_context(str(s.config), "bench"), agent_data.stat().st_uid)
+
+    def fake_segment(directory: Path, offset: int) -> Path:
+        fake = directory / f"00000001000000FF{offset:08X}"  # names no cluster will use
+        shutil.copy(src, fake)
+        chown_to_postgres(fake)
+        return fake
+
+    # the agent's first call: no agent yet, so it pushes by itself and starts one
+    first = fake_segment(agent_data / "pg_wal", 0x30)
+    agent_first_s = _as_postgres(s.ours + ["wal-push", "--db", "bench", str(first)])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            request(stem + ".sock", {"status": True}, timeout=10)
+            break
+        except NotListening:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the archiver agent did not start; see {stem}.log") from None
+            time.sleep(0.1)
+
+    ours_s, ahead_s, agent_s, pgbr_s = [], [], [], []
     for i in range(count):
-        for tool, out in (("ours", ours_s), ("ahead", ahead_s), ("pgbackrest", pgbr_s)):
-            offset = {"ours": 0x10, "ahead": 0x20, "pgbackrest": 0}[tool]
-            fake = seg_dir / f"00000001000000FF{offset + i:08X}"  # names no cluster will use
-            shutil.copy(src, fake)
-            chown_to_postgres(fake)
+        for tool, out in (("ours", ours_s), ("ahead", ahead_s), ("agent", agent_s), ("pgbackrest", pgbr_s)):
+            offset = {"ours": 0x10, "ahead": 0x20, "agent": 0x31, "pgbackrest": 0}[tool]
+            fake = fake_segment(agent_data / "pg_wal" if tool == "agent" else seg_dir, offset + i)
             if tool == "ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
                 mark_pushed(fake, push_context(str(s.config), "bench"))
                 chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
@@ -190,16 +227,24 @@ def bench_wal_push(s: Setup, count: int) -> dict:
             )
             out.append(_as_postgres(cmd))
             fake.unlink()
+    served = request(stem + ".sock", {"status": True}, timeout=10)["served"]
+    (agent_data / "postmaster.pid").unlink()  # "the cluster stopped": the agent leaves
+    if served < count:
+        raise SystemExit(f"the agent served {served} of {count} pushes: the agent mode measured the wrong path")
     return {
         "benchmark": "wal_push",
         "ours_s": ours_s,
         "ours_archived_ahead_s": ahead_s,
+        "ours_agent_s": agent_s,
+        "ours_agent_first_call_s": agent_first_s,
         "pgbackrest_s": pgbr_s,
         "ours_median_s": statistics.median(ours_s),
         "ours_archived_ahead_median_s": statistics.median(ahead_s),
+        "ours_agent_median_s": statistics.median(agent_s),
         "pgbackrest_median_s": statistics.median(pgbr_s),
         "ratio": statistics.median(ours_s) / statistics.median(pgbr_s),
         "archived_ahead_ratio": statistics.median(ahead_s) / statistics.median(pgbr_s),
+        "agent_ratio": statistics.median(agent_s) / statistics.median(pgbr_s),
     }
 
 

@@ -301,7 +301,9 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
             print(
                 f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
                 f"{1000 * r['pgbackrest_median_s']:.0f} ms (ratio {r['ratio']:.2f}); a segment already archived "
-                f"ahead: {1000 * r['ours_archived_ahead_median_s']:.0f} ms (ratio {r['archived_ahead_ratio']:.2f})",
+                f"ahead: {1000 * r['ours_archived_ahead_median_s']:.0f} ms (ratio {r['archived_ahead_ratio']:.2f}); "
+                f"through the warm agent: {1000 * r['ours_agent_median_s']:.0f} ms (ratio {r['agent_ratio']:.2f}; "
+                f"the call that starts it {1000 * r['ours_agent_first_call_s']:.0f} ms)",
                 flush=True,
             )
         if "pitr" in only:

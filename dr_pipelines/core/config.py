@@ -462,6 +462,15 @@ class WalConfig(_Model):
         "many later segments PostgreSQL has marked ready, so its calls for them return at once "
         "and a burst of WAL does not queue behind one process start per segment (0: off)",
     )
+    agent: bool = Field(
+        default=True,
+        description="wal-push hands each segment to a resident archiver per cluster (started by the first "
+        "call; it keeps the config and the storage clients warm) and returns 0 only when it reports the "
+        "segment durable everywhere; when the archiver is off, unreachable or fails, wal-push pushes by itself",
+    )
+    agent_idle: Duration = Field(
+        default=timedelta(seconds=60), description="the resident archiver exits after this long without a request"
+    )
 
 
 class FileSetHooks(_Model):

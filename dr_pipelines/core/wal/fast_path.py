@@ -6,9 +6,10 @@ archive-get do the same):
   decryption per segment.
 - wal-push: segments PostgreSQL had marked ready were archived ahead, in parallel, by an earlier
   call; a marker in `pg_wal/.dr_pipelines_pushed/`, written once the segment was durable on every
-  location, lets the call for it return at once.
+  location, lets the call for it return at once. Otherwise the segment is handed to the cluster's
+  resident archiver (`agent_client.py`, `agent.py`), which answers once it is durable everywhere.
 
-This module imports nothing heavy: it is the whole of both fast paths.
+This module (with `agent_client.py`) imports nothing heavy: it is the whole of both fast paths.
 """
 
 import os

@@ -1,0 +1,506 @@
+"""The resident archiver (issue 14): PostgreSQL's archive_command hands its segments to a long-lived
+agent per cluster and config, which answers only once they are durable everywhere; whatever happens
+to the agent, the command pushes by itself and the contract holds."""
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dr_pipelines.core.codec.keys import load_identities
+from dr_pipelines.core.postgres.cluster import run_as_postgres
+from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines.core.wal.agent_client import NotListening, agent_stem, request
+from dr_pipelines.core.wal.archive import list_archive
+from dr_pipelines.core.wal.fast_path import push_context
+from dr_pipelines.core.wal.fetch import wal_fetch
+from dr_pipelines_tests.support.configs import config_from, s3_location
+from dr_pipelines_tests.support.processes import VENV_BIN, run_cli
+from dr_pipelines_tests.support.wal import WalSetup
+
+AGENT_MODULE = "dr_pipelines.core.wal.agent"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stem_of(data_dir: Path, config_path: Path, db: str | None = "app") -> str:
+    """The agent's files (without suffix) for the cluster in `data_dir`, as its owner sees them."""
+    return agent_stem(str(data_dir / "pg_wal"), push_context(str(config_path.resolve()), db), data_dir.stat().st_uid)
+
+
+def status(stem: str) -> dict | None:
+    try:
+        return request(stem + ".sock", {"status": True}, timeout=10)
+    except NotListening:
+        return None
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 30) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def wait_for_agent(stem: str, served: int = 0, not_pid: int | None = None) -> dict:
+    def ready():
+        st = status(stem)
+        return st if st and st["served"] >= served and st["pid"] != not_pid else None
+
+    found = wait_for(ready, f"an agent on {stem}.sock serving {served}")
+    assert isinstance(found, dict)
+    return found
+
+
+def agent_pids(pg_wal: Path) -> list[int]:
+    """Live agents serving `pg_wal` (from their command lines)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if AGENT_MODULE.encode() in argv and str(pg_wal).encode() in argv:
+                pids.append(int(entry))
+    return pids
+
+
+def gone(pid: int) -> bool:
+    """Exited (an orphan's zombie counts: the container's init may not reap it at once)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def set_wal(setup: WalSetup, **wal) -> None:
+    raw = yaml.safe_load(setup.config_path.read_text())
+    raw["wal"].update(wal)
+    setup.config_path.write_text(yaml.safe_dump(raw))
+    setup.config = config_from(setup.config_path)
+
+
+def switch(setup: WalSetup, n: int) -> list[str]:
+    return [setup.switch_and_wait() for _ in range(n)]
+
+
+def assert_archive_holds(setup: WalSetup, names: list[str], tmp_path: Path, only: str | None = None) -> None:
+    """Every name is archived (no gap) and comes back byte for byte as the cluster wrote it."""
+    locs = open_locations(setup.config, only)
+    archive = list_archive(locs, "app")
+    assert set(names) <= set(archive.segments[1]) and archive.gaps(1) == [] and archive.problems == []
+    for name in names:
+        dest = tmp_path / f"fetched-{name}"
+        wal_fetch(setup.config, "app", name, dest, locs, load_identities(setup.config), prefetch=0)
+        assert dest.read_bytes() == (setup.server.cluster.data_dir / "pg_wal" / name).read_bytes(), name
+        dest.unlink()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Path]]:
+    """pg_wal directories whose agents the test may have started. At the end (their cluster stopped
+    or their config removed) they leave by themselves, and take their files with them; any still
+    there is stopped by its pid."""
+    watched: list[Path] = []
+    yield watched
+    deadline = time.monotonic() + 5
+    while any(agent_pids(p) for p in watched) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [pid for p in watched for pid in agent_pids(p)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while any(agent_pids(p) for p in watched) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def wal_setup(pg, agents) -> Iterator[WalSetup]:
+    setup = WalSetup(pg)
+    agents.append(pg.cluster.data_dir / "pg_wal")
+    yield setup
+    setup.cleanup()
+
+
+# --------------------------------------------------------------------------- the agent at work
+
+
+def test_postgres_archives_through_the_agent(wal_setup, tmp_path):
+    """The first call pushes by itself and starts the agent; the next ones are served by that one
+    agent (same pid), in its private directory; the archive holds every segment, byte for byte."""
+    data_dir = wal_setup.server.cluster.data_dir
+    stem = stem_of(data_dir, wal_setup.config_path)
+    wal_setup.enable_archiving()
+    first = wal_setup.switch_and_wait()
+    agent = wait_for_agent(stem)
+    names = switch(wal_setup, 4)
+    after = wait_for_agent(stem)
+    assert after["pid"] == agent["pid"]
+    assert after["served"] - agent["served"] + after["taken_ahead"] >= len(names) and after["failed"] == 0
+    assert after["pg_wal"] == str(data_dir / "pg_wal")
+    d = Path(stem).parent
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == data_dir.stat().st_uid
+    sock = Path(stem + ".sock").stat()
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
+    assert "serving" in Path(stem + ".log").read_text()
+
+    # a burst: several segments ready at once; the agent answers one and archives the rest ahead
+    with wal_setup.server.connect() as conn:
+        conn.execute(
+            "DO $$ BEGIN FOR i IN 1..5 LOOP INSERT INTO t SELECT generate_series(1, 1000); "
+            "PERFORM pg_switch_wal(); END LOOP; END $$"
+        )
+    names += switch(wal_setup, 1)
+    assert wait_for_agent(stem)["pid"] == agent["pid"]
+    with wal_setup.server.connect() as conn:
+        last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
+    burst = [p.name for p in (data_dir / "pg_wal").iterdir() if len(p.name) == 24 and first <= p.name <= last]
+    assert_archive_holds(wal_setup, sorted({first, *names, *burst}), tmp_path)
+
+    # the agent refuses what is not its own: another context, another directory
+    segment = str(data_dir / "pg_wal" / names[0])
+    other = request(stem + ".sock", {"push": segment, "context": push_context(str(tmp_path / "x.yaml"), "app")})
+    assert other["ok"] is False and "refused" in other["error"]
+    elsewhere = tmp_path / names[0]
+    shutil.copy(segment, elsewhere)
+    ctx = push_context(str(wal_setup.config_path.resolve()), "app")
+    moved = request(stem + ".sock", {"push": str(elsewhere), "context": ctx})
+    assert moved["ok"] is False and "not in" in moved["error"]
+    assert request(stem + ".sock", {"push": segment, "context": ctx}) == {"ok": True}  # already there, identical
+
+    # the cluster stops: its agent leaves, and takes its socket, lock and log with it
+    wal_setup.server.cluster.stop("fast")
+    wait_for(lambda: gone(agent["pid"]), "the agent exits with its cluster", 15)
+    assert not [p for p in Path(stem).parent.glob(Path(stem).name + ".*")]
+
+
+def test_the_agent_keeps_the_contract(wal_setup, agents, tmp_path):
+    """Through the agent, as through the command: an identical re-push succeeds, different bytes
+    and a foreign cluster are refused (exit 1, nothing written), segments it archived ahead take
+    the marker fast path."""
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 3)
+    source = wal_setup.server.cluster.data_dir
+    data = tmp_path / "data"  # a data directory of our own, so this test's own calls run the agent
+    (data / "pg_wal" / "archive_status").mkdir(parents=True)
+    (data / "global").mkdir()
+    shutil.copy(source / "global" / "pg_control", data / "global" / "pg_control")
+    (data / "postmaster.pid").write_text("4242\n")
+    pg_wal = data / "pg_wal"
+    agents.append(pg_wal)
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["locations"] = {"local": {"type": "local", "path": str(tmp_path / "repo")}}
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    config = config_from(config_path)
+    stem = stem_of(data, config_path)
+
+    def push(name: str, env: dict | None = None):
+        return run_cli("--config", str(config_path), "wal-push", "--db", "app", str(pg_wal / name), env=env)
+
+    for name in names:
+        shutil.copy(source / "pg_wal" / name, pg_wal / name)
+    r = push(names[0])  # no agent yet: pushed here, and one started
+    assert r.returncode == 0, r.stderr
+    agent = wait_for_agent(stem)
+    assert agent["served"] == 0
+
+    # names[1] asked for, names[2] ready too: the agent archives it ahead once it has answered
+    for name in names[1:]:
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    r = push(names[1])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    st = wait_for(lambda: (s := status(stem)) and s["archived_ahead"] == 1 and s, "archived ahead")
+    assert isinstance(st, dict) and st["served"] == 1 and st["pushed"] == 1
+    assert (pg_wal / ".dr_pipelines_pushed" / names[2]).exists()
+    r = push(names[2])  # the marker's fast path: the agent is not even asked
+    assert r.returncode == 0 and r.stderr == ""
+    assert not (pg_wal / ".dr_pipelines_pushed" / names[2]).exists()
+    assert wait_for_agent(stem)["served"] == 1
+
+    # PostgreSQL re-archiving after a crash: the same bytes. The call imports nothing heavy.
+    r = push(names[1], env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert r.returncode == 0, r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "dr_pipelines.core.wal.agent_client" in imported
+    assert not {m.split(".")[0] for m in imported} & {"pydantic", "yaml", "boto3", "botocore", "google", "dagster"}
+    assert wait_for_agent(stem)["served"] == 2
+
+    changed = bytearray((pg_wal / names[1]).read_bytes())
+    changed[5000] ^= 0xFF
+    (pg_wal / names[1]).write_bytes(bytes(changed))
+    r = push(names[1])  # the agent says no; the command, pushing by itself, says no too
+    assert r.returncode == 1
+    assert "the archiver agent failed" in r.stderr and "already archived on local with different content" in r.stderr
+
+    foreign = bytearray((source / "pg_wal" / names[0]).read_bytes())
+    foreign[24:32] = (int.from_bytes(foreign[24:32], "little") + 1).to_bytes(8, "little")
+    (pg_wal / "0000000100000000000000F0").write_bytes(bytes(foreign))
+    r = push("0000000100000000000000F0")
+    assert r.returncode == 1 and "comes from cluster" in r.stderr and "refusing to mix" in r.stderr
+    assert not list((tmp_path / "repo").rglob("0000000100000000000000F0*"))
+    st = wait_for_agent(stem)
+    assert st["pid"] == agent["pid"] and st["failed"] == 2 and st["served"] == 2
+
+    locs = open_locations(config)
+    assert list_archive(locs, "app").segments == {1: names}
+    for name in names:
+        wal_fetch(config, "app", name, tmp_path / "back", locs, load_identities(config), prefetch=0)
+        assert (tmp_path / "back").read_bytes() == (source / "pg_wal" / name).read_bytes()
+
+    (data / "postmaster.pid").write_text("4243\n")  # "the cluster restarted" (its commands' environment may differ)
+    wait_for(lambda: gone(agent["pid"]), "the agent exits when its cluster restarts", 15)
+    assert "was restarted" in Path(stem + ".log").read_text()
+    r = push(names[0])
+    assert r.returncode == 0, r.stderr
+    fresh = wait_for_agent(stem)
+    assert fresh["pid"] != agent["pid"]
+
+    (data / "postmaster.pid").unlink()  # "the cluster stopped": the agent goes, with its files
+    wait_for(lambda: gone(fresh["pid"]), "the agent exits when its cluster is not running", 15)
+    assert not list(Path(stem).parent.glob(Path(stem).name + ".*"))
+
+
+# --------------------------------------------------------------------------- failure paths
+
+
+class HoldingProxy:
+    """A TCP proxy to the S3 server that, when told, holds the next upload (PUT) and then drops it:
+    a push caught in the middle of writing to S3."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.hold, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if upload and self.hold.is_set() and b"PUT " in chunk:
+                    self.held.set()
+                    self.released.wait(60)
+                    break  # dropped: this request never reaches the server
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def release(self) -> None:
+        self.hold.clear()
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.close()
+
+
+def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_path):
+    """SIGKILL while the agent is writing to S3 (the segment already on local): PostgreSQL's call
+    sees the agent gone, pushes by itself and exits 0 only once the segment is on both locations;
+    the archive stays consistent; the next calls start a new agent."""
+    proxy = HoldingProxy(s3.port)
+    setup = WalSetup(pg, {"s3": {**s3_location(s3), "endpoint_url": proxy.url}})
+    agents.append(pg.cluster.data_dir / "pg_wal")
+    try:
+        stem = stem_of(pg.cluster.data_dir, setup.config_path)
+        setup.enable_archiving()
+        names = switch(setup, 1)
+        agent = wait_for_agent(stem)
+        names += switch(setup, 1)
+        assert wait_for_agent(stem, served=1)["pid"] == agent["pid"]
+
+        proxy.hold.set()
+        with pg.connect() as conn:
+            conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+            victim = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        assert proxy.held.wait(30), "the agent never wrote to S3"
+        proxy.hold.clear()  # the next uploads pass; the one held is dropped once its writer is dead
+        os.kill(agent["pid"], signal.SIGKILL)
+        wait_for(lambda: gone(agent["pid"]), "the agent is dead", 10)
+        proxy.release()
+        with pg.connect() as conn:
+            wait_for(
+                lambda: (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") >= victim,
+                f"{victim} archived after the agent died",
+            )
+        names.append(victim)
+        assert "the archiver agent did not answer" in pg.cluster.log_file.read_text()
+        for only in ("local", "s3"):  # on each location alone, sidecar and object, the right bytes
+            assert_archive_holds(setup, names, tmp_path, only)
+
+        names += switch(setup, 3)  # a dead agent's socket is left: refused, so a new agent starts
+        fresh = wait_for_agent(stem, not_pid=agent["pid"])
+        names += switch(setup, 2)
+        assert wait_for_agent(stem, served=fresh["served"] + 1)["pid"] == fresh["pid"]
+        assert_archive_holds(setup, names, tmp_path)
+    finally:
+        proxy.close()
+        setup.cleanup()
+
+
+def test_a_stale_file_at_the_socket_path_is_replaced(wal_setup, tmp_path):
+    """A stray file where the agent's socket goes: the call archives anyway, and the agent it
+    starts replaces the file. A second agent for the same cluster and config leaves at once."""
+    data_dir = wal_setup.server.cluster.data_dir
+    owner = data_dir.stat()
+    stem = stem_of(data_dir, wal_setup.config_path)
+    d = Path(stem).parent
+    if not d.exists():
+        d.mkdir(mode=0o700)
+        os.chown(d, owner.st_uid, owner.st_gid)
+    Path(stem + ".sock").write_text("not a socket")
+    os.chown(stem + ".sock", owner.st_uid, owner.st_gid)
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 1)
+    agent = wait_for_agent(stem)
+    assert stat.S_ISSOCK(Path(stem + ".sock").stat().st_mode)
+    names += switch(wal_setup, 2)
+    assert wait_for_agent(stem, served=1)["pid"] == agent["pid"]
+
+    second = run_as_postgres(
+        [str(VENV_BIN / "python"), "-m", AGENT_MODULE, "--pg-wal", str(data_dir / "pg_wal")]
+        + ["--config", str(wal_setup.config_path.resolve()), "--db", "app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 0, second.stderr
+    assert wait_for_agent(stem)["pid"] == agent["pid"]
+    assert_archive_holds(wal_setup, names, tmp_path)
+
+
+def test_two_clusters_on_one_host_get_one_agent_each(make_pg, agents, tmp_path):
+    """Two clusters archiving at once: two agents, each serving its own pg_wal; each archive holds
+    its own cluster's bytes only."""
+    setups = []
+    try:
+        for _ in range(2):
+            server = make_pg()
+            setups.append(WalSetup(server))
+            agents.append(server.cluster.data_dir / "pg_wal")
+        a, b = setups
+        with b.server.connect() as conn:  # so that the two clusters' WAL differs
+            conn.execute("CREATE TABLE only_b AS SELECT 'b' || generate_series(1, 5000) AS x")
+        stems = [stem_of(s.server.cluster.data_dir, s.config_path) for s in setups]
+        assert stems[0] != stems[1]
+        for s in setups:
+            s.enable_archiving()
+        names: list[list[str]] = [[], []]
+
+        def switch_both():
+            with b.server.connect() as conn:
+                conn.execute("INSERT INTO only_b SELECT 'b' || generate_series(1, 100)")
+            for i, s in enumerate(setups):
+                names[i].append(s.switch_and_wait())
+
+        switch_both()
+        for stem in stems:
+            wait_for_agent(stem)
+        for _ in range(3):
+            switch_both()
+        st = [wait_for_agent(stem, served=3) for stem in stems]
+        assert st[0]["pid"] != st[1]["pid"]
+        assert [x["pg_wal"] for x in st] == [str(s.server.cluster.data_dir / "pg_wal") for s in setups]
+        for i, s in enumerate(setups):
+            assert_archive_holds(s, names[i], tmp_path)
+        common = [n for n in names[0] if n in names[1]]
+        assert common
+        pg_wals = [s.server.cluster.data_dir / "pg_wal" for s in setups]
+        assert any((pg_wals[0] / n).read_bytes() != (pg_wals[1] / n).read_bytes() for n in common)
+    finally:
+        for s in setups:
+            s.cleanup()
+
+
+def test_a_changed_config_gets_a_fresh_agent(wal_setup, tmp_path):
+    """The config file changes (size, change time): the calls go to a new agent that read it; the
+    old one is not asked again and leaves."""
+    data_dir = wal_setup.server.cluster.data_dir
+    old_stem = stem_of(data_dir, wal_setup.config_path)
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 1)
+    wait_for_agent(old_stem)
+    names += switch(wal_setup, 1)
+    old = wait_for_agent(old_stem, served=1)
+
+    time.sleep(0.01)  # a later change time, whatever the file system's clock granularity
+    with open(wal_setup.config_path, "a") as f:
+        f.write("# edited\n")
+    new_stem = stem_of(data_dir, wal_setup.config_path)
+    assert new_stem != old_stem
+    wait_for(lambda: gone(old["pid"]), "the old agent leaves once its config changed", 15)
+    names += switch(wal_setup, 1)
+    new = wait_for_agent(new_stem)
+    names += switch(wal_setup, 2)
+    assert wait_for_agent(new_stem, served=1)["pid"] == new["pid"] != old["pid"]
+    assert new["context"] == push_context(str(wal_setup.config_path.resolve()), "app")
+    assert not Path(old_stem + ".sock").exists()
+    assert_archive_holds(wal_setup, names, tmp_path)
+
+
+def test_the_agent_exits_when_idle(wal_setup, tmp_path):
+    set_wal(wal_setup, agent_idle="2s")
+    stem = stem_of(wal_setup.server.cluster.data_dir, wal_setup.config_path)
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 1)
+    wait_for_agent(stem)
+    names += switch(wal_setup, 1)
+    agent = wait_for_agent(stem, served=1)
+    assert agent["idle_s"] == 2
+    wait_for(lambda: gone(agent["pid"]), "the idle agent exits", 15)
+    assert not Path(stem + ".sock").exists()
+    assert "exiting: idle for 2s" in Path(stem + ".log").read_text()
+    names += switch(wal_setup, 1)  # the next call starts another
+    assert wait_for_agent(stem)["pid"] != agent["pid"]
+    assert_archive_holds(wal_setup, names, tmp_path)
+
+
+def test_no_agent_when_the_config_turns_it_off(wal_setup, tmp_path):
+    set_wal(wal_setup, agent=False)
+    data_dir = wal_setup.server.cluster.data_dir
+    stem = stem_of(data_dir, wal_setup.config_path)
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 3)
+    time.sleep(1)
+    d = Path(stem).parent
+    assert not (d.exists() and list(d.glob(Path(stem).name + ".*")))  # no socket, lock or log: never started
+    assert agent_pids(data_dir / "pg_wal") == []
+    assert_archive_holds(wal_setup, names, tmp_path)
