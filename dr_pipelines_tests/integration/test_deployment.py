@@ -286,7 +286,7 @@ def test_two_backups_of_one_database_launched_together_run_one_after_the_other(d
             )[1],
             timeout=240,
         )
-        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [_failures(instance, i) for i in ids]
         # every backup run of app (the schedule's too): none started before the previous one ended
         spans = sorted(
             (r.start_time, r.end_time, r.dagster_run.run_id)
@@ -345,8 +345,8 @@ def test_daemon_and_webserver_killed_and_restarted(deployment):
     run_id = d.client().submit_job_execution(BACKUP_JOB, tags={"test": "kill"})
     with d.instance() as instance:
         wait_until(
-            "the run started",
-            lambda: (r := instance.get_run_by_id(run_id)) and r.status != dg.DagsterRunStatus.QUEUED,
+            "the run is running (STARTED: its process is up; a kill while STARTING is the start timeout's case)",
+            lambda: (r := instance.get_run_by_id(run_id)) and r.status == dg.DagsterRunStatus.STARTED,
             120,
             0.2,
         )
@@ -356,7 +356,7 @@ def test_daemon_and_webserver_killed_and_restarted(deployment):
         d.start("webserver")
         d.start("daemon")
         done = wait_until("the run ended", lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r, 180)
-        assert done.status == dg.DagsterRunStatus.SUCCESS
+        assert done.status == dg.DagsterRunStatus.SUCCESS, _failures(instance, run_id)
         wait_until(
             "a schedule tick after the restart",
             lambda: [
@@ -422,7 +422,13 @@ def test_a_restore_over_the_live_database_never_runs_beside_its_backup(deploymen
 
 
 def _failures(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    return [e.message for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.is_failure]
+    """What the run's failure events and engine events said: the message of a failed assertion."""
+    return [
+        f"{e.dagster_event.event_type_value}: {e.message}"
+        for e in instance.all_logs(run_id)
+        if e.dagster_event
+        and (e.dagster_event.is_failure or e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT)
+    ]
 
 
 def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deployment):
@@ -479,7 +485,7 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
         done = wait_until(
             "the next backup ended", lambda: (r := instance.get_run_by_id(again)) and r.is_finished and r, 240
         )
-        assert done.status == dg.DagsterRunStatus.SUCCESS
+        assert done.status == dg.DagsterRunStatus.SUCCESS, _failures(instance, again)
 
 
 def listed_backups(d: Deployment, db: str = "app", before: datetime | None = None) -> set[str]:
