@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_wal_push,
     )
 
+    # no abbreviated options (--conf for --config): the WAL fast paths read the options without argparse
     p = argparse.ArgumentParser(
         prog="dr-pipelines",
         description="Disaster recovery for PostgreSQL: backups, verification and restores.",
+        allow_abbrev=False,
     )
     p.add_argument(
         "--config", metavar="FILE", help="YAML config (default: $DR_PIPELINES_CONFIG, else the embedded sandbox)"
@@ -187,12 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_recover_parser(sub)
 
-    wp = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)")
+    wp = sub.add_parser(
+        "wal-push", help="archive one WAL file (PostgreSQL's archive_command: ... wal-push %%p)", allow_abbrev=False
+    )
     wp.add_argument("path", metavar="PATH")
     wp.add_argument("--db", metavar="DB", help="the configured database (needed only when there are several)")
     wp.set_defaults(func=cmd_wal_push)
     wf = sub.add_parser(
         "wal-fetch",
+        allow_abbrev=False,
         help="restore one WAL file (restore_command: ... wal-fetch %%f %%p); exit 1 only if it exists nowhere",
     )
     wf.add_argument("name", metavar="NAME")
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from dr_pipelines.core.errors import exit_code_for
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         err("interrupted")
         return 130
@@ -284,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err(str(e))
         return code
-    finally:
-        if start_agent:  # after the push, so that its start does not compete with the push for the CPU
-            _start_wal_agent(args, raw_args)
+    # after the push, so that its start does not compete with the push for the CPU; and only after a
+    # push that worked: PostgreSQL retries a failing one every second, an agent per retry would pile up
+    if start_agent and code == EXIT_OK:
+        _start_wal_agent(args, raw_args)
+    return code
 
 
 def _start_wal_agent(args, raw_args: list[str]) -> None:

@@ -469,7 +469,9 @@ class WalConfig(_Model):
         "segment durable everywhere; when the archiver is off, unreachable or fails, wal-push pushes by itself",
     )
     agent_idle: Duration = Field(
-        default=timedelta(seconds=60), description="the resident archiver exits after this long without a request"
+        default=timedelta(minutes=15),
+        description="the resident archiver exits after this long without a request; longer than archive_timeout "
+        "(pg-config sets it from the RPO, at most 7.5 min), or on a quiet database every segment would start one",
     )
 
 

@@ -346,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, metavar="FILE")
     p.add_argument("--db", metavar="DB", help="needed only when several databases are configured")
     args = p.parse_args(argv)
-    os.umask(0o077)
     pg_wal, config_file = os.path.abspath(args.pg_wal), os.path.abspath(args.config)
     context = push_context(config_file, args.db)  # as the clients compute it, before the config is read
     if ensure_agent_dir() is None:

@@ -37,9 +37,13 @@ def agent_dir(uid: int | None = None) -> str:
     return f"/tmp/dr_pipelines-{os.geteuid() if uid is None else uid}"
 
 
+INSTALLATION = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../dr_pipelines/core
+
+
 def agent_stem(pg_wal: str, context: str, uid: int | None = None) -> str:
-    """The agent's files without their suffix (.sock, .lock, .log); short enough for sun_path."""
-    key = f"{os.path.realpath(pg_wal)}\0{context}".encode()
+    """The agent's files without their suffix (.sock, .lock, .log); short enough for sun_path. The
+    installation is in the name too: a cluster pointed at another installation gets its own agent."""
+    key = f"{os.path.realpath(pg_wal)}\0{context}\0{INSTALLATION}".encode()
     return os.path.join(agent_dir(uid), f"agent-{hashlib.sha256(key).hexdigest()[:32]}")
 
 
@@ -107,6 +111,11 @@ def push_through_agent(path: str, config_file: str | None, db: str | None, conte
     except NotListening:
         return ABSENT, None
     except (OSError, ValueError) as e:  # connected, then no answer: it died or hung mid-request
+        if isinstance(e, TimeoutError):  # hung: later calls must not wait on it too (it exits without its socket)
+            try:
+                os.unlink(agent_stem(pg_wal, context) + ".sock")
+            except OSError:
+                pass
         return FAILED, f"the archiver agent did not answer ({type(e).__name__}: {e})"
     if reply.get("ok") is True:
         return DURABLE, None
