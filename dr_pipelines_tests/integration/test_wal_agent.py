@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -504,3 +505,106 @@ def test_no_agent_when_the_config_turns_it_off(wal_setup, tmp_path):
     assert not (d.exists() and list(d.glob(Path(stem).name + ".*")))  # no socket, lock or log: never started
     assert agent_pids(data_dir / "pg_wal") == []
     assert_archive_holds(wal_setup, names, tmp_path)
+
+
+# --------------------------------------------------------------------------- the client's own checks
+# No cluster needed: a fake "agent" on a socket in a directory of the test's, answering as it is told.
+
+
+@pytest.fixture
+def fake_cluster(tmp_path, monkeypatch) -> Iterator[tuple[Path, Path]]:
+    """A segment in a running-looking cluster's pg_wal, and this user's private agents' directory."""
+    from dr_pipelines.core.wal import agent_client
+
+    pg_wal = tmp_path / "data" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    (tmp_path / "data" / "postmaster.pid").write_text("12345\n")
+    segment = pg_wal / "000000010000000000000001"
+    segment.write_bytes(b"\0" * 1024)
+    agents_dir = Path(tempfile.mkdtemp(prefix="dra-", dir="/tmp"))  # short: a socket path has 108 bytes
+    agents_dir.chmod(0o700)
+    monkeypatch.setattr(agent_client, "agent_dir", lambda uid=None: str(agents_dir))
+    yield segment, agents_dir
+    shutil.rmtree(agents_dir, ignore_errors=True)
+
+
+def _fake_agent(sock_path: str, answer: bytes | None, hold: threading.Event) -> threading.Thread:
+    """Accept one request; send `answer` (None: close without one), after `hold` is set."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(1)
+
+    def serve():
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                hold.wait(10)
+                if answer is not None:
+                    conn.sendall(answer)
+        except OSError:
+            pass  # the client gave up (hung agent), or the test closed the socket (never asked)
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    thread.server = server  # type: ignore[attr-defined]
+    return thread
+
+
+@pytest.mark.parametrize(
+    "answer, outcome",
+    [
+        (b'{"ok": true}\n', "durable"),
+        (b'{"ok": false, "error": "s3: down"}\n', "failed"),
+        (b"not json\n", "failed"),
+        (None, "failed"),  # the agent died mid-request
+    ],
+)
+def test_the_client_believes_only_an_ok_answer(fake_cluster, answer, outcome):
+    from dr_pipelines.core.wal import agent_client
+
+    segment, _ = fake_cluster
+    context = "ctx"
+    sock = agent_client.agent_stem(str(segment.parent), context) + ".sock"
+    released = threading.Event()
+    released.set()
+    thread = _fake_agent(sock, answer, released)
+    got, why = agent_client.push_through_agent(str(segment), "/etc/dr.yaml", None, context)
+    thread.join(5)
+    assert got == outcome, why
+    assert (why is None) == (outcome == "durable")
+
+
+def test_a_directory_others_can_enter_is_not_used(fake_cluster):
+    """Anyone able to plant a socket there could answer "durable" for a segment never archived."""
+    from dr_pipelines.core.wal import agent_client
+
+    segment, agents_dir = fake_cluster
+    agents_dir.chmod(0o755)
+    thread = _fake_agent(
+        agent_client.agent_stem(str(segment.parent), "ctx") + ".sock", b'{"ok": true}\n', threading.Event()
+    )
+    got, why = agent_client.push_through_agent(str(segment), "/etc/dr.yaml", None, "ctx")
+    assert got == "unusable" and why and "not a private directory" in why
+    assert not agent_client.start_agent(str(segment), "/etc/dr.yaml", None, "ctx")  # and none is started there
+    thread.server.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+    thread.join(5)
+
+
+def test_a_hung_agent_is_left_behind(fake_cluster, monkeypatch):
+    """No answer in time: the call pushes by itself, and the socket is removed so that later calls
+    do not wait on the same agent."""
+    from dr_pipelines.core.wal import agent_client
+
+    segment, _ = fake_cluster
+    monkeypatch.setattr(agent_client, "ANSWER_TIMEOUT_S", 0.5)
+    sock = agent_client.agent_stem(str(segment.parent), "ctx") + ".sock"
+    hold = threading.Event()
+    thread = _fake_agent(sock, b'{"ok": true}\n', hold)
+    got, why = agent_client.push_through_agent(str(segment), "/etc/dr.yaml", None, "ctx")
+    hold.set()
+    thread.join(5)
+    assert got == "failed" and why and "did not answer" in why
+    assert not os.path.exists(sock)

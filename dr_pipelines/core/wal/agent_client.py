@@ -107,7 +107,11 @@ def push_through_agent(path: str, config_file: str | None, db: str | None, conte
             return UNUSABLE, f"{directory} is not a private directory of this user; not using the archiver agent"
         return ABSENT, None
     try:
-        reply = request(agent_stem(pg_wal, context) + ".sock", {"push": os.path.abspath(path), "context": context})
+        reply = request(
+            agent_stem(pg_wal, context) + ".sock",
+            {"push": os.path.abspath(path), "context": context},
+            timeout=ANSWER_TIMEOUT_S,
+        )
     except NotListening:
         return ABSENT, None
     except (OSError, ValueError) as e:  # connected, then no answer: it died or hung mid-request
