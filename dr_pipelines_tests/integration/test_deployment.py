@@ -33,7 +33,7 @@ DOCKER = PROJECT_ROOT / "docker"
 BACKUP_JOB = "app__logical_backup_job"
 BACKUP = dg.AssetKey(["app", "logical_backup"])
 RESTORE_TEST = dg.AssetKey(["app", "restore_test"])
-FAILURE = dg.DagsterRunStatus.FAILURE
+FAILURE, STARTED = dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.STARTED
 NEVER = "0 0 1 1 *"  # what the test does not exercise stays out of the way
 
 
@@ -437,33 +437,42 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
     the run STARTED, holding the database's pool, forever. The dead-run watch of the restarted code
     server fails it; no half-written backup is listed, and the next backup runs (the slot is free)."""
     d = deployment
-    # slow the dump down so the kill lands mid-backup
-    with d.app_pg.connect("app") as conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS big AS SELECT g AS n, md5(g::text) AS s FROM generate_series(1, 400000) g"
-        )
-    run_id = d.client().submit_job_execution(BACKUP_JOB, tags={"test": "kill -9"})
+    # hold the backup midway, however fast the machine: pg_dump waits for its share lock on a table
+    # this session holds exclusively, until the kill
+    blocker = d.app_pg.connect("app")
+    blocker.execute("CREATE TABLE IF NOT EXISTS held (n int)")
+    blocker.autocommit = False
+    blocker.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+    try:
+        d.client().submit_job_execution(BACKUP_JOB, tags={"test": "kill -9"})
+        with d.instance() as instance:
+            # this one, or a scheduled one that took the database's queue slot first: both wait on the lock
+            held = wait_until(
+                "a backup held midway",
+                lambda: [
+                    r
+                    for r in d.runs(instance, job_name=BACKUP_JOB, statuses=[STARTED])
+                    if worker_pid(instance, r.run_id)
+                ],
+                120,
+                0.2,
+            )
+            run_id = held[0].run_id
+            worker: int = worker_pid(instance, run_id)  # type: ignore[assignment]  # found just above
+            wait_until(
+                "the dead-run watch knows the run's process",
+                lambda: (r := instance.get_run_by_id(run_id)) and RUN_OWNER in r.tags,
+                timeout=60,
+            )
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED  # type: ignore[union-attr]
+            killed_at = datetime.now(timezone.utc)
+            d.kill("user-code")  # its process group: the proxy, the server, the run's process and its pg_dump
+            if pid_alive(worker):
+                os.kill(worker, signal.SIGKILL)
+    finally:
+        blocker.close()  # rolls back: the lock goes
+    d.start("user-code")
     with d.instance() as instance:
-        wait_until(
-            "the backup step started",
-            lambda: any(
-                e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_START
-                for e in instance.all_logs(run_id)
-            ),
-            120,
-            0.1,
-        )
-        worker = wait_until("the run's process", lambda: worker_pid(instance, run_id), 60, 0.2)
-        wait_until(
-            "the dead-run watch knows the run's process",
-            lambda: (r := instance.get_run_by_id(run_id)) and RUN_OWNER in r.tags,
-            timeout=60,
-        )
-        killed_at = datetime.now(timezone.utc)
-        d.kill("user-code")  # its process group: the proxy, the server and the run's process
-        if pid_alive(worker):
-            os.kill(worker, signal.SIGKILL)
-        d.start("user-code")
         wait_until(
             "the dead-run watch marked the killed run failed",
             lambda: (r := instance.get_run_by_id(run_id)) and r.status == dg.DagsterRunStatus.FAILURE and r,
@@ -479,7 +488,7 @@ def test_a_run_killed_with_its_code_server_is_failed_and_lists_no_backup(deploym
             for r in instance.fetch_materializations(BACKUP, limit=1000).records
         }
     listed = listed_backups(d, before=killed_at)
-    assert listed and listed <= materialized, listed - materialized
+    assert listed <= materialized, listed - materialized
     again = d.client().submit_job_execution(BACKUP_JOB, tags={"test": "after kill -9"})
     with d.instance() as instance:
         done = wait_until(
