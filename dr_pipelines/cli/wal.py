@@ -16,24 +16,13 @@ from dr_pipelines.cli.common import (
 # --------------------------------------------------------------------------- WAL archive
 
 
-def _wal_database(config, db: str | None) -> str:
-    from dr_pipelines.core.config import ConfigError
-
-    if db:
-        config.database(db)
-        return db
-    if len(config.databases) == 1:
-        return next(iter(config.databases))
-    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one")
-
-
 def cmd_wal_push(args) -> int:
     from dr_pipelines.core.wal.fast_path import push_context
     from dr_pipelines.core.wal.push import push_ahead, wal_push
 
     context = push_context(args.config, args.db)  # of the config as loaded here, not as it may be later
     config = _named_config(args)
-    db, locations = _wal_database(config, args.db), open_cli_locations(config)
+    db, locations = config.named_or_only_database(args.db), open_cli_locations(config)
     wal_push(config, db, args.path, locations)
     try:  # strictly best effort: this segment is archived, whatever happens to the ones after it
         push_ahead(config, db, args.path, locations, context, log=log)
@@ -69,7 +58,7 @@ def cmd_wal_fetch(args) -> int:
 
     try:
         config = _named_config(args)
-        db = _wal_database(config, args.db)
+        db = config.named_or_only_database(args.db)
         for name in args.location or []:
             config.location_names(name)
         identities = None
@@ -102,7 +91,7 @@ def cmd_wal_list(args) -> int:
     from dr_pipelines.core.wal.archive import list_archive
 
     config = config_from_args(args)
-    db = _wal_database(config, args.db)
+    db = config.named_or_only_database(args.db)
     archive = list_archive(open_cli_locations(config), db)
     for p in archive.problems:
         err(f"warning: {p}")

@@ -698,6 +698,15 @@ class DrConfig(_Model):
                 f"no database named {name!r} in the config; configured: {', '.join(self.databases)}"
             ) from None
 
+    def named_or_only_database(self, name: str | None) -> str:
+        """`name` if configured, else the one database there is (the WAL commands' --db)."""
+        if name:
+            self.database(name)
+            return name
+        if len(self.databases) == 1:
+            return next(iter(self.databases))
+        raise ConfigError(f"several databases are configured ({', '.join(self.databases)}); name one with --db")
+
     def location_names(self, only: str | None = None) -> list[str]:
         if only is None:
             return list(self.locations)

@@ -33,7 +33,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from dr_pipelines.core.wal.agent_client import agent_stem, ensure_agent_dir
+from dr_pipelines.core.wal.agent_client import agent_stem, ensure_agent_dir, read_json_line
 from dr_pipelines.core.wal.fast_path import push_context, take_pushed
 
 WATCH_INTERVAL_S = 1.0  # how often it looks at its cluster, config, socket and idle time
@@ -157,7 +157,9 @@ class Agent:
         try:
             with conn:
                 conn.settimeout(REQUEST_TIMEOUT_S)
-                reply, pushed = self._answer(_read_request(conn))
+                reply, pushed = self._answer(
+                    read_json_line(conn, "the client closed the connection before its request was whole", MAX_REQUEST)
+                )
                 conn.sendall(json.dumps(reply).encode() + b"\n")
                 ahead_of = pushed
         except Exception as e:  # the client sees the connection close without an answer and pushes by itself
@@ -262,21 +264,6 @@ def _code_version() -> tuple[int, ...]:
     return tuple(out)
 
 
-def _read_request(conn: socket.socket) -> dict:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ValueError("the client closed the connection before its request was whole")
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
-    req = json.loads(data)
-    if not isinstance(req, dict):
-        raise ValueError(f"a request is a JSON object, not {req!r}")
-    return req
-
-
 def _listen(sock_path: str) -> socket.socket | None:
     """A listening socket at `sock_path`; None if a live agent already answers there. Whatever else
     is there (a dead agent's socket, a stray file) is removed: only this user can write here, and
@@ -314,17 +301,6 @@ def _lock(path: str) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)
-
-
-def _database(config, db: str | None) -> str:
-    from dr_pipelines.core.config import ConfigError
-
-    if db:
-        config.database(db)
-        return db
-    if len(config.databases) == 1:
-        return next(iter(config.databases))
-    raise ConfigError(f"several databases are configured ({', '.join(config.databases)}); name one with --db")
 
 
 def _warm_up(config, database: str, locations) -> None:
@@ -382,7 +358,7 @@ def _run(pg_wal: str, config_file: str, db: str | None, context: str, stem: str)
         if not config.wal.agent:
             log("wal.agent is off in the config; not starting")
             return 0, False
-        database = _database(config, db)
+        database = config.named_or_only_database(db)
         locations = open_locations(config)
         _warm_up(config, database, locations)
         sock_path = stem + ".sock"

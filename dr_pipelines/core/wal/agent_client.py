@@ -83,16 +83,24 @@ def request(sock_path: str, message: dict, timeout: float = ANSWER_TIMEOUT_S) ->
             raise NotListening(f"{sock_path}: {e}") from None
         s.settimeout(timeout)
         s.sendall(json.dumps(message).encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ValueError("the connection closed without an answer")
-            answer += chunk
-    reply = json.loads(answer)
-    if not isinstance(reply, dict):
-        raise ValueError(f"the answer {reply!r} is not an object")
-    return reply
+        return read_json_line(s, "the connection closed without an answer")
+
+
+def read_json_line(conn: socket.socket, closed: str, limit: int | None = None) -> dict:
+    """One newline-ended JSON object from `conn` (a request or an answer); ValueError if the peer
+    closes first (`closed`), sends more than `limit` bytes, or sends something else."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ValueError(closed)
+        data += chunk
+        if limit is not None and len(data) > limit:
+            raise ValueError(f"more than {limit} bytes without a newline")
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{obj!r} is not a JSON object")
+    return obj
 
 
 def push_through_agent(path: str, config_file: str | None, db: str | None, context: str) -> tuple[str, str | None]:
