@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dr_pipelines.cli.common import EXIT_OK, err
+from dr_pipelines.cli.common import EXIT_FAILED, EXIT_OK, err
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~9 ms) on the WAL fast paths
 if TYPE_CHECKING:
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dr_pipelines.core.wal.fast_path import (
         fetch_args,
+        option_values,
         push_args,
         push_context,
         push_options,
@@ -259,18 +260,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
             return EXIT_OK
-        if push:
+        if fetch or push:
             config_file, db = push_options(raw_args)
             context = push_context(config_file, db)
-            if take_pushed(push, context):  # archived ahead by an earlier call
+            if push and take_pushed(push, context):  # archived ahead by an earlier call
                 return EXIT_OK
             from dr_pipelines.core.wal import agent_client
 
-            outcome, why = agent_client.push_through_agent(push, config_file, db, context)
-            if outcome == agent_client.DURABLE:  # the resident archiver has it on every location
+            if fetch:
+                outcome, why = agent_client.fetch_through_agent(
+                    *fetch, config_file, context, option_values(raw_args, "--location") or None
+                )
+            else:
+                outcome, why = agent_client.push_through_agent(push, config_file, db, context)  # type: ignore[arg-type]
+            if outcome == agent_client.DURABLE:  # pushed: on every location; fetched: in place
                 return EXIT_OK
+            if outcome == agent_client.NOT_FOUND:  # restore_command's "not found": recovery decides
+                err(str(why))
+                return EXIT_FAILED
             if why:
-                err(f"warning: {why}; pushing it here")
+                err(f"warning: {why}; {'fetching' if fetch else 'pushing'} it here")
             start_agent = outcome == agent_client.ABSENT
     except OSError:
         pass  # the normal way
@@ -289,17 +298,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err(str(e))
         return code
-    # after the push, so that its start does not compete with the push for the CPU; and only after a
-    # push that worked: PostgreSQL retries a failing one every second, an agent per retry would pile up
+    # after the push or fetch, so that its start does not compete with it for the CPU; and only after
+    # one that worked: PostgreSQL retries a failing push every second, an agent per retry would pile up
     if start_agent and code == EXIT_OK:
         _start_wal_agent(args, raw_args)
     return code
 
 
 def _start_wal_agent(args, raw_args: list[str]) -> None:
-    """Start the cluster's resident archiver for the calls after this one (this call pushed by
-    itself), unless the config turns it off. Best effort: the push reported any problem with the
-    config already."""
+    """Start the cluster's resident archiver for the calls after this one (this call pushed or
+    fetched by itself), unless the config turns it off. Best effort: the call reported any problem
+    with the config already."""
     import os
 
     from dr_pipelines.core.config import CONFIG_ENV, load_config
@@ -316,7 +325,7 @@ def _start_wal_agent(args, raw_args: list[str]) -> None:
         return  # the push said what is wrong with it
     if config.wal.agent:
         try:
-            start_agent(args.path, config_file, args.db, context)
+            start_agent(args.path if args.command == "wal-push" else args.dest, config_file, args.db, context)
         except OSError as e:
             err(f"warning: the archiver agent was not started ({e})")
 

@@ -466,7 +466,9 @@ class WalConfig(_Model):
         default=True,
         description="wal-push hands each segment to a resident archiver per cluster (started by the first "
         "call; it keeps the config and the storage clients warm) and returns 0 only when it reports the "
-        "segment durable everywhere; when the archiver is off, unreachable or fails, wal-push pushes by itself",
+        "segment durable everywhere; wal-fetch asks it for what recovery needs, and it keeps the next "
+        "`prefetch` segments spooled ahead of replay; when the archiver is off, unreachable or fails, the "
+        "command does the work by itself",
     )
     agent_idle: Duration = Field(
         default=timedelta(minutes=15),

@@ -278,6 +278,75 @@ def test_the_agent_keeps_the_contract(wal_setup, agents, tmp_path):
     assert not list(Path(stem).parent.glob(Path(stem).name + ".*"))
 
 
+def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, tmp_path):
+    """restore_command through the agent: the first call fetches by itself and starts it; a miss is
+    then served by the agent, which keeps the next `prefetch` segments spooled while replay takes
+    them (a rename, the agent never asked), stops at the end of the archive, answers "not found" as
+    the command does (exit 1), refuses a foreign pg_wal, and removes what replay did not take once
+    recovery ends. Every file handed over is the archived bytes."""
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 9)
+    source = wal_setup.server.cluster.data_dir / "pg_wal"
+    data = tmp_path / "data"  # a recovering cluster's data directory, of our own
+    pg_wal, spool = data / "pg_wal", data / "pg_wal" / ".dr_pipelines_prefetch"
+    pg_wal.mkdir(parents=True)
+    (data / "postmaster.pid").write_text("4242\n")
+    (data / "recovery.signal").touch()
+    agents.append(pg_wal)
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["wal"]["prefetch"] = 2
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    stem = stem_of(data, config_path)
+
+    def fetch(name: str):
+        r = run_cli("--config", str(config_path), "wal-fetch", "--db", "app", name, str(pg_wal / "RECOVERYXLOG"))
+        if r.returncode == 0:
+            assert (pg_wal / "RECOVERYXLOG").read_bytes() == (source / name).read_bytes(), name
+            (pg_wal / "RECOVERYXLOG").unlink()
+        return r
+
+    def spooled() -> set[str]:
+        return {p.name for p in spool.iterdir() if not p.name.startswith(".")} if spool.exists() else set()
+
+    r = fetch(names[0])  # no agent: fetched here (and the next two ahead, by this call), agent started
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    agent = wait_for_agent(stem)
+    assert agent["fetched"] == 0 and spooled() == {names[1], names[2]}
+    for name in names[1:3]:  # replay takes them from the spool
+        assert fetch(name).returncode == 0
+    r = fetch(names[3])  # a miss: the agent fetches it, then keeps two spooled ahead of replay
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    wait_for(lambda: spooled() == {names[4], names[5]}, "the agent spools the next two")
+    assert status(stem)["fetched"] == 1
+    for i in range(4, 9):  # replay takes one; the agent, never asked, spools the one after the window
+        assert fetch(names[i]).returncode == 0
+        ahead = set(names[i + 1 : i + 3])
+        wait_for(lambda ahead=ahead: spooled() == ahead, f"{sorted(ahead)} spooled after {names[i]} was taken")
+    st = wait_for(lambda: (s := status(stem)) and s["prefetch_taken"] == 5 and s, "replay's takes seen")
+    assert isinstance(st, dict) and st["fetched"] == 1 and st["prefetch_spooled"] == 5, st
+    assert spooled() == set()  # the archive ends at names[8]: nothing past it, no error
+
+    missing = "0000000100000000000000F0"
+    r = fetch(missing)  # not in the archive: the agent says so, the command exits 1 (end of recovery)
+    assert r.returncode == 1 and "not in the WAL archive" in r.stderr and "warning" not in r.stderr
+    assert status(stem)["not_found"] == 1
+
+    ctx = push_context(str(config_path.resolve()), "app")
+    other = request(stem + ".sock", {"fetch": names[0], "dest": str(tmp_path / "x"), "context": ctx})
+    assert other["ok"] is False and "not in" in other["error"] and not (tmp_path / "x").exists()
+    bad = request(stem + ".sock", {"fetch": "../../etc/passwd", "dest": str(pg_wal / "RECOVERYXLOG"), "context": ctx})
+    assert bad["ok"] is False and not (pg_wal / "RECOVERYXLOG").exists()
+
+    wal_setup.switch_and_wait()  # the archive grows; asking again spools what is new
+    names.append(wal_setup.switch_and_wait())
+    assert fetch(names[7]).returncode == 0  # a re-asked segment (a timeline check): served again
+    wait_for(lambda: len(spooled()) == 2, "the two new segments spooled")
+    (data / "recovery.signal").unlink()  # promoted: what replay did not take is removed
+    wait_for(lambda: spooled() == set(), "the spool emptied once recovery ended")
+    assert wait_for_agent(stem)["pid"] == agent["pid"]
+
+
 # --------------------------------------------------------------------------- failure paths
 
 

@@ -1,12 +1,16 @@
-"""The resident archiver (pgBackRest's asynchronous archive-push, in our terms): one long-lived
-process per cluster and config that `wal-push` hands its segments to, so PostgreSQL's call does not
-pay for a Python start, the imports, the config and the storage clients each time.
+"""The resident archiver (pgBackRest's asynchronous archive-push and archive-get, in our terms): one
+long-lived process per cluster and config that `wal-push` hands its segments to, and that `wal-fetch`
+asks for the files recovery needs, so PostgreSQL's call does not pay for a Python start, the imports,
+the config and the storage clients each time.
 
 - It serves one cluster's pg_wal under one push context (config path, size, change time and
   database); where it listens, and the protocol, are in `agent_client.py`.
 - A push is answered `{"ok": true}` only when `wal_push` returned, i.e. the file is durable on every
   location (the contract of archive_command); after answering, it archives ahead what PostgreSQL
   has marked ready (`push_ahead`, the same markers as the command's own fast path).
+- A fetch is answered `{"ok": true}` once the file is in place (verified, as `wal_fetch` does),
+  `{"ok": false, "not_found": true}` if no location holds it; during recovery it then keeps the next
+  segments spooled ahead of replay (`prefetcher.py`).
 - It refuses a request for another context or another pg_wal; it exits when idle (`wal.agent_idle`),
   on SIGTERM, when its cluster stops or restarts (postmaster.pid gone or another pid), when its
   config changes (the calls go to a new agent), when dr_pipelines is upgraded, or when its socket is
@@ -26,6 +30,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,6 +40,9 @@ from datetime import datetime, timezone
 
 from dr_pipelines.core.wal.agent_client import agent_stem, ensure_agent_dir, read_json_line
 from dr_pipelines.core.wal.fast_path import push_context, take_pushed
+
+# the names restore_command is asked for: segments, history files, backup labels, partial segments
+WAL_FILE = re.compile(r"^[0-9A-F]{8}(\.history|[0-9A-F]{16}(\.partial|\.[0-9A-F]{8}\.backup)?)$")
 
 WATCH_INTERVAL_S = 1.0  # how often it looks at its cluster, config, socket and idle time
 REQUEST_TIMEOUT_S = 10.0  # to read a request line once connected
@@ -68,6 +76,8 @@ class Agent:
         self.pg_wal_real = os.path.realpath(pg_wal)
         self.idle_s = config.wal.agent_idle.total_seconds()
         self.push_lock = threading.Lock()  # one push or push-ahead batch at a time (a batch is parallel itself)
+        self.identities: list | None = None  # loaded by the first fetch: an archiving host may hold no key
+        self.prefetcher = None
         self.state_lock = threading.Lock()
         self.busy = 0
         self.last_active = time.monotonic()
@@ -75,7 +85,16 @@ class Agent:
         self.stop = threading.Event()  # set by SIGTERM
         self.postmaster = _postmaster(pg_wal)  # a restarted cluster may give its commands another environment
         self.code = _code_version()  # an upgraded installation takes effect at the next agent
-        self.counts = {"served": 0, "pushed": 0, "taken_ahead": 0, "archived_ahead": 0, "failed": 0, "refused": 0}
+        self.counts = {
+            "served": 0,
+            "pushed": 0,
+            "taken_ahead": 0,
+            "archived_ahead": 0,
+            "fetched": 0,
+            "not_found": 0,
+            "failed": 0,
+            "refused": 0,
+        }
 
     # ------------------------------------------------------------------ the loop
 
@@ -113,6 +132,8 @@ class Agent:
                 break
             self._dispatch(conn)
         self.sock.close()
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         deadline = time.monotonic() + DRAIN_WAIT_S
         while self._busy() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -179,6 +200,7 @@ class Agent:
     def status(self) -> dict:
         with self.state_lock:
             counts = dict(self.counts)
+        prefetch = self.prefetcher.status() if self.prefetcher is not None else {}
         return {
             "pid": os.getpid(),
             "started": self.started,
@@ -187,27 +209,25 @@ class Agent:
             "database": self.database,
             "idle_s": self.idle_s,
             **counts,
+            **{f"prefetch_{k}": v for k, v in prefetch.items()},
         }
+
+    def _active(self) -> None:
+        with self.state_lock:
+            self.last_active = time.monotonic()
 
     def _answer(self, req: dict) -> tuple[dict, str | None]:
         """The reply, and the path just archived (to archive ahead of) or None."""
         if req.get("status") is True:
             return {"ok": True, **self.status()}, None
+        if "fetch" in req:
+            return self._fetch(req), None
         path = req.get("push")
         if not isinstance(path, str) or not os.path.isabs(path):
             return {"ok": False, "error": 'a request is {"push": ABSOLUTE_PATH, "context": CONTEXT}'}, None
-        if req.get("context") != self.context:
-            self._count("refused")
-            return {
-                "ok": False,
-                "error": f"refused: this agent archives under {self.context!r}, not {req.get('context')!r}",
-            }, None
-        if os.path.realpath(os.path.dirname(path)) != self.pg_wal_real:
-            self._count("refused")
-            return {
-                "ok": False,
-                "error": f"refused: {path} is not in {self.pg_wal}, the pg_wal this agent serves",
-            }, None
+        refused = self._refusal(req, path)
+        if refused:
+            return refused, None
         from dr_pipelines.core.errors import DrError
         from dr_pipelines.core.storage.base import forget_down
         from dr_pipelines.core.wal.push import wal_push
@@ -227,6 +247,98 @@ class Agent:
                 return {"ok": False, "error": error}, None
         self._count("served")
         return {"ok": True}, path
+
+    def _fetch(self, req: dict) -> dict:
+        """Put the WAL file `req["fetch"]` at `req["dest"]` (in this cluster's pg_wal), as `wal-fetch`
+        does; then spool the segments after it while the cluster replays."""
+        name, dest, only = req.get("fetch"), req.get("dest"), req.get("locations")
+        if (
+            not isinstance(name, str)
+            or not WAL_FILE.match(name)
+            or not isinstance(dest, str)
+            or not os.path.isabs(dest)
+            or not (only is None or (isinstance(only, list) and all(isinstance(n, str) for n in only)))
+        ):
+            return {"ok": False, "error": 'a request is {"fetch": WAL_FILE, "dest": ABSOLUTE_PATH, "context": CONTEXT}'}
+        refused = self._refusal(req, dest)
+        if refused:
+            return refused
+        from dr_pipelines.core.errors import DrError
+        from dr_pipelines.core.storage.base import forget_down
+        from dr_pipelines.core.wal.archive import WalNotFound
+        from dr_pipelines.core.wal.fast_path import take_prefetched
+        from dr_pipelines.core.wal.fetch import wal_fetch
+
+        forget_down()  # each of PostgreSQL's calls tries every location again, as a new process would
+        try:
+            locations = self._locations(only)
+            if not take_prefetched(name, dest):  # spooled by the prefetcher while this call was on its way
+                wal_fetch(
+                    self.config,
+                    self.database,
+                    name,
+                    dest,
+                    locations,
+                    self._identities(),
+                    retries=self.config.wal.fetch_retries,
+                    backoff_s=self.config.wal.fetch_backoff.total_seconds(),
+                    log=log,
+                )
+        except WalNotFound as e:
+            self._count("not_found")
+            return {"ok": False, "not_found": True, "error": str(e)}
+        except Exception as e:  # the client fetches by itself, and says it
+            self._count("failed")
+            error = str(e) if isinstance(e, DrError) else f"{type(e).__name__}: {e}"
+            log(f"{name}: {error}")
+            return {"ok": False, "error": error}
+        self._count("fetched")
+        self._prefetch_after(name, dest, only)
+        return {"ok": True}
+
+    def _locations(self, only: list[str] | None) -> dict:
+        if not only:
+            return self.locations
+        unknown = sorted(set(only) - set(self.locations))
+        if unknown:
+            raise ValueError(f"no location named {', '.join(unknown)} in {self.config_file}")
+        return {n: loc for n, loc in self.locations.items() if n in only}
+
+    def _identities(self) -> list | None:
+        if self.identities is None and self.config.encryption.method == "age":
+            from dr_pipelines.core.codec.keys import load_identities
+
+            self.identities = load_identities(self.config)
+        return self.identities
+
+    def _prefetch_after(self, name: str, dest: str, only: list[str] | None) -> None:
+        if self.prefetcher is None:
+            from dr_pipelines.core.wal.fetch import fetch_bytes
+            from dr_pipelines.core.wal.prefetcher import Prefetcher
+
+            def fetch(n: str, only: list[str] | None) -> bytes | None:
+                found = fetch_bytes(self.config, self.database, n, self._locations(only), self._identities(), log)
+                return found[0] if found else None
+
+            self.prefetcher = Prefetcher(self.pg_wal, self.config.wal.prefetch, fetch, log, on_work=self._active)
+        try:
+            size = os.path.getsize(dest)
+        except OSError:
+            return
+        self.prefetcher.asked(name, size, only)
+
+    def _refusal(self, req: dict, path: str) -> dict | None:
+        """Why this agent does not serve a request for `path` under `req`'s context, if it does not."""
+        if req.get("context") != self.context:
+            self._count("refused")
+            return {
+                "ok": False,
+                "error": f"refused: this agent archives under {self.context!r}, not {req.get('context')!r}",
+            }
+        if os.path.realpath(os.path.dirname(path)) != self.pg_wal_real:
+            self._count("refused")
+            return {"ok": False, "error": f"refused: {path} is not in {self.pg_wal}, the pg_wal this agent serves"}
+        return None
 
     def _push_ahead(self, path: str) -> None:
         from dr_pipelines.core.storage.base import forget_down

@@ -9,6 +9,8 @@ Beside it: `.lock` (held by the live agent for its lifetime) and `.log` (the age
 
 Protocol: one JSON line each way per connection. `{"push": ABS_PATH, "context": CTX}` is answered
 `{"ok": true}` only once the file is durable on every location, else `{"ok": false, "error": ...}`;
+`{"fetch": NAME, "dest": ABS_PATH, "context": CTX[, "locations": [...]]}` is answered `{"ok": true}`
+once the verified file is at dest, `{"ok": false, "not_found": true, ...}` if no location holds it;
 `{"status": true}` is answered with the agent's pid and counters.
 
 Standard library only (and little of it): this is PostgreSQL's hot path.
@@ -20,8 +22,9 @@ import os
 import socket
 import stat
 
-# What push_through_agent tells its caller.
-DURABLE = "durable"  # the agent answered ok: archived on every location
+# What push_through_agent and fetch_through_agent tell their caller.
+DURABLE = "durable"  # the agent answered ok: archived on every location (a push), in place (a fetch)
+NOT_FOUND = "not_found"  # a fetch: the agent found the file on no location (restore_command's exit 1)
 ABSENT = "absent"  # no agent listens there: push by yourself, and start one for the next calls
 FAILED = "failed"  # the agent answered an error, or died or hung mid-request: push by yourself
 UNUSABLE = "unusable"  # no agent for this call (no config named, not a running cluster's pg_wal, ...)
@@ -105,6 +108,22 @@ def read_json_line(conn: socket.socket, closed: str, limit: int | None = None) -
 
 def push_through_agent(path: str, config_file: str | None, db: str | None, context: str) -> tuple[str, str | None]:
     """Hand `path` to the cluster's agent: (DURABLE | ABSENT | FAILED | UNUSABLE, why)."""
+    return _ask(path, config_file, context, {"push": os.path.abspath(path), "context": context})
+
+
+def fetch_through_agent(
+    name: str, dest: str, config_file: str | None, context: str, locations: list[str] | None
+) -> tuple[str, str | None]:
+    """Ask the cluster's agent to put the WAL file `name` at `dest`:
+    (DURABLE | NOT_FOUND | ABSENT | FAILED | UNUSABLE, why)."""
+    message: dict = {"fetch": name, "dest": os.path.abspath(dest), "context": context}
+    if locations:
+        message["locations"] = locations
+    return _ask(dest, config_file, context, message)
+
+
+def _ask(path: str, config_file: str | None, context: str, message: dict) -> tuple[str, str | None]:
+    """Send `message` to the agent of the cluster whose pg_wal holds `path`; its verdict."""
     config_file = config_file or os.environ.get("DR_PIPELINES_CONFIG")
     pg_wal = cluster_pg_wal(path)
     if not config_file or pg_wal is None:
@@ -114,23 +133,22 @@ def push_through_agent(path: str, config_file: str | None, db: str | None, conte
         if os.path.lexists(directory):
             return UNUSABLE, f"{directory} is not a private directory of this user; not using the archiver agent"
         return ABSENT, None
+    sock_path = agent_stem(pg_wal, context) + ".sock"
     try:
-        reply = request(
-            agent_stem(pg_wal, context) + ".sock",
-            {"push": os.path.abspath(path), "context": context},
-            timeout=ANSWER_TIMEOUT_S,
-        )
+        reply = request(sock_path, message, timeout=ANSWER_TIMEOUT_S)
     except NotListening:
         return ABSENT, None
     except (OSError, ValueError) as e:  # connected, then no answer: it died or hung mid-request
         if isinstance(e, TimeoutError):  # hung: later calls must not wait on it too (it exits without its socket)
             try:
-                os.unlink(agent_stem(pg_wal, context) + ".sock")
+                os.unlink(sock_path)
             except OSError:
                 pass
         return FAILED, f"the archiver agent did not answer ({type(e).__name__}: {e})"
     if reply.get("ok") is True:
         return DURABLE, None
+    if "fetch" in message and reply.get("not_found") is True:
+        return NOT_FOUND, str(reply.get("error", f"{message['fetch']} is not in the WAL archive"))
     return FAILED, f"the archiver agent failed: {reply.get('error', reply)}"
 
 

@@ -66,6 +66,17 @@ def push_args(argv: list[str]) -> str | None:
     return positional[0] if positional else None
 
 
+def option_values(argv: list[str], flag: str) -> list[str]:
+    """Every value of a repeatable option (`--location A --location B`), without argparse."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith(flag + "="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
 def push_options(argv: list[str]) -> tuple[str | None, str | None]:
     """The --config and --db of a command line, without argparse."""
 
