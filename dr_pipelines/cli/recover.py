@@ -82,10 +82,11 @@ def _print_report(report) -> int:
 
 
 def _run(args, job: str, first_op: str, options: dict) -> int:
+    from dr_pipelines.defs.recovery.definitions import build_recovery_definitions
     from dr_pipelines.defs.runner import run_job
 
     config = config_from_args(args)
-    result = run_job(config, args.config, job, {"ops": {first_op: {"config": options}}})
+    result = run_job(config, args.config, build_recovery_definitions, job, {"ops": {first_op: {"config": options}}})
     return _print_report(result.output_for_node("recovery_report"))
 
 
@@ -160,6 +161,7 @@ def cmd_recover_ransomware(args) -> int:
 
 
 def cmd_recover_rollback(args) -> int:
+    from dr_pipelines.defs.recovery.definitions import build_recovery_definitions
     from dr_pipelines.defs.runner import run_job
 
     config = config_from_args(args)
@@ -179,7 +181,13 @@ def cmd_recover_rollback(args) -> int:
         "with_database": args.with_database,
         "confirm": args.yes or "",
     }
-    result = run_job(config, args.config, "service_rollback", {"ops": {"roll_back_service": {"config": options}}})
+    result = run_job(
+        config,
+        args.config,
+        build_recovery_definitions,
+        "service_rollback",
+        {"ops": {"roll_back_service": {"config": options}}},
+    )
     report = result.output_for_node("rollback_report")
     print(json.dumps(asdict(report), indent=2, default=str))
     return EXIT_OK
@@ -197,8 +205,9 @@ def cmd_recover_services(args) -> int:
 
 
 def cmd_recover_drill(args) -> int:
+    from dr_pipelines.defs.recovery.definitions import build_recovery_definitions
     from dr_pipelines.defs.runner import run_job
 
     config = config_from_args(args)
-    result = run_job(config, args.config, "full_system_drill")
+    result = run_job(config, args.config, build_recovery_definitions, "full_system_drill")
     return _print_report(result.output_for_node("full_system_drill_op"))

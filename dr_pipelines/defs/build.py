@@ -2,7 +2,11 @@
 databases): each domain builds its own, and they are merged with the one resource they share.
 
 `dr_pipelines.defs.definitions` is the module Dagster loads; the shell builds from here directly,
-with the config it has already loaded."""
+with the config it has already loaded, and only the domain of the job it runs: a fleet's other
+definitions (every database's backup assets, jobs and checks) are start-up time a command does
+not need (a test checks each job is the same either way)."""
+
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 
@@ -30,9 +34,12 @@ DOMAINS = (
 )
 
 
-def build_definitions(config: DrConfig, config_file: str) -> dg.Definitions:
+Domain = Callable[[DrConfig, Defaults], dg.Definitions]
+
+
+def build_definitions(config: DrConfig, config_file: str, domains: Sequence[Domain] = DOMAINS) -> dg.Definitions:
     defaults = Defaults.of(config)
     return dg.Definitions.merge(
-        *(build(config, defaults) for build in DOMAINS),
+        *(build(config, defaults) for build in domains),
         dg.Definitions(resources={"dr": dr_resource(config, config_file, sandbox=config.sandbox)}),
     )

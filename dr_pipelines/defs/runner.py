@@ -25,8 +25,12 @@ from dr_pipelines.defs.backup.assets import (
     logical_backup_job_name,
     logical_backup_key,
 )
-from dr_pipelines.defs.build import build_definitions
+from dr_pipelines.defs.backup.definitions import build_backup_definitions
+from dr_pipelines.defs.build import Domain, build_definitions
 from dr_pipelines.defs.dead_runs import RUN_HOST, RUN_OWNER, RUN_PID, fail_dead_runs
+from dr_pipelines.defs.files.definitions import build_files_definitions
+from dr_pipelines.defs.pitr.definitions import build_pitr_definitions
+from dr_pipelines.defs.restore.definitions import build_restore_definitions
 from dr_pipelines.defs.restore.restore_test import restore_test_job_name, restore_test_key
 
 
@@ -187,9 +191,15 @@ shell_logger = dg.LoggerDefinition(_shell_logger, description="Step messages onl
 
 
 def run_job(
-    config: DrConfig, config_file: str, job_name: str, run_config: dict | None = None, allow_failure: bool = False
+    config: DrConfig,
+    config_file: str,
+    domain: Domain,
+    job_name: str,
+    run_config: dict | None = None,
+    allow_failure: bool = False,
 ):
-    defs = build_definitions(config, config_file)
+    """Run `job_name`, built from its `domain` alone (the same job as in the whole deployment)."""
+    defs = build_definitions(config, config_file, (domain,))
     job = defs.resolve_job_def(job_name).with_logger_defs({"shell": shell_logger})
     run_config = {**(run_config or {}), "loggers": {"shell": {}}}
     with _instance() as instance:
@@ -202,7 +212,13 @@ def run_job(
 
 def materialize_logical_backup(config: DrConfig, db: str, config_file: str, label: str | None = None) -> Manifest:
     node = logical_backup_key(db).to_python_identifier()
-    result = run_job(config, config_file, logical_backup_job_name(db), {"ops": {node: {"config": {"label": label}}}})
+    result = run_job(
+        config,
+        config_file,
+        build_backup_definitions,
+        logical_backup_job_name(db),
+        {"ops": {node: {"config": {"label": label}}}},
+    )
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = str(mat[0].metadata["backup_id"].value)
     from dr_pipelines.core.repository.catalog import load_catalog
@@ -212,7 +228,13 @@ def materialize_logical_backup(config: DrConfig, db: str, config_file: str, labe
 
 
 def restore_database(config: DrConfig, config_file: str, options: dict) -> RestoreReport:
-    result = run_job(config, config_file, "restore_database", {"ops": {"choose_backup": {"config": options}}})
+    result = run_job(
+        config,
+        config_file,
+        build_restore_definitions,
+        "restore_database",
+        {"ops": {"choose_backup": {"config": options}}},
+    )
     return result.output_for_node("restore_report")
 
 
@@ -221,6 +243,7 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
     result = run_job(
         config,
         config_file,
+        build_restore_definitions,
         restore_test_job_name(db),
         {"ops": {node: {"config": {"backup": backup, "keep": keep}}}},
         allow_failure=True,
@@ -239,13 +262,25 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
 
 def materialize_base_backup(config: DrConfig, db: str, config_file: str, label: str | None = None) -> str:
     node = base_backup_key(db).to_python_identifier()
-    result = run_job(config, config_file, base_backup_job_name(db), {"ops": {node: {"config": {"label": label}}}})
+    result = run_job(
+        config,
+        config_file,
+        build_backup_definitions,
+        base_backup_job_name(db),
+        {"ops": {node: {"config": {"label": label}}}},
+    )
     [mat] = result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())
     return str(mat.metadata["backup_id"].value)
 
 
 def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) -> PitrReport:
-    result = run_job(config, config_file, "point_in_time_recovery", {"ops": {"recover_to_point": {"config": options}}})
+    result = run_job(
+        config,
+        config_file,
+        build_pitr_definitions,
+        "point_in_time_recovery",
+        {"ops": {"recover_to_point": {"config": options}}},
+    )
     return result.output_for_node("validate_recovered")
 
 
@@ -253,11 +288,17 @@ def materialize_snapshot(config: DrConfig, file_set: str, config_file: str) -> s
     """A file snapshot, then its restore test, as the schedule runs them."""
     from dr_pipelines.defs.files.assets import snapshot_job_name, snapshot_key
 
-    result = run_job(config, config_file, snapshot_job_name(file_set))
+    result = run_job(config, config_file, build_files_definitions, snapshot_job_name(file_set))
     [mat] = result.asset_materializations_for_node(snapshot_key(file_set).to_python_identifier())
     return str(mat.metadata["snapshot_id"].value)
 
 
 def restore_files_job(config: DrConfig, config_file: str, options: dict):
-    result = run_job(config, config_file, "restore_files", {"ops": {"choose_snapshot_to_restore": {"config": options}}})
+    result = run_job(
+        config,
+        config_file,
+        build_files_definitions,
+        "restore_files",
+        {"ops": {"choose_snapshot_to_restore": {"config": options}}},
+    )
     return result.output_for_node("restore_snapshot_files")

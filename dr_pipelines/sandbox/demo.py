@@ -258,10 +258,13 @@ def demo_files(config, config_file: str) -> bool:
 def demo_drill(config, config_file: str) -> bool:
     """The weekly full-system drill, now: the database and every file set restored at once into scratch
     targets, measured against the whole system's objectives, then removed."""
+    from dr_pipelines.defs.recovery.definitions import build_recovery_definitions
     from dr_pipelines.defs.runner import run_job
 
     print("== full-system drill: the database and the file sets restored in parallel into scratch targets", flush=True)
-    report = run_job(config, config_file, "full_system_drill").output_for_node("full_system_drill_op")
+    report = run_job(config, config_file, build_recovery_definitions, "full_system_drill").output_for_node(
+        "full_system_drill_op"
+    )
     for c in report.components:
         print(
             f"  {c.component:<20} {c.method} {c.point_id}: {c.seconds:.1f}s, data loss {c.data_loss_s or 0:.0f}s",

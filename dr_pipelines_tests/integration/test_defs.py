@@ -44,6 +44,51 @@ def test_sandbox_definitions_load(tmp_path, monkeypatch):
     assert health.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
+def test_a_command_runs_the_same_job_built_from_its_domain_alone(tmp_path, monkeypatch):
+    """The shell builds only the domain of the job it runs (start-up time): every job, built so,
+    has the same ops, assets, checks, tags and config schema as in the whole deployment."""
+    from dagster._core.definitions.dependency import NodeHandle
+
+    from dr_pipelines.defs.build import DOMAINS
+    from dr_pipelines.sandbox.config import config_and_file
+
+    monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(tmp_path / "sb"))
+    monkeypatch.delenv("DR_PIPELINES_CONFIG", raising=False)
+    config, config_file = config_and_file()
+    raw = config.model_dump(mode="json")
+    raw["databases"]["second"] = raw["databases"]["soundhash"]  # a fleet: jobs of one database beside another's
+    config = config.model_validate({**raw, "base_dir": config.base_dir, "sandbox": True})
+    whole = build_definitions(config, config_file).get_repository_def()
+
+    def shape(job: dg.JobDefinition) -> tuple:
+        outputs = {
+            name: sorted(  # an asset's outputs include its checks'
+                (out, str(job.asset_layer.get_entity_key_for_node_output(NodeHandle(name, None), out)))
+                for out in node.definition.output_dict
+            )
+            for name, node in job.graph.node_dict.items()
+        }
+        return (
+            outputs,
+            sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys),
+            sorted(job.tags.items()),
+            str(job.run_config_schema.run_config_schema_type.snapshot),
+        )
+
+    compared = 0
+    for domain in DOMAINS:
+        try:
+            jobs = build_definitions(config, config_file, (domain,)).get_repository_def().get_all_jobs()
+        except dg.DagsterInvalidDefinitionError:
+            continue  # the monitoring domain's jobs select other domains' assets: never run alone by a command
+        for job in jobs:
+            if job.name.startswith("__ASSET_JOB"):
+                continue
+            assert shape(job) == shape(whole.get_job(job.name)), job.name
+            compared += 1
+    assert compared >= 12  # backups and restore tests of both databases, restores, PITR, files, recovery
+
+
 def test_the_launchpad_offers_the_configured_names_and_refuses_others(tmp_path, monkeypatch):
     """The database, file set (...) fields are enums of the configured names: the Launchpad completes
     them, and a name that is not configured is refused before the run starts."""

@@ -605,7 +605,9 @@ def test_a_labelled_backup_is_listed_with_its_label_and_restored_by_it(pg, setup
 def test_the_restore_run_ends_with_a_readable_summary_and_nearest_ids_in_time_order(pg, setup):
     path, cfg, manifest = setup()
     run_config = {"ops": {"choose_backup": {"config": {"database": "app", "target_database": "summary_db"}}}}
-    result = runner.run_job(cfg, str(path), "restore_database", run_config)
+    from dr_pipelines.defs.restore.definitions import build_restore_definitions
+
+    result = runner.run_job(cfg, str(path), build_restore_definitions, "restore_database", run_config)
     [out] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "restore_report"]
     summary = str(out.event_specific_data.metadata["summary"].value)  # type: ignore[union-attr]
     assert "restore of `app` into `summary_db`: PASSED" in summary
