@@ -86,7 +86,9 @@ def _run(args, job: str, first_op: str, options: dict) -> int:
     from dr_pipelines.defs.runner import run_job
 
     config = config_from_args(args)
-    result = run_job(config, args.config, build_recovery_definitions, job, {"ops": {first_op: {"config": options}}})
+    result = run_job(
+        config, args.config, job, {"ops": {first_op: {"config": options}}}, domain=build_recovery_definitions
+    )
     return _print_report(result.output_for_node("recovery_report"))
 
 
@@ -184,9 +186,9 @@ def cmd_recover_rollback(args) -> int:
     result = run_job(
         config,
         args.config,
-        build_recovery_definitions,
         "service_rollback",
         {"ops": {"roll_back_service": {"config": options}}},
+        domain=build_recovery_definitions,
     )
     report = result.output_for_node("rollback_report")
     print(json.dumps(asdict(report), indent=2, default=str))
@@ -209,5 +211,5 @@ def cmd_recover_drill(args) -> int:
     from dr_pipelines.defs.runner import run_job
 
     config = config_from_args(args)
-    result = run_job(config, args.config, build_recovery_definitions, "full_system_drill")
+    result = run_job(config, args.config, "full_system_drill", domain=build_recovery_definitions)
     return _print_report(result.output_for_node("full_system_drill_op"))

@@ -26,7 +26,7 @@ from dr_pipelines.defs.backup.assets import (
     logical_backup_key,
 )
 from dr_pipelines.defs.backup.definitions import build_backup_definitions
-from dr_pipelines.defs.build import Domain, build_definitions
+from dr_pipelines.defs.build import DOMAINS, Domain, build_definitions
 from dr_pipelines.defs.dead_runs import RUN_HOST, RUN_OWNER, RUN_PID, fail_dead_runs
 from dr_pipelines.defs.files.definitions import build_files_definitions
 from dr_pipelines.defs.pitr.definitions import build_pitr_definitions
@@ -193,13 +193,14 @@ shell_logger = dg.LoggerDefinition(_shell_logger, description="Step messages onl
 def run_job(
     config: DrConfig,
     config_file: str,
-    domain: Domain,
     job_name: str,
     run_config: dict | None = None,
     allow_failure: bool = False,
+    domain: Domain | None = None,
 ):
-    """Run `job_name`, built from its `domain` alone (the same job as in the whole deployment)."""
-    defs = build_definitions(config, config_file, (domain,))
+    """Run `job_name`, built from its `domain` alone when given (the same job as in the whole
+    deployment, without the start-up time of the rest)."""
+    defs = build_definitions(config, config_file, (domain,) if domain else DOMAINS)
     job = defs.resolve_job_def(job_name).with_logger_defs({"shell": shell_logger})
     run_config = {**(run_config or {}), "loggers": {"shell": {}}}
     with _instance() as instance:
@@ -215,9 +216,9 @@ def materialize_logical_backup(config: DrConfig, db: str, config_file: str, labe
     result = run_job(
         config,
         config_file,
-        build_backup_definitions,
         logical_backup_job_name(db),
         {"ops": {node: {"config": {"label": label}}}},
+        domain=build_backup_definitions,
     )
     mat = result.asset_materializations_for_node(logical_backup_key(db).to_python_identifier())
     backup_id = str(mat[0].metadata["backup_id"].value)
@@ -231,9 +232,9 @@ def restore_database(config: DrConfig, config_file: str, options: dict) -> Resto
     result = run_job(
         config,
         config_file,
-        build_restore_definitions,
         "restore_database",
         {"ops": {"choose_backup": {"config": options}}},
+        domain=build_restore_definitions,
     )
     return result.output_for_node("restore_report")
 
@@ -243,10 +244,10 @@ def restore_test(config: DrConfig, config_file: str, db: str, backup: str, keep:
     result = run_job(
         config,
         config_file,
-        build_restore_definitions,
         restore_test_job_name(db),
         {"ops": {node: {"config": {"backup": backup, "keep": keep}}}},
         allow_failure=True,
+        domain=build_restore_definitions,
     )
     mats = result.asset_materializations_for_node(node)
     if not mats:  # failed before a verdict (no usable backup, server down): the step's message says why
@@ -265,9 +266,9 @@ def materialize_base_backup(config: DrConfig, db: str, config_file: str, label: 
     result = run_job(
         config,
         config_file,
-        build_backup_definitions,
         base_backup_job_name(db),
         {"ops": {node: {"config": {"label": label}}}},
+        domain=build_backup_definitions,
     )
     [mat] = result.asset_materializations_for_node(base_backup_key(db).to_python_identifier())
     return str(mat.metadata["backup_id"].value)
@@ -277,9 +278,9 @@ def point_in_time_recovery(config: DrConfig, config_file: str, options: dict) ->
     result = run_job(
         config,
         config_file,
-        build_pitr_definitions,
         "point_in_time_recovery",
         {"ops": {"recover_to_point": {"config": options}}},
+        domain=build_pitr_definitions,
     )
     return result.output_for_node("validate_recovered")
 
@@ -288,7 +289,7 @@ def materialize_snapshot(config: DrConfig, file_set: str, config_file: str) -> s
     """A file snapshot, then its restore test, as the schedule runs them."""
     from dr_pipelines.defs.files.assets import snapshot_job_name, snapshot_key
 
-    result = run_job(config, config_file, build_files_definitions, snapshot_job_name(file_set))
+    result = run_job(config, config_file, snapshot_job_name(file_set), domain=build_files_definitions)
     [mat] = result.asset_materializations_for_node(snapshot_key(file_set).to_python_identifier())
     return str(mat.metadata["snapshot_id"].value)
 
@@ -297,8 +298,8 @@ def restore_files_job(config: DrConfig, config_file: str, options: dict):
     result = run_job(
         config,
         config_file,
-        build_files_definitions,
         "restore_files",
         {"ops": {"choose_snapshot_to_restore": {"config": options}}},
+        domain=build_files_definitions,
     )
     return result.output_for_node("restore_snapshot_files")

@@ -262,7 +262,7 @@ def demo_drill(config, config_file: str) -> bool:
     from dr_pipelines.defs.runner import run_job
 
     print("== full-system drill: the database and the file sets restored in parallel into scratch targets", flush=True)
-    report = run_job(config, config_file, build_recovery_definitions, "full_system_drill").output_for_node(
+    report = run_job(config, config_file, "full_system_drill", domain=build_recovery_definitions).output_for_node(
         "full_system_drill_op"
     )
     for c in report.components:

@@ -607,7 +607,7 @@ def test_the_restore_run_ends_with_a_readable_summary_and_nearest_ids_in_time_or
     run_config = {"ops": {"choose_backup": {"config": {"database": "app", "target_database": "summary_db"}}}}
     from dr_pipelines.defs.restore.definitions import build_restore_definitions
 
-    result = runner.run_job(cfg, str(path), build_restore_definitions, "restore_database", run_config)
+    result = runner.run_job(cfg, str(path), "restore_database", run_config, domain=build_restore_definitions)
     [out] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == "restore_report"]
     summary = str(out.event_specific_data.metadata["summary"].value)  # type: ignore[union-attr]
     assert "restore of `app` into `summary_db`: PASSED" in summary
