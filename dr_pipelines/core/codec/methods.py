@@ -121,7 +121,10 @@ COMPRESSION: dict[str, Compression] = {
         ("zstd", "--decompress", "--quiet", "--stdout"),
         _zstd_stream,
         _ZstdSink,
-        lambda data, level: zstandard.ZstdCompressor(level=level).compress(data),
+        # a WAL segment on every core: a lone segment's push waits for its compression
+        lambda data, level: zstandard.ZstdCompressor(level=level, threads=-1 if len(data) >= 4 << 20 else 0).compress(
+            data
+        ),
         lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31),
         (zstandard.ZstdError,),
     ),

@@ -105,67 +105,90 @@ def wal_push(
         data = path.read_bytes()
     except OSError as e:
         raise WalError(f"cannot read {path}: {e.strerror}") from None
-    side = {
-        "name": name,
-        "kind": kind,
-        "size": len(data),
-        "sha256": sha256_hex(data),
-        "compression": config.compression.method,
-        "encryption": config.encryption.method,
-        "pushed_at": datetime.now(timezone.utc).isoformat(),
-    }
-    known = archive_cluster(locations, database)
-    if kind != "segment":  # history files, backup labels, partial segments carry no system identifier
-        sysid = pushing_cluster(path)
-        if sysid is not None:
-            side["system_identifier"] = sysid
-        if known and sysid is not None and known["system_identifier"] != sysid:
-            raise WalRefused(
-                f"{name} is pushed by cluster {sysid} (its global/pg_control), but the WAL archive of {database!r} "
-                f"belongs to cluster {known['system_identifier']}; refusing to mix them (a foreign timeline history "
-                "would redirect every later recovery)"
-            )
-    if kind == "segment":
-        header = segment_header(data)
-        side.update(system_identifier=header["system_identifier"], segment_size=header["segment_size"])
-        if known and known["system_identifier"] != header["system_identifier"]:
-            raise WalRefused(
-                f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
-                f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
-                "replaced the old one on purpose, archive it under another database name"
-            )
-    prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
-    result, failures = PushResult(name), []
-    # Look everywhere before writing anywhere: a conflict on one location must not leave the new
-    # bytes on another (two different copies of one segment).
-    missing: list[str] = []
-    for loc_name, loc in locations.items():
-        try:
-            existing = _read_json(loc, f"{prefix}/{name}.json")
-        except (LocationError, ValueError) as e:
-            failures.append(f"{loc_name}: {e}")
-            continue
-        if existing is None:
-            missing.append(loc_name)
-        elif existing["sha256"] != side["sha256"]:
-            raise WalRefused(
-                f"{name} is already archived on {loc_name} with different content "
-                f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
-                "overwrite archived WAL. Two clusters may be archiving to the same place"
-            )
-        else:
-            result.already.append(loc_name)
-    if missing:  # compress and encrypt only when some location lacks the file (not on a re-push)
-        stored_obj = encode_bytes(data, config.compression, config.encryption)
-        side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": sha256_hex(stored_obj)}
-    for loc_name in missing:
-        try:
-            if _store(locations[loc_name], database, prefix, name, side, stored_obj, known):
-                result.stored.append(loc_name)
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The CPU work (hash, compress, encrypt) runs beside the lookups, and every location is read and
+    # written at once: a lone segment's push waits for the slowest location, not for their sum. The
+    # encoding is started before the lookups say it is needed: only a re-push (after a crash) wastes it.
+    with ThreadPoolExecutor(max_workers=2 + len(locations), thread_name_prefix="wal-push") as pool:
+        plain_sha = pool.submit(sha256_hex, data)
+        encoded = pool.submit(encode_bytes, data, config.compression, config.encryption)
+        side = {
+            "name": name,
+            "kind": kind,
+            "size": len(data),
+            "sha256": "",
+            "compression": config.compression.method,
+            "encryption": config.encryption.method,
+            "pushed_at": datetime.now(timezone.utc).isoformat(),
+        }
+        known = archive_cluster(locations, database)
+        if kind != "segment":  # history files, backup labels, partial segments carry no system identifier
+            sysid = pushing_cluster(path)
+            if sysid is not None:
+                side["system_identifier"] = sysid
+            if known and sysid is not None and known["system_identifier"] != sysid:
+                raise WalRefused(
+                    f"{name} is pushed by cluster {sysid} (its global/pg_control), but the WAL archive of {database!r} "
+                    f"belongs to cluster {known['system_identifier']}; refusing to mix them (a foreign timeline history "
+                    "would redirect every later recovery)"
+                )
+        if kind == "segment":
+            header = segment_header(data)
+            side.update(system_identifier=header["system_identifier"], segment_size=header["segment_size"])
+            if known and known["system_identifier"] != header["system_identifier"]:
+                raise WalRefused(
+                    f"{name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
+                    f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
+                    "replaced the old one on purpose, archive it under another database name"
+                )
+        prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+        result, failures = PushResult(name), []
+
+        def look(loc_name: str) -> dict | None | LocationError | ValueError:
+            try:
+                return _read_json(locations[loc_name], f"{prefix}/{name}.json")
+            except (LocationError, ValueError) as e:
+                return e
+
+        # Look everywhere before writing anywhere: a conflict on one location must not leave the new
+        # bytes on another (two different copies of one segment).
+        side["sha256"] = plain_sha.result()
+        missing: list[str] = []
+        for loc_name, existing in zip(locations, pool.map(look, list(locations)), strict=True):
+            if isinstance(existing, (LocationError, ValueError)):
+                failures.append(f"{loc_name}: {existing}")
+            elif existing is None:
+                missing.append(loc_name)
+            elif existing["sha256"] != side["sha256"]:
+                raise WalRefused(
+                    f"{name} is already archived on {loc_name} with different content "
+                    f"(sha256 {existing['sha256'][:12]}... vs {side['sha256'][:12]}...); refusing to "
+                    "overwrite archived WAL. Two clusters may be archiving to the same place"
+                )
             else:
                 result.already.append(loc_name)
-        except LocationError as e:
-            failures.append(str(e))
+        if missing:  # stored only where some location lacks the file (not on a re-push)
+            stored_obj = encoded.result()
+            side["object"] = {
+                "name": object_name(name, config),
+                "size": len(stored_obj),
+                "sha256": sha256_hex(stored_obj),
+            }
+
+            def store(loc_name: str) -> bool | LocationError:
+                try:
+                    return _store(locations[loc_name], database, prefix, name, side, stored_obj, known)
+                except LocationError as e:
+                    return e
+
+            for loc_name, stored in zip(missing, pool.map(store, missing), strict=True):
+                if isinstance(stored, LocationError):
+                    failures.append(str(stored))
+                elif stored:
+                    result.stored.append(loc_name)
+                else:
+                    result.already.append(loc_name)
     if failures:
         raise WalError(
             f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
