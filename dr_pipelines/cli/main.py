@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument(
         "--location", action="append", metavar="NAME", help="read only this location (repeat for more); default: all"
     )
+    wf.add_argument(
+        "--partial",
+        action="store_true",
+        help="a segment archived nowhere whole may come from wal-stream's partial segment, when it is the "
+        "newest WAL archived (pitr's restore_command asks for this)",
+    )
     wf.set_defaults(func=cmd_wal_fetch)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])

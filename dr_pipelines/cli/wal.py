@@ -77,6 +77,7 @@ def cmd_wal_fetch(args) -> int:
             backoff_s=config.wal.fetch_backoff.total_seconds(),
             log=log,
             prefetch=config.wal.prefetch,
+            partial=args.partial,
         )
     except WalNotFound as e:
         err(str(e))

@@ -32,10 +32,14 @@ def archive_timeout_s(config: DrConfig, database: str) -> int:
     return max(60, int(config.database(database).objectives.rpo.total_seconds() // 2))
 
 
-def restore_command(config_file: str | None, database: str, only: list[str] | None = None) -> str:
-    """`only`: the locations recovery may read (the reachable ones during an outage)."""
+def restore_command(
+    config_file: str | None, database: str, only: list[str] | None = None, partial: bool = False
+) -> str:
+    """`only`: the locations recovery may read (the reachable ones during an outage). `partial`:
+    the newest segment may come from wal-stream's partial (a recovery replaying all it can)."""
     restrict = [a for name in only or [] for a in ("--location", name)]
-    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, "%f", "%p"])
+    extra = ["--partial"] if partial else []
+    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, *extra, "%f", "%p"])
 
 
 def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:
