@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_wal_fetch,
         cmd_wal_list,
         cmd_wal_push,
+        cmd_wal_stream,
     )
 
     # no abbreviated options (--conf for --config): the WAL fast paths read the options without argparse
@@ -213,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "newest WAL archived (pitr's restore_command asks for this)",
     )
     wf.set_defaults(func=cmd_wal_fetch)
+    ws = sub.add_parser(
+        "wal-stream",
+        help="stream DB's WAL in the foreground (pg_receivewal on a slot; segments and the growing partial "
+        "segment pushed to every location) until SIGTERM/SIGINT",
+    )
+    ws.add_argument("db", metavar="DB")
+    ws.set_defaults(func=cmd_wal_stream)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])
     wl.add_argument("db", nargs="?", metavar="DB", help="needed only when several databases are configured")

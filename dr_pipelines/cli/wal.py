@@ -88,6 +88,29 @@ def cmd_wal_fetch(args) -> int:
     return EXIT_OK
 
 
+def cmd_wal_stream(args) -> int:
+    """In the foreground until SIGTERM or SIGINT (systemd, compose, Kubernetes run it as a service)."""
+    import signal
+    import threading
+
+    from dr_pipelines.core.wal.stream import run_wal_stream
+
+    config = config_from_args(args)
+    config.database(args.db)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    locations = open_cli_locations(config)
+    return run_wal_stream(config, args.db, locations, stop, _stamped)
+
+
+def _stamped(msg: str) -> None:
+    """A long-running command's log line: when, and what."""
+    from datetime import datetime, timezone
+
+    log(f"{datetime.now(timezone.utc).isoformat(timespec='milliseconds')} wal-stream: {msg}")
+
+
 def cmd_wal_list(args) -> int:
     from dr_pipelines.core.wal.archive import list_archive
 
