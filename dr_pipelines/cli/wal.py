@@ -112,7 +112,7 @@ def _stamped(msg: str) -> None:
 
 
 def cmd_wal_list(args) -> int:
-    from dr_pipelines.core.wal.archive import list_archive
+    from dr_pipelines.core.wal.archive import STREAMED, list_archive
 
     config = config_from_args(args)
     db = config.named_or_only_database(args.db)
@@ -133,6 +133,8 @@ def cmd_wal_list(args) -> int:
             for tli, names in sorted(archive.segments.items())
         ],
         "history_files": archive.histories,
+        # wal-stream's growing segments (pitr replays the newest as the end of the archive)
+        "streamed_partials": sorted(n for n, f in archive.files.items() if f.kind == STREAMED),
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -144,6 +146,8 @@ def cmd_wal_list(args) -> int:
         print(f"timeline {t['timeline']}: {t['segments']} segments {t['first']} .. {t['last']}; gaps: {gaps}")
     if archive.histories:
         print("history files: " + ", ".join(archive.histories))
+    if out["streamed_partials"]:
+        print("streamed partial segments (wal-stream): " + ", ".join(out["streamed_partials"]))
     return EXIT_FAILED if any(t["gaps"] for t in out["timelines"]) else EXIT_OK
 
 

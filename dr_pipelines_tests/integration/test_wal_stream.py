@@ -352,6 +352,8 @@ def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored
     archive = list_archive(open_locations(setup.config), "app")
     assert segment not in archive.segments.get(1, []), "the segment was switched: the test proves nothing"
     assert archive.files[segment + STREAM_SUFFIX].kind == "streamed"
+    listed = setup.cli("wal", "list", "--json")
+    assert json.loads(listed.stdout)["streamed_partials"][-1] == segment + STREAM_SUFFIX, listed.stderr
 
     kill_cluster(pg.cluster)
     shutil.rmtree(pg.cluster.data_dir)
@@ -417,6 +419,18 @@ def test_pg_receivewal_killed_is_restarted_and_the_archive_has_no_gap(make_strea
         after = [_switch(conn) for _ in range(2)]
     wait_for(lambda: (stream.status()["received"]["segment"] or "") >= after[-1], "streamed after the restart")
     assert "killed by signal 9" in stream.log()
+
+    # wal-stream itself killed: its pg_receivewal goes with it (no orphan holds the slot), and the
+    # next wal-stream (systemd's restart) carries on where the spool and the slot are
+    assert stream.proc is not None
+    receiver = stream.status()["receiver"]["pid"]
+    os.kill(stream.proc.pid, signal.SIGKILL)
+    stream.proc.wait()
+    wait_for(lambda: _zombie(receiver), "pg_receivewal exits with its wal-stream", 10)
+    stream.start().wait_streaming()
+    with connect(pg.port) as conn:
+        after.append(_switch(conn))
+    wait_for(lambda: (stream.status()["received"]["segment"] or "") >= after[-1], "streamed after wal-stream's restart")
     assert stream.stop() == 0
 
     locs = open_locations(setup.config)
