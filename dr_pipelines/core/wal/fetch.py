@@ -159,26 +159,35 @@ def fetch_streamed_tip(
 ) -> tuple[bytes, str] | None:
     """The streamed partial of segment `name`, if it is the newest WAL archived on its timeline
     (no whole segment and no partial after it on any location): else None, and the missing
-    segment stays "not found" (a gap is never papered over with a partial). The longest copy wins."""
+    segment stays "not found" (a gap is never papered over with a partial). The longest copy wins.
+    Costs one GET per location when there is no partial (archives that are not streamed); with
+    one, a listing of the segments after it (this xlog id and the next: 2 x 256 segments of 16 MB
+    at most; something later still is a gap, which pitr refuses before it starts)."""
     prefix = f"{wal_prefix(database)}/{timeline_of(name)}/"
     holders: list[tuple[int, str]] = []
     for loc_name, loc in locations.items():
         try:
-            listed = [o.key.rsplit("/", 1)[-1] for o in loc.list(prefix)]
-        except LocationError as e:  # cannot rule out WAL after it there: not "not found"
-            raise WalFetchAborted(f"cannot tell whether {name} is the newest WAL: {e}") from None
-        for base in listed:
-            if not base.endswith(".json"):
-                continue
-            wal = base[: -len(".json")]
-            if (SEGMENT.match(wal) or wal.endswith(STREAM_SUFFIX)) and wal[:24] > name:
-                return None  # WAL after it is archived: this segment is missing, not the tip
-            if wal == name + STREAM_SUFFIX:
-                try:
-                    side = _read_json(loc, f"{prefix}{wal}.json") or {}
-                    holders.append((lsn_int(side.get("end_lsn", "0/0")), loc_name))
-                except (LocationError, ValueError) as e:
-                    log(f"warning: {loc_name}: cannot read the sidecar of {wal}: {e}")
+            side = _read_json(loc, f"{prefix}{name}{STREAM_SUFFIX}.json")
+        except LocationError as e:  # cannot rule it out there: not "not found"
+            raise WalFetchAborted(f"cannot tell whether {name} was streamed: {e}") from None
+        except ValueError as e:
+            log(f"warning: {loc_name}: the sidecar of {name}{STREAM_SUFFIX} is unreadable: {e}")
+            continue
+        if side:
+            holders.append((lsn_int(side.get("end_lsn", "0/0")), loc_name))
+    if not holders:
+        return None
+    after = [prefix + name[:16], f"{prefix}{name[:8]}{int(name[8:16], 16) + 1:08X}"]
+    for loc in locations.values():
+        for p in after:
+            try:
+                listed = [o.key.rsplit("/", 1)[-1] for o in loc.list(p)]
+            except LocationError as e:
+                raise WalFetchAborted(f"cannot tell whether {name} is the newest WAL: {e}") from None
+            for base in listed:
+                wal = base.removesuffix(".json")
+                if base.endswith(".json") and (SEGMENT.match(wal) or wal.endswith(STREAM_SUFFIX)) and wal[:24] > name:
+                    return None  # WAL after it is archived: this segment is missing, not the tip
     aborted = None
     for end, loc_name in sorted(holders, reverse=True):
         try:
