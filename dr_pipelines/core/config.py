@@ -225,8 +225,10 @@ class StreamingConfig(_Model):
     )
     spool_dir: str | None = Field(
         default=None,
-        description="where pg_receivewal writes (relative to the config file); default "
-        "~/.local/state/dr_pipelines/wal_stream/<db> of the user running wal-stream",
+        description="wal-stream's directory (relative to the config file): pg_receivewal's files in wal/ "
+        "(private; kept until every location has them), status.json (what the observer reads on this host) "
+        "and a lock; default ~/.local/state/dr_pipelines/wal_stream/<db> of the user running wal-stream. "
+        "For zero loss, on another machine than the primary",
     )
 
     @field_validator("partial_interval")
