@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment pushed to every location) until SIGTERM/SIGINT",
     )
     ws.add_argument("db", metavar="DB")
+    ws.add_argument(  # also after the command, as a unit file reads best; absent, the global one stands
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML config (as the global --config)"
+    )
     ws.set_defaults(func=cmd_wal_stream)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])

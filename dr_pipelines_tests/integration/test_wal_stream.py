@@ -61,7 +61,7 @@ class Streamer:
     def start(self) -> Streamer:
         log = open(self.log_path, "ab")  # noqa: SIM115 -- the child holds it; closed with the test's files
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "dr-pipelines"), "--config", str(self.setup.config_path), "wal-stream", "app"],
+            [str(VENV_BIN / "dr-pipelines"), "wal-stream", "app", "--config", str(self.setup.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
