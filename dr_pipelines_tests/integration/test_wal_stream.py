@@ -30,7 +30,7 @@ from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres
 from dr_pipelines.core.postgres.wal_names import STREAM_SUFFIX, lsn_int, segment_name
 from dr_pipelines.core.storage.base import forget_down
 from dr_pipelines.core.storage.locations import open_locations
-from dr_pipelines.core.wal.archive import _read_json, list_archive
+from dr_pipelines.core.wal.archive import _read_json, list_archive, wal_status
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.metadata import number
@@ -405,9 +405,9 @@ def test_pg_receivewal_killed_is_restarted_and_the_archive_has_no_gap(make_strea
         done_at = datetime.now(timezone.utc)
         row = slot_row(conn)
         assert row is not None
-        active, restart_lsn, wal_status, _ = row
+        _, restart_lsn, slot_status, _ = row
         held = segment_name(1, lsn_int(restart_lsn) // (1 << 20), 1 << 20)  # the first segment the slot keeps
-        assert held <= during[0] and wal_status in ("reserved", "extended")
+        assert held <= during[0] and slot_status in ("reserved", "extended")
         pg_wal = pg.cluster.data_dir / "pg_wal"
         assert all((pg_wal / n).exists() for n in during)  # kept for the slot
 
@@ -452,6 +452,9 @@ def test_pg_receivewal_killed_is_restarted_and_the_archive_has_no_gap(make_strea
         compared += 1
         dest.unlink()
     assert compared >= len(during) + len(after), (first, last, compared)
+    # no archive_command here: the archive's lag is judged by what the repository holds
+    status = wal_status(setup.config, "app", locs, datetime.now(timezone.utc), [])
+    assert status.archive_lag_s == 0.0 and status.gaps == [] and status.server_error is None, status
 
 
 def test_slot_holding_too_much_wal_alerts_and_resolves(make_stream, receiver, monkeypatch):

@@ -262,7 +262,10 @@ def wal_status(
         last, last_time, failed, last_failed, current, size = row
         tli, number = parse_segment(current, size)
         previous = segment_name(tli, number - 1, size)  # the newest segment that is complete
-        caught_up = last is not None and last >= previous
+        # caught up when PostgreSQL's archiver is, or when the repository already holds that segment
+        # (wal-stream, or an archive_command that pushed ahead, archived it first)
+        held = newest is not None and newest.name[:8] == previous[:8] and newest.name >= previous
+        caught_up = (last is not None and last >= previous) or held
         lag = 0.0 if caught_up else (now - last_time).total_seconds() if last_time else None
     except Exception as e:  # unreachable server: the repository still answers
         server_error = str(e).splitlines()[0]
