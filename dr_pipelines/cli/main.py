@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_wal_fetch,
         cmd_wal_list,
         cmd_wal_push,
+        cmd_wal_stream,
     )
 
     # no abbreviated options (--conf for --config): the WAL fast paths read the options without argparse
@@ -206,7 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument(
         "--location", action="append", metavar="NAME", help="read only this location (repeat for more); default: all"
     )
+    wf.add_argument(
+        "--partial",
+        action="store_true",
+        help="a segment archived nowhere whole may come from wal-stream's partial segment, when it is the "
+        "newest WAL archived (pitr's restore_command asks for this)",
+    )
     wf.set_defaults(func=cmd_wal_fetch)
+    ws = sub.add_parser(
+        "wal-stream",
+        help="stream DB's WAL in the foreground (pg_receivewal on a slot; segments and the growing partial "
+        "segment pushed to every location) until SIGTERM/SIGINT",
+    )
+    ws.add_argument("db", metavar="DB")
+    ws.add_argument(  # also after the command, as a unit file reads best; absent, the global one stands
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML config (as the global --config)"
+    )
+    ws.set_defaults(func=cmd_wal_stream)
     wl = sub.add_parser("wal", help="the WAL archive")
     wl.add_argument("wal_command", choices=["list"])
     wl.add_argument("db", nargs="?", metavar="DB", help="needed only when several databases are configured")
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if fetch:
                 outcome, why = agent_client.fetch_through_agent(
-                    *fetch, config_file, context, option_values(raw_args, "--location") or None
+                    *fetch, config_file, context, option_values(raw_args, "--location") or None, "--partial" in raw_args
                 )
             else:
                 outcome, why = agent_client.push_through_agent(push, config_file, db, context)  # type: ignore[arg-type]

@@ -77,6 +77,7 @@ def cmd_wal_fetch(args) -> int:
             backoff_s=config.wal.fetch_backoff.total_seconds(),
             log=log,
             prefetch=config.wal.prefetch,
+            partial=args.partial,
         )
     except WalNotFound as e:
         err(str(e))
@@ -87,8 +88,31 @@ def cmd_wal_fetch(args) -> int:
     return EXIT_OK
 
 
+def cmd_wal_stream(args) -> int:
+    """In the foreground until SIGTERM or SIGINT (systemd, compose, Kubernetes run it as a service)."""
+    import signal
+    import threading
+
+    from dr_pipelines.core.wal.stream import run_wal_stream
+
+    config = config_from_args(args)
+    config.database(args.db)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    locations = open_cli_locations(config)
+    return run_wal_stream(config, args.db, locations, stop, _stamped)
+
+
+def _stamped(msg: str) -> None:
+    """A long-running command's log line: when, and what."""
+    from datetime import datetime, timezone
+
+    log(f"{datetime.now(timezone.utc).isoformat(timespec='milliseconds')} wal-stream: {msg}")
+
+
 def cmd_wal_list(args) -> int:
-    from dr_pipelines.core.wal.archive import list_archive
+    from dr_pipelines.core.wal.archive import STREAMED, list_archive
 
     config = config_from_args(args)
     db = config.named_or_only_database(args.db)
@@ -109,6 +133,8 @@ def cmd_wal_list(args) -> int:
             for tli, names in sorted(archive.segments.items())
         ],
         "history_files": archive.histories,
+        # wal-stream's growing segments (pitr replays the newest as the end of the archive)
+        "streamed_partials": sorted(n for n, f in archive.files.items() if f.kind == STREAMED),
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -120,6 +146,8 @@ def cmd_wal_list(args) -> int:
         print(f"timeline {t['timeline']}: {t['segments']} segments {t['first']} .. {t['last']}; gaps: {gaps}")
     if archive.histories:
         print("history files: " + ", ".join(archive.histories))
+    if out["streamed_partials"]:
+        print("streamed partial segments (wal-stream): " + ", ".join(out["streamed_partials"]))
     return EXIT_FAILED if any(t["gaps"] for t in out["timelines"]) else EXIT_OK
 
 

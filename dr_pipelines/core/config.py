@@ -168,6 +168,99 @@ class RestoreTestConfig(_Model):
     keep: bool = False
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$")
+
+
+_UNIT_BYTES = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """'4GB', '512MB', '64kB' (1024-based, as PostgreSQL reads its own settings), or a byte count."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNIT_BYTES[(m.group(2) or "B")[0].upper()])
+    raise ValueError(f"{value!r} is not a size; write e.g. 4GB, 512MB or a number of bytes")
+
+
+# '4GB', '512MB' or a byte count
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(json_schema_extra={"format": "size"})]
+
+
+_SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+class StreamingConfig(_Model):
+    """WAL streamed as it is written (`dr-pipelines wal-stream DB`): a managed pg_receivewal on a
+    physical replication slot, its segments pushed like archive_command's, the growing partial
+    segment pushed every `partial_interval` (RPO about that interval; zero with `synchronous`)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="stream this database's WAL; `dr-pipelines wal-stream DB` must then run (the WAL "
+        "observer alerts when it does not); keep archive_command on as well",
+    )
+    slot: str | None = Field(
+        default=None,
+        description='the physical replication slot (created if missing); default "dr_pipelines_<db>". '
+        "It makes PostgreSQL keep WAL until it is received: drop it when streaming is turned off for good",
+    )
+    partial_interval: Duration = Field(
+        default=timedelta(seconds=1),
+        description="how often the growing partial segment is pushed (under <segment>.stream.partial, "
+        "overwritten as it grows); a lost server loses at most about this much",
+    )
+    synchronous: bool = Field(
+        default=False,
+        description="pg_receivewal flushes and confirms every write (--synchronous); with "
+        "synchronous_standby_names naming the slot (`pg-config DB` prints the line), a commit returns "
+        "only once the streamer has it on disk",
+    )
+    max_slot_wal: ByteSize = Field(
+        default=4 << 30,
+        description="alert when the slot holds back more WAL than this (e.g. 4GB): the streamer is down "
+        "or behind, and the primary's disk fills",
+    )
+    spool_dir: str | None = Field(
+        default=None,
+        description="wal-stream's directory (relative to the config file): pg_receivewal's files in wal/ "
+        "(private; kept until every location has them), status.json (what the observer reads on this host) "
+        "and a lock; default ~/.local/state/dr_pipelines/wal_stream/<db> of the user running wal-stream. "
+        "For zero loss, on another machine than the primary",
+    )
+
+    @field_validator("partial_interval")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v.total_seconds() <= 0:
+            raise ValueError("must be more than 0s (e.g. 1s)")
+        return v
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_name(cls, v: str | None) -> str | None:
+        if v is not None and not _SLOT.match(v):
+            raise ValueError(f"{v!r} is not a replication slot name (lower-case letters, digits and _, at most 63)")
+        return v
+
+    def slot_name(self, database: str) -> str:
+        """The slot, also pg_receivewal's application_name (what synchronous_standby_names names)."""
+        name = self.slot or f"dr_pipelines_{database.lower()}"
+        if not _SLOT.match(name):
+            raise ConfigError(
+                f"databases.{database}.streaming.slot: the default slot name {name!r} is too long; set slot"
+            )
+        return name
+
+    def spool_path(self, database: str, base_dir: Path) -> Path:
+        if self.spool_dir is None:
+            return Path("~/.local/state/dr_pipelines/wal_stream").expanduser() / database
+        p = Path(self.spool_dir).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+
 class DatabaseConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=5432, ge=1, le=65535)
@@ -187,6 +280,9 @@ class DatabaseConfig(_Model):
     restore_test: RestoreTestConfig = RestoreTestConfig()
     scratch_dir: str | None = Field(
         default=None, description="where a restore's private plaintext directory goes (default /var/tmp)"
+    )
+    streaming: StreamingConfig = Field(
+        default=StreamingConfig(), description="stream WAL with pg_receivewal for an RPO of seconds (wal-stream)"
     )
     restore_spool: bool = Field(
         default=True,

@@ -162,6 +162,11 @@ def wait_for_wal(
                 f"base backup of {database!r} is not usable: WAL {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''} was not archived within {config.wal.archive_wait}. "
                 f"Is archiving on? Run `dr-pipelines pg-config {database}` and check pg_stat_archiver"
+                + (
+                    f"; is `dr-pipelines wal-stream {database}` running?"
+                    if config.database(database).streaming.enabled
+                    else ""
+                )
             )
         time.sleep(0.5)
 
@@ -217,7 +222,7 @@ def _run(
             f"({', '.join(tablespaces)}): base backups of such clusters are not supported yet, "
             "nothing was stored. Logical backups of its databases still work"
         )
-    if archiving == "off":
+    if archiving == "off" and not db.streaming.enabled:  # with streaming, wal-stream archives the WAL
         raise BackupFailed(
             f"archive_mode is off on {db.host}:{db.port}: a base backup without archived WAL "
             f"cannot be restored. Run `dr-pipelines pg-config {database}` and restart PostgreSQL"

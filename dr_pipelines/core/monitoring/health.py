@@ -443,6 +443,11 @@ def evaluate(config: DrConfig, locations: dict[str, Location], now: datetime, in
             ]
             if integrity:
                 outcomes.append(check_wal_integrity(locations, db, wal[db].oldest_base_start))
+        if config.database(db).streaming.enabled:
+            from dr_pipelines.core.wal.stream_health import stream_health, stream_outcomes
+
+            down = wal[db].server_error if db in wal else None
+            outcomes += stream_outcomes(stream_health(config, db, locations, now, server_down=down))
     snapshots = None
     if config.file_sets:
         from dr_pipelines.core.files.catalog import load_snapshots

@@ -310,7 +310,9 @@ RECOVERY_TARGETS = (
 
 def recovery_settings(config_file: str | None, request: PitrRequest) -> dict[str, str]:
     s = {
-        "restore_command": pg_quote(restore_command(config_file, request.database, request.locations)),
+        # --partial: the newest WAL may be wal-stream's partial segment (the last seconds before a
+        # loss); served only as the end of the archive, never in place of a missing segment
+        "restore_command": pg_quote(restore_command(config_file, request.database, request.locations, partial=True)),
         "recovery_target_action": "'promote'",
         "recovery_target_timeline": "'latest'",
         "port": str(request.port),

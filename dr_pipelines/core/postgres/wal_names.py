@@ -16,6 +16,13 @@ BACKUP_LABEL = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
 PARTIAL = re.compile(r"^[0-9A-F]{24}\.partial$")
 
 
+# The growing segment as wal-stream last pushed it: a name of its own, overwritten as it grows, never
+# PostgreSQL's `.partial` (a promoted server archives its old timeline's last segment under that name,
+# once; the two must not collide) and never a segment's name (recovery asks for it only by choice).
+STREAM_PARTIAL = re.compile(r"^[0-9A-F]{24}\.stream\.partial$")
+STREAM_SUFFIX = ".stream.partial"
+
+
 XLP_LONG_HEADER = 0x0002
 
 
@@ -50,3 +57,16 @@ def lsn_to_segment(lsn: str, timeline: int, segment_size: int, end: bool = False
 def lsn_int(lsn: str) -> int:
     hi, lo = lsn.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def written_end(data: bytes, name: str, segment_size: int) -> int:
+    """The LSN where the WAL written so far in a growing segment ends: pg_receivewal pads its
+    `.partial` file with zeros, and records start MAXALIGNed (8 bytes), so the end is the last
+    non-zero byte rounded up to 8."""
+    used = len(data.rstrip(b"\0"))
+    _, number = parse_segment(name[:24], segment_size)
+    return number * segment_size + min(segment_size, (used + 7) // 8 * 8)

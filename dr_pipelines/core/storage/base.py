@@ -91,9 +91,13 @@ def mark_down(name: str, reason: str) -> None:
     _down[name] = (time.monotonic() + DOWN_FOR, reason)
 
 
-def forget_down() -> None:
-    """Try every location again (a new run; the tests, between tests)."""
-    _down.clear()
+def forget_down(name: str | None = None) -> None:
+    """Try every location again (a new run; the tests, between tests), or just `name` (a
+    long-running process retrying the one location it found down)."""
+    if name is None:
+        _down.clear()
+    else:
+        _down.pop(name, None)
 
 
 def check_up(name: str) -> None:

@@ -132,7 +132,11 @@ class LocalLocation:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.exists():
             return
-        start = self.root / prefix if prefix and (self.root / prefix).is_dir() else self.root
+        # the deepest directory that can hold the prefix's keys (not the whole repository)
+        target = self.root / prefix if prefix else self.root
+        start = target if target.is_dir() else target.parent
+        if not start.is_dir() or (start != self.root and self.root not in start.parents):
+            return
         for dirpath, _dirs, files in os.walk(start):
             for f in files:
                 if f.startswith("."):

@@ -283,6 +283,7 @@ class Agent:
                     retries=self.config.wal.fetch_retries,
                     backoff_s=self.config.wal.fetch_backoff.total_seconds(),
                     log=log,
+                    partial=req.get("partial") is True,
                 )
         except WalNotFound as e:
             self._count("not_found")

@@ -9,7 +9,7 @@ Beside it: `.lock` (held by the live agent for its lifetime) and `.log` (the age
 
 Protocol: one JSON line each way per connection. `{"push": ABS_PATH, "context": CTX}` is answered
 `{"ok": true}` only once the file is durable on every location, else `{"ok": false, "error": ...}`;
-`{"fetch": NAME, "dest": ABS_PATH, "context": CTX[, "locations": [...]]}` is answered `{"ok": true}`
+`{"fetch": NAME, "dest": ABS_PATH, "context": CTX[, "locations": [...], "partial": true]}` is answered `{"ok": true}`
 once the verified file is at dest, `{"ok": false, "not_found": true, ...}` if no location holds it;
 `{"status": true}` is answered with the agent's pid and counters.
 
@@ -112,13 +112,15 @@ def push_through_agent(path: str, config_file: str | None, db: str | None, conte
 
 
 def fetch_through_agent(
-    name: str, dest: str, config_file: str | None, context: str, locations: list[str] | None
+    name: str, dest: str, config_file: str | None, context: str, locations: list[str] | None, partial: bool = False
 ) -> tuple[str, str | None]:
-    """Ask the cluster's agent to put the WAL file `name` at `dest`:
-    (DURABLE | NOT_FOUND | ABSENT | FAILED | UNUSABLE, why)."""
+    """Ask the cluster's agent to put the WAL file `name` at `dest` (`partial`: as `wal-fetch
+    --partial`): (DURABLE | NOT_FOUND | ABSENT | FAILED | UNUSABLE, why)."""
     message: dict = {"fetch": name, "dest": os.path.abspath(dest), "context": context}
     if locations:
         message["locations"] = locations
+    if partial:
+        message["partial"] = True
     return _ask(dest, config_file, context, message)
 
 

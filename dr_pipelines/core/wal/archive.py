@@ -17,6 +17,7 @@ from dr_pipelines.core.postgres.wal_names import (
     HISTORY,
     PARTIAL,
     SEGMENT,
+    STREAM_PARTIAL,
     XLP_LONG_HEADER,
     parse_segment,
     segment_name,
@@ -43,12 +44,21 @@ class WalFetchAborted(WalError):
     """Transient errors or only corrupt copies: recovery must stop rather than end early."""
 
 
+STREAMED = "streamed"  # the kind of a wal-stream partial segment (<segment>.stream.partial)
+
+
 def wal_prefix(database: str) -> str:
     return f"{database}/wal"
 
 
 def _classify(name: str) -> str:
-    for kind, rx in (("segment", SEGMENT), ("history", HISTORY), ("backup", BACKUP_LABEL), ("partial", PARTIAL)):
+    for kind, rx in (
+        ("segment", SEGMENT),
+        ("history", HISTORY),
+        ("backup", BACKUP_LABEL),
+        ("partial", PARTIAL),
+        (STREAMED, STREAM_PARTIAL),
+    ):
         if rx.match(name):
             return kind
     raise WalRefused(
@@ -97,7 +107,7 @@ def archive_cluster(locations: dict[str, Location], database: str) -> dict | Non
 @dataclass(frozen=True)
 class ArchivedFile:
     name: str  # the WAL file name PostgreSQL asks for
-    kind: str  # segment, history, backup or partial
+    kind: str  # segment, history, backup, partial (PostgreSQL's) or streamed (wal-stream's growing segment)
     pushed_at: datetime  # when its sidecar (the commit marker) was written
     object_name: str  # the stored object beside the sidecar (name + compression/encryption suffixes)
 
@@ -252,7 +262,10 @@ def wal_status(
         last, last_time, failed, last_failed, current, size = row
         tli, number = parse_segment(current, size)
         previous = segment_name(tli, number - 1, size)  # the newest segment that is complete
-        caught_up = last is not None and last >= previous
+        # caught up when PostgreSQL's archiver is, or when the repository already holds that segment
+        # (wal-stream, or an archive_command that pushed ahead, archived it first)
+        held = newest is not None and newest.name[:8] == previous[:8] and newest.name >= previous
+        caught_up = (last is not None and last >= previous) or held
         lag = 0.0 if caught_up else (now - last_time).total_seconds() if last_time else None
     except Exception as e:  # unreachable server: the repository still answers
         server_error = str(e).splitlines()[0]
@@ -300,11 +313,29 @@ def verify_wal(locations: dict[str, Location], database: str, since: str | None)
             name = side_obj.key.rsplit("/", 1)[-1][: -len(".json")]
             if name == CLUSTER[: -len(".json")] or (since and SEGMENT.match(name) and name[8:] < since[8:]):
                 continue
-            try:
-                side = json.loads(loc.get_bytes(side_obj.key))
-                stored = loc.get_bytes(f"{side_obj.key.rsplit('/', 1)[0]}/{side['object']['name']}")
-            except (LocationError, ValueError, KeyError) as e:
-                problems.append(f"{loc.name}: {name}: cannot read it back ({e})")
+            # wal-stream replaces its partial segment while it grows: a pair read across a replacement
+            # is read again, not reported as corrupt
+            streamed, gone = bool(STREAM_PARTIAL.match(name)), False
+            for _ in range(3 if streamed else 1):
+                try:
+                    side = json.loads(loc.get_bytes(side_obj.key))
+                    stored = loc.get_bytes(f"{side_obj.key.rsplit('/', 1)[0]}/{side['object']['name']}")
+                except ObjectNotFound as e:
+                    gone = streamed  # removed once its whole segment was archived: nothing to check
+                    problem = f"{loc.name}: {name}: cannot read it back ({e})"
+                    if gone:
+                        break
+                    continue
+                except (LocationError, ValueError, KeyError) as e:
+                    problem = f"{loc.name}: {name}: cannot read it back ({e})"
+                    continue
+                problem = None
+                if len(stored) == side["object"]["size"] and sha256_hex(stored) == side["object"]["sha256"]:
+                    break
+            if gone:
+                continue
+            if problem:
+                problems.append(problem)
                 continue
             checked += 1
             if len(stored) != side["object"]["size"] or sha256_hex(stored) != side["object"]["sha256"]:

@@ -11,6 +11,8 @@ from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.wal_names import (
     SEGMENT,
+    STREAM_SUFFIX,
+    lsn_int,
     parse_segment,
     segment_name,
     timeline_of,
@@ -76,12 +78,21 @@ def wal_fetch(
     backoff_s: float = 1.0,
     log: Log = lambda m: None,
     prefetch: int = 0,
+    partial: bool = False,
 ) -> str:
+    """`partial`: a segment archived nowhere whole may be served from the newest streamed partial
+    (wal-stream's `<segment>.stream.partial`) when it is the end of its timeline's WAL: what
+    recovery to the newest point asks for (PostgreSQL never asks for a partial by name)."""
     dest = Path(dest)
     last_error = None
     for attempt in range(retries + 1):
         try:
             found = fetch_bytes(config, database, name, locations, identities, log)
+            if found is None and partial and SEGMENT.match(name):
+                found = fetch_streamed_tip(config, database, name, locations, identities, log)
+                if found is not None:  # never prefetch after it: nothing whole comes after the tip
+                    write_atomically(dest, found[0])
+                    return found[1]
         except WalFetchAborted as e:
             last_error = e
             log(f"{name}: attempt {attempt + 1} failed: {e}")
@@ -141,3 +152,57 @@ def prefetch_after(
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return sum(pool.map(one, wanted))
+
+
+def fetch_streamed_tip(
+    config: DrConfig, database: str, name: str, locations: dict[str, Location], identities: list | None, log: Log
+) -> tuple[bytes, str] | None:
+    """The streamed partial of segment `name`, if it is the newest WAL archived on its timeline
+    (no whole segment and no partial after it on any location): else None, and the missing
+    segment stays "not found" (a gap is never papered over with a partial). The longest copy wins.
+    Costs one GET per location when there is no partial (archives that are not streamed); with
+    one, a listing of the segments after it (this xlog id and the next: 2 x 256 segments of 16 MB
+    at most; something later still is a gap, which pitr refuses before it starts)."""
+    prefix = f"{wal_prefix(database)}/{timeline_of(name)}/"
+    holders: list[tuple[int, str]] = []
+    for loc_name, loc in locations.items():
+        try:
+            side = _read_json(loc, f"{prefix}{name}{STREAM_SUFFIX}.json")
+        except LocationError as e:  # cannot rule it out there: not "not found"
+            raise WalFetchAborted(f"cannot tell whether {name} was streamed: {e}") from None
+        except ValueError as e:
+            log(f"warning: {loc_name}: the sidecar of {name}{STREAM_SUFFIX} is unreadable: {e}")
+            continue
+        if side:
+            holders.append((lsn_int(side.get("end_lsn", "0/0")), loc_name))
+    if not holders:
+        return None
+    after = [prefix + name[:16], f"{prefix}{name[:8]}{int(name[8:16], 16) + 1:08X}"]
+    for loc in locations.values():
+        for p in after:
+            try:
+                listed = [o.key.rsplit("/", 1)[-1] for o in loc.list(p)]
+            except LocationError as e:
+                raise WalFetchAborted(f"cannot tell whether {name} is the newest WAL: {e}") from None
+            for base in listed:
+                wal = base.removesuffix(".json")
+                if base.endswith(".json") and (SEGMENT.match(wal) or wal.endswith(STREAM_SUFFIX)) and wal[:24] > name:
+                    return None  # WAL after it is archived: this segment is missing, not the tip
+    aborted = None
+    for end, loc_name in sorted(holders, reverse=True):
+        try:
+            found = fetch_bytes(
+                config, database, name + STREAM_SUFFIX, {loc_name: locations[loc_name]}, identities, log
+            )
+        except WalFetchAborted as e:  # e.g. replaced between its sidecar and its object: the next copy
+            aborted = e
+            continue
+        if found is not None:
+            log(
+                f"{name}: archived nowhere whole; serving the partial segment wal-stream pushed "
+                f"(WAL up to {end >> 32:X}/{end & 0xFFFFFFFF:X}, from {loc_name}): recovery ends in it"
+            )
+            return found
+    if aborted is not None:
+        raise aborted
+    return None

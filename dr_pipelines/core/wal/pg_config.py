@@ -32,10 +32,36 @@ def archive_timeout_s(config: DrConfig, database: str) -> int:
     return max(60, int(config.database(database).objectives.rpo.total_seconds() // 2))
 
 
-def restore_command(config_file: str | None, database: str, only: list[str] | None = None) -> str:
-    """`only`: the locations recovery may read (the reachable ones during an outage)."""
+def restore_command(
+    config_file: str | None, database: str, only: list[str] | None = None, partial: bool = False
+) -> str:
+    """`only`: the locations recovery may read (the reachable ones during an outage). `partial`:
+    the newest segment may come from wal-stream's partial (a recovery replaying all it can)."""
     restrict = [a for name in only or [] for a in ("--location", name)]
-    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, "%f", "%p"])
+    extra = ["--partial"] if partial else []
+    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, *extra, "%f", "%p"])
+
+
+def streaming_lines(config: DrConfig, database: str) -> list[str]:
+    """For `streaming.enabled`: what pg_receivewal needs, and with `synchronous` what makes commits wait."""
+    streaming = config.database(database).streaming
+    if not streaming.enabled:
+        return []
+    slot = streaming.slot_name(database)
+    lines = [
+        f"# dr_pipelines: WAL streamed by `dr-pipelines wal-stream {database}` (pg_receivewal on slot {slot}); the "
+        f"user needs REPLICATION and a pg_hba.conf line: host replication {config.database(database).user} <address> ...",
+        "max_wal_senders = 10",
+        "# a slot that nobody reads keeps WAL forever: a cap (the slot is then invalidated and the archive has a gap)",
+        "# max_slot_wal_keep_size = 64GB",
+    ]
+    if streaming.synchronous:
+        lines += [
+            "# synchronous: a commit returns only once wal-stream has flushed it (and waits while it is down)",
+            "synchronous_standby_names = " + pg_quote(f'"{slot}"'),
+            "synchronous_commit = on",
+        ]
+    return lines
 
 
 def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:
@@ -48,4 +74,5 @@ def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | No
         f"archive_command = {pg_quote(push)}",
         f"archive_timeout = {archive_timeout_s(config, database)}s",
         f"# recovery (written by `dr-pipelines pitr`): restore_command = {pg_quote(restore_command(config_file, database))}",
+        *streaming_lines(config, database),
     ]

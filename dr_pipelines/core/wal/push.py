@@ -11,10 +11,11 @@ from pathlib import Path
 from dr_pipelines.core.codec.encode import encode_bytes
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
-from dr_pipelines.core.postgres.wal_names import SEGMENT, timeline_of
+from dr_pipelines.core.postgres.wal_names import SEGMENT, STREAM_SUFFIX, lsn_text, timeline_of, written_end
 from dr_pipelines.core.storage.base import Location, LocationError
 from dr_pipelines.core.wal.archive import (
     CLUSTER,
+    STREAMED,
     WalError,
     WalRefused,
     _classify,
@@ -32,6 +33,16 @@ class PushResult:
     name: str
     stored: list[str] = field(default_factory=list)  # newly written
     already: list[str] = field(default_factory=list)  # identical copy was there
+
+
+class WalPartlyStored(WalError):
+    """Durable on some locations, not on others (`failures`: location -> why); a push of the same
+    file again fills in the others (what is there is checked, not rewritten)."""
+
+    def __init__(self, message: str, result: PushResult, failures: dict[str, str]):
+        super().__init__(message)
+        self.result = result
+        self.failures = failures
 
 
 def pushing_cluster(path: Path) -> str | None:
@@ -143,7 +154,7 @@ def wal_push(
                     "replaced the old one on purpose, archive it under another database name"
                 )
         prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
-        result, failures = PushResult(name), []
+        result, failures = PushResult(name), {}
 
         def look(loc_name: str) -> dict | None | LocationError | ValueError:
             try:
@@ -156,8 +167,10 @@ def wal_push(
         side["sha256"] = plain_sha.result()
         missing: list[str] = []
         for loc_name, existing in zip(locations, pool.map(look, list(locations)), strict=True):
-            if isinstance(existing, (LocationError, ValueError)):
-                failures.append(f"{loc_name}: {existing}")
+            if isinstance(existing, LocationError):
+                failures[loc_name] = str(existing)
+            elif isinstance(existing, ValueError):
+                failures[loc_name] = f"{loc_name}: {existing}"
             elif existing is None:
                 missing.append(loc_name)
             elif existing["sha256"] != side["sha256"]:
@@ -184,15 +197,17 @@ def wal_push(
 
             for loc_name, stored in zip(missing, pool.map(store, missing), strict=True):
                 if isinstance(stored, LocationError):
-                    failures.append(str(stored))
+                    failures[loc_name] = str(stored)
                 elif stored:
                     result.stored.append(loc_name)
                 else:
                     result.already.append(loc_name)
     if failures:
-        raise WalError(
-            f"{name} is not archived everywhere: {'; '.join(failures)}. PostgreSQL keeps it and "
-            "retries; nothing is lost once the location is back"
+        raise WalPartlyStored(
+            f"{name} is not archived everywhere: {'; '.join(failures.values())}. PostgreSQL keeps it and "
+            "retries; nothing is lost once the location is back",
+            result,
+            failures,
         )
     log(
         f"{name}: stored on {', '.join(result.stored) or '-'}"
@@ -254,3 +269,94 @@ def push_ahead(
     if done:
         log(f"archived ahead: {', '.join(done)}")
     return done
+
+
+# --------------------------------------------------------------------------- wal-stream's partial segment
+
+
+@dataclass
+class StreamedPartial:
+    """A partial segment read, checked and encoded once, to be stored on each location."""
+
+    segment: str
+    side: dict  # its sidecar (end_lsn: where the WAL written so far ends)
+    stored: bytes  # compressed and encrypted
+    known: dict | None  # the archive's cluster record, if one was found
+
+    @property
+    def name(self) -> str:
+        return self.segment + STREAM_SUFFIX
+
+    @property
+    def end_lsn(self) -> str:
+        return self.side["end_lsn"]
+
+
+def prepare_streamed_partial(config: DrConfig, database: str, path: str | Path, known: dict | None) -> StreamedPartial:
+    """Read pg_receivewal's growing `<segment>.partial`, check its cluster against the archive's
+    record (`known`, from archive_cluster; refused if another), encode it once. Raises WalError if
+    it cannot be read."""
+    path = Path(path)
+    segment = path.name.removesuffix(".partial")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WalError(f"cannot read {path}: {e.strerror}") from None
+    header = segment_header(data)
+    if known and known["system_identifier"] != header["system_identifier"]:
+        raise WalRefused(
+            f"{path.name} comes from cluster {header['system_identifier']}, but the WAL archive of {database!r} "
+            f"belongs to cluster {known['system_identifier']}; refusing to mix them"
+        )
+    name = segment + STREAM_SUFFIX
+    stored = encode_bytes(data, config.compression, config.encryption)
+    side = {
+        "name": name,
+        "kind": STREAMED,
+        "segment": segment,
+        "end_lsn": lsn_text(written_end(data, segment, header["segment_size"])),
+        "size": len(data),
+        "sha256": sha256_hex(data),
+        "compression": config.compression.method,
+        "encryption": config.encryption.method,
+        "pushed_at": datetime.now(timezone.utc).isoformat(),
+        "system_identifier": header["system_identifier"],
+        "segment_size": header["segment_size"],
+        "object": {"name": object_name(name, config), "size": len(stored), "sha256": sha256_hex(stored)},
+    }
+    return StreamedPartial(segment, side, stored, known)
+
+
+def store_streamed_partial(loc: Location, database: str, partial: StreamedPartial) -> None:
+    """Replace `<segment>.stream.partial` on one location: object first, then the sidecar (the
+    commit marker; a reader between the two sees a checksum mismatch and reads again). Raises
+    LocationError."""
+    side = partial.side
+    if partial.known is None:  # the archive's first file names its cluster, as a segment would
+        record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
+        if not loc.create(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(record).encode()):
+            theirs = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}") or {}
+            if theirs.get("system_identifier") != side["system_identifier"]:
+                raise WalRefused(
+                    f"{partial.name} comes from cluster {side['system_identifier']}, but cluster "
+                    f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on {loc.name}"
+                )
+    prefix = f"{wal_prefix(database)}/{timeline_of(partial.segment)}"
+    loc.put_bytes(f"{prefix}/{side['object']['name']}", partial.stored)
+    loc.put_bytes(f"{prefix}/{partial.name}.json", json.dumps(side, sort_keys=True).encode())
+
+
+def drop_streamed_partial(database: str, segment: str, locations: dict[str, Location], config: DrConfig) -> list[str]:
+    """Remove `<segment>.stream.partial` once the whole segment is archived there (sidecar first:
+    the file is gone the moment its marker is). Returns the problems (best effort: a leftover is
+    never served while the whole segment exists, and retention removes it with its segment)."""
+    name = segment + STREAM_SUFFIX
+    prefix = f"{wal_prefix(database)}/{timeline_of(segment)}"
+    problems = []
+    for loc_name, loc in locations.items():
+        try:
+            loc.delete(f"{prefix}/{name}.json")
+            loc.delete(f"{prefix}/{object_name(name, config)}")
+        except LocationError as e:
+            problems.append(f"{loc_name}: {e}")
+    return problems

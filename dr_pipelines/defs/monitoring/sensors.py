@@ -48,16 +48,21 @@ def ui_url(config: DrConfig, path: str) -> str:
     return config.webserver_url.rstrip("/") + path
 
 
-def _finish(context, config: DrConfig, book: IncidentBook) -> dg.SensorResult:
-    """Deliver what is pending; a channel that is down never crashes the sensor (retried next tick)."""
+def deliver_alerts(context, config: DrConfig, book: IncidentBook) -> str:
+    """Deliver what is pending; a channel that is down never crashes the sensor (retried next tick).
+    Returns what the tick says of it (open incidents, all clear, or what failed)."""
     channels, broken = channels_from_config(config)
     for problem in broken:  # e.g. its env var is missing: the other channels still deliver
         context.log.error(f"alert channel not usable: {problem}")
     errors = book.deliver(channels, context.log.info, expected=list(config.alerts)) + broken
     open_now = sorted(book.open_keys())
-    skip = None if not errors else "delivery failed, will retry: " + "; ".join(errors)
-    if not errors:
-        skip = f"open incidents: {', '.join(open_now)}" if open_now else "all clear"
+    if errors:
+        return "delivery failed, will retry: " + "; ".join(errors)
+    return f"open incidents: {', '.join(open_now)}" if open_now else "all clear"
+
+
+def _finish(context, config: DrConfig, book: IncidentBook) -> dg.SensorResult:
+    skip = deliver_alerts(context, config, book)  # first: the cursor records what was delivered
     return dg.SensorResult(cursor=book.to_json(), skip_reason=skip)
 
 

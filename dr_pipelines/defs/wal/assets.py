@@ -5,10 +5,13 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.monitoring.alerts import IncidentBook
 from dr_pipelines.core.repository.catalog import catalog_markdown, load_catalog
 from dr_pipelines.core.repository.records import RecordKind, load_reports
 from dr_pipelines.core.wal.archive import WalStatus, wal_status
+from dr_pipelines.core.wal.stream_health import stream_health
 from dr_pipelines.defs.backup.assets import database_key
+from dr_pipelines.defs.monitoring.sensors import deliver_alerts
 from dr_pipelines.defs.resources import DrResource
 
 WAL_OBSERVER = "dr_wal_archive_observer"
@@ -67,22 +70,34 @@ def build_wal_observer(config: DrConfig, status: dg.DefaultSensorStatus) -> dg.S
         minimum_interval_seconds=config.schedules.sensor_interval_s,
         default_status=status,
         description="Observes each WAL archive (newest segment, archive lag, gaps: plotted on the asset) and "
-        "refreshes each database's backup catalog (a table on DB/database: the ids to paste into a restore).",
+        "refreshes each database's backup catalog (a table on DB/database: the ids to paste into a restore). "
+        "For streamed WAL (wal-stream): the lag, the slot's retained WAL, and alerts when the streamer is "
+        "down, the slot holds back more than streaming.max_slot_wal, a slot outlives streaming, or a "
+        "location lacks streamed segments.",
     )
     def observe(context: dg.SensorEvaluationContext, dr: DrResource) -> dg.SensorResult:
         cfg = dr.config()
         locations = dr.locations(cfg)
+        book = IncidentBook(context.cursor)  # streaming's incidents: one alert each, resolved when cleared
         events = []
+        now = datetime.now(timezone.utc)
         for db in cfg.databases:
             events.append(dg.AssetObservation(asset_key=database_key(db), metadata=catalog_metadata(db, locations)))
             s = current_wal_status(cfg, db, locations)
-            if s.segments or s.failed_count:
-                events.append(dg.AssetObservation(asset_key=wal_archive_key(db), metadata=wal_metadata(s)))
+            stream = stream_health(cfg, db, locations, now, server_down=s.server_error)
+            for key, alert in stream.alerts.items():
+                book.observe(key, alert)
+            if s.segments or s.failed_count or stream.enabled:
+                metadata = wal_metadata(s) | (stream.metadata() if stream.enabled else {})
+                events.append(dg.AssetObservation(asset_key=wal_archive_key(db), metadata=metadata))
         # it launches no run, so Dagster calls every tick "skipped": the reason says what it did
         observed = sum(1 for e in events if e.asset_key != database_key(e.asset_key.path[0]))
+        alerts = deliver_alerts(context, cfg, book)
         return dg.SensorResult(
             asset_events=events,
-            skip_reason=f"observed: the backup catalog of {len(cfg.databases)} database(s), {observed} WAL archive(s)",
+            cursor=book.to_json(),
+            skip_reason=f"observed: the backup catalog of {len(cfg.databases)} database(s), {observed} WAL "
+            f"archive(s); streaming: {alerts}",
         )
 
     return observe

@@ -1,0 +1,837 @@
+"""Streamed WAL (issue 14, part 2): `dr-pipelines wal-stream DB` runs pg_receivewal on a replication
+slot and pushes what it receives (complete segments through the archive_command's own code, the
+growing partial segment every partial_interval), so a lost server loses seconds, not a segment.
+
+Real clusters (1 MB segments), the real command run as the postgres user (as systemd would), the
+real S3 server behind a proxy that can be switched off. What was committed is compared with what a
+recovery from the repository alone holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from dr_pipelines.core.backup.base import run_base_backup
+from dr_pipelines.core.codec.keys import load_identities
+from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres
+from dr_pipelines.core.postgres.wal_names import STREAM_SUFFIX, lsn_int, segment_name
+from dr_pipelines.core.storage.base import forget_down
+from dr_pipelines.core.storage.locations import open_locations
+from dr_pipelines.core.wal.archive import _read_json, list_archive, wal_status
+from dr_pipelines.core.wal.fetch import wal_fetch
+from dr_pipelines_tests.support.configs import config_from, s3_location
+from dr_pipelines_tests.support.metadata import number
+from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir
+from dr_pipelines_tests.support.wal import WalSetup
+
+# --------------------------------------------------------------------------- helpers
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 20, every: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+class Streamer:
+    """`dr-pipelines wal-stream app` in the foreground, as the postgres user (as a systemd unit would)."""
+
+    def __init__(self, setup: WalSetup, state: Path):
+        self.setup, self.state = setup, state
+        self.log_path = state.parent / f"{state.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Streamer:
+        log = open(self.log_path, "ab")  # noqa: SIM115 -- the child holds it; closed with the test's files
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "dr-pipelines"), "wal-stream", "app", "--config", str(self.setup.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            user="postgres",
+            group="postgres",
+            extra_groups=[],
+            cwd="/",
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.state / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_streaming(self, timeout: float = 30, not_receiver: int | None = None) -> dict:
+        def ready():
+            st = self.status()
+            receiver = st.get("receiver", {})
+            alive = receiver.get("alive") and st.get("pid") == (self.proc.pid if self.proc else None)
+            return st if alive and receiver.get("pid") != not_receiver else None
+
+        found = wait_for(ready, f"wal-stream streaming (log: {self.log()[-2000:]})", timeout)
+        assert isinstance(found, dict)
+        return found
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(
+                f"wal-stream did not stop on SIGTERM within {timeout}s: {self.log()[-2000:]}"
+            ) from None
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def set_config(setup: WalSetup, top: dict | None = None, **database) -> None:
+    raw = yaml.safe_load(setup.config_path.read_text())
+    for key, value in database.items():
+        raw["databases"]["app"][key] = value
+    raw.update(top or {})
+    setup.config_path.write_text(yaml.safe_dump(raw))
+    setup.config = config_from(setup.config_path)
+
+
+def newest_partial(setup: WalSetup, only: str | None = None) -> dict | None:
+    """The sidecar of the newest streamed partial in the archive (None if there is none)."""
+    archive = list_archive(open_locations(setup.config, only), "app")
+    names = sorted(n for n, f in archive.files.items() if f.kind == "streamed")
+    if not names:
+        return None
+    locs = open_locations(setup.config, only)
+    return next(
+        (s for loc in locs.values() if (s := _read_json(loc, f"app/wal/{names[-1][:8]}/{names[-1]}.json"))), None
+    )
+
+
+def flush_lsn(conn: psycopg.Connection) -> str:
+    return conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+
+
+def kill_cluster(cluster: LocalCluster) -> None:
+    """kill -9 the postmaster and every child of it at once: the server is lost, nothing is flushed."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == postmaster:
+                pids.append(int(entry))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not Path(f"/proc/{postmaster}").exists() or _zombie(postmaster), "the postmaster dies", 10)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def slot_row(conn: psycopg.Connection, slot: str = "dr_pipelines_app") -> tuple | None:
+    return conn.execute(
+        "SELECT active, restart_lsn::text, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+
+
+def pitr_latest(setup: WalSetup, restored: Callable[[], Path]) -> dict:
+    """`dr-pipelines pitr app --latest` into a new directory: the recovery an operator runs."""
+    r = setup.cli("pitr", "app", "--latest", "--data-dir", str(restored()))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def connect(port: int) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app", autocommit=True)
+
+
+class SwitchProxy:
+    """A TCP proxy on 127.0.0.1 to the S3 server that can be switched off and on again: a location
+    that goes away and comes back. Off, the open connections are cut and new ones are accepted
+    and never answered (a network that swallows requests: the hardest kind of down, each call
+    waits for its timeout)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.up = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up:
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _swallow(self, client: socket.socket) -> None:
+        with self.lock:
+            self.conns.append(client)
+        try:
+            while client.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def switch(self, up: bool) -> None:
+        self.up = up
+        if not up:
+            with self.lock:
+                conns, self.conns = self.conns, []
+            for c in conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+
+    def close(self) -> None:
+        self.switch(False)
+        self.server.close()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def restored() -> Iterator[Callable[[], Path]]:
+    made: list[Path] = []
+
+    def make() -> Path:
+        root = reachable_tmpdir("drpt-stream-pitr-")
+        made.append(root)
+        return root / "data"
+
+    yield make
+    for root in made:
+        LocalCluster(root / "data", 0).stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Streamer]]:
+    started: list[Streamer] = []
+    yield started
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def make_stream(pg, streams) -> Iterator[Callable[..., tuple[WalSetup, Streamer]]]:
+    """A cluster archiving through archive_command (unless told not to), with streaming configured."""
+    setups: list[WalSetup] = []
+
+    def make(
+        archive_command: bool = True, extra_locations: dict | None = None, **streaming
+    ) -> tuple[WalSetup, Streamer]:
+        setup = WalSetup(pg, extra_locations)
+        setups.append(setup)
+        state = setup.root / "stream"
+        state.mkdir()
+        chown_to_postgres(state)
+        set_config(
+            setup,
+            streaming={"enabled": True, "partial_interval": "0.5s", "spool_dir": str(state), **streaming},
+        )
+        # a commit returns once its WAL is flushed (the template's clusters do not wait): what
+        # "committed" means to an application
+        pg.cluster.write_settings({"synchronous_commit": "on", "wal_keep_size": "0"})
+        if archive_command:
+            setup.enable_archiving()
+        else:
+            pg.cluster.stop("fast")
+            pg.cluster.start()
+        stream = Streamer(setup, state)
+        streams.append(stream)
+        return setup, stream
+
+    yield make
+    for s in setups:
+        s.cleanup()
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored):
+    """Rows committed seconds before the server is lost (no segment switch, no archive_timeout) are
+    in the archive's partial segment within a couple of seconds; with the server killed and its data
+    directory deleted, `pitr --latest` from the repository alone recovers every committed row."""
+    setup, stream = make_stream()
+    pg = setup.server
+    base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
+    stream.start().wait_streaming()
+
+    committed: list[int] = []
+    with connect(pg.port) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, note text NOT NULL)")
+        for i in range(1, 301):  # one transaction each, as an application commits
+            conn.execute("INSERT INTO orders VALUES (%s, md5(%s::text))", (i, i))
+            committed.append(i)
+        end_lsn = flush_lsn(conn)
+        returned = time.monotonic()
+        segment = conn.execute("SELECT pg_walfile_name(%s::pg_lsn)", (end_lsn,)).fetchone()[0]
+
+    def durable():
+        side = newest_partial(setup)
+        return side if side and lsn_int(side["end_lsn"]) >= lsn_int(end_lsn) else None
+
+    side = wait_for(durable, f"the streamed partial reaches {end_lsn}", timeout=10, every=0.05)
+    took = time.monotonic() - returned
+    assert isinstance(side, dict) and side["segment"] == segment and took < 3.0, took
+    archive = list_archive(open_locations(setup.config), "app")
+    assert segment not in archive.segments.get(1, []), "the segment was switched: the test proves nothing"
+    assert archive.files[segment + STREAM_SUFFIX].kind == "streamed"
+    listed = setup.cli("wal", "list", "--json")
+    assert json.loads(listed.stdout)["streamed_partials"][-1] == segment + STREAM_SUFFIX, listed.stderr
+
+    kill_cluster(pg.cluster)
+    shutil.rmtree(pg.cluster.data_dir)
+    time.sleep(1.0)  # the streamer notices its server is gone; nothing more can come
+    assert stream.stop() == 0, stream.log()[-3000:]
+
+    report = pitr_latest(setup, restored)
+    assert report["backup_id"] == base.id and report["promoted"]
+    with connect(report["port"]) as conn:
+        present = [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")]
+    assert present == committed
+    fetched = [w for w in report["warnings"] if "ended before the end of the archive" in w]
+    assert not fetched, report["warnings"]
+
+
+def _switch(conn: psycopg.Connection, rows: int = 2000) -> str:
+    """Some WAL, then a segment switch; the segment it completed."""
+    conn.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    return conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+
+def test_pg_receivewal_killed_is_restarted_and_the_archive_has_no_gap(make_stream, tmp_path):
+    """SIGKILL to pg_receivewal while WAL is written and checkpoints run: the slot keeps that WAL in
+    pg_wal, wal-stream restarts pg_receivewal (saying why), and the archive, written by the
+    streamer alone (no archive_command), holds every segment from its first to its last, each
+    byte-identical to the server's."""
+    setup, stream = make_stream(archive_command=False)
+    pg = setup.server
+    status = stream.start().wait_streaming()
+    with connect(pg.port) as conn:
+        conn.execute("CREATE TABLE t (g int, h text)")
+        before = [_switch(conn) for _ in range(2)]
+        wait_for(lambda: (stream.status()["received"]["segment"] or "") >= before[-1], "streamed before the kill")
+
+        def slot_segment() -> str:
+            return conn.execute(
+                "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = 'dr_pipelines_app'"
+            ).fetchone()[0]
+
+        # the slot is the streamer's: it follows what pg_receivewal confirms (a slot nobody reads keeps all)
+        wait_for(lambda: slot_segment() > before[0], "the slot advances with the streamer")
+
+        victim = status["receiver"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        # while it is dead: WAL, and checkpoints that would recycle it were it not for the slot
+        during = [_switch(conn) for _ in range(3)]
+        conn.execute("CHECKPOINT")
+        conn.execute("CHECKPOINT")
+        done_at = datetime.now(timezone.utc)
+        row = slot_row(conn)
+        assert row is not None
+        _, restart_lsn, slot_status, _ = row
+        held = segment_name(1, lsn_int(restart_lsn) // (1 << 20), 1 << 20)  # the first segment the slot keeps
+        assert held <= during[0] and slot_status in ("reserved", "extended")
+        pg_wal = pg.cluster.data_dir / "pg_wal"
+        assert all((pg_wal / n).exists() for n in during)  # kept for the slot
+
+        restarted = stream.wait_streaming(not_receiver=victim)
+        assert restarted["receiver"]["restarts"] >= 1
+        assert datetime.fromisoformat(restarted["receiver"]["started_at"]) > done_at, (
+            "pg_receivewal was back before the WAL was written: the test did not exercise the dead window"
+        )
+        after = [_switch(conn) for _ in range(2)]
+    wait_for(lambda: (stream.status()["received"]["segment"] or "") >= after[-1], "streamed after the restart")
+    assert "killed by signal 9" in stream.log()
+
+    # wal-stream itself killed: its pg_receivewal goes with it (no orphan holds the slot), and the
+    # next wal-stream (systemd's restart) carries on where the spool and the slot are
+    assert stream.proc is not None
+    receiver = stream.status()["receiver"]["pid"]
+    os.kill(stream.proc.pid, signal.SIGKILL)
+    stream.proc.wait()
+    wait_for(lambda: _zombie(receiver), "pg_receivewal exits with its wal-stream", 10)
+    stream.start().wait_streaming()
+    with connect(pg.port) as conn:
+        after.append(_switch(conn))
+    wait_for(lambda: (stream.status()["received"]["segment"] or "") >= after[-1], "streamed after wal-stream's restart")
+    assert stream.stop() == 0
+
+    locs = open_locations(setup.config)
+    archive = list_archive(locs, "app")
+    names = archive.segments[1]
+    assert archive.gaps(1) == [] and archive.problems == []
+    assert set(before + during + after) <= set(names)
+    first, last = names[0], names[-1]
+    assert last >= after[-1] and names == sorted(names)
+    ids = load_identities(setup.config)
+    compared = 0
+    for name in names:
+        if not (pg_wal / name).exists():  # recycled after the streamer had it (older than the slot)
+            assert name < held, f"{name} is gone from pg_wal though the slot should hold it"
+            continue
+        dest = tmp_path / name
+        wal_fetch(setup.config, "app", name, dest, locs, ids, prefetch=0)
+        assert dest.read_bytes() == (pg_wal / name).read_bytes(), name
+        compared += 1
+        dest.unlink()
+    assert compared >= len(during) + len(after), (first, last, compared)
+    # no archive_command here: the archive's lag is judged by what the repository holds
+    status = wal_status(setup.config, "app", locs, datetime.now(timezone.utc), [])
+    assert status.archive_lag_s == 0.0 and status.gaps == [] and status.server_error is None, status
+
+
+def test_slot_holding_too_much_wal_alerts_and_resolves(make_stream, receiver, monkeypatch):
+    """The streamer stops; WAL is written past a tiny max_slot_wal: the observer's core function
+    returns an alert naming the database, the slot and the size (and one that streaming is down);
+    the WAL observer sensor sends it through the alert channels once, and the resolve once
+    streaming has caught up."""
+    import dagster as dg
+
+    from dr_pipelines.core.units import human_size
+    from dr_pipelines.core.wal.stream_health import SLOT_WAL, STREAM_DOWN, StreamHealth, stream_health
+    from dr_pipelines.defs.build import build_definitions
+    from dr_pipelines.defs.wal.assets import WAL_OBSERVER, wal_archive_key
+
+    setup, stream = make_stream(archive_command=False, max_slot_wal="2MB")
+    set_config(setup, top={"alerts": {"chat": {"type": "webhook", "url_env": "DR_TEST_WEBHOOK", "format": "generic"}}})
+    monkeypatch.setenv("DR_TEST_WEBHOOK", f"{receiver.start().url}/hook")
+    pg, locs = setup.server, open_locations(setup.config)
+    defs = build_definitions(setup.config, str(setup.config_path))
+    instance = dg.DagsterInstance.ephemeral()
+    cursor = None
+
+    def tick():
+        nonlocal cursor
+        with dg.build_sensor_context(
+            instance=instance, cursor=cursor, definitions=defs, resources=defs.resources
+        ) as ctx:
+            result = defs.resolve_sensor_def(WAL_OBSERVER).evaluate_tick(ctx)
+        cursor = result.cursor
+        return result
+
+    def health():
+        return stream_health(setup.config, "app", locs, datetime.now(timezone.utc))
+
+    stream.start().wait_streaming()
+    with connect(pg.port) as conn:
+        conn.execute("CREATE TABLE t (g int, h text)")
+        _switch(conn)
+    h = wait_for(lambda: (h := health()).up and h.lag_bytes == 0 and h, "streaming caught up")
+    assert isinstance(h, StreamHealth)
+    assert h.alerts[f"{SLOT_WAL}:app"] is None and h.retained_bytes is not None and h.retained_bytes < 2 << 20
+    tick()
+    assert receiver.bodies("/hook") == []
+
+    assert stream.stop() == 0
+    with connect(pg.port) as conn:
+        for _ in range(4):
+            _switch(conn)
+        row = slot_row(conn)
+    assert row is not None and row[3] > 2 << 20
+    h = health()
+    slot_alert, down = h.alerts[f"{SLOT_WAL}:app"], h.alerts[f"{STREAM_DOWN}:app"]
+    assert slot_alert is not None and down is not None and h.up is False
+    assert "app" in slot_alert.title and "dr_pipelines_app" in slot_alert.title
+    assert (
+        h.retained_bytes is not None
+        and human_size(h.retained_bytes) in slot_alert.title
+        and "limit 2.0 MB" in slot_alert.title
+    )
+    assert "pg_drop_replication_slot('dr_pipelines_app')" in slot_alert.detail
+    assert h.lag_bytes is not None and h.lag_bytes > 3 << 20  # the archive is behind by what was written
+
+    status = setup.cli("status", "--json")  # the shell's health monitor says the same
+    checks = {c["check"]: c for c in json.loads(status.stdout)["checks"] if c["database"] == "app"}
+    assert status.returncode == 2 and checks["slot_wal_within_limit"]["status"] == "error"
+    assert (
+        checks["wal_stream_up"]["status"] == "error"
+        and "dr_pipelines_app" in checks["slot_wal_within_limit"]["description"]
+    )
+
+    result = tick()
+    sent = receiver.bodies("/hook")
+    assert sorted((b["event"], b["key"]) for b in sent) == [("trigger", "slot_wal:app"), ("trigger", "stream_down:app")]
+    [observed] = [e for e in result.asset_events if e.asset_key == wal_archive_key("app")]
+    assert observed.metadata["stream_up"].value == 0
+    assert number(observed.metadata["slot_retained_bytes"].value) > 2 << 20
+    tick()
+    assert len(receiver.bodies("/hook")) == 2  # one alert per incident, not one per tick
+
+    stream.start().wait_streaming()
+    wait_for(lambda: (h := health()).alerts[f"{SLOT_WAL}:app"] is None and h.up, "the slot caught up", 30)
+    tick()
+    resolved = [(b["event"], b["key"]) for b in receiver.bodies("/hook")[2:]]
+    assert sorted(resolved) == [("resolve", "slot_wal:app"), ("resolve", "stream_down:app")]
+    assert stream.stop() == 0
+
+
+def test_a_location_down_while_streaming_is_filled_when_it_returns(make_stream, s3, tmp_path):
+    """S3 goes away while WAL streams (the streamer is the only archiver here): the local location
+    keeps up, segments and partial alike; the status and the observer say which segments S3 lacks;
+    when S3 answers again the streamer fills the gap, byte for byte, and the alert resolves."""
+    from dr_pipelines.core.wal.stream_health import STREAM_BACKLOG, stream_health
+
+    proxy = SwitchProxy(s3.port)
+    try:
+        s3_loc = {**s3_location(s3), "endpoint_url": proxy.url, "read_timeout": "6s", "retry_for": "1s"}
+        setup, stream = make_stream(archive_command=False, extra_locations={"s3": s3_loc})
+        pg = setup.server
+
+        def on(only: str) -> list[str]:
+            return list_archive(open_locations(setup.config, only), "app").segments.get(1, [])
+
+        def health():
+            return stream_health(setup.config, "app", open_locations(setup.config), datetime.now(timezone.utc))
+
+        stream.start().wait_streaming()
+        with connect(pg.port) as conn:
+            conn.execute("CREATE TABLE t (g int, h text)")
+            first = _switch(conn)
+            wait_for(lambda: first in on("local") and first in on("s3"), "archived on both before the outage")
+
+            proxy.switch(False)
+            during, took = [], []
+            for _ in range(3):
+                during.append(_switch(conn))
+                switched = time.monotonic()
+                wait_for(lambda: during[-1] in on("local"), f"{during[-1]} on local while S3 is down", 15)
+                took.append(time.monotonic() - switched)
+            # local keeps up: S3's first hung call holds the streamer for its deadline (5 s) once, not
+            # for S3's 6 s timeout per file; then S3 is left to the background retries
+            assert max(took) < 7.5 and sorted(took)[1] < 2.0, took
+            conn.execute("INSERT INTO t VALUES (-1, 'after the last switch')")
+            end = flush_lsn(conn)
+        wait_for(
+            lambda: (side := newest_partial(setup, "local")) and lsn_int(side["end_lsn"]) >= lsn_int(end),
+            "the partial on local keeps up too",
+            10,
+        )
+        st = wait_for(
+            lambda: (st := stream.status()) and set(during) <= set(st["backlog"].get("s3", [])) and st,
+            "the status names the segments S3 lacks",
+        )
+        assert isinstance(st, dict) and "s3" in st["down"] and "local" not in st["backlog"]
+        assert not set(during) & set(_listed_s3(s3))  # S3 itself has none of them
+        h = health()
+        backlog = h.alerts[f"{STREAM_BACKLOG}:app"]
+        assert backlog is not None and "s3" in backlog.title and during[0] in backlog.detail
+        assert h.up  # streaming itself is fine
+
+        proxy.switch(True)
+        forget_down()  # this process found S3 down too (the observer's look): it looks again
+        wait_for(lambda: not stream.status()["backlog"] and not stream.status()["down"], "the gap is filled", 40)
+        names = on("s3")
+        assert (
+            set([first, *during]) <= set(names)
+            and list_archive(open_locations(setup.config, "s3"), "app").gaps(1) == []
+        )
+        s3_only, ids = open_locations(setup.config, "s3"), load_identities(setup.config)
+        for name in during:
+            dest = tmp_path / name
+            wal_fetch(setup.config, "app", name, dest, s3_only, ids, prefetch=0)
+            assert dest.read_bytes() == (pg.cluster.data_dir / "pg_wal" / name).read_bytes(), name
+        wait_for(
+            lambda: (side := newest_partial(setup, "s3")) and lsn_int(side["end_lsn"]) >= lsn_int(end),
+            "the partial reaches S3 again",
+            10,
+        )
+        assert health().alerts[f"{STREAM_BACKLOG}:app"] is None
+        assert "location s3 is back: filled" in stream.log()
+        assert stream.stop() == 0
+    finally:
+        proxy.close()
+
+
+def _listed_s3(s3) -> list[str]:
+    """The WAL names S3 holds, asked of the server directly (not through the proxy)."""
+    import boto3
+
+    from dr_pipelines_tests.support.configs import BUCKET
+
+    client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    ]
+    return [k.rsplit("/", 1)[-1][:-5] for k in keys if k.endswith(".json") and "/wal/" in k]
+
+
+def test_streaming_that_cannot_work_says_what_to_do(make_stream, make_pg, tmp_path):
+    """Refused before anything is made, each with what to change: streaming off in the config, a
+    user without REPLICATION (no slot is left behind), pg_receivewal missing from pg_bin_dir, a
+    server whose pg_hba.conf has no replication line, an unknown key under streaming."""
+    setup, _ = make_stream(archive_command=False)
+    pg = setup.server
+    raw = yaml.safe_load(setup.config_path.read_text())["databases"]["app"]
+
+    def wal_stream(**changes) -> subprocess.CompletedProcess:
+        whole = yaml.safe_load(setup.config_path.read_text())
+        whole["databases"]["app"] = {**raw, **changes}  # each case alone
+        setup.config_path.write_text(yaml.safe_dump(whole))
+        return setup.cli("wal-stream", "app")
+
+    r = wal_stream(streaming={**raw["streaming"], "enabled": False})
+    assert r.returncode == 2 and "databases.app.streaming.enabled is false" in r.stderr, r.stderr
+
+    with connect(pg.port) as conn:
+        conn.execute("CREATE ROLE reader LOGIN")
+    r = wal_stream(user="reader")
+    assert r.returncode == 2 and "role 'reader'" in r.stderr and "lacks the REPLICATION attribute" in r.stderr
+    assert "ALTER ROLE reader REPLICATION" in r.stderr, r.stderr
+    with connect(pg.port) as conn:
+        assert slot_row(conn) is None  # nothing made
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = wal_stream(pg_bin_dir=str(empty))
+    assert r.returncode == 2 and f"pg_receivewal is not in databases.app.pg_bin_dir ({empty})" in r.stderr, r.stderr
+
+    strict = make_pg(hba="local all all trust\nhost all all 127.0.0.1/32 trust\n")  # no replication line
+    r = wal_stream(port=strict.port, dbname="postgres")
+    assert r.returncode == 2 and "cannot open a replication connection" in r.stderr, r.stderr
+    assert "host replication postgres" in r.stderr and "pg_hba.conf" in r.stderr
+
+    r = wal_stream(streaming={**raw["streaming"], "slot_nmae": "x"})
+    assert r.returncode == 2 and "databases.app.streaming.slot_nmae: unknown key" in r.stderr, r.stderr
+    r = wal_stream(streaming={**raw["streaming"], "max_slot_wal": "lots"})
+    assert r.returncode == 2 and "databases.app.streaming.max_slot_wal: 'lots' is not a size" in r.stderr
+
+
+def test_synchronous_streaming_commits_wait_for_the_streamer_and_lose_nothing(make_stream, restored):
+    """synchronous: true, and the server set as wal-stream says: a commit waits for the streamer's
+    flush (with the streamer stopped it blocks; started again, it completes); after kill -9 of
+    the primary, every commit that returned is in the recovery."""
+    setup, stream = make_stream(archive_command=False, synchronous=True)
+    pg = setup.server
+    pg_config = setup.cli("pg-config", "app")
+    assert pg_config.returncode == 0 and "synchronous_standby_names = '\"dr_pipelines_app\"'" in pg_config.stdout
+
+    stream.start().wait_streaming()
+    log = stream.log()
+    assert "application_name dr_pipelines_app, synchronous" in log and "--synchronous" in log
+    [hint] = [ln for ln in log.splitlines() if "synchronous_standby_names" in ln]
+    statements = hint.split("run on the primary: ", 1)[1]
+    assert "ALTER SYSTEM SET synchronous_standby_names = '\"dr_pipelines_app\"';" in statements
+    with connect(pg.port) as conn:
+        for statement in statements.split(";"):  # as the operator would, from the message
+            if statement.strip():
+                conn.execute(statement)
+        wait_for(
+            lambda: (
+                conn.execute(
+                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'dr_pipelines_app'"
+                ).fetchone()
+                == ("sync",)
+            ),
+            "the streamer is the synchronous standby",
+        )
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
+
+    # the streamer stopped: a commit waits for it
+    assert stream.stop() == 0
+    finished = threading.Event()
+
+    def commit():
+        with connect(pg.port) as c:
+            c.execute("INSERT INTO orders VALUES (0)")
+        finished.set()
+
+    waiter = threading.Thread(target=commit)
+    waiter.start()
+    with connect(pg.port) as conn:
+        wait_for(
+            lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone()[0],
+            "the commit waits for the synchronous standby",
+        )
+    time.sleep(1.0)
+    assert not finished.is_set(), "a commit returned while no streamer had it"
+    stream.start().wait_streaming()
+    assert finished.wait(15), "the commit did not complete once the streamer was back"
+    waiter.join()
+
+    committed = [0]
+    with connect(pg.port) as conn:
+        for i in range(1, 101):
+            conn.execute("INSERT INTO orders VALUES (%s)", (i,))
+            committed.append(i)
+        end = flush_lsn(conn)
+    kill_cluster(pg.cluster)  # at once: nothing else is flushed or sent
+    wait_for(
+        lambda: (side := newest_partial(setup)) and lsn_int(side["end_lsn"]) >= lsn_int(end),
+        "the streamer pushes what it had flushed",
+        10,
+    )
+    shutil.rmtree(pg.cluster.data_dir)
+    assert stream.stop() == 0, stream.log()[-3000:]
+
+    report = pitr_latest(setup, restored)
+    assert report["backup_id"] == base.id
+    with connect(report["port"]) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")] == committed
+
+
+def _fake_segment(number: int, sysid: int = 7000000000000000001, size: int = 1 << 20, fill: bytes = b"w") -> bytes:
+    """Bytes with a segment's long page header (enough for the archive's checks), then data, then zeros."""
+    import struct
+
+    head = struct.pack("<HHIQI", 0xD10D, 0x0002, 1, number * size, 0).ljust(24, b"\0")
+    head += struct.pack("<QII", sysid, size, 8192)
+    body = head + fill * 1000
+    return body + b"\0" * (size - len(body))
+
+
+def test_wal_fetch_serves_the_streamed_partial_only_as_the_newest_wal(tmp_path):
+    """The rules that keep a partial from passing for a segment: wal-fetch serves
+    <segment>.stream.partial only when asked (--partial), only when the whole segment is archived
+    nowhere, and only when nothing later is archived on its timeline (never over a gap); a whole
+    segment always wins; prefetch never takes it; PostgreSQL's own .partial is another file; the
+    integrity check neither flags a partial replaced nor one removed under it."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.postgres.wal_names import segment_name
+    from dr_pipelines.core.wal.archive import WalNotFound, verify_wal
+    from dr_pipelines.core.wal.push import (
+        drop_streamed_partial,
+        prepare_streamed_partial,
+        store_streamed_partial,
+        wal_push,
+    )
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app"}},
+            "locations": {"local": {"type": "local", "path": str(tmp_path / "r")}},
+        }
+    )
+    locs = open_locations(config)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    names = [segment_name(1, n, 1 << 20) for n in range(0x20, 0x24)]  # 20, 21, 22, 23
+
+    def whole(name: str) -> None:
+        (spool / name).write_bytes(_fake_segment(int(name[16:], 16)))
+        wal_push(config, "app", spool / name, locs)
+
+    def partial(name: str, fill: bytes = b"p") -> bytes:
+        data = _fake_segment(int(name[16:], 16), fill=fill)
+        (spool / f"{name}.partial").write_bytes(data)
+        store_streamed_partial(
+            locs["local"], "app", prepare_streamed_partial(config, "app", spool / f"{name}.partial", None)
+        )
+        return data
+
+    def fetch(name: str, partial: bool = True) -> bytes:
+        dest = tmp_path / "RECOVERYXLOG"
+        wal_fetch(config, "app", name, dest, locs, retries=0, partial=partial, prefetch=4)
+        return dest.read_bytes()
+
+    whole(names[0])
+    tip = partial(names[1])
+    assert fetch(names[1]) == tip  # the newest WAL: served when asked for
+    with pytest.raises(WalNotFound):
+        fetch(names[1], partial=False)  # never unless asked
+    assert not (tmp_path / ".dr_pipelines_prefetch" / names[1]).exists()  # prefetch after names[0]: not taken
+    fetch(names[0])
+    assert not (tmp_path / ".dr_pipelines_prefetch" / names[1]).exists()
+
+    grown = partial(names[1], fill=b"q")  # replaced as it grows
+    assert fetch(names[1]) == grown and grown != tip
+    assert verify_wal(locs, "app", None) == (2, [])  # the whole segment and the partial, read back
+
+    whole(names[3])  # a later segment archived: names[1] and names[2] are a gap, not the end
+    with pytest.raises(WalNotFound):
+        fetch(names[1])
+    whole(names[1])  # the whole segment wins over its partial
+    assert fetch(names[1]) == (spool / names[1]).read_bytes()
+
+    # wal-stream removes the partial once its segment is archived whole; a check listing it meanwhile is fine
+    assert drop_streamed_partial("app", names[1], locs, config) == []
+    archive = list_archive(locs, "app")
+    assert names[1] + STREAM_SUFFIX not in archive.files and archive.gaps(1) == [(names[2], names[2])]
+
+    # PostgreSQL's own <segment>.partial (archived by a promoted server) and wal-stream's of the same
+    # segment are two files: neither refuses nor replaces the other
+    (spool / f"{names[2]}.partial").write_bytes(_fake_segment(0x22, fill=b"x"))
+    wal_push(config, "app", spool / f"{names[2]}.partial", locs)
+    partial(names[2], fill=b"y")
+    archive = list_archive(locs, "app")
+    assert archive.files[f"{names[2]}.partial"].kind == "partial"
+    assert archive.files[names[2] + STREAM_SUFFIX].kind == "streamed"
