@@ -113,7 +113,7 @@ def main() -> int:
             "objectives": {"rpo": "1m"},
         }
         if args.stream:
-            db["streaming"] = {"enabled": True}
+            db["streaming"] = {"enabled": True, "spool_dir": str(work / "stream")}  # named in its command lines
         config = work / "dr.yaml"
         config.write_text(
             yaml.safe_dump(
