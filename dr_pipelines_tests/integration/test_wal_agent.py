@@ -337,13 +337,20 @@ def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, t
     assert other["ok"] is False and "not in" in other["error"] and not (tmp_path / "x").exists()
     bad = request(stem + ".sock", {"fetch": "../../etc/passwd", "dest": str(pg_wal / "RECOVERYXLOG"), "context": ctx})
     assert bad["ok"] is False and not (pg_wal / "RECOVERYXLOG").exists()
+    # the agent never writes where PostgreSQL reads: a client that gave up waiting (and fetched by
+    # itself) must not find a late answer there; the answer is a file of its own, which a client renames
+    late = request(stem + ".sock", {"fetch": names[3], "dest": str(pg_wal / "RECOVERYXLOG"), "context": ctx})
+    assert late["ok"] is True and not (pg_wal / "RECOVERYXLOG").exists()
+    assert (
+        Path(late["staged"]).parent == spool and Path(late["staged"]).read_bytes() == (source / names[3]).read_bytes()
+    )
 
     wal_setup.switch_and_wait()  # the archive grows; asking again spools what is new
     names.append(wal_setup.switch_and_wait())
     assert fetch(names[7]).returncode == 0  # a re-asked segment (a timeline check): served again
     wait_for(lambda: len(spooled()) == 2, "the two new segments spooled")
-    (data / "recovery.signal").unlink()  # promoted: what replay did not take is removed
-    wait_for(lambda: spooled() == set(), "the spool emptied once recovery ended")
+    (data / "recovery.signal").unlink()  # promoted: what replay did not take is removed (the orphan too)
+    wait_for(lambda: not list(spool.iterdir()), "the spool emptied once recovery ended")
     assert wait_for_agent(stem)["pid"] == agent["pid"]
 
 

@@ -8,7 +8,8 @@ the config and the storage clients each time.
 - A push is answered `{"ok": true}` only when `wal_push` returned, i.e. the file is durable on every
   location (the contract of archive_command); after answering, it archives ahead what PostgreSQL
   has marked ready (`push_ahead`, the same markers as the command's own fast path).
-- A fetch is answered `{"ok": true}` once the file is in place (verified, as `wal_fetch` does),
+- A fetch is answered `{"ok": true, "staged": PATH}` once the file is verified (as `wal_fetch`
+  does) at PATH, a name of that request's own that the client renames into place, or
   `{"ok": false, "not_found": true}` if no location holds it; during recovery it then keeps the next
   segments spooled ahead of replay (`prefetcher.py`).
 - It refuses a request for another context or another pg_wal; it exits when idle (`wal.agent_idle`),
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from dr_pipelines.core.wal.agent_client import agent_stem, ensure_agent_dir, read_json_line
 from dr_pipelines.core.wal.fast_path import push_context, take_pushed
@@ -78,6 +80,7 @@ class Agent:
         self.push_lock = threading.Lock()  # one push or push-ahead batch at a time (a batch is parallel itself)
         self.identities: list | None = None  # loaded by the first fetch: an archiving host may hold no key
         self.prefetcher = None
+        self.fetch_serial = 0
         self.state_lock = threading.Lock()
         self.busy = 0
         self.last_active = time.monotonic()
@@ -266,18 +269,27 @@ class Agent:
         from dr_pipelines.core.errors import DrError
         from dr_pipelines.core.storage.base import forget_down
         from dr_pipelines.core.wal.archive import WalNotFound
-        from dr_pipelines.core.wal.fast_path import take_prefetched
+        from dr_pipelines.core.wal.fast_path import spool_dir
         from dr_pipelines.core.wal.fetch import wal_fetch
 
         forget_down()  # each of PostgreSQL's calls tries every location again, as a new process would
+        # The file goes to a name of this request's own, which the client renames into place: a
+        # client that gave up waiting never finds a late answer written over what PostgreSQL reads next.
+        spool = spool_dir(Path(dest))
+        with self.state_lock:
+            self.fetch_serial += 1
+            staged = spool / f".{name}.fetched-{os.getpid()}-{self.fetch_serial}"
         try:
             locations = self._locations(only)
-            if not take_prefetched(name, dest):  # spooled by the prefetcher while this call was on its way
+            spool.mkdir(exist_ok=True)
+            try:  # spooled by the prefetcher while this call was on its way
+                os.rename(spool / name, staged)
+            except FileNotFoundError:
                 wal_fetch(
                     self.config,
                     self.database,
                     name,
-                    dest,
+                    staged,
                     locations,
                     self._identities(),
                     retries=self.config.wal.fetch_retries,
@@ -285,6 +297,7 @@ class Agent:
                     log=log,
                     partial=req.get("partial") is True,
                 )
+            size = staged.stat().st_size
         except WalNotFound as e:
             self._count("not_found")
             return {"ok": False, "not_found": True, "error": str(e)}
@@ -292,10 +305,11 @@ class Agent:
             self._count("failed")
             error = str(e) if isinstance(e, DrError) else f"{type(e).__name__}: {e}"
             log(f"{name}: {error}")
+            staged.unlink(missing_ok=True)
             return {"ok": False, "error": error}
         self._count("fetched")
-        self._prefetch_after(name, dest, only)
-        return {"ok": True}
+        self._prefetch_after(name, size, only)
+        return {"ok": True, "staged": str(staged)}
 
     def _locations(self, only: list[str] | None) -> dict:
         if not only:
@@ -312,7 +326,7 @@ class Agent:
             self.identities = load_identities(self.config)
         return self.identities
 
-    def _prefetch_after(self, name: str, dest: str, only: list[str] | None) -> None:
+    def _prefetch_after(self, name: str, segment_size: int, only: list[str] | None) -> None:
         if self.prefetcher is None:
             from dr_pipelines.core.wal.fetch import fetch_bytes
             from dr_pipelines.core.wal.prefetcher import Prefetcher
@@ -322,11 +336,7 @@ class Agent:
                 return found[0] if found else None
 
             self.prefetcher = Prefetcher(self.pg_wal, self.config.wal.prefetch, fetch, log, on_work=self._active)
-        try:
-            size = os.path.getsize(dest)
-        except OSError:
-            return
-        self.prefetcher.asked(name, size, only)
+        self.prefetcher.asked(name, segment_size, only)
 
     def _refusal(self, req: dict, path: str) -> dict | None:
         """Why this agent does not serve a request for `path` under `req`'s context, if it does not."""
@@ -366,10 +376,10 @@ def _postmaster(pg_wal: str) -> str | None:
 
 def _code_version() -> tuple[int, ...]:
     """When the modules a push runs were last changed (this one runs as __main__)."""
-    from dr_pipelines.core.wal import archive, fast_path, push
+    from dr_pipelines.core.wal import archive, fast_path, fetch, prefetcher, push
 
     out = []
-    for path in (__file__, push.__file__, archive.__file__, fast_path.__file__):
+    for path in (__file__, push.__file__, archive.__file__, fast_path.__file__, fetch.__file__, prefetcher.__file__):
         try:
             out.append(os.stat(path or "").st_mtime_ns)
         except OSError:

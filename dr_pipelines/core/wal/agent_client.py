@@ -21,6 +21,10 @@ import json
 import os
 import socket
 import stat
+from pathlib import Path
+
+from dr_pipelines.core.durable import fsync_dir
+from dr_pipelines.core.wal.fast_path import SPOOL
 
 # What push_through_agent and fetch_through_agent tell their caller.
 DURABLE = "durable"  # the agent answered ok: archived on every location (a push), in place (a fetch)
@@ -108,7 +112,8 @@ def read_json_line(conn: socket.socket, closed: str, limit: int | None = None) -
 
 def push_through_agent(path: str, config_file: str | None, db: str | None, context: str) -> tuple[str, str | None]:
     """Hand `path` to the cluster's agent: (DURABLE | ABSENT | FAILED | UNUSABLE, why)."""
-    return _ask(path, config_file, context, {"push": os.path.abspath(path), "context": context})
+    outcome, why, _ = _ask(path, config_file, context, {"push": os.path.abspath(path), "context": context})
+    return outcome, why
 
 
 def fetch_through_agent(
@@ -121,37 +126,54 @@ def fetch_through_agent(
         message["locations"] = locations
     if partial:
         message["partial"] = True
-    return _ask(dest, config_file, context, message)
+    outcome, why, reply = _ask(dest, config_file, context, message)
+    if outcome != DURABLE:
+        return outcome, why
+    staged = reply.get("staged")
+    spool = os.path.join(os.path.dirname(os.path.abspath(dest)), SPOOL)
+    if (
+        not isinstance(staged, str)
+        or os.path.dirname(staged) != spool
+        or not os.path.basename(staged).startswith(f".{name}.fetched-")
+    ):
+        return FAILED, f"the archiver agent answered {reply!r}, not a file of its spool"
+    try:
+        os.rename(staged, dest)
+        fsync_dir(Path(dest).parent)
+    except OSError as e:
+        return FAILED, f"the file the archiver agent fetched could not be put in place ({e})"
+    return DURABLE, None
 
 
-def _ask(path: str, config_file: str | None, context: str, message: dict) -> tuple[str, str | None]:
-    """Send `message` to the agent of the cluster whose pg_wal holds `path`; its verdict."""
+def _ask(path: str, config_file: str | None, context: str, message: dict) -> tuple[str, str | None, dict]:
+    """Send `message` to the agent of the cluster whose pg_wal holds `path`: its verdict, why, and
+    its answer."""
     config_file = config_file or os.environ.get("DR_PIPELINES_CONFIG")
     pg_wal = cluster_pg_wal(path)
     if not config_file or pg_wal is None:
-        return UNUSABLE, None
+        return UNUSABLE, None, {}
     directory = agent_dir()
     if not private_dir(directory):
         if os.path.lexists(directory):
-            return UNUSABLE, f"{directory} is not a private directory of this user; not using the archiver agent"
-        return ABSENT, None
+            return UNUSABLE, f"{directory} is not a private directory of this user; not using the archiver agent", {}
+        return ABSENT, None, {}
     sock_path = agent_stem(pg_wal, context) + ".sock"
     try:
         reply = request(sock_path, message, timeout=ANSWER_TIMEOUT_S)
     except NotListening:
-        return ABSENT, None
+        return ABSENT, None, {}
     except (OSError, ValueError) as e:  # connected, then no answer: it died or hung mid-request
         if isinstance(e, TimeoutError):  # hung: later calls must not wait on it too (it exits without its socket)
             try:
                 os.unlink(sock_path)
             except OSError:
                 pass
-        return FAILED, f"the archiver agent did not answer ({type(e).__name__}: {e})"
+        return FAILED, f"the archiver agent did not answer ({type(e).__name__}: {e})", {}
     if reply.get("ok") is True:
-        return DURABLE, None
+        return DURABLE, None, reply
     if "fetch" in message and reply.get("not_found") is True:
-        return NOT_FOUND, str(reply.get("error", f"{message['fetch']} is not in the WAL archive"))
-    return FAILED, f"the archiver agent failed: {reply.get('error', reply)}"
+        return NOT_FOUND, str(reply.get("error", f"{message['fetch']} is not in the WAL archive")), reply
+    return FAILED, f"the archiver agent failed: {reply.get('error', reply)}", reply
 
 
 def agent_running(stem: str) -> bool:

@@ -7,7 +7,7 @@ spool, so that fetching overlaps replay instead of halting it every `wal.prefetc
 - A segment the archive does not hold (yet) is asked for again after `RETRY_MISSING_S`, not in a
   loop: at the end of the archive, PostgreSQL's own call gets "not found" and decides.
 - It works only while the cluster is in recovery (`recovery.signal` or `standby.signal`); once
-  promoted, the segments it spooled and nobody took are removed.
+  promoted, whatever is left in the spool is removed.
 - Best effort throughout: a segment it fails to spool is fetched by PostgreSQL's own call.
 """
 
@@ -126,6 +126,9 @@ class Prefetcher:
                 self.spool.mkdir(exist_ok=True)
                 write_atomically(self.spool / name, data)
                 self.on_work()
+                if not in_recovery(self.data_dir):  # promoted while it was fetched: never taken
+                    (self.spool / name).unlink(missing_ok=True)
+                    data = None
         except Exception as e:  # PostgreSQL's own call fetches it, and says what is wrong
             self.log(f"warning: prefetching {name} failed ({type(e).__name__}: {e})")
             data = None
@@ -147,8 +150,14 @@ class Prefetcher:
             pass
 
     def _forget_spooled(self) -> None:
-        """Recovery has ended: nothing spooled will be taken."""
+        """Recovery has ended: nothing spooled will be taken, by anyone (the command's own
+        prefetches and files no client came for included)."""
         with self.lock:
-            for key in list(self.spooled):
-                self._remove(key)
+            self.spooled.clear()
             self.position = None
+            try:
+                leftovers = list(self.spool.iterdir())
+            except FileNotFoundError:
+                return
+            for path in leftovers:
+                path.unlink(missing_ok=True)
