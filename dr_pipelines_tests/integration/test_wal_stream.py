@@ -835,3 +835,117 @@ def test_wal_fetch_serves_the_streamed_partial_only_as_the_newest_wal(tmp_path):
     archive = list_archive(locs, "app")
     assert archive.files[f"{names[2]}.partial"].kind == "partial"
     assert archive.files[names[2] + STREAM_SUFFIX].kind == "streamed"
+
+
+def _two_local(tmp_path: Path):
+    from dr_pipelines.core.config import parse_config
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app"}},
+            "locations": {
+                "a": {"type": "local", "path": str(tmp_path / "a")},
+                "b": {"type": "local", "path": str(tmp_path / "b")},
+            },
+        }
+    )
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    return config, open_locations(config), spool
+
+
+def _prepared(config, spool: Path, name: str, body: int):
+    """A partial of segment `name` holding `body` x 1000 bytes of WAL after its header."""
+    from dr_pipelines.core.wal.push import prepare_streamed_partial
+
+    path = spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(int(name[16:], 16), fill=b"w" * body))
+    return prepare_streamed_partial(config, "app", path, None)
+
+
+def test_wal_fetch_serves_only_the_longest_streamed_partial_and_replacements_are_atomic(tmp_path):
+    """A partial is replaced by writing a new object (named after its content) and switching the
+    sidecar to it: the old sidecar never meets the new bytes, and the old object goes only after the
+    switch. A reader that cannot read the longest copy (its object gone under the sidecar it read,
+    or its sidecar unreadable) is told to retry (WalFetchAborted), never served a shorter copy from
+    another location. A shorter partial never replaces a longer one."""
+    from dr_pipelines.core.wal.archive import WalFetchAborted
+    from dr_pipelines.core.wal.push import NEWER_THERE, SAME, STORED, store_streamed_partial
+
+    config, locs, spool = _two_local(tmp_path)
+    name = segment_name(1, 0x30, 1 << 20)
+    side_key = f"app/wal/00000001/{name}{STREAM_SUFFIX}.json"
+    short, long = _prepared(config, spool, name, 1), _prepared(config, spool, name, 3)
+    assert lsn_int(long.end_lsn) > lsn_int(short.end_lsn)
+    assert short.side["object"]["name"] != long.side["object"]["name"]  # named after the content
+
+    # atomic replacement on one location: new object, sidecar switched, old object removed
+    assert store_streamed_partial(locs["a"], "app", short) == STORED
+    old_side = _read_json(locs["a"], side_key)
+    assert store_streamed_partial(locs["a"], "app", long) == STORED
+    assert _read_json(locs["a"], side_key)["object"]["name"] == long.side["object"]["name"]
+    assert not (tmp_path / "a" / "app/wal/00000001" / old_side["object"]["name"]).exists()
+    assert store_streamed_partial(locs["a"], "app", long) == SAME
+    # a shorter copy (a stale spool, a second wal-stream) never replaces it
+    assert store_streamed_partial(locs["a"], "app", short) == NEWER_THERE
+    assert _read_json(locs["a"], side_key)["end_lsn"] == long.end_lsn
+    assert list_archive(locs, "app").problems == []  # the content-named object counts as the file
+
+    def fetch() -> bytes:
+        dest = tmp_path / "RECOVERYXLOG"
+        wal_fetch(config, "app", name, dest, locs, retries=0, backoff_s=0, partial=True)
+        return dest.read_bytes()
+
+    store_streamed_partial(locs["b"], "app", short)
+    longest = _fake_segment(0x30, fill=b"w" * 3)
+    assert fetch() == longest  # a's copy, not b's shorter one
+
+    # a reader holding the old sidecar after a replacement finds no object: retried, not b's shorter copy
+    a_obj = tmp_path / "a" / "app/wal/00000001" / long.side["object"]["name"]
+    saved = a_obj.read_bytes()
+    a_obj.unlink()
+    with pytest.raises(WalFetchAborted):
+        fetch()
+    a_obj.write_bytes(saved)
+    # an unreadable sidecar may be the longest copy: retried, not skipped
+    good = (tmp_path / "a" / side_key).read_bytes()
+    (tmp_path / "a" / side_key).write_bytes(b"{not json")
+    with pytest.raises(WalFetchAborted):
+        fetch()
+    (tmp_path / "a" / side_key).write_bytes(good)
+    assert fetch() == longest
+
+
+def test_wal_fetch_partial_finds_a_segment_completed_during_the_tip_check(tmp_path):
+    """wal-fetch --partial asks for segment N, not archived yet; before it looks at N's partial,
+    wal-stream archives N whole, drops N's partial and starts N+1's. N must be served (it is
+    archived), not answered "not found" (recovery would end at N-1)."""
+    from dr_pipelines.core.wal.push import drop_streamed_partial, store_streamed_partial, wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    n, n1 = segment_name(1, 0x40, 1 << 20), segment_name(1, 0x41, 1 << 20)
+    (spool / n).write_bytes(_fake_segment(0x40, fill=b"z"))
+    store_streamed_partial(locs["a"], "app", _prepared(config, spool, n, 1))
+
+    class Racing:
+        """Location "a", where wal-stream completes N just as the tip check reads N's partial."""
+
+        def __init__(self, loc):
+            self.loc, self.raced = loc, False
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def get_bytes(self, key: str) -> bytes:
+            if key.endswith(f"{n}{STREAM_SUFFIX}.json") and not self.raced:
+                self.raced = True
+                wal_push(config, "app", spool / n, {"a": self.loc})
+                drop_streamed_partial("app", n, {"a": self.loc}, config)
+                store_streamed_partial(self.loc, "app", _prepared(config, spool, n1, 1))
+            return self.loc.get_bytes(key)
+
+    racing: dict = {"a": Racing(locs["a"])}
+    dest = tmp_path / "RECOVERYXLOG"
+    wal_fetch(config, "app", n, dest, racing, retries=0, backoff_s=0, partial=True)
+    assert racing["a"].raced and dest.read_bytes() == (spool / n).read_bytes()
