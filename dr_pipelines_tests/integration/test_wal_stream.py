@@ -949,3 +949,97 @@ def test_wal_fetch_partial_finds_a_segment_completed_during_the_tip_check(tmp_pa
     dest = tmp_path / "RECOVERYXLOG"
     wal_fetch(config, "app", n, dest, racing, retries=0, backoff_s=0, partial=True)
     assert racing["a"].raced and dest.read_bytes() == (spool / n).read_bytes()
+
+
+def _streamer(tmp_path: Path, monkeypatch, locations: dict | None = None):
+    """A WalStreamer with no server and no pg_receivewal: for its pushes of the spool's partial."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.wal import stream
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app", "streaming": {"enabled": True, "spool_dir": str(tmp_path / "st")}}},
+            "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+        }
+    )
+    monkeypatch.setattr(stream, "receivewal_path", lambda config, database: "pg_receivewal")
+    locs = locations or open_locations(config)
+    said: list[str] = []
+    setup = stream.ServerSetup("dr_pipelines_app", False, "u", None)
+    streamer = stream.WalStreamer(config, "app", locs, threading.Event(), said.append, setup, None)
+    streamer.spool.mkdir(parents=True)
+    return streamer, said
+
+
+def _finish(streamer) -> int:
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    return streamer._finish(done)
+
+
+def test_wal_stream_pushes_a_partial_whose_size_and_mtime_did_not_change(tmp_path, monkeypatch):
+    """pg_receivewal pre-pads its .partial (the size never changes) and an mtime can be coarse:
+    WAL written between two pushes with the same (mtime, size) is still pushed, as it is by the
+    last push when wal-stream stops."""
+    streamer, _ = _streamer(tmp_path, monkeypatch)
+    name = segment_name(1, 0x50, 1 << 20)
+    path = streamer.spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(0x50, fill=b"a"))
+    st = path.stat()
+    streamer._push_partial(force=True)
+    side_key = f"app/wal/00000001/{name}{STREAM_SUFFIX}.json"
+    first = _read_json(streamer.locations["a"], side_key)["end_lsn"]
+    path.write_bytes(_fake_segment(0x50, fill=b"a" * 2))  # more WAL, same size, same mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    streamer._push_partial(force=True)
+    second = _read_json(streamer.locations["a"], side_key)["end_lsn"]
+    assert lsn_int(second) > lsn_int(first)
+    path.write_bytes(_fake_segment(0x50, fill=b"a" * 3))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _finish(streamer) == 0
+    assert lsn_int(_read_json(streamer.locations["a"], side_key)["end_lsn"]) > lsn_int(second)
+
+
+def test_wal_stream_exits_1_when_the_newest_partial_is_nowhere(tmp_path, monkeypatch):
+    """The last push of the partial failing on every location, or the partial failing to be read
+    or prepared, is a failure: exit 1, saying what is missing where (not 0 because an older
+    version of it was pushed)."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.storage.base import LocationError
+
+    config = parse_config(
+        {"databases": {"app": {"dbname": "app"}}, "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}}}
+    )
+    locs = open_locations(config)
+
+    class Failing:
+        def __init__(self, loc):
+            self.loc, self.fail = loc, False
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def put_bytes(self, key: str, data: bytes) -> None:
+            if self.fail:
+                raise LocationError("a", "disk full")
+            self.loc.put_bytes(key, data)
+
+    failing = Failing(locs["a"])
+    streamer, said = _streamer(tmp_path, monkeypatch, {"a": failing})
+    name = segment_name(1, 0x60, 1 << 20)
+    path = streamer.spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(0x60, fill=b"a"))
+    streamer._push_partial(force=True)
+    assert streamer.pushed_partial and streamer.pushed_partial["locations"] == ["a"]
+    path.write_bytes(_fake_segment(0x60, fill=b"a" * 2))  # grew; its last push fails
+    failing.fail = True
+    assert _finish(streamer) == 1
+    assert any("a lacks the newest partial segment" in m and "disk full" in m for m in said), said
+
+    failing.fail = False
+    streamer2, said2 = _streamer(tmp_path / "2", monkeypatch, {"a": failing})
+    bad = streamer2.spool / f"{segment_name(1, 0x61, 1 << 20)}.partial"
+    bad.write_bytes(b"\1" * 100 + b"\0" * 1000)  # not WAL: it cannot be prepared
+    assert _finish(streamer2) == 1
+    assert any("lacks the newest partial segment" in m for m in said2), said2

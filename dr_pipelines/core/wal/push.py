@@ -292,16 +292,19 @@ class StreamedPartial:
         return self.side["end_lsn"]
 
 
-def prepare_streamed_partial(config: DrConfig, database: str, path: str | Path, known: dict | None) -> StreamedPartial:
-    """Read pg_receivewal's growing `<segment>.partial`, check its cluster against the archive's
-    record (`known`, from archive_cluster; refused if another), encode it once. Raises WalError if
-    it cannot be read."""
+def prepare_streamed_partial(
+    config: DrConfig, database: str, path: str | Path, known: dict | None, data: bytes | None = None
+) -> StreamedPartial:
+    """Read pg_receivewal's growing `<segment>.partial` (or take `data`, its bytes already read),
+    check its cluster against the archive's record (`known`, from archive_cluster; refused if
+    another), encode it once. Raises WalError if it cannot be read."""
     path = Path(path)
     segment = path.name.removesuffix(".partial")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise WalError(f"cannot read {path}: {e.strerror}") from None
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise WalError(f"cannot read {path}: {e.strerror}") from None
     header = segment_header(data)
     if known and known["system_identifier"] != header["system_identifier"]:
         raise WalRefused(
