@@ -1043,3 +1043,70 @@ def test_wal_stream_exits_1_when_the_newest_partial_is_nowhere(tmp_path, monkeyp
     bad.write_bytes(b"\1" * 100 + b"\0" * 1000)  # not WAL: it cannot be prepared
     assert _finish(streamer2) == 1
     assert any("lacks the newest partial segment" in m for m in said2), said2
+
+
+def test_two_pushes_of_one_segment_at_once_both_succeed(tmp_path):
+    """archive_command and wal-stream push the same segment within milliseconds: the one that finds
+    the other's object without its sidecar yet waits for the sidecar and, the content being the
+    same, reports it already archived (not "another push is in progress", which fails
+    archive_command and marks the location down in wal-stream). A stale leftover replaced by
+    another pusher meanwhile is not deleted."""
+    from dr_pipelines.core.wal.archive import WalError
+    from dr_pipelines.core.wal.push import wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    name = segment_name(1, 0x70, 1 << 20)
+    (spool / name).write_bytes(_fake_segment(0x70))
+
+    class Slow:
+        """Location "a" for a push that dawdles between its object and its sidecar."""
+
+        def __init__(self, loc):
+            self.loc = loc
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def create(self, key: str, data: bytes) -> bool:
+            made = self.loc.create(key, data)
+            if made and not key.endswith(".json"):
+                time.sleep(0.5)
+            return made
+
+    slow: dict = {"a": Slow(locs["a"])}
+    first = threading.Thread(target=wal_push, args=(config, "app", spool / name, slow))
+    first.start()
+    time.sleep(0.2)
+    result = wal_push(config, "app", spool / name, locs)
+    first.join()
+    assert result.already == ["a"] and result.stored == []
+
+    # a dead push's leftover (old), replaced by another pusher between our two looks: not deleted
+    other = segment_name(1, 0x71, 1 << 20)
+    (spool / other).write_bytes(_fake_segment(0x71))
+    from dr_pipelines.core.wal.archive import object_name
+
+    key = tmp_path / "a" / "app/wal/00000001" / object_name(other, config)
+    key.write_bytes(b"left by a push that died")
+    os.utime(key, (time.time() - 600, time.time() - 600))
+
+    class Replacing:
+        def __init__(self, loc):
+            self.loc, self.lists = loc, 0
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def list(self, prefix: str = ""):
+            listed = list(self.loc.list(prefix))
+            if prefix.endswith(key.name):
+                self.lists += 1
+                if self.lists == 1:  # right after our first look, another pusher replaces it
+                    key.write_bytes(b"another pusher's fresh object")
+            return iter(listed)
+
+    replacing: dict = {"a": Replacing(locs["a"])}
+    with pytest.raises(WalError, match="in progress"):
+        wal_push(config, "app", spool / other, replacing)
+    assert key.read_bytes() == b"another pusher's fresh object"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +63,14 @@ def pushing_cluster(path: Path) -> str | None:
 # one only between two calls, each bounded by the location's timeouts (connect + read + retries,
 # about a minute at most by default), so three minutes also absorb clock skew with the server.
 STALE_PUSH = 180.0
+# How long a push that finds the object but not its sidecar waits for that sidecar (the other push
+# writes it right after the object) before calling it a push in progress or a dead one's leftover.
+SIDECAR_WAIT_S = 3.0
+
+
+def _listed(loc: Location, key: str):
+    """The listing's entry for `key` (size, modified), or None."""
+    return next((o for o in loc.list(key) if o.key == key), None)
 
 
 def _store(loc: Location, database: str, prefix: str, name: str, side: dict, stored: bytes, known: dict | None) -> bool:
@@ -80,13 +89,24 @@ def _store(loc: Location, database: str, prefix: str, name: str, side: dict, sto
                 )
     object_key, side_key = f"{prefix}/{side['object']['name']}", f"{prefix}/{name}.json"
     if not loc.create(object_key, stored):
-        existing = _read_json(loc, side_key)
-        if existing is not None:
-            return _same(existing, side, name, loc.name)
-        # an object without its sidecar: a push in progress (wait for it) or one that died (replace it)
-        [listed] = [o for o in loc.list(object_key) if o.key == object_key] or [None]
+        # an object without its sidecar: a push in progress (archive_command and wal-stream push the
+        # same segment within milliseconds: wait for its sidecar, then compare), or one that died
+        delay, until = 0.05, time.monotonic() + SIDECAR_WAIT_S
+        while True:
+            existing = _read_json(loc, side_key)
+            if existing is not None:
+                return _same(existing, side, name, loc.name)
+            if time.monotonic() >= until:
+                break
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)
+        listed = _listed(loc, object_key)
         age = (datetime.now(timezone.utc) - listed.modified).total_seconds() if listed and listed.modified else 0.0
         if age < STALE_PUSH:
+            raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
+        # left by a push that died: replace it, unless another pusher replaced it meanwhile (deleting
+        # theirs would leave their sidecar naming our bytes)
+        if _listed(loc, object_key) != listed or _read_json(loc, side_key) is not None:
             raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
         loc.delete(object_key)
         if not loc.create(object_key, stored):
