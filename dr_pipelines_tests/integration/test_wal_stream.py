@@ -1110,3 +1110,59 @@ def test_two_pushes_of_one_segment_at_once_both_succeed(tmp_path):
     with pytest.raises(WalError, match="in progress"):
         wal_push(config, "app", spool / other, replacing)
     assert key.read_bytes() == b"another pusher's fresh object"
+
+
+def test_observer_says_streaming_is_down_when_the_archive_stops_moving(tmp_path, monkeypatch):
+    """Seen from another host (no status.json), with pg_receivewal connected to the slot but every
+    push failing, the archive falls behind the server: from the repository alone, past
+    max(60 s, 3 x partial_interval), streaming counts as down (alert, and wal_stream_up fails)."""
+    from contextlib import contextmanager
+    from datetime import timedelta
+
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.postgres import client
+    from dr_pipelines.core.wal.push import wal_push
+    from dr_pipelines.core.wal.stream_health import STREAM_DOWN, stream_health, stream_outcomes
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app", "streaming": {"enabled": True, "spool_dir": str(tmp_path / "st")}}},
+            "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+        }
+    )
+    locs = open_locations(config)
+    name = segment_name(1, 0x80, 1 << 20)
+    (tmp_path / name).write_bytes(_fake_segment(0x80))
+    wal_push(config, "app", tmp_path / name, locs)
+    pushed = datetime.now(timezone.utc)
+
+    class Conn:
+        def execute(self, *a, **k):
+            return self
+
+        def fetchone(self):  # the server is at segment 0x82; the slot is active, pg_receivewal connected
+            return (
+                "0/8200100",
+                segment_name(1, 0x82, 1 << 20),
+                True,
+                True,
+                "reserved",
+                3 << 20,
+                "streaming",
+                "async",
+                "0/8200100",
+                "now",
+            )
+
+    @contextmanager
+    def connect(*a, **k):
+        yield Conn()
+
+    monkeypatch.setattr(client, "connect", connect)
+    fresh = stream_health(config, "app", locs, pushed + timedelta(seconds=20))
+    assert fresh.lag_bytes and fresh.alerts[f"{STREAM_DOWN}:app"] is None  # behind, but not for long
+    late = stream_health(config, "app", locs, pushed + timedelta(seconds=90))
+    alert = late.alerts[f"{STREAM_DOWN}:app"]
+    assert alert is not None and "not moved" in alert.detail
+    [up] = [o for o in stream_outcomes(late) if o.check == "wal_stream_up"]
+    assert not up.passed
