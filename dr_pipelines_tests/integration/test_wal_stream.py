@@ -1166,3 +1166,23 @@ def test_observer_says_streaming_is_down_when_the_archive_stops_moving(tmp_path,
     assert alert is not None and "not moved" in alert.detail
     [up] = [o for o in stream_outcomes(late) if o.check == "wal_stream_up"]
     assert not up.passed
+
+
+def test_pitr_latest_end_check_counts_the_newest_streamed_partial(tmp_path):
+    """Recovery to the newest point that stops before the newest streamed partial (after the newest
+    whole segment) is reported as ended before the end of the archive."""
+    from dr_pipelines.core.pitr.recover import PitrReport, end_of_archive_check
+    from dr_pipelines.core.wal.push import store_streamed_partial, wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    whole, tip = segment_name(1, 0x90, 1 << 20), segment_name(1, 0x91, 1 << 20)
+    (spool / whole).write_bytes(_fake_segment(0x90))
+    wal_push(config, "app", spool / whole, locs)
+    store_streamed_partial(locs["a"], "app", _prepared(config, spool, tip, 1))
+    report = PitrReport("app", "latest", str(tmp_path / "d"), 5432, "now")
+    report.reached_lsn = "0/90FFFF8"  # in the whole segment: the partial after it was not replayed
+    behind = end_of_archive_check(locs, "app", report)
+    assert behind and tip + STREAM_SUFFIX in behind
+    report.reached_lsn = "0/9100100"  # into the partial: the end
+    assert end_of_archive_check(locs, "app", report) is None
