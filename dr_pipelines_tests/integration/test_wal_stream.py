@@ -1186,3 +1186,27 @@ def test_pitr_latest_end_check_counts_the_newest_streamed_partial(tmp_path):
     assert behind and tip + STREAM_SUFFIX in behind
     report.reached_lsn = "0/9100100"  # into the partial: the end
     assert end_of_archive_check(locs, "app", report) is None
+
+
+def test_a_long_database_name_neither_breaks_the_observer_nor_passes_config_load_when_streamed(tmp_path):
+    """The default slot name dr_pipelines_<db> can exceed 63 characters: with streaming off the
+    observer still answers for that database (no slot of that name can exist); with streaming on
+    the config is refused when loaded, saying to set streaming.slot."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.wal.stream_health import stream_health
+
+    long_name = "a" * 55
+
+    def config(enabled: bool):
+        return parse_config(
+            {
+                "databases": {long_name: {"dbname": "app", "streaming": {"enabled": enabled}}},
+                "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+            }
+        )
+
+    off = config(False)
+    h = stream_health(off, long_name, open_locations(off), datetime.now(timezone.utc), server_down="not asked")
+    assert not h.enabled and h.up is None
+    with pytest.raises(Exception, match="streaming.slot"):
+        config(True)

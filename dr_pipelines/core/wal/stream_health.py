@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.monitoring.alerts import Alert
 from dr_pipelines.core.postgres.wal_names import lsn_int, lsn_text, parse_segment
 from dr_pipelines.core.storage.base import Location, LocationError
@@ -112,7 +112,12 @@ def stream_health(
     from dr_pipelines.core.wal.stream import read_stream_status
 
     streaming = config.database(database).streaming
-    slot = streaming.slot_name(database)
+    try:
+        slot = streaming.slot_name(database)
+    except ConfigError:  # too long a default name: refused at config load when streaming is enabled
+        if streaming.enabled:
+            raise
+        return StreamHealth(database, False, "", streaming.max_slot_wal)  # no slot of that name can exist
     h = StreamHealth(database, streaming.enabled, slot, streaming.max_slot_wal)
     url = config.webserver_url.rstrip("/") + f"/assets/{database}/wal_archive"
     since = now.isoformat(timespec="seconds")
