@@ -752,6 +752,17 @@ class DrConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _slot_names(self) -> DrConfig:
+        """A streamed database's slot name is valid now, not when wal-stream or the observer needs it."""
+        for name, db in self.databases.items():
+            if db.streaming.enabled and db.streaming.slot is None and not _SLOT.match(f"dr_pipelines_{name.lower()}"):
+                raise ValueError(
+                    f"databases.{name}.streaming.slot: the default slot name dr_pipelines_{name.lower()} is "
+                    "longer than 63 characters; set slot (lower-case letters, digits and _)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _services(self) -> DrConfig:
         for name, svc in self.services.items():
             for field_name, known in (

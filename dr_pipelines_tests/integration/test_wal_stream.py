@@ -835,3 +835,378 @@ def test_wal_fetch_serves_the_streamed_partial_only_as_the_newest_wal(tmp_path):
     archive = list_archive(locs, "app")
     assert archive.files[f"{names[2]}.partial"].kind == "partial"
     assert archive.files[names[2] + STREAM_SUFFIX].kind == "streamed"
+
+
+def _two_local(tmp_path: Path):
+    from dr_pipelines.core.config import parse_config
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app"}},
+            "locations": {
+                "a": {"type": "local", "path": str(tmp_path / "a")},
+                "b": {"type": "local", "path": str(tmp_path / "b")},
+            },
+        }
+    )
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    return config, open_locations(config), spool
+
+
+def _prepared(config, spool: Path, name: str, body: int):
+    """A partial of segment `name` holding `body` x 1000 bytes of WAL after its header."""
+    from dr_pipelines.core.wal.push import prepare_streamed_partial
+
+    path = spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(int(name[16:], 16), fill=b"w" * body))
+    return prepare_streamed_partial(config, "app", path, None)
+
+
+def test_wal_fetch_serves_only_the_longest_streamed_partial_and_replacements_are_atomic(tmp_path):
+    """A partial is replaced by writing a new object (named after its content) and switching the
+    sidecar to it: the old sidecar never meets the new bytes, and the old object goes only after the
+    switch. A reader that cannot read the longest copy (its object gone under the sidecar it read,
+    or its sidecar unreadable) is told to retry (WalFetchAborted), never served a shorter copy from
+    another location. A shorter partial never replaces a longer one."""
+    from dr_pipelines.core.wal.archive import WalFetchAborted
+    from dr_pipelines.core.wal.push import NEWER_THERE, SAME, STORED, store_streamed_partial
+
+    config, locs, spool = _two_local(tmp_path)
+    name = segment_name(1, 0x30, 1 << 20)
+    side_key = f"app/wal/00000001/{name}{STREAM_SUFFIX}.json"
+    short, long = _prepared(config, spool, name, 1), _prepared(config, spool, name, 3)
+    assert lsn_int(long.end_lsn) > lsn_int(short.end_lsn)
+    assert short.side["object"]["name"] != long.side["object"]["name"]  # named after the content
+
+    # atomic replacement on one location: new object, sidecar switched, old object removed
+    assert store_streamed_partial(locs["a"], "app", short) == STORED
+    old_side = _read_json(locs["a"], side_key)
+    assert store_streamed_partial(locs["a"], "app", long) == STORED
+    assert _read_json(locs["a"], side_key)["object"]["name"] == long.side["object"]["name"]
+    assert not (tmp_path / "a" / "app/wal/00000001" / old_side["object"]["name"]).exists()
+    assert store_streamed_partial(locs["a"], "app", long) == SAME
+    # a shorter copy (a stale spool, a second wal-stream) never replaces it
+    assert store_streamed_partial(locs["a"], "app", short) == NEWER_THERE
+    assert _read_json(locs["a"], side_key)["end_lsn"] == long.end_lsn
+    assert list_archive(locs, "app").problems == []  # the content-named object counts as the file
+
+    def fetch() -> bytes:
+        dest = tmp_path / "RECOVERYXLOG"
+        wal_fetch(config, "app", name, dest, locs, retries=0, backoff_s=0, partial=True)
+        return dest.read_bytes()
+
+    store_streamed_partial(locs["b"], "app", short)
+    longest = _fake_segment(0x30, fill=b"w" * 3)
+    assert fetch() == longest  # a's copy, not b's shorter one
+
+    # a reader holding the old sidecar after a replacement finds no object: retried, not b's shorter copy
+    a_obj = tmp_path / "a" / "app/wal/00000001" / long.side["object"]["name"]
+    saved = a_obj.read_bytes()
+    a_obj.unlink()
+    with pytest.raises(WalFetchAborted):
+        fetch()
+    a_obj.write_bytes(saved)
+    # an unreadable sidecar may be the longest copy: retried, not skipped
+    good = (tmp_path / "a" / side_key).read_bytes()
+    (tmp_path / "a" / side_key).write_bytes(b"{not json")
+    with pytest.raises(WalFetchAborted):
+        fetch()
+    (tmp_path / "a" / side_key).write_bytes(good)
+    assert fetch() == longest
+
+
+def test_wal_fetch_partial_finds_a_segment_completed_during_the_tip_check(tmp_path):
+    """wal-fetch --partial asks for segment N, not archived yet; before it looks at N's partial,
+    wal-stream archives N whole, drops N's partial and starts N+1's. N must be served (it is
+    archived), not answered "not found" (recovery would end at N-1)."""
+    from dr_pipelines.core.wal.push import drop_streamed_partial, store_streamed_partial, wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    n, n1 = segment_name(1, 0x40, 1 << 20), segment_name(1, 0x41, 1 << 20)
+    (spool / n).write_bytes(_fake_segment(0x40, fill=b"z"))
+    store_streamed_partial(locs["a"], "app", _prepared(config, spool, n, 1))
+
+    class Racing:
+        """Location "a", where wal-stream completes N just as the tip check reads N's partial."""
+
+        def __init__(self, loc):
+            self.loc, self.raced = loc, False
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def get_bytes(self, key: str) -> bytes:
+            if key.endswith(f"{n}{STREAM_SUFFIX}.json") and not self.raced:
+                self.raced = True
+                wal_push(config, "app", spool / n, {"a": self.loc})
+                drop_streamed_partial("app", n, {"a": self.loc}, config)
+                store_streamed_partial(self.loc, "app", _prepared(config, spool, n1, 1))
+            return self.loc.get_bytes(key)
+
+    racing: dict = {"a": Racing(locs["a"])}
+    dest = tmp_path / "RECOVERYXLOG"
+    wal_fetch(config, "app", n, dest, racing, retries=0, backoff_s=0, partial=True)
+    assert racing["a"].raced and dest.read_bytes() == (spool / n).read_bytes()
+
+
+def _streamer(tmp_path: Path, monkeypatch, locations: dict | None = None):
+    """A WalStreamer with no server and no pg_receivewal: for its pushes of the spool's partial."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.wal import stream
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app", "streaming": {"enabled": True, "spool_dir": str(tmp_path / "st")}}},
+            "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+        }
+    )
+    monkeypatch.setattr(stream, "receivewal_path", lambda config, database: "pg_receivewal")
+    locs = locations or open_locations(config)
+    said: list[str] = []
+    setup = stream.ServerSetup("dr_pipelines_app", False, "u", None)
+    streamer = stream.WalStreamer(config, "app", locs, threading.Event(), said.append, setup, None)
+    streamer.spool.mkdir(parents=True)
+    return streamer, said
+
+
+def _finish(streamer) -> int:
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    return streamer._finish(done)
+
+
+def test_wal_stream_pushes_a_partial_whose_size_and_mtime_did_not_change(tmp_path, monkeypatch):
+    """pg_receivewal pre-pads its .partial (the size never changes) and an mtime can be coarse:
+    WAL written between two pushes with the same (mtime, size) is still pushed, as it is by the
+    last push when wal-stream stops."""
+    streamer, _ = _streamer(tmp_path, monkeypatch)
+    name = segment_name(1, 0x50, 1 << 20)
+    path = streamer.spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(0x50, fill=b"a"))
+    st = path.stat()
+    streamer._push_partial(force=True)
+    side_key = f"app/wal/00000001/{name}{STREAM_SUFFIX}.json"
+    first = _read_json(streamer.locations["a"], side_key)["end_lsn"]
+    path.write_bytes(_fake_segment(0x50, fill=b"a" * 2))  # more WAL, same size, same mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    streamer._push_partial(force=True)
+    second = _read_json(streamer.locations["a"], side_key)["end_lsn"]
+    assert lsn_int(second) > lsn_int(first)
+    path.write_bytes(_fake_segment(0x50, fill=b"a" * 3))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _finish(streamer) == 0
+    assert lsn_int(_read_json(streamer.locations["a"], side_key)["end_lsn"]) > lsn_int(second)
+
+
+def test_wal_stream_exits_1_when_the_newest_partial_is_nowhere(tmp_path, monkeypatch):
+    """The last push of the partial failing on every location, or the partial failing to be read
+    or prepared, is a failure: exit 1, saying what is missing where (not 0 because an older
+    version of it was pushed)."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.storage.base import LocationError
+
+    config = parse_config(
+        {"databases": {"app": {"dbname": "app"}}, "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}}}
+    )
+    locs = open_locations(config)
+
+    class Failing:
+        def __init__(self, loc):
+            self.loc, self.fail = loc, False
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def put_bytes(self, key: str, data: bytes) -> None:
+            if self.fail:
+                raise LocationError("a", "disk full")
+            self.loc.put_bytes(key, data)
+
+    failing = Failing(locs["a"])
+    streamer, said = _streamer(tmp_path, monkeypatch, {"a": failing})
+    name = segment_name(1, 0x60, 1 << 20)
+    path = streamer.spool / f"{name}.partial"
+    path.write_bytes(_fake_segment(0x60, fill=b"a"))
+    streamer._push_partial(force=True)
+    assert streamer.pushed_partial and streamer.pushed_partial["locations"] == ["a"]
+    path.write_bytes(_fake_segment(0x60, fill=b"a" * 2))  # grew; its last push fails
+    failing.fail = True
+    assert _finish(streamer) == 1
+    assert any("a lacks the newest partial segment" in m and "disk full" in m for m in said), said
+
+    failing.fail = False
+    streamer2, said2 = _streamer(tmp_path / "2", monkeypatch, {"a": failing})
+    bad = streamer2.spool / f"{segment_name(1, 0x61, 1 << 20)}.partial"
+    bad.write_bytes(b"\1" * 100 + b"\0" * 1000)  # not WAL: it cannot be prepared
+    assert _finish(streamer2) == 1
+    assert any("lacks the newest partial segment" in m for m in said2), said2
+
+
+def test_two_pushes_of_one_segment_at_once_both_succeed(tmp_path):
+    """archive_command and wal-stream push the same segment within milliseconds: the one that finds
+    the other's object without its sidecar yet waits for the sidecar and, the content being the
+    same, reports it already archived (not "another push is in progress", which fails
+    archive_command and marks the location down in wal-stream). A stale leftover replaced by
+    another pusher meanwhile is not deleted."""
+    from dr_pipelines.core.wal.archive import WalError
+    from dr_pipelines.core.wal.push import wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    name = segment_name(1, 0x70, 1 << 20)
+    (spool / name).write_bytes(_fake_segment(0x70))
+
+    class Slow:
+        """Location "a" for a push that dawdles between its object and its sidecar."""
+
+        def __init__(self, loc):
+            self.loc = loc
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def create(self, key: str, data: bytes) -> bool:
+            made = self.loc.create(key, data)
+            if made and not key.endswith(".json"):
+                time.sleep(0.5)
+            return made
+
+    slow: dict = {"a": Slow(locs["a"])}
+    first = threading.Thread(target=wal_push, args=(config, "app", spool / name, slow))
+    first.start()
+    time.sleep(0.2)
+    result = wal_push(config, "app", spool / name, locs)
+    first.join()
+    assert result.already == ["a"] and result.stored == []
+
+    # a dead push's leftover (old), replaced by another pusher between our two looks: not deleted
+    other = segment_name(1, 0x71, 1 << 20)
+    (spool / other).write_bytes(_fake_segment(0x71))
+    from dr_pipelines.core.wal.archive import object_name
+
+    key = tmp_path / "a" / "app/wal/00000001" / object_name(other, config)
+    key.write_bytes(b"left by a push that died")
+    os.utime(key, (time.time() - 600, time.time() - 600))
+
+    class Replacing:
+        def __init__(self, loc):
+            self.loc, self.lists = loc, 0
+
+        def __getattr__(self, attr):
+            return getattr(self.loc, attr)
+
+        def list(self, prefix: str = ""):
+            listed = list(self.loc.list(prefix))
+            if prefix.endswith(key.name):
+                self.lists += 1
+                if self.lists == 1:  # right after our first look, another pusher replaces it
+                    key.write_bytes(b"another pusher's fresh object")
+            return iter(listed)
+
+    replacing: dict = {"a": Replacing(locs["a"])}
+    with pytest.raises(WalError, match="in progress"):
+        wal_push(config, "app", spool / other, replacing)
+    assert key.read_bytes() == b"another pusher's fresh object"
+
+
+def test_observer_says_streaming_is_down_when_the_archive_stops_moving(tmp_path, monkeypatch):
+    """Seen from another host (no status.json), with pg_receivewal connected to the slot but every
+    push failing, the archive falls behind the server: from the repository alone, past
+    max(60 s, 3 x partial_interval), streaming counts as down (alert, and wal_stream_up fails)."""
+    from contextlib import contextmanager
+    from datetime import timedelta
+
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.postgres import client
+    from dr_pipelines.core.wal.push import wal_push
+    from dr_pipelines.core.wal.stream_health import STREAM_DOWN, stream_health, stream_outcomes
+
+    config = parse_config(
+        {
+            "databases": {"app": {"dbname": "app", "streaming": {"enabled": True, "spool_dir": str(tmp_path / "st")}}},
+            "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+        }
+    )
+    locs = open_locations(config)
+    name = segment_name(1, 0x80, 1 << 20)
+    (tmp_path / name).write_bytes(_fake_segment(0x80))
+    wal_push(config, "app", tmp_path / name, locs)
+    pushed = datetime.now(timezone.utc)
+
+    class Conn:
+        def execute(self, *a, **k):
+            return self
+
+        def fetchone(self):  # the server is at segment 0x82; the slot is active, pg_receivewal connected
+            return (
+                "0/8200100",
+                segment_name(1, 0x82, 1 << 20),
+                True,
+                True,
+                "reserved",
+                3 << 20,
+                "streaming",
+                "async",
+                "0/8200100",
+                "now",
+            )
+
+    @contextmanager
+    def connect(*a, **k):
+        yield Conn()
+
+    monkeypatch.setattr(client, "connect", connect)
+    fresh = stream_health(config, "app", locs, pushed + timedelta(seconds=20))
+    assert fresh.lag_bytes and fresh.alerts[f"{STREAM_DOWN}:app"] is None  # behind, but not for long
+    late = stream_health(config, "app", locs, pushed + timedelta(seconds=90))
+    alert = late.alerts[f"{STREAM_DOWN}:app"]
+    assert alert is not None and "not moved" in alert.detail
+    [up] = [o for o in stream_outcomes(late) if o.check == "wal_stream_up"]
+    assert not up.passed
+
+
+def test_pitr_latest_end_check_counts_the_newest_streamed_partial(tmp_path):
+    """Recovery to the newest point that stops before the newest streamed partial (after the newest
+    whole segment) is reported as ended before the end of the archive."""
+    from dr_pipelines.core.pitr.recover import PitrReport, end_of_archive_check
+    from dr_pipelines.core.wal.push import store_streamed_partial, wal_push
+
+    config, locs, spool = _two_local(tmp_path)
+    del locs["b"]
+    whole, tip = segment_name(1, 0x90, 1 << 20), segment_name(1, 0x91, 1 << 20)
+    (spool / whole).write_bytes(_fake_segment(0x90))
+    wal_push(config, "app", spool / whole, locs)
+    store_streamed_partial(locs["a"], "app", _prepared(config, spool, tip, 1))
+    report = PitrReport("app", "latest", str(tmp_path / "d"), 5432, "now")
+    report.reached_lsn = "0/90FFFF8"  # in the whole segment: the partial after it was not replayed
+    behind = end_of_archive_check(locs, "app", report)
+    assert behind and tip + STREAM_SUFFIX in behind
+    report.reached_lsn = "0/9100100"  # into the partial: the end
+    assert end_of_archive_check(locs, "app", report) is None
+
+
+def test_a_long_database_name_neither_breaks_the_observer_nor_passes_config_load_when_streamed(tmp_path):
+    """The default slot name dr_pipelines_<db> can exceed 63 characters: with streaming off the
+    observer still answers for that database (no slot of that name can exist); with streaming on
+    the config is refused when loaded, saying to set streaming.slot."""
+    from dr_pipelines.core.config import parse_config
+    from dr_pipelines.core.wal.stream_health import stream_health
+
+    long_name = "a" * 55
+
+    def config(enabled: bool):
+        return parse_config(
+            {
+                "databases": {long_name: {"dbname": "app", "streaming": {"enabled": enabled}}},
+                "locations": {"a": {"type": "local", "path": str(tmp_path / "a")}},
+            }
+        )
+
+    off = config(False)
+    h = stream_health(off, long_name, open_locations(off), datetime.now(timezone.utc), server_down="not asked")
+    assert not h.enabled and h.up is None
+    with pytest.raises(Exception, match="streaming.slot"):
+        config(True)

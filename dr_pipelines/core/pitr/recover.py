@@ -433,19 +433,36 @@ def finish_recovery(data_dir: Path, port: int) -> None:
 
 
 def end_of_archive_check(locations: dict[str, Location], database: str, report: PitrReport) -> str | None:
-    """For `latest`: did replay reach the newest archived segment? (It can stop early only on a
-    gap, which is refused before starting, or on a segment PostgreSQL rejected.)"""
+    """For `latest`: did replay reach the newest archived WAL, the newest streamed partial segment
+    (wal-stream's) included? (It can stop early only on a gap, which is refused before starting,
+    on a segment PostgreSQL rejected, or on a partial that could not be served.)"""
+    from dr_pipelines.core.postgres.wal_names import STREAM_SUFFIX, lsn_to_segment
+    from dr_pipelines.core.storage.base import LocationError
+    from dr_pipelines.core.wal.archive import STREAMED, _read_json, wal_prefix
+
     archive = list_archive(locations, database)
     newest = archive.newest()
-    if not newest or not report.reached_lsn or not archive.segment_size:
+    tip, size, what = (newest.name if newest else None), archive.segment_size, None
+    partials = [n[:24] for n, f in archive.files.items() if f.kind == STREAMED]
+    streamed = max(partials, key=lambda n: n[8:] + n[:8], default=None)
+    if streamed and (tip is None or streamed[8:] > tip[8:]):
+        tip, what = streamed, "the streamed partial segment " + streamed + STREAM_SUFFIX
+        for loc in locations.values():
+            try:
+                side = _read_json(loc, f"{wal_prefix(database)}/{streamed[:8]}/{streamed}{STREAM_SUFFIX}.json")
+            except (LocationError, ValueError):
+                continue
+            if side:
+                size = size or side.get("segment_size")
+                what += f" (WAL up to {side.get('end_lsn')})"
+                break
+    if not tip or not report.reached_lsn or not size:
         return None
-    from dr_pipelines.core.postgres.wal_names import lsn_to_segment
-
-    reached = lsn_to_segment(report.reached_lsn, int(newest.name[:8], 16), archive.segment_size)
-    if reached[8:] < newest.name[8:]:
+    reached = lsn_to_segment(report.reached_lsn, int(tip[:8], 16), size)
+    if reached[8:] < tip[8:]:
         return (
             f"replay stopped at {report.reached_lsn} (segment {reached[8:]}) but the archive holds WAL up to "
-            f"{newest.name}: recovery ended before the end of the archive"
+            f"{what or tip}: recovery ended before the end of the archive"
         )
     return None
 

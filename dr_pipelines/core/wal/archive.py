@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -140,11 +141,18 @@ class WalArchive:
         return max(segments, key=lambda f: f.name[8:] + f.name[:8]) if segments else None
 
 
+# wal-stream names each version of a partial segment's object after its content
+# ("<segment>.stream.partial.<end LSN>-<sha256 prefix>" + suffixes): a replacement writes a new
+# object and switches the sidecar to it, so a sidecar never names bytes other than its own.
+STREAM_OBJECT_TAG = re.compile(r"^([0-9A-F]{24}\.stream\.partial)\.[0-9A-F]{16}-[0-9a-f]{8,64}$")
+
+
 def _stored_wal_name(basename: str) -> str:
     """The WAL name inside a stored object's name: "X.zst.age" -> "X"."""
     for suffix in (".age", ".zst", ".gz"):
         basename = basename.removesuffix(suffix)
-    return basename
+    tagged = STREAM_OBJECT_TAG.match(basename)
+    return tagged.group(1) if tagged else basename
 
 
 def _segment_size(locations: dict[str, Location], database: str, files: dict[str, ArchivedFile]) -> int | None:

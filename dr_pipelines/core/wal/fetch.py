@@ -67,6 +67,11 @@ def fetch_bytes(
     return None
 
 
+# --partial: after the tip check fails, the segment is looked for again this often (seconds apart)
+# before it is "not found": a live wal-stream completes a segment between the two looks
+RELOOK_S = (0.0, 0.3)
+
+
 def wal_fetch(
     config: DrConfig,
     database: str,
@@ -93,6 +98,13 @@ def wal_fetch(
                 if found is not None:  # never prefetch after it: nothing whole comes after the tip
                     write_atomically(dest, found[0])
                     return found[1]
+                # not the tip, or its partial vanished: wal-stream may have just archived the whole
+                # segment (then dropped its partial, then begun the next one's): look again
+                for wait in RELOOK_S:
+                    time.sleep(wait)
+                    found = fetch_bytes(config, database, name, locations, identities, log)
+                    if found is not None:
+                        break
         except WalFetchAborted as e:
             last_error = e
             log(f"{name}: attempt {attempt + 1} failed: {e}")
@@ -168,13 +180,13 @@ def fetch_streamed_tip(
     for loc_name, loc in locations.items():
         try:
             side = _read_json(loc, f"{prefix}{name}{STREAM_SUFFIX}.json")
+            end = lsn_int(side["end_lsn"]) if side else None
         except LocationError as e:  # cannot rule it out there: not "not found"
             raise WalFetchAborted(f"cannot tell whether {name} was streamed: {e}") from None
-        except ValueError as e:
-            log(f"warning: {loc_name}: the sidecar of {name}{STREAM_SUFFIX} is unreadable: {e}")
-            continue
-        if side:
-            holders.append((lsn_int(side.get("end_lsn", "0/0")), loc_name))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # it may be the longest copy
+            raise WalFetchAborted(f"{loc_name}: the sidecar of {name}{STREAM_SUFFIX} is unreadable: {e}") from None
+        if end is not None:
+            holders.append((end, loc_name))
     if not holders:
         return None
     after = [prefix + name[:16], f"{prefix}{name[:8]}{int(name[8:16], 16) + 1:08X}"]
@@ -188,21 +200,29 @@ def fetch_streamed_tip(
                 wal = base.removesuffix(".json")
                 if base.endswith(".json") and (SEGMENT.match(wal) or wal.endswith(STREAM_SUFFIX)) and wal[:24] > name:
                     return None  # WAL after it is archived: this segment is missing, not the tip
-    aborted = None
-    for end, loc_name in sorted(holders, reverse=True):
+    # Only a copy that ends where the longest seen ends: a shorter one would end recovery early,
+    # silently. One that cannot be read now (replaced under us, a location failing) is retried.
+    newest = max(end for end, _ in holders)
+    problems, vanished = [], 0
+    for loc_name in sorted(n for end, n in holders if end == newest):
         try:
             found = fetch_bytes(
                 config, database, name + STREAM_SUFFIX, {loc_name: locations[loc_name]}, identities, log
             )
-        except WalFetchAborted as e:  # e.g. replaced between its sidecar and its object: the next copy
-            aborted = e
+        except WalFetchAborted as e:  # e.g. its object replaced after we read the sidecar
+            problems.append(str(e))
             continue
-        if found is not None:
-            log(
-                f"{name}: archived nowhere whole; serving the partial segment wal-stream pushed "
-                f"(WAL up to {end >> 32:X}/{end & 0xFFFFFFFF:X}, from {loc_name}): recovery ends in it"
-            )
-            return found
-    if aborted is not None:
-        raise aborted
+        if found is None:  # dropped meanwhile (its whole segment was archived): the caller looks again
+            vanished += 1
+            continue
+        log(
+            f"{name}: archived nowhere whole; serving the partial segment wal-stream pushed "
+            f"(WAL up to {newest >> 32:X}/{newest & 0xFFFFFFFF:X}, from {loc_name}): recovery ends in it"
+        )
+        return found
+    if problems:
+        raise WalFetchAborted(
+            f"the newest copy of {name}{STREAM_SUFFIX} (WAL up to {newest >> 32:X}/{newest & 0xFFFFFFFF:X}) "
+            f"cannot be read now: {'; '.join(problems)}; a shorter copy would end recovery early"
+        )
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from dr_pipelines.core.codec.encode import encode_bytes
 from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
-from dr_pipelines.core.postgres.wal_names import SEGMENT, STREAM_SUFFIX, lsn_text, timeline_of, written_end
+from dr_pipelines.core.postgres.wal_names import SEGMENT, STREAM_SUFFIX, lsn_int, lsn_text, timeline_of, written_end
 from dr_pipelines.core.storage.base import Location, LocationError
 from dr_pipelines.core.wal.archive import (
     CLUSTER,
@@ -62,6 +63,14 @@ def pushing_cluster(path: Path) -> str | None:
 # one only between two calls, each bounded by the location's timeouts (connect + read + retries,
 # about a minute at most by default), so three minutes also absorb clock skew with the server.
 STALE_PUSH = 180.0
+# How long a push that finds the object but not its sidecar waits for that sidecar (the other push
+# writes it right after the object) before calling it a push in progress or a dead one's leftover.
+SIDECAR_WAIT_S = 3.0
+
+
+def _listed(loc: Location, key: str):
+    """The listing's entry for `key` (size, modified), or None."""
+    return next((o for o in loc.list(key) if o.key == key), None)
 
 
 def _store(loc: Location, database: str, prefix: str, name: str, side: dict, stored: bytes, known: dict | None) -> bool:
@@ -80,13 +89,24 @@ def _store(loc: Location, database: str, prefix: str, name: str, side: dict, sto
                 )
     object_key, side_key = f"{prefix}/{side['object']['name']}", f"{prefix}/{name}.json"
     if not loc.create(object_key, stored):
-        existing = _read_json(loc, side_key)
-        if existing is not None:
-            return _same(existing, side, name, loc.name)
-        # an object without its sidecar: a push in progress (wait for it) or one that died (replace it)
-        [listed] = [o for o in loc.list(object_key) if o.key == object_key] or [None]
+        # an object without its sidecar: a push in progress (archive_command and wal-stream push the
+        # same segment within milliseconds: wait for its sidecar, then compare), or one that died
+        delay, until = 0.05, time.monotonic() + SIDECAR_WAIT_S
+        while True:
+            existing = _read_json(loc, side_key)
+            if existing is not None:
+                return _same(existing, side, name, loc.name)
+            if time.monotonic() >= until:
+                break
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)
+        listed = _listed(loc, object_key)
         age = (datetime.now(timezone.utc) - listed.modified).total_seconds() if listed and listed.modified else 0.0
         if age < STALE_PUSH:
+            raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
+        # left by a push that died: replace it, unless another pusher replaced it meanwhile (deleting
+        # theirs would leave their sidecar naming our bytes)
+        if _listed(loc, object_key) != listed or _read_json(loc, side_key) is not None:
             raise WalError(f"{name}: another push of it is in progress on {loc.name}; PostgreSQL retries")
         loc.delete(object_key)
         if not loc.create(object_key, stored):
@@ -292,16 +312,19 @@ class StreamedPartial:
         return self.side["end_lsn"]
 
 
-def prepare_streamed_partial(config: DrConfig, database: str, path: str | Path, known: dict | None) -> StreamedPartial:
-    """Read pg_receivewal's growing `<segment>.partial`, check its cluster against the archive's
-    record (`known`, from archive_cluster; refused if another), encode it once. Raises WalError if
-    it cannot be read."""
+def prepare_streamed_partial(
+    config: DrConfig, database: str, path: str | Path, known: dict | None, data: bytes | None = None
+) -> StreamedPartial:
+    """Read pg_receivewal's growing `<segment>.partial` (or take `data`, its bytes already read),
+    check its cluster against the archive's record (`known`, from archive_cluster; refused if
+    another), encode it once. Raises WalError if it cannot be read."""
     path = Path(path)
     segment = path.name.removesuffix(".partial")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise WalError(f"cannot read {path}: {e.strerror}") from None
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise WalError(f"cannot read {path}: {e.strerror}") from None
     header = segment_header(data)
     if known and known["system_identifier"] != header["system_identifier"]:
         raise WalRefused(
@@ -310,27 +333,37 @@ def prepare_streamed_partial(config: DrConfig, database: str, path: str | Path, 
         )
     name = segment + STREAM_SUFFIX
     stored = encode_bytes(data, config.compression, config.encryption)
+    end, plain_sha = written_end(data, segment, header["segment_size"]), sha256_hex(data)
+    # named after its content: a replacement is a new object, the sidecar switches to it
+    object_base = f"{name}.{end:016X}-{plain_sha[:16]}"
     side = {
         "name": name,
         "kind": STREAMED,
         "segment": segment,
-        "end_lsn": lsn_text(written_end(data, segment, header["segment_size"])),
+        "end_lsn": lsn_text(end),
         "size": len(data),
-        "sha256": sha256_hex(data),
+        "sha256": plain_sha,
         "compression": config.compression.method,
         "encryption": config.encryption.method,
         "pushed_at": datetime.now(timezone.utc).isoformat(),
         "system_identifier": header["system_identifier"],
         "segment_size": header["segment_size"],
-        "object": {"name": object_name(name, config), "size": len(stored), "sha256": sha256_hex(stored)},
+        "object": {"name": object_name(object_base, config), "size": len(stored), "sha256": sha256_hex(stored)},
     }
     return StreamedPartial(segment, side, stored, known)
 
 
-def store_streamed_partial(loc: Location, database: str, partial: StreamedPartial) -> None:
-    """Replace `<segment>.stream.partial` on one location: object first, then the sidecar (the
-    commit marker; a reader between the two sees a checksum mismatch and reads again). Raises
-    LocationError."""
+STORED, SAME, NEWER_THERE = "stored", "same", "newer there"
+
+
+def store_streamed_partial(loc: Location, database: str, partial: StreamedPartial) -> str:
+    """Replace `<segment>.stream.partial` on one location. Its object is named after its content, so
+    a replacement writes a new object, then switches the sidecar (the commit marker) to it, then
+    deletes the object the old sidecar named: a reader always finds the bytes its sidecar names,
+    or (holding a sidecar replaced meanwhile) no object at all, which it retries, never a mix.
+    A copy there that ends later (another wal-stream, or one restarted with an older spool) is
+    never replaced by a shorter one. Returns STORED, SAME (this very copy was there) or
+    NEWER_THERE (a longer copy was there; nothing written). Raises LocationError."""
     side = partial.side
     if partial.known is None:  # the archive's first file names its cluster, as a segment would
         record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
@@ -342,21 +375,46 @@ def store_streamed_partial(loc: Location, database: str, partial: StreamedPartia
                     f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on {loc.name}"
                 )
     prefix = f"{wal_prefix(database)}/{timeline_of(partial.segment)}"
+    side_key = f"{prefix}/{partial.name}.json"
+    try:
+        existing = _read_json(loc, side_key)
+        there = lsn_int(existing["end_lsn"]) if existing else None
+    except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: replaced by a good one
+        existing, there = None, None
+    if existing is not None and there is not None:
+        if there > lsn_int(side["end_lsn"]):
+            return NEWER_THERE
+        if (
+            existing.get("sha256") == side["sha256"]
+            and existing.get("object", {}).get("name") == side["object"]["name"]
+        ):
+            return SAME
     loc.put_bytes(f"{prefix}/{side['object']['name']}", partial.stored)
-    loc.put_bytes(f"{prefix}/{partial.name}.json", json.dumps(side, sort_keys=True).encode())
+    loc.put_bytes(side_key, json.dumps(side, sort_keys=True).encode())
+    old = (existing or {}).get("object", {}).get("name") if isinstance(existing, dict) else None
+    if old and old != side["object"]["name"]:
+        try:  # best effort: a leftover goes with drop_streamed_partial
+            loc.delete(f"{prefix}/{old}")
+        except LocationError:
+            pass
+    return STORED
 
 
 def drop_streamed_partial(database: str, segment: str, locations: dict[str, Location], config: DrConfig) -> list[str]:
     """Remove `<segment>.stream.partial` once the whole segment is archived there (sidecar first:
-    the file is gone the moment its marker is). Returns the problems (best effort: a leftover is
-    never served while the whole segment exists, and retention removes it with its segment)."""
+    the file is gone the moment its marker is; then every object of it, whatever version). Returns
+    the problems (best effort: a leftover is never served while the whole segment exists, and
+    retention removes it with its segment)."""
     name = segment + STREAM_SUFFIX
     prefix = f"{wal_prefix(database)}/{timeline_of(segment)}"
     problems = []
     for loc_name, loc in locations.items():
         try:
             loc.delete(f"{prefix}/{name}.json")
-            loc.delete(f"{prefix}/{object_name(name, config)}")
+            for o in list(loc.list(f"{prefix}/{name}")):
+                base = o.key.rsplit("/", 1)[-1]
+                if base == name or base.startswith(name + "."):  # every version, and an older layout's
+                    loc.delete(o.key)
         except LocationError as e:
             problems.append(f"{loc_name}: {e}")
     return problems

@@ -311,7 +311,10 @@ class WalStreamer:
         self.retry_at: dict[str, float] = {}
         self.retry_delay: dict[str, float] = {}
         self.partial_targets = [n for n in locations if not immutable(config, n)]
-        self.partial_have: dict[str, tuple] = {}  # location -> (file, mtime_ns, size) of the partial it holds
+        self.partial_have: dict[str, tuple] = {}  # location -> (file, WAL end) of the partial it holds
+        self.partial_errors: dict[str, str] = {}  # location -> why its last partial push failed
+        self.partial_error: str | None = None  # why the newest partial could not be read or prepared
+        self.newer_there: dict[str, str] = {}  # location -> partial it holds longer than the spool's (warned)
         self.partial_pushed_at = 0.0
         self.pushed_partial: dict | None = None
         self.started_at = _now()
@@ -512,56 +515,106 @@ class WalStreamer:
             pushed = sorted(set(pushed))
             self.log(f"pushed {pushed[0]}" + (f" .. {pushed[-1]} ({len(pushed)} files)" if len(pushed) > 1 else ""))
 
+    def _newest_partial(self) -> tuple[str, bytes, tuple[str, int]] | None:
+        """The newest partial segment in the spool: (file, its bytes, its version), or None when there
+        is none or nothing was received into it yet. The version is its content's (the file and
+        where its WAL ends), not the file's mtime or size: pg_receivewal pre-pads the file, and
+        an mtime may not move between two writes."""
+        from dr_pipelines.core.postgres.wal_names import written_end
+        from dr_pipelines.core.wal.archive import segment_header
+
+        _, partials = self._spool_files()
+        if not partials:
+            return None
+        name = max(partials, key=lambda n: n[8:24] + n[:8])  # the newest position, whatever the timeline
+        try:
+            data = (self.spool / name).read_bytes()
+        except FileNotFoundError:  # completed meanwhile: pushed whole on the next tick
+            return None
+        if not data[:40].strip(b"\0"):  # just made, nothing received into it yet
+            return None
+        try:
+            end = written_end(data, name[:24], segment_header(data)["segment_size"])
+        except DrError:
+            end = -len(data.rstrip(b"\0"))  # not WAL: prepare_streamed_partial says why
+        return name, data, (name, end)
+
     def _push_partial(self, force: bool = False, everywhere: bool = False) -> None:
         """Push the newest partial segment to the locations that lack its current content, at most
-        every partial_interval (`force`: now). Read and encoded once for all of them."""
-        from dr_pipelines.core.wal.push import prepare_streamed_partial, store_streamed_partial
+        every partial_interval (`force`: now, read again). `everywhere` (the last push): every
+        location, each asked what it holds (store_streamed_partial writes only where it lacks this
+        content). Read and encoded once for all of them."""
+        from dr_pipelines.core.wal.push import NEWER_THERE, prepare_streamed_partial, store_streamed_partial
 
         now = time.monotonic()
         if not force and now - self.partial_pushed_at < self.interval:
             return
-        _, partials = self._spool_files()
-        if not partials or not self.partial_targets:
+        if not self.partial_targets:
             return
-        name = max(partials, key=lambda n: n[8:24] + n[:8])  # the newest position, whatever the timeline
-        path = self.spool / name
         try:
-            st = path.stat()
-            with open(path, "rb") as f:
-                if not f.read(40).strip(b"\0"):  # just made, nothing received into it yet
-                    return
-        except FileNotFoundError:  # completed meanwhile: pushed whole on the next tick
+            newest = self._newest_partial()
+        except OSError as e:
+            self.partial_error = f"cannot read the newest partial segment: {e}"
+            self.log(f"{self.partial_error}; tried again in {self.interval:g}s")
             return
-        version = (name, st.st_mtime_ns, st.st_size)
+        if newest is None:
+            return
+        name, data, version = newest
         if everywhere:
             for n in self.partial_targets:
                 forget_down(n)
         targets = [
-            n for n in self.partial_targets if self.partial_have.get(n) != version and (everywhere or self._usable(n))
+            n for n in self.partial_targets if everywhere or (self.partial_have.get(n) != version and self._usable(n))
         ]
         if not targets:
             return
         self.partial_pushed_at = now
         try:
-            partial = prepare_streamed_partial(self.config, self.database, path, self.known)
-        except FileNotFoundError:
-            return
+            partial = prepare_streamed_partial(self.config, self.database, self.spool / name, self.known, data)
         except (DrError, OSError) as e:
-            self.log(f"{name}: not pushed ({e}); tried again in {self.interval:g}s")
+            self.partial_error = f"{name} not pushed: {e}"
+            self.log(f"{self.partial_error}; tried again in {self.interval:g}s")
             return
+        self.partial_error = None
         outcomes = self._each(
             targets, lambda n: store_streamed_partial(self.locations[n], self.database, partial), self.deadline
         )
-        for n, (error, _) in outcomes.items():
+        for n, (error, result) in outcomes.items():
             if error is None:
                 self.partial_have[n] = version
+                self.partial_errors.pop(n, None)
+                if result == NEWER_THERE and self.newer_there.get(n) != name:
+                    self.newer_there[n] = name
+                    self.log(
+                        f"warning: {n} already holds a longer {partial.name} than this spool's (WAL up to "
+                        f"{partial.end_lsn}): left as it is (another wal-stream, or a restart with an older spool?)"
+                    )
             else:
+                self.partial_errors[n] = _why(error, n)
                 self._failed(n, partial.name, error)
         held = sorted(n for n, v in self.partial_have.items() if v == version)
         if held:
             if self.known is None:
                 self.known = {"system_identifier": partial.side["system_identifier"]}
             self.pushed_partial = {"segment": name[:24], "end_lsn": partial.end_lsn, "at": _now(), "locations": held}
+
+    def _partial_missing(self) -> list[str]:
+        """Where the newest partial in the spool, as it is now, is not held: what each location was
+        last given against the file's current content."""
+        try:
+            newest = self._newest_partial()
+        except OSError as e:
+            return [f"the newest partial segment cannot be read ({e})"]
+        if newest is None:
+            return []
+        name, _, version = newest
+        return [
+            f"{n} lacks the newest partial segment {name}"
+            + (f" ({self.partial_errors[n]})" if n in self.partial_errors else "")
+            + (f" ({self.partial_error})" if self.partial_error else "")
+            for n in self.partial_targets
+            if self.partial_have.get(n) != version
+        ]
 
     # ------------------------------------------------------------------ a failed location, retried
 
@@ -736,13 +789,13 @@ class WalStreamer:
         status = self.status()
         self._write_status(stopped_at=_now())
         left = status["backlog"]
-        stale = [n for n in self.partial_targets if self.pushed_partial and n not in self.pushed_partial["locations"]]
+        stale = self._partial_missing()
         if left or stale or status["refused"]:
             self.log(
                 "stopped with WAL not archived everywhere: "
                 + "; ".join(
                     [f"{n} lacks {', '.join(files)}" for n, files in left.items()]
-                    + [f"{n} lacks the newest partial segment" for n in stale]
+                    + stale
                     + list(status["refused"].values())
                 )
                 + f". It stays in {self.spool}; the next wal-stream pushes it"

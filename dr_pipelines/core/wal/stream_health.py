@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from dr_pipelines.core.config import DrConfig
+from dr_pipelines.core.config import ConfigError, DrConfig
 from dr_pipelines.core.monitoring.alerts import Alert
 from dr_pipelines.core.postgres.wal_names import lsn_int, lsn_text, parse_segment
 from dr_pipelines.core.storage.base import Location, LocationError
@@ -94,6 +94,12 @@ def stale_after(config: DrConfig, database: str) -> timedelta:
     return max(timedelta(seconds=15), 10 * config.database(database).streaming.partial_interval)
 
 
+def lag_limit_s(config: DrConfig, database: str) -> float:
+    """While streaming, the archive moves at least every partial_interval: behind the server for
+    longer than this (seconds), streaming is down whatever the slot says."""
+    return max(60.0, 3 * config.database(database).streaming.partial_interval.total_seconds())
+
+
 def stream_health(
     config: DrConfig,
     database: str,
@@ -106,7 +112,12 @@ def stream_health(
     from dr_pipelines.core.wal.stream import read_stream_status
 
     streaming = config.database(database).streaming
-    slot = streaming.slot_name(database)
+    try:
+        slot = streaming.slot_name(database)
+    except ConfigError:  # too long a default name: refused at config load when streaming is enabled
+        if streaming.enabled:
+            raise
+        return StreamHealth(database, False, "", streaming.max_slot_wal)  # no slot of that name can exist
     h = StreamHealth(database, streaming.enabled, slot, streaming.max_slot_wal)
     url = config.webserver_url.rstrip("/") + f"/assets/{database}/wal_archive"
     since = now.isoformat(timespec="seconds")
@@ -174,6 +185,14 @@ def stream_health(
             why.append(
                 f"wal-stream's status was last written at {h.streamer.get('updated_at')}"
                 + (" (it stopped)" if h.streamer.get("stopped_at") else " (it is not running, or hangs)")
+            )
+        # measured from the repository alone: pg_receivewal may be connected (the slot active) while
+        # every push fails, and this host may not read wal-stream's status
+        behind = lag_limit_s(config, database)
+        if h.lag_s is not None and h.lag_bytes and h.lag_s > behind:
+            why.append(
+                f"the archive has not moved for {h.lag_s:.0f}s (limit {behind:g}s) while the server is "
+                f"{h.lag_bytes} bytes ahead of it: WAL is received but not archived (are its pushes failing?)"
             )
         if h.streamer and h.streamer_fresh and h.streamer.get("receiver", {}).get("last_exit") and why:
             why.append(f"pg_receivewal last stopped with: {h.streamer['receiver']['last_exit']}")
