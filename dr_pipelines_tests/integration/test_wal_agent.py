@@ -434,10 +434,14 @@ def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_
         wait_for(lambda: gone(agent["pid"]), "the agent is dead", 10)
         proxy.release()
         with pg.connect() as conn:
-            wait_for(
-                lambda: (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") >= victim,
-                f"{victim} archived after the agent died",
-            )
+            try:
+                wait_for(
+                    lambda: (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "")
+                    >= victim,
+                    f"{victim} archived after the agent died",
+                )
+            except AssertionError as e:
+                raise AssertionError(f"{e}; server log: {pg.cluster.log_file.read_text()[-3000:]}") from None
         names.append(victim)
         assert "the archiver agent did not answer" in pg.cluster.log_file.read_text()
         for only in ("local", "s3"):  # on each location alone, sidecar and object, the right bytes

@@ -14,6 +14,7 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.wal_names import SEGMENT, STREAM_SUFFIX, lsn_int, lsn_text, timeline_of, written_end
 from dr_pipelines.core.storage.base import Location, LocationError
+from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.wal.archive import (
     CLUSTER,
     STREAMED,
@@ -215,7 +216,13 @@ def wal_push(
                 except LocationError as e:
                     return e
 
-            for loc_name, stored in zip(missing, pool.map(store, missing), strict=True):
+            # Local copies first, whole: a push killed midway leaves an object without its sidecar,
+            # which holds that location's later pushes of the segment for STALE_PUSH; local writes
+            # take milliseconds, so only the remote ones (written at once) can be caught so.
+            local = [n for n in missing if isinstance(locations[n], LocalLocation)]
+            remote = [n for n in missing if n not in local]
+            outcomes = [store(n) for n in local] + list(pool.map(store, remote))
+            for loc_name, stored in zip(local + remote, outcomes, strict=True):
                 if isinstance(stored, LocationError):
                     failures[loc_name] = str(stored)
                 elif stored:
