@@ -436,8 +436,9 @@ def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_
         with pg.connect() as conn:
             try:
                 wait_for(
-                    lambda: (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "")
-                    >= victim,
+                    lambda: (
+                        (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") >= victim
+                    ),
                     f"{victim} archived after the agent died",
                 )
             except AssertionError as e:
