@@ -43,6 +43,7 @@ from pathlib import Path
 import psycopg
 import pyrage
 import yaml
+from psycopg import sql
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -217,8 +218,10 @@ def run_mode(mode: str, args, work: Path, stream_takes_config: bool) -> dict:
     if args.archive_timeout:
         settings["archive_timeout"] = f"{args.archive_timeout}s"
         notes.append(f"archive_timeout {args.archive_timeout}s (--archive-timeout; pg-config's is longer)")
-    if mode == "sync" and "synchronous_standby_names" not in settings:
-        settings["synchronous_standby_names"] = "'*'"
+    # set once the streamer is connected: before that, every commit (the setup's too) would wait for it
+    sync_names = settings.pop("synchronous_standby_names", None)
+    if mode == "sync" and sync_names is None:
+        sync_names = "'*'"
         notes.append("synchronous_standby_names = '*' set by the benchmark (pg-config printed none)")
     cluster = LocalCluster(work / "primary", port)
     cluster.initdb(settings)
@@ -245,7 +248,13 @@ def run_mode(mode: str, args, work: Path, stream_takes_config: bool) -> dict:
                 env=clean_env(),
                 start_new_session=True,
             )
-            wait_streaming(port, mode == "sync", streamer, work / "wal-stream.log")
+            wait_streaming(port, False, streamer, work / "wal-stream.log")
+            if sync_names is not None:
+                with psycopg.connect(host="127.0.0.1", port=port, user="postgres", autocommit=True) as c:
+                    names = sync_names.strip("'").replace("''", "'")
+                    c.execute(sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(names)))
+                    c.execute("SELECT pg_reload_conf()")
+                wait_streaming(port, mode == "sync", streamer, work / "wal-stream.log")
         script = work / "rpo.sql"
         script.write_text(SCRIPT)
         load_s = args.load_seconds or (_seconds(archive_timeout) + 30 if mode == "archive" else 20)
@@ -342,7 +351,7 @@ def markdown(results: list[dict], skipped: dict[str, str], meta: dict) -> str:
         )
     for mode, why in skipped.items():
         lines.append(f"| {mode} | | | | | {GOALS[mode]} | skipped: {why} | | |")
-    notes = [n for r in results for n in r["notes"]]
+    notes = list(dict.fromkeys(n for r in results for n in r["notes"]))
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
     return "\n".join(lines)
