@@ -32,7 +32,14 @@ def main() -> int:
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     for yi, v in zip(y, ratios, strict=True):
-        ax.text(v * 1.03, yi, f"{v:.2f}", va="center", fontsize=7)
+        ax.text(
+            v * 1.03,
+            yi,
+            f"{v:.2f}",
+            va="center",
+            fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        )
     lo, hi = min(0.5, min(ratios) / 1.3), max(2.0, max(ratios) * 1.4)
     ax.set_xlim(lo, hi)
     ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16) if lo <= t <= hi]

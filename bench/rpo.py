@@ -20,9 +20,9 @@ skipped, and the output says why.
 The load is pgbench at a fixed rate (`--rate`, 200 tx/s by default: a segment never fills, so
 archive_timeout, not segment size, bounds the archive mode's loss): each transaction inserts
 (client_id, n) with n counting that client's transactions from 1, so a client's recovered rows are
-1..m and its log says how many it committed. One kill per mode by default: the archive mode's loss is one sample
-of a value that lies anywhere between 0 and archive_timeout, depending on when the kill lands
-(`--trials N` kills N fresh clusters per mode).
+1..m and its log says how many it committed. The kill comes 20 s plus a random part of archive_timeout
+after the load starts, so the archive mode's loss is a sample of a value between 0 and
+archive_timeout (one kill per mode; `--trials N` kills N fresh clusters per mode).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -257,16 +258,20 @@ def run_mode(mode: str, args, work: Path, stream_takes_config: bool) -> dict:
                 wait_streaming(port, mode == "sync", streamer, work / "wal-stream.log")
         script = work / "rpo.sql"
         script.write_text(SCRIPT)
-        load_s = args.load_seconds or (_seconds(archive_timeout) + 30 if mode == "archive" else 20)
+        # the kill lands at a random moment of archive_timeout's cycle (a fixed load time would kill at
+        # the same phase every time): the archive mode's loss is then a fair sample of 0..archive_timeout
+        load_s = args.load_seconds or round(20 + random.uniform(0, _seconds(archive_timeout)), 1)
         load = subprocess.Popen(
             [str(PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n", "-f", str(script),
-             "-c", "4", "-j", "2", "-R", str(args.rate), "-T", str(load_s + 120), "-D", "n=0", "-l",
+             "-c", "4", "-j", "2", "-R", str(args.rate), "-T", str(int(load_s) + 120), "-D", "n=0", "-l",
              f"--log-prefix={work / 'rpo_client'}", "bench"],
             cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(load_s)
         if load.poll() is not None:
             raise SystemExit(f"pgbench ended before the kill: {load.stderr.read()[-2000:]}")
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres") as c:
+            last_archived = c.execute("SELECT last_archived_time FROM pg_stat_archiver").fetchone()[0]
         killed_at = lose_host(cluster, config)
         load.wait(timeout=60)
         if streamer is not None:
@@ -297,6 +302,8 @@ def run_mode(mode: str, args, work: Path, stream_takes_config: bool) -> dict:
             "load_s": load_s,
             "achieved_tps": loss["committed"] / max(1e-9, loss["last_commit_epoch"] - first),
             "kill_after_last_commit_s": killed_at - loss["last_commit_epoch"],
+            # what archiving alone would lose: the time since the newest segment reached the archive
+            "kill_after_last_archived_s": killed_at - last_archived.timestamp() if last_archived else None,
             "pitr_command_s": pitr_s,
             "notes": notes,
             **loss,
@@ -335,22 +342,28 @@ def wait_streaming(port: int, sync: bool, streamer: subprocess.Popen, log: Path,
     raise SystemExit(f"wal-stream did not start streaming ({'sync' if sync else 'async'}) in {timeout}s")
 
 
+def _fmt(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds:.1f} s"
+
+
 def markdown(results: list[dict], skipped: dict[str, str], meta: dict) -> str:
     lines = [
         f"{meta['date']}: `{meta['command']}`; pgbench at {meta['rate']} tx/s (4 clients); one row per kill.",
         "",
-        "| mode | archive_timeout | committed | lost (tx) | lost (s) | goal | met | in-doubt recovered | pitr --latest |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | archive_timeout | kill after the last archived segment | committed | lost (tx) | lost (s) | goal "
+        "| met | in-doubt recovered | pitr --latest |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         limit = {"archive": _seconds(r["archive_timeout"]), "stream": 1.0, "sync": 0.0}[r["mode"]]
         met = r["lost_s"] <= limit and (r["mode"] != "sync" or r["lost_tx"] == 0) and not r["clients_with_gaps"]
         lines.append(
-            f"| {r['mode']} | {r['archive_timeout']} | {r['committed']} | {r['lost_tx']} | {r['lost_s']:.2f} | "
+            f"| {r['mode']} | {r['archive_timeout']} | {_fmt(r['kill_after_last_archived_s'])} | {r['committed']} | "
+            f"{r['lost_tx']} | {r['lost_s']:.2f} | "
             f"{GOALS[r['mode']]} | {'yes' if met else '**no**'} | {r['recovered_in_doubt_tx']} | {r['pitr_command_s']:.1f} s |"
         )
     for mode, why in skipped.items():
-        lines.append(f"| {mode} | | | | | {GOALS[mode]} | skipped: {why} | | |")
+        lines.append(f"| {mode} | | | | | | {GOALS[mode]} | skipped: {why} | | |")
     notes = list(dict.fromkeys(n for r in results for n in r["notes"]))
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
@@ -363,7 +376,10 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=200, help="pgbench transactions per second (all clients)")
     ap.add_argument("--archive-timeout", type=int, default=0, help="seconds; default: what pg-config sets (60)")
     ap.add_argument(
-        "--load-seconds", type=int, default=0, help="load before the kill (default: archive_timeout + 30 s; 20 s)"
+        "--load-seconds",
+        type=float,
+        default=0,
+        help="load before the kill (default: 20 s + a random part of archive_timeout)",
     )
     ap.add_argument("--stream-grace", type=float, default=5.0, help="seconds the streamer keeps running after the kill")
     ap.add_argument("--trials", type=int, default=1, help="kills per mode (each a fresh cluster)")
@@ -385,7 +401,8 @@ def main() -> int:
         results.append(r)
         print(
             f"{mode} (trial {trial}): {r['committed']} commits acknowledged, {r['lost_tx']} lost ({r['lost_s']:.2f} s of commits; "
-            f"archive_timeout {r['archive_timeout']}), {r['recovered_in_doubt_tx']} recovered whose ack never "
+            f"archive_timeout {r['archive_timeout']}; killed {_fmt(r['kill_after_last_archived_s'])} after the last "
+            f"segment was archived), {r['recovered_in_doubt_tx']} recovered whose ack never "
             f"arrived, gaps: {r['clients_with_gaps'] or 'none'}; pitr --latest {r['pitr_command_s']:.1f} s",
             flush=True,
         )
