@@ -194,6 +194,8 @@ def count_loss(committed: dict[int, list[float]], recovered: dict[int, tuple[int
             last_recovered_t = max(last_recovered_t, times[min(top, len(times)) - 1])
         lost_times += times[top:]
     last_commit_t = max(t for times in committed.values() for t in times)
+    if not last_recovered_t:  # none of the load's commits came back: all of it is lost
+        last_recovered_t = min(t for times in committed.values() for t in times)
     return {
         "committed": sum(len(t) for t in committed.values()),
         "recovered": sum(top for top, _ in recovered.values()),
