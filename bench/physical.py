@@ -11,7 +11,9 @@
 - archive backlog while pgbench runs flat out with our archive_command: the most .ready segments seen.
 
 The archive_command pushes every segment to both our repository and pgBackRest's during the run, so
-each tool restores from its own archive.
+each tool restores from its own archive. Given an S3 endpoint (`bench/peers.py`: moto over TLS on
+127.0.0.1), it also pushes to our S3 location, to a pgBackRest S3 repository and, with barman-cloud
+installed, to barman-cloud's archive on the same endpoint, and each benchmark adds those contenders.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,14 +31,16 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from dr_pipelines.core.child_env import server_env
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, run_as_postgres
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-def _as_postgres(cmd: list[str]) -> float:
+def _as_postgres(cmd: list[str], env: dict | None = None) -> float:
+    """`env`: default, none of our cloud variables (pgBackRest and a local repository need none)."""
     t0 = time.perf_counter()
-    proc = run_as_postgres(cmd, capture_output=True, text=True)
+    proc = run_as_postgres(cmd, capture_output=True, text=True, **({"env": env} if env is not None else {}))
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -48,9 +54,68 @@ def _timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class S3Endpoint:
+    """One S3 endpoint every tool writes to, each under its own prefix: moto over TLS on 127.0.0.1
+    (pgBackRest speaks S3 only over TLS), its self-signed certificate in `ca_file`."""
+
+    url: str
+    port: int
+    bucket: str
+    ca_file: Path
+
+    def location(self, prefix: str) -> dict:
+        """Our S3 location on this endpoint."""
+        return {"type": "s3", "bucket": self.bucket, "prefix": prefix, "endpoint_url": self.url, "region": "us-east-1"}
+
+
+def config_with_location(config: Path, location: dict, out: Path) -> Path:
+    """A copy of our config whose only location is `location` (same database, key and codec)."""
+    raw = yaml.safe_load(config.read_text())
+    raw["locations"] = {location["type"]: location}
+    out.write_text(yaml.safe_dump(raw))
+    out.chmod(0o644)
+    return out
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each contender once a round; the order rotates, so each goes first in turn (the first to write
+    gigabytes of new files on this VM pays for fresh memory pages)."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(contenders[name]())
+    return times
+
+
+def _medians(times: dict[str, list[float]]) -> dict:
+    return {
+        **{f"{k}_s": v for k, v in times.items()},
+        **{f"{k}_median_s": statistics.median(v) for k, v in times.items()},
+    }
+
+
+_PGBR_COMMON = (
+    "compress-type=zst\ncompress-level=3\nprocess-max=2\nrepo1-retention-full=1\n"
+    "repo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase\n"
+)
+
+
 class Setup:
-    def __init__(self, cluster: LocalCluster, port: int, work: Path, ours_bin: Path, env: dict):
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        port: int,
+        work: Path,
+        ours_bin: Path,
+        env: dict,
+        s3: S3Endpoint | None = None,
+        barman_bin: Path | None = None,
+    ):
         self.cluster, self.port, self.work, self.ours_bin, self.env = cluster, port, work, ours_bin, env
+        self.s3, self.barman_bin = s3, barman_bin if s3 is not None else None
         work.chmod(0o755)
         chown_to_postgres(work)
         self.sock = work / "sock"
@@ -67,15 +132,7 @@ class Setup:
             work / "pgbr-lock",
         ):
             chown_to_postgres(d)
-        self.pgbr_conf = work / "pgbackrest.conf"
-        self.pgbr_conf.write_text(
-            "[global]\n"
-            f"repo1-path={self.pgbr_repo}\nrepo1-retention-full=1\ncompress-type=zst\ncompress-level=3\n"
-            "process-max=2\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench-only-passphrase\n"
-            f"log-path={work / 'pgbr-log'}\nlock-path={work / 'pgbr-lock'}\nlog-level-console=warn\nstart-fast=y\n"
-            f"[bench]\npg1-path={cluster.data_dir}\npg1-port={port}\npg1-socket-path={self.sock}\n"
-        )
-        self.pgbr_conf.chmod(0o644)
+        self.pgbr_conf = self._pgbr_conf("pgbackrest.conf", f"repo1-path={self.pgbr_repo}\n")
         self.pgbr = ["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench"]
         identity = work / "identity.txt"
         chown_to_postgres(identity)
@@ -85,10 +142,52 @@ class Setup:
         raw["databases"]["bench"]["objectives"] = {"rpo": "5m"}
         self.config.write_text(yaml.safe_dump(raw))
         self.ours = [str(ours_bin), "--config", str(self.config)]
+        # what the cluster's archive_command gets (the S3 keys and CA bundle too): the commands timed
+        # as the postgres user get the same
+        self.pg_env = server_env()
+        if s3 is not None:
+            self.config_s3 = config_with_location(self.config, s3.location("physical/"), work / "bench-s3.yaml")
+            self.ours_s3 = [str(ours_bin), "--config", str(self.config_s3)]
+            self.pgbr_s3_conf = self._pgbr_conf(
+                "pgbackrest-s3.conf",
+                f"repo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={s3.bucket}\nrepo1-s3-endpoint=127.0.0.1\n"
+                f"repo1-storage-port={s3.port}\nrepo1-s3-region=us-east-1\nrepo1-s3-uri-style=path\n"
+                f"repo1-s3-key=bench\nrepo1-s3-key-secret=bench\nrepo1-storage-ca-file={s3.ca_file}\n"
+                # small files bundled into larger objects, as pgBackRest's user guide advises
+                "repo1-bundle=y\n",
+            )
+            self.pgbr_s3 = ["pgbackrest", f"--config={self.pgbr_s3_conf}", "--stanza=bench"]
+            self.barman_url = f"s3://{s3.bucket}/barman"
+
+    def _pgbr_conf(self, name: str, repo: str) -> Path:
+        conf = self.work / name
+        conf.write_text(
+            f"[global]\n{repo}{_PGBR_COMMON}"
+            f"log-path={self.work / 'pgbr-log'}\nlock-path={self.work / 'pgbr-lock'}\nlog-level-console=warn\nstart-fast=y\n"
+            f"[bench]\npg1-path={self.cluster.data_dir}\npg1-port={self.port}\npg1-socket-path={self.sock}\n"
+        )
+        conf.chmod(0o644)
+        return conf
+
+    def barman(self, command: str, *args: str) -> list[str]:
+        """A barman-cloud command against the S3 endpoint."""
+        assert self.s3 is not None and self.barman_bin is not None
+        return [str(self.barman_bin / command), "--endpoint-url", self.s3.url, *args]
 
     def archive_command(self, both: bool = True) -> str:
+        """Ours alone, or every tool's push in turn (each restores from its own archive)."""
         ours = " ".join(self.ours + ["wal-push", "--db", "bench", "%p"])
-        return ours + (" && " + " ".join(self.pgbr + ["archive-push", "%p"]) if both else "")
+        if not both:
+            return ours
+        pushes = [ours, " ".join(self.pgbr + ["archive-push", "%p"])]
+        if self.s3 is not None:
+            pushes.append(" ".join(self.ours_s3 + ["wal-push", "--db", "bench", "%p"]))
+            pushes.append(" ".join(self.pgbr_s3 + ["archive-push", "%p"]))
+            if self.barman_bin is not None:
+                pushes.append(
+                    " ".join(self.barman("barman-cloud-wal-archive", "--zstd", self.barman_url, "bench", "%p"))
+                )
+        return " && ".join(pushes)
 
     def enable(self) -> None:
         self.cluster.write_settings(
@@ -102,6 +201,8 @@ class Setup:
         self.cluster.stop("fast")
         self.cluster.start()
         _as_postgres(self.pgbr + ["stanza-create"])
+        if self.s3 is not None:
+            _as_postgres(self.pgbr_s3 + ["stanza-create"])
 
     def disable(self) -> None:
         """The cached benchmark cluster goes back to how the logical benchmarks expect it."""
@@ -141,26 +242,40 @@ def bench_base_backup(s: Setup, rounds: int) -> dict:
         "--compress=client-zstd",
         "--checkpoint=fast",
     ]
-    ours = s.ours + ["backup", "bench", "--kind", "base"]
-    times: dict[str, list[float]] = {"bare": [], "ours": [], "pgbackrest": []}
-    order = ["bare", "ours", "pgbackrest"]
-    for i in range(rounds):
-        for name in order[i % 3 :] + order[: i % 3]:
-            if name == "bare":
-                shutil.rmtree(bare_dir, ignore_errors=True)
-                times["bare"].append(_timed(bare, s.env))
-                shutil.rmtree(bare_dir, ignore_errors=True)
-            elif name == "ours":
-                times["ours"].append(_timed(ours, s.env))
-                for old in sorted((s.work / "repo" / "bench" / "base").iterdir())[:-1]:
-                    shutil.rmtree(old)  # keep the newest only (the PITR benchmark uses it)
-            else:
-                times["pgbackrest"].append(_as_postgres(s.pgbr + ["backup", "--type=full"]))
+
+    def pg_basebackup() -> float:
+        shutil.rmtree(bare_dir, ignore_errors=True)
+        took = _timed(bare, s.env)
+        shutil.rmtree(bare_dir, ignore_errors=True)
+        return took
+
+    def ours() -> float:
+        took = _timed(s.ours + ["backup", "bench", "--kind", "base"], s.env)
+        for old in sorted((s.work / "repo" / "bench" / "base").iterdir())[:-1]:
+            shutil.rmtree(old)  # keep the newest only (the PITR benchmark uses it)
+        return took
+
+    contenders: dict[str, Callable[[], float]] = {
+        "bare": pg_basebackup,
+        "ours": ours,
+        "pgbackrest": lambda: _as_postgres(s.pgbr + ["backup", "--type=full"]),
+    }
+    if s.s3 is not None:
+        contenders["ours_s3"] = lambda: _timed(s.ours_s3 + ["backup", "bench", "--kind", "base"], s.env)
+        contenders["pgbackrest_s3"] = lambda: _as_postgres(s.pgbr_s3 + ["backup", "--type=full"])
+        if s.barman_bin is not None:
+            # lz4: the fastest of barman-cloud-backup's codecs (it has no zstd for base backups);
+            # -J 2 upload processes, as pgBackRest's process-max=2
+            contenders["barman_cloud"] = lambda: _as_postgres(
+                s.barman("barman-cloud-backup", "--lz4", "--immediate-checkpoint", "-J", "2")
+                + ["-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", s.barman_url, "bench"],
+                s.pg_env,
+            )
+    times = alternate(contenders, rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "benchmark": "base_backup",
-        **{f"{k}_s": v for k, v in times.items()},
-        **{f"{k}_median_s": v for k, v in med.items()},
+        **_medians(times),
         "ratio_vs_pg_basebackup": med["ours"] / med["bare"],
         "ratio_vs_pgbackrest": med["ours"] / med["pgbackrest"],
     }
@@ -181,6 +296,12 @@ def _agent_data_dir(s: Setup) -> Path:
 
 
 def bench_wal_push(s: Setup, count: int) -> dict:
+    """One 16 MB segment per call, as the postgres user (as archive_command), `count` calls each, the
+    order rotating: our command alone (not a running cluster's pg_wal: no agent), through the warm
+    resident agent, the call for a segment an earlier call archived ahead; `pgbackrest archive-push`;
+    with an S3 endpoint the same to S3, and `barman-cloud-wal-archive --zstd`."""
+    if count > 15:
+        raise SystemExit("at most 15 pushes per tool (the fake segment names hold 16 per tool)")
     with s.connect() as c:
         name = c.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
     src = s.cluster.data_dir / "pg_wal" / name
@@ -191,7 +312,7 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 
     agent_data = _agent_data_dir(s)
-    stem = agent_stem(str(agent_data / "pg_wal"), push_context(str(s.config), "bench"), agent_data.stat().st_uid)
+    agent_wal = agent_data / "pg_wal"
 
     def fake_segment(directory: Path, offset: int) -> Path:
         fake = directory / f"00000001000000FF{offset:08X}"  # names no cluster will use
@@ -199,58 +320,79 @@ def bench_wal_push(s: Setup, count: int) -> dict:
         chown_to_postgres(fake)
         return fake
 
-    # the agent's first call: no agent yet, so it pushes by itself and starts one
-    first = fake_segment(agent_data / "pg_wal", 0x30)
-    agent_first_s = _as_postgres(s.ours + ["wal-push", "--db", "bench", str(first)])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            request(stem + ".sock", {"status": True}, timeout=10)
-            break
-        except NotListening:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the archiver agent did not start; see {stem}.log") from None
-            time.sleep(0.1)
+    def ours_push(config: Path) -> list[str]:
+        return [str(s.ours_bin), "--config", str(config), "wal-push", "--db", "bench"]
 
-    ours_s, ahead_s, agent_s, pgbr_s = [], [], [], []
-    for i in range(count):
-        for tool, out in (("ours", ours_s), ("ahead", ahead_s), ("agent", agent_s), ("pgbackrest", pgbr_s)):
-            offset = {"ours": 0x10, "ahead": 0x20, "agent": 0x31, "pgbackrest": 0}[tool]
-            fake = fake_segment(agent_data / "pg_wal" if tool == "agent" else seg_dir, offset + i)
-            if tool == "ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
-                mark_pushed(fake, push_context(str(s.config), "bench"))
-                chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
-            cmd = (
-                s.pgbr + ["archive-push", str(fake)]
-                if tool == "pgbackrest"
-                else s.ours + ["wal-push", "--db", "bench", str(fake)]
+    # tool: (command before the path, directory of its segments, first name offset, env)
+    tools: dict[str, tuple[list[str], Path, int, dict | None]] = {
+        "ours": (ours_push(s.config), seg_dir, 0x10, s.pg_env),
+        "ours_archived_ahead": (ours_push(s.config), seg_dir, 0x20, s.pg_env),
+        "ours_agent": (ours_push(s.config), agent_wal, 0x31, s.pg_env),
+        "pgbackrest": (s.pgbr + ["archive-push"], seg_dir, 0x00, None),
+    }
+    agents = {"ours_agent": s.config}
+    if s.s3 is not None:
+        tools["ours_s3"] = (ours_push(s.config_s3), seg_dir, 0x40, s.pg_env)
+        tools["ours_s3_agent"] = (ours_push(s.config_s3), agent_wal, 0x51, s.pg_env)
+        tools["pgbackrest_s3"] = (s.pgbr_s3 + ["archive-push"], seg_dir, 0x60, None)
+        agents["ours_s3_agent"] = s.config_s3
+        if s.barman_bin is not None:
+            tools["barman_cloud"] = (
+                s.barman("barman-cloud-wal-archive", "--zstd", s.barman_url, "bench"),
+                seg_dir,
+                0x70,
+                s.pg_env,
             )
-            out.append(_as_postgres(cmd))
-            fake.unlink()
-    served = request(stem + ".sock", {"status": True}, timeout=10)["served"]
-    (agent_data / "postmaster.pid").unlink()  # "the cluster stopped": the agent leaves
-    if served < count:
-        raise SystemExit(f"the agent served {served} of {count} pushes: the agent mode measured the wrong path")
+
+    # each agent's first call: no agent yet, so it pushes by itself and starts one
+    stems, first_call = {}, {}
+    for tool, config in agents.items():
+        cmd, directory, offset, env = tools[tool]
+        stems[tool] = agent_stem(str(agent_wal), push_context(str(config), "bench"), agent_data.stat().st_uid)
+        first_call[tool] = _as_postgres(cmd + [str(fake_segment(directory, offset - 1))], env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request(stems[tool] + ".sock", {"status": True}, timeout=10)
+                break
+            except NotListening:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the archiver agent did not start; see {stems[tool]}.log") from None
+                time.sleep(0.1)
+
+    done = dict.fromkeys(tools, 0)
+
+    def push(tool: str) -> float:
+        cmd, directory, offset, env = tools[tool]
+        fake = fake_segment(directory, offset + done[tool])
+        done[tool] += 1
+        if tool == "ours_archived_ahead":  # what PostgreSQL's call costs for a segment an earlier call archived ahead
+            mark_pushed(fake, push_context(str(s.config), "bench"))
+            chown_to_postgres(fake.parent / ".dr_pipelines_pushed")
+        took = _as_postgres(cmd + [str(fake)], env)
+        fake.unlink()
+        return took
+
+    times = alternate({tool: (lambda tool=tool: push(tool)) for tool in tools}, count)
+    served = {tool: request(stem + ".sock", {"status": True}, timeout=10)["served"] for tool, stem in stems.items()}
+    (agent_data / "postmaster.pid").unlink()  # "the cluster stopped": the agents leave
+    for tool, n in served.items():
+        if n < count:
+            raise SystemExit(f"{tool}: the agent served {n} of {count} pushes: the agent mode measured the wrong path")
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "benchmark": "wal_push",
-        "ours_s": ours_s,
-        "ours_archived_ahead_s": ahead_s,
-        "ours_agent_s": agent_s,
-        "ours_agent_first_call_s": agent_first_s,
-        "pgbackrest_s": pgbr_s,
-        "ours_median_s": statistics.median(ours_s),
-        "ours_archived_ahead_median_s": statistics.median(ahead_s),
-        "ours_agent_median_s": statistics.median(agent_s),
-        "pgbackrest_median_s": statistics.median(pgbr_s),
-        "ratio": statistics.median(ours_s) / statistics.median(pgbr_s),
-        "archived_ahead_ratio": statistics.median(ahead_s) / statistics.median(pgbr_s),
-        "agent_ratio": statistics.median(agent_s) / statistics.median(pgbr_s),
+        **_medians(times),
+        **{f"{tool}_first_call_s": v for tool, v in first_call.items()},
+        "ratio": med["ours"] / med["pgbackrest"],
+        "archived_ahead_ratio": med["ours_archived_ahead"] / med["pgbackrest"],
+        "agent_ratio": med["ours_agent"] / med["pgbackrest"],
     }
 
 
 def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
-    """Both tools recover to the same moment; the order alternates each round (the first to write
-    gigabytes of new files on this VM pays for fresh memory pages, the second reuses them)."""
+    """Every tool recovers to the same moment; the order rotates each round (the first to write
+    gigabytes of new files on this VM pays for fresh memory pages, the next reuse them)."""
     load = subprocess.Popen(
         [
             str(PG_BIN / "pgbench"),
@@ -274,31 +416,50 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
     target = datetime.now(timezone.utc)
     load.wait()
     s.switch_and_wait()
-    from dr_pipelines.core.repository.records import Record, RecordKind, load_reports
-    from dr_pipelines.core.storage.local import LocalLocation
+    from dr_pipelines.core.config import load_config
+    from dr_pipelines.core.repository.records import RecordKind, load_reports
+    from dr_pipelines.core.storage.locations import open_locations
 
-    def ours() -> tuple[float, Record]:
-        data_dir, port = s.work / "pitr-ours" / "data", free_port()
+    job_rto: dict[str, list] = {}  # the reports' rto_s
+    job_steps: dict[str, list[dict]] = {}
+
+    def new_data_dir(name: str) -> tuple[Path, int]:
+        data_dir = s.work / f"pitr-{name}" / "data"
         data_dir.parent.mkdir()
         chown_to_postgres(data_dir.parent)
+        return data_dir, free_port()
+
+    def wait_promoted(restored: LocalCluster) -> None:
+        while True:
+            try:
+                with s.connect(restored.port) as c:
+                    if not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                        return
+            except psycopg.OperationalError:
+                pass
+            time.sleep(0.2)
+
+    def ours(name: str, config: Path) -> float:
+        data_dir, port = new_data_dir(name)
         took = _timed(
-            s.ours
-            + ["pitr", "bench", "--target-time", target.isoformat(), "--data-dir", str(data_dir), "--port", str(port)],
+            [str(s.ours_bin), "--config", str(config), "pitr", "bench", "--target-time", target.isoformat()]
+            + ["--data-dir", str(data_dir), "--port", str(port)],
             s.env,
         )
         LocalCluster(data_dir, port).stop("fast")
         shutil.rmtree(data_dir.parent)
-        return took, load_reports({"local": LocalLocation("local", s.work / "repo")}, "bench", RecordKind.PITR)[0]
+        report = load_reports(open_locations(load_config(config)), "bench", RecordKind.PITR)[0]
+        job_rto.setdefault(name, []).append(report.rto_s)
+        job_steps.setdefault(name, []).append(report.model_extra["steps_s"])
+        return took
 
-    def pgbackrest() -> float:
-        data_dir, port = s.work / "pitr-pgbr" / "data", free_port()
-        data_dir.parent.mkdir()
-        chown_to_postgres(data_dir.parent)
+    def pgbackrest(name: str, pgbr: list[str]) -> float:
+        data_dir, port = new_data_dir(name)
         t0 = time.perf_counter()
         data_dir.mkdir(mode=0o700)
         chown_to_postgres(data_dir)
         _as_postgres(
-            s.pgbr
+            pgbr
             + [
                 "restore",
                 "--type=time",
@@ -310,40 +471,67 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
         restored = LocalCluster(data_dir, port)
         restored.write_settings({"archive_mode": "off", "unix_socket_directories": "''", "port": str(port)})
         restored.start(timeout=600)
-        while True:
-            try:
-                with s.connect(port) as c:
-                    if not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                        break
-            except psycopg.OperationalError:
-                pass
-            time.sleep(0.2)
+        wait_promoted(restored)
         took = time.perf_counter() - t0
         restored.stop("fast")
         shutil.rmtree(data_dir.parent)
         return took
 
-    ours_s, rto_s, steps, pgbr_s = [], [], [], []
-    for i in range(rounds):
-        for tool in ("ours", "pgbackrest") if i % 2 == 0 else ("pgbackrest", "ours"):
-            if tool == "ours":
-                took, report = ours()
-                ours_s.append(took)
-                rto_s.append(report.rto_s)
-                steps.append(report.model_extra["steps_s"])
-            else:
-                pgbr_s.append(pgbackrest())
-    pgbr = statistics.median(pgbr_s)
+    def barman_cloud() -> float:
+        """barman-cloud-restore picks the backup for the target time ("auto") and downloads it; the
+        recovery settings are written by hand (barman-cloud writes none): restore_command through
+        barman-cloud-wal-restore, the target, promote."""
+        data_dir, port = new_data_dir("barman")
+        t0 = time.perf_counter()
+        _as_postgres(
+            s.barman("barman-cloud-restore", "--target-time", target.isoformat())
+            + [s.barman_url, "bench", "auto", str(data_dir)],
+            s.pg_env,
+        )
+        restore_command = " ".join(s.barman("barman-cloud-wal-restore", s.barman_url, "bench", "%f", "%p"))
+        restored = LocalCluster(data_dir, port)
+        restored.write_settings(
+            {
+                "archive_mode": "off",
+                "unix_socket_directories": "''",
+                "port": str(port),
+                "restore_command": "'" + restore_command.replace("'", "''") + "'",
+                "recovery_target_time": f"'{target.isoformat()}'",
+                "recovery_target_action": "'promote'",
+            }
+        )
+        (data_dir / "recovery.signal").touch()
+        chown_to_postgres(data_dir / "recovery.signal")
+        restored.start(timeout=600, env=s.pg_env)
+        wait_promoted(restored)
+        took = time.perf_counter() - t0
+        restored.stop("fast")
+        shutil.rmtree(data_dir.parent)
+        return took
+
+    contenders: dict[str, Callable[[], float]] = {
+        "ours": lambda: ours("ours", s.config),
+        "pgbackrest": lambda: pgbackrest("pgbackrest", s.pgbr),
+    }
+    if s.s3 is not None:
+        contenders["ours_s3"] = lambda: ours("ours_s3", s.config_s3)
+        contenders["pgbackrest_s3"] = lambda: pgbackrest("pgbackrest_s3", s.pgbr_s3)
+        if s.barman_bin is not None:
+            contenders["barman_cloud"] = barman_cloud
+    times = alternate(contenders, rounds)
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "benchmark": "pitr",
-        "ours_s": ours_s,
-        "pgbackrest_s": pgbr_s,
-        "ours_median_s": statistics.median(ours_s),
-        "pgbackrest_median_s": pgbr,
-        "ratio": statistics.median(ours_s) / pgbr,
-        "job_rto_s": rto_s,
-        "job_rto_ratio": statistics.median(rto_s) / pgbr,
-        "job_steps_s": steps,
+        **_medians(times),
+        "ratio": med["ours"] / med["pgbackrest"],
+        "job_rto_s": job_rto["ours"],
+        "job_rto_ratio": statistics.median(job_rto["ours"]) / med["pgbackrest"],
+        "job_steps_s": job_steps["ours"],
+        **(
+            {"ours_s3_job_rto_s": job_rto["ours_s3"], "ours_s3_job_steps_s": job_steps["ours_s3"]}
+            if "ours_s3" in job_rto
+            else {}
+        ),
     }
 
 

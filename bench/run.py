@@ -38,7 +38,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 VENV_BIN = Path(sys.executable).parent
 DATA_DIR = ROOT / "bench" / ".data"
 RESULTS = ROOT / "bench" / "results"
-PORT = 54399
+PORT = int(os.environ.get("BENCH_PORT", "54399"))  # another checkout's benchmarks may hold 54399
 
 
 def sh(cmd: str, **kw) -> None:
@@ -127,25 +127,48 @@ def psql(sql_text: str) -> None:
     sh(f'{PG_BIN}/psql -q -h 127.0.0.1 -p {PORT} -U postgres -d postgres -c "{sql_text}"')
 
 
-def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
+def _empty_local_repos(config: Path) -> None:
+    """Each round writes anew: keep the disk from filling (remote locations are left alone)."""
+    for loc in yaml.safe_load(config.read_text())["locations"].values():
+        if loc["type"] == "local":
+            shutil.rmtree(loc["path"], ignore_errors=True)
+
+
+def _restore_report(config: Path):
+    from dr_pipelines.core.config import load_config
+    from dr_pipelines.core.repository.records import RecordKind, load_reports
+    from dr_pipelines.core.storage.locations import open_locations
+
+    return load_reports(open_locations(load_config(config)), "bench", RecordKind.RESTORE)[0]
+
+
+def bench_logical_restore(
+    scale: int, rounds: int, work: Path, configs: dict[str, Path] | None = None, streamed: bool = True
+) -> dict:
     """Our restore job (fetch + verify + decrypt + decompress + pg_restore -j2 into staging + validation
     + swap), spooled (the default) and streamed (restore_spool: false), vs `pg_restore -j 2` of the
-    same dump from a local plain file; the three alternate in one run."""
+    same dump from a local plain file; they alternate in one run. `configs`: ours under each name
+    (default: one local location, "ours"; bench/peers.py adds "ours_s3"); "ours" must be local."""
     cluster = prepare_cluster(scale)
     try:
-        config, repo = write_config(work)
-        streamed_config = work / "bench-streamed.yaml"
-        raw = yaml.safe_load(config.read_text())
-        raw["databases"]["bench"]["restore_spool"] = False
-        streamed_config.write_text(yaml.safe_dump(raw))
+        configs = dict(configs or {"ours": write_config(work)[0]})
+        config = configs["ours"]
+        [repo] = [Path(loc["path"]) for loc in yaml.safe_load(config.read_text())["locations"].values()]
         env = clean_env()
-        subprocess.run(
-            [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        for cfg in configs.values():
+            subprocess.run(
+                [str(VENV_BIN / "dr-pipelines"), "--config", str(cfg), "backup", "bench"],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        if streamed:  # the same repository, read through one stream into pg_restore
+            streamed_config = work / "bench-streamed.yaml"
+            raw = yaml.safe_load(config.read_text())
+            raw["databases"]["bench"]["restore_spool"] = False
+            streamed_config.write_text(yaml.safe_dump(raw))
+            configs["ours_streamed"] = streamed_config
         # "the same dump from a local plain file": our backup, decoded by hand with age and zstd
         plain = work / "plain.pgdump"
         [obj] = [p for p in repo.rglob("dump.pgdump*")]
@@ -159,115 +182,124 @@ def bench_logical_restore(scale: int, rounds: int, work: Path) -> dict:
                 f"{PG_BIN}/createdb -h 127.0.0.1 -p {PORT} -U postgres target && "
                 f"{PG_BIN}/pg_restore -j 2 --exit-on-error -h 127.0.0.1 -p {PORT} -U postgres -d target {plain}",
             ],
-            "ours": [
-                str(VENV_BIN / "dr-pipelines"),
-                "--config",
-                str(config),
-                "restore",
-                "bench",
-                "--latest",
-                "--into",
-                "target",
-                "--jobs",
-                "2",
-            ],
-            "ours_streamed": [
-                str(VENV_BIN / "dr-pipelines"),
-                "--config",
-                str(streamed_config),
-                "restore",
-                "bench",
-                "--latest",
-                "--into",
-                "target",
-                "--jobs",
-                "2",
-            ],
+            **{
+                name: [
+                    str(VENV_BIN / "dr-pipelines"),
+                    "--config",
+                    str(cfg),
+                    "restore",
+                    "bench",
+                    "--latest",
+                    "--into",
+                    "target",
+                    "--jobs",
+                    "2",
+                ]
+                for name, cfg in configs.items()
+            },
         }
-        from dr_pipelines.core.repository.records import RecordKind, load_reports
-        from dr_pipelines.core.storage.local import LocalLocation
-
         wall = {name: [] for name in commands}
-        rto = {name: [] for name in commands if name != "bare"}
-        steps = {name: [] for name in rto}
+        rto = {name: [] for name in configs}
+        steps = {name: [] for name in configs}
         names = list(commands)
         for i in range(rounds):
-            for name in names[i % 3 :] + names[: i % 3]:  # each goes first once every three rounds
+            k = i % len(names)
+            for name in names[k:] + names[:k]:  # each goes first in turn
                 wall[name].append(timed(commands[name], env)[0])
-                if name in rto:
-                    report = load_reports({"local": LocalLocation("local", repo)}, "bench", RecordKind.RESTORE)[0]
+                if name in configs:
+                    report = _restore_report(configs[name])
                     rto[name].append(report.rto_s)
                     steps[name].append(report.model_extra["steps_s"])
                 psql("DROP DATABASE target")
         leftovers = [p.name for p in work.iterdir() if p.name.startswith("dr-restore-")]
         bare = statistics.median(wall["bare"])
-        return {
+        result = {
             "benchmark": "logical_restore",
             "scale": scale,
             "bare_s": wall["bare"],
             "bare_median_s": bare,
-            "ours_s": wall["ours"],
-            "ours_median_s": statistics.median(wall["ours"]),
-            "ratio": statistics.median(wall["ours"]) / bare,
-            "job_rto_s": rto["ours"],
-            "job_rto_ratio": statistics.median(rto["ours"]) / bare,
-            "streamed_s": wall["ours_streamed"],
-            "streamed_ratio": statistics.median(wall["ours_streamed"]) / bare,
-            "streamed_job_rto_s": rto["ours_streamed"],
-            "streamed_job_rto_ratio": statistics.median(rto["ours_streamed"]) / bare,
             "job_steps_s": steps,
             "plaintext_left_behind": leftovers,
         }
+        for name in configs:  # ours_s, ours_median_s, ratio, job_rto_s, job_rto_ratio; streamed_...; ours_s3_...
+            key = "streamed" if name == "ours_streamed" else name
+            prefix = "" if name == "ours" else f"{key}_"
+            result[f"{key}_s"] = wall[name]
+            result[f"{key}_median_s"] = statistics.median(wall[name])
+            result[f"{prefix}ratio"] = statistics.median(wall[name]) / bare
+            result[f"{prefix}job_rto_s"] = rto[name]
+            result[f"{prefix}job_rto_ratio"] = statistics.median(rto[name]) / bare
+        return result
     finally:
         cluster.stop()
 
 
-def bench_logical(scale: int, rounds: int, work: Path) -> dict:
+def bench_logical(scale: int, rounds: int, work: Path, configs: dict[str, Path] | None = None) -> dict:
+    """`configs`: ours under each name (default: one local location, "ours"; bench/peers.py adds
+    "ours_s3"), each against the same bare pipeline, the order rotating each round."""
     cluster = prepare_cluster(scale)
     try:
         with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench") as c:
             db_bytes = c.execute("SELECT pg_database_size('bench')").fetchone()[0]
-        config, repo = write_config(work)
+        configs = configs or {"ours": write_config(work)[0]}
         env = clean_env()
         bare_out = work / "bare.pgdump.zst"
-        bare = [
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}",
-        ]
-        ours = [str(VENV_BIN / "dr-pipelines"), "--config", str(config), "backup", "bench"]
-        timed(bare, env)  # warm the page cache once
-        bare_s, ours_s, ours_rss = [], [], []
+        commands = {
+            "bare": [
+                "bash",
+                "-o",
+                "pipefail",
+                "-c",
+                f"{PG_BIN}/pg_dump -Fc -Z0 -h 127.0.0.1 -p {PORT} -U postgres bench | zstd -q -T0 -3 > {bare_out}",
+            ],
+            **{
+                name: [str(VENV_BIN / "dr-pipelines"), "--config", str(cfg), "backup", "bench"]
+                for name, cfg in configs.items()
+            },
+        }
+        timed(commands["bare"], env)  # warm the page cache once
+        secs = {name: [] for name in commands}
+        rss = {name: [] for name in commands}
+        names = list(commands)
         for i in range(rounds):
-            for name in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):  # alternate the order
-                if name == "bare":
-                    bare_s.append(timed(bare, env)[0])
-                else:
-                    secs, rss = timed(ours, env)
-                    ours_s.append(secs)
-                    ours_rss.append(rss)
-                    shutil.rmtree(repo)  # keep the disk from filling; each round writes anew
+            k = i % len(names)
+            for name in names[k:] + names[:k]:  # each goes first in turn
+                took, peak = timed(commands[name], env)
+                secs[name].append(took)
+                rss[name].append(peak)
+                if name in configs:
+                    _empty_local_repos(configs[name])
+        bare = statistics.median(secs["bare"])
         result = {
             "benchmark": "logical_backup",
             "scale": scale,
             "db_bytes": db_bytes,
-            "bare_s": bare_s,
-            "ours_s": ours_s,
-            "bare_median_s": statistics.median(bare_s),
-            "ours_median_s": statistics.median(ours_s),
-            "ratio": statistics.median(ours_s) / statistics.median(bare_s),
-            "ours_peak_rss_mb": max(ours_rss) / 1024,
+            "bare_s": secs["bare"],
+            "bare_median_s": bare,
             "bare_output_bytes": bare_out.stat().st_size,
         }
+        for name in configs:  # ours_s, ours_median_s, ratio, ours_peak_rss_mb; ours_s3_...
+            prefix = "" if name == "ours" else f"{name}_"
+            result[f"{name}_s"] = secs[name]
+            result[f"{name}_median_s"] = statistics.median(secs[name])
+            result[f"{prefix}ratio"] = statistics.median(secs[name]) / bare
+            result[f"{name}_peak_rss_mb"] = max(rss[name]) / 1024
         bare_out.unlink()
         return result
     finally:
         cluster.stop()
 
 
-def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[dict]:
+def bench_physical(
+    scale: int,
+    rounds: int,
+    work: Path,
+    only: set[str],
+    s3=None,
+    barman_bin: Path | None = None,
+    wal_pushes: int = 10,
+) -> list[dict]:
+    """`s3` (a bench.physical.S3Endpoint) and `barman_bin`: bench/peers.py's S3 contenders."""
     import socket
 
     from bench.physical import Setup, bench_backlog, bench_base_backup, bench_pitr, bench_wal_push
@@ -280,9 +312,14 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
+    def every_contender(r: dict) -> None:
+        if s3 is not None:
+            medians = {k.removesuffix("_median_s"): v for k, v in r.items() if k.endswith("_median_s")}
+            print("  medians: " + ", ".join(f"{k} {v:.3f}s" for k, v in medians.items()), flush=True)
+
     cluster = prepare_cluster(scale)
     write_config(work)
-    setup = Setup(cluster, PORT, work, VENV_BIN / "dr-pipelines", clean_env())
+    setup = Setup(cluster, PORT, work, VENV_BIN / "dr-pipelines", clean_env(), s3=s3, barman_bin=barman_bin)
     out = []
     try:
         setup.enable()
@@ -295,8 +332,9 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
                 f"{r['pgbackrest_median_s']:.1f}s (ratio {r['ratio_vs_pgbackrest']:.2f}, target < 1)",
                 flush=True,
             )
+            every_contender(r)
         if "walpush" in only:
-            r = bench_wal_push(setup, 10)
+            r = bench_wal_push(setup, wal_pushes)
             out.append(r)
             print(
                 f"wal-push per 16 MB segment: ours {1000 * r['ours_median_s']:.0f} ms, pgbackrest archive-push "
@@ -306,6 +344,7 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
                 f"the call that starts it {1000 * r['ours_agent_first_call_s']:.0f} ms)",
                 flush=True,
             )
+            every_contender(r)
         if "pitr" in only:
             r = bench_pitr(setup, free_port, rounds)
             out.append(r)
@@ -316,6 +355,7 @@ def bench_physical(scale: int, rounds: int, work: Path, only: set[str]) -> list[
                 f"{r['job_steps_s']})",
                 flush=True,
             )
+            every_contender(r)
         if "backlog" in only:
             r = bench_backlog(setup)
             out.append(r)
