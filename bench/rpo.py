@@ -214,7 +214,14 @@ def run_mode(mode: str, args, work: Path, stream_takes_config: bool) -> dict:
     port = free_port()
     streaming = None
     if mode != "archive":
-        streaming = {"enabled": True, "partial_interval": "1s", "synchronous": mode == "sync"}
+        # the spool in the trial's directory: a default one would hand the next trial (a new cluster)
+        # the last one's WAL
+        streaming = {
+            "enabled": True,
+            "partial_interval": "1s",
+            "synchronous": mode == "sync",
+            "spool_dir": str(work / "stream"),
+        }
     config = write_config(work, port, streaming)
     settings = pg_config_settings(config)
     notes = []
@@ -341,7 +348,10 @@ def wait_streaming(port: int, sync: bool, streamer: subprocess.Popen, log: Path,
             if any(s == "streaming" and (not sync or ss == "sync") for s, ss in states):
                 return
             time.sleep(0.2)
-    raise SystemExit(f"wal-stream did not start streaming ({'sync' if sync else 'async'}) in {timeout}s")
+    raise SystemExit(
+        f"wal-stream did not start streaming ({'sync' if sync else 'async'}) in {timeout}s; its log:\n"
+        + log.read_text()[-2000:]
+    )
 
 
 def _fmt(seconds: float | None) -> str:
