@@ -121,10 +121,17 @@ def table_rows(results: list[dict]) -> list[dict]:
                     rows.append(_pair(work, "S3", label, peer_label, r, ours_key, peer))
     if r := by.get("pitr"):
         work = "PITR (restore + replay + promote)"
+        job = "PITR job RTO (no CLI start-up)"
+        r = {**r, "job_median_s": statistics.median(r["job_rto_s"])}
         rows.append(_pair(work, "local", "dr-pipelines pitr", PEER_LABELS["pgbackrest"], r, "ours", "pgbackrest"))
+        rows.append(_pair(work, "local", job, PEER_LABELS["pgbackrest"], r, "job", "pgbackrest"))
+        if "ours_s3_job_rto_s" in r:
+            r["job_s3_median_s"] = statistics.median(r["ours_s3_job_rto_s"])
         for peer in ("pgbackrest_s3", "barman_cloud"):
             if f"{peer}_median_s" in r:
                 rows.append(_pair(work, "S3", "dr-pipelines pitr", PEER_LABELS[peer], r, "ours_s3", peer))
+                if "job_s3_median_s" in r:
+                    rows.append(_pair(work, "S3", job, PEER_LABELS[peer], r, "job_s3", peer))
     return rows
 
 
@@ -183,7 +190,11 @@ def main() -> int:
         "--only", default="backup,restore,base,walpush,pitr", help="a subset of backup,restore,base,walpush,pitr"
     )
     ap.add_argument("--no-readme", action="store_true", help="print the table; leave README.md and peers.png alone")
+    ap.add_argument("--from-json", type=Path, help="no run: the table and plot again from a results/peers-*.json")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        return report(saved["results"], saved["meta"], args.from_json, args.no_readme)
     only = set(args.only.split(","))
     barman_bin = TOOLS_VENV / "bin"
     missing = [t for t in ("pgbackrest", "openssl") if not shutil.which(t)]
@@ -235,7 +246,6 @@ def main() -> int:
         for r in results:
             r.setdefault("scale", scale)
     minutes = (datetime.now(timezone.utc) - started).total_seconds() / 60
-    rows = table_rows(results)
     db = next((r["db_bytes"] for r in results if "db_bytes" in r), 0)
     meta = {
         "date": f"{started:%Y-%m-%d}",
@@ -248,12 +258,16 @@ def main() -> int:
         + (f" --rounds {args.rounds}" if args.rounds != 2 else ""),
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"peers-{started:%Y%m%dT%H%M%SZ}.json"
+    return report(results, meta, RESULTS / f"peers-{started:%Y%m%dT%H%M%SZ}.json", args.no_readme)
+
+
+def report(results: list[dict], meta: dict, out: Path, no_readme: bool) -> int:
+    rows = table_rows(results)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=2))
     text = markdown(rows, meta)
     print(text)
     print(f"results: {out}")
-    if not args.no_readme:
+    if not no_readme:
         plot(out, PNG)
         rewrite_section(README, "peers", text)
         print(f"written: {README.relative_to(ROOT)} (between the peers markers), {PNG.relative_to(ROOT)}")

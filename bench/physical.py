@@ -78,14 +78,18 @@ def config_with_location(config: Path, location: dict, out: Path) -> Path:
     return out
 
 
-def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], float]], rounds: int, before: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Each contender once a round; the order rotates, so each goes first in turn (the first to write
-    gigabytes of new files on this VM pays for fresh memory pages)."""
+    gigabytes of new files on this VM pays for fresh memory pages). `before` runs, untimed, before each."""
     names = list(contenders)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
         k = i % len(names)
         for name in names[k:] + names[:k]:
+            if before is not None:
+                before()
             times[name].append(contenders[name]())
     return times
 
@@ -214,6 +218,17 @@ class Setup:
             host="127.0.0.1", port=port or self.port, user="postgres", dbname="bench", autocommit=True
         )
 
+    def wait_archive_idle(self, timeout: float = 300) -> None:
+        """Until no segment waits for the archive_command. A tool that waits only for its own copy
+        (pgBackRest's archive-check) or for none (barman-cloud-backup) returns while the rest of the
+        archive_command still runs; without this, that work would be timed in the next contender."""
+        status = self.cluster.data_dir / "pg_wal" / "archive_status"
+        deadline = time.monotonic() + timeout
+        while any(p.suffix == ".ready" for p in status.iterdir()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"segments still waiting for the archive_command after {timeout}s")
+            time.sleep(0.1)
+
     def switch_and_wait(self, timeout: float = 300) -> None:
         with self.connect() as c:
             seg = c.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
@@ -271,7 +286,7 @@ def bench_base_backup(s: Setup, rounds: int) -> dict:
                 + ["-h", "127.0.0.1", "-p", str(s.port), "-U", "postgres", s.barman_url, "bench"],
                 s.pg_env,
             )
-    times = alternate(contenders, rounds)
+    times = alternate(contenders, rounds, before=s.wait_archive_idle)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "benchmark": "base_backup",
