@@ -202,3 +202,20 @@ def pushgateway() -> Iterator[HttpServer]:
     server = HttpServer(proc, port)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def restored_dirs() -> Iterator[Callable[[], Path]]:
+    """Fresh data directories, reachable by the postgres user, for recovered clusters; each one's
+    cluster is stopped and its files removed at the end."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        root = reachable_tmpdir("drpt-restored-")
+        made.append(root)
+        return root / "data"
+
+    yield make
+    for root in made:
+        LocalCluster(root / "data", 0).stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,7 +3,6 @@ while pgbench runs, then recovery to a moment during the load into a new directo
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -30,21 +29,6 @@ def archived(pg):
     setup.enable_archiving()
     yield setup
     setup.cleanup()
-
-
-@pytest.fixture
-def restored_dirs():
-    made = []
-
-    def make():
-        root = reachable_tmpdir("drpt-pitr-")
-        made.append(root)
-        return root / "data"
-
-    yield make
-    for root in made:
-        LocalCluster(root / "data", 0).stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _pgbench(port: int, *args: str) -> subprocess.Popen:

@@ -34,7 +34,7 @@ from dr_pipelines.core.wal.archive import _read_json, list_archive, wal_status
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.metadata import number
-from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir
+from dr_pipelines_tests.support.processes import VENV_BIN
 from dr_pipelines_tests.support.wal import WalSetup
 
 # --------------------------------------------------------------------------- helpers
@@ -264,21 +264,6 @@ class SwitchProxy:
 
 
 @pytest.fixture
-def restored() -> Iterator[Callable[[], Path]]:
-    made: list[Path] = []
-
-    def make() -> Path:
-        root = reachable_tmpdir("drpt-stream-pitr-")
-        made.append(root)
-        return root / "data"
-
-    yield make
-    for root in made:
-        LocalCluster(root / "data", 0).stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
 def streams() -> Iterator[list[Streamer]]:
     started: list[Streamer] = []
     yield started
@@ -323,7 +308,7 @@ def make_stream(pg, streams) -> Iterator[Callable[..., tuple[WalSetup, Streamer]
 # --------------------------------------------------------------------------- the tests
 
 
-def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored):
+def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored_dirs):
     """Rows committed seconds before the server is lost (no segment switch, no archive_timeout) are
     in the archive's partial segment within a couple of seconds; with the server killed and its data
     directory deleted, `pitr --latest` from the repository alone recovers every committed row."""
@@ -360,7 +345,7 @@ def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored
     time.sleep(1.0)  # the streamer notices its server is gone; nothing more can come
     assert stream.stop() == 0, stream.log()[-3000:]
 
-    report = pitr_latest(setup, restored)
+    report = pitr_latest(setup, restored_dirs)
     assert report["backup_id"] == base.id and report["promoted"]
     with connect(report["port"]) as conn:
         present = [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")]
@@ -675,7 +660,7 @@ def test_streaming_that_cannot_work_says_what_to_do(make_stream, make_pg, tmp_pa
     assert r.returncode == 2 and "databases.app.streaming.max_slot_wal: 'lots' is not a size" in r.stderr
 
 
-def test_synchronous_streaming_commits_wait_for_the_streamer_and_lose_nothing(make_stream, restored):
+def test_synchronous_streaming_commits_wait_for_the_streamer_and_lose_nothing(make_stream, restored_dirs):
     """synchronous: true, and the server set as wal-stream says: a commit waits for the streamer's
     flush (with the streamer stopped it blocks; started again, it completes); after kill -9 of
     the primary, every commit that returned is in the recovery."""
@@ -743,7 +728,7 @@ def test_synchronous_streaming_commits_wait_for_the_streamer_and_lose_nothing(ma
     shutil.rmtree(pg.cluster.data_dir)
     assert stream.stop() == 0, stream.log()[-3000:]
 
-    report = pitr_latest(setup, restored)
+    report = pitr_latest(setup, restored_dirs)
     assert report["backup_id"] == base.id
     with connect(report["port"]) as conn:
         assert [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")] == committed

@@ -74,20 +74,26 @@ def _listed(loc: Location, key: str):
     return next((o for o in loc.list(key) if o.key == key), None)
 
 
+def _claim_archive(loc: Location, database: str, name: str, side: dict) -> None:
+    """Write the archive's cluster record on `loc` if none is there; refuse `name` if another
+    cluster's record got there first."""
+    record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
+    if not loc.create(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(record).encode()):
+        theirs = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}") or {}
+        if theirs.get("system_identifier") != side["system_identifier"]:
+            raise WalRefused(
+                f"{name} comes from cluster {side['system_identifier']}, but cluster "
+                f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on "
+                f"{loc.name} first; refusing to mix them"
+            )
+
+
 def _store(loc: Location, database: str, prefix: str, name: str, side: dict, stored: bytes, known: dict | None) -> bool:
     """Object, then sidecar, each created only if absent: of two pushers racing with the same name,
     exactly one wins, and the other is told (the same bytes: already archived; others: refused).
     Returns False when an identical copy was there."""
     if side["kind"] == "segment" and known is None:  # the first segment names the cluster
-        record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
-        if not loc.create(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(record).encode()):
-            theirs = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}") or {}
-            if theirs.get("system_identifier") != side["system_identifier"]:
-                raise WalRefused(
-                    f"{name} comes from cluster {side['system_identifier']}, but cluster "
-                    f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on "
-                    f"{loc.name} first; refusing to mix them"
-                )
+        _claim_archive(loc, database, name, side)
     object_key, side_key = f"{prefix}/{side['object']['name']}", f"{prefix}/{name}.json"
     if not loc.create(object_key, stored):
         # an object without its sidecar: a push in progress (archive_command and wal-stream push the
@@ -373,14 +379,7 @@ def store_streamed_partial(loc: Location, database: str, partial: StreamedPartia
     NEWER_THERE (a longer copy was there; nothing written). Raises LocationError."""
     side = partial.side
     if partial.known is None:  # the archive's first file names its cluster, as a segment would
-        record = {"system_identifier": side["system_identifier"], "segment_size": side["segment_size"]}
-        if not loc.create(f"{wal_prefix(database)}/{CLUSTER}", json.dumps(record).encode()):
-            theirs = _read_json(loc, f"{wal_prefix(database)}/{CLUSTER}") or {}
-            if theirs.get("system_identifier") != side["system_identifier"]:
-                raise WalRefused(
-                    f"{partial.name} comes from cluster {side['system_identifier']}, but cluster "
-                    f"{theirs.get('system_identifier')} claimed the WAL archive of {database!r} on {loc.name}"
-                )
+        _claim_archive(loc, database, partial.name, side)
     prefix = f"{wal_prefix(database)}/{timeline_of(partial.segment)}"
     side_key = f"{prefix}/{partial.name}.json"
     try:
