@@ -303,7 +303,7 @@ def restore_files(
     """Restore a snapshot (all of it, or the given paths) under `into` (a new or empty directory;
     the snapshot's absolute paths are recreated below it) or, with `in_place` and a confirmation
     naming the set's paths, over the original paths."""
-    from dr_pipelines.core.files.snapshot import return_large_buffers
+    from dr_pipelines.core.memory import return_large_buffers
 
     return_large_buffers()  # packs of 16 MiB, made and freed by several threads
     fs = config.file_set(file_set)

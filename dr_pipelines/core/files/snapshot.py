@@ -42,6 +42,7 @@ from dr_pipelines.core.files.keys import DedupKey, backup_key
 from dr_pipelines.core.files.locks import Lock, wait_for_no_gc
 from dr_pipelines.core.files.scan import Problem, group_name, type_of, user_name, walk, xattrs_of
 from dr_pipelines.core.log import Log
+from dr_pipelines.core.memory import return_large_buffers
 from dr_pipelines.core.owner import owner_tag
 from dr_pipelines.core.repository.manifest import new_backup_id
 from dr_pipelines.core.storage.base import Location, LocationError
@@ -356,19 +357,6 @@ def refresh_known(config: DrConfig, cache: FilesCache, locations: dict[str, Loca
             continue  # another location's copy, or the next run
         cache.add_index(key, idx.key_id, idx.packs, chunks)
     cache.set_packs(sizes)
-
-
-def return_large_buffers() -> None:
-    """Chunks and packs are megabytes each, made and freed by several threads: glibc otherwise keeps
-    them in per-thread arenas (its mmap threshold rises after the first free), and the process
-    keeps hundreds of MB it no longer uses. A fixed threshold makes each one go back when freed."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: >= 1 MiB from mmap, returned on free
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
 
 
 def take_snapshot(config: DrConfig, file_set: str, locations: dict[str, Location], log: Log = print) -> SnapshotResult:
