@@ -16,7 +16,7 @@ listen_addresses = '*'
 wal_level = replica
 archive_mode = on
 archive_timeout = 60
-archive_command = '/opt/dr_pipelines/.venv/bin/dr-pipelines --config /etc/dr_pipelines/dr.yaml wal-push %p'
+archive_command = '/opt/dr_pipelines/.venv/bin/dr-pipelines-wal --config /etc/dr_pipelines/dr.yaml wal-push %p'
 CONF
   runuser -u postgres -- pg_ctl -D "$PGDATA" -w start -o "-c listen_addresses=''"
   runuser -u postgres -- psql -q -c "CREATE DATABASE ${APP_DB_NAME:-app}"

@@ -273,18 +273,21 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_args = sys.argv[1:] if argv is None else argv
     fetch, push = fetch_args(raw_args), push_args(raw_args)
+    said = compiled_client_said()
     start_agent = False
     try:
-        if fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
+        if not said and fetch and take_prefetched(*fetch):  # replay's fast path: the segment was fetched ahead
             return EXIT_OK
         if fetch or push:
             config_file, db = push_options(raw_args)
             context = push_context(config_file, db)
-            if push and take_pushed(push, context):  # archived ahead by an earlier call
+            if not said and push and take_pushed(push, context):  # archived ahead by an earlier call
                 return EXIT_OK
             from dr_pipelines.core.wal import agent_client
 
-            if fetch:
+            if said:  # dr-pipelines-wal took the fast paths and asked the agent: not again
+                outcome, why = said
+            elif fetch:
                 outcome, why = agent_client.fetch_through_agent(
                     *fetch, config_file, context, option_values(raw_args, "--location") or None, "--partial" in raw_args
                 )
@@ -320,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     if start_agent and code == EXIT_OK:
         _start_wal_agent(args, raw_args)
     return code
+
+
+def compiled_client_said() -> tuple[str, str | None] | None:
+    """What `dr-pipelines-wal` (native/wal_client.c), which ran us with its arguments, got from the
+    agent: absent, failed or unusable, and why. Only those: an "ok" is never taken from the
+    environment. Removed from it, so that an agent this call starts does not inherit it."""
+    import os
+
+    outcome, _, why = os.environ.pop("DR_PIPELINES_AGENT", "").partition("\t")
+    return (outcome, why or None) if outcome in ("absent", "failed", "unusable") else None
 
 
 def _start_wal_agent(args, raw_args: list[str]) -> None:

@@ -7,6 +7,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +23,7 @@ from dr_pipelines.core.postgres.cluster import run_as_postgres
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.core.wal.agent_client import NotListening, agent_stem, request
 from dr_pipelines.core.wal.archive import list_archive
-from dr_pipelines.core.wal.fast_path import push_context
+from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.processes import VENV_BIN, run_cli
@@ -689,3 +691,175 @@ def test_a_hung_agent_is_left_behind(fake_cluster, monkeypatch):
     thread.join(5)
     assert got == "failed" and why and "did not answer" in why
     assert not os.path.exists(sock)
+
+
+# --------------------------------------------------------------------------- the compiled client
+# dr-pipelines-wal (dr_pipelines/native/wal_client.c, built by ./dev setup) is what PostgreSQL runs
+# (pg_config.wal_command); the tests above reach it through archive_command and restore_command.
+# Here: the same agent and fast paths as the command's, and every other case handed to the command.
+
+WAL_CLIENT = VENV_BIN / "dr-pipelines-wal"
+
+
+def run_wal_client(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(WAL_CLIENT), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_postgres_runs_the_compiled_client(tmp_path, monkeypatch):
+    """archive_command and restore_command name the compiled client when it was built for this
+    installation, and the command itself when it is absent or was built for another checkout
+    (it would never find this installation's agents)."""
+    from dr_pipelines.core.wal import pg_config
+
+    assert WAL_CLIENT.exists(), "./dev setup builds dr-pipelines-wal"
+    assert pg_config.wal_command("/etc/dr.yaml") == [str(WAL_CLIENT), "--config", "/etc/dr.yaml"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert pg_config.wal_command(None) == [str(bin_dir / "dr-pipelines")]  # none built here
+    stale = bin_dir / "dr-pipelines-wal"
+    stale.write_text("#!/bin/sh\necho /elsewhere/dr_pipelines/core\n")
+    stale.chmod(0o755)
+    assert pg_config.wal_command(None) == [str(bin_dir / "dr-pipelines")]
+
+
+def test_the_compiled_client_serves_what_the_command_serves(wal_setup, agents, tmp_path):
+    """Through dr-pipelines-wal, with relative paths and a config path holding a space and a quote:
+    the first call finds no agent, so the command pushes and starts one; the next calls reach that
+    agent (the same socket as the command computes); a segment archived ahead takes the marker's
+    fast path; different bytes are refused, the agent asked once; recovery's fetches come through
+    the agent and then from its spool, byte for byte; "not found" is exit 1 without a warning."""
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 5)
+    source = wal_setup.server.cluster.data_dir
+    data = tmp_path / "data"
+    pg_wal = data / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    (data / "global").mkdir()
+    shutil.copy(source / "global" / "pg_control", data / "global" / "pg_control")
+    (data / "postmaster.pid").write_text("4242\n")
+    agents.append(pg_wal)
+    raw = yaml.safe_load(wal_setup.config_path.read_text())
+    raw["locations"] = {"local": {"type": "local", "path": str(tmp_path / "repo")}}
+    (tmp_path / "dr conf").mkdir()
+    config_path = tmp_path / "dr conf" / "it's.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    stem = stem_of(data, config_path)
+    for name in names:
+        shutil.copy(source / "pg_wal" / name, pg_wal / name)
+
+    def push(name: str) -> subprocess.CompletedProcess:
+        return run_wal_client(
+            "--config", "dr conf/it's.yaml", "wal-push", "--db", "app", f"data/pg_wal/{name}", cwd=tmp_path
+        )
+
+    r = push(names[0])  # no agent: the command pushes it, and starts one
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    agent = wait_for_agent(stem)
+    r = push(names[1])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert wait_for_agent(stem)["served"] == 1
+
+    ctx = push_context(str(config_path), "app")
+    mark_pushed(pg_wal / names[2], ctx)  # archived ahead: the agent is not asked
+    assert push(names[2]).returncode == 0
+    assert not (pg_wal / ".dr_pipelines_pushed" / names[2]).exists() and status(stem)["served"] == 1
+    mark_pushed(pg_wal / names[3], push_context(str(tmp_path / "other.yaml"), "app"))  # another config's marker
+    assert push(names[3]).returncode == 0
+    assert not (pg_wal / ".dr_pipelines_pushed" / names[3]).exists() and status(stem)["served"] == 2
+    assert not list((tmp_path / "repo").rglob(f"{names[2]}*"))  # the marker was trusted: nothing pushed
+
+    changed = bytearray((pg_wal / names[1]).read_bytes())
+    changed[5000] ^= 0xFF
+    (pg_wal / names[1]).write_bytes(bytes(changed))
+    r = push(names[1])  # the agent says no; the command, pushing by itself without asking again, says no too
+    assert r.returncode == 1
+    assert "warning: the archiver agent failed" in r.stderr and "different content" in r.stderr
+    st = status(stem)
+    assert st["failed"] == 1 and st["served"] == 2 and st["pid"] == agent["pid"]
+    assert push(names[4]).returncode == 0
+
+    # recovery: through the agent, then from its spool
+    (data / "recovery.signal").touch()
+
+    def fetch(name: str, *options: str) -> subprocess.CompletedProcess:
+        dest = "data/pg_wal/RECOVERYXLOG"
+        r = run_wal_client(
+            "--config", "dr conf/it's.yaml", "wal-fetch", "--db", "app", *options, name, dest, cwd=tmp_path
+        )
+        if r.returncode == 0:
+            assert (tmp_path / dest).read_bytes() == (source / "pg_wal" / name).read_bytes(), name
+            (tmp_path / dest).unlink()
+        return r
+
+    r = fetch(names[0], "--location", "local")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert status(stem)["fetched"] == 1
+    spool = pg_wal / ".dr_pipelines_prefetch"
+    wait_for(lambda: (spool / names[1]).exists(), "the agent spools the next segment")
+    assert fetch(names[1]).returncode == 0 and status(stem)["fetched"] == 1  # a rename: the agent not asked
+    r = fetch("0000000100000000000000F0")
+    assert r.returncode == 1 and "not in the WAL archive" in r.stderr and "warning" not in r.stderr
+    r = fetch("0000000100000000000000F1", "--location", "nowhere")  # the agent refuses; the command says why
+    assert r.returncode != 0 and "no location named nowhere" in r.stderr
+    assert status(stem)["pid"] == agent["pid"]
+    (data / "postmaster.pid").unlink()  # "the cluster stopped": the agent goes
+    wait_for(lambda: gone(agent["pid"]), "the agent exits", 15)
+
+
+@pytest.mark.parametrize(
+    "answer, said",
+    [
+        (b"ok\n", None),
+        (b"error s3: down\n", "warning: the archiver agent failed: s3: down"),
+        (b"okay\n", "warning: the archiver agent answered okay"),
+        (b'{"ok": true}\n', "warning: the archiver agent answered"),
+        (None, "warning: the archiver agent did not answer"),  # died mid-request
+    ],
+)
+def test_the_compiled_client_believes_only_ok(tmp_path, answer, said):
+    """Anything but "ok" goes to the command, which pushes by itself (here it stops at the config,
+    which names no database), saying what the agent did."""
+    from dr_pipelines.core.wal.agent_client import ensure_agent_dir
+
+    data = Path(tempfile.mkdtemp(prefix="drw-", dir="/tmp"))  # short: a socket path has 108 bytes
+    try:
+        (data / "pg_wal").mkdir()
+        (data / "postmaster.pid").write_text("12345\n")
+        (data / "pg_wal" / "000000010000000000000001").write_bytes(b"\0" * 1024)
+        config_path = tmp_path / "dr.yaml"
+        config_path.write_text(yaml.safe_dump({"locations": {"local": {"type": "local", "path": str(tmp_path / "r")}}}))
+        assert ensure_agent_dir()
+        sock = agent_stem(str(data / "pg_wal"), push_context(str(config_path), None)) + ".sock"
+        released = threading.Event()
+        released.set()
+        thread = _fake_agent(sock, answer, released)
+        r = run_wal_client("--config", str(config_path), "wal-push", "pg_wal/000000010000000000000001", cwd=data)
+        thread.join(5)
+        if said is None:
+            assert r.returncode == 0 and r.stderr == ""
+        else:
+            assert r.returncode != 0 and said in r.stderr, r.stderr
+            assert not list((tmp_path / "r").rglob("*0001*"))
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+        Path(sock).unlink(missing_ok=True)
+
+
+def test_the_command_takes_only_a_failure_from_the_compiled_client(monkeypatch):
+    """What dr-pipelines-wal passes in the environment can make the command push by itself, never
+    make it report a segment archived."""
+    from dr_pipelines.cli.main import compiled_client_said
+
+    monkeypatch.setenv("DR_PIPELINES_AGENT", "durable\tyes")
+    assert compiled_client_said() is None and "DR_PIPELINES_AGENT" not in os.environ
+    monkeypatch.setenv("DR_PIPELINES_AGENT", "failed\tthe archiver agent failed: s3: down")
+    assert compiled_client_said() == ("failed", "the archiver agent failed: s3: down")
+    assert "DR_PIPELINES_AGENT" not in os.environ

@@ -182,10 +182,9 @@ class Agent:
         try:
             with conn:
                 conn.settimeout(REQUEST_TIMEOUT_S)
-                reply, pushed = self._answer(
-                    read_json_line(conn, "the client closed the connection before its request was whole", MAX_REQUEST)
-                )
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                req = read_json_line(conn, "the client closed the connection before its request was whole", MAX_REQUEST)
+                reply, pushed = self._answer(req)
+                conn.sendall(text_answer(reply) if req.get("answer") == "text" else json.dumps(reply).encode() + b"\n")
                 ahead_of = pushed
         except Exception as e:  # the client sees the connection close without an answer and pushes by itself
             log(f"a request went unanswered: {type(e).__name__}: {e}")
@@ -364,6 +363,16 @@ class Agent:
                 log(f"warning: archiving ahead failed ({type(e).__name__}: {e}); PostgreSQL's own calls will do it")
                 return
         self._count("archived_ahead", len(done))
+
+
+def text_answer(reply: dict) -> bytes:
+    """The answer for the compiled client (`dr-pipelines-wal`), which reads no JSON: one line,
+    `ok [STAGED]`, `not_found MESSAGE` or `error MESSAGE`."""
+    if reply.get("ok") is True:
+        words = ["ok", str(reply.get("staged", ""))]
+    else:
+        words = ["not_found" if reply.get("not_found") is True else "error", str(reply.get("error", reply))]
+    return " ".join(words).strip().replace("\n", " ").encode() + b"\n"
 
 
 def _postmaster(pg_wal: str) -> str | None:

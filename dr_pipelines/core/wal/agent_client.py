@@ -11,7 +11,9 @@ Protocol: one JSON line each way per connection. `{"push": ABS_PATH, "context": 
 `{"ok": true}` only once the file is durable on every location, else `{"ok": false, "error": ...}`;
 `{"fetch": NAME, "dest": ABS_PATH, "context": CTX[, "locations": [...], "partial": true]}` is answered `{"ok": true}`
 once the verified file is at dest, `{"ok": false, "not_found": true, ...}` if no location holds it;
-`{"status": true}` is answered with the agent's pid and counters.
+`{"status": true}` is answered with the agent's pid and counters. A request with `"answer": "text"`
+(the compiled client, `dr_pipelines/native/wal_client.c`, which reads no JSON) is answered with one
+line instead: `ok [STAGED]`, `not_found MESSAGE` or `error MESSAGE`.
 
 Standard library only (and little of it): this is PostgreSQL's hot path.
 """

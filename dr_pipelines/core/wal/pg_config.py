@@ -17,6 +17,25 @@ def dr_pipelines_command(config_file: str | None) -> list[str]:
     return [exe] + (["--config", str(Path(config_file).resolve())] if config_file else [])
 
 
+def wal_command(config_file: str | None) -> list[str]:
+    """What PostgreSQL runs per WAL file: the compiled client (`native/wal_client.c`, built by `./dev
+    setup`: ~1 ms a call where a Python start costs ~30) if it was built for this installation,
+    else the command itself. The client hands every case it does not serve to the command."""
+    import subprocess
+    import sys
+
+    from dr_pipelines.core.wal.agent_client import INSTALLATION
+
+    client = Path(sys.executable).parent / "dr-pipelines-wal"
+    try:
+        built_for = subprocess.run([str(client), "--installation"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        built_for = ""
+    if built_for.strip() != INSTALLATION:  # absent, or built for another checkout: it would find no agent
+        return dr_pipelines_command(config_file)
+    return [str(client)] + dr_pipelines_command(config_file)[1:]
+
+
 def _shell(args: list[str]) -> str:
     import shlex
 
@@ -39,7 +58,7 @@ def restore_command(
     the newest segment may come from wal-stream's partial (a recovery replaying all it can)."""
     restrict = [a for name in only or [] for a in ("--location", name)]
     extra = ["--partial"] if partial else []
-    return _shell(dr_pipelines_command(config_file) + ["wal-fetch", "--db", database, *restrict, *extra, "%f", "%p"])
+    return _shell(wal_command(config_file) + ["wal-fetch", "--db", database, *restrict, *extra, "%f", "%p"])
 
 
 def streaming_lines(config: DrConfig, database: str) -> list[str]:
@@ -65,7 +84,7 @@ def streaming_lines(config: DrConfig, database: str) -> list[str]:
 
 
 def postgresql_conf_lines(config: DrConfig, database: str, config_file: str | None) -> list[str]:
-    push = _shell(dr_pipelines_command(config_file) + ["wal-push", "--db", database, "%p"])
+    push = _shell(wal_command(config_file) + ["wal-push", "--db", database, "%p"])
     return [
         f"# dr_pipelines: WAL archiving for database {database!r} (RPO "
         f"{config.database(database).objectives.rpo}); needs a restart for wal_level/archive_mode",
