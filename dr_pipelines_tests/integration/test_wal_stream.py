@@ -32,6 +32,7 @@ from dr_pipelines.core.storage.base import forget_down
 from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.core.wal.archive import _read_json, list_archive, wal_status
 from dr_pipelines.core.wal.fetch import wal_fetch
+from dr_pipelines.core.wal.stream import state_dir
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.metadata import number
 from dr_pipelines_tests.support.processes import VENV_BIN
@@ -622,7 +623,8 @@ def _listed_s3(s3) -> list[str]:
 def test_streaming_that_cannot_work_says_what_to_do(make_stream, make_pg, tmp_path):
     """Refused before anything is made, each with what to change: streaming off in the config, a
     user without REPLICATION (no slot is left behind), pg_receivewal missing from pg_bin_dir, a
-    server whose pg_hba.conf has no replication line, an unknown key under streaming."""
+    server whose pg_hba.conf has no replication line, a spool holding another cluster's WAL, an unknown
+    key under streaming."""
     setup, _ = make_stream(archive_command=False)
     pg = setup.server
     raw = yaml.safe_load(setup.config_path.read_text())["databases"]["app"]
@@ -653,6 +655,20 @@ def test_streaming_that_cannot_work_says_what_to_do(make_stream, make_pg, tmp_pa
     r = wal_stream(port=strict.port, dbname="postgres")
     assert r.returncode == 2 and "cannot open a replication connection" in r.stderr, r.stderr
     assert "host replication postgres" in r.stderr and "pg_hba.conf" in r.stderr
+
+    # a spool left by another cluster (the server was replaced): pushing it would be refused forever
+    with connect(pg.port) as conn:
+        current = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+    foreign = bytearray((pg.cluster.data_dir / "pg_wal" / current).read_bytes()[:8192])
+    foreign[24:32] = (int.from_bytes(foreign[24:32], "little") + 1).to_bytes(8, "little")
+    spool = state_dir(setup.config, "app") / "wal"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / f"{current}.partial").write_bytes(bytes(foreign))
+    r = wal_stream()
+    assert r.returncode == 2 and "the spool was another cluster's" in r.stderr and current in r.stderr, r.stderr
+    with connect(pg.port) as conn:
+        assert slot_row(conn) is None  # refused before the slot: none left holding WAL
+    (spool / f"{current}.partial").unlink()
 
     r = wal_stream(streaming={**raw["streaming"], "slot_nmae": "x"})
     assert r.returncode == 2 and "databases.app.streaming.slot_nmae: unknown key" in r.stderr, r.stderr

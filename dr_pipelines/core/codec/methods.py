@@ -9,6 +9,7 @@ this file (and the config's `Literal` of method names), nothing else.
 from __future__ import annotations
 
 import gzip
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,25 @@ def _zstd_stream(src: Readable, level: int, threads: int) -> Readable:
     return cctx.stream_reader(cast(IO[bytes], src), read_size=CHUNK, closefd=False)  # anything with read() will do
 
 
+_idle_compressors: dict[tuple[int, int], list[zstandard.ZstdCompressor]] = {}
+_idle_lock = threading.Lock()
+
+
+def _zstd_compress(data: bytes, level: int) -> bytes:
+    """A WAL segment on every core: a lone segment's push waits for its compression. Compressors
+    are reused (one per concurrent caller): a resident archiver would otherwise make a context and
+    its worker threads for every segment."""
+    key = (level, -1 if len(data) >= 4 << 20 else 0)
+    with _idle_lock:
+        idle = _idle_compressors.setdefault(key, [])
+        cctx = idle.pop() if idle else zstandard.ZstdCompressor(level=level, threads=key[1])
+    try:
+        return cctx.compress(data)
+    finally:
+        with _idle_lock:
+            idle.append(cctx)
+
+
 @dataclass(frozen=True)
 class Compression:
     method: str
@@ -121,10 +141,7 @@ COMPRESSION: dict[str, Compression] = {
         ("zstd", "--decompress", "--quiet", "--stdout"),
         _zstd_stream,
         _ZstdSink,
-        # a WAL segment on every core: a lone segment's push waits for its compression
-        lambda data, level: zstandard.ZstdCompressor(level=level, threads=-1 if len(data) >= 4 << 20 else 0).compress(
-            data
-        ),
+        _zstd_compress,
         lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31),
         (zstandard.ZstdError,),
     ),

@@ -39,6 +39,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,9 +150,12 @@ def synchronous_lines(slot: str) -> list[str]:
     ]
 
 
-def prepare_server(config: DrConfig, database: str, log: Log) -> ServerSetup:
+def prepare_server(
+    config: DrConfig, database: str, log: Log, refuse: Callable[[str], None] = lambda system_identifier: None
+) -> ServerSetup:
     """Check that the server can stream to us, and create the slot if it is missing. Every refusal
-    says what to change."""
+    says what to change. `refuse` raises if the server (its system identifier) may not stream here:
+    before the slot is made, so a refused start leaves no slot holding WAL."""
     from dr_pipelines.core.child_env import libpq_env
     from dr_pipelines.core.postgres.client import connect, server_facts
 
@@ -188,6 +192,7 @@ def prepare_server(config: DrConfig, database: str, log: Log) -> ServerSetup:
         if in_recovery:
             raise StreamSetupError(f"databases.{database} points at a standby (in recovery): stream from the primary")
         system_identifier = server_facts(conn)["system_identifier"]
+        refuse(system_identifier)
         found = conn.execute(
             "SELECT slot_type, wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         ).fetchone()
@@ -807,19 +812,43 @@ class WalStreamer:
 
 
 def _archive_matches(
-    config: DrConfig, database: str, locations: dict[str, Location], setup: ServerSetup
+    config: DrConfig, database: str, locations: dict[str, Location], system_identifier: str
 ) -> dict | None:
     """The archive's cluster record; refused at once if it names another cluster than the server's."""
     from dr_pipelines.core.wal.archive import archive_cluster
 
     known = archive_cluster(locations, database)
-    if known and setup.system_identifier and known.get("system_identifier") != setup.system_identifier:
+    if known and system_identifier and known.get("system_identifier") != system_identifier:
         raise StreamSetupError(
             f"the WAL archive of {database!r} belongs to cluster {known.get('system_identifier')}, but the server "
-            f"is cluster {setup.system_identifier}: refusing to mix them. If this server replaced the old one on "
+            f"is cluster {system_identifier}: refusing to mix them. If this server replaced the old one on "
             "purpose, archive it under another database name"
         )
     return known
+
+
+def _spool_matches(spool: Path, database: str, system_identifier: str) -> None:
+    """Refused at once if the spool holds another cluster's WAL (a directory reused after the server
+    was replaced): pushing it would be refused forever, and resuming after it would skip WAL."""
+    from dr_pipelines.core.wal.archive import WalRefused, segment_header
+
+    if not system_identifier:
+        return
+    for path in sorted(spool.iterdir()):
+        if not SEGMENT.match(path.name[:24]):
+            continue
+        try:
+            with open(path, "rb") as f:
+                head = f.read(40)
+            theirs = segment_header(head)["system_identifier"]
+        except (OSError, WalRefused):
+            continue  # unreadable or not begun (a partial segment is zeros until written): not a claim
+        if theirs != system_identifier:
+            raise StreamSetupError(
+                f"{path} is WAL of cluster {theirs}, but the server of {database!r} is cluster "
+                f"{system_identifier}: the spool was another cluster's. Move its files away (archive them "
+                "under that cluster's database name if they are needed), or set streaming.spool_dir to an empty directory"
+            )
 
 
 def _lock(state: Path) -> int:
@@ -853,7 +882,14 @@ def run_wal_stream(
         ) from None
     fd = _lock(state)
     try:
-        setup = prepare_server(config, database, log)
+        known: dict | None = None
+
+        def refuse(system_identifier: str) -> None:
+            nonlocal known
+            known = _archive_matches(config, database, locations, system_identifier)
+            _spool_matches(state / WAL_DIR, database, system_identifier)
+
+        setup = prepare_server(config, database, log, refuse)
         for note in setup.notes:
             log(f"warning: {note}")
         skipped = [n for n in locations if immutable(config, n)]
@@ -862,7 +898,6 @@ def run_wal_stream(
                 f"partial segments are not pushed to {', '.join(skipped)} (object lock / retention: every "
                 "replacement would stay as a locked version); complete segments are"
             )
-        known = _archive_matches(config, database, locations, setup)
         streamer = WalStreamer(config, database, locations, stop, log, setup, known)
         log(
             f"streaming {database!r} into {state / WAL_DIR} (slot and application_name {setup.slot}"
