@@ -35,6 +35,9 @@ AGENT_MODULE = "dr_pipelines.core.wal.agent"
 # --------------------------------------------------------------------------- helpers
 
 
+WAL_CLIENT = VENV_BIN / "dr-pipelines-wal"  # what PostgreSQL runs (pg_config.wal_command)
+
+
 def stem_of(data_dir: Path, config_path: Path, db: str | None = "app") -> str:
     """The agent's files (without suffix) for the cluster in `data_dir`, as its owner sees them."""
     return agent_stem(str(data_dir / "pg_wal"), push_context(str(config_path.resolve()), db), data_dir.stat().st_uid)
@@ -360,11 +363,11 @@ def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, t
 
 
 class HoldingProxy:
-    """A TCP proxy to the S3 server that, when told, holds the next upload (PUT) and then drops it:
-    a push caught in the middle of writing to S3."""
+    """A TCP proxy to the S3 server that, when told, holds the next request of `method` (an upload:
+    PUT; a download: GET) and then drops it: a push or fetch caught in the middle."""
 
-    def __init__(self, target_port: int):
-        self.target_port = target_port
+    def __init__(self, target_port: int, method: bytes = b"PUT "):
+        self.target_port, self.method = target_port, method
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.hold, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
@@ -387,7 +390,7 @@ class HoldingProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
         try:
             while chunk := src.recv(1 << 16):
-                if upload and self.hold.is_set() and b"PUT " in chunk:
+                if upload and self.hold.is_set() and self.method in chunk:
                     self.held.set()
                     self.released.wait(60)
                     break  # dropped: this request never reaches the server
@@ -455,6 +458,64 @@ def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_
         names += switch(setup, 2)
         assert wait_for_agent(stem, served=fresh["served"] + 1)["pid"] == fresh["pid"]
         assert_archive_holds(setup, names, tmp_path)
+    finally:
+        proxy.close()
+        setup.cleanup()
+
+
+def test_agent_killed_mid_fetch_the_command_fetches_by_itself(pg, s3, agents, tmp_path):
+    """SIGKILL while the agent is downloading a segment for restore_command (the compiled client,
+    as PostgreSQL runs it): the call sees the agent gone, fetches by itself and puts the archived
+    bytes in place; the next call starts a new agent; nothing the dead agent left is handed to
+    replay, and its leftovers go once recovery ends."""
+    proxy = HoldingProxy(s3.port, method=b"GET ")
+    setup = WalSetup(pg, {"s3": {**s3_location(s3), "endpoint_url": proxy.url}})
+    try:
+        set_wal(setup, prefetch=0)  # every segment asked of the agent, none spooled ahead
+        setup.enable_archiving()
+        names = switch(setup, 4)
+        source = pg.cluster.data_dir / "pg_wal"
+        data = tmp_path / "data"
+        pg_wal = data / "pg_wal"
+        pg_wal.mkdir(parents=True)
+        (data / "postmaster.pid").write_text("4242\n")
+        (data / "recovery.signal").touch()
+        agents.append(pg_wal)
+        stem = stem_of(data, setup.config_path)
+
+        def fetch(name: str) -> subprocess.CompletedProcess:
+            dest = pg_wal / "RECOVERYXLOG"
+            r = run_wal_client("--config", str(setup.config_path.resolve()), "wal-fetch", "--db", "app",
+                               "--location", "s3", name, "pg_wal/RECOVERYXLOG", cwd=data)  # fmt: skip
+            if r.returncode == 0:
+                assert dest.read_bytes() == (source / name).read_bytes(), name
+                dest.unlink()
+            return r
+
+        assert fetch(names[0]).returncode == 0  # no agent: fetched here, one started
+        agent = wait_for_agent(stem)
+        assert fetch(names[1]).returncode == 0 and status(stem)["fetched"] == 1
+
+        proxy.hold.set()
+        result: list[subprocess.CompletedProcess] = []
+        caller = threading.Thread(target=lambda: result.append(fetch(names[2])))
+        caller.start()
+        assert proxy.held.wait(30), "the agent never read from S3"
+        proxy.hold.clear()
+        os.kill(agent["pid"], signal.SIGKILL)
+        wait_for(lambda: gone(agent["pid"]), "the agent is dead", 10)
+        proxy.release()
+        caller.join(60)
+        r = result[0]
+        assert r.returncode == 0 and "the archiver agent did not answer" in r.stderr, r.stderr
+
+        assert fetch(names[3]).returncode == 0  # the dead agent's socket refuses: a new one starts
+        fresh = wait_for_agent(stem, not_pid=agent["pid"])
+        (data / "recovery.signal").unlink()  # recovery ended: whatever is in the spool goes
+        spool = pg_wal / ".dr_pipelines_prefetch"
+        wait_for(lambda: not spool.exists() or not list(spool.iterdir()), "the spool emptied once recovery ended")
+        assert status(stem)["pid"] == fresh["pid"]
+        (data / "postmaster.pid").unlink()
     finally:
         proxy.close()
         setup.cleanup()
@@ -697,8 +758,6 @@ def test_a_hung_agent_is_left_behind(fake_cluster, monkeypatch):
 # dr-pipelines-wal (dr_pipelines/native/wal_client.c, built by ./dev setup) is what PostgreSQL runs
 # (pg_config.wal_command); the tests above reach it through archive_command and restore_command.
 # Here: the same agent and fast paths as the command's, and every other case handed to the command.
-
-WAL_CLIENT = VENV_BIN / "dr-pipelines-wal"
 
 
 def run_wal_client(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
