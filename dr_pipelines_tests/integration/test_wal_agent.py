@@ -922,3 +922,34 @@ def test_the_command_takes_only_a_failure_from_the_compiled_client(monkeypatch):
     monkeypatch.setenv("DR_PIPELINES_AGENT", "failed\tthe archiver agent failed: s3: down")
     assert compiled_client_said() == ("failed", "the archiver agent failed: s3: down")
     assert "DR_PIPELINES_AGENT" not in os.environ
+
+
+@pytest.mark.parametrize("staged", ["/tmp/{name}", "{spool}/{name}", "{spool}/.000000010000000000000009.fetched-1"])
+def test_the_compiled_client_takes_only_a_file_of_its_spool(tmp_path, staged):
+    """A fetch answered "ok" with a file outside the spool, or not named for this request, is not
+    put where PostgreSQL reads: the command fetches by itself (here it stops at the config)."""
+    from dr_pipelines.core.wal.agent_client import ensure_agent_dir
+
+    name = "000000010000000000000001"
+    data = Path(tempfile.mkdtemp(prefix="drw-", dir="/tmp"))
+    spool = data / "pg_wal" / ".dr_pipelines_prefetch"
+    spool.mkdir(parents=True)
+    (data / "postmaster.pid").write_text("12345\n")
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text(yaml.safe_dump({"locations": {"local": {"type": "local", "path": str(tmp_path / "r")}}}))
+    offered = Path(staged.format(name=f"offered-{data.name}", spool=spool))
+    offered.write_bytes(b"not what the archive holds")
+    assert ensure_agent_dir()
+    sock = agent_stem(str(data / "pg_wal"), push_context(str(config_path), None)) + ".sock"
+    released = threading.Event()
+    released.set()
+    try:
+        thread = _fake_agent(sock, f"ok {offered}\n".encode(), released)
+        r = run_wal_client("--config", str(config_path), "wal-fetch", name, "pg_wal/RECOVERYXLOG", cwd=data)
+        thread.join(5)
+        assert r.returncode != 0 and "warning: the archiver agent answered" in r.stderr, r.stderr
+        assert offered.exists() and not (data / "pg_wal" / "RECOVERYXLOG").exists()
+    finally:
+        offered.unlink(missing_ok=True)
+        shutil.rmtree(data, ignore_errors=True)
+        Path(sock).unlink(missing_ok=True)
