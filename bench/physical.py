@@ -3,9 +3,10 @@
 - base backup: `dr-pipelines backup --kind base` (pg_basebackup tar -> zstd -3 -> age -> SHA-256 -> local)
   vs `pg_basebackup -Ft --compress=client-zstd` (budget <= 1.20x) and vs `pgbackrest backup --type=full`
   (posix repo, zst level 3, process-max 2, aes-256-cbc: target faster);
-- wal-push per 16 MB segment vs `pgbackrest archive-push` (both as the postgres user, as archive_command):
-  our command alone (no agent: the segment is not in a running cluster's pg_wal), handed to a warm
-  resident agent, and a segment an earlier call archived ahead;
+- wal-push per 16 MB segment vs `pgbackrest archive-push` (both as the postgres user, as archive_command,
+  ours through what PostgreSQL runs: the compiled client `dr-pipelines-wal` when built): our command
+  alone (no agent: the segment is not in a running cluster's pg_wal), handed to a warm resident
+  agent, and a segment an earlier call archived ahead;
 - PITR to a time during load: `dr-pipelines pitr` (Dagster job, into a new directory, until promoted) vs
   `pgbackrest restore --type=time` + start + promotion;
 - archive backlog while pgbench runs flat out with our archive_command: the most .ready segments seen.
@@ -33,6 +34,7 @@ from psycopg import sql
 
 from dr_pipelines.core.child_env import server_env
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, run_as_postgres
+from dr_pipelines.core.wal.pg_config import wal_command
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -180,12 +182,12 @@ class Setup:
 
     def archive_command(self, both: bool = True) -> str:
         """Ours alone, or every tool's push in turn (each restores from its own archive)."""
-        ours = " ".join(self.ours + ["wal-push", "--db", "bench", "%p"])
+        ours = " ".join(wal_command(str(self.config)) + ["wal-push", "--db", "bench", "%p"])
         if not both:
             return ours
         pushes = [ours, " ".join(self.pgbr + ["archive-push", "%p"])]
         if self.s3 is not None:
-            pushes.append(" ".join(self.ours_s3 + ["wal-push", "--db", "bench", "%p"]))
+            pushes.append(" ".join(wal_command(str(self.config_s3)) + ["wal-push", "--db", "bench", "%p"]))
             pushes.append(" ".join(self.pgbr_s3 + ["archive-push", "%p"]))
             if self.barman_bin is not None:
                 pushes.append(
@@ -335,8 +337,8 @@ def bench_wal_push(s: Setup, count: int) -> dict:
         chown_to_postgres(fake)
         return fake
 
-    def ours_push(config: Path) -> list[str]:
-        return [str(s.ours_bin), "--config", str(config), "wal-push", "--db", "bench"]
+    def ours_push(config: Path) -> list[str]:  # what PostgreSQL runs: the compiled client, when built
+        return wal_command(str(config)) + ["wal-push", "--db", "bench"]
 
     # tool: (command before the path, directory of its segments, first name offset, env)
     tools: dict[str, tuple[list[str], Path, int, dict | None]] = {
