@@ -151,6 +151,18 @@ def wal_push(
     with ThreadPoolExecutor(max_workers=2 + len(locations), thread_name_prefix="wal-push") as pool:
         plain_sha = pool.submit(sha256_hex, data)
         encoded = pool.submit(encode_bytes, data, config.compression, config.encryption)
+        prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
+
+        def look(loc_name: str) -> dict | None | LocationError | ValueError:
+            try:
+                return _read_json(locations[loc_name], f"{prefix}/{name}.json")
+            except (LocationError, ValueError) as e:
+                return e
+
+        # The archive's cluster record and this file's sidecar on every location are read at once:
+        # on object storage each is a round trip.
+        found = pool.map(look, list(locations))
+        known = archive_cluster(locations, database)
         side = {
             "name": name,
             "kind": kind,
@@ -160,7 +172,6 @@ def wal_push(
             "encryption": config.encryption.method,
             "pushed_at": datetime.now(timezone.utc).isoformat(),
         }
-        known = archive_cluster(locations, database)
         if kind != "segment":  # history files, backup labels, partial segments carry no system identifier
             sysid = pushing_cluster(path)
             if sysid is not None:
@@ -180,20 +191,12 @@ def wal_push(
                     f"belongs to cluster {known['system_identifier']}; refusing to mix them. If this cluster "
                     "replaced the old one on purpose, archive it under another database name"
                 )
-        prefix = f"{wal_prefix(database)}/{timeline_of(name)}"
         result, failures = PushResult(name), {}
-
-        def look(loc_name: str) -> dict | None | LocationError | ValueError:
-            try:
-                return _read_json(locations[loc_name], f"{prefix}/{name}.json")
-            except (LocationError, ValueError) as e:
-                return e
-
         # Look everywhere before writing anywhere: a conflict on one location must not leave the new
         # bytes on another (two different copies of one segment).
         side["sha256"] = plain_sha.result()
         missing: list[str] = []
-        for loc_name, existing in zip(locations, pool.map(look, list(locations)), strict=True):
+        for loc_name, existing in zip(locations, found, strict=True):
             if isinstance(existing, LocationError):
                 failures[loc_name] = str(existing)
             elif isinstance(existing, ValueError):
