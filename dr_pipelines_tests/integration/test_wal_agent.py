@@ -27,6 +27,7 @@ from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.processes import VENV_BIN, run_cli
+from dr_pipelines_tests.support.servers import FaultyProxy
 from dr_pipelines_tests.support.wal import WalSetup
 
 AGENT_MODULE = "dr_pipelines.core.wal.agent"
@@ -362,63 +363,11 @@ def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, t
 # --------------------------------------------------------------------------- failure paths
 
 
-class HoldingProxy:
-    """A TCP proxy to the S3 server that, when told, holds the next request of `method` (an upload:
-    PUT; a download: GET) and then drops it: a push or fetch caught in the middle."""
-
-    def __init__(self, target_port: int, method: bytes = b"PUT "):
-        self.target_port, self.method = target_port, method
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.hold, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                if upload and self.hold.is_set() and self.method in chunk:
-                    self.held.set()
-                    self.released.wait(60)
-                    break  # dropped: this request never reaches the server
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def release(self) -> None:
-        self.hold.clear()
-        self.released.set()
-
-    def close(self) -> None:
-        self.release()
-        self.server.close()
-
-
 def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_path):
     """SIGKILL while the agent is writing to S3 (the segment already on local): PostgreSQL's call
     sees the agent gone, pushes by itself and exits 0 only once the segment is on both locations;
     the archive stays consistent; the next calls start a new agent."""
-    proxy = HoldingProxy(s3.port)
+    proxy = FaultyProxy(s3.port)
     setup = WalSetup(pg, {"s3": {**s3_location(s3), "endpoint_url": proxy.url}})
     agents.append(pg.cluster.data_dir / "pg_wal")
     try:
@@ -468,7 +417,7 @@ def test_agent_killed_mid_fetch_the_command_fetches_by_itself(pg, s3, agents, tm
     as PostgreSQL runs it): the call sees the agent gone, fetches by itself and puts the archived
     bytes in place; the next call starts a new agent; nothing the dead agent left is handed to
     replay, and its leftovers go once recovery ends."""
-    proxy = HoldingProxy(s3.port, method=b"GET ")
+    proxy = FaultyProxy(s3.port, method=b"GET ")
     setup = WalSetup(pg, {"s3": {**s3_location(s3), "endpoint_url": proxy.url}})
     try:
         set_wal(setup, prefetch=0)  # every segment asked of the agent, none spooled ahead

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -36,6 +35,7 @@ from dr_pipelines.core.wal.stream import state_dir
 from dr_pipelines_tests.support.configs import config_from, s3_location
 from dr_pipelines_tests.support.metadata import number
 from dr_pipelines_tests.support.processes import VENV_BIN
+from dr_pipelines_tests.support.servers import FaultyProxy
 from dr_pipelines_tests.support.wal import WalSetup
 
 # --------------------------------------------------------------------------- helpers
@@ -186,79 +186,6 @@ def pitr_latest(setup: WalSetup, restored: Callable[[], Path]) -> dict:
 
 def connect(port: int) -> psycopg.Connection:
     return psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="app", autocommit=True)
-
-
-class SwitchProxy:
-    """A TCP proxy on 127.0.0.1 to the S3 server that can be switched off and on again: a location
-    that goes away and comes back. Off, the open connections are cut and new ones are accepted
-    and never answered (a network that swallows requests: the hardest kind of down, each call
-    waits for its timeout)."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.up = True
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            if not self.up:
-                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self.lock:
-                self.conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-
-    def _swallow(self, client: socket.socket) -> None:
-        with self.lock:
-            self.conns.append(client)
-        try:
-            while client.recv(1 << 16):
-                pass
-        except OSError:
-            pass
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def switch(self, up: bool) -> None:
-        self.up = up
-        if not up:
-            with self.lock:
-                conns, self.conns = self.conns, []
-            for c in conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
-
-    def close(self) -> None:
-        self.switch(False)
-        self.server.close()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -534,7 +461,7 @@ def test_a_location_down_while_streaming_is_filled_when_it_returns(make_stream, 
     when S3 answers again the streamer fills the gap, byte for byte, and the alert resolves."""
     from dr_pipelines.core.wal.stream_health import STREAM_BACKLOG, stream_health
 
-    proxy = SwitchProxy(s3.port)
+    proxy = FaultyProxy(s3.port)
     try:
         s3_loc = {**s3_location(s3), "endpoint_url": proxy.url, "read_timeout": "6s", "retry_for": "1s"}
         setup, stream = make_stream(archive_command=False, extra_locations={"s3": s3_loc})

@@ -1,8 +1,11 @@
-"""Real HTTP servers on 127.0.0.1: moto's S3, the GCS emulator, and a webhook receiver for alerts."""
+"""Real HTTP servers on 127.0.0.1: moto's S3, the GCS emulator, and a webhook receiver for alerts;
+and a TCP proxy in front of a server, to make it fail in the middle."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 
 from dr_pipelines.core.postgres.cluster import free_port
@@ -34,6 +37,92 @@ def start_moto() -> HttpServer:
     )
     wait_for_port(port)
     return HttpServer(proc, port)
+
+
+class FaultyProxy:
+    """A TCP proxy on 127.0.0.1 to a server on `target_port`, that can fail in two ways:
+    - `switch(False)`: the server goes away. The open connections are cut and new ones are
+      accepted and never answered (a network that swallows requests: the hardest kind of down,
+      each call waits for its timeout); `switch(True)` brings it back.
+    - `hold.set()`: the next request containing `method` (an upload: b"PUT "; a download: b"GET ")
+      is held (`held` is set) until `release()`, then dropped: a push or fetch caught midway."""
+
+    def __init__(self, target_port: int, method: bytes = b"PUT "):
+        self.target_port, self.method = target_port, method
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.up = True
+        self.hold, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up:
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _swallow(self, client: socket.socket) -> None:
+        with self.lock:
+            self.conns.append(client)
+        try:
+            while client.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if request and self.hold.is_set() and self.method in chunk:
+                    self.held.set()
+                    self.released.wait(60)
+                    break  # dropped: this request never reaches the server
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def switch(self, up: bool) -> None:
+        self.up = up
+        if not up:
+            with self.lock:
+                conns, self.conns = self.conns, []
+            for c in conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+
+    def release(self) -> None:
+        self.hold.clear()
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.switch(False)
+        self.server.close()
 
 
 def start_gcs_emulator() -> HttpServer:
