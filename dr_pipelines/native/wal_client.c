@@ -44,6 +44,7 @@
 #define CONNECT_TIMEOUT_S 2
 #define ANSWER_TIMEOUT_S 300 /* as agent_client.ANSWER_TIMEOUT_S: only an agent that hangs hits it */
 #define MAX_ANSWER 65536
+#define MAX_REQUEST 65536 /* as the agent's MAX_REQUEST: a longer one goes to dr-pipelines */
 
 static char **args;
 static int nargs;
@@ -53,6 +54,7 @@ static int nargs;
 static void slow_path(const char *outcome, const char *why) {
     char self[PATH_MAX], said[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 32);
+    if (n >= (ssize_t)sizeof self - 32) n = -1; /* cut off: not a path */
     if (n <= 0 && strchr(args[0], '/') && strlen(args[0]) < sizeof self - 32) /* no /proc: as PostgreSQL named us */
         n = (ssize_t)strlen(strcpy(self, args[0]));
     if (outcome) {
@@ -176,22 +178,30 @@ static int push_context(char *out, size_t size) {
 
 /* ------------------------------------------------------------------ the agent (agent_client.py) */
 
-static void json_string(char *out, size_t size, const char *s) {
-    size_t o = 0;
-    out[o++] = '"';
-    for (; *s && o + 8 < size; s++) {
+/* Append printf-style text at *o in buf, or take the slow path if it does not fit: a request cut
+ * short could ask the agent about another file, or with fewer locations. */
+static void append(char *buf, size_t size, size_t *o, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = *o < size ? vsnprintf(buf + *o, size - *o, fmt, ap) : -1;
+    va_end(ap);
+    if (n < 0 || (size_t)n >= size - *o) slow_path(NULL, NULL);
+    *o += (size_t)n;
+}
+
+/* `s` as a JSON string appended to the request (whole, or the slow path) */
+static void append_json_string(char *buf, size_t size, size_t *o, const char *s) {
+    append(buf, size, o, "\"");
+    for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') {
-            out[o++] = '\\';
-            out[o++] = (char)c;
-        } else if (c < 0x20) {
-            o += (size_t)snprintf(out + o, size - o, "\\u%04x", c);
-        } else {
-            out[o++] = (char)c;
-        }
+        if (c == '"' || c == '\\')
+            append(buf, size, o, "\\%c", c);
+        else if (c < 0x20)
+            append(buf, size, o, "\\u%04x", c);
+        else
+            append(buf, size, o, "%c", c);
     }
-    out[o++] = '"';
-    out[o] = '\0';
+    append(buf, size, o, "\"");
 }
 
 /* The socket of the agent for the cluster whose pg_wal holds `abs_path`; 0 if there is no running
@@ -256,6 +266,7 @@ static void ask(const char *sock_path, const char *request, char *answer, size_t
             slow_path("failed", "the archiver agent did not answer (TimeoutError: timed out)");
         }
         if (n <= 0) slow_path("failed", "the archiver agent did not answer (the connection closed without an answer)");
+        if (memchr(answer + got, '\0', (size_t)n)) slow_path("failed", "the archiver agent's answer holds a NUL byte");
         got += (size_t)n;
     }
     close(s);
@@ -300,12 +311,14 @@ static int wal_push(const char *path) {
         slow_path(NULL, NULL);
     }
 
-    char sock_path[sizeof((struct sockaddr_un *)0)->sun_path], quoted_path[2 * PATH_MAX], quoted_ctx[4 * PATH_MAX];
-    char request[8 * PATH_MAX], answer[MAX_ANSWER];
+    char sock_path[sizeof((struct sockaddr_un *)0)->sun_path], request[MAX_REQUEST], answer[MAX_ANSWER];
+    size_t o = 0;
     if (!agent_socket(abs_path, context, sock_path, sizeof sock_path)) slow_path(NULL, NULL);
-    json_string(quoted_path, sizeof quoted_path, abs_path);
-    json_string(quoted_ctx, sizeof quoted_ctx, context);
-    FORMAT(request, "{\"push\": %s, \"context\": %s, \"answer\": \"text\"}\n", quoted_path, quoted_ctx);
+    append(request, sizeof request, &o, "{\"push\": ");
+    append_json_string(request, sizeof request, &o, abs_path);
+    append(request, sizeof request, &o, ", \"context\": ");
+    append_json_string(request, sizeof request, &o, context);
+    append(request, sizeof request, &o, ", \"answer\": \"text\"}\n");
     ask(sock_path, request, answer, sizeof answer);
     if (strcmp(answer, "ok") == 0) return 0; /* durable on every location */
     failed_answer(answer);
@@ -316,6 +329,7 @@ static int wal_fetch(const char *name, const char *dest) {
     char parent[PATH_MAX], base[PATH_MAX], src[3 * PATH_MAX];
 
     /* spooled ahead of replay (fast_path.take_prefetched) */
+    if (strlen(dest) >= PATH_MAX || strlen(name) >= PATH_MAX) slow_path(NULL, NULL);
     split(dest, parent, base);
     FORMAT(src, "%s/" SPOOL "/%s", parent, name);
     if (rename(src, dest) == 0) {
@@ -328,30 +342,30 @@ static int wal_fetch(const char *name, const char *dest) {
     if (!push_context(context, sizeof context) || !abspath(dest, abs_dest, sizeof abs_dest)) slow_path(NULL, NULL);
     if (!agent_socket(abs_dest, context, sock_path, sizeof sock_path)) slow_path(NULL, NULL);
 
-    char request[16 * PATH_MAX], quoted[4 * PATH_MAX], answer[MAX_ANSWER];
+    char request[MAX_REQUEST], answer[MAX_ANSWER];
     size_t o = 0;
-    json_string(quoted, sizeof quoted, name);
-    o += (size_t)snprintf(request + o, sizeof request - o, "{\"fetch\": %s", quoted);
-    json_string(quoted, sizeof quoted, abs_dest);
-    o += (size_t)snprintf(request + o, sizeof request - o, ", \"dest\": %s", quoted);
-    json_string(quoted, sizeof quoted, context);
-    o += (size_t)snprintf(request + o, sizeof request - o, ", \"context\": %s, \"answer\": \"text\"", quoted);
+    append(request, sizeof request, &o, "{\"fetch\": ");
+    append_json_string(request, sizeof request, &o, name);
+    append(request, sizeof request, &o, ", \"dest\": ");
+    append_json_string(request, sizeof request, &o, abs_dest);
+    append(request, sizeof request, &o, ", \"context\": ");
+    append_json_string(request, sizeof request, &o, context);
+    append(request, sizeof request, &o, ", \"answer\": \"text\"");
     int first = 1;
-    for (int i = 1; i < nargs && o < sizeof request - 2 * PATH_MAX; i++) {
+    for (int i = 1; i < nargs; i++) {
         const char *loc = NULL;
         if (strcmp(args[i], "--location") == 0 && i + 1 < nargs)
             loc = args[i + 1];
         else if (strncmp(args[i], "--location=", 11) == 0)
             loc = args[i] + 11;
         if (!loc) continue;
-        json_string(quoted, sizeof quoted, loc);
-        o += (size_t)snprintf(request + o, sizeof request - o, "%s%s", first ? ", \"locations\": [" : ", ", quoted);
+        append(request, sizeof request, &o, first ? ", \"locations\": [" : ", ");
+        append_json_string(request, sizeof request, &o, loc);
         first = 0;
     }
-    if (!first) o += (size_t)snprintf(request + o, sizeof request - o, "]");
-    if (command_index("--partial") > 0) o += (size_t)snprintf(request + o, sizeof request - o, ", \"partial\": true");
-    if (o + 3 >= sizeof request) slow_path(NULL, NULL);
-    strcpy(request + o, "}\n");
+    if (!first) append(request, sizeof request, &o, "]");
+    if (command_index("--partial") > 0) append(request, sizeof request, &o, ", \"partial\": true");
+    append(request, sizeof request, &o, "}\n");
     ask(sock_path, request, answer, sizeof answer);
 
     if (strncmp(answer, "not_found ", 10) == 0) { /* restore_command's "not found": recovery decides */

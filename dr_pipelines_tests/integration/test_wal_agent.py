@@ -829,6 +829,7 @@ def test_the_compiled_client_serves_what_the_command_serves(wal_setup, agents, t
         (b"error s3: down\n", "warning: the archiver agent failed: s3: down"),
         (b"okay\n", "warning: the archiver agent answered okay"),
         (b'{"ok": true}\n', "warning: the archiver agent answered"),
+        (b"ok\0 error\n", "warning: the archiver agent's answer holds a NUL byte"),
         (None, "warning: the archiver agent did not answer"),  # died mid-request
     ],
 )
@@ -902,3 +903,21 @@ def test_the_compiled_client_takes_only_a_file_of_its_spool(tmp_path, staged):
         offered.unlink(missing_ok=True)
         shutil.rmtree(data, ignore_errors=True)
         Path(sock).unlink(missing_ok=True)
+
+
+def test_the_compiled_client_hands_oversized_arguments_to_the_command(tmp_path):
+    """A destination longer than a path, or locations too long for one request, are not cut short
+    (a request cut short could ask the agent about another file, or fewer locations): the command
+    gets them, and says what is wrong."""
+    long_dest = "a" * 5000
+    r = run_wal_client("wal-fetch", "000000010000000000000001", long_dest, cwd=tmp_path)
+    assert r.returncode > 0 and "dr-pipelines" in r.stderr, r.stderr  # the command's own error, no crash
+    data = tmp_path / "data"
+    (data / "pg_wal").mkdir(parents=True)
+    (data / "postmaster.pid").write_text("12345\n")
+    config_path = tmp_path / "dr.yaml"
+    config_path.write_text("locations: {}\n")
+    locations = [a for _ in range(4) for a in ("--location", "\x01" * 3000)]
+    r = run_wal_client("--config", str(config_path), "wal-fetch", *locations, "000000010000000000000001",
+                       "pg_wal/RECOVERYXLOG", cwd=data)  # fmt: skip
+    assert r.returncode > 0 and "dr-pipelines: error" in r.stderr, r.stderr
