@@ -32,7 +32,7 @@ from dr_pipelines.core.storage.locations import open_locations
 from dr_pipelines.core.wal.archive import _read_json, list_archive, wal_status
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines.core.wal.stream import state_dir
-from dr_pipelines_tests.support.configs import config_from, s3_location
+from dr_pipelines_tests.support.configs import config_from, gcs_location, s3_location
 from dr_pipelines_tests.support.metadata import number
 from dr_pipelines_tests.support.processes import VENV_BIN
 from dr_pipelines_tests.support.servers import FaultyProxy
@@ -177,9 +177,9 @@ def slot_row(conn: psycopg.Connection, slot: str = "dr_pipelines_app") -> tuple 
     ).fetchone()
 
 
-def pitr_latest(setup: WalSetup, restored: Callable[[], Path]) -> dict:
+def pitr_latest(setup: WalSetup, restored: Callable[[], Path], only: str | None = None) -> dict:
     """`dr-pipelines pitr app --latest` into a new directory: the recovery an operator runs."""
-    r = setup.cli("pitr", "app", "--latest", "--data-dir", str(restored()))
+    r = setup.cli("pitr", "app", "--latest", "--data-dir", str(restored()), *(["--location", only] if only else []))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -236,11 +236,17 @@ def make_stream(pg, streams) -> Iterator[Callable[..., tuple[WalSetup, Streamer]
 # --------------------------------------------------------------------------- the tests
 
 
-def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored_dirs):
+@pytest.mark.parametrize("only", [None, "gcs"])
+def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored_dirs, request, only):
     """Rows committed seconds before the server is lost (no segment switch, no archive_timeout) are
     in the archive's partial segment within a couple of seconds; with the server killed and its data
-    directory deleted, `pitr --latest` from the repository alone recovers every committed row."""
-    setup, stream = make_stream()
+    directory deleted, `pitr --latest` from the repository alone recovers every committed row. Also
+    streamed to GCS (the emulator) and recovered from GCS alone."""
+    extra = None
+    if only == "gcs":
+        request.getfixturevalue("gcs")
+        extra = {"gcs": gcs_location()}
+    setup, stream = make_stream(extra_locations=extra)
     pg = setup.server
     base = run_base_backup(setup.config, "app", open_locations(setup.config)).manifest
     stream.start().wait_streaming()
@@ -256,13 +262,13 @@ def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored
         segment = conn.execute("SELECT pg_walfile_name(%s::pg_lsn)", (end_lsn,)).fetchone()[0]
 
     def durable():
-        side = newest_partial(setup)
+        side = newest_partial(setup, only)
         return side if side and lsn_int(side["end_lsn"]) >= lsn_int(end_lsn) else None
 
     side = wait_for(durable, f"the streamed partial reaches {end_lsn}", timeout=10, every=0.05)
     took = time.monotonic() - returned
     assert isinstance(side, dict) and side["segment"] == segment and took < 3.0, took
-    archive = list_archive(open_locations(setup.config), "app")
+    archive = list_archive(open_locations(setup.config, only), "app")
     assert segment not in archive.segments.get(1, []), "the segment was switched: the test proves nothing"
     assert archive.files[segment + STREAM_SUFFIX].kind == "streamed"
     listed = setup.cli("wal", "list", "--json")
@@ -273,7 +279,7 @@ def test_streamed_partial_makes_a_lost_server_lose_nothing(make_stream, restored
     time.sleep(1.0)  # the streamer notices its server is gone; nothing more can come
     assert stream.stop() == 0, stream.log()[-3000:]
 
-    report = pitr_latest(setup, restored_dirs)
+    report = pitr_latest(setup, restored_dirs, only)
     assert report["backup_id"] == base.id and report["promoted"]
     with connect(report["port"]) as conn:
         present = [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")]
