@@ -11,16 +11,10 @@ def _mallopt(param: int, value: int) -> None:
 
 
 def return_large_buffers() -> None:
-    """File chunks and packs are megabytes each, made and freed by several threads: glibc otherwise
-    keeps them in per-thread arenas (its mmap threshold rises after the first free), and the process
-    keeps hundreds of MB it no longer uses. A fixed threshold makes each one go back when freed."""
+    """Our large buffers (16 MiB WAL segments, file chunks and packs) are made and freed by several
+    short-lived threads: glibc otherwise keeps them in per-thread arenas (its mmap threshold rises
+    after the first free), and a process keeps hundreds of MB it no longer uses, growing for hours
+    in a resident one (the WAL agent went 69 -> 130 MB in an hour; two arenas, tried instead, still
+    grew). A fixed threshold makes each one go back when freed; what is reused on purpose (wal_push's
+    read buffers) is kept by its owner."""
     _mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: >= 1 MiB from mmap, returned on free
-
-
-def share_heap_across_threads() -> None:
-    """For resident processes whose short-lived threads take turns with segment-sized buffers (the
-    WAL agent, wal-stream): glibc gives new threads arenas of their own (up to 8 per core), each
-    keeping the 16 MiB buffers freed in it, so the process grew for its first tens of minutes (an
-    agent 69 -> 130 MB in an hour). Two arenas keep them for reuse, without the page faults of
-    taking each one from the kernel afresh as return_large_buffers would (milliseconds a segment)."""
-    _mallopt(-8, 2)  # M_ARENA_MAX

@@ -30,9 +30,10 @@ def compressing_reader(src: Readable, compression: CompressionConfig) -> Readabl
     return COMPRESSION[compression.method].stream(src, compression.level, compression.threads)
 
 
-def encode_bytes(data: bytes, compression: CompressionConfig, encryption: EncryptionConfig) -> bytes:
-    """A whole buffer (a WAL segment) compressed and encrypted, as the streams would."""
-    data = COMPRESSION[compression.method].compress(data, compression.level)
+def encode_bytes(data: bytes | memoryview, compression: CompressionConfig, encryption: EncryptionConfig) -> bytes:
+    """A whole buffer (a WAL segment) compressed and encrypted, as the streams would. Always bytes
+    of its own (given a view of a reused buffer, as wal_push does, "none" copies it)."""
+    data = bytes(COMPRESSION[compression.method].compress(data, compression.level))
     if encryption.method == "age":
         import pyrage  # lazily: wal-push pays for it only when encrypting
 

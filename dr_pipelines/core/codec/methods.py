@@ -107,7 +107,7 @@ _idle_compressors: dict[tuple[int, int], list[zstandard.ZstdCompressor]] = {}
 _idle_lock = threading.Lock()
 
 
-def _zstd_compress(data: bytes, level: int) -> bytes:
+def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
     """A WAL segment on every core: a lone segment's push waits for its compression. Compressors
     are reused (one per concurrent caller): a resident archiver would otherwise make a context and
     its worker threads for every segment."""
@@ -129,7 +129,7 @@ class Compression:
     tool: tuple[str, ...] | None  # decompresses stdin to stdout; None: nothing to undo
     stream: Callable[[Readable, int, int], Readable]  # (source, level, threads) -> compressed reader
     sink: Callable[[Writable], Sink]
-    compress: Callable[[bytes, int], bytes]
+    compress: Callable[[bytes | memoryview, int], bytes | memoryview]
     decompress: Callable[[bytes], bytes]
     errors: tuple[type[Exception], ...] = ()  # what a corrupt stream raises
 

@@ -40,7 +40,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dr_pipelines.core.memory import share_heap_across_threads
+from dr_pipelines.core.memory import return_large_buffers
 from dr_pipelines.core.wal.agent_client import agent_stem, ensure_agent_dir, read_json_line
 from dr_pipelines.core.wal.fast_path import push_context, take_pushed
 
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         return 0  # another agent serves this cluster and config
     final = False
-    share_heap_across_threads()  # a segment buffer per push and fetch, for hours
+    return_large_buffers()  # a segment buffer per push and fetch, for hours
     try:
         code, final = _run(pg_wal, config_file, args.db, context, stem)
         return code

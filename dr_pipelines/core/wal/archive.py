@@ -67,7 +67,7 @@ def _classify(name: str) -> str:
     )
 
 
-def segment_header(data: bytes) -> dict:
+def segment_header(data: bytes | memoryview) -> dict:
     """The long page header at the start of every segment: timeline, system id, segment size."""
     if len(data) < 40:
         raise WalRefused(f"segment is {len(data)} bytes: too short to be WAL")
@@ -82,7 +82,7 @@ def object_name(name: str, config: DrConfig) -> str:
     return name + object_suffix(config.compression.method, config.encryption.method)
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

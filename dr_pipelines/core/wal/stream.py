@@ -48,7 +48,7 @@ from dr_pipelines.core.config import DrConfig, GCSLocationConfig, S3LocationConf
 from dr_pipelines.core.durable import write_atomically
 from dr_pipelines.core.errors import DrError, UsageError
 from dr_pipelines.core.log import Log
-from dr_pipelines.core.memory import share_heap_across_threads
+from dr_pipelines.core.memory import return_large_buffers
 from dr_pipelines.core.postgres.wal_names import HISTORY, SEGMENT
 from dr_pipelines.core.storage.base import Location, forget_down
 
@@ -870,7 +870,7 @@ def run_wal_stream(
 ) -> int:
     """Stream until `stop` is set; the exit code (0: everything received is archived everywhere)."""
     config.database(database)
-    share_heap_across_threads()  # a segment buffer per push, for as long as it streams
+    return_large_buffers()  # a segment buffer per push, for as long as it streams
     state = state_dir(config, database)
     try:
         state.mkdir(parents=True, exist_ok=True)
