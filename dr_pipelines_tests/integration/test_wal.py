@@ -333,3 +333,34 @@ def test_a_ready_file_that_cannot_be_archived_ahead_does_not_fail_the_call(wal_s
     assert f"{garbage}: not archived ahead" in r.stderr and "long page header" in r.stderr
     assert list_archive(open_locations(config_from(config_path)), "app").segments == {1: [name]}
     assert not (pg_wal / ".dr_pipelines_pushed" / garbage).exists()
+
+
+def test_pushes_in_one_process_reuse_buffers_without_mixing_files(wal_setup, tmp_path):
+    """wal_push reads into buffers it keeps from push to push (a resident agent's): a short file
+    after a segment, and segments after it, come back byte for byte; a file that cannot be read
+    is a WalError that says so, and the next push is unaffected."""
+    from dr_pipelines.core.codec.keys import load_identities
+    from dr_pipelines.core.wal.archive import WalError
+    from dr_pipelines.core.wal.fetch import wal_fetch
+    from dr_pipelines.core.wal.push import wal_push
+
+    wal_setup.enable_archiving()
+    names = [wal_setup.switch_and_wait() for _ in range(2)]
+    pg_wal = wal_setup.server.cluster.data_dir / "pg_wal"
+    cfg = wal_setup.config.model_copy(
+        update={
+            "locations": {"local": wal_setup.config.locations["local"].model_copy(update={"path": str(tmp_path / "r")})}
+        }
+    )
+    locs = open_locations(cfg)
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    wal_push(cfg, "app", pg_wal / names[0], locs)
+    wal_push(cfg, "app", history, locs)  # shorter than the buffer it is read into
+    with pytest.raises(WalError, match="cannot read"):
+        wal_push(cfg, "app", tmp_path / names[1], locs)  # no such file
+    wal_push(cfg, "app", pg_wal / names[1], locs)
+    for source in (pg_wal / names[0], history, pg_wal / names[1]):
+        back = tmp_path / f"back-{source.name}"
+        wal_fetch(cfg, "app", source.name, back, locs, load_identities(cfg), prefetch=0)
+        assert back.read_bytes() == source.read_bytes(), source.name

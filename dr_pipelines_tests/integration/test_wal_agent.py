@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from dr_pipelines.core.wal.archive import list_archive
 from dr_pipelines.core.wal.fast_path import mark_pushed, push_context
 from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines_tests.support.configs import config_from, s3_location
-from dr_pipelines_tests.support.processes import VENV_BIN, run_cli
+from dr_pipelines_tests.support.processes import VENV_BIN, run_cli, wait_for
 from dr_pipelines_tests.support.servers import FaultyProxy
 from dr_pipelines_tests.support.wal import WalSetup
 
@@ -49,16 +49,6 @@ def status(stem: str) -> dict | None:
         return request(stem + ".sock", {"status": True}, timeout=10)
     except NotListening:
         return None
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 30) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def wait_for_agent(stem: str, served: int = 0, not_pid: int | None = None) -> dict:

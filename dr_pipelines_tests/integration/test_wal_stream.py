@@ -34,21 +34,11 @@ from dr_pipelines.core.wal.fetch import wal_fetch
 from dr_pipelines.core.wal.stream import state_dir
 from dr_pipelines_tests.support.configs import config_from, gcs_location, s3_location
 from dr_pipelines_tests.support.metadata import number
-from dr_pipelines_tests.support.processes import VENV_BIN
+from dr_pipelines_tests.support.processes import VENV_BIN, wait_for
 from dr_pipelines_tests.support.servers import FaultyProxy
 from dr_pipelines_tests.support.wal import WalSetup
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 20, every: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 class Streamer:

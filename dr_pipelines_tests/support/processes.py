@@ -9,10 +9,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 30, every: float = 0.1) -> object:
+    """The check's first truthy value, polled every `every` seconds; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def wait_for_port(port: int, timeout: float = 20) -> None:
