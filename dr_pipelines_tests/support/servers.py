@@ -55,7 +55,9 @@ class FaultyProxy:
         self.hold, self.held, self.released = threading.Event(), threading.Event(), threading.Event()
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.closed = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
 
     @property
     def url(self) -> str:
@@ -66,6 +68,9 @@ class FaultyProxy:
             try:
                 client, _ = self.server.accept()
             except OSError:
+                return
+            if self.closed:
+                client.close()
                 return
             if not self.up:
                 threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
@@ -120,8 +125,17 @@ class FaultyProxy:
         self.released.set()
 
     def close(self) -> None:
+        """Stop accepting before the listening socket's fd is closed: a thread still inside
+        accept() on a closed fd number would take the next socket given that number (the next
+        test's proxy) and swallow its connections."""
         self.release()
         self.switch(False)
+        self.closed = True
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()  # wakes accept()
+        except OSError:
+            pass
+        self.acceptor.join(10)
         self.server.close()
 
 
