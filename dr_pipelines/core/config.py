@@ -286,8 +286,8 @@ class DatabaseConfig(_Model):
     )
     restore_spool: bool = Field(
         default=True,
-        description="decode a logical backup into the private scratch directory first, so pg_restore "
-        "loads tables and builds indexes in parallel (needs free space for the plain dump; streams when short). "
+        description="decode a logical backup into the private scratch directory, so pg_restore "
+        "loads tables (as it decodes) and builds indexes in parallel (needs free space for the plain dump; streams when short). "
         "false: table data never touches disk, and tables load one at a time",
     )
 

@@ -31,6 +31,7 @@ from dr_pipelines.core.postgres.client import (
     pg_tool,
     schema_fingerprint,
     server_facts,
+    table_bytes,
     table_row_counts,
     tool_version,
 )
@@ -106,6 +107,7 @@ def _run_logical_backup(
         def describe():
             try:
                 facts_box["tables"] = table_row_counts(session.conn)
+                facts_box["table_bytes"] = table_bytes(session.conn)
                 facts_box["schema_fingerprint"] = schema_fingerprint(session.conn)
             except BaseException as e:
                 facts_box["error"] = e
@@ -163,6 +165,7 @@ def _run_logical_backup(
         objects=[ManifestObject(name=name, size=result.size, sha256=result.sha256)],
         uncompressed_bytes=source.bytes,
         tables=facts_box["tables"],
+        table_bytes=facts_box["table_bytes"],
         schema_fingerprint=facts_box["schema_fingerprint"],
     )
     # The manifest goes last, and only where the object committed: it is the commit marker.

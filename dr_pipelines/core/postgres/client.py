@@ -90,9 +90,9 @@ def tool_version(path: str) -> str:
 
 
 # The user tables whose rows a logical backup carries: ordinary tables and partitions (not the
-# partitioned parents, whose count would double them), outside system schemas and extensions.
+# partitioned parents, whose count would double them), outside system schemas and extensions, and their size.
 _USER_TABLES_SQL = """
-SELECT n.nspname, c.relname
+SELECT n.nspname, c.relname, pg_table_size(c.oid)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
@@ -109,7 +109,7 @@ def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
     with conn.cursor() as cur:
         cur.execute(_USER_TABLES_SQL)
         tables = cur.fetchall()
-        for schema, table in tables:
+        for schema, table, _ in tables:
             cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
             counts[f"{schema}.{table}"] = cur.fetchone()[0]
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
@@ -117,6 +117,14 @@ def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
     if large_objects:
         counts["pg_catalog.pg_largeobject_metadata"] = large_objects
     return counts
+
+
+def table_bytes(conn: psycopg.Connection) -> dict[str, int]:
+    """The size on disk (with TOAST) of every user table, keyed "schema.table": what a restore
+    weighs to share the tables among its loaders."""
+    with conn.cursor() as cur:
+        cur.execute(_USER_TABLES_SQL)
+        return {f"{schema}.{table}": size or 0 for schema, table, size in cur.fetchall()}
 
 
 # One text line per schema object, independent of OIDs, so a restored database yields the same

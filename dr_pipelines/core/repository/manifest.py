@@ -61,7 +61,8 @@ class Manifest(BaseModel):
     encryption: dict[str, Any]
     objects: list[ManifestObject]
     uncompressed_bytes: int
-    tables: dict[str, int] = {}
+    tables: dict[str, int] = {}  # rows
+    table_bytes: dict[str, int] = {}  # on disk at backup time (a restore's loaders share tables by it)
     schema_fingerprint: str | None = None
     producer: str = "dr_pipelines"
     extra: dict[str, Any] = {}

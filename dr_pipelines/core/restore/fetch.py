@@ -23,7 +23,7 @@ from dr_pipelines.core.restore.request import (
 from dr_pipelines.core.storage.base import Location, LocationError
 
 if TYPE_CHECKING:  # the sinks live beside pg_restore, which uses this module's results
-    from dr_pipelines.core.restore.pg_restore import PlaintextSpool, RestoreSink
+    from dr_pipelines.core.restore.pg_restore import Sink
 
 
 @dataclass
@@ -38,7 +38,7 @@ def _stream_object(
     src: HashingReader,
     expected: ManifestObject | None,
     where: str,
-    sink: RestoreSink | PlaintextSpool,
+    sink: Sink,
     compression: str,
     encrypted: bool,
     identities: list | None,
@@ -74,7 +74,7 @@ def _stream_object(
     sink.finish(log)
 
 
-SinkFactory = Callable[[Manifest | None], "RestoreSink | PlaintextSpool"]
+SinkFactory = Callable[[Manifest | None], "Sink"]
 
 
 def _fetch_one(config: DrConfig, entry: CatalogEntry, location: Location, make_sink: SinkFactory, log: Log) -> None:

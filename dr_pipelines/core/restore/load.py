@@ -17,8 +17,10 @@ from dr_pipelines.core.log import Log
 from dr_pipelines.core.repository.manifest import Manifest
 from dr_pipelines.core.restore.fetch import Fetched, fetch_and_load
 from dr_pipelines.core.restore.pg_restore import (
+    ParallelLoad,
     PlaintextSpool,
     RestoreSink,
+    Sink,
     create_database,
     load_spooled,
     run_post_data,
@@ -63,8 +65,9 @@ def restore_into(
     create: bool,
     log: Log,
 ) -> tuple[Fetched, dict[str, float]]:
-    """Load the backup into `dbname`: spooled then pg_restore -j (default), or streamed into one
-    pg_restore and then indexes and constraints in parallel."""
+    """Load the backup into `dbname`: spooled and loaded by parallel pg_restore as it decodes (into a
+    database made for it), spooled then pg_restore -j (into an existing one), or streamed into one
+    pg_restore (no room, or restore_spool off); indexes and constraints then build in parallel."""
     # what killed restores left here (plaintext in a scratch directory, a staging database) goes first
     sweep_safely(
         lambda: scratch_leftovers(config, datetime.now(timezone.utc)) + staging_leftovers(config, request.database), log
@@ -82,13 +85,18 @@ def restore_into(
         return Fetched(None, None), {"psql": round(time.monotonic() - t0, 3)}
     plaintext = workdir / "restore.pgdump"
     db = config.database(request.database)
-    sinks: list[RestoreSink | PlaintextSpool] = []
+    sinks: list[Sink] = []
 
     streaming: list[bool] = []  # set once spooling has failed for lack of space
 
-    def make_sink(manifest: Manifest | None) -> RestoreSink | PlaintextSpool:
+    def make_sink(manifest: Manifest | None) -> Sink:
         if not streaming and spool_fits(db, workdir, manifest, log):
-            sinks.append(PlaintextSpool(plaintext))
+            if create and manifest is not None and not (request.data_only or request.schema_only):
+                # a database made for this restore may be loaded before the checksum is known: it is
+                # dropped if the copy proves corrupt. Into an existing one, only verified bytes go.
+                sinks.append(ParallelLoad(server, request.database, dbname, request, plaintext, manifest, log))
+            else:
+                sinks.append(PlaintextSpool(plaintext))
         else:
             sinks.append(RestoreSink(server, request.database, dbname, request, plaintext, create, log))
         return sinks[-1]
@@ -98,7 +106,7 @@ def restore_into(
         try:
             fetched = fetch_and_load(config, locations, request, make_sink, log)
         except OutputFull as e:
-            if not isinstance(sinks[-1], PlaintextSpool):
+            if isinstance(sinks[-1], RestoreSink):
                 raise
             # the disk filled while spooling (another restore took the space): stream instead
             log(f"warning: {e}. Streaming instead (tables load one at a time)")
@@ -107,7 +115,13 @@ def restore_into(
         sink = sinks[-1]
         created = create
         steps: dict[str, float] = {"plaintext_bytes_on_disk": plaintext.stat().st_size if plaintext.exists() else 0}
-        if isinstance(sink, PlaintextSpool):
+        if isinstance(sink, ParallelLoad):
+            steps["fetch_and_decode"] = round(sink.decoded_s, 3)
+            steps["load"] = round(sink.loaded_s, 3)
+            steps["post_data"] = round(
+                run_post_data(server, request.database, dbname, plaintext, request, sink.major, log), 3
+            )
+        elif isinstance(sink, PlaintextSpool):
             steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
             major = create_database(server, request.database, dbname, create)
             steps["pg_restore"] = round(

@@ -1,14 +1,17 @@
-"""Loading a decoded dump: spooled then `pg_restore -j N`, or streamed into one pg_restore and then
-indexes and constraints in parallel; the private scratch directory."""
+"""Loading a decoded dump: spooled and loaded by parallel pg_restore as it decodes, spooled then
+`pg_restore -j N`, or streamed into one pg_restore; then indexes and constraints in parallel."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from psycopg import sql
@@ -46,10 +49,10 @@ def _pg_restore_cmd(server: DatabaseConfig, major: int, dbname: str, request: Re
 class _PgRestore:
     """A pg_restore process whose errors are collected and whose progress is counted."""
 
-    def __init__(self, cmd: list[str], server: DatabaseConfig, db_name: str, stdin=None):
+    def __init__(self, cmd: list[str], server: DatabaseConfig, db_name: str, stdin=None, stdout=subprocess.DEVNULL):
         env = libpq_env(server, db_name)
         env.pop("PGDATABASE", None)
-        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env)
         self.errors: list[str] = []
         self.items = 0
         self.lines = 0  # any output at all means the archive's TOC has been read
@@ -201,6 +204,177 @@ class PlaintextSpool:
         except OSError:
             pass  # the write that failed is why we are here
         self.plaintext.unlink(missing_ok=True)
+
+
+class _Follower:
+    """Feeds a pipe (a pg_restore's stdin) from the spool file while the decoder writes it: what is
+    there, then what comes, until the file is `complete` (end of input) or `stop` is set. A reader
+    that needs no more (past its last table) closes the pipe: that ends the follower quietly."""
+
+    def __init__(self, path: Path, complete: threading.Event, stop: threading.Event):
+        self.read_end, self._write_end = os.pipe()
+        try:  # fewer wake-ups; the limit (pipe-max-size) may refuse, and 64 KB still works
+            fcntl.fcntl(self._write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass
+        self._fd = os.open(path, os.O_RDONLY)
+        self._complete, self._stop = complete, stop
+        threading.Thread(target=self._run, name="spool-follower", daemon=True).start()
+
+    def _run(self) -> None:
+        offset = 0
+        try:
+            while not self._stop.is_set():
+                complete = self._complete.is_set()  # before the read: a last write is not missed
+                sent = os.sendfile(self._write_end, self._fd, offset, 1 << 20)
+                offset += sent
+                if not sent:
+                    if complete:
+                        return
+                    self._complete.wait(0.005)
+        except OSError:  # EPIPE: the reader is done (or was killed)
+            pass
+        finally:
+            os.close(self._fd)
+            os.close(self._write_end)
+
+
+class ParallelLoad(PlaintextSpool):
+    """Where decoded bytes go when the restore spools into a database made for it: the private
+    plaintext file, read back while it grows. The schema
+    (pre-data) is created from the archive's head; then `jobs` pg_restore processes each read the
+    stream and load their share of the tables as the bytes arrive, skipping the others (shares
+    balanced by the tables' size at backup time, in archive order: a stream is read in order).
+    Decoding thus overlaps loading, as in `pg_restore -j` from a finished file it could not. The
+    checksum is still checked at the end: a corrupt copy fails the restore and the database made
+    for it is dropped. Indexes and constraints follow from the finished file (run_post_data)."""
+
+    def __init__(
+        self,
+        server: DatabaseConfig,
+        db_name: str,
+        dbname: str,
+        request: RestoreRequest,
+        plaintext: Path,
+        manifest: Manifest,
+        log: Log = lambda m: None,
+    ):
+        self.server, self.db_name, self.dbname, self.plaintext = server, db_name, dbname, plaintext
+        self.request, self.log = request, log
+        self.weights = manifest.table_bytes or manifest.tables  # sizes; rows for older backups
+        self.t0 = time.monotonic()
+        self.decoded_s = self.loaded_s = 0.0
+        self.major = create_database(server, db_name, dbname, True)
+        super().__init__(plaintext)
+        self.complete, self.stop = threading.Event(), threading.Event()
+        self.running: list[_PgRestore] = []
+        self.error: BaseException | None = None
+        self.dropped = False
+        self.loader = threading.Thread(target=self._load, name="parallel-load", daemon=True)
+        self.loader.start()
+
+    def _start(self, args: list[str], stdout=subprocess.DEVNULL) -> _PgRestore:
+        follower = _Follower(self.plaintext, self.complete, self.stop)
+        cmd = _pg_restore_cmd(self.server, self.major, self.dbname, self.request) + args
+        try:
+            proc = _PgRestore(cmd, self.server, self.db_name, stdin=follower.read_end, stdout=stdout)
+        finally:
+            os.close(follower.read_end)  # pg_restore holds it now
+        self.running.append(proc)
+        if self.stop.is_set():  # abort() ran meanwhile: it may have missed this one
+            proc.kill()
+        return proc
+
+    def _wait(self, procs: list[_PgRestore]) -> None:
+        while any(p.proc.poll() is None for p in procs):
+            if any(p.proc.returncode not in (None, 0) for p in procs):
+                break  # one failed: the others are stopped below
+            time.sleep(0.05)
+        for p in procs:
+            if p.proc.returncode not in (None, 0):
+                for other in procs:
+                    other.kill()
+                raise RestoreError(p.failure(self.dbname))
+            p.wait(self.dbname, self.log, self.t0)
+
+    def _load(self) -> None:
+        lists: list[Path] = []
+        try:
+            listing = self._start(["--list"], stdout=subprocess.PIPE)
+            assert listing.proc.stdout is not None
+            toc = listing.proc.stdout.read().decode(errors="replace").splitlines()
+            self._wait([listing])
+            self._wait([self._start(["--section=pre-data"])])
+            shares = share_tables(toc, self.weights, self.request.jobs)
+            loaders = []
+            for i, share in enumerate(shares):
+                listed = self.plaintext.parent / f"loader-{i}.list"
+                lists.append(listed)
+                listed.write_text("".join(f"{line}\n" for line in share))
+                loaders.append(self._start(["--section=data", f"--use-list={listed}"]))
+            self._wait(loaders)
+            self.loaded_s = time.monotonic() - self.t0
+            self.log(
+                f"schema and data of {self.dbname} loaded by {len(loaders)} pg_restore as the dump decoded, in {self.loaded_s:.1f}s"
+            )
+        except BaseException as e:
+            self.error = e
+        finally:
+            for listed in lists:
+                listed.unlink(missing_ok=True)
+
+    def finish(self, log: Log) -> None:
+        """The file is whole and verified: the loaders read to its end; fail loudly if one failed."""
+        super().finish(log)
+        self.decoded_s = time.monotonic() - self.t0
+        self.complete.set()
+        try:
+            while self.loader.is_alive():
+                self.loader.join(0.1)
+        except BaseException:  # interrupted (run cancelled, Ctrl-C): the loaders must not go on alone
+            self.abort()
+            raise
+        if self.error is not None:
+            self.abort()
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop every loader, remove the plaintext, drop the database made for this restore."""
+        self.stop.set()
+        for p in self.running:
+            p.kill()
+        self.loader.join(timeout=10)
+        for p in self.running:
+            p.kill()  # one started while the first kills ran
+        super().abort()
+        if not self.dropped:
+            self.dropped = True
+            drop_database(self.server, self.db_name, self.dbname)
+
+
+_TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
+
+
+def share_tables(toc: Sequence[str], weights: dict[str, int], jobs: int) -> list[list[str]]:
+    """`pg_restore --list` shared among at most `jobs` loaders, each run with --section=data: the
+    table data, heaviest first to the lightest share; every other entry to the first share only, so
+    whatever else the data section holds (sequence values, large objects) loads exactly once. Each
+    share keeps archive order. A table of unknown weight (a name with a space) weighs 1."""
+    entries = [line for line in toc if line.strip() and not line.startswith(";")]
+    tables = [(i, _TABLE_DATA.match(line)) for i, line in enumerate(entries) if " TABLE DATA " in line]
+    others = sorted(set(range(len(entries))) - {i for i, _ in tables})
+    shares: list[list[int]] = [others] + [[] for _ in range(max(0, min(jobs, len(tables)) - 1))]
+    loads = [0] * len(shares)
+    weighed = sorted(((weights.get(f"{m[1]}.{m[2]}", 1) if m else 1), i) for i, m in tables)
+    for weight, i in reversed(weighed):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(i)
+        loads[lightest] += max(weight, 1)
+    return [[entries[i] for i in sorted(share)] for share in shares if share]
+
+
+# Where fetch_and_load streams the decoded dump.
+Sink = RestoreSink | PlaintextSpool | ParallelLoad
 
 
 def spool_fits(db: DatabaseConfig, workdir: Path, manifest: Manifest | None, log: Log) -> bool:

@@ -188,8 +188,9 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
 
     @dg.op(
         description="Fetch the backup, verify its SHA-256, decrypt and decompress it into a private 0700 "
-        "directory, then pg_restore -j loads it into a staging database (data_only: into the target, "
-        "after stopping the application). With restore_spool off, or too little free space, one "
+        "directory while parallel pg_restore loaders load it into a staging database (dropped if the "
+        "copy proves corrupt), then build indexes with pg_restore -j (data_only: only a verified copy, "
+        "into the target, after stopping the application). With restore_spool off, or too little free space, one "
         "stream feeds pg_restore instead and only the archive's head touches disk. For `latest`, an "
         "unusable backup falls back to the previous one. The plaintext is removed afterwards, even "
         "on failure."
