@@ -145,8 +145,9 @@ def _restore_report(config: Path):
 def bench_logical_restore(
     scale: int, rounds: int, work: Path, configs: dict[str, Path] | None = None, streamed: bool = True
 ) -> dict:
-    """Our restore job (fetch + verify + decrypt + decompress + pg_restore -j2 into staging + validation
-    + swap), spooled (the default) and streamed (restore_spool: false), vs `pg_restore -j 2` of the
+    """Our restore job (fetch + verify + decrypt + decompress + load into staging + validation + swap):
+    loading while it decodes (the default), verified whole first then pg_restore -j 2
+    (restore_while_decoding: false) and streamed (restore_spool: false), vs `pg_restore -j 2` of the
     same dump from a local plain file; they alternate in one run. `configs`: ours under each name
     (default: one local location, "ours"; bench/peers.py adds "ours_s3"); "ours" must be local."""
     cluster = prepare_cluster(scale)
@@ -163,12 +164,12 @@ def bench_logical_restore(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        if streamed:  # the same repository, read through one stream into pg_restore
-            streamed_config = work / "bench-streamed.yaml"
-            raw = yaml.safe_load(config.read_text())
-            raw["databases"]["bench"]["restore_spool"] = False
-            streamed_config.write_text(yaml.safe_dump(raw))
-            configs["ours_streamed"] = streamed_config
+        if streamed:  # the same repository: read through one stream into pg_restore; decoded whole first
+            for name, setting in (("ours_streamed", "restore_spool"), ("ours_verified", "restore_while_decoding")):
+                raw = yaml.safe_load(config.read_text())
+                raw["databases"]["bench"][setting] = False
+                configs[name] = work / f"bench-{name}.yaml"
+                configs[name].write_text(yaml.safe_dump(raw))
         # "the same dump from a local plain file": our backup, decoded by hand with age and zstd
         plain = work / "plain.pgdump"
         [obj] = [p for p in repo.rglob("dump.pgdump*")]
@@ -222,7 +223,7 @@ def bench_logical_restore(
             "plaintext_left_behind": leftovers,
         }
         for name in configs:  # ours_s, ours_median_s, ratio, job_rto_s, job_rto_ratio; streamed_...; ours_s3_...
-            key = "streamed" if name == "ours_streamed" else name
+            key = name.removeprefix("ours_") if name in ("ours_streamed", "ours_verified") else name
             prefix = "" if name == "ours" else f"{key}_"
             result[f"{key}_s"] = wall[name]
             result[f"{key}_median_s"] = statistics.median(wall[name])
@@ -406,7 +407,9 @@ def main() -> int:
                     f"{statistics.median(r['job_rto_s']):.1f}s), pg_restore -j2 {r['bare_median_s']:.1f}s: ratio "
                     f"{r['ratio']:.2f} (job {r['job_rto_ratio']:.2f}; budget 1.15); streamed (restore_spool: false) "
                     f"{statistics.median(r['streamed_s']):.1f}s: ratio {r['streamed_ratio']:.2f} (job "
-                    f"{r['streamed_job_rto_ratio']:.2f}); plaintext left behind: {r['plaintext_left_behind'] or 'none'}",
+                    f"{r['streamed_job_rto_ratio']:.2f}); verified whole first (restore_while_decoding: false) "
+                    f"{statistics.median(r['verified_s']):.1f}s: ratio {r['verified_ratio']:.2f} (job "
+                    f"{r['verified_job_rto_ratio']:.2f}); plaintext left behind: {r['plaintext_left_behind'] or 'none'}",
                     flush=True,
                 )
             if only & {"base", "walpush", "pitr", "backlog"} and scale == scales[0]:

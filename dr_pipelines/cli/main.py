@@ -360,5 +360,29 @@ def _start_wal_agent(args, raw_args: list[str]) -> None:
             err(f"warning: the archiver agent was not started ({e})")
 
 
+def run() -> None:
+    """The `dr-pipelines` command: main(), then an exit without the interpreter's teardown of every
+    module once Dagster is loaded (~0.4 s of a restore command's time, measured). What a normal exit
+    does that matters runs first: other threads joined, atexit handlers (logging's flush among
+    them), stdout and stderr flushed."""
+    code = main()
+    if "dagster" not in sys.modules:  # the WAL paths and light commands: nothing to save
+        sys.exit(code)
+    import atexit
+    import os
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

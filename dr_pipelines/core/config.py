@@ -290,6 +290,12 @@ class DatabaseConfig(_Model):
         "loads tables (as it decodes) and builds indexes in parallel (needs free space for the plain dump; streams when short). "
         "false: table data never touches disk, and tables load one at a time",
     )
+    restore_while_decoding: bool = Field(
+        default=True,
+        description="with restore_spool: load the tables into the staging database while the dump decodes "
+        "(a copy that fails its checksum at the end fails the restore and the staging database is dropped). "
+        "false: only a copy verified whole is loaded, with pg_restore -j, after decoding",
+    )
 
     def freshness_limit(self, now: datetime, kind: str = "logical") -> timedelta:
         """How old the newest backup of a kind may be before it is an incident."""

@@ -139,7 +139,7 @@ def _execute_watched(
     said, last_look = None, 0.0
     try:
         while worker.is_alive():
-            worker.join(0.2)
+            worker.join(0.05)  # the command ends as soon as the run does
             if stop:
                 run = instance.get_run_by_id(run_id)
                 if run is not None and not run.is_finished:

@@ -124,9 +124,13 @@ def test_restore_from_s3_when_local_is_lost(pg, setup, s3, tmp_path):
     assert pg.table_checksums("from_s3") == pg.table_checksums("app")
 
 
-@pytest.mark.parametrize("spool", [True, False], ids=["spooled", "streamed"])
-def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path, spool):
-    path, cfg, first = setup(restore_spool=spool)
+@pytest.mark.parametrize(
+    "options, load_step",
+    [({}, "load"), ({"restore_while_decoding": False}, "pg_restore"), ({"restore_spool": False}, "fetch_and_load")],
+    ids=["while-decoding", "verified-first", "streamed"],
+)
+def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path, options, load_step):
+    path, cfg, first = setup(**options)
     with pg.connect("app") as conn:
         conn.execute("INSERT INTO processing_jobs (job_type, status) VALUES ('x', 'pending')")
     second = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
@@ -137,7 +141,7 @@ def test_corrupt_latest_falls_back_loudly(pg, setup, tmp_path, spool):
     report = restore(cfg, path, target_database="fell_back")
     assert report.backup_id == first.id and report.fallback
     assert second.id in report.fallback_reasons[0] and "checksum mismatch" in report.fallback_reasons[0]
-    assert pg.row_counts("fell_back") == first.tables
+    assert pg.row_counts("fell_back") == first.tables and report.steps_s[load_step] > 0
     # asking for that backup by id fails instead of falling back
     with pytest.raises(RunFailed, match=f"backup {second.id} cannot be used: local: checksum mismatch"):
         restore(cfg, path, backup=second.id, target_database="not_this")
@@ -558,9 +562,9 @@ def test_a_loader_killed_mid_load_fails_the_restore_and_leaves_nothing(pg, setup
     def start_then_kill_a_loader(self, args, **kw):
         proc = started(self, args, **kw)
         if "--section=data" in args:
-            if not loaders:
-                proc.proc.kill()
             loaders.append(proc)
+            if len(loaders) == 2:  # the second: its failure is seen while the first may still load
+                proc.proc.kill()
         return proc
 
     def run():

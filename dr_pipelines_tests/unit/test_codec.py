@@ -57,3 +57,19 @@ def test_wrong_identity_cannot_decrypt():
         decode_bytes(whole, "zstd", "age", [pyrage.x25519.Identity.generate()])
     with pytest.raises(DecodeFailed, match="no identity"):
         decode_bytes(whole, "zstd", "age", None)
+
+
+def test_the_decoding_tools_can_yield_the_cpu(monkeypatch):
+    """A restore that loads as it decodes lowers the tools' priority (they run beside the database's
+    backends); the bytes are the same, and without niceness nothing is changed."""
+    from dr_pipelines.core.codec import decode
+
+    compression, encryption = _configs("zstd", "age")
+    stored = encode_bytes(DATA, compression, encryption)
+    calls = []
+    monkeypatch.setattr(decode.os, "setpriority", lambda which, pid, prio: calls.append((pid, prio)))
+    for niceness in (0, 5):
+        out = io.BytesIO()
+        decode_into(io.BytesIO(stored), out, "zstd", True, [IDENTITY], niceness)
+        assert out.getvalue() == DATA
+    assert len(calls) == 2 and {prio for _, prio in calls} == {os.getpriority(os.PRIO_PROCESS, 0) + 5}

@@ -93,7 +93,15 @@ OUTPUT_FULL = (
 )
 
 
-def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None) -> None:
+def _lower_priority(pid: int, niceness: int) -> None:
+    if niceness:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+        except OSError:  # gone already (it failed: its exit status says why)
+            pass
+
+
+def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None, niceness: int = 0) -> None:
     """src -> age -d -> zstd -d -> out, the tools running beside this process (in-process, the GIL
     and one core made decoding 3x slower than the tools). `out` with a fileno is written by the
     last tool directly."""
@@ -125,6 +133,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None)
                     env=tool_env(),  # none of our secrets: age reads its identity from the pipe
                 )
             )
+            _lower_priority(procs[-1].pid, niceness)
             if i:
                 procs[-2].stdout.close()  # the next tool owns it now
         if not direct:
@@ -204,12 +213,12 @@ def _check_tools(cmds: list[list[str]], procs: list[subprocess.Popen]) -> None:
         raise DecodeError("the reader of the decoded backup stopped before the end (see its own error)")
 
 
-def decode_into(src, out, compression: str, encrypted: bool, identities: list | None) -> None:
+def decode_into(src, out, compression: str, encrypted: bool, identities: list | None, niceness: int = 0) -> None:
     """src (stored bytes) -> decrypt -> decompress -> out.write(). Raises DecodeFailed for a copy
-    that cannot be decrypted or decompressed."""
+    that cannot be decrypted or decompressed. `niceness`: the decoding tools' priority below ours."""
     cmds = _decoder_commands(compression, encrypted)
     if cmds:
-        _decode_with_tools(src, out, cmds, identities)
+        _decode_with_tools(src, out, cmds, identities, niceness)
     elif cmds is None:
         _decode_in_process(src, out, compression, encrypted, identities)
     else:  # neither encrypted nor compressed

@@ -46,7 +46,7 @@ def _stream_object(
 ) -> None:
     """Decode `src` into `sink`; commit the sink only if the object matches its checksum."""
     try:
-        decode_into(src, sink, compression, encrypted, identities)
+        decode_into(src, sink, compression, encrypted, identities, sink.decoder_niceness)
         while src.read(CHUNK):  # anything after the encrypted payload still counts
             pass
     except BaseException as e:

@@ -91,7 +91,8 @@ def restore_into(
 
     def make_sink(manifest: Manifest | None) -> Sink:
         if not streaming and spool_fits(db, workdir, manifest, log):
-            if create and manifest is not None and not (request.data_only or request.schema_only):
+            full = not (request.data_only or request.schema_only)
+            if create and manifest is not None and full and db.restore_while_decoding:
                 # a database made for this restore may be loaded before the checksum is known: it is
                 # dropped if the copy proves corrupt. Into an existing one, only verified bytes go.
                 sinks.append(ParallelLoad(server, request.database, dbname, request, plaintext, manifest, log))

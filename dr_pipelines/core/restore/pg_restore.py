@@ -100,6 +100,8 @@ class RestoreSink:
     parallel post-data step reads afterwards. pg_restore reads the whole TOC before it prints
     anything, so the file stops at its first line of output: table data never touches disk."""
 
+    decoder_niceness = 0
+
     def __init__(
         self,
         server: DatabaseConfig,
@@ -175,6 +177,8 @@ class PlaintextSpool:
     """Where decoded bytes go when the restore spools: the private plaintext file, which a parallel
     pg_restore reads once the whole object has been verified (so a corrupt copy loads nothing)."""
 
+    decoder_niceness = 0
+
     def __init__(self, plaintext: Path):
         self.plaintext = plaintext
         fd = os.open(plaintext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -241,13 +245,19 @@ class _Follower:
 
 class ParallelLoad(PlaintextSpool):
     """Where decoded bytes go when the restore spools into a database made for it: the private
-    plaintext file, read back while it grows. The schema
-    (pre-data) is created from the archive's head; then `jobs` pg_restore processes each read the
+    plaintext file, read back while it grows. The schema (pre-data) is created from the archive's
+    head; then `jobs` pg_restore processes each read the
     stream and load their share of the tables as the bytes arrive, skipping the others (shares
     balanced by the tables' size at backup time, in archive order: a stream is read in order).
     Decoding thus overlaps loading, as in `pg_restore -j` from a finished file it could not. The
     checksum is still checked at the end: a corrupt copy fails the restore and the database made
     for it is dropped. Indexes and constraints follow from the finished file (run_post_data)."""
+
+    # The decoder runs beside the backends loading the tables; where they compete for cores, the
+    # backend loading the largest table is what the restore waits for, so the decoder yields to it
+    # (measured on 2 cores, RTO against pg_restore -j 2: 1.33x -> 1.21x, median of 4 interleaved
+    # rounds). Alone, it runs at full speed.
+    decoder_niceness = 10
 
     def __init__(
         self,
@@ -286,8 +296,8 @@ class ParallelLoad(PlaintextSpool):
         return proc
 
     def _wait(self, procs: list[_PgRestore]) -> None:
-        while any(p.proc.poll() is None for p in procs):
-            if any(p.proc.returncode not in (None, 0) for p in procs):
+        while None in (states := [p.proc.poll() for p in procs]):  # every one polled, not the first running
+            if any(state not in (None, 0) for state in states):
                 break  # one failed: the others are stopped below
             time.sleep(0.05)
         for p in procs:
@@ -296,6 +306,14 @@ class ParallelLoad(PlaintextSpool):
                     other.kill()
                 raise RestoreError(p.failure(self.dbname))
             p.wait(self.dbname, self.log, self.t0)
+
+    def _cores_shared(self) -> bool:
+        """Whether the decoder, the loaders and the server's backends compete for too few cores:
+        the server runs here and there are no more cores than loaders. Then the loaders after the
+        first (the heaviest share) start once the dump is decoded: measured on 2 cores, loading the
+        other tables beside the decoder slowed the heaviest table, which decides the restore's end."""
+        local = self.server.host in ("", "localhost", "127.0.0.1", "::1") or self.server.host.startswith("/")
+        return local and (os.cpu_count() or 1) <= self.request.jobs
 
     def _load(self) -> None:
         lists: list[Path] = []
@@ -311,6 +329,9 @@ class ParallelLoad(PlaintextSpool):
                 listed = self.plaintext.parent / f"loader-{i}.list"
                 lists.append(listed)
                 listed.write_text("".join(f"{line}\n" for line in share))
+                if i and self._cores_shared():  # the heaviest share first, beside the decoder
+                    while not (self.complete.wait(0.1) or self.stop.is_set()):
+                        pass
                 loaders.append(self._start(["--section=data", f"--use-list={listed}"]))
             self._wait(loaders)
             self.loaded_s = time.monotonic() - self.t0
@@ -359,7 +380,8 @@ def share_tables(toc: Sequence[str], weights: dict[str, int], jobs: int) -> list
     """`pg_restore --list` shared among at most `jobs` loaders, each run with --section=data: the
     table data, heaviest first to the lightest share; every other entry to the first share only, so
     whatever else the data section holds (sequence values, large objects) loads exactly once. Each
-    share keeps archive order. A table of unknown weight (a name with a space) weighs 1."""
+    share keeps archive order; the first holds the heaviest table. A table of unknown weight (a name
+    with a space) weighs 1."""
     entries = [line for line in toc if line.strip() and not line.startswith(";")]
     tables = [(i, _TABLE_DATA.match(line)) for i, line in enumerate(entries) if " TABLE DATA " in line]
     others = sorted(set(range(len(entries))) - {i for i, _ in tables})
