@@ -55,3 +55,18 @@ def test_a_failed_job_prints_the_domain_error_once_without_a_traceback(pg, write
     for r in (refused, missing):
         assert "Traceback" not in r.stderr and "Dependencies for step" not in r.stderr
         assert "STEP_FAILURE" not in r.stderr and len(r.stderr.splitlines()) < 15, r.stderr
+
+
+def test_a_job_command_exits_quickly_and_leaves_no_temporary_files(pg, write_config, tmp_path):
+    """Once Dagster is loaded, the command skips the interpreter's teardown (cli.main.run): its
+    output is whole, its exit status kept, its work done, and nothing is left in TMPDIR."""
+    path = write_config(pg, {"local": local_location(tmp_path / "repo")})
+    tmp = reachable_tmpdir("drpt-tmpdir-")
+    backup = run_cli("--config", str(path), "backup", "app", env={"TMPDIR": str(tmp)})
+    assert backup.returncode == 0 and backup.stdout.strip(), backup.stderr
+    restored = run_cli(
+        "--config", str(path), "restore", "app", "--latest", "--into", "copy", env={"TMPDIR": str(tmp)}
+    )  # fmt: skip
+    assert restored.returncode == 0 and restored.stdout.startswith(f"restored {backup.stdout.strip()} into copy")
+    assert pg.table_checksums("copy") == pg.table_checksums("app")
+    assert list(tmp.iterdir()) == []

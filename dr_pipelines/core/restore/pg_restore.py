@@ -313,7 +313,7 @@ class ParallelLoad(PlaintextSpool):
         first (the heaviest share) start once the dump is decoded: measured on 2 cores, loading the
         other tables beside the decoder slowed the heaviest table, which decides the restore's end."""
         local = self.server.host in ("", "localhost", "127.0.0.1", "::1") or self.server.host.startswith("/")
-        return local and (os.cpu_count() or 1) <= self.request.jobs
+        return local and len(os.sched_getaffinity(0)) <= self.request.jobs
 
     def _load(self) -> None:
         lists: list[Path] = []
