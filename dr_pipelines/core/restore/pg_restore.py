@@ -274,8 +274,12 @@ class ParallelLoad(PlaintextSpool):
         self.weights = manifest.table_bytes or manifest.tables  # sizes; rows for older backups
         self.t0 = time.monotonic()
         self.decoded_s = self.loaded_s = 0.0
-        self.major = create_database(server, db_name, dbname, True)
-        super().__init__(plaintext)
+        super().__init__(plaintext)  # before the database: a file that cannot be made leaves no database
+        try:
+            self.major = create_database(server, db_name, dbname, True)
+        except BaseException:
+            super().abort()
+            raise
         self.complete, self.stop = threading.Event(), threading.Event()
         self.running: list[_PgRestore] = []
         self.error: BaseException | None = None
@@ -300,11 +304,12 @@ class ParallelLoad(PlaintextSpool):
             if any(state not in (None, 0) for state in states):
                 break  # one failed: the others are stopped below
             time.sleep(0.05)
+        failed = [p for p in procs if p.proc.returncode not in (None, 0)]
+        if failed:  # the others stop now, not once they have loaded their share
+            for other in procs:
+                other.kill()
+            raise RestoreError(failed[0].failure(self.dbname))
         for p in procs:
-            if p.proc.returncode not in (None, 0):
-                for other in procs:
-                    other.kill()
-                raise RestoreError(p.failure(self.dbname))
             p.wait(self.dbname, self.log, self.t0)
 
     def _cores_shared(self) -> bool:
