@@ -585,6 +585,70 @@ def test_a_loader_killed_mid_load_fails_the_restore_and_leaves_nothing(pg, setup
     assert list(workdir.iterdir()) == []
 
 
+SHOP_SQL = """
+CREATE TABLE big (id int PRIMARY KEY, body text);
+INSERT INTO big SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 20000) g;
+-- every row breaks this check: built before the rows load, it would refuse them
+ALTER TABLE big ADD CONSTRAINT big_body_long CHECK (length(body) > 1000) NOT VALID;
+CREATE TABLE customers (id int PRIMARY KEY, email text UNIQUE);
+INSERT INTO customers SELECT g, g || '@example.org' FROM generate_series(1, 500) g;
+CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, item int REFERENCES big);
+INSERT INTO orders SELECT g, 1 + g % 500, 1 + g % 20000 FROM generate_series(1, 3000) g;
+CREATE INDEX orders_customer ON orders (customer);
+"""
+
+
+def test_indexes_of_tables_loaded_first_are_built_while_the_largest_loads(
+    pg, write_config, age_key, tmp_path, monkeypatch
+):
+    """The largest table is held back (locked) while it loads: the keys and indexes of the tables
+    already loaded are built meanwhile; the foreign keys, and the largest table's own key and its
+    NOT VALID check, wait for its rows. The restored database matches the source."""
+    from dr_pipelines.core.restore import pg_restore
+    from dr_pipelines.core.restore.load import restore_into
+    from dr_pipelines.core.restore.request import RestoreRequest
+
+    pg.create_database("shop", sample_data=False)
+    with pg.connect("shop") as conn:
+        conn.execute(SHOP_SQL)
+    path = write_config(pg, {"local": local_location(tmp_path / "b")}, None, dbname="shop")
+    cfg = config_from(path)
+    run_logical_backup(cfg, "app", open_locations(cfg))
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    started = pg_restore.ParallelLoad._start
+    lock: list = []
+    built_early: list[str] = []
+
+    def start_holding_the_largest_table(self, args, **kw):
+        listed = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("--use-list=")), None)
+        entries = listed.read_text() if listed else ""
+        if "--section=data" in args and " TABLE DATA public big " in entries:
+            lock.append(pg.connect("shop_restored"))
+            lock[0].execute("BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE")
+            lock.append(threading.Timer(20, lock[0].execute, ["COMMIT"]))  # nothing built early: fails below
+            lock[1].start()
+        proc = started(self, args, **kw)
+        if "--section=post-data" in args and not built_early:
+            built_early.append(entries)
+            proc.proc.wait()
+            lock[0].execute("COMMIT")  # the largest table loads now
+        return proc
+
+    monkeypatch.setattr(pg_restore.ParallelLoad, "_start", start_holding_the_largest_table)
+    restore_into(
+        cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"), "shop_restored", workdir, True, print
+    )
+    lock[1].cancel()
+    lock[0].close()
+    [early] = built_early
+    names = [line.split()[-2] for line in early.splitlines()]
+    assert sorted(names) == ["customers_email_key", "customers_pkey", "orders_customer", "orders_pkey"]
+    assert _schema_dump(pg, "shop_restored") == _schema_dump(pg, "shop")
+    assert pg.table_checksums("shop_restored") == pg.table_checksums("shop")
+    assert list(workdir.iterdir()) == []
+
+
 def test_restore_latest_onto_a_new_server_creates_the_database(make_pg, pg, setup, tmp_path):
     """The brand-new-server case: the configured database does not exist there yet, so `restore
     --latest` creates it with no confirmation (only a non-empty one needs --clean --yes)."""

@@ -1,6 +1,6 @@
 """How a restore shares the dump's entries among its parallel loaders (`share_tables`)."""
 
-from dr_pipelines.core.restore.pg_restore import share_tables
+from dr_pipelines.core.restore.pg_restore import post_data_ready, share_tables
 
 TOC = """;
 ; Archive created at 2026-12-07 14:00:00 UTC
@@ -50,3 +50,62 @@ def test_a_backup_without_sizes_still_spreads_the_tables():
 def test_an_empty_listing_needs_no_loader():
     assert share_tables([], {}, 2) == []
     assert share_tables(TOC[:3], {}, 2) == []
+
+
+# pg_restore --list --verbose of a dump (PostgreSQL 15) with a primary key, a foreign key, an index,
+# a NOT VALID check, a unique index and a partitioned table's index
+VERBOSE_TOC = """; Selected TOC Entries:
+214; 1259 16384 TABLE public a postgres
+215; 1259 16391 TABLE public b postgres
+216; 1259 16402 TABLE public c postgres
+217; 1259 16407 TABLE public p postgres
+218; 1259 16410 TABLE public p1 postgres
+;\tdepends on: 217
+3212; 0 0 TABLE ATTACH public p1 postgres
+;\tdepends on: 218 217
+3364; 0 16384 TABLE DATA public a postgres
+;\tdepends on: 214
+3365; 0 16391 TABLE DATA public b postgres
+;\tdepends on: 215
+3366; 0 16402 TABLE DATA public c postgres
+;\tdepends on: 216
+3367; 0 16410 TABLE DATA public p1 postgres
+;\tdepends on: 218
+3215; 2606 16390 CONSTRAINT public a a_pkey postgres
+;\tdepends on: 214
+3213; 2606 16405 CHECK CONSTRAINT public c c_chk postgres
+;\tdepends on: 216 216
+3216; 1259 16401 INDEX public b_w postgres
+;\tdepends on: 215
+3217; 1259 16406 INDEX public c_x postgres
+;\tdepends on: 216
+3218; 1259 16413 INDEX public p_k postgres
+;\tdepends on: 217
+3219; 1259 16414 INDEX public p1_k_idx postgres
+;\tdepends on: 218 218 3218
+3220; 0 0 INDEX ATTACH public p1_k_idx postgres
+;\tdepends on: 3219 3218 218 217
+3221; 2606 16396 FK CONSTRAINT public b b_id_fkey postgres
+;\tdepends on: 214 3215 215
+""".splitlines()
+
+
+def data_of(*tables: str) -> list[str]:
+    return [line for line in VERBOSE_TOC if " TABLE DATA " in line and line.split()[-2] in tables]
+
+
+def test_indexes_and_keys_of_loaded_tables_only_are_ready_early():
+    assert post_data_ready(VERBOSE_TOC, []) == []
+    assert post_data_ready(VERBOSE_TOC, data_of("a")) == ["3215; 2606 16390 CONSTRAINT public a a_pkey postgres"]
+    # c's NOT VALID check is enforced on rows loaded after it: it waits, as do the foreign key (it needs
+    # a's key as well as both tables), the partitioned table's indexes and their attachment
+    assert post_data_ready(VERBOSE_TOC, data_of("a", "b", "c", "p1")) == [
+        "3215; 2606 16390 CONSTRAINT public a a_pkey postgres",
+        "3216; 1259 16401 INDEX public b_w postgres",
+        "3217; 1259 16406 INDEX public c_x postgres",
+    ]
+
+
+def test_a_list_without_dependencies_makes_nothing_ready_early():
+    plain = [line for line in VERBOSE_TOC if not line.startswith(";")]
+    assert post_data_ready(plain, data_of("a", "b", "c", "p1")) == []

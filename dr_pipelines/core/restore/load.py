@@ -119,9 +119,7 @@ def restore_into(
         if isinstance(sink, ParallelLoad):
             steps["fetch_and_decode"] = round(sink.decoded_s, 3)
             steps["load"] = round(sink.loaded_s, 3)
-            steps["post_data"] = round(
-                run_post_data(server, request.database, dbname, plaintext, request, sink.major, log), 3
-            )
+            steps["post_data"] = round(sink.post_data(log), 3)
         elif isinstance(sink, PlaintextSpool):
             steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
             major = create_database(server, request.database, dbname, create)

@@ -282,6 +282,8 @@ class ParallelLoad(PlaintextSpool):
             raise
         self.complete, self.stop = threading.Event(), threading.Event()
         self.running: list[_PgRestore] = []
+        self.toc: list[str] = []  # pg_restore --list --verbose: the entries and their dependencies
+        self.built: list[str] = []  # post-data entries built while other tables loaded
         self.error: BaseException | None = None
         self.dropped = False
         self.loader = threading.Thread(target=self._load, name="parallel-load", daemon=True)
@@ -325,7 +327,7 @@ class ParallelLoad(PlaintextSpool):
         try:
             listing = self._start(["--list"], stdout=subprocess.PIPE)
             assert listing.proc.stdout is not None
-            toc = listing.proc.stdout.read().decode(errors="replace").splitlines()
+            self.toc = toc = listing.proc.stdout.read().decode(errors="replace").splitlines()
             self._wait([listing])
             self._wait([self._start(["--section=pre-data"])])
             shares = share_tables(toc, self.weights, self.request.jobs)
@@ -338,16 +340,56 @@ class ParallelLoad(PlaintextSpool):
                     while not (self.complete.wait(0.1) or self.stop.is_set()):
                         pass
                 loaders.append(self._start(["--section=data", f"--use-list={listed}"]))
-            self._wait(loaders)
+            self._wait_indexing_loaded_shares(loaders, shares, toc, lists)
             self.loaded_s = time.monotonic() - self.t0
             self.log(
-                f"schema and data of {self.dbname} loaded by {len(loaders)} pg_restore as the dump decoded, in {self.loaded_s:.1f}s"
+                f"schema and data of {self.dbname} loaded by {len(loaders)} pg_restore as the dump decoded, in "
+                f"{self.loaded_s:.1f}s; {len(self.built)} indexes and constraints of the tables loaded first built meanwhile"
             )
         except BaseException as e:
             self.error = e
         finally:
             for listed in lists:
                 listed.unlink(missing_ok=True)
+
+    def _wait_indexing_loaded_shares(
+        self, loaders: list[_PgRestore], shares: list[list[str]], toc: list[str], lists: list[Path]
+    ) -> None:
+        """Wait for the loaders; meanwhile, once a share has loaded, build the indexes and
+        constraints that need only its tables beside the loaders still running, as `pg_restore -j`
+        does from a finished file (on 2 cores the restore otherwise ends with every index built
+        after the largest table has loaded)."""
+        building: list[_PgRestore] = []
+        while True:
+            states = [p.proc.poll() for p in loaders + building]
+            if None not in states or any(state not in (None, 0) for state in states):
+                break
+            if all(b.proc.returncode is not None for b in building):
+                loaded = [
+                    line for p, share in zip(loaders, shares, strict=True) if p.proc.returncode == 0 for line in share
+                ]
+                ready = [line for line in post_data_ready(toc, loaded) if line not in self.built]
+                if ready:
+                    listed = self.plaintext.parent / f"post-data-{len(building)}.list"
+                    lists.append(listed)
+                    listed.write_text("".join(f"{line}\n" for line in ready))
+                    building.append(self._start(["--section=post-data", f"--use-list={listed}"]))
+                    self.built += ready
+            time.sleep(0.05)
+        self._wait(loaders + building)
+
+    def post_data(self, log: Log) -> float:
+        """Indexes, constraints and triggers not built while the tables loaded, in parallel."""
+        built = set(self.built)
+        rest = [line for line in self.toc if line not in built]
+        listed = self.plaintext.parent / "post-data.list"
+        try:
+            listed.write_text("".join(f"{line}\n" for line in rest))
+            return run_post_data(
+                self.server, self.db_name, self.dbname, self.plaintext, self.request, self.major, log, listed
+            )
+        finally:
+            listed.unlink(missing_ok=True)
 
     def finish(self, log: Log) -> None:
         """The file is whole and verified: the loaders read to its end; fail loudly if one failed."""
@@ -398,6 +440,37 @@ def share_tables(toc: Sequence[str], weights: dict[str, int], jobs: int) -> list
         shares[lightest].append(i)
         loads[lightest] += max(weight, 1)
     return [[entries[i] for i in sorted(share)] for share in shares if share]
+
+
+_ENTRY = re.compile(r"^(\d+); \d+ \d+ (.*)$")
+_DEPENDS = re.compile(r"^;\s+depends on:((?: \d+)+)\s*$")
+
+
+def post_data_ready(toc: Sequence[str], loaded: Sequence[str]) -> list[str]:
+    """The indexes and constraints (primary key, unique, exclusion) of `pg_restore --list --verbose`
+    whose every dependency is a table whose data is among the `loaded` entries: these may be built
+    while other tables still load. Anything else (foreign keys, triggers, an index on a partitioned
+    table, whatever depends on another post-data entry) waits for the rest of post-data."""
+    entries: list[tuple[int, str, str]] = []  # dump id, "TYPE schema name owner", the line
+    depends: dict[int, set[int]] = {}
+    for line in toc:
+        if m := _ENTRY.match(line):
+            entries.append((int(m[1]), m[2], line))
+        elif (m := _DEPENDS.match(line)) and entries:
+            depends[entries[-1][0]] = {int(d) for d in m[1].split()}
+    loaded_data = set(loaded)
+    tables = {  # a TABLE DATA entry depends on its table alone
+        next(iter(depends[dump_id]))
+        for dump_id, what, line in entries
+        if what.startswith("TABLE DATA ") and line in loaded_data and len(depends.get(dump_id, ())) == 1
+    }
+    return [
+        line
+        for dump_id, what, line in entries
+        if (what.startswith("CONSTRAINT ") or (what.startswith("INDEX ") and not what.startswith("INDEX ATTACH ")))
+        and depends.get(dump_id)
+        and depends[dump_id] <= tables
+    ]
 
 
 # Where fetch_and_load streams the decoded dump.
@@ -461,15 +534,24 @@ def load_spooled(
 
 
 def run_post_data(
-    server: DatabaseConfig, db_name: str, dbname: str, plaintext: Path, request: RestoreRequest, major: int, log: Log
+    server: DatabaseConfig,
+    db_name: str,
+    dbname: str,
+    plaintext: Path,
+    request: RestoreRequest,
+    major: int,
+    log: Log,
+    use_list: Path | None = None,
 ) -> float:
-    """Indexes, constraints and triggers, in parallel, from the archive's head (they need only the TOC)."""
+    """Indexes, constraints and triggers, in parallel, from the archive's head (they need only the
+    TOC); only those in `use_list` if given."""
     if request.data_only:
         return 0.0
     t0 = time.monotonic()
     cmd = _pg_restore_cmd(server, major, dbname, request) + [
         "--section=post-data",
         f"--jobs={request.jobs}",
+        *([f"--use-list={use_list}"] if use_list else []),
         str(plaintext),
     ]
     _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
