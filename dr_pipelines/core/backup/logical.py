@@ -31,8 +31,7 @@ from dr_pipelines.core.postgres.client import (
     pg_tool,
     schema_fingerprint,
     server_facts,
-    table_bytes,
-    table_row_counts,
+    table_rows_and_bytes,
     tool_version,
 )
 from dr_pipelines.core.repository.manifest import (
@@ -106,8 +105,7 @@ def _run_logical_backup(
 
         def describe():
             try:
-                facts_box["tables"] = table_row_counts(session.conn)
-                facts_box["table_bytes"] = table_bytes(session.conn)
+                facts_box["tables"], facts_box["table_bytes"] = table_rows_and_bytes(session.conn)
                 facts_box["schema_fingerprint"] = schema_fingerprint(session.conn)
             except BaseException as e:
                 facts_box["error"] = e

@@ -9,6 +9,7 @@ import hashlib
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,28 +104,34 @@ ORDER BY 1, 2
 """
 
 
-def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Exact row counts of every user table, keyed "schema.table"."""
+def table_rows_and_bytes(
+    conn: psycopg.Connection, known: Mapping[str, int] | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Exact row counts of every user table (those in `known` are taken from it, not counted
+    again), and their size on disk with TOAST (what a restore weighs to share the tables among its
+    loaders); both keyed "schema.table"."""
     counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     with conn.cursor() as cur:
         cur.execute(_USER_TABLES_SQL)
-        tables = cur.fetchall()
-        for schema, table, _ in tables:
+        for schema, table, size in cur.fetchall():
+            name = f"{schema}.{table}"
+            sizes[name] = size or 0
+            if known and name in known:
+                counts[name] = known[name]
+                continue
             cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
-            counts[f"{schema}.{table}"] = cur.fetchone()[0]
+            counts[name] = cur.fetchone()[0]
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = cur.fetchone()[0]
     if large_objects:
         counts["pg_catalog.pg_largeobject_metadata"] = large_objects
-    return counts
+    return counts, sizes
 
 
-def table_bytes(conn: psycopg.Connection) -> dict[str, int]:
-    """The size on disk (with TOAST) of every user table, keyed "schema.table": what a restore
-    weighs to share the tables among its loaders."""
-    with conn.cursor() as cur:
-        cur.execute(_USER_TABLES_SQL)
-        return {f"{schema}.{table}": size or 0 for schema, table, size in cur.fetchall()}
+def table_row_counts(conn: psycopg.Connection, known: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Exact row counts of every user table, keyed "schema.table" (see table_rows_and_bytes)."""
+    return table_rows_and_bytes(conn, known)[0]
 
 
 # One text line per schema object, independent of OIDs, so a restored database yields the same
