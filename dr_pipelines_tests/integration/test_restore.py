@@ -613,7 +613,7 @@ def test_indexes_of_tables_loaded_first_are_built_while_the_largest_loads(
         conn.execute(SHOP_SQL)
     path = write_config(pg, {"local": local_location(tmp_path / "b")}, None, dbname="shop")
     cfg = config_from(path)
-    manifest = run_logical_backup(cfg, "app", open_locations(cfg)).manifest
+    run_logical_backup(cfg, "app", open_locations(cfg))
     workdir = tmp_path / "work"
     workdir.mkdir(mode=0o700)
     started = pg_restore.ParallelLoad._start
@@ -636,7 +636,7 @@ def test_indexes_of_tables_loaded_first_are_built_while_the_largest_loads(
         return proc
 
     monkeypatch.setattr(pg_restore.ParallelLoad, "_start", start_holding_the_largest_table)
-    fetched, _ = restore_into(
+    restore_into(
         cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"), "shop_restored", workdir, True, print
     )
     lock[1].cancel()
@@ -646,10 +646,6 @@ def test_indexes_of_tables_loaded_first_are_built_while_the_largest_loads(
     assert sorted(names) == ["customers_email_key", "customers_pkey", "orders_customer", "orders_pkey"]
     assert _schema_dump(pg, "shop_restored") == _schema_dump(pg, "shop")
     assert pg.table_checksums("shop_restored") == pg.table_checksums("shop")
-    # each table's rows were counted once it had loaded (validation uses these): the source's counts
-    assert (
-        fetched.row_counts == manifest.tables == {"public.big": 20000, "public.customers": 500, "public.orders": 3000}
-    )
     assert list(workdir.iterdir()) == []
 
 

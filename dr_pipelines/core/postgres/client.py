@@ -9,7 +9,6 @@ import hashlib
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,24 +103,17 @@ ORDER BY 1, 2
 """
 
 
-def table_rows_and_bytes(
-    conn: psycopg.Connection, known: Mapping[str, int] | None = None
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Exact row counts of every user table (those in `known` are taken from it, not counted
-    again), and their size on disk with TOAST (what a restore weighs to share the tables among its
-    loaders); both keyed "schema.table"."""
+def table_rows_and_bytes(conn: psycopg.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Exact row counts of every user table, and their size on disk with TOAST (what a restore
+    weighs to share the tables among its loaders); both keyed "schema.table"."""
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
     with conn.cursor() as cur:
         cur.execute(_USER_TABLES_SQL)
         for schema, table, size in cur.fetchall():
-            name = f"{schema}.{table}"
-            sizes[name] = size or 0
-            if known and name in known:
-                counts[name] = known[name]
-                continue
+            sizes[f"{schema}.{table}"] = size or 0
             cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
-            counts[name] = cur.fetchone()[0]
+            counts[f"{schema}.{table}"] = cur.fetchone()[0]
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         large_objects = cur.fetchone()[0]
     if large_objects:
@@ -129,9 +121,9 @@ def table_rows_and_bytes(
     return counts, sizes
 
 
-def table_row_counts(conn: psycopg.Connection, known: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Exact row counts of every user table, keyed "schema.table" (see table_rows_and_bytes)."""
-    return table_rows_and_bytes(conn, known)[0]
+def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Exact row counts of every user table, keyed "schema.table"."""
+    return table_rows_and_bytes(conn)[0]
 
 
 # One text line per schema object, independent of OIDs, so a restored database yields the same

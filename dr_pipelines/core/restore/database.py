@@ -39,7 +39,7 @@ def restore_logical(
         fetched, steps = restore_into(config, locations, request, db, plan.staging, work, True, log)
     t0 = time.monotonic()
     with connect(db, request.database, dbname=plan.staging, autocommit=True) as conn:
-        result = validate_database(conn, fetched.manifest, db.validation, row_counts=fetched.row_counts)
+        result = validate_database(conn, fetched.manifest, db.validation)
     steps["validate"] = round(time.monotonic() - t0, 3)
     if not result.passed:
         drop_database(db, request.database, plan.staging)

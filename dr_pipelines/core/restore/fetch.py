@@ -32,8 +32,6 @@ class Fetched:
     location: str | None
     fallback_reasons: list[str] = field(default_factory=list)
     location_failures: list[str] = field(default_factory=list)
-    # exact row counts of tables, taken once each had loaded (validation does not count them again)
-    row_counts: dict[str, int] = field(default_factory=dict)
 
 
 def _stream_object(

@@ -120,7 +120,6 @@ def restore_into(
             steps["fetch_and_decode"] = round(sink.decoded_s, 3)
             steps["load"] = round(sink.loaded_s, 3)
             steps["post_data"] = round(sink.post_data(log), 3)
-            fetched.row_counts = sink.counted
         elif isinstance(sink, PlaintextSpool):
             steps["fetch_and_decode"] = round(time.monotonic() - t0, 3)
             major = create_database(server, request.database, dbname, create)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psycopg
 from psycopg import sql
 
 from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull
@@ -285,7 +284,6 @@ class ParallelLoad(PlaintextSpool):
         self.running: list[_PgRestore] = []
         self.toc: list[str] = []  # pg_restore --list --verbose: the entries and their dependencies
         self.built: list[str] = []  # post-data entries built while other tables loaded
-        self.counted: dict[str, int] = {}  # exact row counts, taken once each table had loaded
         self.error: BaseException | None = None
         self.dropped = False
         self.loader = threading.Thread(target=self._load, name="parallel-load", daemon=True)
@@ -362,55 +360,29 @@ class ParallelLoad(PlaintextSpool):
         does from a finished file (on 2 cores the restore otherwise ends with every index built
         after the largest table has loaded)."""
         building: list[_PgRestore] = []
-        counted: set[int] = set()  # the shares whose rows have been counted
         while True:
             states = [p.proc.poll() for p in loaders + building]
             if None not in states or any(state not in (None, 0) for state in states):
                 break
-            loaded = [i for i, p in enumerate(loaders) if p.proc.returncode == 0]
             if all(b.proc.returncode is not None for b in building):
-                ready = [
-                    line
-                    for line in post_data_ready(toc, [line for i in loaded for line in shares[i]])
-                    if line not in self.built
+                loaded = [
+                    line for p, share in zip(loaders, shares, strict=True) if p.proc.returncode == 0 for line in share
                 ]
+                ready = [line for line in post_data_ready(toc, loaded) if line not in self.built]
                 if ready:
                     listed = self.plaintext.parent / f"post-data-{len(building)}.list"
                     lists.append(listed)
                     listed.write_text("".join(f"{line}\n" for line in ready))
                     building.append(self._start(["--section=post-data", f"--use-list={listed}"]))
                     self.built += ready
-            for i in set(loaded) - counted:
-                counted.add(i)
-                self._count_rows([(m[1], m[2]) for line in shares[i] if (m := _PLAIN_TABLE_DATA.match(line))])
             time.sleep(0.05)
         self._wait(loaders + building)
 
-    def _count_rows(self, tables: Sequence[tuple[str, str]]) -> None:
-        """Count the rows of loaded tables now, beside what still loads or builds, rather than at
-        the end (validation counts whatever is not here). Nothing changes a table's rows once its
-        loader has ended: post-data adds indexes and constraints, and the database is this restore's."""
-        try:
-            with connect(self.server, self.db_name, dbname=self.dbname, autocommit=True) as conn:
-                for schema, table in tables:
-                    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
-                    self.counted[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]  # type: ignore[index]
-        except psycopg.Error as e:
-            self.log(f"counting rows beside the load: {str(e).strip()}; validation counts them")
-
     def post_data(self, log: Log) -> float:
-        """Indexes, constraints and triggers not built while the tables loaded, in parallel; the rows
-        of the tables not yet counted are counted meanwhile."""
+        """Indexes, constraints and triggers not built while the tables loaded, in parallel."""
         built = set(self.built)
         rest = [line for line in self.toc if line not in built]
         listed = self.plaintext.parent / "post-data.list"
-        uncounted = [
-            (m[1], m[2])
-            for line in self.toc
-            if (m := _PLAIN_TABLE_DATA.match(line)) and f"{m[1]}.{m[2]}" not in self.counted
-        ]
-        counter = threading.Thread(target=self._count_rows, args=(uncounted,), name="count-rows", daemon=True)
-        counter.start()
         try:
             listed.write_text("".join(f"{line}\n" for line in rest))
             return run_post_data(
@@ -418,7 +390,6 @@ class ParallelLoad(PlaintextSpool):
             )
         finally:
             listed.unlink(missing_ok=True)
-            counter.join()
 
     def finish(self, log: Log) -> None:
         """The file is whole and verified: the loaders read to its end; fail loudly if one failed."""
@@ -450,8 +421,6 @@ class ParallelLoad(PlaintextSpool):
 
 
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
-# the same, where schema, table and owner hold no space, so the names are certain
-_PLAIN_TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) \S+\s*$")
 
 
 def share_tables(toc: Sequence[str], weights: dict[str, int], jobs: int) -> list[list[str]]:

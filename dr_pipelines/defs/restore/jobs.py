@@ -250,7 +250,6 @@ def build_restore_job(config: DrConfig) -> dg.JobDefinition:
                 db.validation,
                 compare_rows=not request.schema_only,
                 compare_schema=not request.data_only,
-                row_counts=state.fetched.row_counts,
             )
         context.add_output_metadata(
             {
