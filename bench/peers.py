@@ -85,6 +85,19 @@ def start_s3(work: Path) -> tuple[subprocess.Popen, S3Endpoint]:
     return proc, s3
 
 
+def start_gcs() -> tuple[subprocess.Popen, str]:
+    """The GCS emulator (the tests' own) on 127.0.0.1 with a bucket; every client and the cluster's
+    archive_command reach it through STORAGE_EMULATOR_HOST (server_env passes it)."""
+    from dr_pipelines.core.config import GCSLocationConfig
+    from dr_pipelines.core.storage.gcs import gcs_client
+    from dr_pipelines_tests.support.servers import start_gcs_emulator
+
+    server = start_gcs_emulator()
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    gcs_client(GCSLocationConfig(type="gcs", bucket=BUCKET)).create_bucket(BUCKET)
+    return server.proc, BUCKET
+
+
 def _pair(work: str, where: str, ours: str, peer: str, r: dict, ours_key: str, peer_key: str) -> dict:
     o, p = r[f"{ours_key}_median_s"], r[f"{peer_key}_median_s"]
     return {"work": work, "where": where, "ours": ours, "peer": peer, "ours_s": o, "peer_s": p, "ratio": o / p}
@@ -119,6 +132,13 @@ def table_rows(results: list[dict]) -> list[dict]:
             for peer, peer_label in (("pgbackrest_s3", "pgBackRest 2.45 archive-push"), ("barman_cloud", "barman-cloud-wal-archive --zstd")):  # fmt: skip
                 if f"{ours_key}_median_s" in r and f"{peer}_median_s" in r:
                     rows.append(_pair(work, "S3", label, peer_label, r, ours_key, peer))
+        for ours_key, label in (
+            ("ours_all_agent", "wal-push via the warm agent"),
+            ("ours_all", "wal-push, a lone call"),
+        ):
+            if f"{ours_key}_median_s" in r and "pgbackrest_multi_median_s" in r:
+                where = "ours: local + S3 + GCS; peer: posix + S3"
+                rows.append(_pair(work, where, label, "pgBackRest 2.45 archive-push, 2 repos", r, ours_key, "pgbackrest_multi"))  # fmt: skip
     if r := by.get("pitr"):
         work = "PITR (restore + replay + promote)"
         job = "PITR job RTO (no CLI start-up)"
@@ -206,9 +226,10 @@ def main() -> int:
     results: list[dict] = []
     for scale in [int(s) for s in args.scales.split(",")]:
         work = Path(tempfile.mkdtemp(prefix="dr-bench-peers-", dir="/var/tmp"))
-        moto = None
+        moto = gcs = None
         try:
             moto, s3 = start_s3(work)
+            gcs, gcs_bucket = start_gcs()
             config, _ = write_config(work)
             configs = {
                 "ours": config,
@@ -235,13 +256,21 @@ def main() -> int:
             physical = only & {"base", "walpush", "pitr"}
             if physical:
                 results += bench_physical(
-                    scale, args.rounds, work, physical, s3=s3, barman_bin=barman_bin, wal_pushes=args.wal_pushes
+                    scale,
+                    args.rounds,
+                    work,
+                    physical,
+                    s3=s3,
+                    barman_bin=barman_bin,
+                    wal_pushes=args.wal_pushes,
+                    gcs_bucket=gcs_bucket,
                 )
         finally:
-            if moto is not None:
-                from dr_pipelines_tests.support.processes import stop_process
+            from dr_pipelines_tests.support.processes import stop_process
 
-                stop_process(moto)
+            for server in (moto, gcs):
+                if server is not None:
+                    stop_process(server)
             shutil.rmtree(work, ignore_errors=True)
         for r in results:
             r.setdefault("scale", scale)

@@ -109,6 +109,17 @@ _PGBR_COMMON = (
 )
 
 
+def _pgbr_s3_repo(repo: str, path: str, s3: S3Endpoint) -> str:
+    """pgBackRest's options for repository `repo` (repo1, repo2) on the S3 endpoint."""
+    return (
+        f"{repo}-type=s3\n{repo}-path={path}\n{repo}-s3-bucket={s3.bucket}\n{repo}-s3-endpoint=127.0.0.1\n"
+        f"{repo}-storage-port={s3.port}\n{repo}-s3-region=us-east-1\n{repo}-s3-uri-style=path\n"
+        f"{repo}-s3-key=bench\n{repo}-s3-key-secret=bench\n{repo}-storage-ca-file={s3.ca_file}\n"
+        # small files bundled into larger objects, as pgBackRest's user guide advises
+        f"{repo}-bundle=y\n"
+    )
+
+
 class Setup:
     def __init__(
         self,
@@ -119,6 +130,7 @@ class Setup:
         env: dict,
         s3: S3Endpoint | None = None,
         barman_bin: Path | None = None,
+        gcs_bucket: str | None = None,
     ):
         self.cluster, self.port, self.work, self.ours_bin, self.env = cluster, port, work, ours_bin, env
         self.s3, self.barman_bin = s3, barman_bin if s3 is not None else None
@@ -154,16 +166,33 @@ class Setup:
         if s3 is not None:
             self.config_s3 = config_with_location(self.config, s3.location("physical/"), work / "bench-s3.yaml")
             self.ours_s3 = [str(ours_bin), "--config", str(self.config_s3)]
-            self.pgbr_s3_conf = self._pgbr_conf(
-                "pgbackrest-s3.conf",
-                f"repo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={s3.bucket}\nrepo1-s3-endpoint=127.0.0.1\n"
-                f"repo1-storage-port={s3.port}\nrepo1-s3-region=us-east-1\nrepo1-s3-uri-style=path\n"
-                f"repo1-s3-key=bench\nrepo1-s3-key-secret=bench\nrepo1-storage-ca-file={s3.ca_file}\n"
-                # small files bundled into larger objects, as pgBackRest's user guide advises
-                "repo1-bundle=y\n",
-            )
+            self.pgbr_s3_conf = self._pgbr_conf("pgbackrest-s3.conf", _pgbr_s3_repo("repo1", "/pgbackrest", s3))
             self.pgbr_s3 = ["pgbackrest", f"--config={self.pgbr_s3_conf}", "--stanza=bench"]
             self.barman_url = f"s3://{s3.bucket}/barman"
+        self.config_all: Path | None = None
+        if s3 is not None and gcs_bucket is not None:
+            # WAL pushed to every kind of location at once (local, S3, GCS), against pgBackRest
+            # pushing to its two repositories (posix and S3) in one archive-push
+            repo_all, pgbr_repo_multi = work / "repo-all", work / "pgbr-repo-multi"
+            for d in (repo_all, repo_all / "bench", repo_all / "bench" / "wal", pgbr_repo_multi):
+                d.mkdir(parents=True, exist_ok=True)
+                chown_to_postgres(d)
+            raw = yaml.safe_load(self.config.read_text())
+            raw["locations"] = {
+                "local": {"type": "local", "path": str(repo_all)},
+                "s3": s3.location("walpush-all/"),
+                "gcs": {"type": "gcs", "bucket": gcs_bucket, "prefix": "walpush-all/", "project": "bench"},
+            }
+            self.config_all = work / "bench-all.yaml"
+            self.config_all.write_text(yaml.safe_dump(raw))
+            self.config_all.chmod(0o644)
+            self.pgbr_multi_conf = self._pgbr_conf(
+                "pgbackrest-multi.conf",
+                f"repo1-path={pgbr_repo_multi}\n"
+                + _pgbr_s3_repo("repo2", "/pgbackrest-multi", s3)
+                + "repo2-cipher-type=aes-256-cbc\nrepo2-cipher-pass=bench-only-passphrase\nrepo2-retention-full=1\n",
+            )
+            self.pgbr_multi = ["pgbackrest", f"--config={self.pgbr_multi_conf}", "--stanza=bench"]
 
     def _pgbr_conf(self, name: str, repo: str) -> Path:
         conf = self.work / name
@@ -209,6 +238,8 @@ class Setup:
         _as_postgres(self.pgbr + ["stanza-create"])
         if self.s3 is not None:
             _as_postgres(self.pgbr_s3 + ["stanza-create"])
+        if self.config_all is not None:
+            _as_postgres(self.pgbr_multi + ["stanza-create"])
 
     def disable(self) -> None:
         """The cached benchmark cluster goes back to how the logical benchmarks expect it."""
@@ -316,7 +347,8 @@ def bench_wal_push(s: Setup, count: int) -> dict:
     """One 16 MB segment per call, as the postgres user (as archive_command), `count` calls each, the
     order rotating: our command alone (not a running cluster's pg_wal: no agent), through the warm
     resident agent, the call for a segment an earlier call archived ahead; `pgbackrest archive-push`;
-    with an S3 endpoint the same to S3, and `barman-cloud-wal-archive --zstd`."""
+    with an S3 endpoint the same to S3, and `barman-cloud-wal-archive --zstd`; with a GCS endpoint too,
+    ours to local + S3 + GCS at once against pgBackRest to its posix and S3 repositories at once."""
     if count > 15:
         raise SystemExit("at most 15 pushes per tool (the fake segment names hold 16 per tool)")
     with s.connect() as c:
@@ -353,6 +385,11 @@ def bench_wal_push(s: Setup, count: int) -> dict:
         tools["ours_s3_agent"] = (ours_push(s.config_s3), agent_wal, 0x51, s.pg_env)
         tools["pgbackrest_s3"] = (s.pgbr_s3 + ["archive-push"], seg_dir, 0x60, None)
         agents["ours_s3_agent"] = s.config_s3
+        if s.config_all is not None:
+            tools["ours_all"] = (ours_push(s.config_all), seg_dir, 0x80, s.pg_env)
+            tools["ours_all_agent"] = (ours_push(s.config_all), agent_wal, 0x91, s.pg_env)
+            tools["pgbackrest_multi"] = (s.pgbr_multi + ["archive-push"], seg_dir, 0xA0, None)
+            agents["ours_all_agent"] = s.config_all
         if s.barman_bin is not None:
             tools["barman_cloud"] = (
                 s.barman("barman-cloud-wal-archive", "--zstd", s.barman_url, "bench"),

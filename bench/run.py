@@ -299,8 +299,10 @@ def bench_physical(
     s3=None,
     barman_bin: Path | None = None,
     wal_pushes: int = 10,
+    gcs_bucket: str | None = None,
 ) -> list[dict]:
-    """`s3` (a bench.physical.S3Endpoint) and `barman_bin`: bench/peers.py's S3 contenders."""
+    """`s3` (a bench.physical.S3Endpoint) and `barman_bin`: bench/peers.py's S3 contenders; `gcs_bucket`
+    (on the emulator STORAGE_EMULATOR_HOST names): the WAL push to local + S3 + GCS at once."""
     import socket
 
     from bench.physical import Setup, bench_backlog, bench_base_backup, bench_pitr, bench_wal_push
@@ -320,7 +322,9 @@ def bench_physical(
 
     cluster = prepare_cluster(scale)
     write_config(work)
-    setup = Setup(cluster, PORT, work, VENV_BIN / "dr-pipelines", clean_env(), s3=s3, barman_bin=barman_bin)
+    setup = Setup(
+        cluster, PORT, work, VENV_BIN / "dr-pipelines", clean_env(), s3=s3, barman_bin=barman_bin, gcs_bucket=gcs_bucket
+    )
     out = []
     try:
         setup.enable()
