@@ -59,14 +59,22 @@ def test_a_failed_job_prints_the_domain_error_once_without_a_traceback(pg, write
 
 def test_a_job_command_exits_quickly_and_leaves_no_temporary_files(pg, write_config, tmp_path):
     """Once Dagster is loaded, the command skips the interpreter's teardown (cli.main.run): its
-    output is whole, its exit status kept, its work done, and nothing is left in TMPDIR."""
+    output is whole, its exit status kept, its work done, the atexit handlers run (a probe's, loaded
+    through sitecustomize, writes a file) and nothing is left in TMPDIR."""
     path = write_config(pg, {"local": local_location(tmp_path / "repo")})
     tmp = reachable_tmpdir("drpt-tmpdir-")
-    backup = run_cli("--config", str(path), "backup", "app", env={"TMPDIR": str(tmp)})
+    probe, ran = tmp_path / "probe", tmp_path / "atexit-ran"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        f"import atexit, pathlib\natexit.register(pathlib.Path({str(ran)!r}).write_text, 'ran')\n"
+    )
+    env = {"TMPDIR": str(tmp), "PYTHONPATH": str(probe)}
+    backup = run_cli("--config", str(path), "backup", "app", env=env)
     assert backup.returncode == 0 and backup.stdout.strip(), backup.stderr
-    restored = run_cli(
-        "--config", str(path), "restore", "app", "--latest", "--into", "copy", env={"TMPDIR": str(tmp)}
-    )  # fmt: skip
+    assert ran.read_text() == "ran"
+    ran.unlink()
+    restored = run_cli("--config", str(path), "restore", "app", "--latest", "--into", "copy", env=env)
     assert restored.returncode == 0 and restored.stdout.startswith(f"restored {backup.stdout.strip()} into copy")
+    assert ran.read_text() == "ran"
     assert pg.table_checksums("copy") == pg.table_checksums("app")
     assert list(tmp.iterdir()) == []

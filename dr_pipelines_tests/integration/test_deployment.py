@@ -26,7 +26,14 @@ from dr_pipelines.core.owner import pid_alive
 from dr_pipelines.core.postgres.cluster import LocalCluster, chown_to_postgres, free_port
 from dr_pipelines.defs.dead_runs import RUN_OWNER, worker_pid
 from dr_pipelines_tests.support.postgres import PgServer
-from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir, run_cli, wait_for_port
+from dr_pipelines_tests.support.processes import (
+    PROJECT_ROOT,
+    VENV_BIN,
+    reachable_tmpdir,
+    run_cli,
+    wait_for,
+    wait_for_port,
+)
 from dr_pipelines_tests.support.servers import AlertReceiver
 
 DOCKER = PROJECT_ROOT / "docker"
@@ -53,14 +60,8 @@ def service_command(service: str, host: str, port: int | None, workspace: Path) 
 
 
 def wait_until(what: str, probe: Callable[[], object], timeout: float, every: float = 1.0) -> Any:
-    """The probe's first truthy value (a run, a list of them, a pid)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+    """The probe's first truthy value (a run, a list of them, a pid), polled every second."""
+    return wait_for(probe, what, timeout, every)
 
 
 @dataclass

@@ -4,6 +4,7 @@ import http.server
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -518,16 +519,31 @@ def test_restore_test_checks_read_the_repository(pg, setup):
     assert after["rto_within_objective"].metadata["rto_s"].value == report.rto_s
 
 
-def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
-    """The disk fills while the dump is spooled (here the spool file is /dev/full): the restore
-    says so and streams instead, and the data is right; the backup is not blamed."""
+@pytest.mark.parametrize("full", ["spool", "loader-list"])
+def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path, monkeypatch, full):
+    """The disk fills while the dump is spooled (here zstd may write 64 KB: the loaders have read
+    a cut file when it fails), or while a loader's list of tables is written (that file is
+    /dev/full): the restore says so and streams instead, and the data is right; the backup is not
+    blamed."""
+    from dr_pipelines.core.codec import decode
     from dr_pipelines.core.restore.load import restore_into
     from dr_pipelines.core.restore.request import RestoreRequest
 
     path, cfg, manifest = setup()
     workdir = tmp_path / "work"
     workdir.mkdir(mode=0o700)
-    (workdir / "restore.pgdump").symlink_to("/dev/full")
+    if full == "spool":
+        popen, spooled = decode.subprocess.Popen, []
+
+        def zstd_with_little_room(cmd, **kw):
+            if "zstd" in [Path(c).name for c in cmd] and not spooled:  # the first decode: the spool
+                spooled.append(cmd)
+                cmd = ["prlimit", "--fsize=65536", "--", *cmd]
+            return popen(cmd, **kw)
+
+        monkeypatch.setattr(decode.subprocess, "Popen", zstd_with_little_room)
+    else:
+        (workdir / "loader-0.list").symlink_to("/dev/full")
     messages = []
     fetched, steps = restore_into(
         cfg,
@@ -540,7 +556,8 @@ def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path):
         messages.append,
     )
     assert fetched.manifest.id == manifest.id and not fetched.fallback_reasons
-    assert any("No space left on device" in m and "Streaming instead" in m for m in messages), messages
+    said = "file size limit exceeded" if full == "spool" else "No space left on device"
+    assert any(said in m and "Streaming instead" in m for m in messages), messages
     assert "post_data" in steps and pg.table_checksums("after_full_disk") == pg.table_checksums("app")
     assert list(workdir.iterdir()) == []
 
@@ -583,6 +600,50 @@ def test_a_loader_killed_mid_load_fails_the_restore_and_leaves_nothing(pg, setup
     assert fetched.manifest.id == manifest.id and steps["load"] > 0
     assert pg.table_checksums("half_loaded") == pg.table_checksums("app")
     assert list(workdir.iterdir()) == []
+
+
+def test_a_schema_that_fails_stops_the_restore_before_the_dump_is_read(pg, setup, tmp_path, monkeypatch):
+    """pg_restore's schema step fails (as on a new server lacking a role) while the dump is still
+    being fetched: the restore fails at once with pg_restore's error, having read only part of the
+    object, not at the end of a whole dump's decoding; nothing stays behind."""
+    from dr_pipelines.core.codec import decode
+    from dr_pipelines.core.restore import fetch, pg_restore
+    from dr_pipelines.core.restore.load import restore_into
+    from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
+
+    _, cfg, manifest = setup()
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    readers = []
+
+    class SlowReader(fetch.HashingReader):  # a slow location: 4 KB a read, 50 ms each
+        def __init__(self, raw):
+            super().__init__(raw)
+            readers.append(self)
+
+        def read(self, size=-1):
+            time.sleep(0.05)
+            return super().read(size)
+
+    started = pg_restore.ParallelLoad._start
+
+    def failing_schema(self, args, **kw):
+        if args == ["--section=pre-data"]:
+            args = ["--section=pre-data", "--use-list=/nonexistent/schema.list"]
+        return started(self, args, **kw)
+
+    monkeypatch.setattr(fetch, "HashingReader", SlowReader)
+    monkeypatch.setattr(decode, "CHUNK", 4096)
+    monkeypatch.setattr(pg_restore.ParallelLoad, "_start", failing_schema)
+    size = manifest.objects[0].size
+    assert size > 40 * 4096  # whole, it would take over 2 s to read
+    with pytest.raises(RestoreError, match=r"pg_restore into 'new_db' failed.*schema\.list"):
+        restore_into(
+            cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"), "new_db", workdir, True, print
+        )
+    [reader] = readers  # one copy, read once: the checksum is not read for, an age-encrypted read is authentic
+    assert reader.size < size / 2
+    assert "new_db" not in databases(pg) and list(workdir.iterdir()) == []
 
 
 SHOP_SQL = """

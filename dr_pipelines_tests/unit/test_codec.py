@@ -3,6 +3,7 @@ the whole-buffer encoder, both decoders (tools and in-process) and the suffix pa
 
 import io
 import os
+from pathlib import Path
 
 import pyrage
 import pytest
@@ -61,15 +62,25 @@ def test_wrong_identity_cannot_decrypt():
 
 def test_the_decoding_tools_can_yield_the_cpu(monkeypatch):
     """A restore that loads as it decodes lowers the tools' priority (they run beside the database's
-    backends); the bytes are the same, and without niceness nothing is changed."""
+    backends) from their start, under nice(1): a priority set after exec would miss the threads age
+    has started. The bytes are the same, and without niceness the tools run as they are."""
     from dr_pipelines.core.codec import decode
 
     compression, encryption = _configs("zstd", "age")
     stored = encode_bytes(DATA, compression, encryption)
-    calls = []
-    monkeypatch.setattr(decode.os, "setpriority", lambda which, pid, prio: calls.append((pid, prio)))
+    started = []
+    popen = decode.subprocess.Popen
+
+    def recording(cmd, **kw):
+        started.append(cmd)
+        return popen(cmd, **kw)
+
+    monkeypatch.setattr(decode.subprocess, "Popen", recording)
     for niceness in (0, 5):
         out = io.BytesIO()
         decode_into(io.BytesIO(stored), out, "zstd", True, [IDENTITY], niceness)
         assert out.getvalue() == DATA
-    assert len(calls) == 2 and {prio for _, prio in calls} == {os.getpriority(os.PRIO_PROCESS, 0) + 5}
+    plain, niced = started[:2], started[2:]
+    assert [Path(cmd[0]).name for cmd in plain] == ["age", "zstd"]
+    assert [cmd[:3] for cmd in niced] == [["nice", "-n", "5"]] * 2
+    assert [Path(cmd[3]).name for cmd in niced] == ["age", "zstd"]

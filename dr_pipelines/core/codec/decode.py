@@ -93,14 +93,6 @@ OUTPUT_FULL = (
 )
 
 
-def _lower_priority(pid: int, niceness: int) -> None:
-    if niceness:
-        try:
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
-        except OSError:  # gone already (it failed: its exit status says why)
-            pass
-
-
 def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None, niceness: int = 0) -> None:
     """src -> age -d -> zstd -d -> out, the tools running beside this process (in-process, the GIL
     and one core made decoding 3x slower than the tools). `out` with a fileno is written by the
@@ -125,7 +117,9 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None,
             last = i == len(cmds) - 1
             procs.append(
                 subprocess.Popen(
-                    cmd,
+                    # niced from the start: a priority set after exec misses the threads a tool
+                    # (age's Go runtime) has already started
+                    (["nice", "-n", str(niceness)] if niceness else []) + cmd,
                     stdin=procs[-1].stdout if procs else subprocess.PIPE,
                     stdout=out_fd if last and direct else subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -133,7 +127,6 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None,
                     env=tool_env(),  # none of our secrets: age reads its identity from the pipe
                 )
             )
-            _lower_priority(procs[-1].pid, niceness)
             if i:
                 procs[-2].stdout.close()  # the next tool owns it now
         if not direct:

@@ -34,6 +34,20 @@ class Fetched:
     location_failures: list[str] = field(default_factory=list)
 
 
+class _WhileTaken:
+    """The stored bytes, read only while the sink still takes them: a loader that failed (say, the
+    schema refused on a new server that lacks a role) stops the restore at once, not once the whole
+    dump has been fetched and decoded."""
+
+    def __init__(self, src: HashingReader, sink: Sink):
+        self._src, self._sink = src, sink
+
+    def read(self, size: int = -1) -> bytes:
+        if (failed := self._sink.failure()) is not None:
+            raise failed
+        return self._src.read(size)
+
+
 def _stream_object(
     src: HashingReader,
     expected: ManifestObject | None,
@@ -46,25 +60,32 @@ def _stream_object(
 ) -> None:
     """Decode `src` into `sink`; commit the sink only if the object matches its checksum."""
     try:
-        decode_into(src, sink, compression, encrypted, identities, sink.decoder_niceness)
+        decode_into(_WhileTaken(src, sink), sink, compression, encrypted, identities, sink.decoder_niceness)
         while src.read(CHUNK):  # anything after the encrypted payload still counts
             pass
     except BaseException as e:
-        if not isinstance(e, LocationError):
+        failed = sink.failure()  # the sink's own failure: it stopped the decoding if it is `e`
+        # age authenticates each chunk before it decrypts it: what a loader read of an encrypted
+        # object was the backup's, so its failure is not corruption; otherwise the checksum tells
+        authentic = e is failed and encrypted
+        if not isinstance(e, LocationError) and not authentic:
             try:  # read to the end: the checksum tells a corrupt object from other failures
                 while src.read(CHUNK):
                     pass
             except Exception:
                 pass
         sink.abort()
-        if expected is not None and not isinstance(e, LocationError) and src.sha256.hexdigest() != expected.sha256:
+        checked = expected is not None and not isinstance(e, LocationError) and not authentic
+        if checked and src.sha256.hexdigest() != expected.sha256:  # type: ignore[union-attr]
             raise BackupUnusable(
                 f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
-                f"manifest says {expected.sha256[:16]}...)"
+                f"manifest says {expected.sha256[:16]}...)"  # type: ignore[union-attr]
             ) from None
-        if isinstance(e, DecodeFailed):
-            raise BackupUnusable(f"{where}: {e}") from None
-        raise
+        if failed is not None and e is failed:
+            raise failed from None
+        if isinstance(e, DecodeFailed):  # of a copy whose checksum is right: the reader that stopped says why
+            raise (failed or BackupUnusable(f"{where}: {e}")) from None
+        raise  # the decoder's own failure (a full disk: the loaders saw a cut file) comes first
     if expected is not None and (src.size != expected.size or src.sha256.hexdigest() != expected.sha256):
         sink.abort()
         raise BackupUnusable(

@@ -150,6 +150,9 @@ class RestoreSink:
     def flush(self) -> None:
         pass
 
+    def failure(self) -> BaseException | None:
+        return None  # pg_restore's failure raises from write()
+
     def finish(self, log: Log) -> None:
         """The stream was verified: let pg_restore finish, and fail loudly if it did not succeed."""
         if self.file is not None:
@@ -193,6 +196,10 @@ class PlaintextSpool:
     def flush(self) -> None:
         self.file.flush()
 
+    def failure(self) -> BaseException | None:
+        """What failed while the bytes arrived, besides the writes (which raise themselves)."""
+        return None
+
     def finish(self, log: Log) -> None:
         try:
             self.file.close()  # the last buffered write
@@ -216,12 +223,12 @@ class _Follower:
     that needs no more (past its last table) closes the pipe: that ends the follower quietly."""
 
     def __init__(self, path: Path, complete: threading.Event, stop: threading.Event):
+        self._fd = os.open(path, os.O_RDONLY)  # first: a spool gone leaves no pipe open
         self.read_end, self._write_end = os.pipe()
         try:  # fewer wake-ups; the limit (pipe-max-size) may refuse, and 64 KB still works
             fcntl.fcntl(self._write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass
-        self._fd = os.open(path, os.O_RDONLY)
         self._complete, self._stop = complete, stop
         threading.Thread(target=self._run, name="spool-follower", daemon=True).start()
 
@@ -327,7 +334,8 @@ class ParallelLoad(PlaintextSpool):
         try:
             listing = self._start(["--list"], stdout=subprocess.PIPE)
             assert listing.proc.stdout is not None
-            self.toc = toc = listing.proc.stdout.read().decode(errors="replace").splitlines()
+            with listing.proc.stdout:
+                self.toc = toc = listing.proc.stdout.read().decode(errors="replace").splitlines()
             self._wait([listing])
             self._wait([self._start(["--section=pre-data"])])
             shares = share_tables(toc, self.weights, self.request.jobs)
@@ -335,7 +343,7 @@ class ParallelLoad(PlaintextSpool):
             for i, share in enumerate(shares):
                 listed = self.plaintext.parent / f"loader-{i}.list"
                 lists.append(listed)
-                listed.write_text("".join(f"{line}\n" for line in share))
+                write_list(listed, share)
                 if i and self._cores_shared():  # the heaviest share first, beside the decoder
                     while not (self.complete.wait(0.1) or self.stop.is_set()):
                         pass
@@ -372,7 +380,7 @@ class ParallelLoad(PlaintextSpool):
                 if ready:
                     listed = self.plaintext.parent / f"post-data-{len(building)}.list"
                     lists.append(listed)
-                    listed.write_text("".join(f"{line}\n" for line in ready))
+                    write_list(listed, ready)
                     building.append(self._start(["--section=post-data", f"--use-list={listed}"]))
                     self.built += ready
             time.sleep(0.05)
@@ -384,12 +392,15 @@ class ParallelLoad(PlaintextSpool):
         rest = [line for line in self.toc if line not in built]
         listed = self.plaintext.parent / "post-data.list"
         try:
-            listed.write_text("".join(f"{line}\n" for line in rest))
+            write_list(listed, rest)
             return run_post_data(
                 self.server, self.db_name, self.dbname, self.plaintext, self.request, self.major, log, listed
             )
         finally:
             listed.unlink(missing_ok=True)
+
+    def failure(self) -> BaseException | None:
+        return self.error  # a loader's: the decoding stops (fetch_and_load reads no further)
 
     def finish(self, log: Log) -> None:
         """The file is whole and verified: the loaders read to its end; fail loudly if one failed."""
@@ -418,6 +429,17 @@ class ParallelLoad(PlaintextSpool):
         if not self.dropped:
             self.dropped = True
             drop_database(self.server, self.db_name, self.dbname)
+
+
+def write_list(path: Path, entries: Sequence[str]) -> None:
+    """A pg_restore --use-list file. A full disk is OutputFull, as for the spool: the restore then
+    streams instead, and the backup is not blamed."""
+    try:
+        path.write_text("".join(f"{line}\n" for line in entries))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputFull(OUTPUT_FULL.format(detail=e)) from None
+        raise
 
 
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
