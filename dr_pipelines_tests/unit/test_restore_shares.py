@@ -87,6 +87,10 @@ VERBOSE_TOC = """; Selected TOC Entries:
 ;\tdepends on: 3219 3218 218 217
 3221; 2606 16396 FK CONSTRAINT public b b_id_fkey postgres
 ;\tdepends on: 214 3215 215
+3222; 0 0 COMMENT public CONSTRAINT a_pkey ON a postgres
+;\tdepends on: 3215
+3223; 0 0 COMMENT public INDEX p_k postgres
+;\tdepends on: 3218
 """.splitlines()
 
 
@@ -96,13 +100,18 @@ def data_of(*tables: str) -> list[str]:
 
 def test_indexes_and_keys_of_loaded_tables_only_are_ready_early():
     assert post_data_ready(VERBOSE_TOC, []) == []
-    assert post_data_ready(VERBOSE_TOC, data_of("a")) == ["3215; 2606 16390 CONSTRAINT public a a_pkey postgres"]
+    # a key's comment goes with it (in the rest of post-data, pg_restore could take it for table data's)
+    assert post_data_ready(VERBOSE_TOC, data_of("a")) == [
+        "3215; 2606 16390 CONSTRAINT public a a_pkey postgres",
+        "3222; 0 0 COMMENT public CONSTRAINT a_pkey ON a postgres",
+    ]
     # c's NOT VALID check is enforced on rows loaded after it: it waits, as do the foreign key (it needs
     # a's key as well as both tables), the partitioned table's indexes and their attachment
     assert post_data_ready(VERBOSE_TOC, data_of("a", "b", "c", "p1")) == [
         "3215; 2606 16390 CONSTRAINT public a a_pkey postgres",
         "3216; 1259 16401 INDEX public b_w postgres",
         "3217; 1259 16406 INDEX public c_x postgres",
+        "3222; 0 0 COMMENT public CONSTRAINT a_pkey ON a postgres",
     ]
 
 

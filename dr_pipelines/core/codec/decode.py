@@ -119,7 +119,7 @@ def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None,
                 subprocess.Popen(
                     # niced from the start: a priority set after exec misses the threads a tool
                     # (age's Go runtime) has already started
-                    (["nice", "-n", str(niceness)] if niceness else []) + cmd,
+                    (["nice", "-n", str(niceness)] if niceness and shutil.which("nice") else []) + cmd,
                     stdin=procs[-1].stdout if procs else subprocess.PIPE,
                     stdout=out_fd if last and direct else subprocess.PIPE,
                     stderr=subprocess.PIPE,

@@ -76,15 +76,15 @@ def _stream_object(
                 pass
         sink.abort()
         checked = expected is not None and not isinstance(e, LocationError) and not authentic
-        if checked and src.sha256.hexdigest() != expected.sha256:  # type: ignore[union-attr]
+        if checked and src.sha256.hexdigest() != expected.sha256:
             raise BackupUnusable(
                 f"{where}: checksum mismatch (SHA-256 {src.sha256.hexdigest()[:16]}..., "
-                f"manifest says {expected.sha256[:16]}...)"  # type: ignore[union-attr]
+                f"manifest says {expected.sha256[:16]}...)"
             ) from None
         if failed is not None and e is failed:
             raise failed from None
-        if isinstance(e, DecodeFailed):  # of a copy whose checksum is right: the reader that stopped says why
-            raise (failed or BackupUnusable(f"{where}: {e}")) from None
+        if isinstance(e, DecodeFailed):
+            raise BackupUnusable(f"{where}: {e}") from None
         raise  # the decoder's own failure (a full disk: the loaders saw a cut file) comes first
     if expected is not None and (src.size != expected.size or src.sha256.hexdigest() != expected.sha256):
         sink.abort()

@@ -290,7 +290,7 @@ class ParallelLoad(PlaintextSpool):
         self.complete, self.stop = threading.Event(), threading.Event()
         self.running: list[_PgRestore] = []
         self.toc: list[str] = []  # pg_restore --list --verbose: the entries and their dependencies
-        self.built: list[str] = []  # post-data entries built while other tables loaded
+        self.built: set[str] = set()  # post-data entries built while other tables loaded
         self.error: BaseException | None = None
         self.dropped = False
         self.loader = threading.Thread(target=self._load, name="parallel-load", daemon=True)
@@ -317,7 +317,10 @@ class ParallelLoad(PlaintextSpool):
         if failed:  # the others stop now, not once they have loaded their share
             for other in procs:
                 other.kill()
-            raise RestoreError(failed[0].failure(self.dbname))
+            failure = failed[0].failure(self.dbname)
+            if "No space left on device" in failure:  # the server's disk, often the spool's too
+                raise OutputFull(OUTPUT_FULL.format(detail=failure))
+            raise RestoreError(failure)
         for p in procs:
             p.wait(self.dbname, self.log, self.t0)
 
@@ -346,7 +349,8 @@ class ParallelLoad(PlaintextSpool):
                 write_list(listed, share)
                 if i and self._cores_shared():  # the heaviest share first, beside the decoder
                     while not (self.complete.wait(0.1) or self.stop.is_set()):
-                        pass
+                        if any(p.proc.poll() not in (None, 0) for p in loaders):
+                            self._wait(loaders)  # raises its error: the fetch stops
                 loaders.append(self._start(["--section=data", f"--use-list={listed}"]))
             self._wait_indexing_loaded_shares(loaders, shares, toc, lists)
             self.loaded_s = time.monotonic() - self.t0
@@ -368,28 +372,31 @@ class ParallelLoad(PlaintextSpool):
         does from a finished file (on 2 cores the restore otherwise ends with every index built
         after the largest table has loaded)."""
         building: list[_PgRestore] = []
+        looked: set[int] = set()  # the loaded shares whose entries have been looked at
         while True:
             states = [p.proc.poll() for p in loaders + building]
             if None not in states or any(state not in (None, 0) for state in states):
                 break
-            if all(b.proc.returncode is not None for b in building):
-                loaded = [
-                    line for p, share in zip(loaders, shares, strict=True) if p.proc.returncode == 0 for line in share
+            loaded = {i for i, p in enumerate(loaders) if p.proc.returncode == 0}
+            if loaded != looked and all(b.proc.returncode is not None for b in building):
+                looked = loaded
+                ready = [
+                    line
+                    for line in post_data_ready(toc, [line for i in loaded for line in shares[i]])
+                    if line not in self.built
                 ]
-                ready = [line for line in post_data_ready(toc, loaded) if line not in self.built]
                 if ready:
                     listed = self.plaintext.parent / f"post-data-{len(building)}.list"
                     lists.append(listed)
                     write_list(listed, ready)
                     building.append(self._start(["--section=post-data", f"--use-list={listed}"]))
-                    self.built += ready
+                    self.built.update(ready)
             time.sleep(0.05)
         self._wait(loaders + building)
 
     def post_data(self, log: Log) -> float:
         """Indexes, constraints and triggers not built while the tables loaded, in parallel."""
-        built = set(self.built)
-        rest = [line for line in self.toc if line not in built]
+        rest = [line for line in self.toc if line not in self.built]
         listed = self.plaintext.parent / "post-data.list"
         try:
             write_list(listed, rest)
@@ -432,8 +439,8 @@ class ParallelLoad(PlaintextSpool):
 
 
 def write_list(path: Path, entries: Sequence[str]) -> None:
-    """A pg_restore --use-list file. A full disk is OutputFull, as for the spool: the restore then
-    streams instead, and the backup is not blamed."""
+    """A pg_restore --use-list file. A full disk is OutputFull, as for the spool: the backup is not
+    blamed, and while the dump loads the restore then streams instead."""
     try:
         path.write_text("".join(f"{line}\n" for line in entries))
     except OSError as e:
@@ -486,13 +493,22 @@ def post_data_ready(toc: Sequence[str], loaded: Sequence[str]) -> list[str]:
         for dump_id, what, line in entries
         if what.startswith("TABLE DATA ") and line in loaded_data and len(depends.get(dump_id, ())) == 1
     }
-    return [
-        line
-        for dump_id, what, line in entries
+    ready = {
+        dump_id
+        for dump_id, what, _ in entries
         if (what.startswith("CONSTRAINT ") or (what.startswith("INDEX ") and not what.startswith("INDEX ATTACH ")))
         and depends.get(dump_id)
         and depends[dump_id] <= tables
-    ]
+    }
+    # Their comments and security labels go with them: pg_dump gives these no section, and
+    # pg_restore takes the section of the entry before, which in the rest of post-data (from a list
+    # without the entries built here) may be table data, so they would be skipped there.
+    ready |= {
+        dump_id
+        for dump_id, what, _ in entries
+        if what.startswith(("COMMENT ", "SECURITY LABEL ")) and depends.get(dump_id) and depends[dump_id] <= ready
+    }
+    return [line for dump_id, _, line in entries if dump_id in ready]
 
 
 # Where fetch_and_load streams the decoded dump.
