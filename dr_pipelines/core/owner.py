@@ -34,13 +34,19 @@ def owner_tag(pid: int | None = None) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process has that pid and runs: a killed one its parent has not reaped yet (a
+    zombie, which still takes signal 0) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process with that pid
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # signal 0 reached it: alive
 
 
 def owner_dead(tag: str | None) -> bool | None:
