@@ -77,7 +77,7 @@ def test_a_killed_backup_never_blocks_the_next_and_is_reported(pg, write_config,
     listed = json.loads(run_cli("--config", str(path), "backups", "list", "--json").stdout)
     assert listed["backups"] == []  # nothing half-made is listed
     status = run_cli("--config", str(path), "status", "--json")
-    assert status.returncode == 2 and "never finished: its process" in status.stdout  # and status says so
+    assert status.returncode == 2 and "never finished: its process" in status.stdout, status.stdout  # status says so
     assert _temp_files(repo), "the killed upload left no temp file: the kill came too late to test the sweep"
     assert "leftovers of killed runs" in status.stdout
 
