@@ -82,15 +82,21 @@ def _decode_in_process(src, out, compression: str, encrypted: bool, identities: 
     except method.errors as e:
         raise DecodeFailed("decompress", str(e)) from None
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputFull(OUTPUT_FULL.format(detail=e)) from None
-        raise
+        raise (output_full(e) or e) from None
 
 
 OUTPUT_FULL = (
     "cannot write the decoded backup ({detail}); the backup itself may be fine. Free space where it "
     "is written (scratch_dir, or the data directory) and retry"
 )
+
+
+def output_full(e: OSError) -> OutputFull | None:
+    """A write refused for lack of room (a full disk, a quota, the file-size limit) as OutputFull:
+    not the backup's fault; None for any other failure."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputFull(OUTPUT_FULL.format(detail=e))
+    return None
 
 
 def _decode_with_tools(src, out, cmds: list[list[str]], identities: list | None, niceness: int = 0) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull
+from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull, output_full
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import DatabaseConfig
 from dr_pipelines.core.log import Log
@@ -205,9 +204,7 @@ class PlaintextSpool:
             self.file.close()  # the last buffered write
         except OSError as e:
             self.abort()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputFull(OUTPUT_FULL.format(detail=e)) from None
-            raise
+            raise (output_full(e) or e) from None
 
     def abort(self) -> None:
         try:
@@ -444,9 +441,7 @@ def write_list(path: Path, entries: Sequence[str]) -> None:
     try:
         path.write_text("".join(f"{line}\n" for line in entries))
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputFull(OUTPUT_FULL.format(detail=e)) from None
-        raise
+        raise (output_full(e) or e) from None
 
 
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
