@@ -519,12 +519,10 @@ def test_restore_test_checks_read_the_repository(pg, setup):
     assert after["rto_within_objective"].metadata["rto_s"].value == report.rto_s
 
 
-@pytest.mark.parametrize("full", ["spool", "loader-list"])
-def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path, monkeypatch, full):
+def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path, monkeypatch):
     """The disk fills while the dump is spooled (here zstd may write 64 KB: the loaders have read
-    a cut file when it fails), or while a loader's list of tables is written (that file is
-    /dev/full): the restore says so and streams instead, and the data is right; the backup is not
-    blamed."""
+    a cut file when it fails): the restore says so and streams instead, and the data is right; the
+    backup is not blamed. (The loaders' lists of tables are in memory: no disk can refuse them.)"""
     from dr_pipelines.core.codec import decode
     from dr_pipelines.core.restore.load import restore_into
     from dr_pipelines.core.restore.request import RestoreRequest
@@ -532,18 +530,15 @@ def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path, monkey
     path, cfg, manifest = setup()
     workdir = tmp_path / "work"
     workdir.mkdir(mode=0o700)
-    if full == "spool":
-        popen, spooled = decode.subprocess.Popen, []
+    popen, spooled = decode.subprocess.Popen, []
 
-        def zstd_with_little_room(cmd, **kw):
-            if "zstd" in [Path(c).name for c in cmd] and not spooled:  # the first decode: the spool
-                spooled.append(cmd)
-                cmd = ["prlimit", "--fsize=65536", "--", *cmd]
-            return popen(cmd, **kw)
+    def zstd_with_little_room(cmd, **kw):
+        if "zstd" in [Path(c).name for c in cmd] and not spooled:  # the first decode: the spool
+            spooled.append(cmd)
+            cmd = ["prlimit", "--fsize=65536", "--", *cmd]
+        return popen(cmd, **kw)
 
-        monkeypatch.setattr(decode.subprocess, "Popen", zstd_with_little_room)
-    else:
-        (workdir / "loader-0.list").symlink_to("/dev/full")
+    monkeypatch.setattr(decode.subprocess, "Popen", zstd_with_little_room)
     messages = []
     fetched, steps = restore_into(
         cfg,
@@ -556,8 +551,7 @@ def test_spool_that_hits_a_full_disk_streams_instead(pg, setup, tmp_path, monkey
         messages.append,
     )
     assert fetched.manifest.id == manifest.id and not fetched.fallback_reasons
-    said = "file size limit exceeded" if full == "spool" else "No space left on device"
-    assert any(said in m and "Streaming instead" in m for m in messages), messages
+    assert any("file size limit exceeded" in m and "Streaming instead" in m for m in messages), messages
     assert "post_data" in steps and pg.table_checksums("after_full_disk") == pg.table_checksums("app")
     assert list(workdir.iterdir()) == []
 
@@ -599,6 +593,54 @@ def test_a_loader_killed_mid_load_fails_the_restore_and_leaves_nothing(pg, setup
     fetched, steps = run()
     assert fetched.manifest.id == manifest.id and steps["load"] > 0
     assert pg.table_checksums("half_loaded") == pg.table_checksums("app")
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("spool", [True, False], ids=["loaded-while-decoding", "streamed"])
+def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_keeps_nothing(
+    pg, make_pg, setup, tmp_path, spool
+):
+    """The server being restored into runs out of room while a table loads (its postmaster's
+    file-size limit, which PostgreSQL reports as a failed write, stands for a full disk): the
+    restore fails at once saying the server's disk is full and what to do, not by streaming the
+    same data into the same disk; the database made for it is dropped and no plaintext stays.
+    With room again, the same restore succeeds."""
+    from dr_pipelines.core.postgres.cluster import run_as_postgres
+    from dr_pipelines.core.restore.load import restore_into
+    from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
+
+    with pg.connect("app") as conn:  # a table larger than the server may write to one file
+        conn.execute(
+            "CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 8) AS body FROM generate_series(1, 40000) g"
+        )
+    _, cfg, manifest = setup(restore_spool=spool)
+    assert manifest.table_bytes["public.big"] > 8 << 20
+    target = make_pg()
+    postmaster = (target.cluster.data_dir / "postmaster.pid").read_text().split()[0]
+
+    def limit_files(size: str) -> None:  # the soft limit, inherited by every backend started from now on
+        run_as_postgres(["prlimit", f"--pid={postmaster}", f"--fsize={size}:unlimited"], check=True)
+
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    server = cfg.database("app").model_copy(update={"port": target.port})
+    messages: list[str] = []
+
+    def run():
+        return restore_into(
+            cfg, open_locations(cfg), RestoreRequest("app"), server, "app_copy", workdir, True, messages.append
+        )
+
+    limit_files(str(4 << 20))
+    with pytest.raises(RestoreError, match=r"database server ran out of disk space while loading.*File too large") as e:
+        run()
+    assert "Free space on the server" in str(e.value) and "scratch_dir" in str(e.value)
+    assert not any("Streaming instead" in m for m in messages), messages
+    assert "app_copy" not in databases(target)
+    assert list(workdir.iterdir()) == []
+    limit_files("unlimited")
+    run()
+    assert target.table_checksums("app_copy") == pg.table_checksums("app")
     assert list(workdir.iterdir()) == []
 
 
@@ -685,8 +727,7 @@ def test_indexes_of_tables_loaded_first_are_built_while_the_largest_loads(
     built_early: list[str] = []
 
     def start_holding_the_largest_table(self, args, **kw):
-        listed = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("--use-list=")), None)
-        entries = listed.read_text() if listed else ""
+        entries = "".join(f"{line}\n" for line in kw.get("use_list") or [])
         if "--section=data" in args and " TABLE DATA public big " in entries:
             lock.append(pg.connect("shop_restored"))
             lock[0].execute("BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dr_pipelines.core.codec.decode import OUTPUT_FULL, OutputFull, output_full
+from dr_pipelines.core.codec.decode import output_full
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import DatabaseConfig
 from dr_pipelines.core.log import Log
@@ -45,13 +45,37 @@ def _pg_restore_cmd(server: DatabaseConfig, major: int, dbname: str, request: Re
     return cmd
 
 
+# What a server's failed write says when its disk is full: ENOSPC, EFBIG (the file-size limit), EDQUOT.
+_SERVER_FULL = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
 class _PgRestore:
     """A pg_restore process whose errors are collected and whose progress is counted."""
 
-    def __init__(self, cmd: list[str], server: DatabaseConfig, db_name: str, stdin=None, stdout=subprocess.DEVNULL):
+    def __init__(
+        self,
+        cmd: list[str],
+        server: DatabaseConfig,
+        db_name: str,
+        stdin=None,
+        stdout=subprocess.DEVNULL,
+        use_list: Sequence[str] | None = None,
+    ):
         env = libpq_env(server, db_name)
         env.pop("PGDATABASE", None)
-        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env)
+        listed = None if use_list is None else _list_fd(use_list)
+        try:
+            self.proc = subprocess.Popen(
+                cmd if listed is None else [cmd[0], f"--use-list=/dev/fd/{listed}", *cmd[1:]],
+                stdin=stdin,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                env=env,
+                pass_fds=() if listed is None else (listed,),
+            )
+        finally:
+            if listed is not None:
+                os.close(listed)  # the child holds its own
         self.errors: list[str] = []
         self.items = 0
         self.lines = 0  # any output at all means the archive's TOC has been read
@@ -70,7 +94,14 @@ class _PgRestore:
     def failure(self, dbname: str) -> str:
         self._reader.join(timeout=10)
         detail = " | ".join([e for e in self.errors if "error" in e.lower()][-5:] or self.errors[-5:])
-        return f"pg_restore into {dbname!r} failed (exit {self.proc.returncode}): {detail}"
+        failure = f"pg_restore into {dbname!r} failed (exit {self.proc.returncode}): {detail}"
+        if any(said in detail for said in _SERVER_FULL):
+            return (
+                f"the database server ran out of disk space while loading: {failure}. Free space on the server "
+                "and retry (if its data directory shares a disk with the restore's scratch_dir, set scratch_dir "
+                "to another disk or restore_spool: false)"
+            )
+        return failure
 
     def wait(self, dbname: str, log: Log, t0: float) -> None:
         last = time.monotonic()
@@ -293,11 +324,11 @@ class ParallelLoad(PlaintextSpool):
         self.loader = threading.Thread(target=self._load, name="parallel-load", daemon=True)
         self.loader.start()
 
-    def _start(self, args: list[str], stdout=subprocess.DEVNULL) -> _PgRestore:
+    def _start(self, args: list[str], stdout=subprocess.DEVNULL, use_list: Sequence[str] | None = None) -> _PgRestore:
         follower = _Follower(self.plaintext, self.complete, self.stop)
         cmd = _pg_restore_cmd(self.server, self.major, self.dbname, self.request) + args
         try:
-            proc = _PgRestore(cmd, self.server, self.db_name, stdin=follower.read_end, stdout=stdout)
+            proc = _PgRestore(cmd, self.server, self.db_name, stdin=follower.read_end, stdout=stdout, use_list=use_list)
         finally:
             os.close(follower.read_end)  # pg_restore holds it now
         self.running.append(proc)
@@ -314,10 +345,8 @@ class ParallelLoad(PlaintextSpool):
         if failed:  # the others stop now, not once they have loaded their share
             for other in procs:
                 other.kill()
-            failure = failed[0].failure(self.dbname)
-            if "No space left on device" in failure:  # the server's disk, often the spool's too
-                raise OutputFull(OUTPUT_FULL.format(detail=failure))
-            raise RestoreError(failure)
+            # a full server disk too: streaming instead would load the same data into the same disk
+            raise RestoreError(failed[0].failure(self.dbname))
         for p in procs:
             p.wait(self.dbname, self.log, self.t0)
 
@@ -330,7 +359,6 @@ class ParallelLoad(PlaintextSpool):
         return local and len(os.sched_getaffinity(0)) <= self.request.jobs
 
     def _load(self) -> None:
-        lists: list[Path] = []
         try:
             listing = self._start(["--list"], stdout=subprocess.PIPE)
             assert listing.proc.stdout is not None
@@ -341,15 +369,12 @@ class ParallelLoad(PlaintextSpool):
             shares = share_tables(toc, self.weights, self.request.jobs)
             loaders = []
             for i, share in enumerate(shares):
-                listed = self.plaintext.parent / f"loader-{i}.list"
-                lists.append(listed)
-                write_list(listed, share)
                 if i and self._cores_shared():  # the heaviest share first, beside the decoder
                     while not (self.complete.wait(0.1) or self.stop.is_set()):
                         if any(p.proc.poll() not in (None, 0) for p in loaders):
                             self._wait(loaders)  # raises its error: the fetch stops
-                loaders.append(self._start(["--section=data", f"--use-list={listed}"]))
-            self._wait_indexing_loaded_shares(loaders, shares, toc, lists)
+                loaders.append(self._start(["--section=data"], use_list=share))
+            self._wait_indexing_loaded_shares(loaders, shares, toc)
             self.loaded_s = time.monotonic() - self.t0
             self.log(
                 f"schema and data of {self.dbname} loaded by {len(loaders)} pg_restore as the dump decoded, in "
@@ -357,13 +382,8 @@ class ParallelLoad(PlaintextSpool):
             )
         except BaseException as e:
             self.error = e
-        finally:
-            for listed in lists:
-                listed.unlink(missing_ok=True)
 
-    def _wait_indexing_loaded_shares(
-        self, loaders: list[_PgRestore], shares: list[list[str]], toc: list[str], lists: list[Path]
-    ) -> None:
+    def _wait_indexing_loaded_shares(self, loaders: list[_PgRestore], shares: list[list[str]], toc: list[str]) -> None:
         """Wait for the loaders; meanwhile, once a share has loaded, build the indexes and
         constraints that need only its tables beside the loaders still running, as `pg_restore -j`
         does from a finished file (on 2 cores the restore otherwise ends with every index built
@@ -383,10 +403,7 @@ class ParallelLoad(PlaintextSpool):
                     if line not in self.built
                 ]
                 if ready:
-                    listed = self.plaintext.parent / f"post-data-{len(building)}.list"
-                    lists.append(listed)
-                    write_list(listed, ready)
-                    building.append(self._start(["--section=post-data", f"--use-list={listed}"]))
+                    building.append(self._start(["--section=post-data"], use_list=ready))
                     self.built.update(ready)
             time.sleep(0.05)
         self._wait(loaders + building)
@@ -394,14 +411,9 @@ class ParallelLoad(PlaintextSpool):
     def post_data(self, log: Log) -> float:
         """Indexes, constraints and triggers not built while the tables loaded, in parallel."""
         rest = [line for line in self.toc if line not in self.built]
-        listed = self.plaintext.parent / "post-data.list"
-        try:
-            write_list(listed, rest)
-            return run_post_data(
-                self.server, self.db_name, self.dbname, self.plaintext, self.request, self.major, log, listed
-            )
-        finally:
-            listed.unlink(missing_ok=True)
+        return run_post_data(
+            self.server, self.db_name, self.dbname, self.plaintext, self.request, self.major, log, rest
+        )
 
     def failure(self) -> BaseException | None:
         return self.error  # a loader's: the decoding stops (fetch_and_load reads no further)
@@ -435,13 +447,18 @@ class ParallelLoad(PlaintextSpool):
             drop_database(self.server, self.db_name, self.dbname)
 
 
-def write_list(path: Path, entries: Sequence[str]) -> None:
-    """A pg_restore --use-list file. A full disk is OutputFull, as for the spool: the backup is not
-    blamed, and while the dump loads the restore then streams instead."""
+def _list_fd(entries: Sequence[str]) -> int:
+    """A pg_restore --use-list held in memory (a memfd the child opens as /dev/fd/N): no file on
+    disk, so a full disk cannot refuse it and a killed restore leaves none behind."""
+    fd = os.memfd_create("pg_restore-use-list", os.MFD_CLOEXEC)
     try:
-        path.write_text("".join(f"{line}\n" for line in entries))
-    except OSError as e:
-        raise (output_full(e) or e) from None
+        data = memoryview("".join(f"{line}\n" for line in entries).encode())
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 _TABLE_DATA = re.compile(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ")
@@ -574,7 +591,7 @@ def run_post_data(
     request: RestoreRequest,
     major: int,
     log: Log,
-    use_list: Path | None = None,
+    use_list: Sequence[str] | None = None,
 ) -> float:
     """Indexes, constraints and triggers, in parallel, from the archive's head (they need only the
     TOC); only those in `use_list` if given."""
@@ -584,10 +601,9 @@ def run_post_data(
     cmd = _pg_restore_cmd(server, major, dbname, request) + [
         "--section=post-data",
         f"--jobs={request.jobs}",
-        *([f"--use-list={use_list}"] if use_list else []),
         str(plaintext),
     ]
-    _PgRestore(cmd, server, db_name).wait(dbname, log, t0)
+    _PgRestore(cmd, server, db_name, use_list=use_list).wait(dbname, log, t0)
     took = time.monotonic() - t0
     log(f"indexes and constraints of {dbname} built in {took:.1f}s ({request.jobs} jobs)")
     return took
