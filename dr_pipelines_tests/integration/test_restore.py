@@ -644,10 +644,12 @@ def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_k
     assert list(workdir.iterdir()) == []
 
 
-def test_a_schema_that_fails_stops_the_restore_before_the_dump_is_read(pg, setup, tmp_path, monkeypatch):
-    """pg_restore's schema step fails (as on a new server lacking a role) while the dump is still
-    being fetched: the restore fails at once with pg_restore's error, having read only part of the
-    object, not at the end of a whole dump's decoding; nothing stays behind."""
+@pytest.mark.parametrize("failing", ["schema", "heaviest-loader"])
+def test_a_step_that_fails_stops_the_restore_before_the_dump_is_read(pg, setup, tmp_path, monkeypatch, failing):
+    """pg_restore's schema step fails (as on a new server lacking a role), or the loader of the
+    heaviest share dies while the others wait for the decoder (cores shared with the server), while
+    the dump is still being fetched: the restore fails at once with pg_restore's error, having read
+    only part of the object, not at the end of a whole dump's decoding; nothing stays behind."""
     from dr_pipelines.core.codec import decode
     from dr_pipelines.core.restore import fetch, pg_restore
     from dr_pipelines.core.restore.load import restore_into
@@ -668,24 +670,35 @@ def test_a_schema_that_fails_stops_the_restore_before_the_dump_is_read(pg, setup
             return super().read(size)
 
     started = pg_restore.ParallelLoad._start
+    loaders = []
 
-    def failing_schema(self, args, **kw):
-        if args == ["--section=pre-data"]:
+    def failing_step(self, args, **kw):
+        if failing == "schema" and args == ["--section=pre-data"]:
             args = ["--section=pre-data", "--use-list=/nonexistent/schema.list"]
-        return started(self, args, **kw)
+        proc = started(self, args, **kw)
+        if args == ["--section=data"]:
+            loaders.append(proc)
+            if failing == "heaviest-loader" and len(loaders) == 1:  # the first holds the heaviest share
+                proc.proc.kill()
+        return proc
 
     monkeypatch.setattr(fetch, "HashingReader", SlowReader)
     monkeypatch.setattr(decode, "CHUNK", 4096)
-    monkeypatch.setattr(pg_restore.ParallelLoad, "_start", failing_schema)
+    monkeypatch.setattr(pg_restore.ParallelLoad, "_start", failing_step)
+    # the other loaders wait for the end of the decoding, as on a host with no more cores than loaders
+    monkeypatch.setattr(pg_restore.ParallelLoad, "_cores_shared", lambda self: True)
     size = manifest.objects[0].size
     assert size > 40 * 4096  # whole, it would take over 2 s to read
-    with pytest.raises(RestoreError, match=r"pg_restore into 'new_db' failed.*schema\.list"):
+    said = r"schema\.list" if failing == "schema" else r"\(exit -9\)"
+    with pytest.raises(RestoreError, match=rf"pg_restore into 'new_db' failed.*{said}"):
         restore_into(
             cfg, open_locations(cfg), RestoreRequest("app"), cfg.database("app"), "new_db", workdir, True, print
         )
     [reader] = readers  # one copy, read once: the checksum is not read for, an age-encrypted read is authentic
     assert reader.size < size / 2
     assert "new_db" not in databases(pg) and list(workdir.iterdir()) == []
+    if failing == "heaviest-loader":  # the other loader never started: it was waiting for the decoder
+        assert len(loaders) == 1 and loaders[0].proc.returncode == -9
 
 
 SHOP_SQL = """
