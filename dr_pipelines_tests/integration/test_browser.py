@@ -29,7 +29,7 @@ import pytest
 
 from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
 from dr_pipelines_tests.support.postgres import PgServer
-from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir, stop_process
+from dr_pipelines_tests.support.processes import PROJECT_ROOT, VENV_BIN, reachable_tmpdir, sandbox_ports, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():  # not a skip: CI would pass without ever opening the UI
@@ -117,7 +117,7 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 @pytest.fixture(scope="module")
 def ui() -> Iterator[Ui]:
     sandbox = reachable_tmpdir("drpt-browser-")
-    pg_port, ui_port = free_port(), free_port()
+    pg_port, ui_port = sandbox_ports(), free_port()
     env = {
         **os.environ,
         "DR_PIPELINES_SANDBOX_DIR": str(sandbox),

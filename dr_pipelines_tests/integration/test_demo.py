@@ -7,7 +7,7 @@ import time
 import urllib.request
 
 from dr_pipelines.core.postgres.cluster import free_port
-from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir, stop_process
+from dr_pipelines_tests.support.processes import VENV_BIN, reachable_tmpdir, sandbox_ports, stop_process
 
 QUERY = """{ assetOrError(assetKey: {path: ["soundhash", "logical_backup"]}) {
   ... on Asset { assetMaterializations(limit: 1) { runId metadataEntries { label } } } } }"""
@@ -32,7 +32,7 @@ def test_demo_backup_visible_in_ui():
     # and the UI's code server (started elsewhere) must serve that same sandbox
     workdir = reachable_tmpdir("drpt-sandbox-")
     sandbox = workdir / ".dr_sandbox"
-    ui_port, pg_port = free_port(), free_port()
+    ui_port, pg_port = free_port(), sandbox_ports()
     env = {**os.environ, "DR_PIPELINES_SANDBOX_PORT": str(pg_port)}
     env.pop("DR_PIPELINES_SANDBOX_DIR", None)
     env.pop("DAGSTER_HOME", None)

@@ -18,7 +18,7 @@ import pytest
 
 from dr_pipelines.core.pitr.recover import query_as_postgres
 from dr_pipelines.core.postgres.cluster import LocalCluster, free_port
-from dr_pipelines_tests.support.processes import reachable_tmpdir
+from dr_pipelines_tests.support.processes import reachable_tmpdir, sandbox_ports
 
 
 def _output_metadata(result: dg.ExecuteInProcessResult, step: str) -> dict:
@@ -41,7 +41,7 @@ def sandbox_defs(monkeypatch):
     """The definitions exactly as `dagster dev` / the code server load them, over a fresh sandbox."""
     sandbox = reachable_tmpdir("drpt-uipath-")
     monkeypatch.setenv("DR_PIPELINES_SANDBOX_DIR", str(sandbox))
-    monkeypatch.setenv("DR_PIPELINES_SANDBOX_PORT", str(free_port()))
+    monkeypatch.setenv("DR_PIPELINES_SANDBOX_PORT", str(sandbox_ports()))
     monkeypatch.delenv("DR_PIPELINES_CONFIG", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     import dr_pipelines.defs.definitions as module

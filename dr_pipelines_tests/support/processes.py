@@ -38,6 +38,27 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def sandbox_ports() -> int:
+    """A port for a sandbox's cluster whose next two (its API and frontend services, port + 1 and
+    + 2) are free too, below the kernel's ephemeral range: free_port() gives a port in that range,
+    where any client socket may hold port + 1 by the time the service binds it (CI saw the sandbox's
+    API fail to start so)."""
+    import random
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(20000, ephemeral_low - 3)
+        try:
+            for p in (port, port + 1, port + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no three free consecutive ports below the ephemeral range on 127.0.0.1")
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """Stop a process started in its own session, and whatever of its group outlived it."""
     try:
