@@ -596,16 +596,19 @@ def test_a_loader_killed_mid_load_fails_the_restore_and_leaves_nothing(pg, setup
     assert list(workdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("spool", [True, False], ids=["loaded-while-decoding", "streamed"])
+@pytest.mark.parametrize("where", ["spool-on-server-disk", "spool-elsewhere", "streamed"])
 def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_keeps_nothing(
-    pg, make_pg, setup, tmp_path, spool
+    pg, make_pg, setup, tmp_path, monkeypatch, where
 ):
     """The server being restored into runs out of room while a table loads (its postmaster's
-    file-size limit, which PostgreSQL reports as a failed write, stands for a full disk): the
-    restore fails at once saying the server's disk is full and what to do, not by streaming the
-    same data into the same disk; the database made for it is dropped and no plaintext stays.
-    With room again, the same restore succeeds."""
+    file-size limit, which PostgreSQL reports as a failed write, stands for a full disk). When the
+    spool is on the server's disk (here both are under /tmp) it may be what filled it: the restore
+    says so and streams instead. When it is elsewhere (stood for by saying so), or when the restore
+    already streams, streaming would load the same data into the same disk: the restore fails at
+    once saying the server refused the write and what to do. Either way the database made for it is
+    dropped and no plaintext stays; with room again, the same restore succeeds."""
     from dr_pipelines.core.postgres.cluster import run_as_postgres
+    from dr_pipelines.core.restore import pg_restore
     from dr_pipelines.core.restore.load import restore_into
     from dr_pipelines.core.restore.request import RestoreError, RestoreRequest
 
@@ -613,7 +616,7 @@ def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_k
         conn.execute(
             "CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 8) AS body FROM generate_series(1, 40000) g"
         )
-    _, cfg, manifest = setup(restore_spool=spool)
+    _, cfg, manifest = setup(restore_spool=where != "streamed")
     assert manifest.table_bytes["public.big"] > 8 << 20
     target = make_pg()
     postmaster = (target.cluster.data_dir / "postmaster.pid").read_text().split()[0]
@@ -623,6 +626,9 @@ def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_k
 
     workdir = tmp_path / "work"
     workdir.mkdir(mode=0o700)
+    assert workdir.stat().st_dev == target.cluster.data_dir.stat().st_dev
+    if where == "spool-elsewhere":
+        monkeypatch.setattr(pg_restore.ParallelLoad, "_spool_on_server_disk", lambda self: False)
     server = cfg.database("app").model_copy(update={"port": target.port})
     messages: list[str] = []
 
@@ -632,10 +638,15 @@ def test_a_server_whose_disk_fills_while_loading_fails_the_restore_clearly_and_k
         )
 
     limit_files(str(4 << 20))
-    with pytest.raises(RestoreError, match=r"database server ran out of disk space while loading.*File too large") as e:
+    with pytest.raises(RestoreError, match=r"database server refused a write for lack of room.*File too large") as e:
         run()
-    assert "Free space on the server" in str(e.value) and "scratch_dir" in str(e.value)
-    assert not any("Streaming instead" in m for m in messages), messages
+    assert "Free space on the server" in str(e.value)
+    streamed_instead = [m for m in messages if "Streaming instead" in m]
+    if where == "spool-on-server-disk":
+        [said] = streamed_instead
+        assert "File too large" in said and f"the spool in {workdir} is on the server's disk" in said
+    else:
+        assert streamed_instead == [], messages
     assert "app_copy" not in databases(target)
     assert list(workdir.iterdir()) == []
     limit_files("unlimited")

@@ -40,15 +40,16 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 
 def sandbox_ports() -> int:
     """A port for a sandbox's cluster whose next two (its API and frontend services, port + 1 and
-    + 2) are free too, below the kernel's ephemeral range: free_port() gives a port in that range,
-    where any client socket may hold port + 1 by the time the service binds it (CI saw the sandbox's
-    API fail to start so)."""
+    + 2) are free too, outside the kernel's ephemeral range where it leaves room (else anywhere):
+    free_port() gives a port in that range, where any client socket may hold port + 1 by the time
+    the service binds it (CI saw the sandbox's API fail to start so)."""
     import random
 
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
+        low, high = (int(n) for n in f.read().split())
+    spans = [(a, b) for a, b in ((20000, low - 3), (high + 1, 65533)) if b - a > 100] or [(20000, 65533)]
     for _ in range(200):
-        port = random.randrange(20000, ephemeral_low - 3)
+        port = random.randrange(*random.choice(spans))
         try:
             for p in (port, port + 1, port + 2):
                 with socket.socket() as s:
@@ -56,7 +57,7 @@ def sandbox_ports() -> int:
         except OSError:
             continue
         return port
-    raise RuntimeError("no three free consecutive ports below the ephemeral range on 127.0.0.1")
+    raise RuntimeError("no three free consecutive ports outside the ephemeral range on 127.0.0.1")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dr_pipelines.core.codec.decode import output_full
+from dr_pipelines.core.codec.decode import OutputFull, output_full
 from dr_pipelines.core.codec.methods import CHUNK
 from dr_pipelines.core.config import DatabaseConfig
 from dr_pipelines.core.log import Log
@@ -47,6 +47,10 @@ def _pg_restore_cmd(server: DatabaseConfig, major: int, dbname: str, request: Re
 
 # What a server's failed write says when its disk is full: ENOSPC, EFBIG (the file-size limit), EDQUOT.
 _SERVER_FULL = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _local_server(server: DatabaseConfig) -> bool:
+    return server.host in ("", "localhost", "127.0.0.1", "::1") or server.host.startswith("/")
 
 
 class _PgRestore:
@@ -91,15 +95,19 @@ class _PgRestore:
             elif line and not line.startswith("pg_restore: launching") and "finished item" not in line:
                 self.errors.append(line)
 
+    def server_full(self) -> bool:
+        """Whether the server refused a write for lack of room (a full disk, a quota, a size limit)."""
+        self._reader.join(timeout=10)
+        return any(said in error for error in self.errors for said in _SERVER_FULL)
+
     def failure(self, dbname: str) -> str:
         self._reader.join(timeout=10)
         detail = " | ".join([e for e in self.errors if "error" in e.lower()][-5:] or self.errors[-5:])
         failure = f"pg_restore into {dbname!r} failed (exit {self.proc.returncode}): {detail}"
-        if any(said in detail for said in _SERVER_FULL):
+        if self.server_full():
             return (
-                f"the database server ran out of disk space while loading: {failure}. Free space on the server "
-                "and retry (if its data directory shares a disk with the restore's scratch_dir, set scratch_dir "
-                "to another disk or restore_spool: false)"
+                "the database server refused a write for lack of room (a full disk, a quota or a file-size "
+                f"limit) while loading: {failure}. Free space on the server (or raise its limit) and retry"
             )
         return failure
 
@@ -341,12 +349,17 @@ class ParallelLoad(PlaintextSpool):
             if any(state not in (None, 0) for state in states):
                 break  # one failed: the others are stopped below
             time.sleep(0.05)
-        failed = [p for p in procs if p.proc.returncode not in (None, 0)]
+        # the one the server refused for lack of room first: the others may have died of its crash
+        failed = sorted((p for p in procs if p.proc.returncode not in (None, 0)), key=lambda p: not p.server_full())
         if failed:  # the others stop now, not once they have loaded their share
             for other in procs:
                 other.kill()
-            # a full server disk too: streaming instead would load the same data into the same disk
-            raise RestoreError(failed[0].failure(self.dbname))
+            failure = failed[0].failure(self.dbname)
+            if failed[0].server_full() and self._spool_on_server_disk():
+                # the spool may be what filled it: streaming needs none (else streaming would load
+                # the same data into the same full disk, so the restore fails here)
+                raise OutputFull(f"{failure}; the spool in {self.plaintext.parent} is on the server's disk")
+            raise RestoreError(failure)
         for p in procs:
             p.wait(self.dbname, self.log, self.t0)
 
@@ -355,8 +368,20 @@ class ParallelLoad(PlaintextSpool):
         the server runs here and there are no more cores than loaders. Then the loaders after the
         first (the heaviest share) start once the dump is decoded: measured on 2 cores, loading the
         other tables beside the decoder slowed the heaviest table, which decides the restore's end."""
-        local = self.server.host in ("", "localhost", "127.0.0.1", "::1") or self.server.host.startswith("/")
-        return local and len(os.sched_getaffinity(0)) <= self.request.jobs
+        return _local_server(self.server) and len(os.sched_getaffinity(0)) <= self.request.jobs
+
+    def _spool_on_server_disk(self) -> bool:
+        """Whether the spool shares a filesystem with the server's data directory (a local server;
+        assumed so when the data directory cannot be read: SHOW data_directory needs a superuser or
+        pg_read_all_settings)."""
+        if not _local_server(self.server):
+            return False
+        try:
+            with connect(self.server, self.db_name, dbname="postgres") as conn:
+                row = conn.execute("SHOW data_directory").fetchone()
+            return row is None or os.stat(row[0]).st_dev == os.stat(self.plaintext.parent).st_dev
+        except Exception:  # unreachable, not allowed, not stat-able from here: it may share the disk
+            return True
 
     def _load(self) -> None:
         try:
