@@ -18,13 +18,19 @@ def _boot_id() -> str:
         return "-"
 
 
-def _start_time(pid: int) -> str | None:
-    """Clock ticks since boot when the process started (/proc/<pid>/stat, field 22)."""
+def _stat_field(pid: int, field: int) -> str | None:
+    """Field `field` of /proc/<pid>/stat (man 5 proc numbers them from 1), or None if unreadable.
+    Split after the command's closing parenthesis: the command may hold spaces and parentheses."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()[field - 3]
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Clock ticks since boot when the process started (field 22)."""
+    return _stat_field(pid, 22)
 
 
 def owner_tag(pid: int | None = None) -> str:
@@ -42,11 +48,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process with that pid
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # signal 0 reached it: alive
+    return _stat_field(pid, 3) not in ("Z", "X")  # the state; unreadable: signal 0 reached it, alive
 
 
 def owner_dead(tag: str | None) -> bool | None:
