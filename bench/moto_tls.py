@@ -11,6 +11,7 @@ fail. This server is moto's, with a request handler that ends TLS properly befor
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -18,6 +19,12 @@ from werkzeug.serving import WSGIRequestHandler, run_simple
 
 
 class CloseNotifyHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        # Replies go out in several TLS records; without TCP_NODELAY, Nagle holds the next one until
+        # the client's delayed ACK of the last (~40 ms), on every request: a stall no S3 server has.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def handle(self) -> None:
         super().handle()
         try:

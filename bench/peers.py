@@ -86,16 +86,25 @@ def start_s3(work: Path) -> tuple[subprocess.Popen, S3Endpoint]:
 
 
 def start_gcs() -> tuple[subprocess.Popen, str]:
-    """The GCS emulator (the tests' own) on 127.0.0.1 with a bucket; every client and the cluster's
-    archive_command reach it through STORAGE_EMULATOR_HOST (server_env passes it)."""
+    """The tests' GCS emulator without its slow multipart parse (bench/gcs_emulator.py) on 127.0.0.1,
+    with a bucket; every client and the cluster's archive_command reach it through
+    STORAGE_EMULATOR_HOST (server_env passes it)."""
     from dr_pipelines.core.config import GCSLocationConfig
+    from dr_pipelines.core.postgres.cluster import free_port
     from dr_pipelines.core.storage.gcs import gcs_client
-    from dr_pipelines_tests.support.servers import start_gcs_emulator
+    from dr_pipelines_tests.support.processes import wait_for_port
 
-    server = start_gcs_emulator()
-    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH / "gcs_emulator.py"), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_port(port)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     gcs_client(GCSLocationConfig(type="gcs", bucket=BUCKET)).create_bucket(BUCKET)
-    return server.proc, BUCKET
+    return proc, BUCKET
 
 
 def _pair(work: str, where: str, ours: str, peer: str, r: dict, ours_key: str, peer_key: str) -> dict:
