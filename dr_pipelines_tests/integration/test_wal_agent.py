@@ -373,6 +373,9 @@ def test_agent_killed_mid_push_the_command_pushes_by_itself(pg, s3, agents, tmp_
             conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
             victim = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         assert proxy.held.wait(30), "the agent never wrote to S3"
+        # the locations are written at once: the local copy completes while the S3 upload is held
+        local_sidecar = setup.repo / "app" / "wal" / victim[:8] / f"{victim}.json"
+        wait_for(local_sidecar.exists, f"{victim} on the local location", 10)
         proxy.hold.clear()  # the next uploads pass; the one held is dropped once its writer is dead
         os.kill(agent["pid"], signal.SIGKILL)
         wait_for(lambda: gone(agent["pid"]), "the agent is dead", 10)

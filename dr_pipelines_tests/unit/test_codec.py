@@ -1,6 +1,7 @@
 """The codec table: every compression x encryption method round-trips through the streaming encoder,
 the whole-buffer encoder, both decoders (tools and in-process) and the suffix parser."""
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from dr_pipelines.core.config import CompressionConfig, EncryptionConfig
 
 IDENTITY = pyrage.x25519.Identity.generate()
 DATA = os.urandom(50_000) * 20 + b"tail"
+SEGMENT = os.urandom(1 << 20) * 16  # a WAL segment's size: zstd compresses it on every core
 
 
 def _configs(compression: str, encryption: str):
@@ -34,8 +36,10 @@ def test_every_method_round_trips(compression, encryption, tools, monkeypatch, t
     identities = [IDENTITY] if encryption == "age" else None
     if not tools:
         monkeypatch.setenv("PATH", str(tmp_path))  # neither age nor zstd nor gzip to be found
-    whole = encode_bytes(DATA, comp, enc)
-    assert decode_bytes(whole, compression, encryption, identities) == DATA
+    for data in (DATA, SEGMENT, memoryview(SEGMENT)):
+        whole, whole_sha = encode_bytes(data, comp, enc)
+        assert whole_sha == hashlib.sha256(whole).hexdigest()  # the stored object's hash, taken as it was written
+        assert decode_bytes(whole, compression, encryption, identities) == data
     streamed = compressing_reader(io.BytesIO(DATA), comp).read()
     if encryption == "age":
         streamed = pyrage.encrypt(streamed, [IDENTITY.to_public()])
@@ -53,7 +57,7 @@ def test_garbage_is_a_decode_failure_not_a_crash(compression):
 
 def test_wrong_identity_cannot_decrypt():
     comp, enc = _configs("zstd", "age")
-    whole = encode_bytes(DATA, comp, enc)
+    whole, _ = encode_bytes(DATA, comp, enc)
     with pytest.raises(DecodeFailed, match="cannot decrypt"):
         decode_bytes(whole, "zstd", "age", [pyrage.x25519.Identity.generate()])
     with pytest.raises(DecodeFailed, match="no identity"):
@@ -67,7 +71,7 @@ def test_the_decoding_tools_can_yield_the_cpu(monkeypatch):
     from dr_pipelines.core.codec import decode
 
     compression, encryption = _configs("zstd", "age")
-    stored = encode_bytes(DATA, compression, encryption)
+    stored, _ = encode_bytes(DATA, compression, encryption)
     started = []
     popen = decode.subprocess.Popen
 

@@ -9,9 +9,11 @@ this file (and the config's `Literal` of method names), nothing else.
 from __future__ import annotations
 
 import gzip
+import io
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import IO, Protocol, cast
 
@@ -107,19 +109,31 @@ _idle_compressors: dict[tuple[int, int], list[zstandard.ZstdCompressor]] = {}
 _idle_lock = threading.Lock()
 
 
-def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
+@contextmanager
+def _zstd_compressor(level: int, size: int) -> Iterator[zstandard.ZstdCompressor]:
     """A WAL segment on every core: a lone segment's push waits for its compression. Compressors
     are reused (one per concurrent caller): a resident archiver would otherwise make a context and
     its worker threads for every segment."""
-    key = (level, -1 if len(data) >= 4 << 20 else 0)
+    key = (level, -1 if size >= 4 << 20 else 0)
     with _idle_lock:
         idle = _idle_compressors.setdefault(key, [])
         cctx = idle.pop() if idle else zstandard.ZstdCompressor(level=level, threads=key[1])
     try:
-        return cctx.compress(data)
+        yield cctx
     finally:
         with _idle_lock:
             idle.append(cctx)
+
+
+def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
+    with _zstd_compressor(level, len(data)) as cctx:
+        return cctx.compress(data)
+
+
+@contextmanager
+def _zstd_reader(data: bytes | memoryview, level: int) -> Iterator[Readable]:
+    with _zstd_compressor(level, len(data)) as cctx:  # size: the frame records it, as compress() does
+        yield cctx.stream_reader(data, size=len(data), read_size=CHUNK)
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ class Compression:
     stream: Callable[[Readable, int, int], Readable]  # (source, level, threads) -> compressed reader
     sink: Callable[[Writable], Sink]
     compress: Callable[[bytes | memoryview, int], bytes | memoryview]
+    reader: Callable[[bytes | memoryview, int], AbstractContextManager[Readable]]  # a buffer compressed as read
     decompress: Callable[[bytes], bytes]
     errors: tuple[type[Exception], ...] = ()  # what a corrupt stream raises
 
@@ -142,6 +157,7 @@ COMPRESSION: dict[str, Compression] = {
         _zstd_stream,
         _ZstdSink,
         _zstd_compress,
+        _zstd_reader,
         lambda data: zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31),
         (zstandard.ZstdError,),
     ),
@@ -152,11 +168,19 @@ COMPRESSION: dict[str, Compression] = {
         lambda src, level, _threads: _GzipReader(src, level),
         _GzipSink,
         lambda data, level: gzip.compress(data, compresslevel=level, mtime=0),
+        lambda data, level: nullcontext(_GzipReader(io.BytesIO(data), level)),
         gzip.decompress,
         (zlib.error, gzip.BadGzipFile, EOFError),
     ),
     "none": Compression(
-        "none", "", None, lambda src, _level, _threads: src, Sink, lambda data, _level: data, lambda data: data
+        "none",
+        "",
+        None,
+        lambda src, _level, _threads: src,
+        Sink,
+        lambda data, _level: data,
+        lambda data, _level: nullcontext(io.BytesIO(data)),
+        lambda data: data,
     ),
 }
 

@@ -18,7 +18,6 @@ from dr_pipelines.core.config import DrConfig
 from dr_pipelines.core.log import Log
 from dr_pipelines.core.postgres.wal_names import SEGMENT, STREAM_SUFFIX, lsn_int, lsn_text, timeline_of, written_end
 from dr_pipelines.core.storage.base import Location, LocationError
-from dr_pipelines.core.storage.local import LocalLocation
 from dr_pipelines.core.wal.archive import (
     CLUSTER,
     STREAMED,
@@ -254,12 +253,8 @@ def _push_bytes(
             else:
                 result.already.append(loc_name)
         if missing:  # stored only where some location lacks the file (not on a re-push)
-            stored_obj = encoded.result()
-            side["object"] = {
-                "name": object_name(name, config),
-                "size": len(stored_obj),
-                "sha256": sha256_hex(stored_obj),
-            }
+            stored_obj, stored_sha = encoded.result()
+            side["object"] = {"name": object_name(name, config), "size": len(stored_obj), "sha256": stored_sha}
 
             def store(loc_name: str) -> bool | LocationError:
                 try:
@@ -267,13 +262,11 @@ def _push_bytes(
                 except LocationError as e:
                     return e
 
-            # Local copies first, whole: a push killed midway leaves an object without its sidecar,
-            # which holds that location's later pushes of the segment for STALE_PUSH; local writes
-            # take milliseconds, so only the remote ones (written at once) can be caught so.
-            local = [n for n in missing if isinstance(locations[n], LocalLocation)]
-            remote = [n for n in missing if n not in local]
-            outcomes = [store(n) for n in local] + list(pool.map(store, remote))
-            for loc_name, stored in zip(local + remote, outcomes, strict=True):
+            # Every location at once, local ones too: a local copy's write and fsync would otherwise
+            # wait in front of the remote uploads. A push killed midway leaves an object without its
+            # sidecar only on a location it was writing then (later pushes of the segment there wait
+            # STALE_PUSH); a local one is written within milliseconds of the start, either way.
+            for loc_name, stored in zip(missing, pool.map(store, missing), strict=True):
                 if isinstance(stored, LocationError):
                     failures[loc_name] = str(stored)
                 elif stored:
@@ -390,7 +383,7 @@ def prepare_streamed_partial(
             f"belongs to cluster {known['system_identifier']}; refusing to mix them"
         )
     name = segment + STREAM_SUFFIX
-    stored = encode_bytes(data, config.compression, config.encryption)
+    stored, stored_sha = encode_bytes(data, config.compression, config.encryption)
     end, plain_sha = written_end(data, segment, header["segment_size"]), sha256_hex(data)
     # named after its content: a replacement is a new object, the sidecar switches to it
     object_base = f"{name}.{end:016X}-{plain_sha[:16]}"
@@ -406,7 +399,7 @@ def prepare_streamed_partial(
         "pushed_at": datetime.now(timezone.utc).isoformat(),
         "system_identifier": header["system_identifier"],
         "segment_size": header["segment_size"],
-        "object": {"name": object_name(object_base, config), "size": len(stored), "sha256": sha256_hex(stored)},
+        "object": {"name": object_name(object_base, config), "size": len(stored), "sha256": stored_sha},
     }
     return StreamedPartial(segment, side, stored, known)
 
