@@ -6,7 +6,8 @@ The emulator reads a multipart upload (a JSON part, then the object's bytes: how
 object under 8 MB in one request) with Python's email parser, which takes ~28 ms per MB: 170 ms for a
 6 MB WAL object, a cost no real GCS charges, which would time the emulator rather than the tool. This
 server splits such a body on its boundary instead, giving the handler the same metadata and bytes;
-anything it does not recognise goes to the emulator's own parser. The tests keep the emulator as is.
+other requests go to the emulator's own parser, and a multipart body of another shape fails the
+request (its bytes are read by then). The tests, and bench/system.py, keep the emulator as is.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _split_multipart(body: bytes, boundary: bytes) -> dict | None:
         if name.strip().lower() == "content-type":
             content_type = value.strip().split(";")[0]
         elif name.strip().lower() == "content-transfer-encoding":
-            return None  # an encoded part: the stock parser decodes it
+            return None  # an encoded part: not what the client sends
     return {"meta": json.loads(meta), "content": content, "content-type": content_type}
 
 

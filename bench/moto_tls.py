@@ -23,7 +23,10 @@ class CloseNotifyHandler(WSGIRequestHandler):
         super().setup()
         # Replies go out in several TLS records; without TCP_NODELAY, Nagle holds the next one until
         # the client's delayed ACK of the last (~40 ms), on every request: a stall no S3 server has.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is already gone
 
     def handle(self) -> None:
         super().handle()

@@ -88,3 +88,25 @@ def test_the_decoding_tools_can_yield_the_cpu(monkeypatch):
     assert [Path(cmd[0]).name for cmd in plain] == ["age", "zstd"]
     assert [cmd[:3] for cmd in niced] == [["nice", "-n", "5"]] * 2
     assert [Path(cmd[3]).name for cmd in niced] == ["age", "zstd"]
+
+
+def test_an_encryption_that_fails_midway_raises_its_own_error_and_lets_go_of_the_buffer(monkeypatch):
+    """wal_push hands encode_bytes a view of a pooled buffer and releases it afterwards: a failure
+    inside age must surface as itself, not as the view's release failing (BufferError) because the
+    compressor's reader still holds it; and the compressor left midway must not be reused (that
+    crashed the process: python-zstandard 0.25, a multithreaded compressor used whole before)."""
+    comp, enc = _configs("zstd", "age")
+    encode_bytes(SEGMENT, comp, enc)  # the pooled compressor has compressed a segment whole
+    buffer = bytearray(SEGMENT)
+
+    def failing(src, out, recipients):
+        out.write(src.read(1 << 16))
+        raise pyrage.EncryptError("disk gone")
+
+    monkeypatch.setattr(pyrage, "encrypt_io", failing)
+    with pytest.raises(pyrage.EncryptError, match="disk gone") as raised, memoryview(buffer) as view:
+        encode_bytes(view, comp, enc)
+    assert raised.value.__context__ is None  # not a BufferError raised while handling it
+    monkeypatch.undo()
+    whole, _ = encode_bytes(memoryview(buffer), comp, enc)
+    assert decode_bytes(whole, "zstd", "age", [IDENTITY]) == SEGMENT

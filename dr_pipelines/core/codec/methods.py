@@ -113,16 +113,15 @@ _idle_lock = threading.Lock()
 def _zstd_compressor(level: int, size: int) -> Iterator[zstandard.ZstdCompressor]:
     """A WAL segment on every core: a lone segment's push waits for its compression. Compressors
     are reused (one per concurrent caller): a resident archiver would otherwise make a context and
-    its worker threads for every segment."""
+    its worker threads for every segment. One whose use failed is dropped: python-zstandard 0.25
+    crashes (SIGSEGV) reusing a multithreaded compressor whose stream was left midway."""
     key = (level, -1 if size >= 4 << 20 else 0)
     with _idle_lock:
         idle = _idle_compressors.setdefault(key, [])
         cctx = idle.pop() if idle else zstandard.ZstdCompressor(level=level, threads=key[1])
-    try:
-        yield cctx
-    finally:
-        with _idle_lock:
-            idle.append(cctx)
+    yield cctx  # an exception raised here leaves it out of the pool
+    with _idle_lock:
+        idle.append(cctx)
 
 
 def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
@@ -132,8 +131,10 @@ def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
 
 @contextmanager
 def _zstd_reader(data: bytes | memoryview, level: int) -> Iterator[Readable]:
-    with _zstd_compressor(level, len(data)) as cctx:  # size: the frame records it, as compress() does
-        yield cctx.stream_reader(data, size=len(data), read_size=CHUNK)
+    # size: the frame records it, as compress() does. The reader is closed on the way out, even on an
+    # error: it holds the caller's buffer (a memoryview the caller must release) until it is.
+    with _zstd_compressor(level, len(data)) as cctx, cctx.stream_reader(data, size=len(data), read_size=CHUNK) as r:
+        yield r
 
 
 @dataclass(frozen=True)
