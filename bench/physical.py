@@ -476,6 +476,7 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
 
     job_rto: dict[str, list] = {}  # the reports' rto_s
     job_steps: dict[str, list[dict]] = {}
+    peer_steps: dict[str, list[dict]] = {}  # pgBackRest: its restore, then start + replay + promotion
 
     def new_data_dir(name: str) -> tuple[Path, int]:
         data_dir = s.work / f"pitr-{name}" / "data"
@@ -522,11 +523,15 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
                 f"--pg1-path={data_dir}",
             ]
         )
+        restored_at = time.perf_counter()
         restored = LocalCluster(data_dir, port)
         restored.write_settings({"archive_mode": "off", "unix_socket_directories": "''", "port": str(port)})
         restored.start(timeout=600)
         wait_promoted(restored)
         took = time.perf_counter() - t0
+        peer_steps.setdefault(name, []).append(
+            {"restore": round(restored_at - t0, 3), "replay": round(took - (restored_at - t0), 3)}
+        )
         restored.stop("fast")
         shutil.rmtree(data_dir.parent)
         return took
@@ -581,6 +586,7 @@ def bench_pitr(s: Setup, free_port, rounds: int = 1) -> dict:
         "job_rto_s": job_rto["ours"],
         "job_rto_ratio": statistics.median(job_rto["ours"]) / med["pgbackrest"],
         "job_steps_s": job_steps["ours"],
+        "pgbackrest_steps_s": peer_steps["pgbackrest"],
         **(
             {"ours_s3_job_rto_s": job_rto["ours_s3"], "ours_s3_job_steps_s": job_steps["ours_s3"]}
             if "ours_s3" in job_rto

@@ -357,7 +357,7 @@ def bench_physical(
                 f"PITR to a time during load: `dr-pipelines pitr` {r['ours_median_s']:.1f}s, pgbackrest restore "
                 f"--type=time + start + promote {r['pgbackrest_median_s']:.1f}s (ratio {r['ratio']:.2f}); the job's "
                 f"own RTO {statistics.median(r['job_rto_s']):.1f}s (ratio {r['job_rto_ratio']:.2f}; steps "
-                f"{r['job_steps_s']})",
+                f"{r['job_steps_s']}; pgBackRest's {r['pgbackrest_steps_s']})",
                 flush=True,
             )
             every_contender(r)

@@ -319,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         err(str(e))
         return code
     # after the push or fetch, so that its start does not compete with it for the CPU; and only after
-    # one that worked: PostgreSQL retries a failing push every second, an agent per retry would pile up
-    if start_agent and code == EXIT_OK:
+    # one that worked: PostgreSQL retries a failing push every second, an agent per retry would pile
+    # up. A fetch's "not found" (exit 1) is an answer too: recovery's first call, for a timeline
+    # history file that does not exist, starts the agent that serves the segments after it.
+    if start_agent and (code == EXIT_OK or (fetch and code == EXIT_FAILED)):
         _start_wal_agent(args, raw_args)
     return code
 

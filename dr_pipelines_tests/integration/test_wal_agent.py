@@ -350,6 +350,36 @@ def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, t
     assert wait_for_agent(stem)["pid"] == agent["pid"]
 
 
+def test_recoverys_first_answer_not_found_starts_the_agent(wal_setup, agents, tmp_path):
+    """Recovery's first restore_command call is for a timeline history file that does not exist: its
+    "not found" (exit 1) is an answer, not a failure, so it starts the agent, and the segments asked
+    next are served by it rather than each by a process of its own."""
+    wal_setup.enable_archiving()
+    names = switch(wal_setup, 1)
+    source = wal_setup.server.cluster.data_dir / "pg_wal"
+    data = tmp_path / "data"  # a recovering cluster's data directory, of our own
+    pg_wal = data / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    (data / "postmaster.pid").write_text("4242\n")
+    (data / "recovery.signal").touch()
+    agents.append(pg_wal)
+    stem = stem_of(data, wal_setup.config_path)
+
+    def fetch(name: str):
+        return run_cli(
+            "--config", str(wal_setup.config_path), "wal-fetch", "--db", "app", name, str(pg_wal / "RECOVERYXLOG")
+        )  # fmt: skip
+
+    r = fetch("00000002.history")
+    assert r.returncode == 1 and "not in the WAL archive" in r.stderr, r.stderr
+    agent = wait_for_agent(stem)
+    assert agent["fetched"] == 0
+    r = fetch(names[0])
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == (source / names[0]).read_bytes()
+    assert status(stem)["fetched"] == 1  # the agent's work, not this call's
+
+
 # --------------------------------------------------------------------------- failure paths
 
 
