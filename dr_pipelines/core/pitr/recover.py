@@ -518,9 +518,9 @@ def _replay(
     except Exception:
         pass  # it may have stopped already (recovery ended before the target): the log says why
     deadline = time.monotonic() + request.timeout_s
-    # PostgreSQL removes recovery.signal as recovery ends, just before it promotes: a stat every 50 ms
-    # until then, and the two checks that start a process (pg_ctl status, psql as the postgres user)
-    # each quarter second, or at once when the file is gone. Promotion is seen within ~50 ms.
+    # PostgreSQL removes recovery.signal as recovery ends, before its end-of-recovery checkpoint and
+    # promotion: a stat every 50 ms until then, and the two checks that start a process (pg_ctl
+    # status, psql as the postgres user) each quarter second; once the file is gone, every 0.1 s.
     recovery_signal, checked = request.data_dir / "recovery.signal", 0.0
     while True:
         if recovery_signal.exists() and time.monotonic() - checked < 0.25:
@@ -569,7 +569,7 @@ def _replay(
             read_outcome(cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else "", report)
             report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
             raise PitrFailed(report)
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def recovery_locations(
