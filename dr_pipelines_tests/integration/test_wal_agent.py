@@ -274,6 +274,18 @@ def test_the_agent_keeps_the_contract(wal_setup, agents, tmp_path):
     assert not list(Path(stem).parent.glob(Path(stem).name + ".*"))
 
 
+def recovering_data_dir(tmp_path: Path, agents: list) -> tuple[Path, Path]:
+    """A recovering cluster's data directory of our own (a postmaster.pid, recovery.signal) and its
+    pg_wal, whose agent the `agents` fixture stops."""
+    data = tmp_path / "data"
+    pg_wal = data / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    (data / "postmaster.pid").write_text("4242\n")
+    (data / "recovery.signal").touch()
+    agents.append(pg_wal)
+    return data, pg_wal
+
+
 def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, tmp_path):
     """restore_command through the agent: the first call fetches by itself and starts it; a miss is
     then served by the agent, which keeps the next `prefetch` segments spooled while replay takes
@@ -283,12 +295,8 @@ def test_recovery_fetches_through_the_agent_ahead_of_replay(wal_setup, agents, t
     wal_setup.enable_archiving()
     names = switch(wal_setup, 9)
     source = wal_setup.server.cluster.data_dir / "pg_wal"
-    data = tmp_path / "data"  # a recovering cluster's data directory, of our own
-    pg_wal, spool = data / "pg_wal", data / "pg_wal" / ".dr_pipelines_prefetch"
-    pg_wal.mkdir(parents=True)
-    (data / "postmaster.pid").write_text("4242\n")
-    (data / "recovery.signal").touch()
-    agents.append(pg_wal)
+    data, pg_wal = recovering_data_dir(tmp_path, agents)
+    spool = pg_wal / ".dr_pipelines_prefetch"
     raw = yaml.safe_load(wal_setup.config_path.read_text())
     raw["wal"]["prefetch"] = 2
     config_path = tmp_path / "dr.yaml"
@@ -357,12 +365,7 @@ def test_recoverys_first_answer_not_found_starts_the_agent(wal_setup, agents, tm
     wal_setup.enable_archiving()
     names = switch(wal_setup, 1)
     source = wal_setup.server.cluster.data_dir / "pg_wal"
-    data = tmp_path / "data"  # a recovering cluster's data directory, of our own
-    pg_wal = data / "pg_wal"
-    pg_wal.mkdir(parents=True)
-    (data / "postmaster.pid").write_text("4242\n")
-    (data / "recovery.signal").touch()
-    agents.append(pg_wal)
+    data, pg_wal = recovering_data_dir(tmp_path, agents)
     stem = stem_of(data, wal_setup.config_path)
 
     def fetch(name: str):
@@ -447,12 +450,7 @@ def test_agent_killed_mid_fetch_the_command_fetches_by_itself(pg, s3, agents, tm
         setup.enable_archiving()
         names = switch(setup, 4)
         source = pg.cluster.data_dir / "pg_wal"
-        data = tmp_path / "data"
-        pg_wal = data / "pg_wal"
-        pg_wal.mkdir(parents=True)
-        (data / "postmaster.pid").write_text("4242\n")
-        (data / "recovery.signal").touch()
-        agents.append(pg_wal)
+        data, pg_wal = recovering_data_dir(tmp_path, agents)
         stem = stem_of(data, setup.config_path)
 
         def fetch(name: str) -> subprocess.CompletedProcess:

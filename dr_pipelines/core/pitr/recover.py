@@ -522,6 +522,10 @@ def _replay(
     # promotion: a stat every 50 ms until then, and the two checks that start a process (pg_ctl
     # status, psql as the postgres user) each quarter second; once the file is gone, every 0.1 s.
     recovery_signal, checked = request.data_dir / "recovery.signal", 0.0
+
+    def server_log() -> str:
+        return cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+
     while True:
         if recovery_signal.exists() and time.monotonic() - checked < 0.25:
             time.sleep(0.05)
@@ -529,7 +533,7 @@ def _replay(
         checked = time.monotonic()
         if not cluster.is_running():
             time.sleep(0.2)  # the log written just before the exit, read after it
-            log_text = cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else ""
+            log_text = server_log()
             read_outcome(log_text, report)
             # the server's own reason, not a client turned away while it was starting ("the database
             # system is starting up / in recovery mode"): those FATALs can come last
@@ -566,7 +570,7 @@ def _replay(
             return cluster
         if time.monotonic() > deadline:
             cluster.stop("fast")
-            read_outcome(cluster.log_file.read_text(errors="replace") if cluster.log_file.exists() else "", report)
+            read_outcome(server_log(), report)
             report.error = f"replay did not finish within {request.timeout_s:.0f}s; reached {report.reached_lsn}"
             raise PitrFailed(report)
         time.sleep(0.1)
